@@ -1,0 +1,259 @@
+"""The reference codec: exact, pure torch, the oracle for every kernel and collective.
+
+``encode`` quantises along the last axis into one contiguous uint8 wire buffer
+(codes | scales | zero points | tensor scale | outliers, see ``Format.layout``);
+``decode`` inverts it. It is written for clarity and exactness (float64 inside), not
+speed: use ``lowering`` ops for speed.
+
+What each scale type computes, per block of the quantised features (outliers removed,
+the last block zero-padded):
+
+* ``e8m0`` (OCP MX v1.0): s = floor(log2 amax) - emax_elem from the exponent bits, clamped to
+  [-127, 127]; an all-zero block gets s = -127. Elements are x * 2^-s rounded half to even
+  and saturated at max normal. A block with NaN or Inf gets the NaN scale 0xFF and decodes
+  to all NaN.
+* ``fp32``/``bf16``/``fp16``/``e4m3`` (absmax): scale = amax / max_normal in fp32, rounded *up*
+  to the scale type (so no element saturates and tiny scales never flush to zero; fp16/e4m3
+  scales saturate at their max, past which elements saturate). Elements are
+  fp32(x / scale) rounded half to even; decode is fp32(code_value * scale). A block with
+  NaN/Inf stores a NaN scale and decodes to all NaN. ``+ts`` (e4m3 only) first divides by
+  an fp32 per-tensor scale tamax / (max_normal * 448), at least 2^-126.
+* ``+zp`` (uint elements): zero = block min rounded down to the scale type, scale = (max - zero)
+  / max_code rounded up; codes are round(fp32(fp32(x - zero) / scale)) in [0, max_code];
+  decode is fp32(code * scale + zero) (code * scale is exact, so fused or not it is one rounding).
+* ``static``: fixed per-feature scales (a calibration's); NaN/Inf elements take the otherwise
+  unused code -2^(N-1) and decode to NaN; other values saturate.
+
+Outlier features travel as bf16 (round to nearest even). Signed zeros keep their sign with
+float elements; integer elements have one zero. Decode computes fp32, then casts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import grid, packing
+from .spec import Format, as_format, scale_element
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_F32 = torch.float32
+_F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class QTensor:
+    """A quantised tensor: the wire buffer ``data`` (uint8, 1-D, contiguous) plus what decodes it."""
+
+    data: torch.Tensor
+    fmt: Format
+    shape: tuple
+    dtype: torch.dtype
+
+    @staticmethod
+    def from_buffer(data: torch.Tensor, fmt, shape, dtype=torch.float32) -> "QTensor":
+        """Wrap a received wire buffer; checks its size against the format's layout."""
+        fmt = _need_format(fmt)
+        shape = tuple(int(d) for d in shape)
+        if data.dtype != torch.uint8:
+            raise ValueError(f"wire buffers are uint8, got {data.dtype}")
+        n = fmt.nbytes(shape)
+        if data.numel() != n:
+            raise ValueError(f"{fmt} needs {n} bytes for shape {shape}, got {data.numel()}")
+        return QTensor(data.reshape(-1), fmt, shape, dtype)
+
+
+def _need_format(fmt) -> Format:
+    f = as_format(fmt)
+    if f is None:
+        raise ValueError("a quantisation format is required here (got None / bf16)")
+    return f
+
+
+def _check_input(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"a torch.Tensor is expected, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"dtype {x.dtype} is not supported: use one of float32, bfloat16, float16")
+    if x.dim() == 0:
+        raise ValueError("a tensor with at least one dimension is expected (blocks run along the last)")
+    if x.numel() == 0:
+        raise ValueError(f"cannot quantise an empty tensor of shape {tuple(x.shape)}")
+
+
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _split_features(x2: torch.Tensor, fmt: Format):
+    """(quantised features, outlier features) of an [R, H] fp32 view."""
+    if not fmt.outliers:
+        return x2, None
+    keep = torch.ones(x2.shape[1], dtype=torch.bool, device=x2.device)
+    idx = torch.tensor(fmt.outliers, device=x2.device)
+    keep[idx] = False
+    return x2[:, keep], x2[:, idx]
+
+
+def encode(x: torch.Tensor, fmt) -> QTensor:
+    """Quantise ``x`` (fp32/bf16/fp16, any leading shape) along its last axis."""
+    fmt = _need_format(fmt)
+    _check_input(x)
+    lay = fmt.layout(x.shape)
+    x2 = x.detach().reshape(lay.rows, lay.width).to(_F32)
+    xq, xo = _split_features(x2, fmt)
+    xq = torch.nn.functional.pad(xq, (0, lay.padded - lay.qwidth))
+    elem = fmt.elem
+    parts = []
+    if fmt.scale == "static":
+        codes = _encode_static(xq, fmt, lay)
+        parts.append(packing.pack(codes, elem.bits))
+    else:
+        blocks = xq.reshape(lay.rows, lay.nblocks, lay.block)
+        codes, scale_bytes, zp_bytes, ts = _encode_blocks(blocks, fmt)
+        parts.append(packing.pack(codes, elem.bits))
+        parts.append(scale_bytes)
+        if zp_bytes is not None:
+            parts.append(zp_bytes)
+        if ts is not None:
+            parts.append(_bytes_of(ts.reshape(1)))
+    if xo is not None:
+        parts.append(_bytes_of(xo.to(torch.bfloat16)))
+    data = torch.cat([p.reshape(-1) for p in parts])
+    assert data.numel() == lay.total, (data.numel(), lay)
+    return QTensor(data, fmt, tuple(x.shape), x.dtype)
+
+
+def _store_scale(s32: torch.Tensor, scale: str) -> torch.Tensor:
+    """fp32 scale values (already on the scale type's grid) -> their wire bytes."""
+    if scale == "fp32":
+        return _bytes_of(s32)
+    if scale == "bf16":
+        return _bytes_of(s32.to(torch.bfloat16))
+    if scale == "fp16":
+        return _bytes_of(s32.to(torch.float16))
+    if scale == "e4m3":
+        codes = grid.to_codes(s32.to(_F64).nan_to_num(0.0), scale_element("e4m3"))
+        return torch.where(torch.isnan(s32), 0x7F, codes).to(torch.uint8).reshape(-1)
+    raise AssertionError(scale)
+
+
+def _round_scale(raw32: torch.Tensor, scale: str, mode=grid.UP) -> torch.Tensor:
+    """Round fp32 scale values onto the scale type's grid (fp32 stays as is)."""
+    el = scale_element(scale)
+    if el is None:
+        return raw32
+    return grid.round_to_grid(raw32.to(_F64), el, mode).to(_F32)
+
+
+def _encode_blocks(blocks: torch.Tensor, fmt: Format):
+    """Per-block scales and element codes; blocks is [R, NB, BS] fp32."""
+    elem = fmt.elem
+    finite = torch.isfinite(blocks)
+    bad = ~finite.all(-1, keepdim=True)  # blocks holding NaN/Inf
+    clean = torch.where(finite, blocks, 0.0)
+    amax = clean.abs().amax(-1, keepdim=True)
+    zp_bytes = ts = None
+    if fmt.scale == "e8m0":
+        e = grid._floor_log2(amax.to(_F64).clamp(min=torch.finfo(_F64).tiny))
+        s = torch.where(amax > 0, e - elem.emax, -127).clamp(-127, 127)
+        v = torch.ldexp(clean.to(_F64), (-s).to(_F64))  # exact
+        scale_bytes = torch.where(bad, 255, s + 127).to(torch.uint8).reshape(-1)
+    elif fmt.zero_point:
+        mn = torch.where(finite, blocks, torch.inf).amin(-1, keepdim=True)
+        mx = torch.where(finite, blocks, -torch.inf).amax(-1, keepdim=True)
+        mn, mx = torch.where(bad, 0.0, mn), torch.where(bad, 0.0, mx)
+        zero = _round_scale(mn, fmt.scale, grid.DOWN)
+        scale = _round_scale((mx - zero) / float(elem.max_code), fmt.scale, grid.UP)
+        v = torch.where(scale > 0, (clean - zero) / scale, 0.0).to(_F64)
+        nan = torch.full_like(scale, torch.nan)
+        scale_bytes = _store_scale(torch.where(bad, nan, scale), fmt.scale)
+        zp_bytes = _store_scale(torch.where(bad, nan, zero), fmt.scale)
+    else:
+        maxn = torch.tensor(elem.max_normal, dtype=_F32)
+        if fmt.tensor_scale:
+            tamax = amax.amax()
+            ts = torch.clamp(tamax / (maxn * scale_element("e4m3").max_normal), min=2.0**-126).to(_F32)
+            stored = _round_scale(amax / (maxn * ts), fmt.scale)
+            scale = stored * ts
+        else:
+            stored = scale = _round_scale(amax / maxn, fmt.scale)
+        v = torch.where(scale > 0, clean / scale, 0.0).to(_F64)
+        v = torch.where(scale > 0, v, torch.copysign(torch.zeros_like(v), clean.to(_F64)))
+        scale_bytes = _store_scale(torch.where(bad, torch.nan, stored), fmt.scale)
+    q = grid.round_to_grid(v, elem)
+    codes = torch.where(bad, 0, grid.to_codes(q, elem))
+    return codes, scale_bytes, zp_bytes, ts
+
+
+def _encode_static(xq: torch.Tensor, fmt: Format, lay) -> torch.Tensor:
+    elem = fmt.elem
+    s = torch.ones(lay.padded, dtype=_F32, device=xq.device)
+    s[: lay.qwidth] = torch.tensor(fmt.static_scales, dtype=_F32, device=xq.device)
+    finite = torch.isfinite(xq)
+    q = grid.round_to_grid((torch.where(finite, xq, 0.0) / s).to(_F64), elem)
+    codes = grid.to_codes(q, elem)
+    return torch.where(finite, codes, 1 << (elem.bits - 1))  # the NaN marker
+
+
+def _load_scale(raw: torch.Tensor, scale: str) -> torch.Tensor:
+    """Wire bytes -> fp32 scale values (NaN where the block was NaN)."""
+    if scale == "fp32":
+        return raw.view(torch.float32).clone()
+    if scale == "bf16":
+        return raw.view(torch.bfloat16).to(_F32)
+    if scale == "fp16":
+        return raw.view(torch.float16).to(_F32)
+    if scale == "e4m3":
+        return grid.from_codes(raw.to(torch.int64), scale_element("e4m3")).to(_F32)
+    raise AssertionError(scale)
+
+
+def decode(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantise a :class:`QTensor` to ``dtype`` (default: the dtype it was encoded from)."""
+    if not isinstance(q, QTensor):
+        raise TypeError(f"decode expects a QTensor, got {type(q).__name__} (wrap bytes with QTensor.from_buffer)")
+    fmt, dtype = q.fmt, dtype or q.dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"cannot decode to {dtype}: use one of float32, bfloat16, float16")
+    lay = fmt.layout(q.shape)
+    if q.data.numel() != lay.total:
+        raise ValueError(f"{fmt} needs {lay.total} bytes for shape {q.shape}, got {q.data.numel()}")
+    off = lay.offsets
+    sec = {k: q.data[a:b] for k, (a, b) in off.items()}
+    elem = fmt.elem
+    codes = packing.unpack(sec["code"], elem.bits, lay.rows * lay.padded)
+    vals = grid.from_codes(codes, elem)  # float64, element units
+    if fmt.scale == "static":
+        s = torch.ones(lay.padded, dtype=_F64, device=vals.device)
+        s[: lay.qwidth] = torch.tensor(fmt.static_scales, dtype=_F32, device=vals.device).to(_F64)
+        xq = (vals.reshape(lay.rows, lay.padded) * s).to(_F32)
+    else:
+        vals = vals.reshape(lay.rows, lay.nblocks, lay.block)
+        if fmt.scale == "e8m0":
+            sb = sec["scale"].to(torch.int64).reshape(lay.rows, lay.nblocks, 1)
+            y = torch.ldexp(vals, (sb - 127).to(_F64))
+            y = torch.where(sb == 255, torch.nan, y)
+        else:
+            scale = _load_scale(sec["scale"], fmt.scale).reshape(lay.rows, lay.nblocks, 1)
+            if fmt.tensor_scale:
+                scale = scale * sec["ts"].view(torch.float32)
+            y = vals * scale.to(_F64)  # exact: <= 8-bit significand times an fp32
+            if fmt.zero_point:
+                y = y + _load_scale(sec["zp"], fmt.scale).reshape(lay.rows, lay.nblocks, 1).to(_F64)
+        xq = y.to(_F32).reshape(lay.rows, lay.padded)
+    xq = xq[:, : lay.qwidth]
+    if fmt.outliers:
+        out = torch.empty(lay.rows, lay.width, dtype=_F32, device=xq.device)
+        keep = torch.ones(lay.width, dtype=torch.bool, device=xq.device)
+        idx = torch.tensor(fmt.outliers, device=xq.device)
+        keep[idx] = False
+        out[:, keep] = xq
+        out[:, idx] = sec["out"].view(torch.bfloat16).reshape(lay.rows, -1).to(_F32)
+        xq = out
+    return xq.reshape(q.shape).to(dtype)
+
+
+def quantize_dequantize(x: torch.Tensor, fmt) -> torch.Tensor:
+    """``decode(encode(x, fmt))``: the value a receiver sees, same shape and dtype as ``x``."""
+    return decode(encode(x, fmt))

@@ -1,0 +1,431 @@
+"""Format specifications: one frozen value per format, everything else derived.
+
+A :class:`Format` is (element type, block size, scale type, options). Its canonical
+string form, e.g. ``fp4_e2m1/b32/e8m0``, parses back to an equal value. Exponent
+bias, emax, max normal, bits per value, wire size and error bound are derived
+properties, never stored.
+
+Grammar (``/``-separated, then ``+``-options)::
+
+    ELEMENT / BLOCK / SCALE [+zp] [+ts] [+o[i,j,...]] [+s[hex...]]
+
+    ELEMENT  fp{N}_e{E}m{M}[fn|ieee|fin]   float, N = 1 + E + M
+             int{N}                        MX signed integer (2 <= N <= 8)
+             uint{N}                       unsigned integer with a zero point (needs +zp)
+    BLOCK    b{K} (K a multiple of 8, 8..4096) | row (the whole last dimension)
+    SCALE    e8m0 | fp32 | bf16 | fp16 | e4m3 | static
+    +zp      asymmetric: a per-block zero point (the block minimum) beside the scale
+    +ts      e4m3 scales only: an fp32 per-tensor scale in front of the block scales (NVFP4)
+    +o[...]  outlier features carried in bf16 (Dong et al.); the others are quantised
+    +s[...]  static per-feature fp32 scales (scale ``static``), 8 hex digits each
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+import struct
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+# Float element special-value policies.
+#   "ieee": top exponent field reserved for Inf/NaN (e5m2).
+#   "fn":   no Inf; only the all-ones code is NaN (OCP e4m3 "fn").
+#   "fin":  every code is a finite number (OCP fp6/fp4 and the small papers' formats).
+FLOAT_POLICIES = ("ieee", "fn", "fin")
+SCALE_TYPES = ("e8m0", "fp32", "bf16", "fp16", "e4m3", "static")
+MIN_BLOCK, MAX_BLOCK = 8, 4096
+
+
+def _default_policy(ebits: int, mbits: int) -> str:
+    if (ebits, mbits) == (4, 3):
+        return "fn"
+    if (ebits, mbits) == (5, 2):
+        return "ieee"
+    return "fin"
+
+
+@dataclass(frozen=True)
+class Element:
+    """One element type: ``kind`` is "float", "int" (MX signed integer) or "uint".
+
+    Float elements are sign + ``ebits`` exponent + ``mbits`` mantissa bits with IEEE-style
+    bias and subnormals. MX integers are two's complement codes in
+    [-(2^(N-1)-1), 2^(N-1)-1] times 2^-(N-2) (so emax = 0, as in the OCP MX spec and
+    microxcaling). Unsigned integers are codes 0..2^N-1, used with a zero point.
+    """
+
+    kind: str
+    bits: int
+    ebits: int = 0
+    mbits: int = 0
+    policy: str = "fin"
+
+    def __post_init__(self):
+        if self.kind == "float":
+            if not (1 <= self.ebits <= 8 and 0 <= self.mbits <= 23):
+                raise ValueError(f"float element e{self.ebits}m{self.mbits}: need 1<=E<=8, 0<=M<=23")
+            if self.bits != 1 + self.ebits + self.mbits:
+                raise ValueError(f"float element: bits {self.bits} != 1 + E + M = {1 + self.ebits + self.mbits}")
+            if self.policy not in FLOAT_POLICIES:
+                raise ValueError(f"float policy {self.policy!r}: valid are {', '.join(FLOAT_POLICIES)}")
+            if self.policy == "ieee" and self.ebits < 2:
+                raise ValueError("an 'ieee' element needs at least 2 exponent bits")
+            if self.policy == "fn" and self.mbits < 1:
+                raise ValueError("an 'fn' element needs at least 1 mantissa bit")
+        elif self.kind in ("int", "uint"):
+            lo = 2 if self.kind == "int" else 1
+            if not lo <= self.bits <= 8:
+                raise ValueError(f"{self.kind}{self.bits}: valid widths are {lo}..8")
+        else:
+            raise ValueError(f"element kind {self.kind!r}: valid are float, int, uint")
+
+    # ---- derived -------------------------------------------------------------------
+    @property
+    def bias(self) -> int:
+        return (1 << (self.ebits - 1)) - 1 if self.kind == "float" else 0
+
+    @property
+    def emax(self) -> int:
+        """Exponent of the largest binade (the OCP ``emax_elem``)."""
+        if self.kind == "float":
+            top = (1 << self.ebits) - 1 - self.bias
+            return top - 1 if self.policy == "ieee" else top
+        if self.kind == "int":
+            return 0
+        return self.bits - 1  # uint: codes up to 2^N - 1 < 2^N
+
+    @property
+    def emin(self) -> int:
+        """Exponent of the smallest normal binade (floats); the grid exponent of ints."""
+        if self.kind == "float":
+            return 1 - self.bias
+        return self.grid_exponent
+
+    @property
+    def grid_exponent(self) -> int:
+        """Ints: every value is code * 2^grid_exponent."""
+        return -(self.bits - 2) if self.kind == "int" else 0
+
+    @property
+    def max_code(self) -> int:
+        """Largest integer magnitude code (ints) or largest significand (floats, in units of 2^(emax-M))."""
+        if self.kind == "int":
+            return (1 << (self.bits - 1)) - 1
+        if self.kind == "uint":
+            return (1 << self.bits) - 1
+        top = (1 << (self.mbits + 1)) - 1
+        return top - 1 if self.policy == "fn" else top
+
+    @property
+    def max_normal(self) -> float:
+        if self.kind == "float":
+            return math.ldexp(self.max_code, self.emax - self.mbits)
+        return math.ldexp(self.max_code, self.grid_exponent)
+
+    @property
+    def min_subnormal(self) -> float:
+        if self.kind == "float":
+            return math.ldexp(1.0, self.emin - self.mbits)
+        return math.ldexp(1.0, self.grid_exponent)
+
+    @property
+    def has_nan(self) -> bool:
+        return self.kind == "float" and self.policy in ("ieee", "fn")
+
+    def __str__(self) -> str:
+        if self.kind == "float":
+            name = f"fp{self.bits}_e{self.ebits}m{self.mbits}"
+            return name if self.policy == _default_policy(self.ebits, self.mbits) else name + self.policy
+        return f"{self.kind}{self.bits}"
+
+    @staticmethod
+    def parse(s: str) -> "Element":
+        m = re.fullmatch(r"fp(\d+)_e(\d+)m(\d+)(fn|ieee|fin)?", s)
+        if m:
+            bits, e, mm = int(m[1]), int(m[2]), int(m[3])
+            if not (1 <= e <= 5 and 0 <= mm <= 5):
+                raise ValueError(f"element {s!r}: float elements need 1<=E<=5 and 0<=M<=5")
+            return Element("float", bits, e, mm, m[4] or _default_policy(e, mm))
+        m = re.fullmatch(r"(u?int)(\d+)", s)
+        if m:
+            return Element(m[1], int(m[2]))
+        raise ValueError(
+            f"element {s!r} not understood: valid are fp<N>_e<E>m<M>[fn|ieee|fin] (1<=E<=5, 0<=M<=5, "
+            f"N=1+E+M), int<N> (2..8), uint<N> (1..8)"
+        )
+
+
+# Scale storage types: (element used to round the scale, bytes on the wire).
+_SCALE_ELEMENTS = {
+    "bf16": Element("float", 16, 8, 7, "ieee"),
+    "fp16": Element("float", 16, 5, 10, "ieee"),
+    "e4m3": Element("float", 8, 4, 3, "fn"),
+}
+SCALE_BYTES = {"e8m0": 1, "fp32": 4, "bf16": 2, "fp16": 2, "e4m3": 1, "static": 0}
+
+
+def scale_element(scale: str) -> Optional[Element]:
+    """The float grid a non-fp32 absmax scale is rounded (up) to; None for e8m0/fp32/static."""
+    return _SCALE_ELEMENTS.get(scale)
+
+
+@dataclass(frozen=True)
+class Format:
+    """A block format. Build it with :meth:`parse` or from :data:`qformats.PRESETS`.
+
+    ``block`` is the block size along the last axis, or 0 for ``row`` (one block per row).
+    Use a Format wherever a format is expected; pass ``str(fmt)`` across process or
+    compile boundaries.
+    """
+
+    elem: Element
+    block: int
+    scale: str
+    zero_point: bool = False
+    tensor_scale: bool = False
+    outliers: tuple = ()
+    static_scales: tuple = ()
+
+    def __post_init__(self):
+        e, s = self.elem, self.scale
+        if s not in SCALE_TYPES:
+            raise ValueError(f"scale {s!r} not understood: valid are {', '.join(SCALE_TYPES)}")
+        if self.block != 0 and not (MIN_BLOCK <= self.block <= MAX_BLOCK and self.block % 8 == 0):
+            raise ValueError(f"block size {self.block}: valid are multiples of 8 from {MIN_BLOCK} to {MAX_BLOCK}, or row")
+        if e.kind == "uint" and not self.zero_point:
+            raise ValueError(f"{e} needs a zero point: write {e}/<block>/fp16+zp")
+        if self.zero_point:
+            if e.kind != "uint":
+                raise ValueError(f"+zp is for uint elements, not {e} (signed elements are symmetric)")
+            if s not in ("bf16", "fp16"):
+                raise ValueError(f"+zp needs a 16-bit scale (bf16 or fp16), not {s}: the decode "
+                                 "code*scale+zero must be exact before its one rounding")
+        if s == "e8m0" and e.kind == "uint":
+            raise ValueError("e8m0 scales are for symmetric elements (float or int)")
+        if self.tensor_scale and s != "e4m3":
+            raise ValueError(f"+ts (fp32 per-tensor scale) goes with e4m3 block scales, not {s}")
+        if s == "static":
+            if e.kind != "int":
+                raise ValueError(f"static per-feature scales are for int elements, not {e}")
+            if self.block != 0:
+                raise ValueError("static scales are per feature: the block must be 'row'")
+            if not self.static_scales:
+                raise ValueError("scale 'static' needs its per-feature scales (+s[...]); "
+                                 "build one with qformats.static_outlier_format or tp.calibrate")
+            if not all(math.isfinite(v) and v > 0 for v in self.static_scales):
+                raise ValueError("static scales must be finite and positive")
+        elif self.static_scales:
+            raise ValueError("+s[...] (static scales) needs scale 'static'")
+        if list(self.outliers) != sorted(set(self.outliers)) or any(i < 0 for i in self.outliers):
+            raise ValueError("outlier indices must be distinct, non-negative and increasing")
+
+    # ---- grammar ---------------------------------------------------------------------
+    @staticmethod
+    @functools.lru_cache(maxsize=1024)
+    def parse(s: str) -> "Format":
+        """Parse a canonical string or a preset name. Raises ValueError naming the bad part."""
+        if not isinstance(s, str):
+            raise ValueError(f"a format string is expected, got {type(s).__name__}")
+        from .presets import PRESETS  # presets are built from this module
+
+        if s in PRESETS:
+            return PRESETS[s]
+        return _parse_grammar(s, PRESETS)
+
+
+    def __str__(self) -> str:
+        return self._canonical
+
+    @functools.cached_property
+    def _canonical(self) -> str:
+        s = f"{self.elem}/{'row' if self.block == 0 else f'b{self.block}'}/{self.scale}"
+        if self.zero_point:
+            s += "+zp"
+        if self.tensor_scale:
+            s += "+ts"
+        if self.outliers:
+            s += "+o[" + ",".join(map(str, self.outliers)) + "]"
+        if self.static_scales:
+            s += "+s[" + "".join(struct.pack(">f", v).hex() for v in self.static_scales) + "]"
+        return s
+
+    def __repr__(self) -> str:
+        text = str(self)
+        return f"Format({text if len(text) < 120 else text[:100] + '...'!r})"
+
+    # ---- derived sizes ---------------------------------------------------------------
+    @property
+    def features(self) -> Optional[int]:
+        """Row length the format is tied to (static formats), else None."""
+        return len(self.outliers) + len(self.static_scales) if self.scale == "static" else None
+
+    def quantized_width(self, width: int) -> int:
+        """How many features of a row go through the element quantiser (outliers removed)."""
+        if self.outliers and self.outliers[-1] >= width:
+            raise ValueError(f"outlier index {self.outliers[-1]} out of range for rows of {width} features")
+        if self.features is not None and width != self.features:
+            raise ValueError(f"format is calibrated for rows of {self.features} features, got {width}")
+        return width - len(self.outliers)
+
+    def block_for(self, width: int) -> int:
+        """The block size used for rows of ``width`` features (``row`` -> the padded row)."""
+        q = self.quantized_width(width)
+        return self.block if self.block else max(8, -(-q // 8) * 8)
+
+    def layout(self, shape: Sequence[int]) -> "Layout":
+        """Byte layout of the wire buffer for a tensor of ``shape`` (quantised along the last dim)."""
+        shape = tuple(int(d) for d in shape)
+        if len(shape) == 0:
+            raise ValueError("a tensor with at least one dimension is expected")
+        width = shape[-1]
+        rows = math.prod(shape[:-1])
+        bs = self.block_for(width)
+        q = self.quantized_width(width)
+        nblocks = 0 if self.scale == "static" else -(-q // bs)
+        padded = max(nblocks * bs, -(-q // 8) * 8) if self.scale != "static" else -(-q // 8) * 8
+        code_bytes = rows * padded * self.elem.bits // 8
+        sb = SCALE_BYTES[self.scale]
+        scale_bytes = rows * nblocks * sb
+        zp_bytes = scale_bytes if self.zero_point else 0
+        ts_bytes = 4 if self.tensor_scale else 0
+        out_bytes = rows * len(self.outliers) * 2
+        return Layout(rows, width, q, padded, bs, nblocks, code_bytes, scale_bytes, zp_bytes, ts_bytes, out_bytes)
+
+    def nbytes(self, shape: Sequence[int]) -> int:
+        """Wire bytes of a tensor of ``shape``."""
+        return self.layout(shape).total
+
+    def bits_per_value_at(self, width: int) -> float:
+        """Bits on the wire per value for rows of ``width`` features (per-tensor scale amortised away)."""
+        lay = self.layout((1, width))
+        return 8.0 * (lay.total - lay.ts_bytes) / width
+
+    @property
+    def bits_per_value(self) -> float:
+        """Bits per value including scale, zero-point and outlier overhead.
+
+        For ``row`` blocks and outlier formats the overhead depends on the row length:
+        static formats use their own feature count, others assume rows of 4096.
+        """
+        width = self.features or (4096 if (self.block == 0 or self.outliers) else self.block)
+        return self.bits_per_value_at(width)
+
+    @property
+    def compression_ratio(self) -> float:
+        """Size of bf16 over the size of this format."""
+        return 16.0 / self.bits_per_value
+
+    # ---- derived accuracy --------------------------------------------------------------
+    @property
+    def relative_error_bound(self) -> float:
+        """Largest |x - q(x)| over the block's absolute maximum, for finite blocks whose scale is in range.
+
+        e8m0: the block amax lies in [2^emax, 2^(emax+1)) element units; the error is the larger of
+        half the top binade's step (relative to 2^emax) and the saturation gap (relative to
+        2^(emax+1)). absmax scales: the amax maps to max_normal / (1 + 2^-Ms) or more (the scale
+        rounds up to Ms mantissa bits); the error is half the top step. Zero points: half a
+        step of (max - min) / max_code, and max - min <= 2 amax. ``qformats.bounds`` adds the
+        absolute floor that the smallest scale sets.
+        """
+        e = self.elem
+        top_step = math.ldexp(1.0, (e.emax - e.mbits) if e.kind == "float" else e.grid_exponent)
+        if self.scale == "e8m0":
+            return max(top_step / 2 / math.ldexp(1.0, e.emax), 1 - e.max_normal / math.ldexp(1.0, e.emax + 1))
+        if self.scale == "static":
+            return top_step / 2 / e.max_normal  # relative to the calibrated range, not the block amax
+        sel = scale_element(self.scale)
+        slack = 1 + (math.ldexp(1.0, -sel.mbits) if sel else 2.0**-22)
+        if self.zero_point:
+            return slack * slack / e.max_code
+        return slack * top_step / 2 / e.max_normal
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sections of a wire buffer, in order: codes | scales | zero points | tensor scale | outliers."""
+
+    rows: int
+    width: int
+    qwidth: int  # features quantised per row (outliers removed)
+    padded: int  # codes per row on the wire (qwidth padded to whole blocks / bytes)
+    block: int
+    nblocks: int  # blocks per row
+    code_bytes: int
+    scale_bytes: int
+    zp_bytes: int
+    ts_bytes: int
+    out_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.code_bytes + self.scale_bytes + self.zp_bytes + self.ts_bytes + self.out_bytes
+
+    @property
+    def offsets(self) -> dict:
+        o, out = 0, {}
+        for name in ("code", "scale", "zp", "ts", "out"):
+            n = getattr(self, f"{name}_bytes")
+            out[name] = (o, o + n)
+            o += n
+        return out
+
+
+def static_outlier_format(elem: str = "int4", outliers: Sequence[int] = (), scales: Sequence[float] = ()) -> Format:
+    """The outlier-aware static format of Dong et al.: ``outliers`` travel in bf16, every other
+    feature as ``elem`` with its own fixed fp32 scale (``scales[j]`` for the j-th non-outlier feature).
+
+    Use it after a calibration (``tp.calibrate``) has fixed the outliers and scales; it costs
+    ``elem.bits`` per quantised feature plus 16 per outlier, no per-block scales at all.
+    """
+    scales = tuple(float(struct.unpack(">f", struct.pack(">f", float(v)))[0]) for v in scales)
+    return Format(Element.parse(elem), 0, "static", outliers=tuple(int(i) for i in outliers), static_scales=scales)
+
+
+def as_format(f) -> Optional[Format]:
+    """Accept a Format, a canonical string, a preset name, or None (no compression)."""
+    if f is None or isinstance(f, Format):
+        return f
+    if isinstance(f, str):
+        if f.lower() in ("none", "bf16", ""):
+            return None
+        return Format.parse(f)
+    raise ValueError(f"a Format, a format string or None is expected, got {type(f).__name__}")
+
+
+def replace(fmt: Format, **kw) -> Format:
+    return dataclasses.replace(fmt, **kw)
+
+
+def _parse_grammar(s: str, presets=()) -> "Format":
+    head, *opts = s.strip().split("+")
+    parts = head.split("/")
+    if len(parts) != 3:
+        raise ValueError(
+            f"format {s!r}: expected ELEMENT/BLOCK/SCALE[+options] (e.g. fp4_e2m1/b32/e8m0) "
+            f"or a preset name ({', '.join(presets)})"
+        )
+    elem = Element.parse(parts[0])
+    if parts[1] == "row":
+        block = 0
+    elif re.fullmatch(r"b\d+", parts[1]):
+        block = int(parts[1][1:])
+    else:
+        raise ValueError(f"block {parts[1]!r}: valid are b<K> (K a multiple of 8, {MIN_BLOCK}..{MAX_BLOCK}) or row")
+    kw = {}
+    for o in opts:
+        if o == "zp":
+            kw["zero_point"] = True
+        elif o == "ts":
+            kw["tensor_scale"] = True
+        elif re.fullmatch(r"o\[\d+(,\d+)*\]", o):
+            kw["outliers"] = tuple(int(i) for i in o[2:-1].split(","))
+        elif re.fullmatch(r"s\[([0-9a-f]{8})+\]", o):
+            h = o[2:-1]
+            kw["static_scales"] = tuple(
+                struct.unpack(">f", bytes.fromhex(h[i : i + 8]))[0] for i in range(0, len(h), 8)
+            )
+        else:
+            raise ValueError(f"option +{o}: valid are +zp, +ts, +o[i,j,...], +s[<8 hex digits per scale>]")
+    return Format(elem, block, parts[2], **kw)

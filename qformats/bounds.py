@@ -64,6 +64,11 @@ def error_bound(x: torch.Tensor, fmt) -> torch.Tensor:
         qb = fmt.relative_error_bound * s * fmt.elem.max_normal * (1 + 2.0**-22)
         out[:, keep] = qb.expand_as(amax)
     else:
-        out[:, keep] = fmt.relative_error_bound * amax * (1 + 2.0**-20) + abs_floor(fmt)
-    out[:, ~keep] = x2[:, ~keep].abs() * 2.0**-8  # bf16: half an ulp is at most 2^-8 relative
+        floor = abs_floor(fmt)
+        if fmt.tensor_scale:  # the smallest block scale is e4m3's min subnormal times the tensor scale
+            tamax = amax.max().item() if amax.numel() else 0.0
+            e4m3 = scale_element("e4m3")
+            floor = max(floor, e4m3.min_subnormal * tamax / (fmt.elem.max_normal * e4m3.max_normal) * fmt.elem.min_subnormal)
+        out[:, keep] = fmt.relative_error_bound * amax * (1 + 2.0**-20) + floor
+    out[:, ~keep] = x2[:, ~keep].abs() * 2.0**-8 + 2.0**-134  # bf16: half an ulp (2^-8 relative; 2^-134 subnormal)
     return out.reshape(x.shape)

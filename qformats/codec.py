@@ -196,14 +196,17 @@ def _encode_static(xq: torch.Tensor, fmt: Format, lay) -> torch.Tensor:
     return torch.where(finite, codes, 1 << (elem.bits - 1))  # the NaN marker
 
 
+def _view(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Reinterpret wire bytes; sections need not be aligned to ``dtype`` inside the buffer."""
+    return raw.clone().view(dtype)
+
+
 def _load_scale(raw: torch.Tensor, scale: str) -> torch.Tensor:
     """Wire bytes -> fp32 scale values (NaN where the block was NaN)."""
     if scale == "fp32":
-        return raw.view(torch.float32).clone()
-    if scale == "bf16":
-        return raw.view(torch.bfloat16).to(_F32)
-    if scale == "fp16":
-        return raw.view(torch.float16).to(_F32)
+        return _view(raw, torch.float32)
+    if scale in ("bf16", "fp16"):
+        return _view(raw, torch.bfloat16 if scale == "bf16" else torch.float16).to(_F32)
     if scale == "e4m3":
         return grid.from_codes(raw.to(torch.int64), scale_element("e4m3")).to(_F32)
     raise AssertionError(scale)
@@ -237,7 +240,7 @@ def decode(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         else:
             scale = _load_scale(sec["scale"], fmt.scale).reshape(lay.rows, lay.nblocks, 1)
             if fmt.tensor_scale:
-                scale = scale * sec["ts"].view(torch.float32)
+                scale = scale * _view(sec["ts"], torch.float32)
             y = vals * scale.to(_F64)  # exact: <= 8-bit significand times an fp32
             if fmt.zero_point:
                 y = y + _load_scale(sec["zp"], fmt.scale).reshape(lay.rows, lay.nblocks, 1).to(_F64)
@@ -249,7 +252,7 @@ def decode(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         idx = torch.tensor(fmt.outliers, device=xq.device)
         keep[idx] = False
         out[:, keep] = xq
-        out[:, idx] = sec["out"].view(torch.bfloat16).reshape(lay.rows, -1).to(_F32)
+        out[:, idx] = _view(sec["out"], torch.bfloat16).reshape(lay.rows, -1).to(_F32)
         xq = out
     return xq.reshape(q.shape).to(dtype)
 

@@ -1,0 +1,458 @@
+"""Compressed collectives for tensor parallelism: all-reduce, all-gather, reduce-scatter.
+
+Use these where a plain ``torch.distributed`` collective would move activations between
+tensor-parallel ranks (after every row-parallel layer, or around sequence-parallel regions)
+and the link, not the GPU, is the bottleneck. Each call quantises with a ``qformats`` format,
+moves the packed bytes as uint8 (float8 dtypes fail on gloo, and bytes let one buffer carry
+codes, scales and outliers), and dequantises. What it costs: one encode per rank, W decodes
+(``gather``) or 2 encodes + W + W decodes of 1/W-sized chunks (``two_shot``), plus the
+quantisation error of the format. With the pure-torch reference codec the encode/decode is
+far slower than the link it saves; a lowering (Triton kernels) plugs in through :class:`Codec`.
+
+Algorithms (``algorithm=``):
+
+``gather`` (one-shot, Dong et al.)
+    encode the local tensor once, ``all_gather_into_tensor`` the wire buffers, every rank
+    decodes all W buffers and sums them in fp32 in rank order (rank 0 first). One
+    round trip; each rank receives (W-1) compressed tensors. Best for W = 2.
+``two_shot`` (Flash Communication, Li et al.)
+    view x as [R, H], zero-pad R to a multiple of W, split the rows into W chunks, encode
+    each chunk, ``all_to_all_single`` so rank j gets every rank's chunk j, decode and
+    fp32-sum them in rank order, re-encode the sum, ``all_gather_into_tensor`` the re-encoded
+    chunks, decode, cut the padding. Two round trips, each rank receives ~2 (W-1)/W
+    compressed tensors; the result is quantised twice. Better for W >= 4.
+``fmt=None``
+    the backend's plain ``all_reduce`` (the uncompressed baseline).
+
+Guarantees: every rank returns a bitwise identical tensor of x's shape and dtype, equal to
+:func:`tp.emulate.emulate_all_reduce` (same codec, same order of fp32 additions, same
+casts). The arithmetic lives in :class:`Codec` and :func:`split_rows` / :func:`merge_rows`,
+which the emulator calls too; only the data movement differs. ``fmt=None`` is the backend's
+own reduction, whose summation order the backend chooses (exactly a rank-order sum only when
+the additions are exact, e.g. for 2 ranks or integer-valued data).
+
+Errors: everything that can be wrong with (shape, dtype, format, algorithm) is checked
+before the first message is sent. In tensor parallelism those are equal on all ranks by
+construction, so all ranks raise together and nobody is left waiting in a collective. Ranks
+that disagree on shape or dtype are a caller bug the collective cannot see for free: pass
+``validate=True`` (or set ``TP_VALIDATE_COLLECTIVES=1``) to spend one extra small
+all-gather on a signature that makes every rank raise the same ValueError instead of
+hanging or summing garbage.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+import zlib
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+import qformats
+from qformats import Format, QTensor
+
+__all__ = [
+    "ALGORITHMS",
+    "DEFAULT_THRESHOLD_BYTES",
+    "SUPPORTED_DTYPES",
+    "Codec",
+    "all_gather",
+    "all_reduce",
+    "get_codec",
+    "merge_rows",
+    "reduce_scatter",
+    "resolve_format",
+    "set_codec",
+    "split_rows",
+]
+
+# A compressed collective pays a fixed cost per call (encode/decode launches, two round
+# trips for two_shot) that only a large enough message amortises; below this size callers
+# with a policy (tp.layers.CommPolicy, the launcher) use the plain all-reduce. 64 KiB is
+# ~32k bf16 values, i.e. a decode step of a 4k-hidden model at batch 8.
+DEFAULT_THRESHOLD_BYTES = 64 * 1024
+
+ALGORITHMS = ("gather", "two_shot")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_VALIDATE_ENV = "TP_VALIDATE_COLLECTIVES"
+
+# torch >= 2.12 deprecates all_gather_into_tensor in favour of all_gather_single, which the
+# GPU machines' torch 2.11 lacks; keep the old name and silence only that one warning.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+
+
+# ---------------------------------------------------------------------------------------------
+# The arithmetic seam (shared with the emulator; a lowering replaces it)
+# ---------------------------------------------------------------------------------------------
+class Codec:
+    """Encode, decode and rank-order reduction of wire buffers: all the arithmetic of a collective.
+
+    The distributed collectives and the emulator both do their arithmetic only through these
+    methods, so a faster implementation (Triton kernels, a fused dequant-sum-requant) replaces
+    them all at once with :func:`set_codec` or a per-call ``codec=``. Any object with these four
+    methods works (``lowering`` need not import ``tp``). A replacement must be bitwise equal to
+    this reference: decode to fp32 exactly as ``qformats.decode`` does and add the decoded
+    buffers in list order, one fp32 addition at a time (never a tree or a Kahan sum).
+
+    Shapes passed in are 2-D ``(rows, H)``; buffers are 1-D uint8 of ``fmt.nbytes(shape)``.
+    """
+
+    name = "reference"
+
+    def encode(self, x: torch.Tensor, fmt: Format) -> torch.Tensor:
+        """Wire buffer of ``x`` (any supported float dtype), uint8 1-D."""
+        return qformats.encode(x, fmt).data
+
+    def decode(self, buf: torch.Tensor, fmt: Format, shape: tuple) -> torch.Tensor:
+        """fp32 values of one wire buffer."""
+        return qformats.decode(QTensor.from_buffer(buf, fmt, shape, torch.float32), torch.float32)
+
+    def decode_sum(self, bufs: Sequence[torch.Tensor], fmt: Format, shape: tuple) -> torch.Tensor:
+        """fp32 sum of the decoded buffers, added in list (= rank) order."""
+        acc = self.decode(bufs[0], fmt, shape)
+        for b in bufs[1:]:
+            acc = acc.add_(self.decode(b, fmt, shape))
+        return acc
+
+    def reduce_requant(self, bufs: Sequence[torch.Tensor], fmt: Format, shape: tuple) -> torch.Tensor:
+        """``encode(decode_sum(bufs))``: the middle step of two_shot (one fused kernel on GPU)."""
+        return self.encode(self.decode_sum(bufs, fmt, shape), fmt)
+
+
+_codec: Codec = Codec()
+
+
+def set_codec(codec) -> object:
+    """Install the codec every collective and the emulator use by default; returns the previous one."""
+    global _codec
+    for m in ("encode", "decode", "decode_sum", "reduce_requant"):
+        if not callable(getattr(codec, m, None)):
+            raise TypeError(f"a codec needs a callable .{m}(); {type(codec).__name__} has none")
+    old, _codec = _codec, codec
+    return old
+
+
+def get_codec(codec=None):
+    """``codec`` if given, else the installed default (the reference codec unless replaced)."""
+    return _codec if codec is None else codec
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and shape bookkeeping (shared with the emulator)
+# ---------------------------------------------------------------------------------------------
+def resolve_format(fmt) -> Optional[Format]:
+    """A Format, a preset name, a canonical string or None -> Format or None, with a clear error."""
+    try:
+        return qformats.as_format(fmt)
+    except ValueError as e:
+        raise ValueError(f"unsupported communication format {fmt!r}: {e}") from None
+
+
+def check_algorithm(algorithm: str) -> str:
+    if algorithm not in ALGORITHMS:
+        hint = " ('fused' needs the lowering package's GPU kernels)" if algorithm == "fused" else ""
+        raise ValueError(f"unknown algorithm {algorithm!r}: valid are {', '.join(ALGORITHMS)}{hint}")
+    return algorithm
+
+
+def check_tensor(x: torch.Tensor, fmt: Optional[Format], what: str = "x") -> None:
+    """Raise TypeError/ValueError for what no compressed collective can carry."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if fmt is not None:
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{what} has dtype {x.dtype}; compressed collectives take float32, bfloat16 or float16 "
+                f"(use fmt=None for other dtypes)"
+            )
+        if x.dim() == 0:
+            raise ValueError(f"{what} is a scalar; compressed collectives quantise along the last dimension")
+        fmt.layout((1, x.shape[-1]))  # raises for a static format calibrated for another width
+
+
+def rows_view(x: torch.Tensor) -> torch.Tensor:
+    """x as a contiguous [R, H] matrix (H = last dim): the unit encode works on."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def split_rows(x2: torch.Tensor, world: int) -> tuple[torch.Tensor, int]:
+    """Zero-pad an [R, H] matrix to a multiple of ``world`` rows; returns ([world, c, H], pad).
+
+    Chunk j (``out[j]``) is what rank j reduces in two_shot. Padding rows are zeros, which every
+    format encodes and decodes to zeros, and :func:`merge_rows` cuts them off again.
+    """
+    r, h = x2.shape
+    c = -(-r // world)
+    pad = c * world - r
+    if pad:
+        x2 = torch.cat([x2, x2.new_zeros(pad, h)])
+    return x2.view(world, c, h), pad
+
+
+def merge_rows(chunks: torch.Tensor, pad: int, shape, dtype) -> torch.Tensor:
+    """[world, c, H] fp32 -> x's shape and dtype, padding rows removed."""
+    y = chunks.reshape(-1, chunks.shape[-1])
+    if pad:
+        y = y[: y.shape[0] - pad]
+    return y.to(dtype).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Process-group helpers
+# ---------------------------------------------------------------------------------------------
+def _world_and_rank(group) -> tuple[int, int]:
+    if group is None and not dist.is_initialized():
+        return 1, 0  # a single process without torch.distributed: world size 1
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+_DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+def _validate_across_ranks(x: torch.Tensor, fmt: Optional[Format], op: str, algorithm: str, group, world: int):
+    """One small all-gather of (op, algorithm, format, dtype, shape); every rank raises on a mismatch."""
+    shape = list(x.shape)
+    sig = [
+        zlib.crc32(op.encode()),
+        zlib.crc32(algorithm.encode()),
+        zlib.crc32(str(fmt).encode()),
+        _DTYPE_CODES.get(x.dtype, zlib.crc32(str(x.dtype).encode())),
+        len(shape),
+        zlib.crc32(repr(shape).encode()),
+    ] + (shape + [0] * 8)[:8]
+    mine = torch.tensor(sig, dtype=torch.int64, device=x.device)
+    allsig = torch.empty(world * mine.numel(), dtype=torch.int64, device=x.device)
+    dist.all_gather_into_tensor(allsig, mine, group=group)
+    rows = allsig.view(world, -1).cpu()
+    bad = [r for r in range(world) if not torch.equal(rows[r], rows[0])]
+    if bad:
+        names = ["op", "algorithm", "format", "dtype", "ndim", "shape"]
+        diff = [n for i, n in enumerate(names) if any(rows[r, i] != rows[0, i] for r in bad)]
+        raise ValueError(
+            f"{op}: ranks {bad} disagree with rank 0 on {', '.join(diff) or 'shape'} "
+            f"(this rank: {x.dtype}, shape {tuple(x.shape)}, format {fmt}, algorithm {algorithm})"
+        )
+
+
+def _want_validate(validate: Optional[bool]) -> bool:
+    if validate is None:
+        return os.environ.get(_VALIDATE_ENV, "") not in ("", "0")
+    return bool(validate)
+
+
+# ---------------------------------------------------------------------------------------------
+# The data movement (each returns fp32 in the [.., c, H] chunk layout; callers cast)
+# ---------------------------------------------------------------------------------------------
+def _gather_bufs(buf: torch.Tensor, world: int, group) -> list[torch.Tensor]:
+    """All-gather one uint8 buffer per rank; returns the W buffers in rank order."""
+    n = buf.numel()
+    out = torch.empty(world * n, dtype=torch.uint8, device=buf.device)
+    dist.all_gather_into_tensor(out, buf, group=group)
+    return list(out.view(world, n).unbind(0))
+
+
+def _exchange_chunks(chunks: torch.Tensor, fmt: Format, codec, world: int, group) -> list[torch.Tensor]:
+    """Encode each of the W chunks, all-to-all: returns every rank's encoding of *my* chunk, in rank order."""
+    shape = tuple(chunks.shape[1:])
+    n = fmt.nbytes(shape)
+    send = torch.empty(world * n, dtype=torch.uint8, device=chunks.device)
+    for j in range(world):
+        send[j * n : (j + 1) * n] = _encoded(codec, chunks[j], fmt, n)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return list(recv.view(world, n).unbind(0))
+
+
+def _encoded(codec, x2: torch.Tensor, fmt: Format, n: Optional[int] = None) -> torch.Tensor:
+    """codec.encode with a size check: a wrong-sized buffer would desynchronise the collective."""
+    buf = codec.encode(x2, fmt)
+    n = fmt.nbytes(tuple(x2.shape)) if n is None else n
+    if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() != n:
+        raise RuntimeError(
+            f"codec {getattr(codec, 'name', type(codec).__name__)} returned {buf.dtype} {tuple(buf.shape)} "
+            f"for {fmt} of shape {tuple(x2.shape)}; expected uint8 ({n},)"
+        )
+    return buf
+
+
+# ---------------------------------------------------------------------------------------------
+# Public collectives
+# ---------------------------------------------------------------------------------------------
+def all_reduce(
+    x: torch.Tensor,
+    fmt=None,
+    group=None,
+    algorithm: str = "gather",
+    threshold_bytes: int = 0,
+    *,
+    codec=None,
+    validate: Optional[bool] = None,
+) -> torch.Tensor:
+    """Sum ``x`` over the ranks of ``group``, compressed with ``fmt``; out of place.
+
+    Args:
+        x: this rank's partial sum, float32/bfloat16/float16 (any dtype the backend sums when
+            ``fmt`` is None), any shape; quantised along its last dimension.
+        fmt: a ``qformats.Format``, a preset name (``"mxfp4"``), a canonical string
+            (``"int4/b32/bf16"``) or None for the plain all-reduce.
+        group: the process group (default: the world). Without torch.distributed initialised
+            and ``group=None`` the world size is 1.
+        algorithm: ``"gather"`` or ``"two_shot"`` (see the module docstring).
+        threshold_bytes: messages smaller than this (x.numel() * itemsize) use the plain
+            all-reduce. 0 here (an explicit format is honoured); :class:`tp.layers.CommPolicy`
+            applies :data:`DEFAULT_THRESHOLD_BYTES`.
+        codec: the arithmetic (default: :func:`get_codec`).
+        validate: spend one small all-gather to check that all ranks agree on shape, dtype,
+            format and algorithm (default: env ``TP_VALIDATE_COLLECTIVES``).
+
+    Returns a new tensor of x's shape and dtype, bitwise identical on every rank and equal to
+    ``tp.emulate_all_reduce([x_0, ..., x_{W-1}], fmt, algorithm)``. At world size 1 a format
+    still applies (the result is quantise-dequantise), matching the emulator.
+    """
+    fmt = resolve_format(fmt)
+    check_algorithm(algorithm)
+    check_tensor(x, fmt)
+    world, rank = _world_and_rank(group)
+    if world > 1 and _want_validate(validate):
+        _validate_across_ranks(x, fmt, "all_reduce", algorithm, group, world)
+    if fmt is None or x.numel() == 0 or x.numel() * x.element_size() < threshold_bytes:
+        y = x.clone(memory_format=torch.contiguous_format)  # collectives need contiguous memory
+        if world > 1:
+            dist.all_reduce(y, group=group)
+        return y
+    codec = get_codec(codec)
+    x2 = rows_view(x)
+    if algorithm == "gather":
+        if world == 1:
+            return codec.decode(_encoded(codec, x2, fmt), fmt, tuple(x2.shape)).to(x.dtype).reshape(x.shape)
+        bufs = _gather_bufs(_encoded(codec, x2, fmt), world, group)
+        return codec.decode_sum(bufs, fmt, tuple(x2.shape)).to(x.dtype).reshape(x.shape)
+    # two_shot
+    chunks, pad = split_rows(x2, world)
+    cshape = tuple(chunks.shape[1:])
+    if world == 1:
+        mine = [_encoded(codec, chunks[0], fmt)]
+    else:
+        mine = _exchange_chunks(chunks, fmt, codec, world, group)
+    red = codec.reduce_requant(mine, fmt, cshape)
+    _check_buf(red, fmt, cshape, codec)
+    bufs = _gather_bufs(red, world, group) if world > 1 else [red]
+    out = torch.stack([codec.decode(b, fmt, cshape) for b in bufs])
+    return merge_rows(out, pad, x.shape, x.dtype)
+
+
+def _check_buf(buf, fmt, shape, codec):
+    n = fmt.nbytes(shape)
+    if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() != n:
+        raise RuntimeError(
+            f"codec {getattr(codec, 'name', type(codec).__name__)}.reduce_requant returned {buf.dtype} "
+            f"{tuple(buf.shape)} for {fmt} of shape {shape}; expected uint8 ({n},)"
+        )
+
+
+def all_gather(
+    x: torch.Tensor, fmt=None, group=None, *, codec=None, validate: Optional[bool] = None
+) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along dim 0 (rank order), compressed with ``fmt``.
+
+    For sequence parallelism: gathering the sequence-sharded activations before a
+    column-parallel layer. Each rank encodes its x once and decodes all W buffers, including
+    its own (so every rank sees the same quantised values of its own shard as the others do).
+    Returns shape [W * x.shape[0], *x.shape[1:]] in x's dtype; ``fmt=None`` is the plain
+    ``all_gather_into_tensor``. Equal to :func:`tp.emulate.emulate_all_gather`.
+    """
+    fmt = resolve_format(fmt)
+    check_tensor(x, fmt)
+    if x.dim() == 0:
+        raise ValueError("all_gather concatenates along dim 0; x must have at least one dimension")
+    world, _ = _world_and_rank(group)
+    if world > 1 and _want_validate(validate):
+        _validate_across_ranks(x, fmt, "all_gather", "-", group, world)
+    out_shape = (world * x.shape[0],) + tuple(x.shape[1:])
+    if fmt is None or x.numel() == 0:
+        if world == 1:
+            return x.clone()
+        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out
+    codec = get_codec(codec)
+    x2 = rows_view(x)
+    shape = tuple(x2.shape)
+    buf = _encoded(codec, x2, fmt)
+    bufs = _gather_bufs(buf, world, group) if world > 1 else [buf]
+    return torch.cat([codec.decode(b, fmt, shape).to(x.dtype).reshape(x.shape) for b in bufs])
+
+
+def reduce_scatter(
+    x: torch.Tensor, fmt=None, group=None, *, codec=None, validate: Optional[bool] = None
+) -> torch.Tensor:
+    """Sum ``x`` over ranks and keep this rank's 1/W slice of dim 0, compressed with ``fmt``.
+
+    For sequence parallelism: after a row-parallel layer each rank keeps its sequence shard of
+    the reduced output. x.shape[0] must divide by the world size (the outputs of all ranks
+    must have one shape). Every rank encodes its W chunks, all-to-all, decodes and sums the W
+    encodings of its chunk in fp32 in rank order, casts. Returns [x.shape[0] // W, ...];
+    ``fmt=None`` is the plain ``reduce_scatter_tensor``. Rank j's result equals
+    ``tp.emulate.emulate_reduce_scatter(shards, fmt)[j]``.
+    """
+    fmt = resolve_format(fmt)
+    check_tensor(x, fmt)
+    if x.dim() == 0:
+        raise ValueError("reduce_scatter splits dim 0; x must have at least one dimension")
+    world, rank = _world_and_rank(group)
+    if x.shape[0] % world:
+        raise ValueError(f"reduce_scatter: dim 0 of x ({x.shape[0]}) must divide by the world size {world}")
+    if world > 1 and _want_validate(validate):
+        _validate_across_ranks(x, fmt, "reduce_scatter", "-", group, world)
+    out_shape = (x.shape[0] // world,) + tuple(x.shape[1:])
+    if fmt is None or x.numel() == 0:
+        if world == 1:
+            return x.clone()
+        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+        dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+        return out
+    codec = get_codec(codec)
+    chunks = x.reshape(world, -1, x.shape[-1]).contiguous()  # chunk j = rows of x[j*n:(j+1)*n]
+    cshape = tuple(chunks.shape[1:])
+    if world == 1:
+        mine = [_encoded(codec, chunks[0], fmt)]
+    else:
+        mine = _exchange_chunks(chunks, fmt, codec, world, group)
+    return codec.decode_sum(mine, fmt, cshape).to(x.dtype).reshape(out_shape)
+
+
+@dataclass(frozen=True)
+class CollectiveStats:
+    """Wire bytes one rank sends for one call (for reports; no timing)."""
+
+    algorithm: str
+    fmt: Optional[str]
+    sent_bytes: int
+    plain_bytes: int
+
+
+def wire_bytes(shape, dtype: torch.dtype, fmt, algorithm: str, world: int) -> CollectiveStats:
+    """Bytes one rank sends in ``all_reduce`` of a tensor of ``shape`` (ring all-reduce for fmt=None).
+
+    Use it to pick a format/algorithm for a message size before measuring; it counts payload
+    only (no protocol overhead) and matches what the collectives above put on the wire.
+    """
+    fmt = resolve_format(fmt)
+    check_algorithm(algorithm)
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    plain = 2 * (world - 1) * numel * itemsize // max(world, 1)
+    if fmt is None:
+        return CollectiveStats(algorithm, None, plain, plain)
+    h = int(shape[-1])
+    rows = numel // h
+    if algorithm == "gather":
+        sent = (world - 1) * fmt.nbytes((rows, h))  # all-gather: my buffer reaches W-1 peers
+    else:
+        c = -(-rows // world)
+        sent = 2 * (world - 1) * fmt.nbytes((c, h))  # all-to-all + all-gather of chunks
+    return CollectiveStats(algorithm, str(fmt), sent, plain)

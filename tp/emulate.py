@@ -1,0 +1,143 @@
+"""The exact single-process emulator of the compressed collectives.
+
+Use it for accuracy studies (perplexity under a communication format, at any world size,
+on one CPU) and as the oracle the distributed tests compare against bit for bit. It costs
+the same arithmetic as all ranks together minus the redundancy: a gather all-reduce decodes
+the W buffers once, not W times; two_shot reduces each chunk once.
+
+It calls the very same :class:`tp.collectives.Codec` methods and row bookkeeping
+(:func:`tp.collectives.split_rows` / :func:`merge_rows`) as the distributed path, in the same
+order, so the two cannot drift apart: only the data movement is replaced by list indexing.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .collectives import (
+    check_algorithm,
+    check_tensor,
+    get_codec,
+    merge_rows,
+    resolve_format,
+    rows_view,
+    split_rows,
+)
+
+__all__ = ["emulate_all_gather", "emulate_all_reduce", "emulate_reduce_scatter", "plain_sum", "predicted_error"]
+
+
+def _check_shards(shards: Sequence[torch.Tensor], fmt) -> list[torch.Tensor]:
+    if isinstance(shards, torch.Tensor):
+        raise TypeError("shards must be a list of tensors, one per rank (got a single tensor)")
+    shards = list(shards)
+    if not shards:
+        raise ValueError("shards is empty: pass one tensor per rank")
+    first = shards[0]
+    for i, s in enumerate(shards):
+        check_tensor(s, fmt, what=f"shards[{i}]")
+        if s.shape != first.shape or s.dtype != first.dtype or s.device != first.device:
+            raise ValueError(
+                f"shards[{i}] is {s.dtype} {tuple(s.shape)} on {s.device}, but shards[0] is "
+                f"{first.dtype} {tuple(first.shape)} on {first.device}: all ranks must contribute the same shape and dtype"
+            )
+    return shards
+
+
+def plain_sum(shards: Sequence[torch.Tensor]) -> torch.Tensor:
+    """fp32 sum in rank order, cast back: the uncompressed all-reduce as the emulator models it.
+
+    Backends (gloo, NCCL) choose their own summation order and may accumulate bf16 in bf16, so
+    this equals ``dist.all_reduce`` bit for bit only when the additions are exact; otherwise
+    within one rounding per addition.
+    """
+    acc = shards[0].to(torch.float32, copy=True)
+    for s in shards[1:]:
+        acc.add_(s.to(torch.float32))
+    return acc.to(shards[0].dtype)
+
+
+def emulate_all_reduce(
+    shards: Sequence[torch.Tensor],
+    fmt=None,
+    algorithm: str = "gather",
+    threshold_bytes: int = 0,
+    *,
+    codec=None,
+) -> torch.Tensor:
+    """What every rank gets from ``tp.all_reduce`` when rank i contributes ``shards[i]``.
+
+    Same arguments and same checks as :func:`tp.collectives.all_reduce` (world size =
+    ``len(shards)``). Bitwise equal to the distributed result for any format and algorithm;
+    for ``fmt=None`` (or below ``threshold_bytes``) it is :func:`plain_sum`.
+    """
+    fmt = resolve_format(fmt)
+    check_algorithm(algorithm)
+    shards = _check_shards(shards, fmt)
+    x = shards[0]
+    world = len(shards)
+    if fmt is None or x.numel() == 0 or x.numel() * x.element_size() < threshold_bytes:
+        return plain_sum(shards)
+    codec = get_codec(codec)
+    mats = [rows_view(s) for s in shards]
+    if algorithm == "gather":
+        shape = tuple(mats[0].shape)
+        bufs = [codec.encode(m, fmt) for m in mats]
+        return codec.decode_sum(bufs, fmt, shape).to(x.dtype).reshape(x.shape)
+    # two_shot: chunk j of every rank -> rank j reduces and re-encodes -> everyone decodes
+    split = [split_rows(m, world) for m in mats]
+    pad = split[0][1]
+    cshape = tuple(split[0][0].shape[1:])
+    out = []
+    for j in range(world):
+        bufs = [codec.encode(chunks[j], fmt) for chunks, _ in split]
+        red = codec.reduce_requant(bufs, fmt, cshape)
+        out.append(codec.decode(red, fmt, cshape))
+    return merge_rows(torch.stack(out), pad, x.shape, x.dtype)
+
+
+def emulate_all_gather(shards: Sequence[torch.Tensor], fmt=None, *, codec=None) -> torch.Tensor:
+    """What every rank gets from ``tp.all_gather``: the decoded shards concatenated along dim 0."""
+    fmt = resolve_format(fmt)
+    shards = _check_shards(shards, fmt)
+    if shards[0].dim() == 0:
+        raise ValueError("all_gather concatenates along dim 0; shards must have at least one dimension")
+    if fmt is None or shards[0].numel() == 0:
+        return torch.cat(shards)
+    codec = get_codec(codec)
+    out = []
+    for s in shards:
+        m = rows_view(s)
+        out.append(codec.decode(codec.encode(m, fmt), fmt, tuple(m.shape)).to(s.dtype).reshape(s.shape))
+    return torch.cat(out)
+
+
+def emulate_reduce_scatter(shards: Sequence[torch.Tensor], fmt=None, *, codec=None) -> list[torch.Tensor]:
+    """What each rank gets from ``tp.reduce_scatter``: element j is rank j's result."""
+    fmt = resolve_format(fmt)
+    shards = _check_shards(shards, fmt)
+    world = len(shards)
+    x = shards[0]
+    if x.dim() == 0:
+        raise ValueError("reduce_scatter splits dim 0; shards must have at least one dimension")
+    if x.shape[0] % world:
+        raise ValueError(f"reduce_scatter: dim 0 ({x.shape[0]}) must divide by the world size {world}")
+    out_shape = (x.shape[0] // world,) + tuple(x.shape[1:])
+    if fmt is None or x.numel() == 0:
+        return list(plain_sum(shards).reshape(world, *out_shape).unbind(0))
+    codec = get_codec(codec)
+    chunked = [s.reshape(world, -1, s.shape[-1]).contiguous() for s in shards]
+    cshape = tuple(chunked[0].shape[1:])
+    res = []
+    for j in range(world):
+        bufs = [codec.encode(c[j], fmt) for c in chunked]
+        res.append(codec.decode_sum(bufs, fmt, cshape).to(x.dtype).reshape(out_shape))
+    return res
+
+
+def predicted_error(shards: Sequence[torch.Tensor], fmt, algorithm: str = "gather") -> torch.Tensor:
+    """|emulated compressed all-reduce - exact fp32 sum|, elementwise: the error a format adds here."""
+    exact = plain_sum([s.float() for s in shards])
+    return (emulate_all_reduce(shards, fmt, algorithm).float() - exact).abs()
+

@@ -159,4 +159,5 @@ def test_static_outlier_format_keeps_outliers_in_bf16_and_uses_fixed_scales():
     assert y[0, 3] == 0.5 * 1.75  # saturates at the calibrated range
     assert torch.isnan(y[0, 6])  # NaN marker code, not a silent number
     assert y[0, 0] == 0.25 and y[0, 7] == 0.25
-    assert f.bits_per_value == pytest.approx((6 * 4 + 2 * 16) / 8)
+    # 6 quantised features pad to 8 codes (whole bytes for any width), then 2 bf16 outliers
+    assert f.bits_per_value == pytest.approx((8 * 4 + 2 * 16) / 8)

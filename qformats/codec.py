@@ -25,7 +25,11 @@ the last block zero-padded):
   unused code -2^(N-1) and decode to NaN; other values saturate.
 
 Outlier features travel as bf16 (round to nearest even). Signed zeros keep their sign with
-float elements; integer elements have one zero. Decode computes fp32, then casts.
+float elements; integer elements have one zero, and zero points are never -0. NaN scales are
+stored as canonical quiet NaNs (``SCALE_NAN_BITS``). Decode computes fp32, then casts.
+
+The reference always computes on the CPU (CUDA inputs are copied there and back): torch's
+CUDA ops differ from IEEE in corners (fast math in some kernels), and there must be one oracle.
 """
 from __future__ import annotations
 
@@ -99,6 +103,9 @@ def encode(x: torch.Tensor, fmt) -> QTensor:
     """Quantise ``x`` (fp32/bf16/fp16, any leading shape) along its last axis."""
     fmt = _need_format(fmt)
     _check_input(x)
+    if x.device.type != "cpu":  # one oracle: the CPU's IEEE arithmetic, whatever the input's device
+        q = encode(x.detach().cpu(), fmt)
+        return QTensor(q.data.to(x.device), fmt, q.shape, q.dtype)
     lay = fmt.layout(x.shape)
     x2 = x.detach().reshape(lay.rows, lay.width).to(_F32)
     xq, xo = _split_features(x2, fmt)
@@ -124,17 +131,26 @@ def encode(x: torch.Tensor, fmt) -> QTensor:
     return QTensor(data, fmt, tuple(x.shape), x.dtype)
 
 
+# The quiet-NaN bit pattern written for a NaN/Inf block, per stored scale type. Explicit, because
+# what a cast of NaN gives depends on the torch build (2.13 CPU casts NaN to bf16 0xFFFF).
+SCALE_NAN_BITS = {"fp32": 0x7FC00000, "bf16": 0x7FC0, "fp16": 0x7E00, "e4m3": 0x7F, "e8m0": 0xFF}
+_INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _with_canonical_nan(t: torch.Tensor, bits: int) -> torch.Tensor:
+    iv = _INT_VIEW[t.dtype]
+    nan = torch.tensor(bits, dtype=torch.int64).to(iv)  # wraps to the signed pattern
+    return torch.where(torch.isnan(t), nan, t.view(iv)).view(t.dtype)
+
+
 def _store_scale(s32: torch.Tensor, scale: str) -> torch.Tensor:
     """fp32 scale values (already on the scale type's grid) -> their wire bytes."""
-    if scale == "fp32":
-        return _bytes_of(s32)
-    if scale == "bf16":
-        return _bytes_of(s32.to(torch.bfloat16))
-    if scale == "fp16":
-        return _bytes_of(s32.to(torch.float16))
+    if scale in ("fp32", "bf16", "fp16"):
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[scale]
+        return _bytes_of(_with_canonical_nan(s32.to(dt).contiguous(), SCALE_NAN_BITS[scale]))
     if scale == "e4m3":
         codes = grid.to_codes(s32.to(_F64).nan_to_num(0.0), scale_element("e4m3"))
-        return torch.where(torch.isnan(s32), 0x7F, codes).to(torch.uint8).reshape(-1)
+        return torch.where(torch.isnan(s32), SCALE_NAN_BITS["e4m3"], codes).to(torch.uint8).reshape(-1)
     raise AssertionError(scale)
 
 
@@ -158,11 +174,12 @@ def _encode_blocks(blocks: torch.Tensor, fmt: Format):
         e = grid._floor_log2(amax.to(_F64).clamp(min=torch.finfo(_F64).tiny))
         s = torch.where(amax > 0, e - elem.emax, -127).clamp(-127, 127)
         v = torch.ldexp(clean.to(_F64), (-s).to(_F64))  # exact
-        scale_bytes = torch.where(bad, 255, s + 127).to(torch.uint8).reshape(-1)
+        scale_bytes = torch.where(bad, SCALE_NAN_BITS["e8m0"], s + 127).to(torch.uint8).reshape(-1)
     elif fmt.zero_point:
         mn = torch.where(finite, blocks, torch.inf).amin(-1, keepdim=True)
         mx = torch.where(finite, blocks, -torch.inf).amax(-1, keepdim=True)
-        mn, mx = torch.where(bad, 0.0, mn), torch.where(bad, 0.0, mx)
+        # + 0.0 turns -0 into +0: which signed zero amin/amax return depends on position
+        mn, mx = torch.where(bad, 0.0, mn) + 0.0, torch.where(bad, 0.0, mx) + 0.0
         zero = _round_scale(mn, fmt.scale, grid.DOWN)
         scale = _round_scale((mx - zero) / float(elem.max_code), fmt.scale, grid.UP)
         v = torch.where(scale > 0, (clean - zero) / scale, 0.0).to(_F64)
@@ -222,6 +239,8 @@ def decode(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     lay = fmt.layout(q.shape)
     if q.data.numel() != lay.total:
         raise ValueError(f"{fmt} needs {lay.total} bytes for shape {q.shape}, got {q.data.numel()}")
+    if q.data.device.type != "cpu":  # see encode: the reference computes on the CPU
+        return decode(QTensor(q.data.cpu(), fmt, q.shape, q.dtype), dtype).to(q.data.device)
     off = lay.offsets
     sec = {k: q.data[a:b] for k, (a, b) in off.items()}
     elem = fmt.elem

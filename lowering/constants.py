@@ -1,0 +1,193 @@
+"""The one place a :class:`qformats.Format` becomes kernel constants.
+
+:func:`lower` turns (format, row width, device) into a frozen :class:`KernelConstants`
+whose fields are exactly the ``tl.constexpr`` parameters of the generic kernels in
+:mod:`lowering.kernels`. Nothing else in ``lowering`` looks at a Format's element type,
+scale type or packing: a new preset needs no kernel change, only (at most) a new value here.
+
+Formats the kernels do not implement raise :class:`Unsupported` with the reason; the ops
+(:mod:`lowering.ops`) catch it and run the reference codec instead (an explicit, documented
+fallback, never a silently different result). Today that is: outlier channels (``+o[...]``)
+and static per-feature scales (``static``).
+
+Cost: a few microseconds per call (cached per format string, width and device kind).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from qformats import Format, as_format
+from qformats.codec import SCALE_NAN_BITS
+from qformats.packing import group_size
+from qformats.spec import SCALE_BYTES, scale_element
+
+# Element kinds, float policies and scale kinds as kernel integers.
+KIND_FLOAT, KIND_INT, KIND_UINT = 0, 1, 2
+POLICY_FIN, POLICY_IEEE, POLICY_FN = 0, 1, 2
+SCALE_E8M0, SCALE_FP32, SCALE_BF16, SCALE_FP16, SCALE_E4M3 = 0, 1, 2, 3, 4
+
+_KINDS = {"float": KIND_FLOAT, "int": KIND_INT, "uint": KIND_UINT}
+_POLICIES = {"fin": POLICY_FIN, "ieee": POLICY_IEEE, "fn": POLICY_FN}
+_SCALES = {"e8m0": SCALE_E8M0, "fp32": SCALE_FP32, "bf16": SCALE_BF16, "fp16": SCALE_FP16, "e4m3": SCALE_E4M3}
+
+
+# NaN code of each stored scale type for a NaN/Inf block: the reference's canonical patterns.
+_SCALE_NAN = {_SCALES[k]: v for k, v in SCALE_NAN_BITS.items()}
+
+
+def _scale_nan(kind: int) -> int:
+    return _SCALE_NAN[kind]
+
+
+class Unsupported(ValueError):
+    """The kernels do not implement this format (the ops fall back to the reference codec)."""
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _max_mag_code(el) -> int:
+    """Largest finite magnitude code of a float element (codes grow with magnitude)."""
+    if el.policy == "fin":
+        return (1 << (el.bits - 1)) - 1
+    if el.policy == "fn":
+        return (1 << (el.bits - 1)) - 2
+    return (((1 << el.ebits) - 1) << el.mbits) - 1  # ieee: top exponent field is Inf/NaN
+
+
+@dataclass(frozen=True)
+class KernelConstants:
+    """Every constexpr the generic quantize/dequantize kernels take, derived from one Format.
+
+    Element: ``KIND`` (float/int/uint), ``BITS``, ``EBITS``, ``MBITS``, ``BIAS``, ``EMIN``
+    (smallest normal exponent), ``EMAX``, ``POLICY`` (NaN/Inf handling), ``GE`` (grid exponent
+    of int/uint elements) and ``GSCALE`` = 2^-GE, ``MAXMAG`` (largest finite magnitude code, or max integer code),
+    ``SAT`` (a power of two above max normal: inputs are clamped to it before rounding),
+    ``MAXN`` (max normal, an exact fp32). Scale: ``SCALE`` kind, ``SB`` bytes per scale,
+    ``ZP``, ``TS`` (per-tensor fp32 scale), ``MAXN_TS`` (fp32(max_normal * 448)), the scale
+    type's own grid ``S_*`` (absmax scales are rounded onto it), ``SNAN`` (its NaN code).
+    Block and packing: ``BS`` (block size for this row width), ``BP2`` (BS rounded up to a
+    power of two: kernel tiles), ``G`` codes per ``GB`` bytes, ``GBP2``, ``WORD64``.
+    ``DIV_RN``: use ``tl.math.div_rn`` (GPU: plain ``/`` is approximate there) instead of
+    ``/`` (the CPU interpreter: numpy's IEEE division, and it cannot call div_rn's GPU path).
+    """
+
+    fmt: str
+    width: int
+    KIND: int
+    BITS: int
+    EBITS: int
+    MBITS: int
+    BIAS: int
+    EMIN: int
+    EMAX: int
+    POLICY: int
+    GE: int
+    GSCALE: float
+    MAXMAG: int
+    SAT: float
+    MAXN: float
+    SCALE: int
+    SB: int
+    ZP: bool
+    TS: bool
+    MAXN_TS: float
+    S_EBITS: int
+    S_MBITS: int
+    S_BIAS: int
+    S_EMIN: int
+    S_POLICY: int
+    S_MAXMAG: int
+    SNAN: int
+    BS: int
+    BP2: int
+    G: int
+    GB: int
+    GBP2: int
+    WORD64: bool
+    DIV_RN: bool
+
+    @functools.cached_property
+    def _kwargs(self) -> dict:
+        # dataclasses.asdict costs ~130 us: computed once per instance (instances are cached)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("fmt", "width")}
+
+    def constexprs(self) -> dict:
+        """The kernel keyword arguments (everything but ``fmt`` and ``width``); do not mutate."""
+        return self._kwargs
+
+    @property
+    def code_bytes_per_block(self) -> int:
+        return self.BS * self.BITS // 8
+
+
+def unsupported_reason(fmt) -> str | None:
+    """Why the kernels cannot run ``fmt`` (None if they can). Cheap; no width needed."""
+    f = as_format(fmt)
+    if f is None:
+        return "no format (None / bf16)"
+    if f.outliers:
+        return "outlier channels (+o[...]) are not lowered yet"
+    if f.scale == "static":
+        return "static per-feature scales are not lowered yet"
+    if f.elem.kind == "float" and (f.elem.ebits > 5 or f.elem.mbits > 5):
+        return "float elements wider than e5m5 are not lowered"
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _lower(fmt_str: str, width: int, cuda: bool) -> KernelConstants:
+    f = Format.parse(fmt_str)
+    why = unsupported_reason(f)
+    if why:
+        raise Unsupported(f"{f}: {why}")
+    e = f.elem
+    bs = f.block_for(width)
+    if e.kind == "float":
+        maxmag = _max_mag_code(e)
+        sat = math.ldexp(1.0, e.emax + 2)
+    else:
+        maxmag = e.max_code
+        sat = 0.0
+    s_el = scale_element(f.scale)
+    if s_el is not None:
+        s = dict(S_EBITS=s_el.ebits, S_MBITS=s_el.mbits, S_BIAS=s_el.bias, S_EMIN=s_el.emin,
+                 S_POLICY=_POLICIES[s_el.policy], S_MAXMAG=_max_mag_code(s_el))
+    else:
+        s = dict(S_EBITS=0, S_MBITS=0, S_BIAS=0, S_EMIN=0, S_POLICY=0, S_MAXMAG=0)
+    maxn32 = np.float32(e.max_normal)
+    if float(maxn32) != e.max_normal:
+        raise Unsupported(f"{f}: max normal {e.max_normal} is not an fp32 value")
+    # The reference computes maxn * 448 as an fp32 product of fp32 values; do the same here.
+    maxn_ts = float(maxn32 * np.float32(448.0)) if f.tensor_scale else 0.0
+    g = group_size(e.bits)
+    gb = g * e.bits // 8
+    return KernelConstants(
+        fmt=str(f), width=int(width),
+        KIND=_KINDS[e.kind], BITS=e.bits, EBITS=e.ebits, MBITS=e.mbits, BIAS=e.bias, EMIN=e.emin,
+        EMAX=e.emax, POLICY=_POLICIES[e.policy] if e.kind == "float" else 0, GE=e.grid_exponent, GSCALE=math.ldexp(1.0, -e.grid_exponent),
+        MAXMAG=maxmag, SAT=sat, MAXN=float(maxn32),
+        SCALE=_SCALES[f.scale], SB=SCALE_BYTES[f.scale], ZP=f.zero_point, TS=f.tensor_scale,
+        MAXN_TS=maxn_ts, SNAN=_scale_nan(_SCALES[f.scale]), **s,
+        BS=bs, BP2=_next_pow2(bs), G=g, GB=gb, GBP2=_next_pow2(gb), WORD64=gb * 8 > 31,
+        DIV_RN=bool(cuda),
+    )
+
+
+def lower(fmt, width: int, device) -> KernelConstants:
+    """Kernel constants of ``fmt`` for rows of ``width`` features on ``device``.
+
+    Raises :class:`Unsupported` for formats the kernels do not implement (see module doc),
+    ValueError for a width the format cannot take (e.g. a static format's feature count).
+    """
+    f = as_format(fmt)
+    if f is None:
+        raise Unsupported("no format (None / bf16): nothing to lower")
+    cuda = getattr(device, "type", str(device)) == "cuda"
+    return _lower(str(f), int(width), cuda)

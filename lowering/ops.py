@@ -1,0 +1,281 @@
+"""``torch.ops.qformats.*``: the codec as torch.library custom ops (torch.compile-safe).
+
+Ops (the format is always its canonical string or a preset name; shapes are the logical
+tensor shapes, quantised along the last axis):
+
+``quantize(x, fmt) -> Tensor``
+    uint8 wire buffer, byte for byte ``qformats.encode(x, fmt).data``.
+``dequantize(buf, fmt, shape, dtype) -> Tensor``
+    ``qformats.decode`` of the buffer, as ``dtype``.
+``dequant_sum(bufs, fmt, shape, dtype, residual=None) -> Tensor``
+    ``bufs`` is [N, nbytes] uint8 (e.g. an all-gather's output): decode each to fp32, add them
+    in row (= rank) order one fp32 addition at a time, add ``residual`` (cast to fp32) last,
+    cast to ``dtype``. One kernel; the gather step of a compressed all-reduce.
+``dequant_sum_requant(bufs, fmt, shape, dtype=None) -> (Tensor, Tensor)``
+    the fp32 rank-order sum of the decodes, re-quantised: ``quantize(sum, fmt)`` (the sum is
+    fp32). With ``dtype``, the second output is ``dequantize`` of that new buffer (the value
+    every rank will decode for this chunk, so the owner can skip decoding its own chunk);
+    without, it is an empty tensor. One kernel (two for per-tensor-scale formats); the middle
+    step of the two-shot all-reduce.
+
+Paths: CUDA tensors run the Triton kernels of :mod:`lowering.kernels`. CPU tensors run the
+same kernels in Triton's interpreter when ``TRITON_INTERPRET=1`` was set before import (tests
+do), else the reference codec. Formats the kernels do not implement (outlier channels,
+static per-feature scales; :func:`lowering.constants.unsupported_reason` says why) run the
+reference codec on any device: an explicit fallback, same bytes, reference speed.
+:func:`path` says which path a call takes.
+
+Signed zeros and zero points: for ``+zp`` formats a block's min/max that is a zero is taken
+as +0 (the kernels' rule; the reference codec's ``amin``/``amax`` pick a signed zero by
+position, so the reference functions here first map -0 inputs to +0 for those formats,
+which changes nothing else about the result).
+
+Every op has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces it
+as one node. ``reference_*`` functions are the pure-torch compositions of qformats calls
+with the same signatures: the oracle in tests and the fallback here.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+import qformats
+from qformats import Format, QTensor
+from qformats.codec import SUPPORTED_DTYPES
+
+from . import kernels
+from .constants import lower, unsupported_reason
+
+__all__ = [
+    "quantize", "dequantize", "dequant_sum", "dequant_sum_requant", "path",
+    "reference_quantize", "reference_dequantize", "reference_dequant_sum", "reference_dequant_sum_requant",
+]
+
+
+# ------------------------------------------------------------------------------------------
+# validation (same messages on every path)
+# ------------------------------------------------------------------------------------------
+def _format(fmt: str) -> Format:
+    f = qformats.as_format(fmt)
+    if f is None:
+        raise ValueError(f"a quantisation format is required, got {fmt!r}")
+    return f
+
+
+def _check_x(x: torch.Tensor) -> None:
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"dtype {x.dtype} is not supported: use one of float32, bfloat16, float16")
+    if x.dim() == 0:
+        raise ValueError("a tensor with at least one dimension is expected (blocks run along the last)")
+    if x.numel() == 0:
+        raise ValueError(f"cannot quantise an empty tensor of shape {tuple(x.shape)}")
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"cannot decode to {dtype}: use one of float32, bfloat16, float16")
+
+
+def _check_bufs(bufs: torch.Tensor, f: Format, shape: Sequence[int], two_d: bool) -> int:
+    if bufs.dtype != torch.uint8:
+        raise TypeError(f"wire buffers are uint8, got {bufs.dtype}")
+    shape = [int(d) for d in shape]
+    if not shape or math.prod(shape) == 0:
+        raise ValueError(f"shape {shape}: a non-empty shape with at least one dimension is expected")
+    n = f.nbytes(shape)
+    if two_d:
+        if bufs.dim() != 2 or bufs.shape[0] < 1:
+            raise ValueError(f"buffers are expected as [N >= 1, nbytes], got shape {tuple(bufs.shape)}")
+        if bufs.shape[1] != n:
+            raise ValueError(f"{f} needs {n} bytes per buffer for shape {tuple(shape)}, got {bufs.shape[1]}")
+    elif bufs.dim() != 1 or bufs.numel() != n:
+        raise ValueError(f"{f} needs a 1-D buffer of {n} bytes for shape {tuple(shape)}, got {tuple(bufs.shape)}")
+    return n
+
+
+def path(fmt, device) -> str:
+    """'kernel', 'interpreter' or 'reference: <why>' for ``fmt`` on ``device``."""
+    why = unsupported_reason(fmt)
+    if why:
+        return f"reference: {why}"
+    if torch.device(device).type == "cuda":
+        return "kernel"
+    return "interpreter" if kernels.is_interpreted() else "reference: no GPU and TRITON_INTERPRET unset"
+
+
+def _kernel_ok(f: Format, device: torch.device) -> bool:
+    return path(f, device) in ("kernel", "interpreter")
+
+
+def _rows_width(shape: Sequence[int]) -> Tuple[int, int]:
+    return math.prod(shape[:-1]), int(shape[-1])
+
+
+# ------------------------------------------------------------------------------------------
+# references: compositions of qformats calls (oracle and fallback)
+# ------------------------------------------------------------------------------------------
+def reference_quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    f = _format(fmt)
+    return qformats.encode(x, f).data
+
+
+def reference_dequantize(buf: torch.Tensor, fmt: str, shape: List[int], dtype: torch.dtype) -> torch.Tensor:
+    f = _format(fmt)
+    return qformats.decode(QTensor.from_buffer(buf, f, shape, dtype), dtype)
+
+
+def _ref_sum(bufs: torch.Tensor, f: Format, shape: List[int]) -> torch.Tensor:
+    acc = reference_dequantize(bufs[0], str(f), shape, torch.float32)
+    for i in range(1, bufs.shape[0]):
+        acc = acc + reference_dequantize(bufs[i], str(f), shape, torch.float32)
+    return acc
+
+
+def reference_dequant_sum(bufs: torch.Tensor, fmt: str, shape: List[int], dtype: torch.dtype,
+                          residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    f = _format(fmt)
+    acc = _ref_sum(bufs, f, shape)
+    if residual is not None:
+        acc = acc + residual.to(torch.float32)
+    return acc.to(dtype)
+
+
+def reference_dequant_sum_requant(bufs: torch.Tensor, fmt: str, shape: List[int],
+                                  dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    f = _format(fmt)
+    buf = reference_quantize(_ref_sum(bufs, f, shape), str(f))
+    if dtype is None:
+        return buf, bufs.new_empty((0,), dtype=torch.float32)
+    return buf, reference_dequantize(buf, str(f), shape, dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# the ops
+# ------------------------------------------------------------------------------------------
+@torch.library.custom_op("qformats::quantize", mutates_args=())
+def quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Wire buffer of ``x`` (fp32/bf16/fp16, any shape, blocks along the last axis).
+    Cost on GPU: one read of x, one write of the buffer (two reads for +ts formats)."""
+    f = _format(fmt)
+    _check_x(x)
+    if not _kernel_ok(f, x.device):
+        return reference_quantize(x, str(f))
+    x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
+    buf, _ = kernels.quantize(x2, lower(f, x.shape[-1], x.device))
+    return buf
+
+
+@quantize.register_fake
+def _(x, fmt):
+    f = _format(fmt)
+    _check_x(x)
+    return x.new_empty((f.nbytes(x.shape),), dtype=torch.uint8)
+
+
+@torch.library.custom_op("qformats::dequantize", mutates_args=())
+def dequantize(buf: torch.Tensor, fmt: str, shape: List[int], dtype: torch.dtype) -> torch.Tensor:
+    """``qformats.decode`` of a wire buffer, as ``dtype``. Cost on GPU: one read, one write."""
+    f = _format(fmt)
+    _check_dtype(dtype)
+    _check_bufs(buf, f, shape, two_d=False)
+    if not _kernel_ok(f, buf.device):
+        return reference_dequantize(buf, str(f), shape, dtype)
+    rows, width = _rows_width(shape)
+    out = kernels.dequantize(buf.reshape(1, -1).contiguous(), lower(f, width, buf.device), rows, width, dtype)
+    return out.reshape(shape)
+
+
+@dequantize.register_fake
+def _(buf, fmt, shape, dtype):
+    f = _format(fmt)
+    _check_dtype(dtype)
+    _check_bufs(buf, f, shape, two_d=False)
+    return buf.new_empty(list(shape), dtype=dtype)
+
+
+@torch.library.custom_op("qformats::dequant_sum", mutates_args=())
+def dequant_sum(bufs: torch.Tensor, fmt: str, shape: List[int], dtype: torch.dtype,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """fp32 rank-order sum of the decodes of ``bufs`` [N, nbytes] (+ residual), as ``dtype``.
+    Cost on GPU: one read of every buffer (and the residual), one write."""
+    f = _format(fmt)
+    _check_dtype(dtype)
+    _check_bufs(bufs, f, shape, two_d=True)
+    if residual is not None:
+        if list(residual.shape) != [int(d) for d in shape] or residual.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"residual must have shape {list(shape)} and a float dtype, got "
+                             f"{tuple(residual.shape)} {residual.dtype}")
+        if residual.device != bufs.device:
+            raise ValueError(f"residual is on {residual.device}, buffers on {bufs.device}")
+    if not _kernel_ok(f, bufs.device):
+        return reference_dequant_sum(bufs, str(f), shape, dtype, residual)
+    rows, width = _rows_width(shape)
+    res = residual.reshape(rows, width).contiguous() if residual is not None else None
+    out = kernels.dequantize(bufs.contiguous(), lower(f, width, bufs.device), rows, width, dtype, res)
+    return out.reshape(shape)
+
+
+@dequant_sum.register_fake
+def _(bufs, fmt, shape, dtype, residual=None):
+    f = _format(fmt)
+    _check_dtype(dtype)
+    _check_bufs(bufs, f, shape, two_d=True)
+    return bufs.new_empty(list(shape), dtype=dtype)
+
+
+@torch.library.custom_op("qformats::dequant_sum_requant", mutates_args=())
+def dequant_sum_requant(bufs: torch.Tensor, fmt: str, shape: List[int],
+                        dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(quantize(fp32 rank-order sum of the decodes of ``bufs``), its decode as ``dtype`` or
+    an empty tensor). Cost on GPU: one read of every buffer, one write (plus the decode)."""
+    f = _format(fmt)
+    if dtype is not None:
+        _check_dtype(dtype)
+    _check_bufs(bufs, f, shape, two_d=True)
+    if not _kernel_ok(f, bufs.device):
+        return reference_dequant_sum_requant(bufs, str(f), shape, dtype)
+    rows, width = _rows_width(shape)
+    proto = bufs.new_empty((rows, width), dtype=torch.float32)  # gives rows/width/device only
+    buf, deq = kernels.quantize(proto, lower(f, width, bufs.device), bufs=bufs.contiguous(), deq_dtype=dtype)
+    if deq is None:
+        return buf, bufs.new_empty((0,), dtype=torch.float32)
+    return buf, deq.reshape(shape)
+
+
+@dequant_sum_requant.register_fake
+def _(bufs, fmt, shape, dtype=None):
+    f = _format(fmt)
+    _check_bufs(bufs, f, shape, two_d=True)
+    buf = bufs.new_empty((f.nbytes(shape),), dtype=torch.uint8)
+    if dtype is None:
+        return buf, bufs.new_empty((0,), dtype=torch.float32)
+    _check_dtype(dtype)
+    return buf, bufs.new_empty(list(shape), dtype=dtype)
+
+
+class LoweredCodec:
+    """The four-method codec seam of ``tp.collectives.Codec``, backed by these ops.
+
+    Install it with ``tp.collectives.set_codec(LoweredCodec())``; it is bitwise equal to the
+    reference codec (the tests check the ops; this class only adapts signatures). ``decode_sum``
+    and ``reduce_requant`` take a list of buffers and stack them (one copy) unless they are
+    already rows of one [N, nbytes] tensor.
+    """
+
+    name = "lowered"
+
+    def encode(self, x: torch.Tensor, fmt) -> torch.Tensor:
+        return torch.ops.qformats.quantize(x, str(_format(fmt)))
+
+    def decode(self, buf: torch.Tensor, fmt, shape) -> torch.Tensor:
+        return torch.ops.qformats.dequantize(buf, str(_format(fmt)), list(shape), torch.float32)
+
+    def decode_sum(self, bufs, fmt, shape) -> torch.Tensor:
+        stacked = bufs if isinstance(bufs, torch.Tensor) else torch.stack(list(bufs))
+        return torch.ops.qformats.dequant_sum(stacked, str(_format(fmt)), list(shape), torch.float32, None)
+
+    def reduce_requant(self, bufs, fmt, shape) -> torch.Tensor:
+        stacked = bufs if isinstance(bufs, torch.Tensor) else torch.stack(list(bufs))
+        return torch.ops.qformats.dequant_sum_requant(stacked, str(_format(fmt)), list(shape), None)[0]

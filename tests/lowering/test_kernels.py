@@ -1,0 +1,182 @@
+"""The generic Triton kernels against the reference codec, bit for bit, for every preset.
+
+On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1); the same
+tests run the compiled kernels on a GPU, where ``test_gpu_large`` adds large random and
+adversarial inputs (the reference then runs on the CPU copy: it is the oracle).
+
+Comparisons are exact: wire buffers byte for byte; decoded tensors bit for bit, except that
+NaNs compare by position (NaN payloads are not part of the contract: a GPU's canonical NaN
+differs from the CPU's).
+"""
+import math
+import zlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import qformats
+from lowering import kernels, ops
+from lowering.constants import Unsupported, lower
+
+PRESETS = sorted(qformats.PRESETS)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def adversarial(rows: int, width: int, dtype: torch.dtype, seed: int, device="cpu") -> torch.Tensor:
+    """Values that stress the codec: per-block magnitudes across the dtype's whole range,
+    short mantissas (many exact ties at every grid), zeros and -0, NaN/+-Inf, fp32
+    subnormals, values near the dtype's max."""
+    g = torch.Generator().manual_seed(seed)
+    n = rows * width
+    fi = torch.finfo(dtype)
+    lo, hi = math.frexp(fi.tiny)[1] - 1, math.frexp(fi.max)[1] - 1
+    lo -= 23 if dtype == torch.float32 else (7 if dtype == torch.bfloat16 else 10)  # subnormals
+    # short mantissas: odd/even integers over small powers of two -> ties on coarse grids
+    mant = torch.randint(-64, 65, (n,), generator=g).to(torch.float64) / 2.0 ** torch.randint(0, 7, (n,), generator=g)
+    # block-wise exponent (runs of 16) plus some per-element spread
+    blk_e = torch.randint(lo + 8, hi - 8, ((n + 15) // 16,), generator=g).repeat_interleave(16)[:n]
+    spread = torch.randint(-12, 3, (n,), generator=g)
+    x = torch.ldexp(mant, (blk_e + spread).to(torch.float64))
+    gauss = torch.randn(n, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(-20, 20, (1,), generator=g).item()
+    x = torch.where(torch.rand(n, generator=g) < 0.3, gauss, x)
+    r = torch.rand(n, generator=g)
+    x = torch.where(r < 0.03, 0.0, x)
+    x = torch.where((r >= 0.03) & (r < 0.06), -0.0, x)
+    x = torch.where((r >= 0.06) & (r < 0.07), fi.max * torch.sign(mant + 0.5), x)
+    x = torch.where((r >= 0.07) & (r < 0.09), torch.ldexp(mant, torch.full_like(mant, lo + 8.0)), x)  # tiny
+    x = x.clamp(-fi.max, fi.max).to(dtype)
+    sp = torch.rand(n, generator=g)
+    x = torch.where(sp < 0.002, float("nan"), x)
+    x = torch.where((sp >= 0.002) & (sp < 0.003), float("inf"), x)
+    x = torch.where((sp >= 0.003) & (sp < 0.004), -float("inf"), x)
+    return x.reshape(rows, width).to(device)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shape/dtype, NaN at the same places, identical bits elsewhere (-0 != +0)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    an, bn = torch.isnan(a), torch.isnan(b)
+    if not torch.equal(an, bn):
+        return False
+    ib = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    return torch.equal(a[~an].view(ib), b[~bn].view(ib))
+
+
+def check_roundtrip(x: torch.Tensor, fmt: str, out_dtype=torch.float32) -> None:
+    """Kernel encode == reference encode (bytes); kernel decode == reference decode (bits)."""
+    f = qformats.Format.parse(fmt)
+    kc = lower(f, x.shape[-1], x.device)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    buf, deq = kernels.quantize(x2, kc, deq_dtype=out_dtype)
+    ref = ops.reference_quantize(x.cpu(), fmt)
+    assert buf.numel() == ref.numel()
+    mism = (buf.cpu() != ref).nonzero().flatten()
+    assert mism.numel() == 0, f"{fmt} {x.dtype} {tuple(x.shape)}: {mism.numel()} bytes differ, first at {mism[:8].tolist()}"
+    rdec = ops.reference_dequantize(ref, fmt, list(x.shape), out_dtype)
+    dec = kernels.dequantize(buf.view(1, -1), kc, x2.shape[0], x2.shape[1], out_dtype).reshape(x.shape)
+    assert same_bits(dec.cpu(), rdec), f"{fmt} decode to {out_dtype} differs"
+    assert same_bits(deq.reshape(x.shape).cpu(), rdec), f"{fmt} fused decode-after-encode differs"
+
+
+@pytest.mark.parametrize("fmt", PRESETS)
+def test_adversarial(fmt):
+    """One larger adversarial tensor per preset and input dtype (partial blocks: width 200)."""
+    for i, dt in enumerate(DTYPES):
+        check_roundtrip(adversarial(24, 200, dt, seed=zlib.crc32(fmt.encode()) % 1000 + i, device=DEV), fmt,
+                        out_dtype=DTYPES[(i + 1) % 3])
+
+
+@pytest.mark.parametrize("fmt", PRESETS)
+@settings(max_examples=5)
+@given(rows=st.integers(1, 5), width=st.integers(1, 300), dt=st.sampled_from(DTYPES),
+       out=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1), scale=st.integers(-30, 30))
+def test_random_shapes(fmt, rows, width, dt, out, seed, scale):
+    """Hypothesis-drawn shapes (partial blocks, short rows, single rows) and value scales."""
+    if seed % 2:
+        g = torch.Generator().manual_seed(seed)
+        x = (torch.randn(rows, width, generator=g) * 2.0 ** scale).to(dt)
+    else:
+        x = adversarial(rows, width, dt, seed)
+    check_roundtrip(x.to(DEV), fmt, out)
+
+
+@pytest.mark.parametrize("fmt", ["int4/row/fp32", "fp6_e2m3/b24/fp16", "int8/row/e8m0",
+                                 "fp4_e2m1/b16/bf16", "uint6/b40/bf16+zp", "fp5_e3m1ieee/b8/e4m3+ts",
+                                 "int2/b64/e4m3", "fp8_e5m2/b128/fp32"])
+def test_non_preset_formats(fmt):
+    """Row blocks, non-power-of-two blocks (24, 40: masked lanes), other scale/element pairs."""
+    for i, dt in enumerate(DTYPES):
+        check_roundtrip(adversarial(6, 133, dt, seed=7 + i, device=DEV), fmt)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp6_e3m2", "nvfp4", "flash_int4", "int4_b64", "mxfp8_e5m2"])
+def test_fused(fmt):
+    """dequant_sum (with and without residual) and dequant_sum_requant (with its decode)
+    against compositions of reference calls, N = 1..3 buffers, partial blocks."""
+    shape = [3, 5, 70]
+    for n, dt in ((1, torch.bfloat16), (3, torch.float32), (2, torch.float16)):
+        xs = [adversarial(15, 70, torch.float32, seed=31 * n + i).reshape(shape) * (i + 1) for i in range(n)]
+        bufs = torch.stack([ops.reference_quantize(x, fmt) for x in xs]).to(DEV)
+        res = torch.randn(shape).to(dt).to(DEV)
+        f = qformats.Format.parse(fmt)
+        kc = lower(f, shape[-1], DEV)
+        for r in (None, res):
+            got = kernels.dequantize(bufs, kc, 15, 70, dt, r.reshape(15, 70) if r is not None else None)
+            want = ops.reference_dequant_sum(bufs.cpu(), fmt, shape, dt, r.cpu() if r is not None else None)
+            assert same_bits(got.reshape(shape).cpu(), want), (fmt, n, r is None)
+        proto = torch.empty(15, 70, device=DEV)
+        buf, deq = kernels.quantize(proto, kc, bufs=bufs, deq_dtype=dt)
+        rbuf, rdeq = ops.reference_dequant_sum_requant(bufs.cpu(), fmt, shape, dt)
+        assert torch.equal(buf.cpu(), rbuf), (fmt, n)
+        assert same_bits(deq.reshape(shape).cpu(), rdeq), (fmt, n)
+
+
+def test_signed_zero_min_for_zero_points():
+    """A zero-point block whose min is 0 with both signs present: stored zero point is +0
+    (the kernels' documented rule), also when every zero is -0."""
+    x = torch.tensor([[-0.0] * 64 + [1.0] * 64, [-0.0] * 128])
+    buf = torch.ops.qformats.quantize(x.to(DEV), "uint4/b128/fp16+zp").cpu()
+    lay = qformats.Format.parse("uint4/b128/fp16+zp").layout(x.shape)
+    zp = buf[lay.offsets["zp"][0]:lay.offsets["zp"][1]].view(torch.float16)
+    assert torch.equal(zp.view(torch.int16), torch.zeros(2, dtype=torch.int16))
+
+
+def test_unsupported_formats_raise_in_lowering():
+    with pytest.raises(Unsupported, match="outlier"):
+        lower("int4/b32/e8m0+o[3]", 64, "cpu")
+    with pytest.raises(Unsupported, match="static"):
+        lower(qformats.static_outlier_format("int4", (), [1.0] * 8), 8, "cpu")
+
+
+def test_constants_are_derived_from_the_format():
+    kc = lower("mxfp8_e4m3", 4096, "cpu")
+    assert (kc.BITS, kc.EBITS, kc.MBITS, kc.BIAS, kc.EMIN, kc.EMAX, kc.MAXMAG, kc.MAXN) == (8, 4, 3, 7, -6, 8, 0x7E, 448.0)
+    assert (kc.BS, kc.BP2, kc.G, kc.GB, kc.SB, kc.DIV_RN) == (32, 32, 1, 1, 1, False)
+    kc = lower("mxfp6_e3m2", 4096, "cuda")
+    assert (kc.G, kc.GB, kc.GBP2, kc.DIV_RN, kc.MAXMAG) == (4, 3, 4, True, 31)
+    kc = lower("int4/row/fp32", 200, "cpu")
+    assert (kc.BS, kc.BP2) == (200, 256)
+    with pytest.raises(dataclass_error()):
+        kc.BS = 1
+
+
+def dataclass_error():
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt", PRESETS)
+def test_gpu_large(fmt):
+    """GPU: 4M-element random (bf16) and 1M-element adversarial (fp32, bf16) inputs."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(1024, 4096, generator=g) * 3).to(torch.bfloat16)
+    check_roundtrip(x.cuda(), fmt, torch.bfloat16)
+    for i, dt in enumerate((torch.float32, torch.bfloat16)):
+        check_roundtrip(adversarial(512, 2000, dt, seed=99 + i, device="cuda"), fmt, torch.bfloat16)

@@ -31,8 +31,13 @@ from .layers import (
 )
 from .model import KVCache, LlamaConfig, TPLlama, generate, init_random_, valid_tp_sizes
 from .calibrate import Calibration, Calibrator, calibrate
+from .compile import CollectivePolicy, compile, print_collectives, report as compile_report
 
 __all__ = [
+    "CollectivePolicy",
+    "compile",
+    "compile_report",
+    "print_collectives",
     "ALGORITHMS",
     "DEFAULT_THRESHOLD_BYTES",
     "Calibration",

@@ -1,0 +1,481 @@
+"""A torch.compile graph pass that swaps a model's collectives for compressed ones, by policy.
+
+Use it when a tensor-parallel model is written with ordinary functional collectives
+(``torch.distributed._functional_collectives.all_reduce``, or ``dist.all_reduce``, which
+dynamo turns into the functional op), as gpt-fast and torchtitan write them, and you want
+compressed communication without editing the model. After AOT autograd the post-grad graph
+holds ``_c10d_functional.all_reduce(x, "sum", group_name)`` followed by
+``_c10d_functional.wait_tensor``; :class:`CollectivePass` replaces each such pair that its
+:class:`CollectivePolicy` gives a format with one call of a *replacement op*
+``op(x, fmt: str, group_name: str, algorithm: str) -> Tensor`` (and optionally each
+``all_gather_into_tensor`` + wait with ``op(x, fmt, group_size, group_name)``). The pass is
+generic: ``lowering`` never imports ``tp``, so the caller names the ops; ``tp.compile``
+passes ``torch.ops.qformats.all_reduce`` / ``all_gather`` (the compressed collectives of
+``tp.collectives`` as custom ops) and is the entry point most users want.
+
+Installing: never through a global assignment. :func:`compile_options` returns the
+``options=`` dict for ``torch.compile`` (the pass applies to that one compiled object);
+:func:`installed` is a context manager that sets ``torch._inductor.config.
+post_grad_custom_post_pass`` for the duration of a ``with`` block and restores it on exit
+(torch.compile is lazy: the first *call* must happen inside the block). Both chain with a
+pass that is already installed: that pass runs first, then this one, on the same graph.
+
+Caching: ``uuid()`` hashes this file's source, the policy (a user callable by its source,
+or None -- no caching -- if its source is unavailable), the replacement ops and the chained
+pass's uuid. An FX-graph-cache hit skips *every* custom pass, including the bookkeeping of
+:attr:`CollectivePass.report` (the compiled code is still the rewritten one); compile with a
+fresh ``TORCHINDUCTOR_CACHE_DIR`` or ``fx_graph_cache=False`` when the report must be filled.
+
+Costs: the pass itself is one linear walk over the graph (microseconds per node). What the
+rewritten graph costs at run time is the replacement op's: encode + collective of the
+compressed bytes + decode, instead of the plain collective; the report counts the bytes.
+Positions (``skip_first`` / ``skip_last``) count call sites within one compiled graph: a
+graph break restarts the count, so compile with ``fullgraph=True`` when positions matter.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+import qformats
+from qformats import Format
+
+__all__ = [
+    "CallSite",
+    "CollectivePass",
+    "CollectivePolicy",
+    "Rewrite",
+    "RewriteReport",
+    "compile_options",
+    "installed",
+]
+
+_C10D = torch.ops._c10d_functional
+# The functional collectives the pass knows, by overload packet (dynamo graphs) and .default
+# (post-grad graphs); the pass accepts both.
+_ALL_REDUCE = (_C10D.all_reduce, _C10D.all_reduce.default)
+_ALL_GATHER = (_C10D.all_gather_into_tensor, _C10D.all_gather_into_tensor.default)
+_WAIT = (_C10D.wait_tensor, _C10D.wait_tensor.default)
+COMPRESSIBLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CallSite:
+    """One collective in a graph, as the policy sees it.
+
+    ``op`` is ``"all_reduce"`` or ``"all_gather"``; ``index`` its position among the call
+    sites of that op in this graph (execution order) and ``count`` how many there are;
+    ``module`` the dotted path of the module whose forward issued it (from the node's
+    ``nn_module_stack``, e.g. ``"model.layers.3.mlp.down_proj"``; ``""`` when unknown);
+    ``nbytes`` the uncompressed message (numel * itemsize) of this rank.
+    """
+
+    op: str
+    index: int
+    count: int
+    module: str
+    shape: tuple
+    dtype: torch.dtype
+    group_name: str
+    group_size: int = 0  # known for all_gather (an argument of the op); 0 for all_reduce
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= int(d)
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _fmt_str(fmt) -> Optional[str]:
+    f = qformats.as_format(fmt)
+    return None if f is None else str(f)
+
+
+@dataclass(frozen=True)
+class CollectivePolicy:
+    """Which collectives to compress, with which format; one frozen value (hashable, printable).
+
+    Rules, in order, for a call site (:class:`CallSite`):
+
+    1. ``choose``, if given, decides alone: ``choose(site) -> format or None`` (a Format, a
+       preset name or a canonical string). Use it for anything the fields below cannot say.
+    2. all-gathers are compressed only with ``all_gather=True``; dtypes other than
+       fp32/bf16/fp16 and reductions other than sum are never compressed.
+    3. messages smaller than ``min_bytes`` stay plain: a compressed collective's fixed
+       costs (encode/decode launches, a second round trip for two_shot) outweigh the bytes
+       saved on small decode-step messages. The default matches
+       ``tp.DEFAULT_THRESHOLD_BYTES`` (64 KiB).
+    4. the first ``skip_first`` and last ``skip_last`` all-reduces of the graph stay plain
+       (the first and last layers are the most sensitive to quantisation error); all-gathers
+       are not counted and not skipped by position.
+    5. with ``modules`` (glob patterns, e.g. ``("*.mlp.down_proj",)``) only call sites whose
+       producing module matches one are compressed.
+    6. everything else gets ``fmt`` with ``algorithm``.
+
+    ``fmt`` is stored as its canonical string, so two equal policies hash equally (the pass's
+    cache key).
+    """
+
+    fmt: object = None
+    algorithm: str = "gather"
+    min_bytes: int = 64 * 1024
+    skip_first: int = 0
+    skip_last: int = 0
+    modules: tuple = ()
+    all_gather: bool = False
+    choose: Optional[Callable[[CallSite], object]] = field(default=None, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "fmt", _fmt_str(self.fmt))
+        if not isinstance(self.algorithm, str) or not self.algorithm:
+            raise ValueError(f"algorithm must be a non-empty string, got {self.algorithm!r}")
+        for name in ("min_bytes", "skip_first", "skip_last"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if isinstance(self.modules, str):
+            raise TypeError(f"modules must be a tuple of glob patterns, got the string {self.modules!r}")
+        object.__setattr__(self, "modules", tuple(self.modules))
+        if self.choose is not None and not callable(self.choose):
+            raise TypeError(f"choose must be callable (CallSite -> format or None), got {type(self.choose).__name__}")
+
+    def format_for(self, site: CallSite) -> Optional[str]:
+        """The canonical format string for ``site``, or None to leave it alone."""
+        if self.choose is not None:
+            try:
+                return _fmt_str(self.choose(site))
+            except ValueError as e:
+                raise ValueError(f"policy.choose returned an unusable format for {site.op} #{site.index} "
+                                 f"({site.module or 'unknown module'}): {e}") from None
+        if site.op == "all_gather" and not self.all_gather:
+            return None
+        if self.fmt is None or site.dtype not in COMPRESSIBLE_DTYPES or site.nbytes < self.min_bytes:
+            return None
+        if site.op == "all_reduce" and (site.index < self.skip_first or site.index >= site.count - self.skip_last):
+            return None
+        if self.modules and not any(fnmatch.fnmatchcase(site.module, p) for p in self.modules):
+            return None
+        return self.fmt
+
+    def fingerprint(self) -> Optional[str]:
+        """A stable string of everything that decides the rewrite; None if ``choose`` has no source."""
+        chooser = ""
+        if self.choose is not None:
+            try:
+                chooser = getattr(self.choose, "__qualname__", "") + inspect.getsource(self.choose)
+            except (OSError, TypeError):
+                return None  # a lambda typed at a prompt, a C function: no stable identity
+        return repr((self.fmt, self.algorithm, self.min_bytes, self.skip_first, self.skip_last,
+                     self.modules, self.all_gather, chooser))
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rewrite:
+    """One call site the pass saw: rewritten (``fmt`` set) or left alone (``fmt`` None)."""
+
+    graph: int  # which compiled graph (0, 1, ... in the order the pass saw them)
+    site: CallSite
+    fmt: Optional[str]
+    algorithm: Optional[str]
+    bytes_before: int  # this rank's uncompressed message
+    bytes_after: int  # its encoding in fmt (== bytes_before when left alone)
+    reason: str = ""  # why it was left alone
+
+
+@dataclass
+class RewriteReport:
+    """What a :class:`CollectivePass` did, across every graph it ran on (inspectable, printable)."""
+
+    entries: list = field(default_factory=list)
+    graphs: int = 0
+
+    @property
+    def rewritten(self) -> list:
+        return [e for e in self.entries if e.fmt is not None]
+
+    @property
+    def left_alone(self) -> list:
+        return [e for e in self.entries if e.fmt is None]
+
+    def count(self, op: Optional[str] = None) -> int:
+        """Number of rewritten call sites (of ``op`` if given)."""
+        return sum(1 for e in self.rewritten if op is None or e.site.op == op)
+
+    def formats(self) -> dict:
+        """{canonical format: number of call sites rewritten to it}."""
+        out: dict = {}
+        for e in self.rewritten:
+            out[e.fmt] = out.get(e.fmt, 0) + 1
+        return out
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(e.bytes_before for e in self.entries)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(e.bytes_after for e in self.entries)
+
+    def table(self) -> str:
+        """One line per call site: op, producing module, shape, format, message bytes before/after."""
+        if not self.entries:
+            return ("no graph went through the pass (not compiled yet, or every graph came from the "
+                    "FX graph cache: use a fresh TORCHINDUCTOR_CACHE_DIR or fx_graph_cache=False)")
+        rows = [("graph", "op", "#", "module", "shape", "dtype", "format", "bytes before", "bytes after")]
+        for e in self.entries:
+            s = e.site
+            rows.append((str(e.graph), s.op, str(s.index), s.module or "?", "x".join(map(str, s.shape)),
+                         str(s.dtype).replace("torch.", ""),
+                         f"{e.fmt} ({e.algorithm})" if e.fmt else f"plain ({e.reason})",
+                         str(e.bytes_before), str(e.bytes_after)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        b, a = self.bytes_before, self.bytes_after
+        lines.append(f"{self.count()} of {len(self.entries)} collectives rewritten; message bytes "
+                     f"{b} -> {a} ({a / b:.3f}x)" if b else "no bytes")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+# ---------------------------------------------------------------------------------------------
+def module_path(node: torch.fx.Node) -> str:
+    """Dotted path of the innermost module whose forward produced ``node`` ("" if unknown)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return _normalize_path(path)
+
+
+def _normalize_path(path: str) -> str:
+    # dynamo spells module paths as source expressions: L['self'].layers[0]._modules['mlp'],
+    # getattr(L['self'].layers, '0'), L['fn'].layers.0 ...
+    prev = None
+    while prev != path:
+        prev = path
+        path = re.sub(r"getattr\(([^()]*), '([^']*)'\)", r"\1.\2", path)
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    path = re.sub(r"^L__[A-Za-z0-9]*__[._]?", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    return path.lstrip(".")
+
+
+def _waits(node: torch.fx.Node) -> Optional[list]:
+    users = list(node.users)
+    if users and all(u.op == "call_function" and u.target in _WAIT for u in users):
+        return users
+    return None
+
+
+class CollectivePass(CustomGraphPass):
+    """The post-grad pass: rewrites collectives into replacement ops as the policy says.
+
+    Args:
+        policy: a :class:`CollectivePolicy`.
+        all_reduce_op: ``op(x, fmt, group_name, algorithm) -> Tensor`` (x's shape and dtype),
+            e.g. ``torch.ops.qformats.all_reduce.default`` (registered by ``tp.compile``).
+        all_gather_op: ``op(x, fmt, group_size, group_name) -> Tensor`` ([W * x.shape[0], ...]);
+            required only when the policy compresses all-gathers.
+        chain: the pass (a CustomGraphPass, a callable, or a list/tuple of them) that was
+            installed before; it runs first on every graph. Its uuid joins this one's.
+
+    ``report`` accumulates a :class:`Rewrite` per call site of every graph the pass ran on.
+    """
+
+    def __init__(self, policy: CollectivePolicy, all_reduce_op, all_gather_op=None, chain=None):
+        if not isinstance(policy, CollectivePolicy):
+            raise TypeError(f"policy must be a CollectivePolicy, got {type(policy).__name__}")
+        if all_reduce_op is None:
+            raise ValueError("all_reduce_op is required (tp.compile passes torch.ops.qformats.all_reduce)")
+        if policy.all_gather and all_gather_op is None:
+            raise ValueError("the policy compresses all-gathers (all_gather=True) but no all_gather_op was given")
+        if chain is self:
+            raise ValueError("a pass cannot chain itself")
+        self.policy = policy
+        self.all_reduce_op = getattr(all_reduce_op, "default", all_reduce_op)
+        self.all_gather_op = getattr(all_gather_op, "default", all_gather_op) if all_gather_op is not None else None
+        self.chain = chain
+        self.report = RewriteReport()
+
+    # -- CustomGraphPass -----------------------------------------------------------------------
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        chained = self.chain if isinstance(self.chain, (list, tuple)) else [self.chain]
+        for p in chained:
+            if p is not None:
+                p(graph)
+        self.rewrite(graph)
+
+    def uuid(self) -> Optional[bytes]:
+        pol = self.policy.fingerprint()
+        if pol is None:
+            return None
+        parts = [_SOURCE_HASH, pol, str(self.all_reduce_op), str(self.all_gather_op)]
+        chained = self.chain if isinstance(self.chain, (list, tuple)) else [self.chain]
+        for p in chained:
+            if p is None:
+                continue
+            u = p.uuid() if isinstance(p, CustomGraphPass) else None
+            if u is None:
+                return None  # a chained pass without a stable identity: never cache
+            parts.append(repr(u))
+        return hashlib.sha256("\x00".join(parts).encode()).hexdigest().encode()
+
+    # -- the rewrite ---------------------------------------------------------------------------
+    def rewrite(self, graph: torch.fx.Graph) -> int:
+        """Rewrite ``graph`` in place; returns the number of collectives rewritten."""
+        gi = self.report.graphs
+        self.report.graphs += 1
+        found = {"all_reduce": [], "all_gather": []}
+        for n in graph.nodes:
+            if n.op != "call_function":
+                continue
+            if n.target in _ALL_REDUCE:
+                found["all_reduce"].append(n)
+            elif n.target in _ALL_GATHER:
+                found["all_gather"].append(n)
+        done = 0
+        for op, nodes in found.items():
+            for i, n in enumerate(nodes):
+                done += self._one(graph, gi, op, i, len(nodes), n)
+        if done:
+            graph.lint()
+            try:
+                from torch._dynamo.utils import counters
+
+                counters["qformats"]["collectives_rewritten"] += done
+            except Exception:  # counters are a convenience only
+                pass
+        return done
+
+    def _one(self, graph, gi, op, index, count, n) -> int:
+        x = n.args[0]
+        val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+        if op == "all_reduce":
+            reduce_op, group_name = str(n.args[1]).lower(), str(n.args[2])
+            group_size = 0
+        else:
+            group_size, group_name, reduce_op = int(n.args[1]), str(n.args[2]), "sum"
+        shape = tuple(val.shape) if val is not None else ()
+        dtype = val.dtype if val is not None else torch.float32
+        site = CallSite(op, index, count, module_path(n), shape, dtype, group_name, group_size)
+        before = site.nbytes if val is not None else 0
+
+        def alone(reason):
+            self.report.entries.append(Rewrite(gi, site, None, None, before, before, reason))
+            return 0
+
+        if val is None:
+            return alone("no shape")
+        waits = _waits(n)
+        if waits is None:
+            return alone("result not consumed by wait_tensor only")
+        fmt = self.policy.format_for(site)
+        if fmt is None:
+            return alone(self._why_alone(site))
+        if reduce_op != "sum":
+            return alone(f"reduce op {reduce_op}")
+        if dtype not in COMPRESSIBLE_DTYPES:
+            return alone(f"dtype {dtype}")
+        if len(shape) == 0:
+            return alone("scalar")
+        f = Format.parse(fmt)
+        try:
+            f.layout((1, shape[-1]))
+            after = f.nbytes(shape)
+        except ValueError as e:
+            raise ValueError(f"{op} #{index} ({site.module or 'unknown module'}, shape {shape}): "
+                             f"format {fmt} does not apply: {e}") from None
+        with graph.inserting_before(n):
+            if op == "all_reduce":
+                new = graph.call_function(self.all_reduce_op, (x, fmt, group_name, self.policy.algorithm))
+            else:
+                new = graph.call_function(self.all_gather_op, (x, fmt, group_size, group_name))
+        new.meta["val"] = waits[0].meta["val"]  # copy only the value; other meta belongs to the old node
+        if "nn_module_stack" in n.meta:
+            new.meta["nn_module_stack"] = n.meta["nn_module_stack"]
+        for w in waits:
+            w.replace_all_uses_with(new)
+            graph.erase_node(w)
+        graph.erase_node(n)
+        self.report.entries.append(Rewrite(gi, site, fmt, self.policy.algorithm if op == "all_reduce" else None,
+                                           before, after))
+        return 1
+
+    def _why_alone(self, site: CallSite) -> str:
+        p = self.policy
+        if p.choose is not None:
+            return "policy.choose"
+        if site.op == "all_gather" and not p.all_gather:
+            return "all_gather off"
+        if p.fmt is None:
+            return "no format"
+        if site.dtype not in COMPRESSIBLE_DTYPES:
+            return f"dtype {site.dtype}"
+        if site.nbytes < p.min_bytes:
+            return f"< {p.min_bytes} B"
+        if site.op == "all_reduce" and (site.index < p.skip_first or site.index >= site.count - p.skip_last):
+            return "first/last skipped"
+        return "module not selected"
+
+
+def _hash_source() -> str:
+    try:
+        with open(__file__, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except OSError:  # a zipped install: the module's compiled code is the next best identity
+        return hashlib.sha256(repr(CollectivePass.rewrite.__code__.co_code).encode()).hexdigest()
+
+
+_SOURCE_HASH = _hash_source()
+
+
+# ---------------------------------------------------------------------------------------------
+def _config():
+    import torch._inductor.config as inductor_config
+
+    return inductor_config
+
+
+def compile_options(pass_: CollectivePass, options: Optional[dict] = None) -> dict:
+    """``options=`` for ``torch.compile`` that run ``pass_`` after the pass already in effect.
+
+    The pass already in effect is ``options["post_grad_custom_post_pass"]`` if given, else the
+    global inductor config's; ``pass_.chain`` is set to it (so it keeps running). Nothing
+    global changes; the returned dict is a copy.
+    """
+    opts = dict(options or {})
+    prev = opts.get("post_grad_custom_post_pass", _config().post_grad_custom_post_pass)
+    if prev is not None and pass_.chain is None and prev is not pass_:
+        pass_.chain = prev
+    opts["post_grad_custom_post_pass"] = pass_
+    return opts
+
+
+@contextlib.contextmanager
+def installed(pass_: CollectivePass):
+    """Run ``pass_`` (after the currently installed pass) for graphs compiled inside the block.
+
+    Restores ``torch._inductor.config.post_grad_custom_post_pass`` on exit, also on error.
+    Compilation happens at the first call of a compiled function, so call it inside the block.
+    """
+    cfg = _config()
+    prev = cfg.post_grad_custom_post_pass
+    if prev is not None and pass_.chain is None and prev is not pass_:
+        pass_.chain = prev
+    with cfg.patch(post_grad_custom_post_pass=pass_):
+        yield pass_

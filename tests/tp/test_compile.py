@@ -1,0 +1,275 @@
+"""tp.compile: a TP model written with functional collectives, compiled with the rewrite pass,
+equals the same model calling the compressed collectives explicitly, bit for bit (2 gloo ranks).
+
+Each multi-rank test compiles once per rank (inductor, ~10-20 s on 2 shared cores) into a fresh
+TORCHINDUCTOR_CACHE_DIR per rank and test: an FX-graph-cache hit would skip the pass.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import nn
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+import tp
+from tests.tp.multirank import run_ranks
+from tp.compile import CollectivePolicy, compile as tp_compile, installed, print_collectives, report
+
+D, FF, T, HEAD = 64, 128, 512, 8  # block all-reduce: 512x64 fp32 = 128 KiB; head: 512x8 = 16 KiB
+FMT = "int4_b32"
+TIMEOUT = 240.0
+
+
+class Block(nn.Module):
+    """Column-parallel up, row-parallel down, residual: the TP MLP of gpt-fast."""
+
+    def __init__(self, rank, world, seed, reduce, out=D):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        w1, w2 = torch.randn(FF, D, generator=g) / D**0.5, torch.randn(out, FF, generator=g) / FF**0.5
+        per = FF // world
+        self.w1 = nn.Parameter(w1[rank * per : (rank + 1) * per].clone(), requires_grad=False)
+        self.w2 = nn.Parameter(w2[:, rank * per : (rank + 1) * per].clone(), requires_grad=False)
+        self.reduce, self.residual = reduce, out == D
+
+    def forward(self, x):
+        y = self.reduce(F.linear(torch.relu(F.linear(x, self.w1)), self.w2), self)
+        return x + y if self.residual else y
+
+
+class Net(nn.Module):
+    """3 blocks, a row-parallel head with a small all-reduce, optionally an all-gather of x."""
+
+    def __init__(self, rank, world, reduce, gather=None):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(rank, world, 10 + i, reduce) for i in range(3))
+        self.head = Block(rank, world, 99, reduce, out=HEAD)
+        self.gather = gather
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        h = self.head(x)
+        return (x, h) if self.gather is None else (self.gather(x), h)
+
+
+def functional_reduce(p, mod):
+    return funcol.all_reduce(p, "sum", dist.group.WORLD)
+
+
+def functional_gather(x):
+    return funcol.all_gather_tensor(x, 0, dist.group.WORLD)
+
+
+def _input(rank):
+    # the same activations on every rank (as after an all-reduce / embedding)
+    return torch.randn(T, D, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _warm_inductor():
+    """Pay inductor's per-process start-up once, in the parent, before ranks are forked.
+
+    Its lazy imports (~15 s) and the vector-ISA probe (g++ test builds, ~20 s with a fresh cache
+    dir, memoised per process) would otherwise be paid again by every rank of every test.
+    """
+    import torch._inductor.codegen.cpp  # noqa: F401
+    import torch._inductor.compile_fx  # noqa: F401
+    from torch._inductor import cpu_vec_isa
+
+    cpu_vec_isa.pick_vec_isa()
+
+
+def _fresh_cache(cache_root, rank):
+    # one cache dir per test and rank: an FX-graph-cache hit (e.g. of the other rank's
+    # identical graph) would skip the pass. One compile thread: no worker pool to start.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_root, f"rank{rank}")
+    torch._inductor.config.compile_threads = 1
+
+
+class CountingPass(CustomGraphPass):
+    """A pass someone installed before us: counts the all-reduces it sees."""
+
+    def __init__(self):
+        self.calls, self.seen = 0, []
+
+    def __call__(self, graph):
+        self.calls += 1
+        self.seen.append(sum(1 for n in graph.nodes if "all_reduce" in str(n.target)))
+
+    def uuid(self):
+        return b"counting-pass-v1"
+
+
+# ---------------------------------------------------------------------------------------------
+def _rank_gather_chained(rank, world, cache_root):
+    _fresh_cache(cache_root, rank)
+    x = _input(rank)
+    mine = CountingPass()
+    with torch._inductor.config.patch(post_grad_custom_post_pass=mine):
+        model = Net(rank, world, functional_reduce)
+        compiled = tp_compile(model, CollectivePolicy(FMT, "gather"))  # min_bytes: the 64 KiB default
+        got = compiled(x)
+        still_mine = torch._inductor.config.post_grad_custom_post_pass is mine
+    after = torch._inductor.config.post_grad_custom_post_pass
+
+    # eager reference: the compressed collective called explicitly where the policy compresses
+    def explicit(p, mod):
+        if mod is model.head:
+            return funcol.all_reduce(p, "sum", dist.group.WORLD)
+        return tp.all_reduce(p, FMT, None, "gather")
+
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.reduce = explicit
+    want = model(x)
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.reduce = functional_reduce
+    plain = model(x)
+    rep = report(compiled)
+    return dict(got=got, want=want, plain=plain, calls=mine.calls, seen=mine.seen, still_mine=still_mine,
+                restored=after is None, count=rep.count(), formats=rep.formats(),
+                alone=[(e.site.module, e.reason) for e in rep.left_alone], table=print_collectives(compiled))
+
+
+def test_compiled_equals_eager_compressed_and_chains_existing_pass(tmp_path):
+    res = run_ranks(_rank_gather_chained, 2, str(tmp_path), timeout=TIMEOUT)
+    for rank, r in enumerate(res):
+        for got, want in zip(r["got"], r["want"]):
+            assert torch.equal(got, want), f"rank {rank}: compiled != eager compressed"
+        assert not torch.equal(r["got"][0], r["plain"][0]), "the compressed result equals the plain one"
+        assert r["count"] == 3 and r["formats"] == {str(tp.collectives.resolve_format(FMT)): 3}
+        assert r["alone"] == [("head", "< 65536 B")], r["alone"]
+        # the pass installed before ours ran (once, on the graph with all 4 all-reduces) and is still installed
+        assert r["calls"] == 1 and r["seen"] == [4], (r["calls"], r["seen"])
+        assert r["still_mine"] and r["restored"]
+        assert "3 of 4 collectives rewritten" in r["table"]
+    assert torch.equal(res[0]["got"][0], res[1]["got"][0])
+
+
+# ---------------------------------------------------------------------------------------------
+def _rank_two_shot_gather(rank, world, cache_root):
+    _fresh_cache(cache_root, rank)
+    x = _input(rank)
+    model = Net(rank, world, functional_reduce, functional_gather)
+    policy = CollectivePolicy(FMT, "two_shot", min_bytes=0, skip_first=1, modules=("layers.*", ""),
+                              all_gather=True)  # "": the root module, where the all-gather is
+    from tp.compile import compile_pass
+
+    pass_ = compile_pass(policy)
+    before = torch._inductor.config.post_grad_custom_post_pass
+    with installed(pass_):
+        got = torch.compile(model, fullgraph=True)(x)
+    restored = torch._inductor.config.post_grad_custom_post_pass is before
+
+    def explicit(p, mod):
+        if mod is model.layers[1] or mod is model.layers[2]:
+            return tp.all_reduce(p, FMT, None, "two_shot")
+        return funcol.all_reduce(p, "sum", dist.group.WORLD)
+
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.reduce = explicit
+    model.gather = lambda t: tp.all_gather(t, FMT)
+    want = model(x)
+    rep = pass_.report
+    return dict(got=got, want=want, restored=restored, ar=rep.count("all_reduce"), ag=rep.count("all_gather"),
+                modules=[e.site.module for e in rep.rewritten], alone=sorted((e.site.module, e.reason) for e in rep.left_alone))
+
+
+def test_two_shot_positions_modules_and_all_gather(tmp_path):
+    res = run_ranks(_rank_two_shot_gather, 2, str(tmp_path), timeout=TIMEOUT)
+    for rank, r in enumerate(res):
+        assert r["ar"] == 2 and r["ag"] == 1, (r["ar"], r["ag"], r["alone"])
+        assert r["modules"] == ["layers.1", "layers.2", ""], r["modules"]
+        assert r["alone"] == [("head", "module not selected"), ("layers.0", "first/last skipped")], r["alone"]
+        for got, want in zip(r["got"], r["want"]):
+            assert got.shape == want.shape and torch.equal(got, want), f"rank {rank}: compiled != eager compressed"
+        assert r["restored"]
+    assert torch.equal(res[0]["got"][0], res[1]["got"][0])
+
+
+# ---------------------------------------------------------------------------------------------
+def test_compile_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        tp_compile(nn.Linear(2, 2), CollectivePolicy("mxfp4", "ring"))
+    with pytest.raises(TypeError, match="CollectivePolicy"):
+        tp_compile(nn.Linear(2, 2), tp.CommPolicy("mxfp4"))
+    with pytest.raises(ValueError, match="mode="):
+        tp_compile(nn.Linear(2, 2), CollectivePolicy("mxfp4"), mode="reduce-overhead")
+    with pytest.raises(ValueError, match="unsupported communication format|unknown|format"):
+        CollectivePolicy("int99")
+    with pytest.raises(ValueError, match="not a model returned by tp.compile"):
+        report(nn.Linear(2, 2))
+    with pytest.raises(RuntimeError, match="not initialised"):
+        torch.ops.qformats.all_reduce(torch.ones(2, 32), "mxfp4", "0", "gather")
+
+
+def test_report_before_compiling_says_why_empty():
+    compiled = tp_compile(nn.Linear(2, 2), CollectivePolicy("mxfp4"))
+    assert "no graph went through the pass" in str(report(compiled))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (2 GPUs, NCCL): not in CI. Command: pytest tests/tp/test_compile.py -k gpu -m multigpu
+def _gpu_rank(rank, world, store_path, q):
+    import lowering
+
+    torch.cuda.set_device(rank)
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group("nccl", store=store, rank=rank, world_size=world)
+    try:
+        tp.set_codec(lowering.LoweredCodec())
+        x = _input(rank).cuda()
+        model = Net(rank, world, functional_reduce).cuda()
+        out = {}
+        for cg in (False, True):
+            compiled = tp_compile(model, CollectivePolicy(FMT, "gather"), cudagraphs=cg, cache=False)
+            for _ in range(3):  # warm-up, record, replay
+                got = compiled(x)
+            out[cg] = [t.clone().cpu() for t in got]
+            out[f"count{cg}"] = report(compiled).count()
+
+        def explicit(p, mod):
+            if mod is model.head:
+                return funcol.all_reduce(p, "sum", dist.group.WORLD)
+            return tp.all_reduce(p, FMT, None, "gather")
+
+        for m in model.modules():
+            if isinstance(m, Block):
+                m.reduce = explicit
+        out["want"] = [t.cpu() for t in model(x)]
+        q.put((rank, out))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multigpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs 2 CUDA GPUs with NCCL (compiled + CUDA graphs vs eager compressed)")
+def test_gpu_compiled_and_cudagraphs_equal_eager_compressed(tmp_path):
+    import torch.multiprocessing as tmp
+
+    ctx = tmp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_gpu_rank, args=(r, 2, str(tmp_path / "store"), q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        res = dict(q.get(timeout=TIMEOUT) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    for rank, out in res.items():
+        for cg in (False, True):
+            assert out[f"count{cg}"] == 3
+            for got, want in zip(out[cg], out["want"]):
+                assert torch.equal(got, want), f"rank {rank}, cudagraphs={cg}: compiled != eager compressed"

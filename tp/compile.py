@@ -1,0 +1,214 @@
+"""Compressed collectives for an unmodified TP model, by compiling it: ``tp.compile(model, policy)``.
+
+Use it when the model is written with plain collectives -- functional ones
+(``torch.distributed._functional_collectives.all_reduce``, as gpt-fast and torchtitan do) or
+``dist.all_reduce``, which dynamo turns into the functional op -- and you want the all-reduce
+after each row-parallel layer compressed without editing the model::
+
+    policy = tp.CollectivePolicy(fmt="mxfp8_e4m3", modules=("*.o_proj", "*.down_proj"))
+    model = tp.compile(model, policy)          # torch.compile + the rewrite pass
+    y = model(x); tp.print_collectives(model)  # which collectives, which formats, bytes
+
+What it does: ``torch.compile(model, fullgraph=True, options=...)`` with the graph pass of
+:mod:`lowering.passes`, which replaces every ``_c10d_functional.all_reduce`` + ``wait_tensor``
+that the policy gives a format with ``torch.ops.qformats.all_reduce(x, fmt, group_name,
+algorithm)`` (and, with ``all_gather=True``, ``all_gather_into_tensor`` with
+``torch.ops.qformats.all_gather``). These custom ops, registered here, run
+:func:`tp.all_reduce` / :func:`tp.all_gather` with the installed codec, so the compiled model
+equals the eager model calling the compressed collectives explicitly, bit for bit (same codec,
+same rank-order fp32 sums). The pass is installed through ``options=`` of this one compiled
+object and chains with any ``post_grad_custom_post_pass`` already in effect (it runs first);
+global inductor config is never changed.
+
+What it costs: a compile (seconds to a minute: inductor); at run time each rewritten
+collective costs an encode, the collective of the compressed bytes and W decodes (``gather``)
+instead of the plain all-reduce -- worth it only where the link, not the GPU, is the
+bottleneck, and only above the policy's ``min_bytes``. The ops run as opaque custom ops, so
+inductor does not fuse the encode into the producing matmul.
+
+CUDA graphs (``cudagraphs=True``, inductor's ``triton.cudagraphs``, what
+``mode="reduce-overhead"`` turns on): the custom ops allocate their wire buffers with the
+caching allocator, and CUDA-graph trees run every graph once (warm-up) before capturing it,
+so the buffers exist before capture and are replayed from the graph's private pool. For a
+manual ``torch.cuda.graph`` capture, run the compiled model once on the capture stream first
+for the same reason. Inside capture nothing may synchronise with the host: leave
+``TP_VALIDATE_COLLECTIVES`` unset (validation copies a signature to the CPU), and use NCCL
+(gloo cannot be captured).
+
+Reports: an FX-graph-cache hit skips custom passes, including the report's bookkeeping (the
+cached code is the rewritten one). Pass ``cache=False`` (or use a fresh
+``TORCHINDUCTOR_CACHE_DIR``) when you need :func:`report` filled.
+"""
+from __future__ import annotations
+
+import sys
+import weakref
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lowering.passes import CallSite, CollectivePass, CollectivePolicy, RewriteReport, compile_options, installed
+
+from .collectives import all_gather, all_reduce, check_algorithm, resolve_format, wire_bytes
+
+__all__ = [
+    "CallSite", "CollectivePolicy", "collective_rows", "compile", "compile_pass", "installed", "print_collectives", "report",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom ops the pass inserts
+# ---------------------------------------------------------------------------------------------
+def _group(group_name: str):
+    if not dist.is_initialized():
+        raise RuntimeError(f"qformats.all_reduce: torch.distributed is not initialised (group {group_name!r})")
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group_name)
+
+
+def _checked_format(fmt: str):
+    f = resolve_format(fmt)
+    if f is None:
+        raise ValueError("qformats.all_reduce/all_gather need a format; the plain collective is _c10d_functional's")
+    return f
+
+
+@torch.library.custom_op("qformats::all_reduce", mutates_args=())
+def all_reduce_op(x: Tensor, fmt: str, group_name: str, algorithm: str) -> Tensor:
+    """``tp.all_reduce(x, fmt, group, algorithm)`` with the group by name: a graph-safe op."""
+    return all_reduce(x, _checked_format(fmt), _group(group_name), check_algorithm(algorithm))
+
+
+@all_reduce_op.register_fake
+def _(x, fmt, group_name, algorithm):
+    _checked_format(fmt)
+    check_algorithm(algorithm)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("qformats::all_gather", mutates_args=())
+def all_gather_op(x: Tensor, fmt: str, group_size: int, group_name: str) -> Tensor:
+    """``tp.all_gather(x, fmt, group)`` (concatenation along dim 0, rank order) by group name."""
+    group = _group(group_name)
+    if dist.get_world_size(group) != group_size:
+        raise ValueError(f"qformats.all_gather: group {group_name!r} has {dist.get_world_size(group)} ranks, "
+                         f"the graph says {group_size}")
+    return all_gather(x, _checked_format(fmt), group)
+
+
+@all_gather_op.register_fake
+def _(x, fmt, group_size, group_name):
+    _checked_format(fmt)
+    return x.new_empty((group_size * x.shape[0],) + tuple(x.shape[1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+_passes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def compile_pass(policy: CollectivePolicy) -> CollectivePass:
+    """The graph pass for ``policy`` with the ops above (for a custom ``torch.compile`` call or
+    :func:`installed`); the policy's format and algorithm are checked here, not at first call."""
+    if not isinstance(policy, CollectivePolicy):
+        raise TypeError(f"policy must be a tp.CollectivePolicy, got {type(policy).__name__}")
+    resolve_format(policy.fmt)
+    check_algorithm(policy.algorithm)
+    return CollectivePass(policy, torch.ops.qformats.all_reduce.default, torch.ops.qformats.all_gather.default)
+
+
+def compile(model, policy: CollectivePolicy, *, fullgraph: bool = True, cudagraphs: bool = False,
+            cache: bool = True, options: Optional[dict] = None, **compile_kwargs):
+    """``torch.compile(model)`` with its collectives compressed as ``policy`` says.
+
+    Args:
+        model: an nn.Module or function whose collectives are functional (or ``dist.*``) ones.
+        policy: a :class:`CollectivePolicy` (format, algorithm, size threshold, layers).
+        fullgraph: passed to torch.compile (default True: a graph break would split the call
+            sites and restart the positions ``skip_first``/``skip_last`` count).
+        cudagraphs: capture the compiled graphs in CUDA graphs (inductor ``triton.cudagraphs``;
+            GPU and NCCL only; see the module docstring).
+        cache: False disables the FX graph cache for this model so the pass, and its report,
+            run on every compile.
+        options: more inductor options; a ``post_grad_custom_post_pass`` there is chained.
+        compile_kwargs: other ``torch.compile`` arguments (``dynamic``, ``backend``...). ``mode``
+            cannot be combined with the options this needs: use ``cudagraphs=True`` instead of
+            ``mode="reduce-overhead"``.
+
+    Returns the compiled object; :func:`report` and :func:`print_collectives` take it.
+    """
+    if "mode" in compile_kwargs:
+        raise ValueError("tp.compile passes inductor options, which torch.compile cannot combine with mode=; "
+                         "use cudagraphs=True for mode='reduce-overhead'")
+    pass_ = compile_pass(policy)
+    opts = compile_options(pass_, options)
+    if cudagraphs:
+        opts["triton.cudagraphs"] = True
+    if not cache:
+        opts["fx_graph_cache"] = False
+    compiled = torch.compile(model, fullgraph=fullgraph, options=opts, **compile_kwargs)
+    _passes[compiled] = pass_
+    return compiled
+
+
+def report(compiled) -> RewriteReport:
+    """The :class:`lowering.passes.RewriteReport` of a model returned by :func:`compile`."""
+    try:
+        return _passes[compiled].report
+    except (KeyError, TypeError):
+        raise ValueError("not a model returned by tp.compile (or it was garbage-collected)") from None
+
+
+def _group_size(site: CallSite) -> int:
+    if site.group_size:
+        return site.group_size
+    try:
+        return dist.get_world_size(_group(site.group_name))
+    except Exception:  # noqa: BLE001 - a report must print even after teardown
+        return 0
+
+
+def collective_rows(rep: RewriteReport) -> list[dict]:
+    """One dict per call site: op, module, shape, dtype, fmt, algorithm, world, message bytes and
+    bytes this rank sends before/after (``tp.wire_bytes``; ring all-reduce for plain)."""
+    rows = []
+    for e in rep.entries:
+        s, w = e.site, _group_size(e.site)
+        if s.op == "all_reduce" and w:
+            plain = wire_bytes(s.shape, s.dtype, None, "gather", w).sent_bytes
+            sent = wire_bytes(s.shape, s.dtype, e.fmt, e.algorithm or "gather", w).sent_bytes if e.fmt else plain
+        else:  # all-gather: my buffer reaches W-1 peers
+            plain, sent = (w - 1) * e.bytes_before, (w - 1) * e.bytes_after
+        rows.append(dict(graph=e.graph, op=s.op, index=s.index, module=s.module, shape=s.shape, dtype=s.dtype,
+                         fmt=e.fmt, algorithm=e.algorithm, reason=e.reason, world=w,
+                         message_before=e.bytes_before, message_after=e.bytes_after,
+                         sent_before=plain, sent_after=sent))
+    return rows
+
+
+def print_collectives(compiled, file=None) -> str:
+    """Print (and return) the rewritten graph's collectives: op, format, bytes sent per rank before/after."""
+    rep = report(compiled)
+    if not rep.entries:
+        text = rep.table()
+    else:
+        rows = collective_rows(rep)
+        head = ("op", "#", "module", "shape", "format", "sent before", "sent after")
+        lines = [head]
+        for r in rows:
+            fmt = f"{r['fmt']} ({r['algorithm']})" if r["fmt"] else f"plain ({r['reason']})"
+            lines.append((r["op"], str(r["index"]), r["module"] or "?",
+                          "x".join(map(str, r["shape"])) + " " + str(r["dtype"]).replace("torch.", ""),
+                          fmt, str(r["sent_before"]), str(r["sent_after"])))
+        widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
+        out = ["  ".join(c.ljust(wd) for c, wd in zip(l, widths)).rstrip() for l in lines]
+        b, a = sum(r["sent_before"] for r in rows), sum(r["sent_after"] for r in rows)
+        out.append(f"{rep.count()} of {len(rows)} collectives rewritten ({rep.formats()}); bytes sent per rank "
+                   f"per forward {b} -> {a}" + (f" ({a / b:.3f}x)" if b else ""))
+        text = "\n".join(out)
+    print(text, file=file or sys.stdout)
+    return text

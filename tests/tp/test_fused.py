@@ -1,0 +1,222 @@
+"""tp.fused: planning (offsets, threshold, fallbacks) and the fused kernel sequence, on CPU.
+
+Everything but the symmetric-memory barrier runs here: :func:`tp.fused.simulate` runs every
+rank's kernels (Triton interpreter) over W ordinary poisoned buffers in lock-step and must
+equal the emulator bit for bit. The real multi-GPU run is the last test (skipped with <2 GPUs);
+benchmarks/allreduce_gpu.py repeats it at every benchmarked size.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+import qformats
+import tp
+from tp import fused as F
+
+FORMATS = ["mxfp8_e4m3", "mxfp6_e3m2", "mxfp4", "int4/b32/bf16", "uint4/b128/fp16+zp"]
+
+
+def _shards(world, shape, dtype=torch.bfloat16, seed=0, adversarial=False):
+    out = []
+    for r in range(world):
+        g = torch.Generator().manual_seed(1000 * seed + r)
+        x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-5, 6, (shape[-1],), generator=g).float())
+        if adversarial:
+            f = x.view(-1)
+            f[:32] = 0.0
+            f[32:64] = -0.0
+            if f.numel() > 200:
+                f[70] = float("nan") if r == 0 else 1.0
+                f[100] = float("inf") if r == world - 1 else 2.0
+                f[130:140] = 1e-40
+                f[160:170] = 3.0e38
+        out.append(x.to(dtype))
+    return out
+
+
+def _bits(t):
+    """Bits of t with every NaN as one canonical pattern: NaN payload/sign is not part of the
+    contract (the kernels store 0x7FC0 for a bf16 NaN, torch's CPU cast 0xFFFF); everything
+    else, signed zeros and infinities included, is compared bit for bit."""
+    t = t.contiguous()
+    b = t.view(torch.int16 if t.element_size() == 2 else torch.int32).clone()
+    b[torch.isnan(t)] = -1
+    return b
+
+
+# --------------------------------------------------------------------------------- planning
+def test_plan_gather_offsets_and_alignment():
+    f = qformats.as_format("mxfp4")
+    p = F.plan((1000, 4096), torch.bfloat16, f, 2, capacity=1 << 30)
+    assert p.fused and p.algorithm == "gather" and p.mode == "pull"
+    assert p.nbytes == f.nbytes((1000, 4096))
+    assert p.slot % F.ALIGN == 0 and p.slot >= p.nbytes and p.need == p.slot
+    push = F.plan((1000, 4096), torch.bfloat16, f, 4, capacity=1 << 30, algorithm="gather", mode="push")
+    assert push.need == 4 * push.slot
+    ranges = [push.slot_range(r) for r in range(4)]
+    for (s0, e0), (s1, e1) in zip(ranges, ranges[1:]):
+        assert e0 <= s1 and s0 % F.ALIGN == 0 and e0 - s0 == push.nbytes
+    assert ranges[-1][1] <= push.need
+
+
+def test_plan_two_shot_offsets():
+    f = qformats.as_format("uint4/b128/fp16+zp")
+    p = F.plan((8, 16, 8192), torch.bfloat16, f, 4, capacity=1 << 30)
+    assert p.algorithm == "two_shot" and p.mode == "push" and p.rows == 128 and p.chunk_rows == 32
+    assert p.nbytes == f.nbytes((32, 8192))
+    assert p.reduced_offset == 4 * p.slot and p.need == 5 * p.slot
+    assert p.slot_range(3)[1] <= p.reduced_offset
+
+
+def test_default_algorithm():
+    assert [F.default_algorithm(w) for w in (2, 3, 4, 8)] == ["gather", "gather", "two_shot", "two_shot"]
+
+
+@pytest.mark.parametrize("world,algorithm", [(2, "gather"), (4, "two_shot"), (8, "two_shot"), (4, "gather")])
+def test_buffer_bytes_fits_every_smaller_message(world, algorithm):
+    cap = F.buffer_bytes(300, 1000, FORMATS, world, algorithm)
+    for fmt in FORMATS:
+        for tokens in (1, 7, 64, 299, 300):
+            if algorithm == "two_shot":
+                tokens = tokens // world * world or world
+            for mode in ("pull", "push"):
+                p = F.plan((tokens, 1000), torch.bfloat16, fmt, world, capacity=cap, algorithm=algorithm, mode=mode)
+                assert p.fused, (fmt, tokens, p.reason)
+                assert p.need <= cap
+    too_big = F.plan((4000, 1000), torch.bfloat16, "mxfp8_e4m3", world, capacity=cap, algorithm=algorithm)
+    assert too_big.kind == "nccl" and "symmetric buffer" in too_big.reason
+
+
+def test_threshold_and_plain_fallbacks():
+    cap = 1 << 30
+    assert F.plan((4, 64), torch.bfloat16, None, 2, capacity=cap).kind == "plain"
+    p = F.plan((4, 64), torch.bfloat16, "mxfp4", 2, capacity=cap, threshold_bytes=4 * 64 * 2 + 1)
+    assert p.kind == "plain" and "threshold" in p.reason
+    p = F.plan((4, 64), torch.bfloat16, "mxfp4", 2, capacity=cap, threshold_bytes=4 * 64 * 2)
+    assert p.fused  # at the threshold: compressed
+    assert F.plan((0, 64), torch.bfloat16, "mxfp4", 2, capacity=cap).kind == "plain"
+    assert F.DEFAULT_FUSED_THRESHOLD_BYTES > 0
+
+
+def test_auto_window_and_max_bytes():
+    assert F.auto_window("mxfp4", capturing=True) == (F.DEFAULT_FUSED_THRESHOLD_BYTES, None)
+    assert F.auto_window("mxfp4", capturing=False) == (F.EAGER_FUSED_THRESHOLD_BYTES, None)
+    assert F.auto_window("mxfp8_e4m3", True)[1] == F.FUSED_MAX_BYTES["fp8_e4m3/b32/e8m0"]
+    assert F.EAGER_FUSED_THRESHOLD_BYTES >= F.DEFAULT_FUSED_THRESHOLD_BYTES
+    p = F.plan((4, 64), torch.bfloat16, "mxfp4", 2, capacity=1 << 30, max_bytes=4 * 64 * 2 - 1)
+    assert p.kind == "plain" and "does not pay" in p.reason
+    assert F.plan((4, 64), torch.bfloat16, "mxfp4", 2, capacity=1 << 30, max_bytes=4 * 64 * 2).fused
+    z = F.plan((4, 64), torch.bfloat16, "uint4/b128/fp16+zp", 2, capacity=1 << 30,
+               threshold_bytes=0, max_bytes=F.auto_window("flash_int4", True)[1])
+    assert z.kind == "plain"
+
+
+@pytest.mark.parametrize("fmt,why", [("nvfp4", "+ts"), ("fp4_e2m1/b32/e8m0+o[1,5]", "outlier")])
+def test_unsupported_formats_fall_back_to_the_nccl_path(fmt, why):
+    f = qformats.as_format(fmt)
+    p = F.plan((4, 64), torch.bfloat16, f, 2, capacity=1 << 30)
+    assert p.kind == "nccl" and why in p.reason
+
+
+def test_other_fallbacks():
+    cap = 1 << 30
+    assert F.plan((5, 64), torch.bfloat16, "mxfp4", 2, capacity=cap, algorithm="two_shot").kind == "nccl"
+    assert F.plan((6, 64), torch.bfloat16, "mxfp4", 2, capacity=cap, algorithm="two_shot").fused
+    assert F.plan((4, 64), torch.bfloat16, "mxfp4", 1, capacity=cap).kind == "nccl"
+    assert F.plan((4, 64), torch.bfloat16, "mxfp4", 2, capacity=cap, device_type="cpu").kind == "nccl"
+
+
+def test_plan_errors():
+    with pytest.raises(ValueError, match="algorithm"):
+        F.plan((4, 64), torch.bfloat16, "mxfp4", 2, capacity=1, algorithm="ring")
+    with pytest.raises(ValueError, match="mode"):
+        F.plan((4, 64), torch.bfloat16, "mxfp4", 2, capacity=1, mode="both")
+    with pytest.raises(TypeError):
+        F.plan((4, 64), torch.int32, "mxfp4", 2, capacity=1)
+    with pytest.raises(ValueError):
+        F.plan((4, 64), torch.bfloat16, "not_a_format", 2, capacity=1)
+
+
+# --------------------------------------------------------------------------------- kernels (interpreter)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("world,algorithm,mode", [
+    (2, "gather", "pull"), (2, "gather", "push"), (2, "two_shot", "push"), (3, "gather", "pull"), (4, "two_shot", "push"),
+])
+def test_simulated_fused_equals_emulator(fmt, world, algorithm, mode):
+    shards = _shards(world, (8, 320), seed=world, adversarial=True)
+    ref = tp.emulate_all_reduce(shards, fmt, algorithm)
+    outs = F.simulate(shards, fmt, algorithm=algorithm, mode=mode)
+    for r, o in enumerate(outs):
+        assert o.shape == ref.shape and o.dtype == ref.dtype
+        assert torch.equal(_bits(o), _bits(ref)), f"rank {r}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 2, 100), (1, 32)])
+def test_simulated_odd_shapes_and_dtypes(dtype, shape):
+    shards = _shards(2, shape, dtype=dtype, seed=7)
+    for algorithm in ("gather", "two_shot"):
+        if algorithm == "two_shot" and math.prod(shape[:-1]) % 2:
+            continue
+        ref = tp.emulate_all_reduce(shards, "mxfp4", algorithm)
+        for o in F.simulate(shards, "mxfp4", algorithm=algorithm):
+            assert torch.equal(_bits(o), _bits(ref))
+
+
+def test_simulate_rejects_non_fused_plans():
+    with pytest.raises(ValueError, match="not a fused plan"):
+        F.simulate(_shards(2, (4, 64)), "nvfp4")
+
+
+# --------------------------------------------------------------------------------- GPUs
+def _gpu_worker(rank, world, port, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0",
+                      TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
+    import torch.distributed as dist
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    ar = F.FusedAllReduce(max_tokens=64, hidden=1024, fmts=FORMATS, threshold_bytes=0)
+    fails = []
+    for fmt in FORMATS:
+        shards = [s.cuda() for s in _shards(world, (64, 1024), seed=3, adversarial=True)]
+        for alg, mode in (("gather", "pull"), ("gather", "push"), ("two_shot", "push")):
+            ar.algorithm, ar.mode = alg, mode
+            ref = tp.emulate_all_reduce([s.cpu() for s in shards], fmt, alg).cuda()
+            y = ar(shards[rank], fmt)
+            g = torch.cuda.CUDAGraph()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                ar(shards[rank], fmt)
+            torch.cuda.current_stream().wait_stream(s)
+            with torch.cuda.graph(g):
+                yg = ar(shards[rank], fmt)
+            for _ in range(3):
+                g.replay()
+            torch.cuda.synchronize()
+            if not (torch.equal(_bits(y), _bits(ref)) and torch.equal(_bits(yg), _bits(ref))):
+                fails.append((fmt, alg, mode))
+    q.put((rank, fails))
+    F.shutdown(ar)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs 2 CUDA GPUs with peer access (symmetric memory)")
+def test_fused_on_two_gpus_equals_emulator():
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = 29500 + os.getpid() % 1000
+    procs = [ctx.Process(target=_gpu_worker, args=(r, 2, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    res = dict(q.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
+    assert res == {0: [], 1: []}

@@ -1,0 +1,605 @@
+"""``algorithm="fused"``: compressed all-reduce as Triton kernels over torch symmetric memory.
+
+Use it on CUDA for the all-reduce after row-parallel layers when the ranks of the TP group
+share peer-accessible memory (NVLink). It computes exactly what the NCCL-path algorithms of
+:mod:`tp.collectives` compute (bitwise equal to :func:`tp.emulate_all_reduce` with the same
+algorithm), with no NCCL call and no intermediate copies: the wire buffers are written
+straight into (or read straight out of) the peers' symmetric buffers.
+
+Algorithms (one plan per call, :func:`plan`):
+
+``gather`` (one-shot; the default at W <= 3)
+    ``pull`` (default): every rank quantises its x into its own symmetric buffer, barrier,
+    every rank dequantises all W buffers (W-1 of them read over NVLink) and sums them in fp32
+    in rank order in one kernel, barrier. ``push``: every rank quantises its x W times, once
+    straight into each peer's slot ``rank`` (remote stores), barrier, every rank decodes its W
+    local slots in rank order, barrier. Result = ``emulate_all_reduce(shards, fmt, "gather")``.
+``two_shot`` (the default at W >= 4)
+    every rank quantises row-chunk j of x straight into rank j's slot ``rank`` (push), barrier,
+    every rank dequant-sums its W slots in rank order and re-quantises the sum into its own
+    reduced buffer (one kernel), barrier, every rank decodes every rank's reduced chunk into
+    its rows of the output (pull), barrier. Result = ``emulate_all_reduce(.., "two_shot")``.
+
+Synchronisation: a barrier is one tiny Triton kernel on the signal pads (one program per
+peer: set the peer's flag 0 -> 1 with a system-scope release CAS, wait for one's own flag
+1 -> 0 with an acquire CAS). The flags reset themselves, so no host-side counter or epoch
+exists and the calls can be captured in a CUDA graph and replayed any number of times.
+Each barrier of a call uses its own channel of the pad.
+
+Fallbacks (:func:`plan` says which and why): fmt None or a message under ``threshold_bytes``
+-> the plain ``dist.all_reduce`` (the emulator's ``threshold_bytes`` models the same);
+formats the kernels do not lower (outliers, static, per-tensor scale ``+ts``), two_shot with
+rows not divisible by W, or a message larger than the symmetric buffer -> the NCCL-path
+compressed algorithm (:func:`tp.collectives.all_reduce` with the lowered codec): same bits,
+NCCL speed.
+
+Lifecycle: :class:`FusedAllReduce` allocates one symmetric buffer sized from ``max_tokens x
+hidden`` for the largest format it will carry, rendezvouses it (collective: every rank, before
+any CUDA-graph capture) and frees it in :meth:`FusedAllReduce.close`. A program that used
+symmetric memory can hang in ``destroy_process_group``: call :func:`shutdown` (close, barrier,
+destroy with a watchdog that exits the process if it hangs).
+
+Costs at TP=2 (gather/pull): one quantise pass over x (HBM), one dequant-sum pass whose remote
+half reads (bits/16) of x's bytes over NVLink, two barriers (a few us each).
+
+The planning half (:func:`plan`, :class:`Plan`, :func:`buffer_bytes`) is pure Python and runs
+on CPU; :func:`simulate` runs the very same kernel sequence in one process over W ordinary
+tensors (Triton's interpreter on CPU), so everything but the barrier is CPU-testable.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+from lowering import kernels as _K
+from lowering.kernels import (  # the codec's device functions (Triton resolves globals)
+    _dequant_tile,
+    _store_f32,
+)
+from qformats import Format
+
+from . import collectives
+from .collectives import check_tensor, resolve_format, rows_view
+
+__all__ = [
+    "ALIGN",
+    "DEFAULT_FUSED_THRESHOLD_BYTES",
+    "EAGER_FUSED_THRESHOLD_BYTES",
+    "FUSED_MAX_BYTES",
+    "FusedAllReduce",
+    "Plan",
+    "auto_window",
+    "buffer_bytes",
+    "default_algorithm",
+    "plan",
+    "shutdown",
+    "simulate",
+    "unsupported_reason",
+]
+
+# When the fused path pays (measured on 2xH200 NVLink by benchmarks/allreduce_gpu.py, see
+# benchmarks/results/allreduce_h200x2_*): the fused pull gather beat NCCL bf16 from 4 MiB inside a
+# CUDA graph, but only from 64 MiB in eager mode (4 Triton launches cost ~150 us of host time per
+# call), and never for uint4/b128/fp16+zp (its quantize kernel is ~2x slower) nor for mxfp8 above
+# 128 MiB. The auto policy (threshold_bytes=None) takes the plain all-reduce outside this window,
+# so that a call is never slower than NCCL at the measured points. Other world sizes: unmeasured.
+DEFAULT_FUSED_THRESHOLD_BYTES = 4 << 20  # inside a CUDA graph
+EAGER_FUSED_THRESHOLD_BYTES = 64 << 20  # eager (host launch overhead)
+FUSED_MAX_BYTES = {"fp8_e4m3/b32/e8m0": 128 << 20, "uint4/b128/fp16+zp": 0}
+
+
+def auto_window(fmt, capturing: bool) -> tuple[int, int | None]:
+    """(min bytes, max bytes or None) of the fused path for ``fmt`` under the auto policy."""
+    f = resolve_format(fmt)
+    lo = DEFAULT_FUSED_THRESHOLD_BYTES if capturing else EAGER_FUSED_THRESHOLD_BYTES
+    return lo, FUSED_MAX_BYTES.get(str(f)) if f is not None else None
+
+
+ALIGN = 256  # byte alignment of every wire-buffer slot inside the symmetric buffer
+SIGNAL_CHANNEL_BASE = 8  # pad channels 8.. are ours (torch's own barrier uses channel 0)
+N_CHANNELS = 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning (pure Python; unit-tested on CPU)
+# ---------------------------------------------------------------------------------------------
+def _align(n: int, a: int = ALIGN) -> int:
+    return -(-int(n) // a) * a
+
+
+def unsupported_reason(fmt: Format) -> str | None:
+    """Why the fused kernels cannot carry ``fmt`` (None if they can)."""
+    from lowering.constants import unsupported_reason as lowering_reason
+
+    why = lowering_reason(fmt)
+    if why:
+        return why
+    if fmt.tensor_scale:
+        return "per-tensor scale (+ts) needs a global absmax pass: not fused"
+    return None
+
+
+def default_algorithm(world: int) -> str:
+    """One-shot gather for W <= 3 (one quantisation, received bytes (W-1)/W... of W buffers),
+    two-shot for W >= 4 (received bytes ~2 (W-1)/W of one buffer)."""
+    return "gather" if world <= 3 else "two_shot"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one call does, with byte offsets into the symmetric buffer.
+
+    ``kind``: ``"fused"``, ``"plain"`` (dist.all_reduce) or ``"nccl"`` (the NCCL-path compressed
+    algorithm of tp.collectives, same result as fused); ``reason`` says why not fused.
+    ``algorithm``/``mode``: gather (pull|push) or two_shot (push). ``rows``/``width``: x as
+    [rows, width]; ``chunk_rows``: rows per chunk (two_shot) or rows; ``nbytes``: bytes of one
+    wire buffer (of the whole x for gather, of one chunk for two_shot); ``slot``: nbytes
+    aligned; ``slots_offset``: W slots ([W, slot]) start here; ``reduced_offset``: two_shot's
+    re-quantised chunk; ``need``: bytes of symmetric buffer the call uses.
+    """
+
+    kind: str
+    reason: str
+    algorithm: str
+    mode: str
+    world: int
+    rows: int
+    width: int
+    chunk_rows: int
+    nbytes: int
+    slot: int
+    slots_offset: int
+    reduced_offset: int
+    need: int
+
+    @property
+    def fused(self) -> bool:
+        return self.kind == "fused"
+
+    def slot_range(self, src_rank: int) -> tuple[int, int]:
+        """[start, end) bytes of the slot that holds ``src_rank``'s wire buffer."""
+        s = self.slots_offset + src_rank * self.slot
+        return s, s + self.nbytes
+
+
+def _layout(algorithm: str, mode: str, world: int, rows: int, width: int, fmt: Format):
+    if algorithm == "gather":
+        c = rows
+        n = fmt.nbytes((rows, width))
+        slot = _align(n)
+        nslots = 1 if mode == "pull" else world
+        return c, n, slot, 0, 0, nslots * slot
+    c = rows // world
+    n = fmt.nbytes((c, width))
+    slot = _align(n)
+    red = world * slot
+    return c, n, slot, 0, red, red + slot
+
+
+def buffer_bytes(max_tokens: int, hidden: int, fmts: Sequence, world: int, algorithm: str | None = None,
+                 mode: str = "pull") -> int:
+    """Symmetric-buffer bytes that carry a [max_tokens, hidden] message in every format of ``fmts``
+    (with ``algorithm``, default :func:`default_algorithm`); fewer tokens always fit."""
+    algorithm = algorithm or default_algorithm(world)
+    need = ALIGN
+    for f in fmts:
+        f = resolve_format(f)
+        if f is None or unsupported_reason(f):
+            continue
+        rows = max_tokens if algorithm == "gather" else -(-max_tokens // world) * world
+        need = max(need, _layout(algorithm, mode, world, rows, hidden, f)[-1])
+        if algorithm == "gather":  # also room for the other mode
+            need = max(need, _layout(algorithm, "push", world, rows, hidden, f)[-1])
+    return _align(need)
+
+
+def plan(shape, dtype: torch.dtype, fmt, world: int, *, capacity: int, threshold_bytes: int = 0,
+         algorithm: str | None = None, mode: str = "pull", device_type: str = "cuda",
+         max_bytes: int | None = None) -> Plan:
+    """The plan of one all-reduce of a ``shape``/``dtype`` tensor (see :class:`Plan`).
+
+    Raises ValueError/TypeError for what no all-reduce can carry (same checks as
+    tp.collectives.all_reduce); otherwise always returns a plan, falling back as the module
+    docstring says.
+    """
+    fmt = resolve_format(fmt)
+    algorithm = algorithm or default_algorithm(world)
+    if algorithm not in ("gather", "two_shot"):
+        raise ValueError(f"unknown fused algorithm {algorithm!r}: valid are gather, two_shot")
+    if mode not in ("pull", "push"):
+        raise ValueError(f"unknown gather mode {mode!r}: valid are pull, push")
+    if algorithm == "two_shot":
+        mode = "push"
+    shape = tuple(int(d) for d in shape)
+    numel = math.prod(shape)
+    itemsize = dtype.itemsize
+    width = shape[-1] if shape else 1
+    rows = numel // width if width else 0
+
+    def other(kind, reason):
+        return Plan(kind, reason, algorithm, mode, world, rows, width, 0, 0, 0, 0, 0, 0)
+
+    if fmt is None:
+        return other("plain", "no format")
+    if dtype not in collectives.SUPPORTED_DTYPES:
+        raise TypeError(f"dtype {dtype} cannot be compressed: use float32, bfloat16 or float16")
+    if not shape:
+        raise ValueError("a scalar cannot be compressed: blocks run along the last dimension")
+    fmt.layout((1, width))  # raises for a static format calibrated for another width
+    if numel == 0:
+        return other("plain", "empty tensor")
+    if numel * itemsize < threshold_bytes:
+        return other("plain", f"{numel * itemsize} bytes < threshold {threshold_bytes}")
+    if max_bytes is not None and numel * itemsize > max_bytes:
+        return other("plain", f"{numel * itemsize} bytes > {max_bytes}: the fused path does not pay there")
+    why = unsupported_reason(fmt)
+    if why:
+        return other("nccl", why)
+    if device_type != "cuda":
+        return other("nccl", f"device {device_type}: fused kernels need CUDA peers")
+    if world < 2:
+        return other("nccl", "world size 1: nothing to exchange")
+    if algorithm == "two_shot" and rows % world:
+        return other("nccl", f"two_shot needs rows ({rows}) divisible by the world size {world}")
+    c, n, slot, so, ro, need = _layout(algorithm, mode, world, rows, width, fmt)
+    if need > capacity:
+        return other("nccl", f"needs {need} bytes of symmetric buffer, has {capacity}")
+    return Plan("fused", "", algorithm, mode, world, rows, width, c, n, slot, so, ro, need)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels (the codec arithmetic is lowering.kernels'; only the addressing is new here)
+# ---------------------------------------------------------------------------------------------
+def _kernels():
+    return _K
+
+
+@triton.jit
+def _table_dequant_kernel(
+    ptrs, src_off, out_ptr, out_chunk, total_blocks, nblk, width, scale_off, zp_off, ts_off,
+    N_SRC: tl.constexpr, SUM: tl.constexpr, OUT_KIND: tl.constexpr, BPP: tl.constexpr,
+    KIND: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr,
+    BIAS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, POLICY: tl.constexpr,
+    GE: tl.constexpr, GSCALE: tl.constexpr, MAXMAG: tl.constexpr, SAT: tl.constexpr, MAXN: tl.constexpr,
+    SCALE: tl.constexpr, SB: tl.constexpr, ZP: tl.constexpr, TS: tl.constexpr, MAXN_TS: tl.constexpr,
+    S_EBITS: tl.constexpr, S_MBITS: tl.constexpr, S_BIAS: tl.constexpr, S_EMIN: tl.constexpr,
+    S_POLICY: tl.constexpr, S_MAXMAG: tl.constexpr, SNAN: tl.constexpr,
+    BS: tl.constexpr, BP2: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, GBP2: tl.constexpr,
+    WORD64: tl.constexpr, DIV_RN: tl.constexpr, I64: tl.constexpr,
+):
+    """Decode wire buffers found through a table of base addresses (``ptrs[i] + src_off``).
+
+    SUM: the fp32 rank-order sum of all N_SRC buffers -> out (gather). Else: program axis 1
+    picks buffer j, decoded into ``out + j * out_chunk`` (two_shot's all-gather)."""
+    pid = tl.program_id(0)
+    if I64:
+        blk = pid.to(tl.int64) * BPP + tl.arange(0, BPP)
+    else:
+        blk = pid * BPP + tl.arange(0, BPP)
+    bmask = blk < total_blocks
+    lane = tl.arange(0, BP2)
+    row = blk // nblk
+    col = (blk - row * nblk) * BS
+    valid = bmask[:, None] & (lane < BS)[None, :] & ((col[:, None] + lane[None, :]) < width)
+    offs = (row * width + col)[:, None] + lane[None, :]
+    if SUM:
+        src = tl.load(ptrs).to(tl.pointer_type(tl.uint8)) + src_off
+        acc = _dequant_tile(src, blk, bmask, scale_off, zp_off, ts_off, BPP, KIND, BITS, EBITS, MBITS,
+                            BIAS, POLICY, GE, SCALE, SB, ZP, TS, S_EBITS, S_MBITS, S_BIAS, S_POLICY,
+                            BS, BP2, G, GB, GBP2, WORD64)
+        for i in tl.static_range(1, N_SRC):
+            src_i = tl.load(ptrs + i).to(tl.pointer_type(tl.uint8)) + src_off
+            acc = acc + _dequant_tile(src_i, blk, bmask, scale_off, zp_off, ts_off, BPP, KIND, BITS,
+                                      EBITS, MBITS, BIAS, POLICY, GE, SCALE, SB, ZP, TS, S_EBITS,
+                                      S_MBITS, S_BIAS, S_POLICY, BS, BP2, G, GB, GBP2, WORD64)
+        _store_f32(out_ptr, offs, acc, valid, OUT_KIND)
+    else:
+        j = tl.program_id(1)
+        src = tl.load(ptrs + j).to(tl.pointer_type(tl.uint8)) + src_off
+        y = _dequant_tile(src, blk, bmask, scale_off, zp_off, ts_off, BPP, KIND, BITS, EBITS, MBITS,
+                          BIAS, POLICY, GE, SCALE, SB, ZP, TS, S_EBITS, S_MBITS, S_BIAS, S_POLICY,
+                          BS, BP2, G, GB, GBP2, WORD64)
+        _store_f32(out_ptr + j.to(tl.int64) * out_chunk, offs, y, valid, OUT_KIND)
+
+
+
+@triton.jit
+def _barrier_kernel(pad_ptrs, rank, CHANNEL: tl.constexpr, WORLD: tl.constexpr):
+    """Program p: raise my flag in peer p's pad, then wait for (and clear) p's flag in mine.
+
+    Self-resetting: a flag goes 0 -> 1 (sender, waits while the previous signal is unconsumed)
+    and 1 -> 0 (receiver), so the pads are all zero between calls and a CUDA graph replays it."""
+    p = tl.program_id(0)
+    peer_pad = tl.load(pad_ptrs + p).to(tl.pointer_type(tl.int32))
+    my_pad = tl.load(pad_ptrs + rank).to(tl.pointer_type(tl.int32))
+    send = peer_pad + CHANNEL * WORLD + rank
+    while tl.atomic_cas(send, 0, 1, sem="release", scope="sys") != 0:
+        pass
+    recv = my_pad + CHANNEL * WORLD + p
+    while tl.atomic_cas(recv, 1, 0, sem="acquire", scope="sys") != 1:
+        pass
+
+
+def _quantize_into(x2: torch.Tensor | None, kc, dst: torch.Tensor, rows: int, width: int,
+                   src: torch.Tensor | None = None, src_stride: int = 0, n_src: int = 1) -> None:
+    """lowering's quantize kernel writing into ``dst`` (any uint8 tensor, a peer's buffer too).
+
+    With ``src`` ([n_src] buffers at ``src_stride`` bytes), quantise the fp32 rank-order sum
+    of their decodes instead of ``x2`` (two_shot's reduce step). Same launch as
+    lowering.kernels.quantize, which always allocates its output."""
+    K = _kernels()
+    lay, so, zo, to = K._sections(kc, rows, width)
+    total = rows * lay.nblocks
+    bpp, opts = K._launch_opts(kc, rows * lay.padded, max(lay.total * max(n_src, 1), lay.total), dst.device)
+    grid = (triton.cdiv(total, bpp),)
+    if src is None:
+        xin, s, stride, n, in_kind = K._io_view(x2), dst, 0, 1, K._IO.get(x2.dtype, 0)
+    else:
+        xin, s, stride, n, in_kind = dst, src, src_stride, n_src, 0
+    K._quantize_kernel[grid](
+        xin, s, stride, dst, dst, dst, total, lay.nblocks, width, so, zo, to,
+        IN_KIND=in_kind, SRC_BUFS=src is not None, N_SRC=n, PHASE=1, WRITE_DEQ=False, DEQ_KIND=0,
+        BPP=bpp, **kc.constexprs(), **opts)
+
+
+def _table_dequant(ptrs: torch.Tensor, src_off: int, out: torch.Tensor, kc, rows: int, width: int,
+                   world: int, summed: bool) -> None:
+    K = _kernels()
+    lay, so, zo, to = K._sections(kc, rows, width)
+    total = rows * lay.nblocks
+    # offsets inside one buffer (plus the output chunk offset, int64 in-kernel)
+    bpp, opts = K._launch_opts(kc, rows * lay.padded, lay.total + src_off, out.device)
+    grid = (triton.cdiv(total, bpp),) if summed else (triton.cdiv(total, bpp), world)
+    _table_dequant_kernel[grid](
+        ptrs, src_off, K._io_view(out), rows * width, total, lay.nblocks, width, so, zo, to,
+        N_SRC=world, SUM=summed, OUT_KIND=K._IO[out.dtype], BPP=bpp, **kc.constexprs(), **opts)
+
+
+def _steps(p: Plan, x2: torch.Tensor, kc, bufs: Sequence[torch.Tensor], ptrs: torch.Tensor, rank: int,
+           out: torch.Tensor):
+    """One rank's kernel sequence; yields where a barrier over all ranks must stand.
+
+    ``bufs[j]``: a uint8 tensor over rank j's symmetric buffer (a peer view on GPU);
+    ``ptrs``: int64 tensor of their base addresses on x's device; ``out``: [rows, width]."""
+    W, R, H = p.world, p.rows, p.width
+    mine = bufs[rank]
+    if p.algorithm == "gather":
+        if p.mode == "pull":
+            _quantize_into(x2, kc, mine[: p.nbytes], R, H)
+            yield
+            _table_dequant(ptrs, 0, out, kc, R, H, W, summed=True)
+            yield
+        else:
+            s, e = p.slot_range(rank)
+            for k in range(1, W + 1):  # peers first, own slot last
+                j = (rank + k) % W
+                _quantize_into(x2, kc, bufs[j][s:e], R, H)
+            yield
+            slots = mine[p.slots_offset: p.slots_offset + W * p.slot].view(W, p.slot)[:, : p.nbytes]
+            _dequant_local(slots, kc, R, H, out)
+            yield
+        return
+    # two_shot
+    c = p.chunk_rows
+    s, e = p.slot_range(rank)
+    for k in range(1, W + 1):
+        j = (rank + k) % W
+        _quantize_into(x2[j * c: (j + 1) * c], kc, bufs[j][s:e], c, H)
+    yield
+    slots = mine[p.slots_offset: p.slots_offset + W * p.slot]
+    red = mine[p.reduced_offset: p.reduced_offset + p.nbytes]
+    _quantize_into(None, kc, red, c, H, src=slots, src_stride=p.slot, n_src=W)
+    yield
+    _table_dequant(ptrs, p.reduced_offset, out, kc, c, H, W, summed=False)
+    yield
+
+
+def _dequant_local(slots: torch.Tensor, kc, rows: int, width: int, out: torch.Tensor) -> None:
+    """lowering's dequantize kernel over [W, nbytes] local slots, writing into ``out``."""
+    K = _kernels()
+    lay, so, zo, to = K._sections(kc, rows, width)
+    total = rows * lay.nblocks
+    bpp, opts = K._launch_opts(kc, rows * lay.padded, slots.shape[0] * slots.stride(0), out.device)
+    grid = (triton.cdiv(total, bpp),)
+    o = K._io_view(out)
+    K._dequantize_kernel[grid](
+        slots, slots.stride(0), o, o, total, lay.nblocks, width, so, zo, to,
+        N_SRC=slots.shape[0], OUT_KIND=K._IO[out.dtype], HAS_RES=False, RES_KIND=0,
+        BPP=bpp, **kc.constexprs(), **opts)
+
+
+def _lower(fmt: Format, width: int, device):
+    from lowering.constants import lower
+
+    return lower(fmt, width, device)
+
+
+def simulate(shards: Sequence[torch.Tensor], fmt, *, algorithm: str | None = None, mode: str = "pull",
+             poison: int = 0xA5) -> list[torch.Tensor]:
+    """Run the fused kernel sequence of every rank in one process over W ordinary buffers.
+
+    The barriers become lock-step phases (every rank's step k runs before any rank's step
+    k + 1). On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1). Returns each
+    rank's output; they must all equal ``tp.emulate_all_reduce(shards, fmt, algorithm)``.
+    Buffers start filled with ``poison`` so a byte nobody wrote shows up as a wrong result.
+    """
+    fmt = resolve_format(fmt)
+    shards = list(shards)
+    W = len(shards)
+    x = shards[0]
+    for s in shards:
+        check_tensor(s, fmt)
+    algorithm = algorithm or default_algorithm(W)
+    cap = buffer_bytes(rows_view(x).shape[0], x.shape[-1], [fmt], W, algorithm, mode)
+    p = plan(x.shape, x.dtype, fmt, W, capacity=cap, algorithm=algorithm, mode=mode, device_type="cuda")
+    if not p.fused:
+        raise ValueError(f"not a fused plan: {p.kind} ({p.reason})")
+    kc = _lower(fmt, p.width, x.device)
+    bufs = [torch.full((cap,), poison, dtype=torch.uint8, device=x.device) for _ in range(W)]
+    ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device=x.device)
+    outs = [torch.empty((p.rows, p.width), dtype=x.dtype, device=x.device) for _ in range(W)]
+    gens = [_steps(p, rows_view(shards[r]), kc, bufs, ptrs, r, outs[r]) for r in range(W)]
+    alive = True
+    while alive:
+        alive = False
+        for g in gens:
+            try:
+                next(g)
+                alive = True
+            except StopIteration:
+                pass
+    return [o.reshape(x.shape) for o in outs]
+
+
+# ---------------------------------------------------------------------------------------------
+# The runtime object (CUDA, torch.distributed, symmetric memory)
+# ---------------------------------------------------------------------------------------------
+class FusedAllReduce:
+    """Fused compressed all-reduce over one symmetric buffer; ``ar(x, fmt)`` returns the sum.
+
+    Args:
+        group: the TP process group (default: world). Construct on every rank together
+            (rendezvous is collective), before any CUDA-graph capture.
+        max_tokens, hidden: the largest [tokens, hidden] message it will carry fused.
+        fmts: the formats it must fit (the buffer is sized for the largest).
+        threshold_bytes: messages under this use the plain all-reduce; None (default): the
+            measured auto policy (:func:`auto_window`: 4 MiB inside a CUDA graph, 64 MiB eager,
+            per-format upper bounds).
+        algorithm: "gather" / "two_shot" / None (:func:`default_algorithm`); mode: gather's
+            "pull" (default) or "push".
+        nccl_codec: the codec of the NCCL-path fallback (default lowering.LoweredCodec()).
+    """
+
+    def __init__(self, group=None, *, max_tokens: int, hidden: int, fmts: Sequence = ("mxfp8_e4m3",),
+                 threshold_bytes: int | None = None, algorithm: str | None = None,
+                 mode: str = "pull", device=None, nccl_codec=None):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.group = group or dist.group.WORLD
+        self.world = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        self.threshold_bytes = None if threshold_bytes is None else int(threshold_bytes)
+        self.algorithm = algorithm or default_algorithm(self.world)
+        self.mode = mode
+        if nccl_codec is None:
+            from lowering import LoweredCodec
+
+            nccl_codec = LoweredCodec()
+        self.nccl_codec = nccl_codec
+        self.capacity = buffer_bytes(max_tokens, hidden, fmts, self.world, self.algorithm, mode)
+        pad_need = 4 * self.world * (SIGNAL_CHANNEL_BASE + N_CHANNELS)
+        try:
+            if symm_mem.get_signal_pad_size() < pad_need:
+                symm_mem.set_signal_pad_size(pad_need)
+        except Exception:  # older torch: fixed pad size, large enough
+            pass
+        group_name = self.group.group_name
+        try:
+            symm_mem.enable_symm_mem_for_group(group_name)
+        except Exception:
+            pass
+        self._buf = symm_mem.empty(self.capacity, dtype=torch.uint8, device=self.device)
+        self._handle = symm_mem.rendezvous(self._buf, group_name)
+        h = self._handle
+        self._bufs = [self._buf if j == self.rank else h.get_buffer(j, (self.capacity,), torch.uint8)
+                      for j in range(self.world)]
+        self._ptrs = torch.tensor(list(h.buffer_ptrs), dtype=torch.int64, device=self.device)
+        self._pads = torch.tensor(list(h.signal_pad_ptrs), dtype=torch.int64, device=self.device)
+        torch.cuda.synchronize(self.device)
+        dist.barrier(group=self.group)
+        self.closed = False
+        self._plans: dict = {}
+
+    def plan(self, x: torch.Tensor, fmt) -> Plan:
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        key = (tuple(x.shape), x.dtype, str(fmt), self.algorithm, self.mode, x.device.type, self.threshold_bytes,
+               capturing)
+        p = self._plans.get(key)
+        if p is None:
+            check_tensor(x, resolve_format(fmt))
+            if self.threshold_bytes is None:
+                lo, hi = auto_window(fmt, capturing)
+            else:
+                lo, hi = self.threshold_bytes, None
+            p = self._plans[key] = plan(x.shape, x.dtype, fmt, self.world, capacity=self.capacity,
+                                        threshold_bytes=lo, max_bytes=hi, algorithm=self.algorithm,
+                                        mode=self.mode, device_type=x.device.type)
+        return p
+
+    def barrier(self, channel: int) -> None:
+        _barrier_kernel[(self.world,)](self._pads, self.rank, CHANNEL=SIGNAL_CHANNEL_BASE + channel,
+                                       WORLD=self.world, num_warps=1)
+
+    def __call__(self, x: torch.Tensor, fmt=None, *, inplace: bool = False) -> torch.Tensor:
+        """Sum of ``x`` over the group, compressed with ``fmt``: bitwise identical on all ranks and
+        equal to ``tp.emulate_all_reduce(shards, fmt, self.algorithm, threshold_bytes)``.
+
+        ``inplace=True`` lets the plain fallback reduce a contiguous ``x`` in place and return it
+        (no copy: what a row-parallel layer's temporary partial sum allows); the fused path is
+        always out of place. The measured benchmark rows used ``inplace=False``."""
+        if self.closed:
+            raise RuntimeError("FusedAllReduce is closed")
+        fmt = resolve_format(fmt)
+        p = self.plan(x, fmt)  # checks x and fmt the first time a (shape, dtype, format) is seen
+        if p.kind == "plain":
+            y = x if inplace and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
+            dist.all_reduce(y, group=self.group)
+            return y
+        if p.kind == "nccl":
+            return collectives.all_reduce(x, fmt, self.group, algorithm=p.algorithm, codec=self.nccl_codec)
+        x2 = rows_view(x)
+        out = torch.empty((p.rows, p.width), dtype=x.dtype, device=x.device)
+        kc = _lower(fmt, p.width, x.device)
+        for k, _ in enumerate(_steps(p, x2, kc, self._bufs, self._ptrs, self.rank, out)):
+            self.barrier(k)
+        return out.reshape(x.shape)
+
+    def close(self) -> None:
+        """Free the symmetric buffer (all ranks together; no call may be in flight)."""
+        if self.closed:
+            return
+        torch.cuda.synchronize(self.device)
+        self._bufs = self._ptrs = self._pads = None
+        self._handle = None
+        self._buf = None
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def shutdown(*objs, timeout_s: float = 30.0) -> None:
+    """Close ``objs`` (FusedAllReduce), barrier, destroy the process group; a watchdog exits the
+    process (code 0, output flushed) if destroy_process_group hangs (seen after symmetric memory)."""
+    import sys
+
+    for o in objs:
+        if o is not None:
+            o.close()
+    if not dist.is_initialized():
+        return
+    torch.cuda.synchronize()
+    dist.barrier()
+
+    def _kill():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    t = threading.Timer(timeout_s, _kill)
+    t.daemon = True
+    t.start()
+    dist.destroy_process_group()
+    t.cancel()

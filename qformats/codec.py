@@ -74,7 +74,8 @@ def _need_format(fmt) -> Format:
     return f
 
 
-def _check_input(x: torch.Tensor) -> None:
+def check_input(x: torch.Tensor) -> None:
+    """Raise a clear error for anything the codec (and every lowering of it) cannot quantise."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"a torch.Tensor is expected, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -102,7 +103,7 @@ def _split_features(x2: torch.Tensor, fmt: Format):
 def encode(x: torch.Tensor, fmt) -> QTensor:
     """Quantise ``x`` (fp32/bf16/fp16, any leading shape) along its last axis."""
     fmt = _need_format(fmt)
-    _check_input(x)
+    check_input(x)
     if x.device.type != "cpu":  # one oracle: the CPU's IEEE arithmetic, whatever the input's device
         q = encode(x.detach().cpu(), fmt)
         return QTensor(q.data.to(x.device), fmt, q.shape, q.dtype)

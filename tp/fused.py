@@ -61,6 +61,7 @@ import triton.language as tl
 
 from lowering import kernels as _K
 from lowering.kernels import (  # the codec's device functions (Triton resolves globals)
+    block_tile,
     _dequant_tile,
     _store_f32,
 )
@@ -279,17 +280,7 @@ def _table_dequant_kernel(
 
     SUM: the fp32 rank-order sum of all N_SRC buffers -> out (gather). Else: program axis 1
     picks buffer j, decoded into ``out + j * out_chunk`` (two_shot's all-gather)."""
-    pid = tl.program_id(0)
-    if I64:
-        blk = pid.to(tl.int64) * BPP + tl.arange(0, BPP)
-    else:
-        blk = pid * BPP + tl.arange(0, BPP)
-    bmask = blk < total_blocks
-    lane = tl.arange(0, BP2)
-    row = blk // nblk
-    col = (blk - row * nblk) * BS
-    valid = bmask[:, None] & (lane < BS)[None, :] & ((col[:, None] + lane[None, :]) < width)
-    offs = (row * width + col)[:, None] + lane[None, :]
+    blk, bmask, inb, valid, offs = block_tile(tl.program_id(0), total_blocks, nblk, width, BPP, BS, BP2, I64)
     if SUM:
         src = tl.load(ptrs).to(tl.pointer_type(tl.uint8)) + src_off
         acc = _dequant_tile(src, blk, bmask, scale_off, zp_off, ts_off, BPP, KIND, BITS, EBITS, MBITS,

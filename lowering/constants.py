@@ -180,6 +180,33 @@ def _lower(fmt_str: str, width: int, cuda: bool) -> KernelConstants:
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _value_table(fmt_str: str, device: str):
+    import torch
+
+    from qformats.grid import code_table
+
+    t = code_table(Format.parse(fmt_str).elem)
+    t32 = t.to(torch.float32)
+    same = (t32.to(torch.float64) == t) | (torch.isnan(t) & torch.isnan(t32))
+    if not bool(same.all()):  # pragma: no cover - every lowered element is an fp32 value
+        raise Unsupported(f"{fmt_str}: element values are not all fp32 values")
+    return t32.to(device)
+
+
+def value_table(kc: KernelConstants, device):
+    """The decode table: fp32 value of every element code (2^BITS entries, sign, Inf and NaN
+    codes included), indexed by code; the kernels decode ``table[code] * scale``.
+
+    Built from the reference's ``qformats.grid.code_table`` (so decode cannot drift from the
+    spec), cached per format and device: 4 bytes x 2^BITS, L1-resident in the kernels. On CUDA
+    call it (or any op) once before CUDA-graph capture: the first call copies it to the GPU.
+    """
+    import torch
+
+    return _value_table(kc.fmt, str(torch.device(device)))
+
+
 def lower(fmt, width: int, device) -> KernelConstants:
     """Kernel constants of ``fmt`` for rows of ``width`` features on ``device``.
 

@@ -17,9 +17,9 @@ How exactness is kept (the reference computes in float64; these kernels in fp32/
 
 * Block scale exponents (E8M0) come from the exponent bits of the block absmax, with an exact
   int->float trick for fp32 subnormals; never from a float log2.
-* Scaling by 2^-s is an fp32 multiply that is exact unless the product is an fp32 subnormal;
+* Scaling by 2^-s is one fp32 multiply that is exact unless the product is an fp32 subnormal;
   such a value is < 2^-126, far below half the smallest element step (>= 2^-19), so it rounds
-  to the same (signed) zero either way. A scale of 2^-127 is applied in two exact steps.
+  to the same (signed) zero either way.
 * Rounding onto an element grid: the grid step 2^g is read off the value's exponent bits,
   ``|v| * 2^-g`` is exact, and round-half-even is ``(y + 1.5*2^23) - 1.5*2^23`` (y < 2^22),
   which works in the interpreter (no libdevice) and on the GPU. Codes are then integer
@@ -28,8 +28,10 @@ How exactness is kept (the reference computes in float64; these kernels in fp32/
 * Absmax scales: ``amax / max_normal`` and ``x / scale`` are IEEE divisions (``div_rn`` on the
   GPU, numpy's ``/`` in the interpreter); rounding the scale up onto its type's grid is done
   in integers from the bits (exact also for fp32 subnormals).
-* Decoding multiplies an exact fp32 element value by the fp32 scale (one rounding, as the
-  reference's float64 product cast to fp32); zero points use float64 exactly as the reference.
+* Decoding looks the exact fp32 element value up in a 2^BITS-entry table built from the
+  reference's code table (:func:`lowering.constants.value_table`) and multiplies it by the
+  fp32 scale (one rounding, as the reference's float64 product cast to fp32); zero points use
+  float64 exactly as the reference.
 * No interpreter float casts are trusted for narrow types: bf16 in/out is done on the bits
   (round half to even by hand); fp8 casts are never used.
 * GPU launches pass ``enable_fp_fusion=False`` (so ``acc + a*b`` is not contracted into an
@@ -44,7 +46,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .constants import KernelConstants
+from .constants import KernelConstants, value_table
 
 # in/out element kinds (bf16 travels as int16 bits: the interpreter's bf16 casts do not round
 # half to even, and doing it by hand costs nothing on the GPU either)
@@ -252,77 +254,38 @@ def _scale_value(code, SCALE: tl.constexpr, S_EBITS: tl.constexpr, S_MBITS: tl.c
 
 
 @triton.jit
-def _specials(y, code, neg, KIND: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr,
-              MBITS: tl.constexpr, POLICY: tl.constexpr):
-    """Inf/NaN element codes: ieee (top exponent field), fn (all ones), MX int (-2^(N-1))."""
-    if KIND == 0:
-        field = (code >> MBITS) & ((1 << EBITS) - 1)
-        mant = code & ((1 << MBITS) - 1)
-        top = (1 << EBITS) - 1
-        if POLICY == 1:
-            y = tl.where(field == top, tl.where(mant == 0, tl.where(neg, -float("inf"), float("inf")),
-                                                float("nan")), y)
-        if POLICY == 2:
-            y = tl.where((field == top) & (mant == (1 << MBITS) - 1), float("nan"), y)
-    if KIND == 1:
-        y = tl.where(code == (1 << (BITS - 1)), float("nan"), y)
-    return y
-
-
-@triton.jit
-def _decode_values(code, s_e8m0, scale, zero, KIND: tl.constexpr, BITS: tl.constexpr,
-                   EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, POLICY: tl.constexpr,
-                   GE: tl.constexpr, SCALE: tl.constexpr, ZP: tl.constexpr):
+def _decode_values(code, s_e8m0, scale, zero, lut_ptr, SCALE: tl.constexpr, ZP: tl.constexpr):
     """fp32 values of codes [BPP, BP2] with per-block parameters ([BPP]):
-    ``s_e8m0`` the E8M0 byte (255 = NaN block), else ``scale`` (and ``zero``) as fp32."""
-    if KIND == 0:
-        field = (code >> MBITS) & ((1 << EBITS) - 1)
-        mant = code & ((1 << MBITS) - 1)
-        sig = tl.where(field > 0, mant | (1 << MBITS), mant)
-        e = tl.maximum(field, 1) - BIAS - MBITS
-        neg = ((code >> (BITS - 1)) & 1) != 0
-    elif KIND == 1:
-        n = tl.where(code >= (1 << (BITS - 1)), code - (1 << BITS), code)
-        sig = tl.abs(n)
-        e = tl.zeros_like(code) + GE
-        neg = n < 0
-    else:
-        sig = code
-        e = tl.zeros_like(code)
-        neg = code < 0
+    ``s_e8m0`` the E8M0 byte (255 = NaN block), else ``scale`` (and ``zero``) as fp32.
+
+    The element value is one load from the decode table (sign, Inf and NaN codes included:
+    :func:`lowering.constants.value_table`), an exact fp32; times an exact fp32 scale that is
+    one rounding, as the reference's float64 product cast to fp32 (subnormal products too:
+    no flush to zero), and Inf/NaN elements stay Inf/NaN under any finite scale.
+    """
+    val = tl.load(lut_ptr + code)
     if SCALE == 0:
-        # value = sig * 2^(e + s), one rounding: sig * 2^t1 is exact (t1 in the normal range),
-        # and the second factor (only when t < -126, or t > 127 where the result overflows
-        # anyway) rounds once. Inf/NaN element codes stay Inf/NaN under any finite 2^s.
-        t = e + (s_e8m0 - 127)[:, None]
-        t1 = tl.minimum(tl.maximum(t, -126), 127)
-        y = (sig.to(tl.float32) * _pow2n(t1)) * _pow2n(t - t1)  # t - t1 in [-20, 15]
-        y = _specials(_neg_if(y, neg), code, neg, KIND, BITS, EBITS, MBITS, POLICY)
-        y = tl.where((s_e8m0 == 255)[:, None], float("nan"), y)
+        sc = tl.where(s_e8m0 == 255, float("nan"), _pow2(s_e8m0 - 127))  # 2^-127 is a subnormal: exact
+        y = val * sc[:, None]
+    elif ZP:
+        # the reference adds in float64 then casts: do exactly that
+        y = (val.to(tl.float64) * scale.to(tl.float64)[:, None] + zero.to(tl.float64)[:, None]).to(tl.float32)
     else:
-        val = sig.to(tl.float32) * _pow2n(e)  # exact element value (e >= -19: normal)
-        val = _specials(_neg_if(val, neg), code, neg, KIND, BITS, EBITS, MBITS, POLICY)
-        if ZP:
-            # the reference adds in float64 then casts: do exactly that
-            y = (val.to(tl.float64) * scale.to(tl.float64)[:, None] + zero.to(tl.float64)[:, None]).to(tl.float32)
-        else:
-            y = val * scale[:, None]  # exact value times fp32: one rounding, as the reference
+        y = val * scale[:, None]
     return y
 
 
 @triton.jit
-def _dequant_tile(buf_ptr, blk, bmask, scale_off, zp_off, ts_off,
-                  BPP: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr,
-                  MBITS: tl.constexpr, BIAS: tl.constexpr, POLICY: tl.constexpr, GE: tl.constexpr,
-                  SCALE: tl.constexpr, SB: tl.constexpr, ZP: tl.constexpr, TS: tl.constexpr,
-                  S_EBITS: tl.constexpr, S_MBITS: tl.constexpr, S_BIAS: tl.constexpr,
-                  S_POLICY: tl.constexpr, BS: tl.constexpr, BP2: tl.constexpr, G: tl.constexpr,
-                  GB: tl.constexpr, GBP2: tl.constexpr, WORD64: tl.constexpr):
+def _dequant_tile(buf_ptr, blk, bmask, scale_off, zp_off, ts_off, lut_ptr,
+                  BPP: tl.constexpr, BITS: tl.constexpr, SCALE: tl.constexpr, SB: tl.constexpr,
+                  ZP: tl.constexpr, TS: tl.constexpr, S_EBITS: tl.constexpr, S_MBITS: tl.constexpr,
+                  S_BIAS: tl.constexpr, S_POLICY: tl.constexpr, BS: tl.constexpr, BP2: tl.constexpr,
+                  G: tl.constexpr, GB: tl.constexpr, GBP2: tl.constexpr, WORD64: tl.constexpr):
     """fp32 values [BPP, BP2] of blocks ``blk`` of one wire buffer."""
     code = _load_codes(buf_ptr, blk, bmask, BPP, BS, BP2, BITS, G, GB, GBP2, WORD64)
     w = _load_word(buf_ptr, scale_off, blk, bmask, SB)
     if SCALE == 0:
-        return _decode_values(code, w, 0.0, 0.0, KIND, BITS, EBITS, MBITS, BIAS, POLICY, GE, SCALE, ZP)
+        return _decode_values(code, w, 0.0, 0.0, lut_ptr, SCALE, ZP)
     else:
         scale = _scale_value(w, SCALE, S_EBITS, S_MBITS, S_BIAS, S_POLICY)
         if TS:
@@ -331,7 +294,17 @@ def _dequant_tile(buf_ptr, blk, bmask, scale_off, zp_off, ts_off,
         zero = scale
         if ZP:
             zero = _scale_value(_load_word(buf_ptr, zp_off, blk, bmask, SB), SCALE, S_EBITS, S_MBITS, S_BIAS, S_POLICY)
-        return _decode_values(code, w, scale, zero, KIND, BITS, EBITS, MBITS, BIAS, POLICY, GE, SCALE, ZP)
+        return _decode_values(code, w, scale, zero, lut_ptr, SCALE, ZP)
+
+
+@triton.jit
+def _src(src_ptr, src_stride, ptr_table, src_off, i, TABLE: tl.constexpr):
+    """Base of source buffer ``i``: ``src_ptr + i * src_stride``, or with TABLE the address
+    ``ptr_table[i] + src_off`` (peer buffers of symmetric memory, 16-byte aligned)."""
+    if TABLE:
+        return tl.multiple_of(tl.load(ptr_table + i).to(tl.pointer_type(tl.uint8)) + src_off, 16)
+    else:
+        return src_ptr + i * src_stride
 
 
 # ------------------------------------------------------------------------------------------
@@ -358,7 +331,7 @@ def block_tile(pid, total_blocks, nblk, width, BPP: tl.constexpr, BS: tl.constex
 
 @triton.jit
 def _quantize_kernel(
-    x_ptr, src_ptr, src_stride, out_ptr, deq_ptr, amax_ptr,
+    x_ptr, src_ptr, src_stride, out_ptr, deq_ptr, amax_ptr, lut_ptr,
     total_blocks, nblk, width, scale_off, zp_off, ts_off,
     IN_KIND: tl.constexpr, SRC_BUFS: tl.constexpr, N_SRC: tl.constexpr, PHASE: tl.constexpr,
     WRITE_DEQ: tl.constexpr, DEQ_KIND: tl.constexpr, BPP: tl.constexpr,
@@ -376,13 +349,12 @@ def _quantize_kernel(
     PHASE 0 only folds the finite absmax into ``amax_ptr`` (per-tensor scale, pass 1)."""
     blk, bmask, inb, valid, offs = block_tile(tl.program_id(0), total_blocks, nblk, width, BPP, BS, BP2, I64)
     if SRC_BUFS:
-        x = _dequant_tile(src_ptr, blk, bmask, scale_off, zp_off, ts_off, BPP, KIND, BITS, EBITS, MBITS,
-                          BIAS, POLICY, GE, SCALE, SB, ZP, TS, S_EBITS, S_MBITS, S_BIAS, S_POLICY,
-                          BS, BP2, G, GB, GBP2, WORD64)
+        x = _dequant_tile(src_ptr, blk, bmask, scale_off, zp_off, ts_off, lut_ptr, BPP, BITS, SCALE, SB, ZP,
+                          TS, S_EBITS, S_MBITS, S_BIAS, S_POLICY, BS, BP2, G, GB, GBP2, WORD64)
         for i in tl.static_range(1, N_SRC):
-            x = x + _dequant_tile(src_ptr + i * src_stride, blk, bmask, scale_off, zp_off, ts_off, BPP,
-                                  KIND, BITS, EBITS, MBITS, BIAS, POLICY, GE, SCALE, SB, ZP, TS, S_EBITS,
-                                  S_MBITS, S_BIAS, S_POLICY, BS, BP2, G, GB, GBP2, WORD64)
+            x = x + _dequant_tile(src_ptr + i * src_stride, blk, bmask, scale_off, zp_off, ts_off, lut_ptr,
+                                  BPP, BITS, SCALE, SB, ZP, TS, S_EBITS, S_MBITS, S_BIAS, S_POLICY,
+                                  BS, BP2, G, GB, GBP2, WORD64)
         x = tl.where(valid, x, 0.0)
     else:
         x = _load_f32(x_ptr, offs, valid, IN_KIND)
@@ -402,8 +374,9 @@ def _quantize_kernel(
         if SCALE == 0:
             s = tl.where(amax_b > 0, _flog2(amax_b) - EMAX, -127)
             s = tl.minimum(tl.maximum(s, -127), 127)
-            k1 = tl.maximum(-s, -126)
-            v = (xc * _pow2(k1)[:, None]) * _pow2(-s - k1)[:, None]
+            # one multiply by 2^-s (2^-127 is an exact subnormal): exact unless the product is
+            # an fp32 subnormal, which rounds to the same signed zero on any element grid
+            v = xc * _pow2(-s)[:, None]
             s_e8m0 = tl.where(bad, 255, s + 127)
             scode = s_e8m0
         elif ZP:
@@ -473,8 +446,7 @@ def _quantize_kernel(
         if WRITE_DEQ:
             if SCALE != 0:
                 scale = tl.where(bad, float("nan"), scale)
-            y = _decode_values(code, s_e8m0, scale, zero, KIND, BITS, EBITS, MBITS, BIAS, POLICY, GE,
-                               SCALE, ZP)
+            y = _decode_values(code, s_e8m0, scale, zero, lut_ptr, SCALE, ZP)
             _store_f32(deq_ptr, offs, y, valid, DEQ_KIND)
 
 
@@ -483,9 +455,10 @@ def _quantize_kernel(
 # ------------------------------------------------------------------------------------------
 @triton.jit
 def _dequantize_kernel(
-    src_ptr, src_stride, res_ptr, out_ptr,
+    src_ptr, src_stride, ptr_table, src_off, res_ptr, out_ptr, out_chunk, lut_ptr,
     total_blocks, nblk, width, scale_off, zp_off, ts_off,
-    N_SRC: tl.constexpr, OUT_KIND: tl.constexpr, HAS_RES: tl.constexpr, RES_KIND: tl.constexpr, BPP: tl.constexpr,
+    N_SRC: tl.constexpr, TABLE: tl.constexpr, SUM: tl.constexpr, OUT_KIND: tl.constexpr,
+    HAS_RES: tl.constexpr, RES_KIND: tl.constexpr, BPP: tl.constexpr,
     KIND: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr,
     BIAS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, POLICY: tl.constexpr,
     GE: tl.constexpr, GSCALE: tl.constexpr, MAXMAG: tl.constexpr, SAT: tl.constexpr, MAXN: tl.constexpr,
@@ -495,19 +468,29 @@ def _dequantize_kernel(
     BS: tl.constexpr, BP2: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, GBP2: tl.constexpr,
     WORD64: tl.constexpr, DIV_RN: tl.constexpr, I64: tl.constexpr,
 ):
-    """Decode BPP blocks per program of ``N_SRC`` wire buffers, sum them in fp32 in buffer
-    order, add the residual (optional), cast to OUT_KIND."""
+    """Decode BPP blocks per program of ``N_SRC`` wire buffers (see :func:`_src`).
+
+    SUM: their fp32 sum in buffer order, plus the residual (optional), cast to OUT_KIND.
+    Else program axis 1 picks buffer j, decoded into ``out + j * out_chunk`` (an all-gather's
+    decode: two_shot's last step)."""
     blk, bmask, inb, valid, offs = block_tile(tl.program_id(0), total_blocks, nblk, width, BPP, BS, BP2, I64)
-    acc = _dequant_tile(src_ptr, blk, bmask, scale_off, zp_off, ts_off, BPP, KIND, BITS, EBITS, MBITS,
-                        BIAS, POLICY, GE, SCALE, SB, ZP, TS, S_EBITS, S_MBITS, S_BIAS, S_POLICY,
-                        BS, BP2, G, GB, GBP2, WORD64)
-    for i in tl.static_range(1, N_SRC):
-        acc = acc + _dequant_tile(src_ptr + i * src_stride, blk, bmask, scale_off, zp_off, ts_off, BPP,
-                                  KIND, BITS, EBITS, MBITS, BIAS, POLICY, GE, SCALE, SB, ZP, TS, S_EBITS,
-                                  S_MBITS, S_BIAS, S_POLICY, BS, BP2, G, GB, GBP2, WORD64)
-    if HAS_RES:
-        acc = acc + _load_f32(res_ptr, offs, valid, RES_KIND)
-    _store_f32(out_ptr, offs, acc, valid, OUT_KIND)
+    if SUM:
+        acc = _dequant_tile(_src(src_ptr, src_stride, ptr_table, src_off, 0, TABLE), blk, bmask, scale_off,
+                            zp_off, ts_off, lut_ptr, BPP, BITS, SCALE, SB, ZP, TS, S_EBITS, S_MBITS, S_BIAS,
+                            S_POLICY, BS, BP2, G, GB, GBP2, WORD64)
+        for i in tl.static_range(1, N_SRC):
+            acc = acc + _dequant_tile(_src(src_ptr, src_stride, ptr_table, src_off, i, TABLE), blk, bmask,
+                                      scale_off, zp_off, ts_off, lut_ptr, BPP, BITS, SCALE, SB, ZP, TS,
+                                      S_EBITS, S_MBITS, S_BIAS, S_POLICY, BS, BP2, G, GB, GBP2, WORD64)
+        if HAS_RES:
+            acc = acc + _load_f32(res_ptr, offs, valid, RES_KIND)
+        _store_f32(out_ptr, offs, acc, valid, OUT_KIND)
+    else:
+        j = tl.program_id(1)
+        y = _dequant_tile(_src(src_ptr, src_stride, ptr_table, src_off, j, TABLE), blk, bmask, scale_off,
+                          zp_off, ts_off, lut_ptr, BPP, BITS, SCALE, SB, ZP, TS, S_EBITS, S_MBITS, S_BIAS,
+                          S_POLICY, BS, BP2, G, GB, GBP2, WORD64)
+        _store_f32(out_ptr + j.to(tl.int64) * out_chunk, offs, y, valid, OUT_KIND)
 
 
 # ------------------------------------------------------------------------------------------
@@ -533,28 +516,46 @@ def _sections(kc: KernelConstants, rows: int, width: int):
     return lay, off["scale"][0], off["zp"][0], off["ts"][0]
 
 
-def quantize(x2: torch.Tensor, kc: KernelConstants, *, bufs: torch.Tensor | None = None,
-             deq_dtype: torch.dtype | None = None):
+def _out_buffer(out: torch.Tensor | None, nbytes: int, device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() != nbytes or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous 1-D uint8 tensor of {nbytes} bytes, got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    return out
+
+
+def quantize(x2: torch.Tensor | None, kc: KernelConstants, *, shape: tuple | None = None,
+             bufs: torch.Tensor | None = None, deq_dtype: torch.dtype | None = None,
+             out: torch.Tensor | None = None):
     """Wire buffer (uint8) of ``x2`` [rows, width] (contiguous fp32/bf16/fp16), or, with
-    ``bufs`` [N, nbytes] uint8, of the fp32 rank-order sum of their decodes (``x2`` then only
-    gives rows/width/device). Returns (buffer, decode of the buffer as ``deq_dtype`` or None)."""
-    rows, width = x2.shape
+    ``bufs`` [N, nbytes] uint8 (rows of any byte stride), of the fp32 rank-order sum of their
+    decodes (then ``x2`` may be None and ``shape`` = (rows, width) gives the shape).
+
+    ``out``: where to write the buffer (a contiguous uint8 tensor of exactly the wire size,
+    e.g. a slot of a peer's symmetric buffer); default a new tensor. One kernel launch (two
+    for per-tensor-scale formats). Returns (buffer, decode of the buffer as ``deq_dtype`` or
+    None)."""
+    rows, width = shape if x2 is None else x2.shape
+    dev = bufs.device if x2 is None else x2.device
     lay, so, zo, to = _sections(kc, rows, width)
     total = rows * lay.nblocks
-    dev = x2.device
-    out = torch.empty(lay.total, dtype=torch.uint8, device=dev)
+    out = _out_buffer(out, lay.total, dev)
     deq = torch.empty((rows, width), dtype=deq_dtype, device=dev) if deq_dtype is not None else None
     amax = torch.zeros(1, dtype=torch.int32, device=dev) if kc.TS else out  # TS: absmax workspace
-    bpp, opts = _launch_opts(kc, rows * lay.padded, lay.total, dev)
+    nbytes = lay.total if bufs is None else bufs.stride(0) * bufs.shape[0]
+    bpp, opts = _launch_opts(kc, rows * lay.padded, nbytes, dev)
     grid = (triton.cdiv(total, bpp),)
     if bufs is None:
         xin, src, stride, n = _io_view(x2), out, 0, 1
     else:
         xin, src, stride, n = out, bufs, bufs.stride(0), bufs.shape[0]
-    args = (xin, src, stride, out, _io_view(deq) if deq is not None else out, amax,
+    lut = value_table(kc, dev)
+    args = (xin, src, stride, out, _io_view(deq) if deq is not None else out, amax, lut,
             total, lay.nblocks, width, so, zo, to)
-    common = dict(IN_KIND=_IO.get(x2.dtype, 0), SRC_BUFS=bufs is not None, N_SRC=n, WRITE_DEQ=deq is not None,
-                  DEQ_KIND=_IO[deq_dtype] if deq is not None else 0, BPP=bpp, **kc.constexprs(), **opts)
+    common = dict(IN_KIND=_IO.get(x2.dtype, 0) if x2 is not None else 0, SRC_BUFS=bufs is not None, N_SRC=n,
+                  WRITE_DEQ=deq is not None, DEQ_KIND=_IO[deq_dtype] if deq is not None else 0, BPP=bpp,
+                  **kc.constexprs(), **opts)
     if kc.TS:  # pass 1: the tensor's finite absmax, for the per-tensor scale
         _quantize_kernel[grid](*args, PHASE=0, **common)
     _quantize_kernel[grid](*args, PHASE=1, **common)
@@ -562,17 +563,51 @@ def quantize(x2: torch.Tensor, kc: KernelConstants, *, bufs: torch.Tensor | None
 
 
 def dequantize(bufs: torch.Tensor, kc: KernelConstants, rows: int, width: int, dtype: torch.dtype,
-               residual: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 rank-order sum of the decodes of ``bufs`` [N, nbytes] (+ ``residual``), as ``dtype``
-    [rows, width]. N = 1 is a plain decode."""
+               residual: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 rank-order sum of the decodes of ``bufs`` [N, nbytes] (rows of any byte stride)
+    (+ ``residual``), as ``dtype`` [rows, width], written into ``out`` if given (contiguous).
+    N = 1 is a plain decode. One kernel launch."""
     lay, so, zo, to = _sections(kc, rows, width)
+    out = _out_values(out, rows, width, dtype, bufs.device)
+    bpp, opts = _launch_opts(kc, rows * lay.padded, bufs.stride(0) * bufs.shape[0], bufs.device)
     total = rows * lay.nblocks
-    out = torch.empty((rows, width), dtype=dtype, device=bufs.device)
-    bpp, opts = _launch_opts(kc, rows * lay.padded, bufs.numel(), bufs.device)
-    grid = (triton.cdiv(total, bpp),)
     res = _io_view(residual) if residual is not None else out
+    _dequantize_kernel[(triton.cdiv(total, bpp),)](
+        bufs, bufs.stride(0), bufs, 0, res, _io_view(out), 0, value_table(kc, bufs.device),
+        total, lay.nblocks, width, so, zo, to,
+        N_SRC=bufs.shape[0], TABLE=False, SUM=True, OUT_KIND=_IO[dtype], HAS_RES=residual is not None,
+        RES_KIND=_IO[residual.dtype] if residual is not None else 0, BPP=bpp, **kc.constexprs(), **opts)
+    return out
+
+
+def dequantize_peers(ptrs: torch.Tensor, src_off: int, kc: KernelConstants, rows: int, width: int,
+                     out: torch.Tensor, *, summed: bool) -> torch.Tensor:
+    """Decode the wire buffers at addresses ``ptrs[i] + src_off`` (int64 tensor of N base
+    addresses on the GPU, e.g. symmetric-memory peer buffers; bases and ``src_off`` 16-byte
+    aligned). ``summed``: their fp32 rank-order sum into ``out`` [rows, width]; else buffer j
+    decoded into rows ``[j*rows, (j+1)*rows)`` of ``out`` [N*rows, width]. One kernel launch."""
+    if src_off % 16:
+        raise ValueError(f"src_off {src_off} must be a multiple of 16 bytes")
+    n = ptrs.numel()
+    lay, so, zo, to = _sections(kc, rows, width)
+    _out_values(out, rows if summed else n * rows, width, out.dtype, out.device)
+    total = rows * lay.nblocks
+    bpp, opts = _launch_opts(kc, rows * lay.padded, lay.total + src_off, out.device)
+    opts["I64"] = opts["I64"] or (not summed and n * rows * width >= (1 << 31))
+    grid = (triton.cdiv(total, bpp),) if summed else (triton.cdiv(total, bpp), n)
+    o = _io_view(out)
     _dequantize_kernel[grid](
-        bufs, bufs.stride(0), res, _io_view(out), total, lay.nblocks, width, so, zo, to,
-        N_SRC=bufs.shape[0], OUT_KIND=_IO[dtype], HAS_RES=residual is not None, RES_KIND=_IO[residual.dtype] if residual is not None else 0,
-        BPP=bpp, **kc.constexprs(), **opts)
+        o, 0, ptrs, src_off, o, o, rows * width, value_table(kc, out.device),
+        total, lay.nblocks, width, so, zo, to,
+        N_SRC=n, TABLE=True, SUM=summed, OUT_KIND=_IO[out.dtype], HAS_RES=False, RES_KIND=0, BPP=bpp,
+        **kc.constexprs(), **opts)
+    return out
+
+
+def _out_values(out, rows: int, width: int, dtype, device) -> torch.Tensor:
+    if out is None:
+        return torch.empty((rows, width), dtype=dtype, device=device)
+    if out.dtype != dtype or out.numel() != rows * width or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of {rows}x{width} values, got {out.dtype} "
+                         f"{tuple(out.shape)}")
     return out

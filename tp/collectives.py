@@ -74,7 +74,7 @@ __all__ = [
 # ~32k bf16 values, i.e. a decode step of a 4k-hidden model at batch 8.
 DEFAULT_THRESHOLD_BYTES = 64 * 1024
 
-ALGORITHMS = ("gather", "two_shot")
+ALGORITHMS = ("gather", "two_shot", "fused")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _VALIDATE_ENV = "TP_VALIDATE_COLLECTIVES"
 
@@ -152,8 +152,18 @@ def resolve_format(fmt) -> Optional[Format]:
 
 def check_algorithm(algorithm: str) -> str:
     if algorithm not in ALGORITHMS:
-        hint = " ('fused' needs the lowering package's GPU kernels)" if algorithm == "fused" else ""
-        raise ValueError(f"unknown algorithm {algorithm!r}: valid are {', '.join(ALGORITHMS)}{hint}")
+        raise ValueError(f"unknown algorithm {algorithm!r}: valid are {', '.join(ALGORITHMS)}")
+    return algorithm
+
+
+def wire_algorithm(algorithm: str, world: int) -> str:
+    """The NCCL-path algorithm whose result ``algorithm`` computes at ``world`` ranks.
+
+    ``"fused"`` is the one-shot gather at W <= 3 and two_shot at W >= 4 (tp.fused picks its
+    kernels the same way), so the emulator and every fallback give the fused result's bits.
+    """
+    if check_algorithm(algorithm) == "fused":
+        return "gather" if world <= 3 else "two_shot"
     return algorithm
 
 
@@ -299,7 +309,11 @@ def all_reduce(
             (``"int4/b32/bf16"``) or None for the plain all-reduce.
         group: the process group (default: the world). Without torch.distributed initialised
             and ``group=None`` the world size is 1.
-        algorithm: ``"gather"`` or ``"two_shot"`` (see the module docstring).
+        algorithm: ``"gather"`` or ``"two_shot"`` (see the module docstring), or ``"fused"``:
+            on CUDA the symmetric-memory kernels of :mod:`tp.fused` (create a
+            :class:`tp.fused.FusedAllReduce` for the group first; it also decides, by its
+            measured size window, when the plain all-reduce is faster), elsewhere the NCCL-path
+            algorithm with the same bits (:func:`wire_algorithm`).
         threshold_bytes: messages smaller than this (x.numel() * itemsize) use the plain
             all-reduce. 0 here (an explicit format is honoured); :class:`tp.layers.CommPolicy`
             applies :data:`DEFAULT_THRESHOLD_BYTES`.
@@ -322,6 +336,11 @@ def all_reduce(
         if world > 1:
             dist.all_reduce(y, group=group)
         return y
+    if algorithm == "fused" and x.is_cuda and world > 1:
+        from .fused import registered  # the fused kernels need Triton + CUDA: imported on use
+
+        return registered(group)(x, fmt)
+    algorithm = wire_algorithm(algorithm, world)
     codec = get_codec(codec)
     x2 = rows_view(x)
     if algorithm == "gather":
@@ -440,7 +459,7 @@ def wire_bytes(shape, dtype: torch.dtype, fmt, algorithm: str, world: int) -> Co
     only (no protocol overhead) and matches what the collectives above put on the wire.
     """
     fmt = resolve_format(fmt)
-    check_algorithm(algorithm)
+    algorithm = wire_algorithm(algorithm, world)
     numel = 1
     for d in shape:
         numel *= int(d)

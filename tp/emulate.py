@@ -23,6 +23,7 @@ from .collectives import (
     resolve_format,
     rows_view,
     split_rows,
+    wire_algorithm,
 )
 
 __all__ = ["emulate_all_gather", "emulate_all_reduce", "emulate_reduce_scatter", "plain_sum", "predicted_error"]
@@ -77,6 +78,7 @@ def emulate_all_reduce(
     shards = _check_shards(shards, fmt)
     x = shards[0]
     world = len(shards)
+    algorithm = wire_algorithm(algorithm, world)  # "fused" computes gather / two_shot's bits
     if fmt is None or x.numel() == 0 or x.numel() * x.element_size() < threshold_bytes:
         return plain_sum(shards)
     codec = get_codec(codec)

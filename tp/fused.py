@@ -59,12 +59,8 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from lowering import kernels as _K
-from lowering.kernels import (  # the codec's device functions (Triton resolves globals)
-    block_tile,
-    _dequant_tile,
-    _store_f32,
-)
+from lowering import kernels as K
+from lowering.constants import value_table
 from qformats import Format
 
 from . import collectives
@@ -81,6 +77,7 @@ __all__ = [
     "buffer_bytes",
     "default_algorithm",
     "plan",
+    "registered",
     "shutdown",
     "simulate",
     "unsupported_reason",
@@ -129,9 +126,31 @@ def unsupported_reason(fmt: Format) -> str | None:
 
 
 def default_algorithm(world: int) -> str:
-    """One-shot gather for W <= 3 (one quantisation, received bytes (W-1)/W... of W buffers),
-    two-shot for W >= 4 (received bytes ~2 (W-1)/W of one buffer)."""
-    return "gather" if world <= 3 else "two_shot"
+    """One-shot gather for W <= 3 (one quantisation, each rank reads W-1 peer buffers),
+    two-shot for W >= 4 (each rank receives ~2 (W-1)/W of one buffer); the same choice as
+    :func:`tp.collectives.wire_algorithm`, whose NCCL-path result the fused one equals."""
+    return collectives.wire_algorithm("fused", world)
+
+
+# group name -> the FusedAllReduce that serves tp.all_reduce(..., algorithm="fused") there
+_REGISTRY: dict = {}
+
+
+def registered(group=None) -> "FusedAllReduce":
+    """The open :class:`FusedAllReduce` of ``group`` (the last one constructed for it).
+
+    Raises RuntimeError, saying what to do, when there is none: the symmetric buffer is a
+    collective allocation that must happen on every rank before the first call (and before
+    any CUDA-graph capture), so it is never created behind the caller's back.
+    """
+    g = group or dist.group.WORLD
+    ar = _REGISTRY.get(g.group_name)
+    if ar is None or ar.closed:
+        raise RuntimeError(
+            "algorithm='fused' on CUDA needs a tp.fused.FusedAllReduce for this process group: "
+            "create FusedAllReduce(group, max_tokens=..., hidden=..., fmts=[...]) on every rank "
+            "before the first call (and before CUDA-graph capture)")
+    return ar
 
 
 @dataclass(frozen=True)
@@ -259,49 +278,6 @@ def plan(shape, dtype: torch.dtype, fmt, world: int, *, capacity: int, threshold
 # ---------------------------------------------------------------------------------------------
 # Kernels (the codec arithmetic is lowering.kernels'; only the addressing is new here)
 # ---------------------------------------------------------------------------------------------
-def _kernels():
-    return _K
-
-
-@triton.jit
-def _table_dequant_kernel(
-    ptrs, src_off, out_ptr, out_chunk, total_blocks, nblk, width, scale_off, zp_off, ts_off,
-    N_SRC: tl.constexpr, SUM: tl.constexpr, OUT_KIND: tl.constexpr, BPP: tl.constexpr,
-    KIND: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr,
-    BIAS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, POLICY: tl.constexpr,
-    GE: tl.constexpr, GSCALE: tl.constexpr, MAXMAG: tl.constexpr, SAT: tl.constexpr, MAXN: tl.constexpr,
-    SCALE: tl.constexpr, SB: tl.constexpr, ZP: tl.constexpr, TS: tl.constexpr, MAXN_TS: tl.constexpr,
-    S_EBITS: tl.constexpr, S_MBITS: tl.constexpr, S_BIAS: tl.constexpr, S_EMIN: tl.constexpr,
-    S_POLICY: tl.constexpr, S_MAXMAG: tl.constexpr, SNAN: tl.constexpr,
-    BS: tl.constexpr, BP2: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, GBP2: tl.constexpr,
-    WORD64: tl.constexpr, DIV_RN: tl.constexpr, I64: tl.constexpr,
-):
-    """Decode wire buffers found through a table of base addresses (``ptrs[i] + src_off``).
-
-    SUM: the fp32 rank-order sum of all N_SRC buffers -> out (gather). Else: program axis 1
-    picks buffer j, decoded into ``out + j * out_chunk`` (two_shot's all-gather)."""
-    blk, bmask, inb, valid, offs = block_tile(tl.program_id(0), total_blocks, nblk, width, BPP, BS, BP2, I64)
-    if SUM:
-        src = tl.load(ptrs).to(tl.pointer_type(tl.uint8)) + src_off
-        acc = _dequant_tile(src, blk, bmask, scale_off, zp_off, ts_off, BPP, KIND, BITS, EBITS, MBITS,
-                            BIAS, POLICY, GE, SCALE, SB, ZP, TS, S_EBITS, S_MBITS, S_BIAS, S_POLICY,
-                            BS, BP2, G, GB, GBP2, WORD64)
-        for i in tl.static_range(1, N_SRC):
-            src_i = tl.load(ptrs + i).to(tl.pointer_type(tl.uint8)) + src_off
-            acc = acc + _dequant_tile(src_i, blk, bmask, scale_off, zp_off, ts_off, BPP, KIND, BITS,
-                                      EBITS, MBITS, BIAS, POLICY, GE, SCALE, SB, ZP, TS, S_EBITS,
-                                      S_MBITS, S_BIAS, S_POLICY, BS, BP2, G, GB, GBP2, WORD64)
-        _store_f32(out_ptr, offs, acc, valid, OUT_KIND)
-    else:
-        j = tl.program_id(1)
-        src = tl.load(ptrs + j).to(tl.pointer_type(tl.uint8)) + src_off
-        y = _dequant_tile(src, blk, bmask, scale_off, zp_off, ts_off, BPP, KIND, BITS, EBITS, MBITS,
-                          BIAS, POLICY, GE, SCALE, SB, ZP, TS, S_EBITS, S_MBITS, S_BIAS, S_POLICY,
-                          BS, BP2, G, GB, GBP2, WORD64)
-        _store_f32(out_ptr + j.to(tl.int64) * out_chunk, offs, y, valid, OUT_KIND)
-
-
-
 @triton.jit
 def _barrier_kernel(pad_ptrs, rank, CHANNEL: tl.constexpr, WORLD: tl.constexpr):
     """Program p: raise my flag in peer p's pad, then wait for (and clear) p's flag in mine.
@@ -320,38 +296,17 @@ def _barrier_kernel(pad_ptrs, rank, CHANNEL: tl.constexpr, WORLD: tl.constexpr):
 
 
 def _quantize_into(x2: torch.Tensor | None, kc, dst: torch.Tensor, rows: int, width: int,
-                   src: torch.Tensor | None = None, src_stride: int = 0, n_src: int = 1) -> None:
+                   src: torch.Tensor | None = None) -> None:
     """lowering's quantize kernel writing into ``dst`` (any uint8 tensor, a peer's buffer too).
 
-    With ``src`` ([n_src] buffers at ``src_stride`` bytes), quantise the fp32 rank-order sum
-    of their decodes instead of ``x2`` (two_shot's reduce step). Same launch as
-    lowering.kernels.quantize, which always allocates its output."""
-    K = _kernels()
-    lay, so, zo, to = K._sections(kc, rows, width)
-    total = rows * lay.nblocks
-    bpp, opts = K._launch_opts(kc, rows * lay.padded, max(lay.total * max(n_src, 1), lay.total), dst.device)
-    grid = (triton.cdiv(total, bpp),)
-    if src is None:
-        xin, s, stride, n, in_kind = K._io_view(x2), dst, 0, 1, K._IO.get(x2.dtype, 0)
-    else:
-        xin, s, stride, n, in_kind = dst, src, src_stride, n_src, 0
-    K._quantize_kernel[grid](
-        xin, s, stride, dst, dst, dst, total, lay.nblocks, width, so, zo, to,
-        IN_KIND=in_kind, SRC_BUFS=src is not None, N_SRC=n, PHASE=1, WRITE_DEQ=False, DEQ_KIND=0,
-        BPP=bpp, **kc.constexprs(), **opts)
+    With ``src`` ([n, slot] local slots), quantise the fp32 rank-order sum of their decodes
+    instead of ``x2`` (two_shot's reduce step)."""
+    K.quantize(x2, kc, shape=(rows, width), bufs=src, out=dst)
 
 
 def _table_dequant(ptrs: torch.Tensor, src_off: int, out: torch.Tensor, kc, rows: int, width: int,
-                   world: int, summed: bool) -> None:
-    K = _kernels()
-    lay, so, zo, to = K._sections(kc, rows, width)
-    total = rows * lay.nblocks
-    # offsets inside one buffer (plus the output chunk offset, int64 in-kernel)
-    bpp, opts = K._launch_opts(kc, rows * lay.padded, lay.total + src_off, out.device)
-    grid = (triton.cdiv(total, bpp),) if summed else (triton.cdiv(total, bpp), world)
-    _table_dequant_kernel[grid](
-        ptrs, src_off, K._io_view(out), rows * width, total, lay.nblocks, width, so, zo, to,
-        N_SRC=world, SUM=summed, OUT_KIND=K._IO[out.dtype], BPP=bpp, **kc.constexprs(), **opts)
+                   summed: bool) -> None:
+    K.dequantize_peers(ptrs, src_off, kc, rows, width, out, summed=summed)
 
 
 def _steps(p: Plan, x2: torch.Tensor, kc, bufs: Sequence[torch.Tensor], ptrs: torch.Tensor, rank: int,
@@ -366,7 +321,7 @@ def _steps(p: Plan, x2: torch.Tensor, kc, bufs: Sequence[torch.Tensor], ptrs: to
         if p.mode == "pull":
             _quantize_into(x2, kc, mine[: p.nbytes], R, H)
             yield
-            _table_dequant(ptrs, 0, out, kc, R, H, W, summed=True)
+            _table_dequant(ptrs, 0, out, kc, R, H, summed=True)
             yield
         else:
             s, e = p.slot_range(rank)
@@ -375,7 +330,7 @@ def _steps(p: Plan, x2: torch.Tensor, kc, bufs: Sequence[torch.Tensor], ptrs: to
                 _quantize_into(x2, kc, bufs[j][s:e], R, H)
             yield
             slots = mine[p.slots_offset: p.slots_offset + W * p.slot].view(W, p.slot)[:, : p.nbytes]
-            _dequant_local(slots, kc, R, H, out)
+            K.dequantize(slots, kc, R, H, out.dtype, out=out)
             yield
         return
     # two_shot
@@ -385,26 +340,12 @@ def _steps(p: Plan, x2: torch.Tensor, kc, bufs: Sequence[torch.Tensor], ptrs: to
         j = (rank + k) % W
         _quantize_into(x2[j * c: (j + 1) * c], kc, bufs[j][s:e], c, H)
     yield
-    slots = mine[p.slots_offset: p.slots_offset + W * p.slot]
+    slots = mine[p.slots_offset: p.slots_offset + W * p.slot].view(W, p.slot)[:, : p.nbytes]
     red = mine[p.reduced_offset: p.reduced_offset + p.nbytes]
-    _quantize_into(None, kc, red, c, H, src=slots, src_stride=p.slot, n_src=W)
+    _quantize_into(None, kc, red, c, H, src=slots)
     yield
-    _table_dequant(ptrs, p.reduced_offset, out, kc, c, H, W, summed=False)
+    _table_dequant(ptrs, p.reduced_offset, out, kc, c, H, summed=False)
     yield
-
-
-def _dequant_local(slots: torch.Tensor, kc, rows: int, width: int, out: torch.Tensor) -> None:
-    """lowering's dequantize kernel over [W, nbytes] local slots, writing into ``out``."""
-    K = _kernels()
-    lay, so, zo, to = K._sections(kc, rows, width)
-    total = rows * lay.nblocks
-    bpp, opts = K._launch_opts(kc, rows * lay.padded, slots.shape[0] * slots.stride(0), out.device)
-    grid = (triton.cdiv(total, bpp),)
-    o = K._io_view(out)
-    K._dequantize_kernel[grid](
-        slots, slots.stride(0), o, o, total, lay.nblocks, width, so, zo, to,
-        N_SRC=slots.shape[0], OUT_KIND=K._IO[out.dtype], HAS_RES=False, RES_KIND=0,
-        BPP=bpp, **kc.constexprs(), **opts)
 
 
 def _lower(fmt: Format, width: int, device):
@@ -505,10 +446,15 @@ class FusedAllReduce:
                       for j in range(self.world)]
         self._ptrs = torch.tensor(list(h.buffer_ptrs), dtype=torch.int64, device=self.device)
         self._pads = torch.tensor(list(h.signal_pad_ptrs), dtype=torch.int64, device=self.device)
+        for f in fmts:  # the decode tables reach the GPU now, not inside a CUDA-graph capture
+            f = resolve_format(f)
+            if f is not None and not unsupported_reason(f):
+                value_table(_lower(f, hidden, self.device), self.device)
         torch.cuda.synchronize(self.device)
         dist.barrier(group=self.group)
         self.closed = False
         self._plans: dict = {}
+        _REGISTRY[group_name] = self  # serves tp.all_reduce(..., algorithm="fused") on this group
 
     def plan(self, x: torch.Tensor, fmt) -> Plan:
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -559,6 +505,8 @@ class FusedAllReduce:
         if self.closed:
             return
         torch.cuda.synchronize(self.device)
+        if _REGISTRY.get(self.group.group_name) is self:
+            del _REGISTRY[self.group.group_name]
         self._bufs = self._ptrs = self._pads = None
         self._handle = None
         self._buf = None

@@ -126,6 +126,19 @@ def _run(args, use_cuda: bool) -> int:
     else:
         ids = torch.tensor([[b % cfg.vocab_size for b in args.prompt.encode()]], device=device)
         eos = None
+    fused = None
+    if args.algorithm == "fused" and use_cuda and ctx.sharded and args.fmt:
+        from .fused import FusedAllReduce  # collective allocation: every rank, before the first forward
+
+        fused = FusedAllReduce(ctx.group, max_tokens=ids.numel(), hidden=cfg.hidden_size, fmts=[args.fmt])
+    try:
+        return _generate(args, ctx, policy, model, cfg, source, tok, ids, eos, device, dtype, use_cuda)
+    finally:
+        if fused is not None:
+            fused.close()
+
+
+def _generate(args, ctx, policy, model, cfg, source, tok, ids, eos, device, dtype, use_cuda) -> int:
     sync = torch.cuda.synchronize if use_cuda else None
     for _ in range(args.warmup):
         generate(model, ids, 1, sync=sync)

@@ -170,6 +170,46 @@ def test_simulate_rejects_non_fused_plans():
         F.simulate(_shards(2, (4, 64)), "nvfp4")
 
 
+# --------------------------------------------------------------------------------- routing
+def test_wire_algorithm_and_emulated_fused():
+    from tp.collectives import wire_algorithm
+
+    assert [wire_algorithm("fused", w) for w in (1, 2, 3, 4, 8)] == ["gather"] * 3 + ["two_shot"] * 2
+    assert wire_algorithm("two_shot", 2) == "two_shot" and F.default_algorithm(4) == "two_shot"
+    with pytest.raises(ValueError, match="unknown algorithm 'fast'"):
+        wire_algorithm("fast", 2)
+    for w, alg in ((2, "gather"), (4, "two_shot")):
+        shards = _shards(w, (6, 64), torch.float32)
+        assert torch.equal(_bits(tp.emulate_all_reduce(shards, "mxfp4", "fused")),
+                           _bits(tp.emulate_all_reduce(shards, "mxfp4", alg)))
+    assert tp.CommPolicy("mxfp4", "fused").algorithm == "fused"
+
+
+def test_registered_says_how_to_create_one():
+    from types import SimpleNamespace
+
+    with pytest.raises(RuntimeError, match=r"FusedAllReduce\(group, max_tokens=.*before CUDA-graph capture"):
+        F.registered(SimpleNamespace(group_name="no-such-group"))
+
+
+def _fused_route(rank, world):
+    # off CUDA, "fused" is the NCCL-path algorithm with the same bits (gather W<=3, two_shot W>=4)
+    return {fmt: tp.all_reduce(_shards(world, (6, 64), torch.bfloat16, seed=5)[rank], fmt, algorithm="fused")
+            for fmt in ("mxfp4", "int4/b32/bf16")}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_all_reduce_fused_off_cuda_equals_emulator(world):
+    from tests.tp.multirank import run_ranks
+
+    res = run_ranks(_fused_route, world)
+    shards = _shards(world, (6, 64), torch.bfloat16, seed=5)
+    for fmt, y0 in res[0].items():
+        expect = tp.emulate_all_reduce(shards, fmt, "fused")
+        for r in range(world):
+            assert torch.equal(_bits(res[r][fmt]), _bits(expect)), (fmt, r)
+
+
 # --------------------------------------------------------------------------------- GPUs
 def _gpu_worker(rank, world, port, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0",
@@ -199,6 +239,12 @@ def _gpu_worker(rank, world, port, q):
             torch.cuda.synchronize()
             if not (torch.equal(_bits(y), _bits(ref)) and torch.equal(_bits(yg), _bits(ref))):
                 fails.append((fmt, alg, mode))
+        # tp.all_reduce(..., algorithm="fused") is routed to the registered FusedAllReduce
+        ar.algorithm, ar.mode = F.default_algorithm(world), "pull"
+        y = tp.all_reduce(shards[rank], fmt, algorithm="fused")
+        if F.registered().plan(shards[rank], fmt).kind != "fused" or not torch.equal(
+                _bits(y), _bits(tp.emulate_all_reduce([s.cpu() for s in shards], fmt, "fused").cuda())):
+            fails.append((fmt, "tp.all_reduce fused"))
     q.put((rank, fails))
     F.shutdown(ar)
 

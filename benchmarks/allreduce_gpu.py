@@ -167,9 +167,9 @@ def breakdown(ar, args, dev, emit):
         t_q = timeit(lambda: F._quantize_into(x, kc, mine, tokens, HIDDEN), 20)
         torch.cuda.synchronize()
         dist.barrier()
-        t_d = timeit(lambda: F._table_dequant(ar._ptrs, 0, y, kc, tokens, HIDDEN, ar.world, summed=True), 20)
+        t_d = timeit(lambda: F._table_dequant(ar._ptrs, 0, y, kc, tokens, HIDDEN, summed=True), 20)
         local = torch.tensor([mine.data_ptr()] * ar.world, dtype=torch.int64, device=dev)
-        t_dl = timeit(lambda: F._table_dequant(local, 0, y, kc, tokens, HIDDEN, ar.world, summed=True), 20)
+        t_dl = timeit(lambda: F._table_dequant(local, 0, y, kc, tokens, HIDDEN, summed=True), 20)
         t_all = timeit(lambda: ar(x, fmt), 20)
         for name, t, moved in (("quantize", t_q, nbytes + p.nbytes), ("dequant_sum_remote", t_d, nbytes + 2 * p.nbytes),
                                ("dequant_sum_local", t_dl, nbytes + 2 * p.nbytes), ("fused_total", t_all, 0)):

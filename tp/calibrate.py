@@ -22,6 +22,12 @@ What is computed, per site (a row-parallel layer's output) and per rank:
    "sum" also covers the reduced value ``two_shot`` re-quantises, at twice the step for W=2.
    Values beyond the range saturate. A feature that was exactly zero in calibration gets the
    site's smallest non-zero scale (a scale must be positive).
+5. Optional clipping (``clip=c``): ``range_used = min(range_used, c * rms_used)`` where
+   ``rms`` is the EMA of the per-feature root mean square (per rank; max over ranks, or the
+   root of the summed mean squares for ``"sum"``). A static scale set by the largest value
+   ever seen leaves typical values only a few of INT4's 15 levels; clipping at a few RMS
+   trades rare saturation for resolution (the ACIQ argument of Banner et al., 2019, whose
+   MSE-optimal clip for 4-bit Gaussian data is ~2.5 sigma).
 """
 from __future__ import annotations
 
@@ -55,23 +61,29 @@ class Calibrator:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = float(momentum)
         self._ema: dict[str, dict[int, torch.Tensor]] = {}
+        self._ms: dict[str, dict[int, torch.Tensor]] = {}  # EMA of the per-feature mean square
         self._n: dict[str, dict[int, int]] = {}
 
     def observe(self, site: str, rank: int, partial: torch.Tensor) -> None:
         """Record one batch of rank ``rank``'s partial output at ``site`` (shape [..., E])."""
         if partial.dim() == 0 or partial.numel() == 0:
             raise ValueError(f"{site}: an empty or scalar partial output cannot be calibrated")
-        batch_max = partial.detach().reshape(-1, partial.shape[-1]).abs().amax(0).float().cpu()
+        flat = partial.detach().reshape(-1, partial.shape[-1]).float()
+        batch_max = flat.abs().amax(0).cpu()
+        batch_ms = flat.square().mean(0).cpu()
         if not torch.isfinite(batch_max).all():
             raise ValueError(f"{site}: rank {rank}'s partial output has NaN/Inf; calibration needs finite values")
         ema = self._ema.setdefault(site, {})
+        ms = self._ms.setdefault(site, {})
         n = self._n.setdefault(site, {})
         if rank in ema:
             if ema[rank].shape != batch_max.shape:
                 raise ValueError(f"{site}: rank {rank} had {ema[rank].numel()} features, now {batch_max.numel()}")
             ema[rank] = self.momentum * ema[rank] + (1.0 - self.momentum) * batch_max
+            ms[rank] = self.momentum * ms[rank] + (1.0 - self.momentum) * batch_ms
         else:
             ema[rank] = batch_max
+            ms[rank] = batch_ms
         n[rank] = n.get(rank, 0) + 1
 
     @property
@@ -92,19 +104,26 @@ class Calibrator:
             )
         return torch.stack([ema[r] for r in range(w)])
 
+    def mean_squares(self, site: str) -> torch.Tensor:
+        """[W, E] fp32 per-rank EMA of the per-feature mean square of ``site``."""
+        self.ranges(site)  # same checks
+        return torch.stack([self._ms[site][r] for r in range(len(self._ms[site]))])
+
     # -- distributed ------------------------------------------------------------------------
     def state(self) -> dict:
         return {"momentum": self.momentum,
-                "sites": {s: {r: (t.tolist(), self._n[s][r]) for r, t in d.items()} for s, d in self._ema.items()}}
+                "sites": {s: {r: (t.tolist(), self._n[s][r], self._ms[s][r].tolist()) for r, t in d.items()}
+                          for s, d in self._ema.items()}}
 
     def merge(self, state: dict) -> None:
         """Add another calibrator's observations (other ranks); a (site, rank) seen twice is an error."""
         for s, d in state["sites"].items():
-            for r, (vals, n) in d.items():
+            for r, (vals, n, ms) in d.items():
                 r = int(r)
                 if r in self._ema.get(s, {}):
                     raise ValueError(f"{s}: rank {r} observed by two calibrators")
                 self._ema.setdefault(s, {})[r] = torch.tensor(vals, dtype=torch.float32)
+                self._ms.setdefault(s, {})[r] = torch.tensor(ms, dtype=torch.float32)
                 self._n.setdefault(s, {})[r] = n
 
     def gather(self, group=None) -> "Calibrator":
@@ -120,13 +139,17 @@ class Calibrator:
         return self
 
     # -- result ------------------------------------------------------------------------------
-    def finish(self, k: Optional[int] = None, elem: str = "int4", scale_from: str = "max") -> "Calibration":
-        """Pick outliers and static scales per site (module docstring); ``k`` default floor(E/64)."""
+    def finish(self, k: Optional[int] = None, elem: str = "int4", scale_from: str = "max",
+               clip: Optional[float] = None) -> "Calibration":
+        """Pick outliers and static scales per site (module docstring); ``k`` default floor(E/64);
+        ``clip``: cap each feature's range at ``clip`` times its RMS (None: no cap)."""
         el = Element.parse(elem)
         if el.kind != "int":
             raise ValueError(f"static scales need a signed int element (int4, int8, ...), not {elem}")
         if scale_from not in ("max", "sum"):
             raise ValueError(f"scale_from must be 'max' or 'sum', got {scale_from!r}")
+        if clip is not None and not (math.isfinite(clip) and clip > 0):
+            raise ValueError(f"clip must be a positive number of RMS, got {clip!r}")
         if not self._ema:
             raise ValueError("nothing observed: run calibration batches first")
         sites, world = {}, None
@@ -135,11 +158,13 @@ class Calibrator:
             if world is not None and ranges.shape[0] != world:
                 raise ValueError(f"{s}: {ranges.shape[0]} ranks observed, other sites have {world}")
             world = ranges.shape[0]
-            sites[s] = _select(ranges, k, el, scale_from, s, min(self._n[s].values()))
-        return Calibration(sites, str(el), scale_from, self.momentum, world, k)
+            sites[s] = _select(ranges, k, el, scale_from, s, min(self._n[s].values()),
+                               self.mean_squares(s) if clip is not None else None, clip)
+        return Calibration(sites, str(el), scale_from, self.momentum, world, k, clip)
 
 
-def _select(ranges: torch.Tensor, k: Optional[int], el: Element, scale_from: str, site: str, n: int):
+def _select(ranges: torch.Tensor, k: Optional[int], el: Element, scale_from: str, site: str, n: int,
+            mean_squares: Optional[torch.Tensor] = None, clip: Optional[float] = None):
     e = ranges.shape[1]
     kk = e // 64 if k is None else int(k)
     if not 0 <= kk < e:
@@ -149,7 +174,11 @@ def _select(ranges: torch.Tensor, k: Optional[int], el: Element, scale_from: str
     outliers = sorted(order[:kk].tolist())
     keep = torch.ones(e, dtype=torch.bool)
     keep[outliers] = False
-    used = (ranges.amax(0) if scale_from == "max" else agg)[keep]
+    used = ranges.amax(0) if scale_from == "max" else agg
+    if clip is not None:
+        rms = mean_squares.amax(0).sqrt() if scale_from == "max" else mean_squares.sum(0).sqrt()
+        used = torch.minimum(used, clip * rms)
+    used = used[keep]
     scales = used / torch.tensor(el.max_normal, dtype=torch.float32)
     pos = scales[scales > 0]
     floor = pos.min() if pos.numel() else torch.tensor(1.0)
@@ -181,6 +210,7 @@ class Calibration:
     momentum: float = 0.9
     world_size: int = 1
     k: Optional[int] = None
+    clip: Optional[float] = None
     _formats: dict = field(default_factory=dict, repr=False, compare=False)
 
     def format(self, site: str):
@@ -209,6 +239,7 @@ class Calibration:
             "momentum": self.momentum,
             "world_size": self.world_size,
             "k": self.k,
+            "clip": self.clip,
             "sites": {
                 s: {"features": c.features, "outliers": list(c.outliers), "scales": list(c.scales),
                     "observations": c.observations}
@@ -234,7 +265,8 @@ class Calibration:
                 raise ValueError(f"{s}: scales must be finite and positive")
             sites[s] = SiteCalibration(int(c["features"]), tuple(int(i) for i in c["outliers"]), scales,
                                        int(c.get("observations", 0)))
-        return Calibration(sites, d["elem"], d["scale_from"], float(d["momentum"]), int(d["world_size"]), d.get("k"))
+        return Calibration(sites, d["elem"], d["scale_from"], float(d["momentum"]), int(d["world_size"]), d.get("k"),
+                           d.get("clip"))
 
     @staticmethod
     def load(path) -> "Calibration":

@@ -44,6 +44,32 @@ def test_selection_uses_the_sum_of_rank_ranges():
     assert torch.equal(torch.tensor(summed.scales), (r0 + r1)[keep] / torch.tensor(1.75))
 
 
+def test_clip_caps_ranges_at_a_multiple_of_the_rms():
+    e = 64  # k = 1
+    c = Calibrator(momentum=0.5)
+    g = torch.Generator().manual_seed(0)
+    b = [torch.randn(16, e, generator=g) * torch.linspace(0.1, 3.0, e) for _ in range(4)]
+    for i, x in enumerate(b):
+        c.observe("s", i % 2, x)  # ranks 0 and 1 see two batches each
+    ms = torch.stack([0.5 * b[r].square().mean(0) + 0.5 * b[r + 2].square().mean(0) for r in (0, 1)])
+    assert torch.allclose(c.mean_squares("s"), ms)
+    for clip, frm in ((2.5, "max"), (1.0, "sum")):
+        cal = c.finish(scale_from=frm, clip=clip)
+        site = cal.sites["s"]
+        keep = [i for i in range(e) if i not in site.outliers]
+        ranges = c.ranges("s")
+        used = ranges.amax(0) if frm == "max" else ranges.sum(0)
+        rms = c.mean_squares("s").amax(0).sqrt() if frm == "max" else c.mean_squares("s").sum(0).sqrt()
+        expect = torch.minimum(used, clip * rms)[keep] / torch.tensor(1.75)
+        assert torch.equal(torch.tensor(site.scales), expect)
+        assert (expect < used[keep] / 1.75).any()  # the cap bit somewhere
+        assert Calibration.from_dict(json.loads(json.dumps(cal.to_dict()))).clip == clip
+    assert c.finish().clip is None
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="clip must be a positive"):
+            c.finish(clip=bad)
+
+
 def test_ties_and_zero_ranges():
     c = Calibrator()
     x = torch.zeros(1, 64)

@@ -14,13 +14,17 @@ Use :func:`run_eval` from Python or ``qformats eval`` from the shell
 window for the baseline plus one per window per configuration, plus
 calibration passes for the outlier-aware format (once per TP degree). The
 model itself is cheap (SmolLM2-135M: ~0.7 s per 128-token window on 2 CPU
-cores); the emulated codec dominates: with the pure-torch reference codec a
-compressed forward costs ~4x (TP=2) to ~15x (TP=8) the plain one. Measured on
-2 shared CPU cores with ``--threads 1``: the default sweep (12 formats x TP
-2/4/8 x 2 algorithms = 72 configurations on 256 tokens) took 21 min; one
-format at TP=2 on 1024 tokens takes ~35 s. For headline numbers use
-``--tokens 65536`` or more (hours on CPU), or a faster codec
-(``tp.set_codec``).
+cores). The emulated collectives run the fast CPU codec
+:class:`lowering.torch_codec.TorchCodec` (bitwise the reference codec's
+results; installed for the run, the previous codec restored after): a
+compressed forward costs ~1.2-1.5x (TP=2) to ~2-2.5x (TP=8) the plain one
+with ``gather``, up to ~7-9x with ``two_shot`` at TP=8 (many small chunks,
+where the codec's fixed cost per call dominates); with the pure-torch
+reference codec it was ~3-15x, up to ~25x. Measured on 2 shared CPU cores
+with ``--threads 1``: the default sweep (12 formats x TP 2/4/8 x 2 algorithms
+= 72 configurations on 256 tokens) takes ~6 min (21 min with the reference
+codec); one format at TP=2 on 1024 tokens ~33 s (~59 s). For headline
+numbers use ``--tokens 65536`` or more (hours on CPU).
 
 Evaluation protocol: the text is cut into ``tokens / window`` windows that
 start at paragraph boundaries spread evenly over the evaluation text (never
@@ -359,10 +363,13 @@ def run_eval(
     # ---- configurations (validated before any forward pass)
     from lowering.torch_codec import TorchCodec
 
-    from .collectives import set_codec
+    from .collectives import Codec, get_codec, set_codec
 
     emu = emulate_tp(model)
-    old_codec = set_codec(TorchCodec())  # bitwise the reference codec's results, 5-25x faster on CPU
+    # The reference codec is replaced by its bitwise-equal fast twin (~4-25x on CPU); a codec
+    # the caller installed on purpose (e.g. lowering.LoweredCodec on a GPU) is kept.
+    mine = TorchCodec() if type(get_codec()) is Codec else get_codec()
+    old_codec = set_codec(mine)
     try:
         configs: list[_Config] = []
         knobs = dict(skip_first=skip_first, skip_last=skip_last, sites=sites, layer_formats=layer_formats)

@@ -234,3 +234,36 @@ def test_errors_match_the_reference():
         with pytest.raises(ValueError) as got:
             torch_codec.encode(x, f)
         assert str(got.value) == str(want.value)
+
+
+def test_the_eval_runs_on_this_codec_and_restores_the_previous_one(monkeypatch):
+    from tests.tp.test_eval import WordTokenizer, synthetic_text, tiny_llama
+    from tp import assets
+    from tp.collectives import get_codec, set_codec
+    from tp.eval import run_eval
+
+    calls = []
+    encode = TorchCodec.encode
+    monkeypatch.setattr(TorchCodec, "encode", lambda self, x, fmt: calls.append(fmt) or encode(self, x, fmt))
+    mine = Codec()
+    old = set_codec(mine)
+    try:
+        text = assets.TextData(synthetic_text(seed=1), synthetic_text(seed=2), "synthetic")
+        run_eval(model=tiny_llama(layers=1), tokenizer=WordTokenizer(), text=text, formats=["mxfp4"], tp=[2],
+                 algorithms=["gather"], tokens=48, window=48, progress=False)
+        assert calls and get_codec() is mine
+        # a codec the caller installed on purpose is kept, not replaced
+        class Custom(Codec):
+            used = 0
+
+            def encode(self, x, fmt):
+                Custom.used += 1
+                return super().encode(x, fmt)
+
+        calls.clear()
+        set_codec(Custom())
+        run_eval(model=tiny_llama(layers=1), tokenizer=WordTokenizer(), text=text, formats=["mxfp4"], tp=[2],
+                 algorithms=["gather"], tokens=48, window=48, progress=False)
+        assert Custom.used and not calls
+    finally:
+        set_codec(old)

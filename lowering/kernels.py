@@ -536,6 +536,8 @@ def quantize(x2: torch.Tensor | None, kc: KernelConstants, *, shape: tuple | Non
     e.g. a slot of a peer's symmetric buffer); default a new tensor. One kernel launch (two
     for per-tensor-scale formats). Returns (buffer, decode of the buffer as ``deq_dtype`` or
     None)."""
+    if x2 is None and (bufs is None or shape is None):
+        raise ValueError("quantize needs x2, or bufs together with shape=(rows, width)")
     rows, width = shape if x2 is None else x2.shape
     dev = bufs.device if x2 is None else x2.device
     lay, so, zo, to = _sections(kc, rows, width)

@@ -180,3 +180,21 @@ def test_gpu_large(fmt):
     check_roundtrip(x.cuda(), fmt, torch.bfloat16)
     for i, dt in enumerate((torch.float32, torch.bfloat16)):
         check_roundtrip(adversarial(512, 2000, dt, seed=99 + i, device="cuda"), fmt, torch.bfloat16)
+
+
+def test_launchers_check_their_buffers():
+    kc = lower("mxfp4", 64, torch.device("cpu"))
+    with pytest.raises(ValueError, match="quantize needs x2"):
+        kernels.quantize(None, kc)
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="out must be a contiguous 1-D uint8 tensor of 68 bytes"):
+        kernels.quantize(x, kc, out=torch.empty(67, dtype=torch.uint8))
+    dst = torch.empty(68, dtype=torch.uint8)
+    buf, _ = kernels.quantize(x, kc, out=dst)
+    assert buf is dst and torch.equal(buf, qformats.encode(x, "mxfp4").data)
+    with pytest.raises(ValueError, match="out must be a contiguous torch.float32 tensor of 2x64"):
+        kernels.dequantize(buf.view(1, -1), kc, 2, 64, torch.float32, out=torch.empty(2, 65))
+    out = torch.empty(2, 64)
+    assert kernels.dequantize(buf.view(1, -1), kc, 2, 64, torch.float32, out=out) is out
+    with pytest.raises(ValueError, match="src_off 8 must be a multiple of 16"):
+        kernels.dequantize_peers(torch.zeros(2, dtype=torch.int64), 8, kc, 2, 64, out, summed=True)

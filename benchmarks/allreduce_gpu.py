@@ -148,8 +148,8 @@ def p2p_gather(x, fmt):
 
 def breakdown(ar, args, dev, emit):
     """Time each kernel of the fused pull gather alone (graph replay), next to an HBM copy."""
+    from lowering import kernels as K
     from lowering.constants import lower
-    from tp import fused as F
 
     tokens = int(args.breakdown_mib * (1 << 20)) // (2 * HIDDEN)
     x = torch.randn(tokens, HIDDEN, device=dev).to(torch.bfloat16)
@@ -164,12 +164,12 @@ def breakdown(ar, args, dev, emit):
         p = ar.plan(x, fmt)
         kc = lower(fmt, HIDDEN, dev)
         mine = ar._bufs[ar.rank][: p.nbytes]
-        t_q = timeit(lambda: F._quantize_into(x, kc, mine, tokens, HIDDEN), 20)
+        t_q = timeit(lambda: K.quantize(x, kc, out=mine), 20)
         torch.cuda.synchronize()
         dist.barrier()
-        t_d = timeit(lambda: F._table_dequant(ar._ptrs, 0, y, kc, tokens, HIDDEN, summed=True), 20)
+        t_d = timeit(lambda: K.dequantize_peers(ar._ptrs, 0, kc, tokens, HIDDEN, y, summed=True), 20)
         local = torch.tensor([mine.data_ptr()] * ar.world, dtype=torch.int64, device=dev)
-        t_dl = timeit(lambda: F._table_dequant(local, 0, y, kc, tokens, HIDDEN, summed=True), 20)
+        t_dl = timeit(lambda: K.dequantize_peers(local, 0, kc, tokens, HIDDEN, y, summed=True), 20)
         t_all = timeit(lambda: ar(x, fmt), 20)
         for name, t, moved in (("quantize", t_q, nbytes + p.nbytes), ("dequant_sum_remote", t_d, nbytes + 2 * p.nbytes),
                                ("dequant_sum_local", t_dl, nbytes + 2 * p.nbytes), ("fused_total", t_all, 0)):

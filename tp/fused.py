@@ -295,20 +295,6 @@ def _barrier_kernel(pad_ptrs, rank, CHANNEL: tl.constexpr, WORLD: tl.constexpr):
         pass
 
 
-def _quantize_into(x2: torch.Tensor | None, kc, dst: torch.Tensor, rows: int, width: int,
-                   src: torch.Tensor | None = None) -> None:
-    """lowering's quantize kernel writing into ``dst`` (any uint8 tensor, a peer's buffer too).
-
-    With ``src`` ([n, slot] local slots), quantise the fp32 rank-order sum of their decodes
-    instead of ``x2`` (two_shot's reduce step)."""
-    K.quantize(x2, kc, shape=(rows, width), bufs=src, out=dst)
-
-
-def _table_dequant(ptrs: torch.Tensor, src_off: int, out: torch.Tensor, kc, rows: int, width: int,
-                   summed: bool) -> None:
-    K.dequantize_peers(ptrs, src_off, kc, rows, width, out, summed=summed)
-
-
 def _steps(p: Plan, x2: torch.Tensor, kc, bufs: Sequence[torch.Tensor], ptrs: torch.Tensor, rank: int,
            out: torch.Tensor):
     """One rank's kernel sequence; yields where a barrier over all ranks must stand.
@@ -319,15 +305,15 @@ def _steps(p: Plan, x2: torch.Tensor, kc, bufs: Sequence[torch.Tensor], ptrs: to
     mine = bufs[rank]
     if p.algorithm == "gather":
         if p.mode == "pull":
-            _quantize_into(x2, kc, mine[: p.nbytes], R, H)
+            K.quantize(x2, kc, out=mine[: p.nbytes])
             yield
-            _table_dequant(ptrs, 0, out, kc, R, H, summed=True)
+            K.dequantize_peers(ptrs, 0, kc, R, H, out, summed=True)
             yield
         else:
             s, e = p.slot_range(rank)
             for k in range(1, W + 1):  # peers first, own slot last
                 j = (rank + k) % W
-                _quantize_into(x2, kc, bufs[j][s:e], R, H)
+                K.quantize(x2, kc, out=bufs[j][s:e])
             yield
             slots = mine[p.slots_offset: p.slots_offset + W * p.slot].view(W, p.slot)[:, : p.nbytes]
             K.dequantize(slots, kc, R, H, out.dtype, out=out)
@@ -338,13 +324,13 @@ def _steps(p: Plan, x2: torch.Tensor, kc, bufs: Sequence[torch.Tensor], ptrs: to
     s, e = p.slot_range(rank)
     for k in range(1, W + 1):
         j = (rank + k) % W
-        _quantize_into(x2[j * c: (j + 1) * c], kc, bufs[j][s:e], c, H)
+        K.quantize(x2[j * c: (j + 1) * c], kc, out=bufs[j][s:e])
     yield
     slots = mine[p.slots_offset: p.slots_offset + W * p.slot].view(W, p.slot)[:, : p.nbytes]
     red = mine[p.reduced_offset: p.reduced_offset + p.nbytes]
-    _quantize_into(None, kc, red, c, H, src=slots)
+    K.quantize(None, kc, shape=(c, H), bufs=slots, out=red)  # rank-order sum, re-quantised
     yield
-    _table_dequant(ptrs, p.reduced_offset, out, kc, c, H, summed=False)
+    K.dequantize_peers(ptrs, p.reduced_offset, kc, c, H, out, summed=False)
     yield
 
 

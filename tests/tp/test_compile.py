@@ -66,6 +66,19 @@ def functional_gather(x):
     return funcol.all_gather_tensor(x, 0, dist.group.WORLD)
 
 
+def _reduce_explicitly(model):
+    """Make ``model`` call the compressed collective itself where the policy would compress
+    (the eager reference a compiled model must equal); the head stays a plain all-reduce."""
+    def explicit(p, mod):
+        if mod is model.head:
+            return funcol.all_reduce(p, "sum", dist.group.WORLD)
+        return tp.all_reduce(p, FMT, None, "gather")
+
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.reduce = explicit
+
+
 def _input(rank):
     # the same activations on every rank (as after an all-reduce / embedding)
     return torch.randn(T, D, generator=torch.Generator().manual_seed(1))
@@ -118,15 +131,7 @@ def _rank_gather_chained(rank, world, cache_root):
         still_mine = torch._inductor.config.post_grad_custom_post_pass is mine
     after = torch._inductor.config.post_grad_custom_post_pass
 
-    # eager reference: the compressed collective called explicitly where the policy compresses
-    def explicit(p, mod):
-        if mod is model.head:
-            return funcol.all_reduce(p, "sum", dist.group.WORLD)
-        return tp.all_reduce(p, FMT, None, "gather")
-
-    for m in model.modules():
-        if isinstance(m, Block):
-            m.reduce = explicit
+    _reduce_explicitly(model)  # eager reference: the compressed collective called explicitly
     want = model(x)
     for m in model.modules():
         if isinstance(m, Block):
@@ -236,14 +241,7 @@ def _gpu_rank(rank, world, store_path, q):
             out[cg] = [t.clone().cpu() for t in got]
             out[f"count{cg}"] = report(compiled).count()
 
-        def explicit(p, mod):
-            if mod is model.head:
-                return funcol.all_reduce(p, "sum", dist.group.WORLD)
-            return tp.all_reduce(p, FMT, None, "gather")
-
-        for m in model.modules():
-            if isinstance(m, Block):
-                m.reduce = explicit
+        _reduce_explicitly(model)
         out["want"] = [t.cpu() for t in model(x)]
         q.put((rank, out))
     finally:

@@ -30,6 +30,14 @@ from qformats.spec import SCALE_BYTES, scale_element
 KIND_FLOAT, KIND_INT, KIND_UINT = 0, 1, 2
 POLICY_FIN, POLICY_IEEE, POLICY_FN = 0, 1, 2
 SCALE_E8M0, SCALE_FP32, SCALE_BF16, SCALE_FP16, SCALE_E4M3 = 0, 1, 2, 3, 4
+# How element codes decode: a table load (codes of at most TABLE_MAX_BITS bits: one or two L1
+# lines, so a warp's lookups cost one or two wavefronts), the GPU's exact fp8 widening, or
+# integer arithmetic (8-bit integers).
+DECODE_TABLE, DECODE_FP8, DECODE_INT = 0, 1, 2
+TABLE_MAX_BITS = 6
+# The hardware fp8 types (elements the GPU converts to and from exactly as the spec rounds).
+FP8_E4M3, FP8_E5M2 = 0, 1
+_FP8 = {(4, 3, "fn"): FP8_E4M3, (5, 2, "ieee"): FP8_E5M2}
 
 _KINDS = {"float": KIND_FLOAT, "int": KIND_INT, "uint": KIND_UINT}
 _POLICIES = {"fin": POLICY_FIN, "ieee": POLICY_IEEE, "fn": POLICY_FN}
@@ -74,8 +82,11 @@ class KernelConstants:
     type's own grid ``S_*`` (absmax scales are rounded onto it), ``SNAN`` (its NaN code).
     Block and packing: ``BS`` (block size for this row width), ``BP2`` (BS rounded up to a
     power of two: kernel tiles), ``G`` codes per ``GB`` bytes, ``GBP2``, ``WORD64``.
-    ``DIV_RN``: use ``tl.math.div_rn`` (GPU: plain ``/`` is approximate there) instead of
-    ``/`` (the CPU interpreter: numpy's IEEE division, and it cannot call div_rn's GPU path).
+    ``EVEN``: the blocks tile the rows exactly and ``BS`` is a power of two (contiguous tiles).
+    ``GPU``: compiled for the GPU (exact division by ``div_rn`` / Markstein steps, hardware
+    casts), else the CPU interpreter (numpy's IEEE division; its narrow float casts are not
+    trusted). ``DECODE``: how codes decode (``DECODE_*``); ``FP8_HW`` / ``FP8``: the element is
+    a hardware fp8 type (GPU only) and which.
     """
 
     fmt: str
@@ -111,7 +122,11 @@ class KernelConstants:
     GB: int
     GBP2: int
     WORD64: bool
-    DIV_RN: bool
+    EVEN: bool
+    GPU: bool
+    DECODE: int
+    FP8_HW: bool
+    FP8: int
 
     @functools.cached_property
     def _kwargs(self) -> dict:
@@ -125,6 +140,24 @@ class KernelConstants:
     @property
     def code_bytes_per_block(self) -> int:
         return self.BS * self.BITS // 8
+
+    @property
+    def format(self) -> Format:
+        return _parsed(self.fmt)
+
+    def layout(self, rows: int):
+        """The wire layout of ``rows`` rows of this width (cached)."""
+        return _layout(self.fmt, int(rows), self.width)
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed(fmt_str: str) -> Format:
+    return Format.parse(fmt_str)
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(fmt_str: str, rows: int, width: int):
+    return _parsed(fmt_str).layout((rows, width))
 
 
 def unsupported_reason(fmt) -> str | None:
@@ -143,7 +176,7 @@ def unsupported_reason(fmt) -> str | None:
 
 @functools.lru_cache(maxsize=4096)
 def _lower(fmt_str: str, width: int, cuda: bool) -> KernelConstants:
-    f = Format.parse(fmt_str)
+    f = _parsed(fmt_str)
     why = unsupported_reason(f)
     if why:
         raise Unsupported(f"{f}: {why}")
@@ -168,6 +201,13 @@ def _lower(fmt_str: str, width: int, cuda: bool) -> KernelConstants:
     maxn_ts = float(maxn32 * np.float32(448.0)) if f.tensor_scale else 0.0
     g = group_size(e.bits)
     gb = g * e.bits // 8
+    fp8 = _FP8.get((e.ebits, e.mbits, e.policy)) if e.kind == "float" else None
+    if cuda and fp8 is not None:
+        decode = DECODE_FP8
+    elif e.kind in ("int", "uint") and e.bits > TABLE_MAX_BITS:
+        decode = DECODE_INT
+    else:
+        decode = DECODE_TABLE
     return KernelConstants(
         fmt=str(f), width=int(width),
         KIND=_KINDS[e.kind], BITS=e.bits, EBITS=e.ebits, MBITS=e.mbits, BIAS=e.bias, EMIN=e.emin,
@@ -176,7 +216,8 @@ def _lower(fmt_str: str, width: int, cuda: bool) -> KernelConstants:
         SCALE=_SCALES[f.scale], SB=SCALE_BYTES[f.scale], ZP=f.zero_point, TS=f.tensor_scale,
         MAXN_TS=maxn_ts, SNAN=_scale_nan(_SCALES[f.scale]), **s,
         BS=bs, BP2=_next_pow2(bs), G=g, GB=gb, GBP2=_next_pow2(gb), WORD64=gb * 8 > 31,
-        DIV_RN=bool(cuda),
+        EVEN=(width % bs == 0 and bs == _next_pow2(bs)), GPU=bool(cuda), DECODE=decode,
+        FP8_HW=bool(cuda) and fp8 is not None, FP8=fp8 if fp8 is not None else FP8_E4M3,
     )
 
 

@@ -1,39 +1,47 @@
-"""Generic Triton quantize / dequantize kernels, bit-exact with ``qformats.encode/decode``.
+"""The generic Triton codec kernel, bit-exact with ``qformats.encode/decode``.
 
-One quantize kernel and one dequantize kernel serve every lowered format; the format enters
-only through the constexprs of :class:`lowering.constants.KernelConstants`. The fused
-collective steps are modes of the same two kernels:
+One kernel, :func:`_codec_kernel`, serves every lowered format and every codec step; the
+format enters only through the constexprs of :class:`lowering.constants.KernelConstants`,
+the step through four launch constexprs:
 
-* ``dequant_sum_requant``: the quantize kernel reading its input as the fp32 rank-order sum
-  of N wire buffers (``SRC_BUFS``), optionally writing the decode of what it re-quantised;
-* ``dequant_sum``: the dequantize kernel summing N wire buffers, plus an optional residual.
+* source: the input tensor, or the fp32 rank-order sum of ``N_SRC`` wire buffers (``SRC_BUFS``;
+  with ``TABLE`` their addresses come from a pointer table: symmetric-memory peers);
+* ``QUANT``: quantise the source into a wire buffer (optionally also writing the decode of
+  what it wrote), else write the source (plus an optional residual) as floats.
 
-Use the launchers here (or, better, the ``torch.ops.qformats`` ops of :mod:`lowering.ops`,
-which validate inputs and fall back to the reference for unsupported formats). Cost on a
-GPU: one pass over the input and the output (per-tensor-scale formats such as nvfp4 read
-their input twice: a first pass finds the tensor's absmax).
+So ``quantize`` is (input, QUANT), ``dequantize`` / ``dequant_sum`` are (buffers, not QUANT) and
+``dequant_sum_requant`` is (buffers, QUANT). Use the launchers here, or better the
+``torch.ops.qformats`` ops of :mod:`lowering.ops`, which validate inputs and fall back to the
+reference for unsupported formats. Cost on a GPU: one pass over inputs and outputs
+(per-tensor-scale formats such as nvfp4 read their input twice: a first pass finds the
+tensor's absmax).
 
-How exactness is kept (the reference computes in float64; these kernels in fp32/int32):
+Why it is fast (the kernel is memory-bound only if it spends few instructions per element):
+when the blocks tile the rows exactly (``width % BS == 0``, power-of-two ``BS``: the common
+case) a program owns ``BPP`` consecutive blocks, i.e. one contiguous span of the tensor and of
+the code section, so loads and stores are 16-byte vectors with no per-element index or mask
+arithmetic. Per block: one integer max gives the absmax and flags NaN/Inf. Per element the
+work is a multiply by the scale, the rounding onto the element grid and a shift into the
+packed word; 8-bit floats use the GPU's round-to-nearest-even, saturating fp8 conversions
+(proved equal to the generic path on the GPU by the tests), decode is a table load (codes of
+at most 6 bits: one or two L1 lines) or the hardware fp8 conversion, and bf16/fp16 outputs
+are hardware casts (round half to even, like the reference).
 
-* Block scale exponents (E8M0) come from the exponent bits of the block absmax, with an exact
-  int->float trick for fp32 subnormals; never from a float log2.
-* Scaling by 2^-s is one fp32 multiply that is exact unless the product is an fp32 subnormal;
-  such a value is < 2^-126, far below half the smallest element step (>= 2^-19), so it rounds
-  to the same (signed) zero either way.
-* Rounding onto an element grid: the grid step 2^g is read off the value's exponent bits,
-  ``|v| * 2^-g`` is exact, and round-half-even is ``(y + 1.5*2^23) - 1.5*2^23`` (y < 2^22),
-  which works in the interpreter (no libdevice) and on the GPU. Codes are then integer
-  arithmetic: ``((g - emin + M) << M) + n`` is the magnitude code for every binade at once
-  (a rounding carry lands in the next binade by itself), and saturation is a ``min``.
-* Absmax scales: ``amax / max_normal`` and ``x / scale`` are IEEE divisions (``div_rn`` on the
-  GPU, numpy's ``/`` in the interpreter); rounding the scale up onto its type's grid is done
-  in integers from the bits (exact also for fp32 subnormals).
-* Decoding looks the exact fp32 element value up in a 2^BITS-entry table built from the
-  reference's code table (:func:`lowering.constants.value_table`) and multiplies it by the
-  fp32 scale (one rounding, as the reference's float64 product cast to fp32); zero points use
-  float64 exactly as the reference.
-* No interpreter float casts are trusted for narrow types: bf16 in/out is done on the bits
-  (round half to even by hand); fp8 casts are never used.
+How exactness is kept (the reference computes in float64 where it matters; here fp32/int32):
+
+* Block scale exponents (E8M0) come from the exponent bits of the block absmax, never from a
+  float log2. Scaling by 2^-s is one fp32 multiply that is exact unless the product is an fp32
+  subnormal, which is < 2^-126, far below half the smallest element step (>= 2^-19), so it
+  rounds to the same signed zero either way.
+* Rounding onto a float element grid: the grid step is read off the value's exponent bits and
+  the significand is rounded half to even in integers (the subnormal binade by adding a magic
+  power of two); saturation is a ``min`` on the code. Integer elements: ``v * 2^-GE`` rounded
+  with the ``1.5 * 2^23`` magic number.
+* Absmax scales: ``x / scale`` must be the IEEE fp32 quotient. The interpreter divides with
+  numpy; the GPU uses the block's correctly rounded reciprocal and two Markstein corrections
+  with fused multiply-adds (correctly rounded for every fp32 pair without over/underflow; the
+  block's operands are pre-scaled by a power of two to stay in range), which the GPU tests check
+  against ``div_rn`` on every bf16 pair and on random fp32 pairs.
 * GPU launches pass ``enable_fp_fusion=False`` (so ``acc + a*b`` is not contracted into an
   FMA that rounds once instead of twice) and ``enable_reflect_ftz=False``.
 """
@@ -45,21 +53,35 @@ import torch
 import triton
 import triton.language as tl
 
+from . import constants as C
 from . import tuning
 from .constants import KernelConstants, value_table
 
-# in/out element kinds (bf16 travels as int16 bits: the interpreter's bf16 casts do not round
-# half to even, and doing it by hand costs nothing on the GPU either)
+# in/out element kinds of the float side (bf16 travels as int16 bits in the interpreter, whose
+# bf16 casts do not round half to even)
 IO_FP32, IO_BF16, IO_FP16 = 0, 1, 2
 _IO = {torch.float32: IO_FP32, torch.bfloat16: IO_BF16, torch.float16: IO_FP16}
 
-_RNE_MAGIC = 12582912.0  # 1.5 * 2^23
-_FP32_TINY = 1.1754943508222875e-38  # 2^-126
+# the kernel-side names of the constants' integers (Triton reads module globals only as constexprs)
+_E8M0 = tl.constexpr(C.SCALE_E8M0)
+_FP32S = tl.constexpr(C.SCALE_FP32)
+_BF16S = tl.constexpr(C.SCALE_BF16)
+_FP16S = tl.constexpr(C.SCALE_FP16)
+_FLOAT = tl.constexpr(C.KIND_FLOAT)
+_INT = tl.constexpr(C.KIND_INT)
+_IEEE = tl.constexpr(C.POLICY_IEEE)
+_FN = tl.constexpr(C.POLICY_FN)
+_DEC_TABLE = tl.constexpr(C.DECODE_TABLE)
+_DEC_FP8 = tl.constexpr(C.DECODE_FP8)
+_DEC_INT = tl.constexpr(C.DECODE_INT)
+_FP8_E5M2 = tl.constexpr(C.FP8_E5M2)
+_F32IO = tl.constexpr(IO_FP32)
+_BF16IO = tl.constexpr(IO_BF16)
 
 
 def is_interpreted() -> bool:
     """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return not hasattr(_quantize_kernel, "run") or type(_quantize_kernel).__name__ == "InterpretedFunction"
+    return not hasattr(_codec_kernel, "run") or type(_codec_kernel).__name__ == "InterpretedFunction"
 
 
 # ------------------------------------------------------------------------------------------
@@ -71,12 +93,6 @@ def _pow2(e):
     normal = ((tl.maximum(e, -126) + 127) << 23).to(tl.float32, bitcast=True)
     sub = (1 << tl.minimum(tl.maximum(e + 149, 0), 22)).to(tl.float32, bitcast=True)
     return tl.where(e >= -126, normal, sub)
-
-
-@triton.jit
-def _pow2n(e):
-    """2^e as fp32 for integer e in the normal range [-126, 127] (cheaper than _pow2)."""
-    return ((e + 127) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -96,8 +112,9 @@ def _flog2(bits):
 
 
 @triton.jit
-def _div(a, b, DIV_RN: tl.constexpr):
-    if DIV_RN:
+def _div(a, b, GPU: tl.constexpr):
+    """IEEE fp32 a / b (per block: cheap enough to use the slow exact path)."""
+    if GPU:
         return tl.math.div_rn(a, b)
     else:
         return a / b
@@ -135,17 +152,18 @@ def _round_mag_int(bits, larger, S_EMIN: tl.constexpr, S_MBITS: tl.constexpr, S_
 @triton.jit
 def _float_code_value(code, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr,
                       POLICY: tl.constexpr, SIGNBIT: tl.constexpr):
-    """fp32 value of a float code (sign at bit SIGNBIT, -1 for none); NaN/Inf per policy."""
+    """fp32 value of a float code (sign at bit SIGNBIT, -1 for none); NaN/Inf per policy.
+    Used per block (scales, zero points); elements decode through the table."""
     field = (code >> MBITS) & ((1 << EBITS) - 1)
     mant = code & ((1 << MBITS) - 1)
     sig = tl.where(field > 0, mant | (1 << MBITS), mant)
     e = tl.maximum(field, 1) - BIAS - MBITS
     t1 = tl.maximum(e, -126)
     v = (sig.to(tl.float32) * _pow2(t1)) * _pow2(e - t1)  # exact: second factor only for e < -126
-    if POLICY == 1:  # ieee
+    if POLICY == _IEEE:
         top = (1 << EBITS) - 1
         v = tl.where(field == top, tl.where(mant == 0, float("inf"), float("nan")), v)
-    if POLICY == 2:  # fn
+    if POLICY == _FN:
         top = (1 << EBITS) - 1
         v = tl.where((field == top) & (mant == (1 << MBITS) - 1), float("nan"), v)
     if SIGNBIT >= 0:
@@ -154,8 +172,25 @@ def _float_code_value(code, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.c
 
 
 @triton.jit
-def _load_f32(ptr, offs, mask, KIND: tl.constexpr):
-    if KIND == 1:  # bf16 as int16 bits
+def _scale_value(code, SCALE: tl.constexpr, S_EBITS: tl.constexpr, S_MBITS: tl.constexpr,
+                 S_BIAS: tl.constexpr, S_POLICY: tl.constexpr):
+    """fp32 value of a stored scale / zero-point code (fp32 bits, bf16, fp16 or e4m3 code)."""
+    if SCALE == _FP32S:
+        return code.to(tl.float32, bitcast=True)
+    elif SCALE == _BF16S:
+        return (code << 16).to(tl.float32, bitcast=True)
+    elif SCALE == _FP16S:
+        return _float_code_value(code, S_EBITS, S_MBITS, S_BIAS, S_POLICY, 15)
+    else:
+        return _float_code_value(code, S_EBITS, S_MBITS, S_BIAS, S_POLICY, -1)
+
+
+# ------------------------------------------------------------------------------------------
+# float tiles in and out
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def _load_f32(ptr, offs, mask, KIND: tl.constexpr, GPU: tl.constexpr):
+    if KIND == _BF16IO and not GPU:  # bf16 as int16 bits (exact widening)
         b = tl.load(ptr + offs, mask=mask, other=0).to(tl.int32)
         return (b << 16).to(tl.float32, bitcast=True)
     else:
@@ -163,138 +198,246 @@ def _load_f32(ptr, offs, mask, KIND: tl.constexpr):
 
 
 @triton.jit
-def _store_f32(ptr, offs, y, mask, KIND: tl.constexpr):
-    if KIND == 0:
+def _store_f32(ptr, offs, y, mask, KIND: tl.constexpr, GPU: tl.constexpr):
+    if KIND == _F32IO:
         tl.store(ptr + offs, y, mask=mask)
-    elif KIND == 1:  # fp32 -> bf16, round half to even on the bits; NaN -> 0x7FC0
-        b = y.to(tl.int32, bitcast=True)
-        r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
-        r = tl.where((b & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
-        tl.store(ptr + offs, r.to(tl.int16), mask=mask)
+    elif KIND == _BF16IO:
+        if GPU:  # hardware cvt.rn.bf16.f32: round half to even
+            tl.store(ptr + offs, y.to(tl.bfloat16), mask=mask)
+        else:  # fp32 -> bf16 on the bits, round half to even; NaN -> 0x7FC0
+            b = y.to(tl.int32, bitcast=True)
+            r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+            r = tl.where((b & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
+            tl.store(ptr + offs, r.to(tl.int16), mask=mask)
     else:
         tl.store(ptr + offs, y.to(tl.float16), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------
-# wire-buffer tiles: codes and per-block scale parameters
+# the tile a program owns
 # ------------------------------------------------------------------------------------------
+@triton.jit
+def _tile(pid, total_blocks, nblk, width, BPP: tl.constexpr, BS: tl.constexpr, BP2: tl.constexpr,
+          EVEN: tl.constexpr, I64: tl.constexpr):
+    """The [BPP, BP2] tile of blocks program ``pid`` owns: block ids [BPP], their mask, the
+    lanes holding a block's elements, the lanes holding real features, element offsets.
+
+    EVEN (blocks tile the rows exactly, BS a power of two): the tile is one contiguous span,
+    so offsets are affine and masks constant along a block (16-byte vector accesses)."""
+    if I64:  # int32 offsets unless the tensor or buffer needs more (cheaper index math)
+        blk = pid.to(tl.int64) * BPP + tl.arange(0, BPP)
+    else:
+        blk = pid * BPP + tl.arange(0, BPP)
+    bmask = blk < total_blocks
+    lane = tl.arange(0, BP2)
+    if EVEN:
+        offs = blk[:, None] * BS + lane[None, :]
+        inb = bmask[:, None] & (lane < BP2)[None, :]
+        valid = inb
+    else:
+        row = blk // nblk
+        col = (blk - row * nblk) * BS
+        inb = bmask[:, None] & (lane < BS)[None, :]
+        valid = inb & ((col[:, None] + lane[None, :]) < width)
+        offs = (row * width + col)[:, None] + lane[None, :]
+    return blk, bmask, inb, valid, offs
+
+
+# ------------------------------------------------------------------------------------------
+# wire-buffer sections: packed codes and per-block words
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def _code_mask(bmask, grp, G: tl.constexpr, BS: tl.constexpr, EVEN: tl.constexpr):
+    """Mask of the [BPP, NG] code bytes/groups of a tile: constant along a block when EVEN
+    (so the accesses vectorise)."""
+    if EVEN:
+        return bmask[:, None] & (grp >= 0)[None, :]
+    else:
+        return bmask[:, None] & (grp * G < BS)[None, :]
+
+
 @triton.jit
 def _load_codes(buf_ptr, blk, bmask, BPP: tl.constexpr, BS: tl.constexpr, BP2: tl.constexpr,
                 BITS: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, GBP2: tl.constexpr,
-                WORD64: tl.constexpr):
+                WORD64: tl.constexpr, EVEN: tl.constexpr):
     """Element codes [BPP, BP2] (int32) of blocks ``blk`` from the packed code section."""
     NG: tl.constexpr = BP2 // G
     grp = tl.arange(0, NG)
-    byt = tl.arange(0, GBP2)
-    base = blk * (BS * BITS // 8)
-    offs = base[:, None, None] + (grp * GB)[None, :, None] + byt[None, None, :]
-    m = bmask[:, None, None] & ((grp * G) < BS)[None, :, None] & (byt < GB)[None, None, :]
-    raw = tl.load(buf_ptr + offs, mask=m, other=0)
-    if WORD64:
-        w = tl.sum(raw.to(tl.int64) << (byt * 8).to(tl.int64)[None, None, :], axis=2)
-        k = tl.arange(0, G).to(tl.int64) * BITS
-        c = ((w[:, :, None] >> k[None, None, :]) & ((1 << BITS) - 1)).to(tl.int32)
-    else:
-        w = tl.sum(raw.to(tl.int32) << (byt * 8)[None, None, :], axis=2)
-        k = tl.arange(0, G) * BITS
-        c = (w[:, :, None] >> k[None, None, :]) & ((1 << BITS) - 1)
-    return tl.reshape(c, (BPP, BP2))
+    if GB == 1:  # G codes per byte: one contiguous byte row per block
+        raw = tl.load(buf_ptr + (blk * (BS // G))[:, None] + grp[None, :],
+                      mask=_code_mask(bmask, grp, G, BS, EVEN), other=0).to(tl.int32)
+        if G == 1:
+            return raw
+        elif G == 2:
+            return tl.reshape(tl.join(raw & ((1 << BITS) - 1), raw >> BITS), (BPP, BP2))
+        else:
+            k = tl.arange(0, G) * BITS
+            return tl.reshape((raw[:, :, None] >> k[None, None, :]) & ((1 << BITS) - 1), (BPP, BP2))
+    else:  # G codes in GB bytes (3-, 5-, 6-bit codes)
+        byt = tl.arange(0, GBP2)
+        base = blk * (BS * BITS // 8)
+        offs = base[:, None, None] + (grp * GB)[None, :, None] + byt[None, None, :]
+        m = bmask[:, None, None] & ((grp * G) < BS)[None, :, None] & (byt < GB)[None, None, :]
+        raw = tl.load(buf_ptr + offs, mask=m, other=0)
+        if WORD64:
+            w = tl.sum(raw.to(tl.int64) << (byt * 8).to(tl.int64)[None, None, :], axis=2)
+            k = tl.arange(0, G).to(tl.int64) * BITS
+            c = ((w[:, :, None] >> k[None, None, :]) & ((1 << BITS) - 1)).to(tl.int32)
+        else:
+            w = tl.sum(raw.to(tl.int32) << (byt * 8)[None, None, :], axis=2)
+            k = tl.arange(0, G) * BITS
+            c = (w[:, :, None] >> k[None, None, :]) & ((1 << BITS) - 1)
+        return tl.reshape(c, (BPP, BP2))
 
 
 @triton.jit
-def _store_codes(buf_ptr, code, blk, bmask, BPP: tl.constexpr, BS: tl.constexpr, BP2: tl.constexpr,
+def _store_codes(buf_ptr, code, keep, blk, bmask, BPP: tl.constexpr, BS: tl.constexpr, BP2: tl.constexpr,
                  BITS: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, GBP2: tl.constexpr,
-                 WORD64: tl.constexpr):
-    """Pack codes [BPP, BP2] (int32, in [0, 2^BITS)) into the code section (LSB first)."""
+                 WORD64: tl.constexpr, EVEN: tl.constexpr):
+    """Pack codes [BPP, BP2] (int32, in [0, 2^BITS)) into the code section (LSB first);
+    ``keep`` [BPP] is -1, or 0 to write a block's codes as zeros (NaN/Inf blocks: masked after
+    packing, one logic op per byte)."""
     NG: tl.constexpr = BP2 // G
     grp = tl.arange(0, NG)
-    byt = tl.arange(0, GBP2)
-    c3 = tl.reshape(code, (BPP, NG, G))
-    if WORD64:
-        k = tl.arange(0, G).to(tl.int64) * BITS
-        w = tl.sum(c3.to(tl.int64) << k[None, None, :], axis=2)
-        b = (w[:, :, None] >> (byt * 8).to(tl.int64)[None, None, :]) & 0xFF
+    if GB == 1:
+        if G == 1:
+            b = code
+        elif G == 2:
+            lo, hi = tl.split(tl.reshape(code, (BPP, NG, 2)))
+            b = lo | (hi << BITS)
+        else:
+            k = tl.arange(0, G) * BITS
+            b = tl.sum(tl.reshape(code, (BPP, NG, G)) << k[None, None, :], axis=2)
+        b = b & keep[:, None]
+        tl.store(buf_ptr + (blk * (BS // G))[:, None] + grp[None, :], b.to(tl.uint8),
+                 mask=_code_mask(bmask, grp, G, BS, EVEN))
     else:
-        k = tl.arange(0, G) * BITS
-        w = tl.sum(c3 << k[None, None, :], axis=2)
-        b = (w[:, :, None] >> (byt * 8)[None, None, :]) & 0xFF
-    base = blk * (BS * BITS // 8)
-    offs = base[:, None, None] + (grp * GB)[None, :, None] + byt[None, None, :]
-    m = bmask[:, None, None] & ((grp * G) < BS)[None, :, None] & (byt < GB)[None, None, :]
-    tl.store(buf_ptr + offs, b.to(tl.uint8), mask=m)
+        byt = tl.arange(0, GBP2)
+        c3 = tl.reshape(code, (BPP, NG, G))
+        if WORD64:
+            k = tl.arange(0, G).to(tl.int64) * BITS
+            w = tl.sum(c3.to(tl.int64) << k[None, None, :], axis=2) & keep.to(tl.int64)[:, None]
+            b = (w[:, :, None] >> (byt * 8).to(tl.int64)[None, None, :]) & 0xFF
+        else:
+            k = tl.arange(0, G) * BITS
+            w = tl.sum(c3 << k[None, None, :], axis=2) & keep[:, None]
+            b = (w[:, :, None] >> (byt * 8)[None, None, :]) & 0xFF
+        base = blk * (BS * BITS // 8)
+        offs = base[:, None, None] + (grp * GB)[None, :, None] + byt[None, None, :]
+        m = bmask[:, None, None] & ((grp * G) < BS)[None, :, None] & (byt < GB)[None, None, :]
+        tl.store(buf_ptr + offs, b.to(tl.uint8), mask=m)
 
 
 @triton.jit
-def _load_word(buf_ptr, off, blk, bmask, SB: tl.constexpr):
-    """Little-endian SB-byte words (int32) at ``off + blk * SB``."""
-    i = tl.arange(0, SB)
-    raw = tl.load(buf_ptr + off + blk[:, None] * SB + i[None, :], mask=bmask[:, None], other=0)
-    return tl.sum(raw.to(tl.int32) << (i * 8)[None, :], axis=1)
-
-
-@triton.jit
-def _store_word(buf_ptr, off, blk, bmask, w, SB: tl.constexpr):
-    i = tl.arange(0, SB)
-    b = (w[:, None] >> (i * 8)[None, :]) & 0xFF
-    tl.store(buf_ptr + off + blk[:, None] * SB + i[None, :], b.to(tl.uint8), mask=bmask[:, None])
-
-
-@triton.jit
-def _scale_value(code, SCALE: tl.constexpr, S_EBITS: tl.constexpr, S_MBITS: tl.constexpr,
-                 S_BIAS: tl.constexpr, S_POLICY: tl.constexpr):
-    """fp32 value of a stored scale / zero-point code (fp32 bits, bf16, fp16 or e4m3 code)."""
-    if SCALE == 1:
-        return code.to(tl.float32, bitcast=True)
-    elif SCALE == 2:
-        return (code << 16).to(tl.float32, bitcast=True)
-    elif SCALE == 3:
-        return _float_code_value(code, S_EBITS, S_MBITS, S_BIAS, S_POLICY, 15)
+def _load_word(buf_ptr, off, blk, bmask, SB: tl.constexpr, WALIGN: tl.constexpr):
+    """Little-endian SB-byte words (int32) at ``off + blk * SB``; WALIGN: the address is a
+    multiple of SB, so one load of a 2- or 4-byte integer does."""
+    if SB == 1:
+        return tl.load(buf_ptr + off + blk, mask=bmask, other=0).to(tl.int32)
+    elif WALIGN and SB == 2:
+        return tl.load((buf_ptr + off).to(tl.pointer_type(tl.int16)) + blk, mask=bmask, other=0).to(tl.int32) & 0xFFFF
+    elif WALIGN and SB == 4:
+        return tl.load((buf_ptr + off).to(tl.pointer_type(tl.int32)) + blk, mask=bmask, other=0)
     else:
-        return _float_code_value(code, S_EBITS, S_MBITS, S_BIAS, S_POLICY, -1)
+        i = tl.arange(0, SB)
+        raw = tl.load(buf_ptr + off + blk[:, None] * SB + i[None, :], mask=bmask[:, None], other=0)
+        return tl.sum(raw.to(tl.int32) << (i * 8)[None, :], axis=1)
 
 
 @triton.jit
-def _decode_values(code, s_e8m0, scale, zero, lut_ptr, SCALE: tl.constexpr, ZP: tl.constexpr):
-    """fp32 values of codes [BPP, BP2] with per-block parameters ([BPP]):
-    ``s_e8m0`` the E8M0 byte (255 = NaN block), else ``scale`` (and ``zero``) as fp32.
-
-    The element value is one load from the decode table (sign, Inf and NaN codes included:
-    :func:`lowering.constants.value_table`), an exact fp32; times an exact fp32 scale that is
-    one rounding, as the reference's float64 product cast to fp32 (subnormal products too:
-    no flush to zero), and Inf/NaN elements stay Inf/NaN under any finite scale.
-    """
-    val = tl.load(lut_ptr + code)
-    if SCALE == 0:
-        sc = tl.where(s_e8m0 == 255, float("nan"), _pow2(s_e8m0 - 127))  # 2^-127 is a subnormal: exact
-        y = val * sc[:, None]
-    elif ZP:
-        # the reference adds in float64 then casts: do exactly that
-        y = (val.to(tl.float64) * scale.to(tl.float64)[:, None] + zero.to(tl.float64)[:, None]).to(tl.float32)
+def _store_word(buf_ptr, off, blk, bmask, w, SB: tl.constexpr, WALIGN: tl.constexpr):
+    if SB == 1:
+        tl.store(buf_ptr + off + blk, w.to(tl.uint8), mask=bmask)
+    elif WALIGN and SB == 2:
+        tl.store((buf_ptr + off).to(tl.pointer_type(tl.int16)) + blk, w.to(tl.int16), mask=bmask)
+    elif WALIGN and SB == 4:
+        tl.store((buf_ptr + off).to(tl.pointer_type(tl.int32)) + blk, w, mask=bmask)
     else:
-        y = val * scale[:, None]
-    return y
+        i = tl.arange(0, SB)
+        b = (w[:, None] >> (i * 8)[None, :]) & 0xFF
+        tl.store(buf_ptr + off + blk[:, None] * SB + i[None, :], b.to(tl.uint8), mask=bmask[:, None])
+
+
+# ------------------------------------------------------------------------------------------
+# decode
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def _element_values(code, lut_ptr, KIND: tl.constexpr, BITS: tl.constexpr, GSCALE: tl.constexpr,
+                    DECODE: tl.constexpr, FP8: tl.constexpr):
+    """Exact fp32 values of element codes (NaN/Inf codes included)."""
+    if DECODE == _DEC_FP8:  # exact widening through the hardware fp8 conversion
+        if FP8 == _FP8_E5M2:
+            return code.to(tl.uint8).to(tl.float8e5, bitcast=True).to(tl.float32)
+        else:
+            return code.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    elif DECODE == _DEC_INT:
+        if KIND == _INT:  # MX integer: sign-extended code times 2^GE
+            STEP: tl.constexpr = 1.0 / GSCALE  # 2^GE, exact
+            return ((code << (32 - BITS)) >> (32 - BITS)).to(tl.float32) * STEP
+        else:
+            return code.to(tl.float32)
+    else:
+        return tl.load(lut_ptr + code)
 
 
 @triton.jit
-def _dequant_tile(buf_ptr, blk, bmask, scale_off, zp_off, ts_off, lut_ptr,
-                  BPP: tl.constexpr, BITS: tl.constexpr, SCALE: tl.constexpr, SB: tl.constexpr,
-                  ZP: tl.constexpr, TS: tl.constexpr, S_EBITS: tl.constexpr, S_MBITS: tl.constexpr,
-                  S_BIAS: tl.constexpr, S_POLICY: tl.constexpr, BS: tl.constexpr, BP2: tl.constexpr,
-                  G: tl.constexpr, GB: tl.constexpr, GBP2: tl.constexpr, WORD64: tl.constexpr):
-    """fp32 values [BPP, BP2] of blocks ``blk`` of one wire buffer."""
-    code = _load_codes(buf_ptr, blk, bmask, BPP, BS, BP2, BITS, G, GB, GBP2, WORD64)
-    w = _load_word(buf_ptr, scale_off, blk, bmask, SB)
-    if SCALE == 0:
-        return _decode_values(code, w, 0.0, 0.0, lut_ptr, SCALE, ZP)
+def _scaled(val, scale, zero, ZP: tl.constexpr, WIDE: tl.constexpr):
+    """fp32(val * scale (+ zero)) for element values [BPP, BP2] and per-block parameters, with
+    the reference's rounding: val * scale is exact for codes times scales of at most 16
+    significant bits, so fp32 arithmetic rounds once; WIDE (zero point and fp32 scales) adds
+    in float64 as the reference does."""
+    if ZP:
+        if WIDE:
+            return (val.to(tl.float64) * scale.to(tl.float64)[:, None] + zero.to(tl.float64)[:, None]).to(tl.float32)
+        else:
+            return val * scale[:, None] + zero[:, None]
+    else:
+        return val * scale[:, None]
+
+
+@triton.jit
+def _decode_tile(buf_ptr, blk, bmask, scale_off, zp_off, ts_off, lut_ptr, K: tl.constexpr):
+    """fp32 values [BPP, BP2] of blocks ``blk`` of one wire buffer. ``K`` bundles the format's
+    constexprs (see :func:`_codec_kernel`)."""
+    BPP: tl.constexpr = K[0]
+    BITS: tl.constexpr = K[1]
+    SCALE: tl.constexpr = K[2]
+    SB: tl.constexpr = K[3]
+    ZP: tl.constexpr = K[4]
+    TS: tl.constexpr = K[5]
+    S_EBITS: tl.constexpr = K[6]
+    S_MBITS: tl.constexpr = K[7]
+    S_BIAS: tl.constexpr = K[8]
+    S_POLICY: tl.constexpr = K[9]
+    BS: tl.constexpr = K[10]
+    BP2: tl.constexpr = K[11]
+    G: tl.constexpr = K[12]
+    GB: tl.constexpr = K[13]
+    GBP2: tl.constexpr = K[14]
+    WORD64: tl.constexpr = K[15]
+    GSCALE: tl.constexpr = K[16]
+    DECODE: tl.constexpr = K[17]
+    FP8: tl.constexpr = K[18]
+    KIND: tl.constexpr = K[19]
+    EVEN: tl.constexpr = K[20]
+    WALIGN: tl.constexpr = K[21]
+    code = _load_codes(buf_ptr, blk, bmask, BPP, BS, BP2, BITS, G, GB, GBP2, WORD64, EVEN)
+    val = _element_values(code, lut_ptr, KIND, BITS, GSCALE, DECODE, FP8)
+    w = _load_word(buf_ptr, scale_off, blk, bmask, SB, WALIGN)
+    if SCALE == _E8M0:
+        sc = tl.where(w == 255, float("nan"), _pow2(w - 127))  # 2^-127 is a subnormal: exact
+        return val * sc[:, None]
     else:
         scale = _scale_value(w, SCALE, S_EBITS, S_MBITS, S_BIAS, S_POLICY)
         if TS:
-            ts = _load_word(buf_ptr, ts_off, tl.zeros_like(blk), bmask, 4).to(tl.float32, bitcast=True)
+            ts = tl.load(buf_ptr + ts_off + tl.arange(0, 4)).to(tl.int32)
+            ts = tl.sum(ts << (tl.arange(0, 4) * 8), axis=0).to(tl.float32, bitcast=True)
             scale = scale * ts
         zero = scale
         if ZP:
-            zero = _scale_value(_load_word(buf_ptr, zp_off, blk, bmask, SB), SCALE, S_EBITS, S_MBITS, S_BIAS, S_POLICY)
-        return _decode_values(code, w, scale, zero, lut_ptr, SCALE, ZP)
+            zero = _scale_value(_load_word(buf_ptr, zp_off, blk, bmask, SB, WALIGN), SCALE, S_EBITS, S_MBITS, S_BIAS,
+                                S_POLICY)
+        return _scaled(val, scale, zero, ZP, SCALE == _FP32S)
 
 
 @triton.jit
@@ -308,157 +451,86 @@ def _src(src_ptr, src_stride, ptr_table, src_off, i, TABLE: tl.constexpr):
 
 
 # ------------------------------------------------------------------------------------------
-# the generic quantize kernel
+# encode
 # ------------------------------------------------------------------------------------------
 @triton.jit
-def block_tile(pid, total_blocks, nblk, width, BPP: tl.constexpr, BS: tl.constexpr, BP2: tl.constexpr,
-               I64: tl.constexpr):
-    """The [BPP, BP2] tile of blocks program ``pid`` owns: block ids, their mask, the lanes of
-    the (zero-padded) block, the lanes holding real features, and element offsets."""
-    if I64:  # int32 offsets unless the tensor or buffer needs more (cheaper index math)
-        blk = pid.to(tl.int64) * BPP + tl.arange(0, BPP)
-    else:
-        blk = pid * BPP + tl.arange(0, BPP)
-    bmask = blk < total_blocks
-    lane = tl.arange(0, BP2)
-    row = blk // nblk
-    col = (blk - row * nblk) * BS
-    inb = bmask[:, None] & (lane < BS)[None, :]
-    valid = inb & ((col[:, None] + lane[None, :]) < width)
-    offs = (row * width + col)[:, None] + lane[None, :]
-    return blk, bmask, inb, valid, offs
+def _signed_like(q, x):
+    """|q| with the sign of x (one logic op)."""
+    return ((q.to(tl.int32, bitcast=True) & 0x7FFFFFFF) | (x.to(tl.int32, bitcast=True) & -2147483648)).to(
+        tl.float32, bitcast=True)
 
 
 @triton.jit
-def _quantize_kernel(
-    x_ptr, src_ptr, src_stride, out_ptr, deq_ptr, amax_ptr, lut_ptr,
-    total_blocks, nblk, width, scale_off, zp_off, ts_off,
-    IN_KIND: tl.constexpr, SRC_BUFS: tl.constexpr, N_SRC: tl.constexpr, PHASE: tl.constexpr,
-    WRITE_DEQ: tl.constexpr, DEQ_KIND: tl.constexpr, BPP: tl.constexpr,
-    KIND: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr,
-    BIAS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, POLICY: tl.constexpr,
-    GE: tl.constexpr, GSCALE: tl.constexpr, MAXMAG: tl.constexpr, SAT: tl.constexpr, MAXN: tl.constexpr,
-    SCALE: tl.constexpr, SB: tl.constexpr, ZP: tl.constexpr, TS: tl.constexpr, MAXN_TS: tl.constexpr,
-    S_EBITS: tl.constexpr, S_MBITS: tl.constexpr, S_BIAS: tl.constexpr, S_EMIN: tl.constexpr,
-    S_POLICY: tl.constexpr, S_MAXMAG: tl.constexpr, SNAN: tl.constexpr,
-    BS: tl.constexpr, BP2: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, GBP2: tl.constexpr,
-    WORD64: tl.constexpr, DIV_RN: tl.constexpr, I64: tl.constexpr,
-):
-    """Quantise BPP blocks per program. Input: ``x`` [rows, width] (IN_KIND), or with
-    SRC_BUFS the fp32 rank-order sum of ``N_SRC`` wire buffers at ``src_ptr + i*src_stride``.
-    PHASE 0 only folds the finite absmax into ``amax_ptr`` (per-tensor scale, pass 1)."""
-    blk, bmask, inb, valid, offs = block_tile(tl.program_id(0), total_blocks, nblk, width, BPP, BS, BP2, I64)
-    if SRC_BUFS:
-        x = _dequant_tile(src_ptr, blk, bmask, scale_off, zp_off, ts_off, lut_ptr, BPP, BITS, SCALE, SB, ZP,
-                          TS, S_EBITS, S_MBITS, S_BIAS, S_POLICY, BS, BP2, G, GB, GBP2, WORD64)
-        for i in tl.static_range(1, N_SRC):
-            x = x + _dequant_tile(src_ptr + i * src_stride, blk, bmask, scale_off, zp_off, ts_off, lut_ptr,
-                                  BPP, BITS, SCALE, SB, ZP, TS, S_EBITS, S_MBITS, S_BIAS, S_POLICY,
-                                  BS, BP2, G, GB, GBP2, WORD64)
-        x = tl.where(valid, x, 0.0)
+def _exact_quotient(x, s, GPU: tl.constexpr):
+    """fp32(x / s) for a tile x [BPP, BP2] and per-block s > 0 [BPP] (IEEE round to nearest),
+    up to the sign of a zero quotient.
+
+    GPU: reciprocal per block, then q0 = x r and two Markstein steps q += (x - s q) r, each a
+    fused multiply-add: correctly rounded when nothing over/underflows. The block's operands
+    are scaled by the same power of two so that r is a normal fp32; the scaling is exact (or,
+    for values that would underflow, moves a quotient far below every element grid's half
+    step, which rounds to the same signed zero)."""
+    if GPU:
+        f = tl.where(s < 1.0e-20, 1.8446744073709552e19, tl.where(s > 1.0e20, 5.421010862427522e-20, 1.0))
+        s2 = s * f
+        r = tl.math.div_rn(tl.full(s2.shape, 1.0, tl.float32), s2)
+        xs = x * f[:, None]
+        s2b = s2[:, None]
+        rb = r[:, None]
+        q = xs * rb
+        q = tl.fma(tl.fma(-s2b, q, xs), rb, q)
+        q = tl.fma(tl.fma(-s2b, q, xs), rb, q)
+        return q  # its magnitude: the corrections can turn -0 into +0 (callers take x's sign)
     else:
-        x = _load_f32(x_ptr, offs, valid, IN_KIND)
-    xb = x.to(tl.int32, bitcast=True)
-    ab = xb & 0x7FFFFFFF
-    finite = ab < 0x7F800000
-    bad = tl.max(tl.where(inb & (~finite), 1, 0), axis=1) > 0  # NaN/Inf blocks
-    ab = tl.where(finite, ab, 0)
-    xc = tl.where(finite, x, 0.0)  # finite values, signs kept
-    amax_b = tl.max(ab, axis=1)  # int order == float order for non-negative floats
-    if PHASE == 0:
-        tl.atomic_max(amax_ptr, tl.max(tl.where(bmask, amax_b, 0), axis=0))
-    else:
-        s_e8m0 = amax_b
-        scale = amax_b.to(tl.float32, bitcast=True)
-        zero = scale
-        if SCALE == 0:
-            s = tl.where(amax_b > 0, _flog2(amax_b) - EMAX, -127)
-            s = tl.minimum(tl.maximum(s, -127), 127)
-            # one multiply by 2^-s (2^-127 is an exact subnormal): exact unless the product is
-            # an fp32 subnormal, which rounds to the same signed zero on any element grid
-            v = xc * _pow2(-s)[:, None]
-            s_e8m0 = tl.where(bad, 255, s + 127)
-            scode = s_e8m0
-        elif ZP:
-            mn = tl.min(tl.where(inb & finite, x, float("inf")), axis=1)
-            mx = tl.max(tl.where(inb & finite, x, -float("inf")), axis=1)
-            # +0 for a zero min/max, whatever signed zeros the block holds (see ops docs)
-            mn = tl.where(bad | (mn == 0.0), 0.0, mn)
-            mx = tl.where(bad | (mx == 0.0), 0.0, mx)
-            mnb = mn.to(tl.int32, bitcast=True)
-            zneg = mnb < 0
-            zcode = _round_mag_int(mnb & 0x7FFFFFFF, zneg, S_EMIN, S_MBITS, S_MAXMAG)  # round down
-            zero = _scale_value(zcode, SCALE, S_EBITS, S_MBITS, S_BIAS, S_POLICY)
-            zero = _neg_if(zero, zneg)
-            zcode = tl.where(zneg, zcode | 0x8000, zcode)
-            raw = _div(mx - zero, MAXMAG * 1.0, DIV_RN)
-            rb = raw.to(tl.int32, bitcast=True)
-            rneg = rb < 0
-            scode = _round_mag_int(rb & 0x7FFFFFFF, ~rneg, S_EMIN, S_MBITS, S_MAXMAG)  # round up
-            scale = _scale_value(scode, SCALE, S_EBITS, S_MBITS, S_BIAS, S_POLICY)
-            scale = _neg_if(scale, rneg)
-            scode = tl.where(rneg, scode | 0x8000, scode)
-            safe = tl.where(scale > 0, scale, 1.0)
-            v = tl.where((scale > 0)[:, None], _div(xc - zero[:, None], safe[:, None], DIV_RN), 0.0)
-            zcode = tl.where(bad, SNAN, zcode)
-            scode = tl.where(bad, SNAN, scode)
+        return x / s[:, None]
+
+
+@triton.jit
+def _element_codes(v, BITS: tl.constexpr, KIND: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
+                   MAXMAG: tl.constexpr, MAXN: tl.constexpr, SAT: tl.constexpr, GSCALE: tl.constexpr,
+                   FP8_HW: tl.constexpr, FP8: tl.constexpr):
+    """Element codes (int32, low BITS bits) of finite fp32 values already divided by their
+    block's scale: round half to even onto the grid, saturate at max normal."""
+    if FP8_HW:  # cvt.rn.satfinite: RNE, saturating at max normal; signed zeros kept
+        if FP8 == _FP8_E5M2:
+            c = v.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True).to(tl.int32)
         else:
-            amax_f = amax_b.to(tl.float32, bitcast=True)
-            if TS:
-                tam = tl.load(amax_ptr).to(tl.float32, bitcast=True)
-                ts = tl.maximum(_div(tam, MAXN_TS, DIV_RN), 1.1754943508222875e-38)
-                raw = _div(amax_f, MAXN * ts, DIV_RN)
-            else:
-                raw = _div(amax_f, MAXN, DIV_RN)
-            if SCALE == 1:
-                scode = raw.to(tl.int32, bitcast=True)
-                stored = raw
-            else:
-                scode = _round_mag_int(raw.to(tl.int32, bitcast=True), raw >= 0.0, S_EMIN, S_MBITS, S_MAXMAG)
-                stored = _scale_value(scode, SCALE, S_EBITS, S_MBITS, S_BIAS, S_POLICY)
-            if TS:
-                scale = stored * ts
-                tsw = ts.to(tl.int32, bitcast=True) + tl.zeros_like(amax_b)
-                _store_word(out_ptr, ts_off, tl.zeros_like(blk), bmask & (blk == 0), tsw, 4)
-            else:
-                scale = stored
-            safe = tl.where(scale > 0, scale, 1.0)
-            v = tl.where((scale > 0)[:, None], _div(xc, safe[:, None], DIV_RN), xc * 0.0)
-            scode = tl.where(bad, SNAN, scode)
-        # ---- round v onto the element grid (half to even, saturating) ----
+            c = v.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True).to(tl.int32)
+        return c
+    elif KIND == _FLOAT:
+        # round |v| half to even onto the grid in fp32: adding c = 2^(e + 23 - MBITS), e the
+        # binade of |v| (at least EMIN: the subnormal step below it), leaves the grid step as
+        # the ulp, so (a + c) - c is the rounded value; then saturate at max normal
+        a = tl.minimum(tl.abs(v), SAT)
+        CST: tl.constexpr = (23 - MBITS) << 23
+        EMIN_BITS: tl.constexpr = (EMIN + 127) << 23
+        c = (tl.maximum(a.to(tl.int32, bitcast=True) & 0x7F800000, EMIN_BITS) + CST).to(tl.float32, bitcast=True)
+        r = tl.minimum((a + c) - c, MAXN)
+        # r * 2^(-126-EMIN) is exact, and its fp32 bits are the element's bits shifted by
+        # 23 - MBITS: element subnormals land on fp32 subnormals, normals keep their exponent
+        # relative to EMIN, so one shift gives every magnitude code
+        SCALE_DOWN: tl.constexpr = 2.0 ** (-126 - EMIN)
+        code = (r * SCALE_DOWN).to(tl.int32, bitcast=True) >> (23 - MBITS)
         vb = v.to(tl.int32, bitcast=True)
-        neg = vb < 0
-        a = (vb & 0x7FFFFFFF).to(tl.float32, bitcast=True)
-        if KIND == 0:
-            a = tl.minimum(a, SAT)
-            g = tl.maximum((a.to(tl.int32, bitcast=True) >> 23) - 127, EMIN) - MBITS
-            n = _rne_int(a * _pow2n(-g))  # -g in [-(EMAX+2-M), 19]
-            code = tl.minimum(((g - EMIN + MBITS) << MBITS) + n, MAXMAG)
-            code = tl.where(neg, code | (1 << (BITS - 1)), code)
-        else:
-            n = tl.minimum(_rne_int(tl.minimum(a * GSCALE, 4194304.0)), MAXMAG)
-            code = tl.where(neg, -n, n) & ((1 << BITS) - 1)
-        code = tl.where(bad[:, None], 0, code)
-        _store_codes(out_ptr, code, blk, bmask, BPP, BS, BP2, BITS, G, GB, GBP2, WORD64)
-        _store_word(out_ptr, scale_off, blk, bmask, scode, SB)
-        if ZP:
-            _store_word(out_ptr, zp_off, blk, bmask, zcode, SB)
-        if WRITE_DEQ:
-            if SCALE != 0:
-                scale = tl.where(bad, float("nan"), scale)
-            y = _decode_values(code, s_e8m0, scale, zero, lut_ptr, SCALE, ZP)
-            _store_f32(deq_ptr, offs, y, valid, DEQ_KIND)
+        return code | ((vb >> (32 - BITS)) & (1 << (BITS - 1)))
+    else:  # integer grids (MX int, uint with a zero point): code * 2^GE, two's complement
+        # clamp, then round half to even with the 1.5 * 2^23 magic number: the low bits of the
+        # sum are the code (the magic's low 23 bits are 0x400000, whose low BITS bits are 0)
+        y = tl.minimum(tl.maximum(v * GSCALE, -MAXMAG * 1.0), MAXMAG * 1.0)
+        return (y + 12582912.0).to(tl.int32, bitcast=True) & ((1 << BITS) - 1)
 
 
 # ------------------------------------------------------------------------------------------
-# the generic dequantize kernel
+# the kernel
 # ------------------------------------------------------------------------------------------
 @triton.jit
-def _dequantize_kernel(
-    src_ptr, src_stride, ptr_table, src_off, res_ptr, out_ptr, out_chunk, lut_ptr,
+def _codec_kernel(
+    x_ptr, src_ptr, src_stride, ptr_table, src_off, res_ptr, out_ptr, out_chunk, deq_ptr, amax_ptr, lut_ptr,
     total_blocks, nblk, width, scale_off, zp_off, ts_off,
-    N_SRC: tl.constexpr, TABLE: tl.constexpr, SUM: tl.constexpr, OUT_KIND: tl.constexpr,
-    HAS_RES: tl.constexpr, RES_KIND: tl.constexpr, BPP: tl.constexpr,
+    SRC_BUFS: tl.constexpr, TABLE: tl.constexpr, N_SRC: tl.constexpr, QUANT: tl.constexpr, SUM: tl.constexpr,
+    PHASE: tl.constexpr, IN_KIND: tl.constexpr, OUT_KIND: tl.constexpr, HAS_RES: tl.constexpr,
+    RES_KIND: tl.constexpr, WRITE_DEQ: tl.constexpr, DEQ_KIND: tl.constexpr, BPP: tl.constexpr,
+    EVEN: tl.constexpr, I64: tl.constexpr, WALIGN: tl.constexpr,
     KIND: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr,
     BIAS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, POLICY: tl.constexpr,
     GE: tl.constexpr, GSCALE: tl.constexpr, MAXMAG: tl.constexpr, SAT: tl.constexpr, MAXN: tl.constexpr,
@@ -466,54 +538,144 @@ def _dequantize_kernel(
     S_EBITS: tl.constexpr, S_MBITS: tl.constexpr, S_BIAS: tl.constexpr, S_EMIN: tl.constexpr,
     S_POLICY: tl.constexpr, S_MAXMAG: tl.constexpr, SNAN: tl.constexpr,
     BS: tl.constexpr, BP2: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, GBP2: tl.constexpr,
-    WORD64: tl.constexpr, DIV_RN: tl.constexpr, I64: tl.constexpr,
+    WORD64: tl.constexpr, GPU: tl.constexpr, DECODE: tl.constexpr, FP8_HW: tl.constexpr,
+    FP8: tl.constexpr,
 ):
-    """Decode BPP blocks per program of ``N_SRC`` wire buffers (see :func:`_src`).
+    """One codec step over BPP blocks per program (see the module docstring).
 
-    SUM: their fp32 sum in buffer order, plus the residual (optional), cast to OUT_KIND.
-    Else program axis 1 picks buffer j, decoded into ``out + j * out_chunk`` (an all-gather's
-    decode: two_shot's last step)."""
-    blk, bmask, inb, valid, offs = block_tile(tl.program_id(0), total_blocks, nblk, width, BPP, BS, BP2, I64)
-    if SUM:
-        acc = _dequant_tile(_src(src_ptr, src_stride, ptr_table, src_off, 0, TABLE), blk, bmask, scale_off,
-                            zp_off, ts_off, lut_ptr, BPP, BITS, SCALE, SB, ZP, TS, S_EBITS, S_MBITS, S_BIAS,
-                            S_POLICY, BS, BP2, G, GB, GBP2, WORD64)
-        for i in tl.static_range(1, N_SRC):
-            acc = acc + _dequant_tile(_src(src_ptr, src_stride, ptr_table, src_off, i, TABLE), blk, bmask,
-                                      scale_off, zp_off, ts_off, lut_ptr, BPP, BITS, SCALE, SB, ZP, TS,
-                                      S_EBITS, S_MBITS, S_BIAS, S_POLICY, BS, BP2, G, GB, GBP2, WORD64)
+    Source: ``x`` [rows, width] (IN_KIND), or with SRC_BUFS the fp32 rank-order sum of
+    ``N_SRC`` wire buffers (:func:`_src`), plus the residual (HAS_RES, not with QUANT).
+    QUANT: quantise it into ``out`` (PHASE 0 only folds the finite absmax into ``amax_ptr``:
+    pass 1 of a per-tensor scale), writing its decode to ``deq`` with WRITE_DEQ. Else store it
+    as OUT_KIND floats; with SRC_BUFS and not SUM, program axis 1 picks buffer j, decoded into
+    ``out + j * out_chunk`` (an all-gather's decode: two_shot's last step)."""
+    K: tl.constexpr = (BPP, BITS, SCALE, SB, ZP, TS, S_EBITS, S_MBITS, S_BIAS, S_POLICY, BS, BP2, G, GB, GBP2,
+                       WORD64, GSCALE, DECODE, FP8, KIND, EVEN, WALIGN)
+    blk, bmask, inb, valid, offs = _tile(tl.program_id(0), total_blocks, nblk, width, BPP, BS, BP2, EVEN, I64)
+    if SRC_BUFS:
+        if SUM:
+            x = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, 0, TABLE), blk, bmask, scale_off,
+                             zp_off, ts_off, lut_ptr, K)
+            for i in tl.static_range(1, N_SRC):
+                x = x + _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, i, TABLE), blk, bmask,
+                                     scale_off, zp_off, ts_off, lut_ptr, K)
+        else:
+            j = tl.program_id(1)
+            x = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, j, TABLE), blk, bmask, scale_off,
+                             zp_off, ts_off, lut_ptr, K)
         if HAS_RES:
-            acc = acc + _load_f32(res_ptr, offs, valid, RES_KIND)
-        _store_f32(out_ptr, offs, acc, valid, OUT_KIND)
+            x = x + _load_f32(res_ptr, offs, valid, RES_KIND, GPU)
     else:
-        j = tl.program_id(1)
-        y = _dequant_tile(_src(src_ptr, src_stride, ptr_table, src_off, j, TABLE), blk, bmask, scale_off,
-                          zp_off, ts_off, lut_ptr, BPP, BITS, SCALE, SB, ZP, TS, S_EBITS, S_MBITS, S_BIAS,
-                          S_POLICY, BS, BP2, G, GB, GBP2, WORD64)
-        _store_f32(out_ptr + j.to(tl.int64) * out_chunk, offs, y, valid, OUT_KIND)
+        x = _load_f32(x_ptr, offs, valid, IN_KIND, GPU)
+    if not QUANT:
+        if SUM:
+            _store_f32(out_ptr, offs, x, valid, OUT_KIND, GPU)
+        else:
+            _store_f32(out_ptr + tl.program_id(1).to(tl.int64) * out_chunk, offs, x, valid, OUT_KIND, GPU)
+    else:  # (constexpr branches, not early returns: Triton compiles the code after a return too)
+        if not EVEN:
+            x = tl.where(valid, x, 0.0)  # padded lanes of a summed source decode to 0 (or NaN)
+        xb = x.to(tl.int32, bitcast=True)
+        ab = xb & 0x7FFFFFFF
+        # one integer max per block: its absmax, and >= 0x7F800000 iff it holds NaN/Inf
+        top = tl.max(ab, axis=1)
+        bad = top >= 0x7F800000
+        if PHASE == 0:
+            amax_fin = tl.max(tl.where(ab < 0x7F800000, ab, 0), axis=1)
+            tl.atomic_max(amax_ptr, tl.max(tl.where(bmask, amax_fin, 0), axis=0))
+        else:
+            amax_b = tl.where(bad, 0, top)
+            s_e8m0 = amax_b
+            scale = amax_b.to(tl.float32, bitcast=True)
+            zero = scale
+            if SCALE == _E8M0:
+                s = tl.where(amax_b > 0, _flog2(amax_b) - EMAX, -127)
+                s = tl.minimum(tl.maximum(s, -127), 127)
+                # one multiply by 2^-s (2^-127 is an exact subnormal): exact unless the product is an
+                # fp32 subnormal, which rounds to the same signed zero on any element grid
+                v = x * _pow2(-s)[:, None]
+                s_e8m0 = tl.where(bad, 255, s + 127)
+                scode = s_e8m0
+            elif ZP:
+                finite = ab < 0x7F800000
+                mn = tl.min(tl.where(inb & finite, x, float("inf")), axis=1)
+                mx = tl.max(tl.where(inb & finite, x, -float("inf")), axis=1)
+                # +0 for a zero min/max, whatever signed zeros the block holds (see ops docs)
+                mn = tl.where(bad | (mn == 0.0), 0.0, mn)
+                mx = tl.where(bad | (mx == 0.0), 0.0, mx)
+                mnb = mn.to(tl.int32, bitcast=True)
+                zneg = mnb < 0
+                zcode = _round_mag_int(mnb & 0x7FFFFFFF, zneg, S_EMIN, S_MBITS, S_MAXMAG)  # round down
+                zero = _neg_if(_scale_value(zcode, SCALE, S_EBITS, S_MBITS, S_BIAS, S_POLICY), zneg)
+                zcode = tl.where(zneg, zcode | 0x8000, zcode)
+                raw = _div(mx - zero, MAXMAG * 1.0, GPU)
+                rb = raw.to(tl.int32, bitcast=True)
+                rneg = rb < 0
+                scode = _round_mag_int(rb & 0x7FFFFFFF, ~rneg, S_EMIN, S_MBITS, S_MAXMAG)  # round up
+                scale = _neg_if(_scale_value(scode, SCALE, S_EBITS, S_MBITS, S_BIAS, S_POLICY), rneg)
+                scode = tl.where(rneg, scode | 0x8000, scode)
+                # scale > 0 unless the block is constant (then x - zero == 0 and any scale will do)
+                xz = tl.where(finite, x, 0.0) - zero[:, None]
+                v = _signed_like(_exact_quotient(xz, tl.where(scale > 0, scale, 1.0), GPU), xz)
+                zcode = tl.where(bad, SNAN, zcode)
+                scode = tl.where(bad, SNAN, scode)
+            else:
+                amax_f = amax_b.to(tl.float32, bitcast=True)
+                if TS:
+                    tam = tl.load(amax_ptr).to(tl.float32, bitcast=True)
+                    ts = tl.maximum(_div(tam, MAXN_TS, GPU), 1.1754943508222875e-38)
+                    raw = _div(amax_f, MAXN * ts, GPU)
+                else:
+                    raw = _div(amax_f, MAXN, GPU)
+                if SCALE == _FP32S:
+                    scode = raw.to(tl.int32, bitcast=True)
+                    stored = raw
+                else:
+                    scode = _round_mag_int(raw.to(tl.int32, bitcast=True), raw >= 0.0, S_EMIN, S_MBITS, S_MAXMAG)
+                    stored = _scale_value(scode, SCALE, S_EBITS, S_MBITS, S_BIAS, S_POLICY)
+                if TS:
+                    scale = stored * ts
+                    tsw = ts.to(tl.int32, bitcast=True) + tl.zeros_like(amax_b)
+                    _store_word(out_ptr, ts_off, tl.zeros_like(blk), bmask & (blk == 0), tsw, 4, False)
+                else:
+                    scale = stored
+                # a zero scale means an all-zero block: x / 1 keeps each zero's sign
+                v = _signed_like(_exact_quotient(x, tl.where(scale > 0, scale, 1.0), GPU), x)
+                scode = tl.where(bad, SNAN, scode)
+            code = _element_codes(v, BITS, KIND, MBITS, EMIN, MAXMAG, MAXN, SAT, GSCALE, FP8_HW, FP8)
+            keep = tl.where(bad, 0, -1)
+            _store_codes(out_ptr, code, keep, blk, bmask, BPP, BS, BP2, BITS, G, GB, GBP2, WORD64, EVEN)
+            _store_word(out_ptr, scale_off, blk, bmask, scode, SB, WALIGN)
+            if ZP:
+                _store_word(out_ptr, zp_off, blk, bmask, zcode, SB, WALIGN)
+            if WRITE_DEQ:
+                code = code & ((1 << BITS) - 1)  # (a NaN/Inf block's codes are garbage, decoded as NaN)
+                val = _element_values(code, lut_ptr, KIND, BITS, GSCALE, DECODE, FP8)
+                if SCALE == _E8M0:
+                    y = val * tl.where(bad, float("nan"), _pow2(s))[:, None]
+                else:
+                    y = _scaled(val, tl.where(bad, float("nan"), scale), zero, ZP, SCALE == _FP32S)
+                _store_f32(deq_ptr, offs, y, valid, DEQ_KIND, GPU)
 
 
 # ------------------------------------------------------------------------------------------
-# launchers (no validation: lowering.ops validates)
+# launchers (no validation of values: lowering.ops validates)
 # ------------------------------------------------------------------------------------------
 def _io_view(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-
-
-def _launch_opts(kc: KernelConstants, n_elems: int, nbytes: int, device) -> tuple[int, dict]:
-    bpp, warps = tuning.config(kc.BP2, n_elems, device)
-    opts = {} if is_interpreted() else dict(num_warps=warps, enable_fp_fusion=False, enable_reflect_ftz=False)
-    opts["I64"] = max(n_elems, nbytes) >= (1 << 31) - (1 << 24)
-    return bpp, opts
+    # the interpreter reads/writes bf16 as int16 bits (see _load_f32 / _store_f32)
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 and is_interpreted() else t
 
 
 @functools.lru_cache(maxsize=1024)
-def _sections(kc: KernelConstants, rows: int, width: int):
-    from qformats import Format
-
-    lay = Format.parse(kc.fmt).layout((rows, width))
-    off = lay.offsets
-    return lay, off["scale"][0], off["zp"][0], off["ts"][0]
+def _plan(kc: KernelConstants, rows: int, width: int, nbytes_extra: int, device_type: str, step: str):
+    """(layout, section offsets, blocks per program, launch options) of one launch shape
+    (cached: call ``_plan.cache_clear()`` after changing ``QFORMATS_TILE``)."""
+    lay = kc.layout(rows)
+    n_elems = rows * lay.padded
+    bpp, warps = tuning.config(kc, n_elems, device_type, step)
+    opts = {} if is_interpreted() else dict(num_warps=warps, enable_fp_fusion=False, enable_reflect_ftz=False)
+    opts["I64"] = max(n_elems, lay.total + nbytes_extra) >= (1 << 31) - (1 << 24)
+    return lay, lay.offsets["scale"][0], lay.offsets["zp"][0], lay.offsets["ts"][0], bpp, opts
 
 
 def _out_buffer(out: torch.Tensor | None, nbytes: int, device) -> torch.Tensor:
@@ -523,6 +685,26 @@ def _out_buffer(out: torch.Tensor | None, nbytes: int, device) -> torch.Tensor:
         raise ValueError(f"out must be a contiguous 1-D uint8 tensor of {nbytes} bytes, got {out.dtype} "
                          f"{tuple(out.shape)}")
     return out
+
+
+def _out_values(out, rows: int, width: int, dtype, device) -> torch.Tensor:
+    if out is None:
+        return torch.empty((rows, width), dtype=dtype, device=device)
+    if out.dtype != dtype or out.numel() != rows * width or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of {rows}x{width} values, got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    return out
+
+
+def _walign(kc: KernelConstants, *addresses: int) -> bool:
+    """Whether every scale / zero-point word is SB-aligned: the section offsets, buffer
+    strides and base addresses given are multiples of SB (then one integer load per word)."""
+    return kc.SB == 1 or all(int(a) % kc.SB == 0 for a in addresses)
+
+
+def _same_device(what: str, t: torch.Tensor, device) -> None:
+    if t.device != torch.device(device):
+        raise ValueError(f"{what} is on {t.device}, the launch on {device}")
 
 
 def quantize(x2: torch.Tensor | None, kc: KernelConstants, *, shape: tuple | None = None,
@@ -539,28 +721,32 @@ def quantize(x2: torch.Tensor | None, kc: KernelConstants, *, shape: tuple | Non
     if x2 is None and (bufs is None or shape is None):
         raise ValueError("quantize needs x2, or bufs together with shape=(rows, width)")
     rows, width = shape if x2 is None else x2.shape
+    if width != kc.width:
+        raise ValueError(f"constants lowered for width {kc.width}, got rows of {width}")
     dev = bufs.device if x2 is None else x2.device
-    lay, so, zo, to = _sections(kc, rows, width)
+    extra = 0 if bufs is None else bufs.stride(0) * bufs.shape[0]
+    lay, so, zo, to, bpp, opts = _plan(kc, rows, width, extra, dev.type, "quantize")
     total = rows * lay.nblocks
     out = _out_buffer(out, lay.total, dev)
+    _same_device("out", out, dev)
     deq = torch.empty((rows, width), dtype=deq_dtype, device=dev) if deq_dtype is not None else None
     amax = torch.zeros(1, dtype=torch.int32, device=dev) if kc.TS else out  # TS: absmax workspace
-    nbytes = lay.total if bufs is None else bufs.stride(0) * bufs.shape[0]
-    bpp, opts = _launch_opts(kc, rows * lay.padded, nbytes, dev)
     grid = (triton.cdiv(total, bpp),)
     if bufs is None:
         xin, src, stride, n = _io_view(x2), out, 0, 1
     else:
         xin, src, stride, n = out, bufs, bufs.stride(0), bufs.shape[0]
     lut = value_table(kc, dev)
-    args = (xin, src, stride, out, _io_view(deq) if deq is not None else out, amax, lut,
-            total, lay.nblocks, width, so, zo, to)
-    common = dict(IN_KIND=_IO.get(x2.dtype, 0) if x2 is not None else 0, SRC_BUFS=bufs is not None, N_SRC=n,
+    dq = _io_view(deq) if deq is not None else out
+    args = (xin, src, stride, src, 0, out, out, 0, dq, amax, lut, total, lay.nblocks, width, so, zo, to)
+    walign = _walign(kc, so, zo, out.data_ptr(), *(() if bufs is None else (bufs.data_ptr(), bufs.stride(0))))
+    common = dict(SRC_BUFS=bufs is not None, TABLE=False, N_SRC=n, QUANT=True, SUM=True, WALIGN=walign,
+                  IN_KIND=_IO.get(x2.dtype, 0) if x2 is not None else 0, OUT_KIND=0, HAS_RES=False, RES_KIND=0,
                   WRITE_DEQ=deq is not None, DEQ_KIND=_IO[deq_dtype] if deq is not None else 0, BPP=bpp,
                   **kc.constexprs(), **opts)
     if kc.TS:  # pass 1: the tensor's finite absmax, for the per-tensor scale
-        _quantize_kernel[grid](*args, PHASE=0, **common)
-    _quantize_kernel[grid](*args, PHASE=1, **common)
+        _codec_kernel[grid](*args, PHASE=0, **common)
+    _codec_kernel[grid](*args, PHASE=1, **common)
     return out, deq
 
 
@@ -569,16 +755,21 @@ def dequantize(bufs: torch.Tensor, kc: KernelConstants, rows: int, width: int, d
     """fp32 rank-order sum of the decodes of ``bufs`` [N, nbytes] (rows of any byte stride)
     (+ ``residual``), as ``dtype`` [rows, width], written into ``out`` if given (contiguous).
     N = 1 is a plain decode. One kernel launch."""
-    lay, so, zo, to = _sections(kc, rows, width)
+    if width != kc.width:
+        raise ValueError(f"constants lowered for width {kc.width}, got rows of {width}")
+    lay, so, zo, to, bpp, opts = _plan(kc, rows, width, bufs.stride(0) * bufs.shape[0], bufs.device.type, "dequantize")
     out = _out_values(out, rows, width, dtype, bufs.device)
-    bpp, opts = _launch_opts(kc, rows * lay.padded, bufs.stride(0) * bufs.shape[0], bufs.device)
+    _same_device("out", out, bufs.device)
     total = rows * lay.nblocks
     res = _io_view(residual) if residual is not None else out
-    _dequantize_kernel[(triton.cdiv(total, bpp),)](
-        bufs, bufs.stride(0), bufs, 0, res, _io_view(out), 0, value_table(kc, bufs.device),
+    o = _io_view(out)
+    _codec_kernel[(triton.cdiv(total, bpp),)](
+        o, bufs, bufs.stride(0), bufs, 0, res, o, 0, o, o, value_table(kc, bufs.device),
         total, lay.nblocks, width, so, zo, to,
-        N_SRC=bufs.shape[0], TABLE=False, SUM=True, OUT_KIND=_IO[dtype], HAS_RES=residual is not None,
-        RES_KIND=_IO[residual.dtype] if residual is not None else 0, BPP=bpp, **kc.constexprs(), **opts)
+        SRC_BUFS=True, TABLE=False, N_SRC=bufs.shape[0], QUANT=False, SUM=True, PHASE=1, IN_KIND=0,
+        WALIGN=_walign(kc, so, zo, bufs.data_ptr(), bufs.stride(0)),
+        OUT_KIND=_IO[dtype], HAS_RES=residual is not None, RES_KIND=_IO[residual.dtype] if residual is not None else 0,
+        WRITE_DEQ=False, DEQ_KIND=0, BPP=bpp, **kc.constexprs(), **opts)
     return out
 
 
@@ -590,26 +781,20 @@ def dequantize_peers(ptrs: torch.Tensor, src_off: int, kc: KernelConstants, rows
     decoded into rows ``[j*rows, (j+1)*rows)`` of ``out`` [N*rows, width]. One kernel launch."""
     if src_off % 16:
         raise ValueError(f"src_off {src_off} must be a multiple of 16 bytes")
+    if width != kc.width:
+        raise ValueError(f"constants lowered for width {kc.width}, got rows of {width}")
     n = ptrs.numel()
-    lay, so, zo, to = _sections(kc, rows, width)
+    lay, so, zo, to, bpp, opts = _plan(kc, rows, width, src_off, out.device.type, "dequantize")
     _out_values(out, rows if summed else n * rows, width, out.dtype, out.device)
     total = rows * lay.nblocks
-    bpp, opts = _launch_opts(kc, rows * lay.padded, lay.total + src_off, out.device)
-    opts["I64"] = opts["I64"] or (not summed and n * rows * width >= (1 << 31))
+    opts = dict(opts, I64=opts["I64"] or (not summed and n * rows * width >= (1 << 31)))
     grid = (triton.cdiv(total, bpp),) if summed else (triton.cdiv(total, bpp), n)
     o = _io_view(out)
-    _dequantize_kernel[grid](
-        o, 0, ptrs, src_off, o, o, rows * width, value_table(kc, out.device),
+    _codec_kernel[grid](
+        o, o, 0, ptrs, src_off, o, o, rows * width, o, o, value_table(kc, out.device),
         total, lay.nblocks, width, so, zo, to,
-        N_SRC=n, TABLE=True, SUM=summed, OUT_KIND=_IO[out.dtype], HAS_RES=False, RES_KIND=0, BPP=bpp,
+        SRC_BUFS=True, TABLE=True, N_SRC=n, QUANT=False, SUM=summed, PHASE=1, IN_KIND=0,
+        WALIGN=_walign(kc, so, zo, src_off),  # peer bases are 16-byte aligned
+        OUT_KIND=_IO[out.dtype], HAS_RES=False, RES_KIND=0, WRITE_DEQ=False, DEQ_KIND=0, BPP=bpp,
         **kc.constexprs(), **opts)
-    return out
-
-
-def _out_values(out, rows: int, width: int, dtype, device) -> torch.Tensor:
-    if out is None:
-        return torch.empty((rows, width), dtype=dtype, device=device)
-    if out.dtype != dtype or out.numel() != rows * width or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {dtype} tensor of {rows}x{width} values, got {out.dtype} "
-                         f"{tuple(out.shape)}")
     return out

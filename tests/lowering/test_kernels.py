@@ -91,6 +91,14 @@ def test_adversarial(fmt):
 
 
 @pytest.mark.parametrize("fmt", PRESETS)
+def test_adversarial_whole_blocks(fmt):
+    """Rows that are whole blocks (the kernels' contiguous-tile path), every input dtype."""
+    for i, dt in enumerate(DTYPES):
+        check_roundtrip(adversarial(12, 256, dt, seed=zlib.crc32(fmt.encode()) % 997 + 17 * i, device=DEV), fmt,
+                        out_dtype=DTYPES[(i + 2) % 3])
+
+
+@pytest.mark.parametrize("fmt", PRESETS)
 @settings(max_examples=5)
 @given(rows=st.integers(1, 5), width=st.integers(1, 300), dt=st.sampled_from(DTYPES),
        out=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1), scale=st.integers(-30, 30))
@@ -155,9 +163,9 @@ def test_unsupported_formats_raise_in_lowering():
 def test_constants_are_derived_from_the_format():
     kc = lower("mxfp8_e4m3", 4096, "cpu")
     assert (kc.BITS, kc.EBITS, kc.MBITS, kc.BIAS, kc.EMIN, kc.EMAX, kc.MAXMAG, kc.MAXN) == (8, 4, 3, 7, -6, 8, 0x7E, 448.0)
-    assert (kc.BS, kc.BP2, kc.G, kc.GB, kc.SB, kc.DIV_RN) == (32, 32, 1, 1, 1, False)
+    assert (kc.BS, kc.BP2, kc.G, kc.GB, kc.SB, kc.GPU) == (32, 32, 1, 1, 1, False)
     kc = lower("mxfp6_e3m2", 4096, "cuda")
-    assert (kc.G, kc.GB, kc.GBP2, kc.DIV_RN, kc.MAXMAG) == (4, 3, 4, True, 31)
+    assert (kc.G, kc.GB, kc.GBP2, kc.GPU, kc.MAXMAG) == (4, 3, 4, True, 31)
     kc = lower("int4/row/fp32", 200, "cpu")
     assert (kc.BS, kc.BP2) == (200, 256)
     with pytest.raises(dataclass_error()):
@@ -183,18 +191,21 @@ def test_gpu_large(fmt):
 
 
 def test_launchers_check_their_buffers():
-    kc = lower("mxfp4", 64, torch.device("cpu"))
+    """On the device the suite runs on (CPU tensors cannot feed a compiled GPU launch)."""
+    kc = lower("mxfp4", 64, DEV)
     with pytest.raises(ValueError, match="quantize needs x2"):
         kernels.quantize(None, kc)
-    x = torch.randn(2, 64)
+    x = torch.randn(2, 64).to(DEV)
     with pytest.raises(ValueError, match="out must be a contiguous 1-D uint8 tensor of 68 bytes"):
-        kernels.quantize(x, kc, out=torch.empty(67, dtype=torch.uint8))
-    dst = torch.empty(68, dtype=torch.uint8)
+        kernels.quantize(x, kc, out=torch.empty(67, dtype=torch.uint8, device=DEV))
+    with pytest.raises(ValueError, match="constants lowered for width 64"):
+        kernels.quantize(torch.randn(2, 32, device=DEV), kc)
+    dst = torch.empty(68, dtype=torch.uint8, device=DEV)
     buf, _ = kernels.quantize(x, kc, out=dst)
-    assert buf is dst and torch.equal(buf, qformats.encode(x, "mxfp4").data)
+    assert buf is dst and torch.equal(buf.cpu(), qformats.encode(x.cpu(), "mxfp4").data)
     with pytest.raises(ValueError, match="out must be a contiguous torch.float32 tensor of 2x64"):
-        kernels.dequantize(buf.view(1, -1), kc, 2, 64, torch.float32, out=torch.empty(2, 65))
-    out = torch.empty(2, 64)
+        kernels.dequantize(buf.view(1, -1), kc, 2, 64, torch.float32, out=torch.empty(2, 65, device=DEV))
+    out = torch.empty(2, 64, device=DEV)
     assert kernels.dequantize(buf.view(1, -1), kc, 2, 64, torch.float32, out=out) is out
     with pytest.raises(ValueError, match="src_off 8 must be a multiple of 16"):
-        kernels.dequantize_peers(torch.zeros(2, dtype=torch.int64), 8, kc, 2, 64, out, summed=True)
+        kernels.dequantize_peers(torch.zeros(2, dtype=torch.int64, device=DEV), 8, kc, 2, 64, out, summed=True)

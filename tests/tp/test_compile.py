@@ -365,3 +365,14 @@ def test_module_globs_match_the_issuing_or_the_producing_module_and_the_cache_ke
     assert sites["block"] == [(f"layers.{i}", f"layers.{i}.down_proj", True) for i in range(2)]
     assert sites["hook"][0][1:] == ("layers.0.down_proj", True), sites["hook"]
     assert sites["other"] == [(f"layers.{i}", f"layers.{i}.other_proj", False) for i in range(2)]
+
+
+def _op_grad(rank, world):
+    x = torch.randn(4, 64, requires_grad=True)
+    y = torch.ops.qformats.all_reduce(x, FMT, dist.group.WORLD.group_name, "gather")
+    (2 * y).sum().backward()
+    return x.grad
+
+
+def test_the_compressed_op_is_straight_through():
+    assert torch.equal(run_ranks(_op_grad, 1, timeout=60)[0], torch.full((4, 64), 2.0))

@@ -214,10 +214,12 @@ def _cuda_header(sig: Signature, phase: str, device: torch.device) -> torch.Tens
             raise RuntimeError(f"tp: the compressed call {sig.op} {sig.fmt} {tuple(sig.shape)} is first made "
                                f"inside CUDA-graph capture: run it once before capturing")
         h = _CUDA_HEADERS[key] = torch.frombuffer(bytearray(sig.header(DATA, 0, phase)), dtype=torch.uint8).to(device)
+        if len(_CUDA_HEADERS) > _CACHED_HEADERS:
+            _CUDA_HEADERS.popitem(last=False)  # oldest first: variable shapes must not grow it forever
     return h
 
 
-_CUDA_HEADERS: dict = {}
+_CUDA_HEADERS: "OrderedDict" = OrderedDict()  # (signature, phase, device) -> its DATA header on the device
 
 
 def begin(sig: Signature, group, world: int, device: torch.device) -> Exchange:

@@ -22,9 +22,17 @@ pass that is already installed: that pass runs first, then this one, on the same
 
 Caching: ``uuid()`` hashes this file's source, the policy (a user callable by its source,
 or None -- no caching -- if its source is unavailable), the replacement ops and the chained
-pass's uuid. An FX-graph-cache hit skips *every* custom pass, including the bookkeeping of
-:attr:`CollectivePass.report` (the compiled code is still the rewritten one); compile with a
-fresh ``TORCHINDUCTOR_CACHE_DIR`` or ``fx_graph_cache=False`` when the report must be filled.
+pass's uuid. Inductor's FX-graph-cache key covers the post-grad graph's code, not its node
+metadata, and module paths (``modules=``, and whatever ``choose`` reads) are metadata: two
+models with one graph code can issue their collectives from different modules. So a policy
+that reads modules (:attr:`CollectivePolicy.reads_modules`) is cached only when the caller
+states the graph's module attribution (:meth:`CollectivePass.attributed`, which ``tp.compile``
+does for every graph dynamo hands it, from that graph's ``nn_module_stack``): the uuid then
+includes its digest. Without it the uuid is None and inductor bypasses its caches, so a cache
+hit is always the compile this graph would get. A hit skips *every* custom pass, including
+the bookkeeping of :attr:`CollectivePass.report` (the compiled code is still the rewritten
+one); compile with a fresh ``TORCHINDUCTOR_CACHE_DIR`` or ``fx_graph_cache=False`` when the
+report must be filled.
 
 Costs: the pass itself is one linear walk over the graph (microseconds per node). What the
 rewritten graph costs at run time is the replacement op's: encode + collective of the
@@ -56,6 +64,7 @@ __all__ = [
     "RewriteReport",
     "compile_options",
     "installed",
+    "module_attribution",
 ]
 
 _C10D = torch.ops._c10d_functional
@@ -74,9 +83,11 @@ class CallSite:
 
     ``op`` is ``"all_reduce"`` or ``"all_gather"``; ``index`` its position among the call
     sites of that op in this graph (execution order) and ``count`` how many there are;
-    ``module`` the dotted path of the module whose forward issued it (from the node's
-    ``nn_module_stack``, e.g. ``"model.layers.3.mlp.down_proj"``; ``""`` when unknown);
-    ``nbytes`` the uncompressed message (numel * itemsize) of this rank.
+    ``module`` the dotted path of the module whose forward (or forward hook) issued it and
+    ``producer`` that of the module whose forward computed its input (both from the nodes'
+    ``nn_module_stack``, e.g. ``"model.layers.3.mlp"`` and ``"model.layers.3.mlp.down_proj"``
+    for ``all_reduce(self.down_proj(h))`` written in the MLP's forward; ``""`` for the root
+    module or when unknown); ``nbytes`` the uncompressed message (numel * itemsize) of this rank.
     """
 
     op: str
@@ -87,6 +98,7 @@ class CallSite:
     dtype: torch.dtype
     group_name: str
     group_size: int = 0  # known for all_gather (an argument of the op); 0 for all_reduce
+    producer: str = ""
 
     @property
     def nbytes(self) -> int:
@@ -118,8 +130,12 @@ class CollectivePolicy:
     4. the first ``skip_first`` and last ``skip_last`` all-reduces of the graph stay plain
        (the first and last layers are the most sensitive to quantisation error); all-gathers
        are not counted and not skipped by position.
-    5. with ``modules`` (glob patterns, e.g. ``("*.mlp.down_proj",)``) only call sites whose
-       producing module matches one are compressed.
+    5. with ``modules`` (glob patterns, e.g. ``("*.down_proj",)``, matched with
+       ``fnmatch.fnmatchcase``) only call sites whose ``module`` or ``producer`` matches one
+       are compressed. So ``"*.down_proj"`` selects the all-reduce of down_proj's output
+       wherever it is written: inside the projection's forward, in the enclosing block's
+       forward (gpt-fast, torchtitan), or in a forward hook of the block; ``"*.mlp"`` selects
+       it too when it is issued in (or in a hook of) the MLP module. ``""`` is the root module.
     6. everything else gets ``fmt`` with ``algorithm``.
 
     ``fmt`` is stored as its canonical string, so two equal policies hash equally (the pass's
@@ -163,9 +179,18 @@ class CollectivePolicy:
             return None
         if site.op == "all_reduce" and (site.index < self.skip_first or site.index >= site.count - self.skip_last):
             return None
-        if self.modules and not any(fnmatch.fnmatchcase(site.module, p) for p in self.modules):
+        if self.modules and not self.selects_module(site):
             return None
         return self.fmt
+
+    def selects_module(self, site: CallSite) -> bool:
+        """Whether a ``modules`` glob matches the site's issuing or producing module (rule 5)."""
+        return any(fnmatch.fnmatchcase(m, p) for p in self.modules for m in (site.module, site.producer))
+
+    @property
+    def reads_modules(self) -> bool:
+        """Whether decisions can depend on module paths (graph metadata the cache key lacks)."""
+        return bool(self.modules) or self.choose is not None
 
     def fingerprint(self) -> Optional[str]:
         """A stable string of everything that decides the rewrite; None if ``choose`` has no source."""
@@ -228,14 +253,16 @@ class RewriteReport:
         return sum(e.bytes_after for e in self.entries)
 
     def table(self) -> str:
-        """One line per call site: op, producing module, shape, format, message bytes before/after."""
+        """One line per call site: op, issuing module (<- the module that computed its input),
+        shape, format, message bytes before/after."""
         if not self.entries:
             return ("no graph went through the pass (not compiled yet, or every graph came from the "
                     "FX graph cache: use a fresh TORCHINDUCTOR_CACHE_DIR or fx_graph_cache=False)")
         rows = [("graph", "op", "#", "module", "shape", "dtype", "format", "bytes before", "bytes after")]
         for e in self.entries:
             s = e.site
-            rows.append((str(e.graph), s.op, str(s.index), s.module or "?", "x".join(map(str, s.shape)),
+            where = (s.module or "(root)") + (f" <- {s.producer}" if s.producer and s.producer != s.module else "")
+            rows.append((str(e.graph), s.op, str(s.index), where, "x".join(map(str, s.shape)),
                          str(s.dtype).replace("torch.", ""),
                          f"{e.fmt} ({e.algorithm})" if e.fmt else f"plain ({e.reason})",
                          str(e.bytes_before), str(e.bytes_after)))
@@ -275,6 +302,19 @@ def _normalize_path(path: str) -> str:
     return path.lstrip(".")
 
 
+def module_attribution(gm: torch.fx.GraphModule) -> str:
+    """A digest of which module every node of ``gm`` came from (its ``nn_module_stack``).
+
+    Computed on the dynamo graph handed to a backend, whose node metadata is what the post-grad
+    graph's ``nn_module_stack`` entries are copied from; one linear walk (microseconds a node).
+    """
+    h = hashlib.sha256()
+    for n in gm.graph.nodes:
+        stack = n.meta.get("nn_module_stack") or {}
+        h.update(repr((n.name, tuple(_normalize_path(v[0]) for v in stack.values()))).encode())
+    return h.hexdigest()
+
+
 def _waits(node: torch.fx.Node) -> Optional[list]:
     users = list(node.users)
     if users and all(u.op == "call_function" and u.target in _WAIT for u in users):
@@ -295,6 +335,8 @@ class CollectivePass(CustomGraphPass):
             installed before; it runs first on every graph. Its uuid joins this one's.
 
     ``report`` accumulates a :class:`Rewrite` per call site of every graph the pass ran on.
+    ``attribution`` is the :func:`module_attribution` of the graph being compiled, or None
+    (see the module docstring, Caching); set it with :meth:`attributed`.
     """
 
     def __init__(self, policy: CollectivePolicy, all_reduce_op, all_gather_op=None, chain=None):
@@ -311,6 +353,20 @@ class CollectivePass(CustomGraphPass):
         self.all_gather_op = getattr(all_gather_op, "default", all_gather_op) if all_gather_op is not None else None
         self.chain = chain
         self.report = RewriteReport()
+        self.attribution: Optional[str] = None
+
+    @contextlib.contextmanager
+    def attributed(self, gm: torch.fx.GraphModule):
+        """Compile ``gm`` inside this block: the uuid (the cache key) then covers its module paths.
+
+        For a backend that receives dynamo's graph and calls inductor on it (``tp.compile``'s).
+        Graphs compiled outside the block (a lazily compiled backward) get no attribution.
+        """
+        prev, self.attribution = self.attribution, module_attribution(gm)
+        try:
+            yield self
+        finally:
+            self.attribution = prev
 
     # -- CustomGraphPass -----------------------------------------------------------------------
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -325,6 +381,10 @@ class CollectivePass(CustomGraphPass):
         if pol is None:
             return None
         parts = [_SOURCE_HASH, pol, str(self.all_reduce_op), str(self.all_gather_op)]
+        if self.policy.reads_modules:
+            if self.attribution is None:
+                return None  # decisions read metadata the cache key cannot see: never cache
+            parts.append(self.attribution)
         chained = self.chain if isinstance(self.chain, (list, tuple)) else [self.chain]
         for p in chained:
             if p is None:
@@ -372,7 +432,8 @@ class CollectivePass(CustomGraphPass):
             group_size, group_name, reduce_op = int(n.args[1]), str(n.args[2]), "sum"
         shape = tuple(val.shape) if val is not None else ()
         dtype = val.dtype if val is not None else torch.float32
-        site = CallSite(op, index, count, module_path(n), shape, dtype, group_name, group_size)
+        producer = module_path(x) if isinstance(x, torch.fx.Node) else ""
+        site = CallSite(op, index, count, module_path(n), shape, dtype, group_name, group_size, producer)
         before = site.nbytes if val is not None else 0
 
         def alone(reason):
@@ -430,7 +491,7 @@ class CollectivePass(CustomGraphPass):
             return f"< {p.min_bytes} B"
         if site.op == "all_reduce" and (site.index < p.skip_first or site.index >= site.count - p.skip_last):
             return "first/last skipped"
-        return "module not selected"
+        return "module not selected"  # neither site.module nor site.producer matched
 
 
 def _hash_source() -> str:

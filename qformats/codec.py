@@ -277,6 +277,24 @@ def decode(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return xq.reshape(q.shape).to(dtype)
 
 
+class _StraightThrough(torch.autograd.Function):
+    """``decode(encode(x))`` forward, the identity backward (the straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x, fmt):
+        return decode(encode(x, fmt))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def quantize_dequantize(x: torch.Tensor, fmt) -> torch.Tensor:
-    """``decode(encode(x, fmt))``: the value a receiver sees, same shape and dtype as ``x``."""
+    """``decode(encode(x, fmt))``: the value a receiver sees, same shape and dtype as ``x``.
+
+    Differentiable straight through: the gradient is passed unchanged (rounding is taken as the
+    identity), the usual rule for training through a quantiser. ``encode``/``decode`` themselves
+    carry no gradient (their wire buffer is integer bytes)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _StraightThrough.apply(x, fmt)
     return decode(encode(x, fmt))

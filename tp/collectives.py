@@ -31,13 +31,24 @@ which the emulator calls too; only the data movement differs. ``fmt=None`` is th
 own reduction, whose summation order the backend chooses (exactly a rank-order sum only when
 the additions are exact, e.g. for 2 ranks or integer-valued data).
 
-Errors: everything that can be wrong with (shape, dtype, format, algorithm) is checked
-before the first message is sent. In tensor parallelism those are equal on all ranks by
-construction, so all ranks raise together and nobody is left waiting in a collective. Ranks
-that disagree on shape or dtype are a caller bug the collective cannot see for free: pass
-``validate=True`` (or set ``TP_VALIDATE_COLLECTIVES=1``) to spend one extra small
-all-gather on a signature that makes every rank raise the same ValueError instead of
-hanging or summing garbage.
+Errors: everything that can be wrong with (shape, dtype, format, algorithm) on one rank is
+checked before the first message is sent, so when the ranks agree they all raise together and
+nobody is left waiting in a collective. Ranks that disagree (a caller bug: shapes, formats,
+dtypes, algorithms or the order of calls differ) get a ValueError on every rank, never a
+result, at no extra message on the hot path: every compressed wire buffer carries a
+:data:`tp.wirecheck.HEADER_BYTES` header that the receivers check before decoding, and sizes
+are agreed before they reach the backend (:mod:`tp.wirecheck`; on CUDA a rank on the fast
+path stops with a device-side assertion instead). The default ``validate=None`` does that;
+``validate=True`` (or ``TP_VALIDATE_COLLECTIVES=1``) also spends one small all-gather per call
+on a signature, which covers the plain all-reduce (``fmt=None``, under ``threshold_bytes``)
+too; ``validate=False`` sends bare buffers with no check (only where the ranks provably
+agree). Use the same ``validate`` on every rank.
+
+Autograd: the compressed collectives are straight-through. ``all_reduce`` of any format has
+the gradient of the plain all-reduce (each rank's ``x`` gets the output's gradient unchanged:
+the row-parallel rule of Megatron-style TP, the quantisation taken as the identity), so
+``fmt`` never changes what backward computes. ``all_gather`` and ``reduce_scatter`` (plain or
+compressed) do not propagate gradients and raise when ``x`` requires grad in grad mode.
 """
 from __future__ import annotations
 
@@ -53,6 +64,9 @@ import torch.distributed as dist
 import qformats
 from qformats import Format, QTensor
 
+from . import wirecheck
+from .wirecheck import HEADER_BYTES, Signature
+
 __all__ = [
     "ALGORITHMS",
     "DEFAULT_THRESHOLD_BYTES",
@@ -66,6 +80,7 @@ __all__ = [
     "resolve_format",
     "set_codec",
     "split_rows",
+    "straight_through",
 ]
 
 # A compressed collective pays a fixed cost per call (encode/decode launches, two round
@@ -252,27 +267,80 @@ def _want_validate(validate: Optional[bool]) -> bool:
     return bool(validate)
 
 
+def _exchange(op: str, fmt: Format, x: torch.Tensor, slot: int, group, world: int, validate: Optional[bool]):
+    """The :class:`tp.wirecheck.Exchange` of a compressed call (None with ``validate=False``: bare buffers)."""
+    if validate is False:
+        return None
+    return wirecheck.begin(Signature(op, str(fmt), x.dtype, tuple(x.shape), slot), group, world, x.device)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``y`` in the forward; in the backward every input gets ``y``'s gradient unchanged."""
+
+    @staticmethod
+    def forward(ctx, y, *xs):
+        ctx.dtypes = [x.dtype for x in xs]
+        return y.view_as(y)  # a view, not y itself: y is the caller's, the output autograd's
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, *[grad.to(dt) for dt in ctx.dtypes])
+
+
+def straight_through(y: torch.Tensor, *xs: torch.Tensor) -> torch.Tensor:
+    """``y`` (computed without autograd) with its gradient passed unchanged to each of ``xs``
+    (of ``y``'s shape), when one of them wants a gradient; ``y`` itself otherwise."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
+        return _StraightThrough.apply(y, *xs)
+    return y
+
+
+def _no_grad_needed(x: torch.Tensor, op: str) -> None:
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError(
+            f"tp.{op} does not propagate gradients and x requires grad: call it under torch.no_grad() "
+            f"(inference), or use torch.distributed's differentiable collectives for training"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # The data movement (each returns fp32 in the [.., c, H] chunk layout; callers cast)
 # ---------------------------------------------------------------------------------------------
-def _gather_bufs(buf: torch.Tensor, world: int, group) -> list[torch.Tensor]:
-    """All-gather one uint8 buffer per rank; returns the W buffers in rank order."""
+def _gather_bufs(buf: torch.Tensor, world: int, group, ex=None, phase: str = "") -> list[torch.Tensor]:
+    """All-gather one uint8 buffer per rank; returns the W buffers in rank order.
+
+    With an Exchange ``ex`` each buffer travels behind its header, checked before it is returned."""
     n = buf.numel()
-    out = torch.empty(world * n, dtype=torch.uint8, device=buf.device)
-    dist.all_gather_into_tensor(out, buf, group=group)
-    return list(out.view(world, n).unbind(0))
+    h = HEADER_BYTES if ex is not None else 0
+    send = buf
+    if ex is not None:
+        send = torch.empty(1, h + n, dtype=torch.uint8, device=buf.device)
+        ex.write(send, phase)
+        send[0, h:] = buf
+        send = send.view(-1)
+    out = torch.empty(world * (h + n), dtype=torch.uint8, device=buf.device)
+    dist.all_gather_into_tensor(out, send, group=group)
+    slots = out.view(world, h + n)
+    if ex is not None:
+        ex.check(slots, phase)
+    return list(slots[:, h:].unbind(0))
 
 
-def _exchange_chunks(chunks: torch.Tensor, fmt: Format, codec, world: int, group) -> list[torch.Tensor]:
+def _exchange_chunks(chunks: torch.Tensor, fmt: Format, codec, world: int, group, ex=None) -> list[torch.Tensor]:
     """Encode each of the W chunks, all-to-all: returns every rank's encoding of *my* chunk, in rank order."""
     shape = tuple(chunks.shape[1:])
     n = fmt.nbytes(shape)
-    send = torch.empty(world * n, dtype=torch.uint8, device=chunks.device)
+    h = HEADER_BYTES if ex is not None else 0
+    send = torch.empty(world, h + n, dtype=torch.uint8, device=chunks.device)
+    if ex is not None:
+        ex.write(send)
     for j in range(world):
-        send[j * n : (j + 1) * n] = _encoded(codec, chunks[j], fmt, n)
+        send[j, h:] = _encoded(codec, chunks[j], fmt, n)
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    return list(recv.view(world, n).unbind(0))
+    dist.all_to_all_single(recv.view(-1), send.view(-1), group=group)
+    if ex is not None:
+        ex.check(recv)
+    return list(recv[:, h:].unbind(0))
 
 
 def _encoded(codec, x2: torch.Tensor, fmt: Format, n: Optional[int] = None) -> torch.Tensor:
@@ -318,12 +386,14 @@ def all_reduce(
             all-reduce. 0 here (an explicit format is honoured); :class:`tp.layers.CommPolicy`
             applies :data:`DEFAULT_THRESHOLD_BYTES`.
         codec: the arithmetic (default: :func:`get_codec`).
-        validate: spend one small all-gather to check that all ranks agree on shape, dtype,
-            format and algorithm (default: env ``TP_VALIDATE_COLLECTIVES``).
+        validate: None (default): ranks that disagree get a ValueError from the wire headers
+            (module docstring); True (or env ``TP_VALIDATE_COLLECTIVES=1``): also one small
+            all-gather per call, which checks plain calls too; False: no check at all.
 
     Returns a new tensor of x's shape and dtype, bitwise identical on every rank and equal to
     ``tp.emulate_all_reduce([x_0, ..., x_{W-1}], fmt, algorithm)``. At world size 1 a format
-    still applies (the result is quantise-dequantise), matching the emulator.
+    still applies (the result is quantise-dequantise), matching the emulator. Differentiable
+    straight through (module docstring, Autograd).
     """
     fmt = resolve_format(fmt)
     check_algorithm(algorithm)
@@ -339,25 +409,33 @@ def all_reduce(
     if algorithm == "fused" and x.is_cuda and world > 1:
         from .fused import registered  # the fused kernels need Triton + CUDA: imported on use
 
-        return registered(group)(x, fmt)
-    algorithm = wire_algorithm(algorithm, world)
-    codec = get_codec(codec)
+        with torch.no_grad():
+            return straight_through(registered(group)(x, fmt), x)
+    with torch.no_grad():
+        y = _compressed_all_reduce(x, fmt, group, wire_algorithm(algorithm, world), get_codec(codec), world, validate)
+    return straight_through(y, x)
+
+
+def _compressed_all_reduce(x, fmt: Format, group, algorithm: str, codec, world: int, validate) -> torch.Tensor:
     x2 = rows_view(x)
     if algorithm == "gather":
         if world == 1:
             return codec.decode(_encoded(codec, x2, fmt), fmt, tuple(x2.shape)).to(x.dtype).reshape(x.shape)
-        bufs = _gather_bufs(_encoded(codec, x2, fmt), world, group)
+        ex = _exchange("gather", fmt, x, fmt.nbytes(tuple(x2.shape)), group, world, validate)
+        bufs = _gather_bufs(_encoded(codec, x2, fmt), world, group, ex)
         return codec.decode_sum(bufs, fmt, tuple(x2.shape)).to(x.dtype).reshape(x.shape)
     # two_shot
     chunks, pad = split_rows(x2, world)
     cshape = tuple(chunks.shape[1:])
     if world == 1:
         mine = [_encoded(codec, chunks[0], fmt)]
+        ex = None
     else:
-        mine = _exchange_chunks(chunks, fmt, codec, world, group)
+        ex = _exchange("two_shot", fmt, x, fmt.nbytes(cshape), group, world, validate)
+        mine = _exchange_chunks(chunks, fmt, codec, world, group, ex)
     red = codec.reduce_requant(mine, fmt, cshape)
     _check_buf(red, fmt, cshape, codec)
-    bufs = _gather_bufs(red, world, group) if world > 1 else [red]
+    bufs = _gather_bufs(red, world, group, ex, "/reduced") if world > 1 else [red]
     out = torch.stack([codec.decode(b, fmt, cshape) for b in bufs])
     return merge_rows(out, pad, x.shape, x.dtype)
 
@@ -386,6 +464,7 @@ def all_gather(
     check_tensor(x, fmt)
     if x.dim() == 0:
         raise ValueError("all_gather concatenates along dim 0; x must have at least one dimension")
+    _no_grad_needed(x, "all_gather")
     world, _ = _world_and_rank(group)
     if world > 1 and _want_validate(validate):
         _validate_across_ranks(x, fmt, "all_gather", "-", group, world)
@@ -400,7 +479,10 @@ def all_gather(
     x2 = rows_view(x)
     shape = tuple(x2.shape)
     buf = _encoded(codec, x2, fmt)
-    bufs = _gather_bufs(buf, world, group) if world > 1 else [buf]
+    if world > 1:
+        bufs = _gather_bufs(buf, world, group, _exchange("all_gather", fmt, x, buf.numel(), group, world, validate))
+    else:
+        bufs = [buf]
     return torch.cat([codec.decode(b, fmt, shape).to(x.dtype).reshape(x.shape) for b in bufs])
 
 
@@ -420,6 +502,7 @@ def reduce_scatter(
     check_tensor(x, fmt)
     if x.dim() == 0:
         raise ValueError("reduce_scatter splits dim 0; x must have at least one dimension")
+    _no_grad_needed(x, "reduce_scatter")
     world, rank = _world_and_rank(group)
     if x.shape[0] % world:
         raise ValueError(f"reduce_scatter: dim 0 of x ({x.shape[0]}) must divide by the world size {world}")
@@ -438,7 +521,8 @@ def reduce_scatter(
     if world == 1:
         mine = [_encoded(codec, chunks[0], fmt)]
     else:
-        mine = _exchange_chunks(chunks, fmt, codec, world, group)
+        ex = _exchange("reduce_scatter", fmt, x, fmt.nbytes(cshape), group, world, validate)
+        mine = _exchange_chunks(chunks, fmt, codec, world, group, ex)
     return codec.decode_sum(mine, fmt, cshape).to(x.dtype).reshape(out_shape)
 
 

@@ -9,16 +9,24 @@ after each row-parallel layer compressed without editing the model::
     model = tp.compile(model, policy)          # torch.compile + the rewrite pass
     y = model(x); tp.print_collectives(model)  # which collectives, which formats, bytes
 
-What it does: ``torch.compile(model, fullgraph=True, options=...)`` with the graph pass of
+What it does: ``torch.compile(model, fullgraph=True)`` with inductor and the graph pass of
 :mod:`lowering.passes`, which replaces every ``_c10d_functional.all_reduce`` + ``wait_tensor``
 that the policy gives a format with ``torch.ops.qformats.all_reduce(x, fmt, group_name,
 algorithm)`` (and, with ``all_gather=True``, ``all_gather_into_tensor`` with
 ``torch.ops.qformats.all_gather``). These custom ops, registered here, run
 :func:`tp.all_reduce` / :func:`tp.all_gather` with the installed codec, so the compiled model
 equals the eager model calling the compressed collectives explicitly, bit for bit (same codec,
-same rank-order fp32 sums). The pass is installed through ``options=`` of this one compiled
+same rank-order fp32 sums). The pass is installed as an inductor option of this one compiled
 object and chains with any ``post_grad_custom_post_pass`` already in effect (it runs first);
 global inductor config is never changed.
+
+Which module a ``modules=`` glob is matched against: the module whose forward (or forward
+hook) issues the collective, *and* the module whose forward computed its input. With
+``modules=("*.down_proj",)`` all of these are compressed: the all-reduce written inside
+``down_proj``'s forward; ``all_reduce(self.down_proj(h))`` in the block's forward (gpt-fast,
+torchtitan); a forward hook on the MLP whose output is ``down_proj``'s (gpt-fast's ``tp.py``).
+``print_collectives`` shows both paths of every site. Paths are relative to the compiled module
+(``layers.0.mlp.down_proj``); ``""`` is the module itself.
 
 What it costs: a compile (seconds to a minute: inductor); at run time each rewritten
 collective costs an encode, the collective of the compressed bytes and W decodes (``gather``)
@@ -35,9 +43,16 @@ for the same reason. Inside capture nothing may synchronise with the host: leave
 ``TP_VALIDATE_COLLECTIVES`` unset (validation copies a signature to the CPU), and use NCCL
 (gloo cannot be captured).
 
-Reports: an FX-graph-cache hit skips custom passes, including the report's bookkeeping (the
-cached code is the rewritten one). Pass ``cache=False`` (or use a fresh
-``TORCHINDUCTOR_CACHE_DIR``) when you need :func:`report` filled.
+Caching: inductor's cache key covers the graph's code, not which module each node came
+from, so this backend hands the pass a digest of the module attribution of every graph
+dynamo traces (:meth:`lowering.passes.CollectivePass.attributed`); the key includes it when
+the policy reads modules. A cache hit is therefore always the compile this model would get.
+Reports: a cache hit skips custom passes, including the report's bookkeeping (the cached
+code is the rewritten one). Pass ``cache=False`` (or use a fresh ``TORCHINDUCTOR_CACHE_DIR``)
+when you need :func:`report` filled.
+
+Autograd: the compressed ops are straight-through (the gradient of ``tp.all_reduce`` for any
+format is that of the plain all-reduce: each rank's input gets the output's gradient).
 """
 from __future__ import annotations
 
@@ -87,6 +102,13 @@ def _(x, fmt, group_name, algorithm):
     _checked_format(fmt)
     check_algorithm(algorithm)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _straight_through_backward(ctx, grad):
+    return grad, None, None, None  # the plain all-reduce's gradient (tp.collectives, Autograd)
+
+
+all_reduce_op.register_autograd(_straight_through_backward)
 
 
 @torch.library.custom_op("qformats::all_gather", mutates_args=())
@@ -144,15 +166,35 @@ def compile(model, policy: CollectivePolicy, *, fullgraph: bool = True, cudagrap
     if "mode" in compile_kwargs:
         raise ValueError("tp.compile passes inductor options, which torch.compile cannot combine with mode=; "
                          "use cudagraphs=True for mode='reduce-overhead'")
+    if compile_kwargs.get("backend", "inductor") != "inductor":
+        raise ValueError(f"tp.compile rewrites collectives in an inductor pass; backend="
+                         f"{compile_kwargs['backend']!r} would never run it")
+    compile_kwargs.pop("backend", None)
     pass_ = compile_pass(policy)
     opts = compile_options(pass_, options)
     if cudagraphs:
         opts["triton.cudagraphs"] = True
     if not cache:
         opts["fx_graph_cache"] = False
-    compiled = torch.compile(model, fullgraph=fullgraph, options=opts, **compile_kwargs)
+    compiled = torch.compile(model, fullgraph=fullgraph, backend=_AttributingInductor(pass_, opts), **compile_kwargs)
     _passes[compiled] = pass_
     return compiled
+
+
+class _AttributingInductor:
+    """Inductor with ``options``, each dynamo graph compiled inside ``pass_.attributed(gm)`` so
+    that the cache key covers the graph's module paths (module docstring, Caching)."""
+
+    compiler_name = "inductor"
+
+    def __init__(self, pass_: CollectivePass, options: dict):
+        self.pass_, self.options = pass_, options
+
+    def __call__(self, gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        with self.pass_.attributed(gm):
+            return compile_fx(gm, example_inputs, config_patches=self.options)
 
 
 def report(compiled) -> RewriteReport:
@@ -183,7 +225,8 @@ def collective_rows(rep: RewriteReport) -> list[dict]:
             sent = wire_bytes(s.shape, s.dtype, e.fmt, e.algorithm or "gather", w).sent_bytes if e.fmt else plain
         else:  # all-gather: my buffer reaches W-1 peers
             plain, sent = (w - 1) * e.bytes_before, (w - 1) * e.bytes_after
-        rows.append(dict(graph=e.graph, op=s.op, index=s.index, module=s.module, shape=s.shape, dtype=s.dtype,
+        rows.append(dict(graph=e.graph, op=s.op, index=s.index, module=s.module, producer=s.producer,
+                         shape=s.shape, dtype=s.dtype,
                          fmt=e.fmt, algorithm=e.algorithm, reason=e.reason, world=w,
                          message_before=e.bytes_before, message_after=e.bytes_after,
                          sent_before=plain, sent_after=sent))
@@ -201,7 +244,10 @@ def print_collectives(compiled, file=None) -> str:
         lines = [head]
         for r in rows:
             fmt = f"{r['fmt']} ({r['algorithm']})" if r["fmt"] else f"plain ({r['reason']})"
-            lines.append((r["op"], str(r["index"]), r["module"] or "?",
+            where = r["module"] or "(root)"
+            if r["producer"] and r["producer"] != r["module"]:
+                where += f" <- {r['producer']}"  # issued in module, input computed by producer
+            lines.append((r["op"], str(r["index"]), where,
                           "x".join(map(str, r["shape"])) + " " + str(r["dtype"]).replace("torch.", ""),
                           fmt, str(r["sent_before"]), str(r["sent_after"])))
         widths = [max(len(l[i]) for l in lines) for i in range(len(head))]

@@ -23,6 +23,7 @@ from .collectives import (
     resolve_format,
     rows_view,
     split_rows,
+    straight_through,
     wire_algorithm,
 )
 
@@ -44,6 +45,12 @@ def _check_shards(shards: Sequence[torch.Tensor], fmt) -> list[torch.Tensor]:
                 f"{first.dtype} {tuple(first.shape)} on {first.device}: all ranks must contribute the same shape and dtype"
             )
     return shards
+
+
+def _no_grad_needed(shards, op: str) -> None:
+    if torch.is_grad_enabled() and any(s.requires_grad for s in shards):
+        raise RuntimeError(f"tp.{op} with a format does not propagate gradients and a shard requires grad: "
+                           f"call it under torch.no_grad()")
 
 
 def plain_sum(shards: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -71,7 +78,8 @@ def emulate_all_reduce(
 
     Same arguments and same checks as :func:`tp.collectives.all_reduce` (world size =
     ``len(shards)``). Bitwise equal to the distributed result for any format and algorithm;
-    for ``fmt=None`` (or below ``threshold_bytes``) it is :func:`plain_sum`.
+    for ``fmt=None`` (or below ``threshold_bytes``) it is :func:`plain_sum`. Differentiable
+    straight through, like the distributed one: every shard gets the output's gradient.
     """
     fmt = resolve_format(fmt)
     check_algorithm(algorithm)
@@ -81,7 +89,13 @@ def emulate_all_reduce(
     algorithm = wire_algorithm(algorithm, world)  # "fused" computes gather / two_shot's bits
     if fmt is None or x.numel() == 0 or x.numel() * x.element_size() < threshold_bytes:
         return plain_sum(shards)
-    codec = get_codec(codec)
+    with torch.no_grad():
+        y = _compressed_all_reduce(shards, fmt, algorithm, get_codec(codec), world)
+    return straight_through(y, *shards)  # the plain sum's gradient, as tp.all_reduce
+
+
+def _compressed_all_reduce(shards, fmt, algorithm: str, codec, world: int) -> torch.Tensor:
+    x = shards[0]
     mats = [rows_view(s) for s in shards]
     if algorithm == "gather":
         shape = tuple(mats[0].shape)
@@ -107,6 +121,7 @@ def emulate_all_gather(shards: Sequence[torch.Tensor], fmt=None, *, codec=None) 
         raise ValueError("all_gather concatenates along dim 0; shards must have at least one dimension")
     if fmt is None or shards[0].numel() == 0:
         return torch.cat(shards)
+    _no_grad_needed(shards, "emulate_all_gather")
     codec = get_codec(codec)
     out = []
     for s in shards:
@@ -128,6 +143,7 @@ def emulate_reduce_scatter(shards: Sequence[torch.Tensor], fmt=None, *, codec=No
     out_shape = (x.shape[0] // world,) + tuple(x.shape[1:])
     if fmt is None or x.numel() == 0:
         return list(plain_sum(shards).reshape(world, *out_shape).unbind(0))
+    _no_grad_needed(shards, "emulate_reduce_scatter")
     codec = get_codec(codec)
     chunked = [s.reshape(world, -1, s.shape[-1]).contiguous() for s in shards]
     cshape = tuple(chunked[0].shape[1:])

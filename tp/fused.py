@@ -33,6 +33,19 @@ rows not divisible by W, or a message larger than the symmetric buffer -> the NC
 compressed algorithm (:func:`tp.collectives.all_reduce` with the lowered codec): same bits,
 NCCL speed.
 
+Ranks that disagree (shape, dtype, format): the symmetric buffers are fixed-capacity, so a
+peer's different shape cannot overflow them or fault a transport, but its slot would decode as
+garbage, and the wire headers of :mod:`tp.wirecheck` are not carried here (checking them
+would cost a kernel per peer or a host synchronisation per call). Instead the first call of
+each (shape, dtype, format) on a rank -- when its plan is made, outside CUDA-graph capture --
+spends one small all-gather checking that every rank makes the same call
+(``tp.collectives._validate_across_ranks``): ranks that disagree from their first such call
+all raise the same ValueError. Not caught: a disagreement where one rank repeats a call it
+made before while another makes a new one (the new one's check meets the other's fused
+kernels, and both wait: a hang, not a result); plans made during capture. Pass
+``validate=True`` to ``tp.all_reduce`` to check every call (one all-gather and a
+synchronisation each; not inside capture). The NCCL-path fallback carries the wire headers.
+
 Lifecycle: :class:`FusedAllReduce` allocates one symmetric buffer sized from ``max_tokens x
 hidden`` for the largest format it will carry, rendezvouses it (collective: every rank, before
 any CUDA-graph capture) and frees it in :meth:`FusedAllReduce.close`. A program that used
@@ -449,6 +462,8 @@ class FusedAllReduce:
         p = self._plans.get(key)
         if p is None:
             check_tensor(x, resolve_format(fmt))
+            if self.world > 1 and not capturing:  # first sight of this call: do all ranks make it? (docstring)
+                collectives._validate_across_ranks(x, resolve_format(fmt), "all_reduce", "fused", self.group, self.world)
             if self.threshold_bytes is None:
                 lo, hi = auto_window(fmt, capturing)
             else:

@@ -220,7 +220,7 @@ def test_uuid_hashes_source_policy_and_chain():
     assert isinstance(base, bytes) and base == u(CollectivePolicy("int4_b32"))
     assert len({base, u(CollectivePolicy("mxfp4")), u(CollectivePolicy(FMT, "two_shot")),
                 u(CollectivePolicy(FMT, min_bytes=1)), u(CollectivePolicy(FMT, skip_last=1)),
-                u(CollectivePolicy(FMT, modules=("x",))), u(CollectivePolicy(FMT), chain=Recorder(b"a")),
+                u(CollectivePolicy(FMT, skip_first=1)), u(CollectivePolicy(FMT), chain=Recorder(b"a")),
                 u(CollectivePolicy(FMT), chain=Recorder(b"b"))}) == 8
     # the source of this module is part of it
     old = passes._SOURCE_HASH
@@ -273,3 +273,41 @@ def test_overload_packet_graphs_are_rewritten_too():
     g.output(w)
     assert CollectivePass(CollectivePolicy(FMT), AR).rewrite(g) == 1
     assert [n.target for n in g.nodes if n.op == "call_function"] == [AR]
+
+
+def test_producer_module_is_matched_too():
+    # all_reduce(self.down_proj(h)) written in the block's forward: issued in "layers.N", input
+    # computed by "layers.N.down_proj" (the gpt-fast placement); the glob sees both
+    gm = trace(layers_fn(2), (256, 64))
+    for i, n in enumerate(n for n in gm.graph.nodes if n.target == C10D.all_reduce.default):
+        n.meta["nn_module_stack"] = {"b": (f"L['self'].layers[{i}]", torch.nn.Module)}
+        n.args[0].meta["nn_module_stack"] = {"b": (f"L['self'].layers[{i}]", torch.nn.Module),
+                                             "p": (f"L['self'].layers[{i}].{('o_proj', 'down_proj')[i]}", torch.nn.Linear)}
+    p = CollectivePass(CollectivePolicy(FMT, min_bytes=0, modules=("*.down_proj",)), AR)
+    assert p.rewrite(gm.graph) == 1
+    assert [(e.site.module, e.site.producer, e.fmt is not None) for e in p.report.entries] == [
+        ("layers.0", "layers.0.o_proj", False), ("layers.1", "layers.1.down_proj", True)]
+    assert "layers.1 <- layers.1.down_proj" in p.report.table()
+
+
+def test_module_reading_policies_are_cached_only_with_an_attribution():
+    # inductor's cache key sees the graph's code, not its nn_module_stack: a policy that reads
+    # modules must key on the attribution (tp.compile passes it) or bypass the cache (uuid None)
+    gm_a, gm_b = trace(layers_fn(1), (256, 64)), trace(layers_fn(1), (256, 64))
+    n_b = next(n for n in gm_b.graph.nodes if n.target == C10D.all_reduce.default)
+    n_b.meta["nn_module_stack"] = {"p": ("L['self'].down_proj", torch.nn.Linear)}
+    for pol in (CollectivePolicy(FMT, modules=("*.down_proj",)), CollectivePolicy(choose=lambda s: FMT)):
+        assert pol.reads_modules
+        p = CollectivePass(pol, AR)
+        assert p.uuid() is None
+        with p.attributed(gm_a):
+            ua = p.uuid()
+        with p.attributed(gm_b):
+            ub = p.uuid()
+        assert isinstance(ua, bytes) and isinstance(ub, bytes) and ua != ub and p.attribution is None
+    # a policy that reads no module ignores the attribution (same key for both graphs)
+    p = CollectivePass(CollectivePolicy(FMT), AR)
+    with p.attributed(gm_a):
+        ua = p.uuid()
+    with p.attributed(gm_b):
+        assert p.uuid() == ua == CollectivePass(CollectivePolicy(FMT), AR).uuid()

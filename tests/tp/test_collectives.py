@@ -234,3 +234,180 @@ def test_helper_times_out_on_a_hang():
 
     with pytest.raises(MultiRankError, match=r"ranks \[0\] of 2 did not finish"):
         run_ranks(f, 2, timeout=3)
+
+
+# ---- ranks that disagree, under the default validate=None: the same ValueError on every rank ----
+# (before the wire headers these returned garbage, NaNs on some ranks, or a gloo SIGABRT)
+def _odd(rank, world):
+    return rank == world - 1  # the last rank differs from the others
+
+
+def _mismatch(rank, world, case):
+    odd = _odd(rank, world)
+    x = _shard(rank, (4, 64), torch.float32)
+    if case == "shape_same_bytes":  # (4, 64) vs (2, 128): one byte count, two meanings
+        tp.all_reduce(x.reshape(2, 128) if odd else x, "mxfp4")
+    elif case == "shape_same_bytes_two_shot":
+        tp.all_reduce(x.reshape(2, 128) if odd else x, "mxfp4", algorithm="two_shot")
+    elif case == "format_same_bytes":  # mxfp4 vs int4/b32/e8m0: 4.25 bits each
+        tp.all_reduce(x, "int4_b32" if odd else "mxfp4")
+    elif case == "dtype_same_shape":
+        tp.all_reduce(x.to(torch.bfloat16) if odd else x.to(torch.float16), "mxfp4")
+    elif case == "rows_other_bytes":  # (4, 64) vs (8, 64)
+        tp.all_reduce(torch.cat([x, x]) if odd else x, "mxfp4")
+    elif case == "format_other_bytes":  # mxfp4 vs mxfp8
+        tp.all_reduce(x, "mxfp8_e4m3" if odd else "mxfp4", algorithm="two_shot")
+    elif case == "algorithm":  # all-gather vs all-to-all on the wire
+        tp.all_reduce(x, "mxfp4", algorithm="two_shot" if odd else "gather")
+    elif case == "op":
+        tp.all_gather(x, "mxfp4") if odd else tp.all_reduce(x, "mxfp4")
+    elif case == "reduce_scatter_shape":
+        tp.reduce_scatter(x.new_zeros(world * 4, 64) if odd else x.new_zeros(world * 2, 64), "mxfp4")
+    elif case == "after_agreement":  # agree twice, then the odd rank brings a new, larger call
+        for _ in range(2):
+            tp.all_reduce(x, "mxfp4")
+        tp.all_reduce(torch.cat([x, x]) if odd else x, "mxfp4")
+    elif case == "after_agreement_smaller":
+        for _ in range(2):
+            tp.all_reduce(x, "mxfp4", algorithm="two_shot")
+        tp.all_reduce(x[:2] if odd else x, "mxfp4", algorithm="two_shot")
+    elif case == "others_new":  # the odd rank repeats the agreed call, the others bring a new one
+        tp.all_reduce(x, "mxfp4")
+        tp.all_reduce(x if odd else torch.cat([x, x, x]), "mxfp4")
+    return "no error"
+
+
+MISMATCH = ["shape_same_bytes", "shape_same_bytes_two_shot", "format_same_bytes", "dtype_same_shape",
+            "rows_other_bytes", "format_other_bytes", "algorithm", "op", "reduce_scatter_shape", "after_agreement",
+            "after_agreement_smaller", "others_new"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("case", MISMATCH)
+def test_disagreeing_ranks_all_raise_the_same_error_by_default(case, world):
+    res = run_ranks(_mismatch, world, case, timeout=30, expect_errors=True)
+    for r in res:
+        assert isinstance(r, RankError), f"{case}: a rank returned {r!r} without raising"
+        assert r.type == "ValueError" and "ranks disagree on compressed collective" in r.message, str(r)
+    assert len({r.message for r in res}) == 1, [r.message for r in res]  # built from every rank's header
+
+
+def _recover(rank, world):
+    x = _shard(rank, (4, 64), torch.float32)
+    try:
+        tp.all_reduce(x[:2] if rank else x, "mxfp4")
+    except ValueError:
+        pass
+    # after a failed call every rank starts over from the same (empty) history
+    return [tp.all_reduce(x, "mxfp4", algorithm=a) for a in ("gather", "two_shot", "gather")]
+
+
+def test_ranks_recover_after_a_disagreement():
+    res = run_ranks(_recover, 3, timeout=30)
+    shards = [_shard(r, (4, 64), torch.float32) for r in range(3)]
+    for got in res:
+        assert [torch.equal(g, tp.emulate_all_reduce(shards, "mxfp4", a))
+                for g, a in zip(got, ("gather", "two_shot", "gather"))] == [True] * 3
+
+
+def test_headers_reject_bytes_no_peer_wrote():
+    from tp import wirecheck
+
+    sig = wirecheck.Signature("gather", "fp4_e2m1/b32/e8m0", torch.float32, (4, 64), 136)
+    ex = wirecheck.Exchange(sig, wirecheck._GroupState(), 7, 2, torch.device("cpu"))
+    slots = torch.zeros(2, wirecheck.HEADER_BYTES + 136, dtype=torch.uint8)
+    ex.write(slots)
+    ex.check(slots)
+    stale = torch.zeros(1, wirecheck.HEADER_BYTES, dtype=torch.uint8)
+    wirecheck.Exchange(sig, wirecheck._GroupState(), 6, 2, torch.device("cpu")).write(stale)  # an earlier call
+    for other in (stale[0], torch.zeros(wirecheck.HEADER_BYTES, dtype=torch.uint8),
+                  torch.full((wirecheck.HEADER_BYTES,), 0xA5, dtype=torch.uint8)):
+        bad = slots.clone()
+        bad[1, : wirecheck.HEADER_BYTES] = other
+        with pytest.raises(ValueError, match="rank 1: (no header|gather .*call #6, sent as predicted)"):
+            ex.check(bad)
+
+
+def _steady(rank, world):
+    from tp import wirecheck
+
+    x = _shard(rank, (4 * world, 64), torch.float32)
+    out = {"ar": [tp.all_reduce(x, "mxfp4") for _ in range(4)]}
+    out["checks_ar"] = wirecheck.checks()
+    for _ in range(4):  # sequence parallelism: all-gather and reduce-scatter alternate
+        tp.all_gather(x, "mxfp4")
+        tp.reduce_scatter(x, "mxfp4")
+    out["checks_sp"] = wirecheck.checks() - out["checks_ar"]
+    out["bare"] = tp.all_reduce(x, "mxfp4", validate=False)  # the same on every rank: no header at all
+    out["checks_end"] = wirecheck.checks()
+    return out
+
+
+def test_repeated_calls_are_predicted_and_send_no_check_message():
+    res = run_ranks(_steady, 2, timeout=30)
+    shards = [_shard(r, (8, 64), torch.float32) for r in range(2)]
+    want = tp.emulate_all_reduce(shards, "mxfp4")
+    for r in res:
+        assert all(torch.equal(y, want) for y in r["ar"] + [r["bare"]])
+        # the first call of the group is checked; then only the first two transitions of the pattern
+        assert r["checks_ar"] == 1 and r["checks_sp"] == 3 and r["checks_end"] == 4, r
+
+
+# ---- autograd: straight through, the same gradient for every format (no silent drop) ------------
+def _grads(rank, world):
+    out = {}
+    for fmt in (None, "mxfp4"):
+        for algorithm in ("gather", "two_shot"):
+            x = _shard(rank, (4, 64), torch.float32).requires_grad_()
+            y = tp.all_reduce(x, fmt, algorithm=algorithm)
+            (y * torch.arange(64.0)).sum().backward()
+            out[(fmt, algorithm)] = (y.detach(), x.grad, y.grad_fn is not None)
+    x = _shard(rank, (4, 64), torch.float32).requires_grad_()
+    for op in ("all_gather", "reduce_scatter"):
+        for fmt in (None, "mxfp4"):
+            try:
+                getattr(tp, op)(x[:2] if op == "all_gather" else x, fmt)
+                out[(op, fmt)] = "no error"
+            except RuntimeError as e:
+                out[(op, fmt)] = str(e)
+        with torch.no_grad():
+            getattr(tp, op)(x, "mxfp4")  # fine without grad mode
+    return out
+
+
+def test_all_reduce_is_straight_through_for_every_format():
+    res = run_ranks(_grads, 2, timeout=30)
+    shards = [_shard(r, (4, 64), torch.float32) for r in range(2)]
+    for r in res:
+        for algorithm in ("gather", "two_shot"):
+            y, g, has_fn = r[("mxfp4", algorithm)]
+            assert has_fn and torch.equal(y, tp.emulate_all_reduce(shards, "mxfp4", algorithm))  # bits unchanged
+            # the plain all-reduce's gradient: the output's gradient, unchanged, on every rank
+            assert torch.equal(g, torch.arange(64.0).expand(4, 64)) and torch.equal(g, r[(None, algorithm)][1])
+        for op in ("all_gather", "reduce_scatter"):
+            for fmt in (None, "mxfp4"):
+                assert "does not propagate gradients" in r[(op, fmt)], r[(op, fmt)]
+
+
+def test_emulator_is_straight_through_like_the_distributed_all_reduce():
+    shards = [_shard(r, (4, 64), torch.bfloat16).requires_grad_() for r in range(3)]
+    for algorithm in ("gather", "two_shot"):
+        y = tp.emulate_all_reduce(shards, "mxfp4", algorithm)
+        with torch.no_grad():
+            assert torch.equal(_bits(y), _bits(tp.emulate_all_reduce(shards, "mxfp4", algorithm)))
+        y.float().sum().backward()
+        for s in shards:
+            assert s.grad.dtype == torch.bfloat16 and torch.equal(s.grad, torch.ones_like(s))
+            s.grad = None
+    with pytest.raises(RuntimeError, match="does not propagate gradients"):
+        tp.emulate_all_gather(shards, "mxfp4")
+    with pytest.raises(RuntimeError, match="does not propagate gradients"):
+        tp.emulate_reduce_scatter([torch.cat([s] * 3) for s in shards], "mxfp4")
+
+
+def test_quantize_dequantize_is_straight_through():
+    x = torch.randn(4, 64, dtype=torch.float16, requires_grad=True)
+    y = qformats.quantize_dequantize(x, "mxfp4")
+    assert y.grad_fn is not None and torch.equal(y.detach(), qformats.quantize_dequantize(x.detach(), "mxfp4"))
+    (y.float() * 3).sum().backward()
+    assert x.grad.dtype == torch.float16 and torch.equal(x.grad, torch.full_like(x, 3))

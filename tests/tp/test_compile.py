@@ -271,3 +271,108 @@ def test_gpu_compiled_and_cudagraphs_equal_eager_compressed(tmp_path):
             assert out[f"count{cg}"] == 3
             for got, want in zip(out[cg], out["want"]):
                 assert torch.equal(got, want), f"rank {rank}, cudagraphs={cg}: compiled != eager compressed"
+
+
+# ---------------------------------------------------------------------------------------------
+# Which module a modules= glob sees, and the FX graph cache (issue: a cached compile of one
+# model was reused for another whose graph code is the same but whose collectives come from
+# other modules). One rank (world 1: the compressed all-reduce is quantise-dequantise), so
+# that a test costs a few small compiles.
+PD = 64  # 256 x 64 fp32 = 64 KiB messages: compressed under the default min_bytes
+
+
+class Proj(nn.Module):
+    """A row-parallel projection; ``reduce_inside``: it issues the all-reduce itself."""
+
+    def __init__(self, seed, reduce_inside):
+        super().__init__()
+        w = torch.randn(PD, PD, generator=torch.Generator().manual_seed(seed)) / PD**0.5
+        self.weight = nn.Parameter(w, requires_grad=False)
+        self.reduce_inside = reduce_inside
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        return funcol.all_reduce(y, "sum", dist.group.WORLD) if self.reduce_inside else y
+
+
+class Placed(nn.Module):
+    """Block whose all-reduce is placed as ``where`` says; the graph code is the same for all."""
+
+    def __init__(self, seed, where):
+        super().__init__()
+        self.name = "other_proj" if where == "other" else "down_proj"
+        setattr(self, self.name, Proj(seed, reduce_inside=where == "inside"))
+        self.where = where
+        if where == "hook":  # gpt-fast's tp.py: a forward hook on the block
+            self.register_forward_hook(lambda mod, inp, out: funcol.all_reduce(out, "sum", dist.group.WORLD))
+
+    def forward(self, x):
+        y = getattr(self, self.name)(x)
+        if self.where in ("block", "other"):  # gpt-fast / torchtitan: in the block's forward
+            y = funcol.all_reduce(y, "sum", dist.group.WORLD)
+        return y
+
+
+class PlacedNet(nn.Module):
+    def __init__(self, where):
+        super().__init__()
+        self.layers = nn.ModuleList(Placed(20 + i, where) for i in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def _placed_reference(where, x):
+    """The eager model with the policy applied by hand: tp.all_reduce where it should compress."""
+    model = PlacedNet(where)
+    y = x
+    for layer in model.layers:
+        p = F.linear(y, getattr(layer, layer.name).weight)
+        y = y + (p if where == "other" else tp.all_reduce(p, FMT))
+    return y
+
+
+def _rank_placements(rank, world, cache_root, orders):
+    torch._inductor.config.compile_threads = 1
+    x = torch.randn(256, PD, generator=torch.Generator().manual_seed(3))
+    policy = CollectivePolicy(FMT, modules=("*.down_proj",))
+    out = {}
+    for order in orders:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_root, order)  # one cache per order
+        for where in order.split("+"):
+            torch._dynamo.reset()  # no in-memory reuse: only inductor's on-disk caches are shared
+            compiled = tp_compile(PlacedNet(where), policy)
+            got = compiled(x)
+            rep = report(compiled)
+            out[(order, where)] = dict(
+                equal=torch.equal(got, _placed_reference(where, x)), plain=torch.equal(got, PlacedNet(where)(x)),
+                sites=[(e.site.module, getattr(e.site, "producer", None), e.fmt is not None) for e in rep.entries])
+    return out
+
+
+def test_module_globs_match_the_issuing_or_the_producing_module_and_the_cache_keeps_them_apart(tmp_path):
+    orders = ("inside+other", "other+inside", "block+hook")
+    res = run_ranks(_rank_placements, 1, str(tmp_path), orders, timeout=TIMEOUT)[0]
+    for (order, where), r in res.items():
+        # compiled == the eager model with the policy applied by hand, whichever compiled first
+        assert r["equal"], f"{where} after {order}: compiled != eager reference ({r})"
+        assert r["plain"] == (where == "other"), (order, where, r)
+    # what the globs were matched against, where the pass ran (a correct cache hit skips it)
+    sites = {w: r["sites"] for (o, w), r in res.items() if r["sites"]}
+    assert sites["inside"] == [(f"layers.{i}.down_proj", f"layers.{i}.down_proj", True) for i in range(2)]
+    assert sites["block"] == [(f"layers.{i}", f"layers.{i}.down_proj", True) for i in range(2)]
+    assert sites["hook"][0][1:] == ("layers.0.down_proj", True), sites["hook"]
+    assert sites["other"] == [(f"layers.{i}", f"layers.{i}.other_proj", False) for i in range(2)]
+
+
+def _op_grad(rank, world):
+    x = torch.randn(4, 64, requires_grad=True)
+    y = torch.ops.qformats.all_reduce(x, FMT, dist.group.WORLD.group_name, "gather")
+    (2 * y).sum().backward()
+    return x.grad
+
+
+def test_the_compressed_op_is_straight_through():
+    assert torch.equal(run_ranks(_op_grad, 1, timeout=60)[0], torch.full((4, 64), 2.0))

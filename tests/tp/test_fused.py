@@ -266,3 +266,25 @@ def test_fused_on_two_gpus_equals_emulator():
         if p.is_alive():
             p.kill()
     assert res == {0: [], 1: []}
+
+
+def _fused_first_sight(rank, world):
+    # FusedAllReduce's planning without its symmetric buffer (that needs CUDA peers): its first
+    # plan of a call checks across ranks that every rank makes that call
+    import torch.distributed as dist
+
+    ar = F.FusedAllReduce.__new__(F.FusedAllReduce)
+    ar.group, ar.world, ar.rank = dist.group.WORLD, world, rank
+    ar.algorithm, ar.mode, ar.capacity, ar.threshold_bytes, ar._plans = "gather", "pull", 1 << 20, 0, {}
+    x = torch.zeros(4, 64)
+    same = ar.plan(torch.zeros(8, 64), "mxfp4").kind  # agreed: a plan (nccl on CPU)
+    ar.plan(x.reshape(2, 128) if rank else x, "mxfp4")  # a new call on both ranks: same bytes, other shapes
+    return same
+
+
+def test_fused_plans_check_the_first_call_across_ranks():
+    from tests.tp.multirank import RankError, run_ranks
+
+    res = run_ranks(_fused_first_sight, 2, timeout=30, expect_errors=True)
+    for r in res:
+        assert isinstance(r, RankError) and r.type == "ValueError" and "disagree with rank 0 on shape" in r.message, r

@@ -57,7 +57,7 @@ import torch
 import qformats
 from qformats import Format, QTensor, grid
 from qformats.codec import SUPPORTED_DTYPES, check_input
-from qformats.spec import replace, scale_element
+from qformats.spec import dims, replace, scale_element
 
 from .constants import (KIND_FLOAT, SCALE_BF16, SCALE_E4M3, SCALE_E8M0, SCALE_FP16, SCALE_FP32,
                         KernelConstants, Unsupported, lower)
@@ -534,7 +534,7 @@ def decode(buf: torch.Tensor, fmt, shape, dtype: torch.dtype = torch.float32) ->
     """Values of one wire buffer as ``dtype``, bitwise ``qformats.decode`` of it (NaN payloads and
     signed zeros included)."""
     f = _format(fmt)
-    shape = tuple(int(d) for d in shape)
+    shape = dims(shape)
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"cannot decode to {dtype}: use one of float32, bfloat16, float16")
     _check_buffer(buf, f, shape)
@@ -559,7 +559,7 @@ class TorchCodec:
 
     def decode_sum(self, bufs: Sequence[torch.Tensor], fmt, shape) -> torch.Tensor:
         f = _format(fmt)
-        shape = tuple(int(d) for d in shape)
+        shape = dims(shape)
         stacked = bufs if isinstance(bufs, torch.Tensor) else torch.stack([b.reshape(-1) for b in bufs])
         for b in stacked:
             _check_buffer(b, f, shape)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from . import grid, packing
-from .spec import Format, as_format, scale_element
+from .spec import Format, as_format, dims, scale_element
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _F32 = torch.float32
@@ -58,7 +58,7 @@ class QTensor:
     def from_buffer(data: torch.Tensor, fmt, shape, dtype=torch.float32) -> "QTensor":
         """Wrap a received wire buffer; checks its size against the format's layout."""
         fmt = _need_format(fmt)
-        shape = tuple(int(d) for d in shape)
+        shape = dims(shape)
         if data.dtype != torch.uint8:
             raise ValueError(f"wire buffers are uint8, got {data.dtype}")
         n = fmt.nbytes(shape)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
+import operator
 import re
 import struct
 from dataclasses import dataclass
@@ -46,6 +48,43 @@ def _default_policy(ebits: int, mbits: int) -> str:
     return "fin"
 
 
+_MAX_SHOWN = 60  # characters of a bad spec quoted in an error message
+
+
+def _show(s: str) -> str:
+    """``repr`` of a (possibly huge) piece of a spec, cut short for an error message."""
+    return repr(s) if len(s) <= _MAX_SHOWN else repr(s[:_MAX_SHOWN]) + f"... ({len(s)} characters)"
+
+
+def _integer(v, what: str) -> int:
+    """``v`` as an int; ValueError for anything that is not an integer (floats, bools, strings)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ValueError(f"{what} must be an integer, got {type(v).__name__} {v!r}")
+    return int(v)
+
+
+def _fp32(v) -> float:
+    """A static scale as the fp32 value the codec uses (so ``str`` round-trips exactly)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ValueError(f"a static scale must be a real number, got {type(v).__name__} {v!r}")
+    v = float(v)
+    try:
+        return struct.unpack(">f", struct.pack(">f", v))[0]
+    except OverflowError:  # beyond fp32's range: Inf, which the validation below rejects
+        return math.copysign(math.inf, v)
+
+
+def dims(shape: Sequence[int]) -> tuple:
+    """A tensor shape as a tuple of non-negative ints; ValueError naming the shape otherwise."""
+    try:
+        out = tuple(operator.index(d) for d in shape)
+    except TypeError:
+        raise ValueError(f"shape {tuple(shape)!r}: dimensions must be integers") from None
+    if any(d < 0 for d in out):
+        raise ValueError(f"shape {out}: dimensions must be non-negative")
+    return out
+
+
 @dataclass(frozen=True)
 class Element:
     """One element type: ``kind`` is "float", "int" (MX signed integer) or "uint".
@@ -63,6 +102,8 @@ class Element:
     policy: str = "fin"
 
     def __post_init__(self):
+        for name in ("bits", "ebits", "mbits"):
+            object.__setattr__(self, name, _integer(getattr(self, name), f"element {name}"))
         if self.kind == "float":
             if not (1 <= self.ebits <= 8 and 0 <= self.mbits <= 23):
                 raise ValueError(f"float element e{self.ebits}m{self.mbits}: need 1<=E<=8, 0<=M<=23")
@@ -142,17 +183,17 @@ class Element:
 
     @staticmethod
     def parse(s: str) -> "Element":
-        m = re.fullmatch(r"fp(\d+)_e(\d+)m(\d+)(fn|ieee|fin)?", s)
+        m = re.fullmatch(r"fp([0-9]{1,2})_e([0-9]{1,2})m([0-9]{1,2})(fn|ieee|fin)?", s)
         if m:
             bits, e, mm = int(m[1]), int(m[2]), int(m[3])
             if not (1 <= e <= 5 and 0 <= mm <= 5):
                 raise ValueError(f"element {s!r}: float elements need 1<=E<=5 and 0<=M<=5")
             return Element("float", bits, e, mm, m[4] or _default_policy(e, mm))
-        m = re.fullmatch(r"(u?int)(\d+)", s)
+        m = re.fullmatch(r"(u?int)([0-9]{1,2})", s)
         if m:
             return Element(m[1], int(m[2]))
         raise ValueError(
-            f"element {s!r} not understood: valid are fp<N>_e<E>m<M>[fn|ieee|fin] (1<=E<=5, 0<=M<=5, "
+            f"element {_show(s)} not understood: valid are fp<N>_e<E>m<M>[fn|ieee|fin] (1<=E<=5, 0<=M<=5, "
             f"N=1+E+M), int<N> (2..8), uint<N> (1..8)"
         )
 
@@ -189,8 +230,16 @@ class Format:
     static_scales: tuple = ()
 
     def __post_init__(self):
+        if not isinstance(self.elem, Element):
+            raise ValueError(f"elem must be an Element, got {type(self.elem).__name__}")
+        object.__setattr__(self, "block", _integer(self.block, "block size"))
+        for name in ("zero_point", "tensor_scale"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        object.__setattr__(self, "outliers", tuple(_integer(i, "an outlier index") for i in self.outliers))
+        object.__setattr__(self, "static_scales", tuple(_fp32(v) for v in self.static_scales))
         e, s = self.elem, self.scale
-        if s not in SCALE_TYPES:
+        if not isinstance(s, str) or s not in SCALE_TYPES:
             raise ValueError(f"scale {s!r} not understood: valid are {', '.join(SCALE_TYPES)}")
         if self.block != 0 and not (MIN_BLOCK <= self.block <= MAX_BLOCK and self.block % 8 == 0):
             raise ValueError(f"block size {self.block}: valid are multiples of 8 from {MIN_BLOCK} to {MAX_BLOCK}, or row")
@@ -223,16 +272,12 @@ class Format:
 
     # ---- grammar ---------------------------------------------------------------------
     @staticmethod
-    @functools.lru_cache(maxsize=1024)
     def parse(s: str) -> "Format":
-        """Parse a canonical string or a preset name. Raises ValueError naming the bad part."""
-        if not isinstance(s, str):
+        """Parse a canonical string or a preset name (surrounding whitespace ignored in both).
+        Raises ValueError naming the bad part. Cached: a repeated string costs a dict look-up."""
+        if not isinstance(s, str):  # before the cache: an unhashable argument must not reach it
             raise ValueError(f"a format string is expected, got {type(s).__name__}")
-        from .presets import PRESETS  # presets are built from this module
-
-        if s in PRESETS:
-            return PRESETS[s]
-        return _parse_grammar(s, PRESETS)
+        return _parse_cached(s.strip())
 
 
     def __str__(self) -> str:
@@ -276,7 +321,7 @@ class Format:
 
     def layout(self, shape: Sequence[int]) -> "Layout":
         """Byte layout of the wire buffer for a tensor of ``shape`` (quantised along the last dim)."""
-        shape = tuple(int(d) for d in shape)
+        shape = dims(shape)
         if len(shape) == 0:
             raise ValueError("a tensor with at least one dimension is expected")
         width = shape[-1]
@@ -388,7 +433,7 @@ def as_format(f) -> Optional[Format]:
     if f is None or isinstance(f, Format):
         return f
     if isinstance(f, str):
-        if f.lower() in ("none", "bf16", ""):
+        if f.strip().lower() in ("none", "bf16", ""):
             return None
         return Format.parse(f)
     raise ValueError(f"a Format, a format string or None is expected, got {type(f).__name__}")
@@ -398,34 +443,56 @@ def replace(fmt: Format, **kw) -> Format:
     return dataclasses.replace(fmt, **kw)
 
 
+@functools.lru_cache(maxsize=1024)
+def _parse_cached(s: str) -> "Format":
+    from .presets import PRESETS  # presets are built from this module
+
+    if s in PRESETS:
+        return PRESETS[s]
+    return _parse_grammar(s, PRESETS)
+
+
+# Digits are ASCII only (``\d`` would take any Unicode digit) and bounded, so a huge number is a
+# clear error naming its part, not Python's integer-length limit.
+_BLOCK_RE = re.compile(r"b([1-9][0-9]{0,5})")
+_OUTLIERS_RE = re.compile(r"o\[([0-9]{1,9}(?:,[0-9]{1,9})*)\]")
+_STATIC_RE = re.compile(r"s\[((?:[0-9a-f]{8})+)\]")
+
+
 def _parse_grammar(s: str, presets=()) -> "Format":
     head, *opts = s.strip().split("+")
     parts = head.split("/")
     if len(parts) != 3:
         raise ValueError(
-            f"format {s!r}: expected ELEMENT/BLOCK/SCALE[+options] (e.g. fp4_e2m1/b32/e8m0) "
+            f"format {_show(s)}: expected ELEMENT/BLOCK/SCALE[+options] (e.g. fp4_e2m1/b32/e8m0) "
             f"or a preset name ({', '.join(presets)})"
         )
     elem = Element.parse(parts[0])
+    m = _BLOCK_RE.fullmatch(parts[1])
     if parts[1] == "row":
         block = 0
-    elif re.fullmatch(r"b\d+", parts[1]):
-        block = int(parts[1][1:])
+    elif m:
+        block = int(m[1])
+    elif re.fullmatch(r"b0+", parts[1]):
+        raise ValueError(f"block {parts[1]!r}: a block holds {MIN_BLOCK} to {MAX_BLOCK} features; "
+                         "write row for one block per row")
     else:
-        raise ValueError(f"block {parts[1]!r}: valid are b<K> (K a multiple of 8, {MIN_BLOCK}..{MAX_BLOCK}) or row")
+        raise ValueError(f"block {_show(parts[1])}: valid are b<K> (K a multiple of 8, {MIN_BLOCK}..{MAX_BLOCK}) or row")
     kw = {}
     for o in opts:
         if o == "zp":
-            kw["zero_point"] = True
+            key, val = "zero_point", True
         elif o == "ts":
-            kw["tensor_scale"] = True
-        elif re.fullmatch(r"o\[\d+(,\d+)*\]", o):
-            kw["outliers"] = tuple(int(i) for i in o[2:-1].split(","))
-        elif re.fullmatch(r"s\[([0-9a-f]{8})+\]", o):
-            h = o[2:-1]
-            kw["static_scales"] = tuple(
-                struct.unpack(">f", bytes.fromhex(h[i : i + 8]))[0] for i in range(0, len(h), 8)
-            )
+            key, val = "tensor_scale", True
+        elif m := _OUTLIERS_RE.fullmatch(o):
+            key, val = "outliers", tuple(int(i) for i in m[1].split(","))
+        elif m := _STATIC_RE.fullmatch(o):
+            h = m[1]
+            key, val = "static_scales", tuple(
+                struct.unpack(">f", bytes.fromhex(h[i : i + 8]))[0] for i in range(0, len(h), 8))
         else:
-            raise ValueError(f"option +{o}: valid are +zp, +ts, +o[i,j,...], +s[<8 hex digits per scale>]")
+            raise ValueError(f"option +{o if len(o) <= _MAX_SHOWN else _show(o)}: valid are +zp, +ts, +o[i,j,...], +s[<8 hex digits per scale>]")
+        if key in kw:
+            raise ValueError(f"format {_show(s)}: option +{o[:2].rstrip('[')} is given twice")
+        kw[key] = val
     return Format(elem, block, parts[2], **kw)

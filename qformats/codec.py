@@ -12,15 +12,20 @@ the last block zero-padded):
   [-127, 127]; an all-zero block gets s = -127. Elements are x * 2^-s rounded half to even
   and saturated at max normal. A block with NaN or Inf gets the NaN scale 0xFF and decodes
   to all NaN.
-* ``fp32``/``bf16``/``fp16``/``e4m3`` (absmax): scale = amax / max_normal in fp32, rounded *up*
-  to the scale type (so no element saturates and tiny scales never flush to zero; fp16/e4m3
-  scales saturate at their max, past which elements saturate). Elements are
-  fp32(x / scale) rounded half to even; decode is fp32(code_value * scale). A block with
-  NaN/Inf stores a NaN scale and decodes to all NaN. ``+ts`` (e4m3 only) first divides by
-  an fp32 per-tensor scale tamax / (max_normal * 448), at least 2^-126.
+* ``fp32``/``bf16``/``fp16``/``e4m3`` (absmax): scale = fp32(amax / max_normal) rounded *up*
+  onto the scale type (fp32: kept), so no element saturates by more than that division's
+  rounding (2^-24). Where the fp32 quotient is below 2^-126 (fp32 would round it to its
+  subnormal grid, or to 0) the scale is the quotient rounded up onto the type's grid exactly,
+  at least the type's smallest step: a non-zero block never gets a zero scale (see
+  ``_absmax_scale``). fp16/e4m3 scales saturate at their max, past which elements saturate.
+  Elements are fp32(x / scale) rounded half to even; decode is fp32(code_value * scale). A
+  block with NaN/Inf stores a NaN scale and decodes to all NaN. ``+ts`` (e4m3 only) first
+  divides by an fp32 per-tensor scale tamax / (max_normal * 448), at least 2^-126.
 * ``+zp`` (uint elements): zero = block min rounded down to the scale type, scale = (max - zero)
-  / max_code rounded up; codes are round(fp32(fp32(x - zero) / scale)) in [0, max_code];
-  decode is fp32(code * scale + zero) (code * scale is exact, so fused or not it is one rounding).
+  / max_code rounded up (at least the type's smallest step when max > zero); codes are
+  round(fp32(fp32(x - zero) / scale)) in [0, max_code]; decode is fp32(code * scale + zero)
+  (code * scale is exact, so fused or not it is one rounding). Where max - zero overflows
+  fp32 (bf16 scales near fp32's max) both terms are halved first, which is exact there.
 * ``static``: fixed per-feature scales (a calibration's); NaN/Inf elements take the otherwise
   unused code -2^(N-1) and decode to NaN; other values saturate.
 
@@ -28,11 +33,17 @@ Outlier features travel as bf16 (round to nearest even). Signed zeros keep their
 float elements; integer elements have one zero, and zero points are never -0. NaN scales are
 stored as canonical quiet NaNs (``SCALE_NAN_BITS``). Decode computes fp32, then casts.
 
+Decoding a finite input gives finite values: a finite product past fp32's range saturates at
+fp32's max (:func:`saturate_fp32`), and the cast to bf16/fp16 saturates finite values at that
+dtype's max (:func:`saturating_cast`); outliers saturate at bf16's max on encode. Inf stays Inf
+and NaN stays NaN (an Inf element code, only in foreign bytes, decodes to Inf).
+
 The reference always computes on the CPU (CUDA inputs are copied there and back): torch's
 CUDA ops differ from IEEE in corners (fast math in some kernels), and there must be one oracle.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +54,9 @@ from .spec import Format, as_format, dims, scale_element
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _F32 = torch.float32
 _F64 = torch.float64
+FP32_MAX = torch.finfo(torch.float32).max
+FP32_TINY = 2.0**-126  # smallest normal fp32: absmax quotients below it take the exact path
+FP32_MIN_SUBNORMAL = 2.0**-149
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,24 @@ def check_input(x: torch.Tensor) -> None:
         raise ValueError(f"cannot quantise an empty tensor of shape {tuple(x.shape)}")
 
 
+def saturate_fp32(y64: torch.Tensor) -> torch.Tensor:
+    """fp32 of exact (float64) decoded values, one rounding; a finite value past fp32's range
+    saturates at +-fp32 max instead of overflowing. Inf and NaN stay as they are: only an Inf
+    element code or scale word (foreign bytes: the encoder writes neither) gives an Inf."""
+    y = y64.to(_F32)
+    return torch.where(torch.isfinite(y64), y.clamp(-FP32_MAX, FP32_MAX), y)
+
+
+def saturating_cast(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``y`` (fp32) as ``dtype``: round half to even, finite values past ``dtype``'s max
+    saturating at it (so a finite value never becomes Inf); Inf and NaN stay. Use it for every
+    cast of decoded values to a narrower dtype. Cost: two elementwise passes besides the cast."""
+    if dtype == _F32:
+        return y
+    m = torch.finfo(dtype).max
+    return torch.where(torch.isinf(y), y, y.clamp(-m, m)).to(dtype)
+
+
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
@@ -125,8 +157,8 @@ def encode(x: torch.Tensor, fmt) -> QTensor:
             parts.append(zp_bytes)
         if ts is not None:
             parts.append(_bytes_of(ts.reshape(1)))
-    if xo is not None:
-        parts.append(_bytes_of(xo.to(torch.bfloat16)))
+    if xo is not None:  # a finite outlier past bf16's max saturates (it does not become Inf)
+        parts.append(_bytes_of(saturating_cast(xo, torch.bfloat16)))
     data = torch.cat([p.reshape(-1) for p in parts])
     assert data.numel() == lay.total, (data.numel(), lay)
     return QTensor(data, fmt, tuple(x.shape), x.dtype)
@@ -163,6 +195,32 @@ def _round_scale(raw32: torch.Tensor, scale: str, mode=grid.UP) -> torch.Tensor:
     return grid.round_to_grid(raw32.to(_F64), el, mode).to(_F32)
 
 
+def _scale_step(scale: str) -> float:
+    """The smallest step of a scale type's grid (its smallest subnormal)."""
+    el = scale_element(scale)
+    return el.min_subnormal if el is not None else FP32_MIN_SUBNORMAL
+
+
+def _absmax_scale(amax: torch.Tensor, den: torch.Tensor, scale: str) -> torch.Tensor:
+    """Stored absmax scales (fp32 values on the scale type's grid) of block maxima ``amax``:
+    fp32(amax / den) rounded up onto the type (fp32: kept). Where that quotient is below fp32's
+    normal range (so fp32 rounded it to its coarse subnormal grid, or to 0), the scale is
+    instead amax / den rounded up onto the type's grid exactly, at least its smallest step: a
+    non-zero block never gets a zero scale, nor one far below amax / den. Computed as
+    ceil(fp32(fp32(amax * 2^P) / den)) steps of 2^-P, P = -log2(step) (2^P as two exact factors)."""
+    raw = amax / den
+    stored = _round_scale(raw, scale)
+    tiny = (raw < FP32_TINY) & (amax > 0)
+    if bool(tiny.any()):
+        step = _scale_step(scale)
+        p = -math.frexp(step)[1] + 1  # step = 2^-p
+        hi, lo = 2.0 ** (p - p // 2), 2.0 ** (p // 2)
+        w = (torch.where(tiny, amax, 0.0) * hi * lo) / den  # the quotient in steps (< 2^23 + 1)
+        n = torch.ceil(w).clamp(min=1)
+        stored = torch.where(tiny, (n.to(_F64) * step).to(_F32), stored)
+    return stored
+
+
 def _encode_blocks(blocks: torch.Tensor, fmt: Format):
     """Per-block scales and element codes; blocks is [R, NB, BS] fp32."""
     elem = fmt.elem
@@ -182,20 +240,27 @@ def _encode_blocks(blocks: torch.Tensor, fmt: Format):
         # + 0.0 turns -0 into +0: which signed zero amin/amax return depends on position
         mn, mx = torch.where(bad, 0.0, mn) + 0.0, torch.where(bad, 0.0, mx) + 0.0
         zero = _round_scale(mn, fmt.scale, grid.DOWN)
-        scale = _round_scale((mx - zero) / float(elem.max_code), fmt.scale, grid.UP)
-        v = torch.where(scale > 0, (clean - zero) / scale, 0.0).to(_F64)
+        # h: where mx - zero overflows fp32 (bf16 terms near fp32's max), both terms are halved,
+        # exactly (they are >= 2^103 there); h = 1 elsewhere changes no bit
+        d = mx - zero
+        h = torch.where(torch.isinf(d), 0.5, 1.0)
+        raw = (mx * h - zero * h) / float(elem.max_code) / h
+        raw = torch.where((raw == 0) & (d > 0), FP32_MIN_SUBNORMAL, raw)  # underflow: never a zero scale
+        scale = _round_scale(raw, fmt.scale, grid.UP)
+        v = torch.where(scale > 0, (clean * h - zero * h) / (scale * h), 0.0).to(_F64)
         nan = torch.full_like(scale, torch.nan)
         scale_bytes = _store_scale(torch.where(bad, nan, scale), fmt.scale)
         zp_bytes = _store_scale(torch.where(bad, nan, zero), fmt.scale)
     else:
         maxn = torch.tensor(elem.max_normal, dtype=_F32)
         if fmt.tensor_scale:
-            tamax = amax.amax()
-            ts = torch.clamp(tamax / (maxn * scale_element("e4m3").max_normal), min=2.0**-126).to(_F32)
-            stored = _round_scale(amax / (maxn * ts), fmt.scale)
-            scale = stored * ts
+            tamax = amax.amax() if amax.numel() else torch.zeros((), dtype=_F32)  # every feature an outlier
+            ts = torch.clamp(tamax / (maxn * scale_element("e4m3").max_normal), min=FP32_TINY).to(_F32)
+            den = maxn * ts
         else:
-            stored = scale = _round_scale(amax / maxn, fmt.scale)
+            den = maxn
+        stored = _absmax_scale(amax, den, fmt.scale)
+        scale = stored * ts if fmt.tensor_scale else stored
         v = torch.where(scale > 0, clean / scale, 0.0).to(_F64)
         v = torch.where(scale > 0, v, torch.copysign(torch.zeros_like(v), clean.to(_F64)))
         scale_bytes = _store_scale(torch.where(bad, torch.nan, stored), fmt.scale)
@@ -250,7 +315,7 @@ def decode(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     if fmt.scale == "static":
         s = torch.ones(lay.padded, dtype=_F64, device=vals.device)
         s[: lay.qwidth] = torch.tensor(fmt.static_scales, dtype=_F32, device=vals.device).to(_F64)
-        xq = (vals.reshape(lay.rows, lay.padded) * s).to(_F32)
+        xq = saturate_fp32(vals.reshape(lay.rows, lay.padded) * s)
     else:
         vals = vals.reshape(lay.rows, lay.nblocks, lay.block)
         if fmt.scale == "e8m0":
@@ -264,7 +329,7 @@ def decode(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
             y = vals * scale.to(_F64)  # exact: <= 8-bit significand times an fp32
             if fmt.zero_point:
                 y = y + _load_scale(sec["zp"], fmt.scale).reshape(lay.rows, lay.nblocks, 1).to(_F64)
-        xq = y.to(_F32).reshape(lay.rows, lay.padded)
+        xq = saturate_fp32(y).reshape(lay.rows, lay.padded)
     xq = xq[:, : lay.qwidth]
     if fmt.outliers:
         out = torch.empty(lay.rows, lay.width, dtype=_F32, device=xq.device)
@@ -274,7 +339,7 @@ def decode(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         out[:, keep] = xq
         out[:, idx] = _view(sec["out"], torch.bfloat16).reshape(lay.rows, -1).to(_F32)
         xq = out
-    return xq.reshape(q.shape).to(dtype)
+    return saturating_cast(xq.reshape(q.shape), dtype)
 
 
 class _StraightThrough(torch.autograd.Function):

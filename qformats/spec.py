@@ -9,7 +9,7 @@ Grammar (``/``-separated, then ``+``-options)::
 
     ELEMENT / BLOCK / SCALE [+zp] [+ts] [+o[i,j,...]] [+s[hex...]]
 
-    ELEMENT  fp{N}_e{E}m{M}[fn|ieee|fin]   float, N = 1 + E + M
+    ELEMENT  fp{N}_e{E}m{M}[fn|ieee|fin]   float, N = 1 + E + M <= 8 (1 <= E <= 5, M <= 5)
              int{N}                        MX signed integer (2 <= N <= 8)
              uint{N}                       unsigned integer with a zero point (needs +zp)
     BLOCK    b{K} (K a multiple of 8, 8..4096) | row (the whole last dimension)
@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 FLOAT_POLICIES = ("ieee", "fn", "fin")
 SCALE_TYPES = ("e8m0", "fp32", "bf16", "fp16", "e4m3", "static")
 MIN_BLOCK, MAX_BLOCK = 8, 4096
+MAX_ELEMENT_BITS = 8  # codes pack into bytes (qformats.packing)
 
 
 def _default_policy(ebits: int, mbits: int) -> str:
@@ -239,6 +240,8 @@ class Format:
         object.__setattr__(self, "outliers", tuple(_integer(i, "an outlier index") for i in self.outliers))
         object.__setattr__(self, "static_scales", tuple(_fp32(v) for v in self.static_scales))
         e, s = self.elem, self.scale
+        if e.bits > MAX_ELEMENT_BITS:  # (an Element may be wider: the 16-bit scale grids are Elements)
+            raise ValueError(f"element {e}: {e.bits} bits, but element codes are at most {MAX_ELEMENT_BITS} bits wide")
         if not isinstance(s, str) or s not in SCALE_TYPES:
             raise ValueError(f"scale {s!r} not understood: valid are {', '.join(SCALE_TYPES)}")
         if self.block != 0 and not (MIN_BLOCK <= self.block <= MAX_BLOCK and self.block % 8 == 0):

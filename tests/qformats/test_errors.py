@@ -12,6 +12,8 @@ import qformats
         ("fp4_e2m1/b8192/e8m0", "multiples of 8"),
         ("fp4_e2m1/32/e8m0", "block '32'"),
         ("fp9_e6m2/b32/e8m0", "1<=E<=5"),
+        ("fp9_e5m3/b32/e8m0", "at most 8 bits"),
+        ("fp11_e5m5/b32/fp32", "at most 8 bits"),
         ("fp5_e2m1/b32/e8m0", "1 + E + M"),
         ("int9/b32/e8m0", "2..8"),
         ("int4/b32/e5m2", "scale 'e5m2'"),

@@ -79,7 +79,9 @@ class KernelConstants:
     ``SAT`` (a power of two above max normal: inputs are clamped to it before rounding),
     ``MAXN`` (max normal, an exact fp32). Scale: ``SCALE`` kind, ``SB`` bytes per scale,
     ``ZP``, ``TS`` (per-tensor fp32 scale), ``MAXN_TS`` (fp32(max_normal * 448)), the scale
-    type's own grid ``S_*`` (absmax scales are rounded onto it), ``SNAN`` (its NaN code).
+    type's own grid ``S_*`` (absmax scales are rounded onto it), ``SNAN`` (its NaN code),
+    ``S_INV_STEP_HI * S_INV_STEP_LO`` = 1 / the grid's smallest step (fp32: 2^149), as two exact
+    fp32 powers of two (block maxima whose quotient is below 2^-126 are scaled by both).
     Block and packing: ``BS`` (block size for this row width), ``BP2`` (BS rounded up to a
     power of two: kernel tiles), ``G`` codes per ``GB`` bytes, ``GBP2``, ``WORD64``.
     ``EVEN``: the blocks tile the rows exactly and ``BS`` is a power of two (contiguous tiles).
@@ -116,6 +118,8 @@ class KernelConstants:
     S_POLICY: int
     S_MAXMAG: int
     SNAN: int
+    S_INV_STEP_HI: float
+    S_INV_STEP_LO: float
     BS: int
     BP2: int
     G: int
@@ -194,6 +198,12 @@ def _lower(fmt_str: str, width: int, cuda: bool) -> KernelConstants:
                  S_POLICY=_POLICIES[s_el.policy], S_MAXMAG=_max_mag_code(s_el))
     else:
         s = dict(S_EBITS=0, S_MBITS=0, S_BIAS=0, S_EMIN=0, S_POLICY=0, S_MAXMAG=0)
+    if f.scale in ("e8m0", "static"):
+        inv_step = 0
+    else:  # -log2 of the scale grid's smallest step (fp32: its smallest subnormal, 2^-149)
+        inv_step = 149 if s_el is None else s_el.mbits - s_el.emin
+    s["S_INV_STEP_HI"] = math.ldexp(1.0, inv_step - inv_step // 2)
+    s["S_INV_STEP_LO"] = math.ldexp(1.0, inv_step // 2)
     maxn32 = np.float32(e.max_normal)
     if float(maxn32) != e.max_normal:
         raise Unsupported(f"{f}: max normal {e.max_normal} is not an fp32 value")

@@ -28,7 +28,13 @@ docstring gives the reasoning), with the constants of :func:`lowering.constants.
   saturation and the NaN/Inf policies come out as the reference's. Integer elements round
   with the ``1.5 * 2^23`` add, whose low bits are the two's complement code.
 * Absmax scales: ``amax / max_normal`` and ``x / scale`` are IEEE fp32 divisions; the scale
-  is rounded onto its type's grid in integers from the bits (the kernels' ``_round_mag_int``).
+  is rounded onto its type's grid in integers from the bits (the kernels' ``_round_mag_int``);
+  quotients below 2^-126 take the reference's exact ceiling instead (:func:`_tiny_scale_codes`).
+  Zero points whose ``max - zero`` overflows fp32 halve both terms, as the reference does.
+* Saturation (finite inputs decode finite): products that overflow fp32 from finite factors
+  become +-fp32 max, casts to bf16/fp16 saturate finite values (the reference's
+  ``saturate_fp32`` / ``saturating_cast``); a bound on the decoded magnitudes from the
+  per-block scales skips both passes when nothing can overflow, which is almost always.
 * Decoding multiplies the exact element value (the reference's code table) by the fp32
   scale: one rounding, as the reference's float64 product cast to fp32. Zero points: fp16
   ones are added in fp32 (the reference's float64 sum is exact there, see
@@ -48,6 +54,7 @@ and moved back, as the reference does.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -56,7 +63,7 @@ import torch
 
 import qformats
 from qformats import Format, QTensor, grid
-from qformats.codec import SUPPORTED_DTYPES, check_input
+from qformats.codec import FP32_MAX, FP32_MIN_SUBNORMAL, SUPPORTED_DTYPES, check_input, saturate_fp32, saturating_cast
 from qformats.spec import dims, replace, scale_element
 
 from .constants import (KIND_FLOAT, SCALE_BF16, SCALE_E4M3, SCALE_E8M0, SCALE_FP16, SCALE_FP32,
@@ -88,6 +95,8 @@ class _Plan:
     static_scales: Optional[torch.Tensor]  # fp32 [padded], 1 on the padding
     values: torch.Tensor  # fp32 value of every element code (the reference's code table)
     values64: torch.Tensor  # the same in float64 (zero-point decode adds in float64)
+    inf_codes: bool  # some element code decodes to +-Inf (ieee elements)
+    maxval: float  # the largest finite element value (max normal; uint: the largest code)
     byte_values: Optional[torch.Tensor]  # [256, codes per byte] values, for 1/2/4/8-bit codes
     rounded_codes: Optional[torch.Tensor]  # float elements: code of a grid value, by its top bits
     scale_values: Optional[torch.Tensor]  # e4m3 scales: fp32 value by code
@@ -173,7 +182,7 @@ def _plan(f: Format, width: int) -> Optional[_Plan]:
     v32, v64, byte_values, rounded = _element_tables(f.elem)
     return _Plan(
         kc=kc, static=f.scale == "static", keep=keep, outliers=outl, static_scales=st,
-        values=v32, values64=v64, byte_values=byte_values, rounded_codes=rounded,
+        values=v32, values64=v64, inf_codes=bool(torch.isinf(v32).any()), maxval=_finite_absmax(v32), byte_values=byte_values, rounded_codes=rounded,
         scale_values=_e4m3_values() if kc.SCALE == SCALE_E4M3 else None, e8m0_values=_e8m0_values(),
         maxn=torch.tensor(kc.MAXN, dtype=_F32), maxn_ts=torch.tensor(kc.MAXN_TS, dtype=_F32),
         maxmag=torch.tensor(float(kc.MAXMAG), dtype=_F32),
@@ -226,6 +235,28 @@ def _round_onto_scale_grid(val: torch.Tensor, larger: torch.Tensor, kc: KernelCo
     n += (larger & ((sig - (n << drop)) > 0)).to(_I32)
     code = ((top - kc.S_EMIN) << kc.S_MBITS) + n  # a carry out of n moves to the next binade by itself
     return code.clamp_(max=kc.S_MAXMAG)
+
+
+def _tiny_scale_codes(amax: torch.Tensor, den: torch.Tensor, tiny: torch.Tensor, kc: KernelConstants) -> torch.Tensor:
+    """Magnitude codes (int32) of the scales of blocks whose quotient amax / den is below
+    fp32's normal range (``tiny``): the quotient rounded up onto the scale's grid exactly, at
+    least one step (``qformats.codec._absmax_scale``). The grid's step is 2^-P; amax * 2^P is
+    exact, one fp32 division and a ceiling give the steps (< 2^23 + 1). Per-block tensors."""
+    w = (torch.where(tiny, amax, 0.0) * kc.S_INV_STEP_HI * kc.S_INV_STEP_LO) / den
+    return torch.ceil(w).clamp_(min=1).to(_I32)
+
+
+def _saturate_overflow(y: torch.Tensor, scale: Optional[torch.Tensor], elem_inf) -> torch.Tensor:
+    """``y`` (fp32 products of element values and scales) with +-Inf that came from finite
+    factors replaced by +-fp32 max (the reference's ``saturate_fp32``). ``scale`` broadcasts
+    over ``y`` (None: always finite); ``elem_inf()`` gives where the element value was Inf (None:
+    the element has no Inf codes). Four passes: for the rare buffers whose scales allow it."""
+    ovf = torch.isinf(y)
+    if scale is not None:
+        ovf &= torch.isfinite(scale)
+    if elem_inf is not None:
+        ovf &= ~elem_inf()
+    return torch.where(ovf, torch.copysign(torch.tensor(FP32_MAX, dtype=_F32), y), y)
 
 
 def _scale_values(words: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -319,7 +350,7 @@ def _pack(codes: torch.Tensor, kc: KernelConstants) -> torch.Tensor:
         w |= c[:, i].to(wdt) << (i * kc.BITS)
     if kc.GB == 1:
         return w.to(torch.uint8)
-    return w.view(torch.uint8).view(w.numel(), -1)[:, : kc.GB].reshape(-1)
+    return w.view(torch.uint8).view(-1, w.element_size())[:, : kc.GB].reshape(-1)
 
 
 def _code_values(raw: torch.Tensor, plan: _Plan, dtype: torch.dtype) -> torch.Tensor:
@@ -360,10 +391,18 @@ def _block_sections(blocks: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:
             mn, mx = blocks.amin(-1).masked_fill_(bad, 0.0), blocks.amax(-1).masked_fill_(bad, 0.0)
         mn, mx = mn + 0.0, mx + 0.0  # a zero min/max is +0 (the reference's rule)
         zcode, zero = _signed_code(mn, mn < 0, plan)  # rounded down
-        raw = (mx - zero) / plan.maxmag
+        d = mx - zero
+        big = torch.isinf(d)  # max - zero past fp32's range: both terms halved, exactly (the reference's h)
+        h = torch.where(big, 0.5, 1.0) if bool(big.any()) else None
+        raw = d / plan.maxmag if h is None else (mx * h - zero * h) / plan.maxmag / h
+        raw = torch.where((raw == 0) & (d > 0), FP32_MIN_SUBNORMAL, raw)  # underflow: never a zero scale
         scode, scale = _signed_code(raw, raw >= 0, plan)  # rounded up
         pos = scale > 0
-        v = (blocks - zero.unsqueeze(-1)).div_(torch.where(pos, scale, 1.0).unsqueeze(-1))
+        if h is None:
+            v = (blocks - zero.unsqueeze(-1)).div_(torch.where(pos, scale, 1.0).unsqueeze(-1))
+        else:
+            hb = h.unsqueeze(-1)
+            v = (blocks * hb - (zero * h).unsqueeze(-1)).div_(torch.where(pos, scale * h, 1.0).unsqueeze(-1))
         if not bool(pos.all()):
             v.masked_fill_(~pos.unsqueeze(-1), 0.0)
         codes = _int_codes(v, plan)
@@ -398,14 +437,20 @@ def _block_sections(blocks: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:
     else:
         ts = None
         if kc.TS:
-            ts = torch.clamp(amax.max() / plan.maxn_ts, min=_FP32_TINY)
-            raw = amax / (plan.maxn * ts)
+            tamax = amax.max() if amax.numel() else amax.new_zeros(())  # (every feature an outlier)
+            ts = torch.clamp(tamax / plan.maxn_ts, min=_FP32_TINY)
+            den = plan.maxn * ts
         else:
-            raw = amax / plan.maxn
+            den = plan.maxn
+        raw = amax / den
         if kc.SCALE == SCALE_FP32:
             scode, stored = raw.view(_I32), raw
         else:
             scode, stored = _signed_code(raw, raw >= 0, plan)  # rounded up
+        tiny = (raw < _FP32_TINY) & (amax > 0)
+        if bool(tiny.any()):  # quotients below fp32's normal range: rounded up exactly instead
+            scode = torch.where(tiny, _tiny_scale_codes(amax, den, tiny, kc), scode)
+            stored = scode.view(_F32) if kc.SCALE == SCALE_FP32 else _scale_values(scode, plan)
         scale = stored * ts if kc.TS else stored
         # scale 0 (an all-zero block, or an underflowed amax / max_normal): x / inf is x's signed zero
         div = torch.where(scale > 0, scale, torch.inf).unsqueeze(-1)
@@ -460,58 +505,85 @@ def encode(x: torch.Tensor, fmt) -> torch.Tensor:
     else:
         parts = _block_sections(xq.view(lay.rows, lay.nblocks, lay.block), plan)
     if plan.outliers is not None:
-        parts.append(x2.index_select(1, plan.outliers).to(torch.bfloat16).view(torch.uint8).reshape(-1))
+        parts.append(saturating_cast(x2.index_select(1, plan.outliers), torch.bfloat16).view(torch.uint8).reshape(-1))
     return torch.cat(parts)
 
 
 # ------------------------------------------------------------------------------------------
 # decode
 # ------------------------------------------------------------------------------------------
-def _decode_rows(bufs: torch.Tensor, f: Format, shape: tuple, plan: _Plan) -> torch.Tensor:
-    """fp32 decodes [N, rows, width] of N wire buffers [N, nbytes] (one pass for all of them)."""
+def _finite_absmax(t: torch.Tensor) -> float:
+    """Largest |t| over its finite values (0 if none), as a float. For per-block tensors."""
+    if t.numel() == 0:
+        return 0.0
+    a = t.abs()
+    return float(torch.where(torch.isfinite(a), a, 0.0).amax())
+
+
+def _decode_rows(bufs: torch.Tensor, f: Format, shape: tuple, plan: _Plan) -> tuple[torch.Tensor, float]:
+    """fp32 decodes [N, rows, width] of N wire buffers [N, nbytes] (one pass for all of them),
+    and a bound on their finite magnitudes (from the per-block scales: it lets the callers skip
+    the saturation passes, which change nothing below fp32's or the output dtype's max)."""
     kc = plan.kc
     lay = f.layout(shape)
     n = bufs.shape[0]
     sec = {k: bufs[:, a:b] for k, (a, b) in lay.offsets.items()}
+
+    def saturate(y, scale, bound):  # the reference's saturate_fp32, only where a product can overflow
+        if bound < FP32_MAX:
+            return y
+        elem_inf = (lambda: torch.isinf(_code_values(sec["code"], plan, _F32)).view(y.shape)) if plan.inf_codes else None
+        return _saturate_overflow(y, scale, elem_inf)
+
     if plan.static:
         y = _code_values(sec["code"], plan, _F32).view(n, lay.rows, lay.padded).mul_(plan.static_scales)
+        bound = plan.maxval * float(plan.static_scales.max())
+        y = saturate(y, None, bound)
     else:
         bshape = (n, lay.rows, lay.nblocks, 1)
         if kc.SCALE == SCALE_E8M0:
             vals = _code_values(sec["code"], plan, _F32).view(n, lay.rows, lay.nblocks, lay.block)
             sb = sec["scale"].reshape(-1).to(_I32)
-            y = vals.mul_(plan.e8m0_values.index_select(0, sb).view(bshape))
+            sv = plan.e8m0_values.index_select(0, sb)
+            y = vals.mul_(sv.view(bshape))
             nan_blocks = sb == 255
             if bool(nan_blocks.any()):
                 y.masked_fill_(nan_blocks.view(bshape), torch.nan)
+            bound = plan.maxval * _finite_absmax(sv)
+            y = saturate(y, None, bound)  # (NaN blocks hold no Inf)
         else:
             scale = _load_scales(sec["scale"], plan).view(bshape)
             if kc.TS:
                 scale = scale * _words(sec["ts"], 4).view(_F32).view(n, 1, 1, 1)
+            bound = plan.maxval * _finite_absmax(scale)
             if kc.ZP and kc.SCALE == SCALE_FP16:
                 # code * scale (<= 8 + 11 bits, exact in fp32) and the zero point both have all
                 # their bits within 2^-24 .. 2^25, so the reference's float64 sum is exact and its
                 # cast to fp32 the one rounding: which is what an fp32 add of the two terms does.
                 vals = _code_values(sec["code"], plan, _F32).view(n, lay.rows, lay.nblocks, lay.block)
                 zero = _load_scales(sec["zp"], plan).view(bshape)
-                y = vals.mul_(scale).add_(zero)
+                y = vals.mul_(scale).add_(zero)  # |y| < 2^25: never overflows (Inf only from Inf words)
+                bound += _finite_absmax(zero)
             elif kc.ZP:  # bf16 terms can span more bits than float64 holds: add exactly as the reference
                 vals = _code_values(sec["code"], plan, _F64).view(n, lay.rows, lay.nblocks, lay.block)
                 zero = _load_scales(sec["zp"], plan).view(bshape)
-                y = (vals * scale.to(_F64)).add_(zero.to(_F64)).to(_F32)
+                y = (vals * scale.to(_F64)).add_(zero.to(_F64))
+                bound += _finite_absmax(zero)
+                y = saturate_fp32(y) if bound >= FP32_MAX else y.to(_F32)
             else:
                 vals = _code_values(sec["code"], plan, _F32).view(n, lay.rows, lay.nblocks, lay.block)
-                y = vals.mul_(scale)
+                y = saturate(vals.mul_(scale), scale, bound)
         y = y.view(n, lay.rows, lay.padded)
     y = y[:, :, : lay.qwidth]
     if plan.outliers is not None:
         ob = sec["out"].clone(memory_format=torch.contiguous_format)  # a copy: bf16-aligned
         ob = ob.view(torch.bfloat16).view(n, lay.rows, -1).to(_F32)
+        bound = max(bound, _finite_absmax(ob))
         out = torch.empty(n, lay.rows, lay.width, dtype=_F32)
         out.index_copy_(2, plan.keep, y)
         out.index_copy_(2, plan.outliers, ob)
         y = out
-    return y.reshape(n, *shape)
+    return y.reshape(n, *shape), bound
 
 
 def _check_buffer(buf: torch.Tensor, f: Format, shape: tuple) -> None:
@@ -524,9 +596,14 @@ def _check_buffer(buf: torch.Tensor, f: Format, shape: tuple) -> None:
 
 def _decode_many(bufs: torch.Tensor, f: Format, shape: tuple) -> torch.Tensor:
     """fp32 [N, *shape] decodes of N equal-format buffers [N, nbytes] (CPU)."""
+    return _decode_many_bounded(bufs, f, shape)[0]
+
+
+def _decode_many_bounded(bufs: torch.Tensor, f: Format, shape: tuple) -> tuple[torch.Tensor, float]:
+    """:func:`_decode_many` and a bound on the finite magnitudes (inf: not known)."""
     plan = _plan(f, shape[-1])
     if plan is None:
-        return torch.stack([qformats.decode(QTensor.from_buffer(b, f, shape, _F32), _F32) for b in bufs])
+        return torch.stack([qformats.decode(QTensor.from_buffer(b, f, shape, _F32), _F32) for b in bufs]), math.inf
     return _decode_rows(bufs, f, shape, plan)
 
 
@@ -540,7 +617,10 @@ def decode(buf: torch.Tensor, fmt, shape, dtype: torch.dtype = torch.float32) ->
     _check_buffer(buf, f, shape)
     if buf.device.type != "cpu":
         return decode(buf.cpu(), f, shape, dtype).to(buf.device)
-    return _decode_many(buf.reshape(1, -1), f, shape)[0].to(dtype)
+    y, bound = _decode_many_bounded(buf.reshape(1, -1), f, shape)
+    if dtype != _F32 and bound <= torch.finfo(dtype).max:
+        return y[0].to(dtype)  # nothing overflows: the reference's saturating cast is this plain cast
+    return saturating_cast(y[0], dtype)
 
 
 class TorchCodec:

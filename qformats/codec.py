@@ -110,12 +110,18 @@ def saturate_fp32(y64: torch.Tensor) -> torch.Tensor:
 
 def saturating_cast(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``y`` (fp32) as ``dtype``: round half to even, finite values past ``dtype``'s max
-    saturating at it (so a finite value never becomes Inf); Inf and NaN stay. Use it for every
-    cast of decoded values to a narrower dtype. Cost: two elementwise passes besides the cast."""
+    saturating at it (so a finite value never becomes Inf); Inf and NaN stay (NaNs exactly as
+    the plain cast gives them: only overflowed entries are touched). Use it for every cast of
+    decoded values to a narrower dtype. Cost: the cast and one pass over its output (three more
+    for tensors that overflowed)."""
+    out = y.to(dtype)
     if dtype == _F32:
-        return y
-    m = torch.finfo(dtype).max
-    return torch.where(torch.isinf(y), y, y.clamp(-m, m)).to(dtype)
+        return out
+    inf = torch.isinf(out)
+    if bool(inf.any()):
+        m = torch.tensor(torch.finfo(dtype).max, dtype=dtype)
+        out = torch.where(inf & torch.isfinite(y), torch.copysign(m, out), out)
+    return out
 
 
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:

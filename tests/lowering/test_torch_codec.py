@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qformats
@@ -267,3 +267,77 @@ def test_the_eval_runs_on_this_codec_and_restores_the_previous_one(monkeypatch):
         assert Custom.used and not calls
     finally:
         set_codec(old)
+
+
+# ---- formats drawn from the grammar, inputs over the whole range, and issue 14's corners ----------
+from tests.qformats.test_bounds import _fit_width, grammar_formats, wide_input  # noqa: E402
+
+
+@settings(max_examples=60)
+@given(f=grammar_formats(), rows=st.integers(1, 4), width=st.integers(1, 90), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2**31 - 1), past_domain=st.booleans())
+def test_grammar_drawn_formats_bitwise_equal_to_the_reference(f, rows, width, dtype, seed, past_domain):
+    """Any format the grammar accepts; block maxima anywhere from the dtype's subnormals to its
+    max (past ``max_amax`` too: saturating scales and decodes)."""
+    limit = float(torch.finfo(dtype).max) if past_domain else None
+    _check(wide_input(f, rows, _fit_width(f, width), dtype, seed, limit), f)
+
+
+_BF16_MAX = float(torch.finfo(torch.bfloat16).max)
+
+
+@pytest.mark.parametrize("fmt,value,dtype", [
+    ("fp4_e2m1/b32/fp16", 65504.0, torch.float16), ("int4/row/fp16", 65504.0, torch.float16),
+    ("int4/b32/bf16", _BF16_MAX, torch.bfloat16), ("fp8_e4m3/b32/bf16", _BF16_MAX, torch.bfloat16),
+    ("fp8_e5m2/b32/fp32", 3.4e38, torch.float32), ("fp4_e2m1/b32/e8m0+o[0]", 3.4e38, torch.float32),
+    ("fp8_e4m3/b32/fp32", 1e-44, torch.float32), ("fp4_e2m1/b32/bf16", 1.4e-45, torch.float32),
+    ("fp4_e2m1/b32/e4m3", 1.4e-45, torch.float32), ("nvfp4", 1e-40, torch.float32),
+    ("uint4/b32/fp16+zp", 1.4e-45, torch.float32),
+])
+def test_issue_corners_decode_finite_and_bitwise(fmt, value, dtype):
+    f = Format.parse(fmt)
+    x = torch.full((2, 32), value, dtype=dtype)
+    x[1, ::2] *= -0.5
+    _check(x, f)
+    assert torch.isfinite(torch_codec.decode(torch_codec.encode(x, f), f, x.shape, dtype)).all()
+
+
+def test_zero_point_difference_past_fp32_max():
+    x = torch.zeros(3, 32)
+    x[0, 0], x[0, 1] = 3e38, -3e38
+    x[1, 0], x[1, 1] = 3.3e38, -3.3e38
+    x[2] = torch.linspace(-3.3e38, 3.3e38, 32, dtype=torch.float64).float()
+    f = Format.parse("uint8/b32/bf16+zp")
+    _check(x, f)
+    assert torch.isfinite(torch_codec.decode(torch_codec.encode(x, f), f, x.shape)).all()
+
+
+def test_every_feature_an_outlier_with_a_tensor_scale():
+    f = Format.parse("fp4_e2m1/b16/e4m3+ts+o[0,1]")
+    _check(torch.tensor([[1.0, -3e38], [0.0, 2.0]]), f)
+
+
+# (largest finite, Inf) scale words, little-endian, of each scale type with a scale section
+_SCALE_WORDS = {"e8m0": ([254], None), "fp32": ([0xFF, 0xFF, 0x7F, 0x7F], [0, 0, 0x80, 0x7F]),
+                "bf16": ([0x7F, 0x7F], [0x80, 0x7F])}
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e5m2/b32/e8m0", "fp8_e5m2/b32/fp32", "fp8_e5m2/b32/bf16", "int4/row/static+s[7f7fffff]"])
+def test_decode_saturates_finite_products_and_keeps_inf_codes(fmt):
+    """Foreign bytes: random codes (e5m2: Inf and NaN codes too) times the largest scales
+    saturate where both are finite; Inf codes and an Inf scale word stay Inf; bitwise the
+    reference's for every output dtype."""
+    f = Format.parse(fmt)
+    shape = (4, 32) if f.features is None else (4, f.features)
+    buf = torch.randint(0, 256, (f.nbytes(shape),), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    lay = f.layout(shape)
+    a, b = lay.offsets["scale"]
+    if b > a:
+        big, inf = _SCALE_WORDS[f.scale]
+        buf[a:b] = torch.tensor(big * (lay.rows * lay.nblocks), dtype=torch.uint8)
+        if inf is not None:  # the last block's scale is Inf
+            buf[b - len(inf):b] = torch.tensor(inf, dtype=torch.uint8)
+    for dt in DTYPES:
+        want = _ref_decode(buf, f, shape, dt)
+        assert torch.equal(_bits(torch_codec.decode(buf, f, shape, dt)), _bits(want))
+        assert (want.abs() == torch.finfo(dt).max).any(), "nothing saturated: the test lost its point"

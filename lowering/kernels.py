@@ -198,10 +198,26 @@ def _load_f32(ptr, offs, mask, KIND: tl.constexpr, GPU: tl.constexpr):
 
 
 @triton.jit
+def _clamp_finite(y, M: tl.constexpr):
+    """Finite values past +-M become +-M (M representable in the output dtype, so clamping then
+    rounding is rounding with saturation); +-Inf and NaN pass unchanged."""
+    a = tl.abs(y)
+    return tl.where((a > M) & (a < float("inf")), tl.where(y > 0, M, -M), y)
+
+
+@triton.jit
+def _saturate(y, ok):
+    """fp32 products of finite factors (``ok``) that overflowed to +-Inf become +-fp32 max (the
+    reference's ``saturate_fp32``); Inf codes/scales (foreign bytes) and NaN stay."""
+    return tl.where(ok & (tl.abs(y) == float("inf")), tl.where(y > 0, 3.4028234663852886e38, -3.4028234663852886e38), y)
+
+
+@triton.jit
 def _store_f32(ptr, offs, y, mask, KIND: tl.constexpr, GPU: tl.constexpr):
     if KIND == _F32IO:
         tl.store(ptr + offs, y, mask=mask)
     elif KIND == _BF16IO:
+        y = _clamp_finite(y, 3.3895313892515355e38)  # a finite value never becomes Inf (saturating_cast)
         if GPU:  # hardware cvt.rn.bf16.f32: round half to even
             tl.store(ptr + offs, y.to(tl.bfloat16), mask=mask)
         else:  # fp32 -> bf16 on the bits, round half to even; NaN -> 0x7FC0
@@ -210,7 +226,7 @@ def _store_f32(ptr, offs, y, mask, KIND: tl.constexpr, GPU: tl.constexpr):
             r = tl.where((b & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
             tl.store(ptr + offs, r.to(tl.int16), mask=mask)
     else:
-        tl.store(ptr + offs, y.to(tl.float16), mask=mask)
+        tl.store(ptr + offs, _clamp_finite(y, 65504.0).to(tl.float16), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------
@@ -381,18 +397,26 @@ def _element_values(code, lut_ptr, KIND: tl.constexpr, BITS: tl.constexpr, GSCAL
 
 
 @triton.jit
-def _scaled(val, scale, zero, ZP: tl.constexpr, WIDE: tl.constexpr):
+def _scaled(val, scale, zero, ZP: tl.constexpr, WIDE: tl.constexpr, HALVE: tl.constexpr):
     """fp32(val * scale (+ zero)) for element values [BPP, BP2] and per-block parameters, with
     the reference's rounding: val * scale is exact for codes times scales of at most 16
     significant bits, so fp32 arithmetic rounds once; WIDE (zero point and fp32 scales) adds
-    in float64 as the reference does."""
+    in float64 as the reference does. HALVE (bf16 zero points): where val * scale overflows
+    fp32 but the sum need not (scale >= 2^120 there), the sum is redone on halved terms, exactly.
+    Products of finite factors past fp32's range saturate (:func:`_saturate`)."""
     if ZP:
         if WIDE:
-            return (val.to(tl.float64) * scale.to(tl.float64)[:, None] + zero.to(tl.float64)[:, None]).to(tl.float32)
+            y = (val.to(tl.float64) * scale.to(tl.float64)[:, None] + zero.to(tl.float64)[:, None]).to(tl.float32)
         else:
-            return val * scale[:, None] + zero[:, None]
+            y = val * scale[:, None] + zero[:, None]
+            if HALVE:
+                yh = (val * (scale * 0.5)[:, None] + (zero * 0.5)[:, None]) * 2.0
+                y = tl.where(tl.abs(y) == float("inf"), yh, y)
+        ok = ((tl.abs(scale) < float("inf")) & (tl.abs(zero) < float("inf")))[:, None]  # (uint values are finite)
     else:
-        return val * scale[:, None]
+        y = val * scale[:, None]
+        ok = (tl.abs(val) < float("inf")) & (tl.abs(scale) < float("inf"))[:, None]
+    return _saturate(y, ok)
 
 
 @triton.jit
@@ -426,7 +450,7 @@ def _decode_tile(buf_ptr, blk, bmask, scale_off, zp_off, ts_off, lut_ptr, K: tl.
     w = _load_word(buf_ptr, scale_off, blk, bmask, SB, WALIGN)
     if SCALE == _E8M0:
         sc = tl.where(w == 255, float("nan"), _pow2(w - 127))  # 2^-127 is a subnormal: exact
-        return val * sc[:, None]
+        return _saturate(val * sc[:, None], tl.abs(val) < float("inf"))  # (a NaN scale gives NaN, never Inf)
     else:
         scale = _scale_value(w, SCALE, S_EBITS, S_MBITS, S_BIAS, S_POLICY)
         if TS:
@@ -437,7 +461,7 @@ def _decode_tile(buf_ptr, blk, bmask, scale_off, zp_off, ts_off, lut_ptr, K: tl.
         if ZP:
             zero = _scale_value(_load_word(buf_ptr, zp_off, blk, bmask, SB, WALIGN), SCALE, S_EBITS, S_MBITS, S_BIAS,
                                 S_POLICY)
-        return _scaled(val, scale, zero, ZP, SCALE == _FP32S)
+        return _scaled(val, scale, zero, ZP, SCALE == _FP32S, SCALE == _BF16S)
 
 
 @triton.jit
@@ -537,6 +561,7 @@ def _codec_kernel(
     SCALE: tl.constexpr, SB: tl.constexpr, ZP: tl.constexpr, TS: tl.constexpr, MAXN_TS: tl.constexpr,
     S_EBITS: tl.constexpr, S_MBITS: tl.constexpr, S_BIAS: tl.constexpr, S_EMIN: tl.constexpr,
     S_POLICY: tl.constexpr, S_MAXMAG: tl.constexpr, SNAN: tl.constexpr,
+    S_INV_STEP_HI: tl.constexpr, S_INV_STEP_LO: tl.constexpr,
     BS: tl.constexpr, BP2: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, GBP2: tl.constexpr,
     WORD64: tl.constexpr, GPU: tl.constexpr, DECODE: tl.constexpr, FP8_HW: tl.constexpr,
     FP8: tl.constexpr,
@@ -608,15 +633,24 @@ def _codec_kernel(
                 zcode = _round_mag_int(mnb & 0x7FFFFFFF, zneg, S_EMIN, S_MBITS, S_MAXMAG)  # round down
                 zero = _neg_if(_scale_value(zcode, SCALE, S_EBITS, S_MBITS, S_BIAS, S_POLICY), zneg)
                 zcode = tl.where(zneg, zcode | 0x8000, zcode)
-                raw = _div(mx - zero, MAXMAG * 1.0, GPU)
+                # where mx - zero overflows fp32 (bf16 terms near fp32's max) both terms are halved,
+                # exactly (they are >= 2^103 there); h = 1 in every other block changes no bit
+                d = mx - zero
+                big = d == float("inf")
+                h = tl.where(big, 0.5, 1.0)
+                raw = _div(mx * h - zero * h, MAXMAG * 1.0, GPU) * tl.where(big, 2.0, 1.0)
+                # an underflowed quotient of a non-constant block: fp32's smallest (rounds up to one step)
+                raw = tl.where((raw == 0.0) & (d > 0.0), (tl.zeros_like(amax_b) + 1).to(tl.float32, bitcast=True), raw)
                 rb = raw.to(tl.int32, bitcast=True)
                 rneg = rb < 0
                 scode = _round_mag_int(rb & 0x7FFFFFFF, ~rneg, S_EMIN, S_MBITS, S_MAXMAG)  # round up
                 scale = _neg_if(_scale_value(scode, SCALE, S_EBITS, S_MBITS, S_BIAS, S_POLICY), rneg)
                 scode = tl.where(rneg, scode | 0x8000, scode)
                 # scale > 0 unless the block is constant (then x - zero == 0 and any scale will do)
-                xz = tl.where(finite, x, 0.0) - zero[:, None]
-                v = _signed_like(_exact_quotient(xz, tl.where(scale > 0, scale, 1.0), GPU), xz)
+                # (a scale <= 0: a constant block, or one below -max whose zero point saturated
+                # above it: the reference's codes are 0)
+                xz = tl.where(finite & (scale > 0)[:, None], x * h[:, None] - (zero * h)[:, None], 0.0)
+                v = _signed_like(_exact_quotient(xz, tl.where(scale > 0, scale * h, 1.0), GPU), xz)
                 zcode = tl.where(bad, SNAN, zcode)
                 scode = tl.where(bad, SNAN, scode)
             else:
@@ -624,15 +658,23 @@ def _codec_kernel(
                 if TS:
                     tam = tl.load(amax_ptr).to(tl.float32, bitcast=True)
                     ts = tl.maximum(_div(tam, MAXN_TS, GPU), 1.1754943508222875e-38)
-                    raw = _div(amax_f, MAXN * ts, GPU)
+                    den = MAXN * ts
                 else:
-                    raw = _div(amax_f, MAXN, GPU)
+                    den = MAXN + tl.zeros_like(amax_f)
+                raw = _div(amax_f, den, GPU)
                 if SCALE == _FP32S:
                     scode = raw.to(tl.int32, bitcast=True)
-                    stored = raw
                 else:
                     scode = _round_mag_int(raw.to(tl.int32, bitcast=True), raw >= 0.0, S_EMIN, S_MBITS, S_MAXMAG)
-                    stored = _scale_value(scode, SCALE, S_EBITS, S_MBITS, S_BIAS, S_POLICY)
+                # a quotient below fp32's normal range (rounded to fp32's subnormal grid, or to 0):
+                # the exact ceiling in scale steps 2^-P instead, at least one:
+                # ceil(fp32(amax * 2^P / den)), 2^P = S_INV_STEP_HI * S_INV_STEP_LO (both exact)
+                tiny = (raw < 1.1754943508222875e-38) & (amax_b > 0)
+                w = _div(tl.where(tiny, amax_f, 0.0) * S_INV_STEP_HI * S_INV_STEP_LO, den, GPU)
+                nt = w.to(tl.int32)  # truncation: 0 <= w < 2^23 + 1
+                nt = tl.maximum(nt + tl.where(nt.to(tl.float32) < w, 1, 0), 1)
+                scode = tl.where(tiny, nt, scode)
+                stored = _scale_value(scode, SCALE, S_EBITS, S_MBITS, S_BIAS, S_POLICY)
                 if TS:
                     scale = stored * ts
                     tsw = ts.to(tl.int32, bitcast=True) + tl.zeros_like(amax_b)
@@ -652,9 +694,9 @@ def _codec_kernel(
                 code = code & ((1 << BITS) - 1)  # (a NaN/Inf block's codes are garbage, decoded as NaN)
                 val = _element_values(code, lut_ptr, KIND, BITS, GSCALE, DECODE, FP8)
                 if SCALE == _E8M0:
-                    y = val * tl.where(bad, float("nan"), _pow2(s))[:, None]
+                    y = _saturate(val * tl.where(bad, float("nan"), _pow2(s))[:, None], tl.abs(val) < float("inf"))
                 else:
-                    y = _scaled(val, tl.where(bad, float("nan"), scale), zero, ZP, SCALE == _FP32S)
+                    y = _scaled(val, tl.where(bad, float("nan"), scale), zero, ZP, SCALE == _FP32S, SCALE == _BF16S)
                 _store_f32(deq_ptr, offs, y, valid, DEQ_KIND, GPU)
 
 

@@ -10,7 +10,8 @@ tensor shapes, quantised along the last axis):
 ``dequant_sum(bufs, fmt, shape, dtype, residual=None) -> Tensor``
     ``bufs`` is [N, nbytes] uint8 (e.g. an all-gather's output): decode each to fp32, add them
     in row (= rank) order one fp32 addition at a time, add ``residual`` (cast to fp32) last,
-    cast to ``dtype``. One kernel; the gather step of a compressed all-reduce.
+    cast to ``dtype`` (finite values saturate at its max, as every decode's cast does:
+    ``qformats.codec.saturating_cast``). One kernel; the gather step of a compressed all-reduce.
 ``dequant_sum_requant(bufs, fmt, shape, dtype=None) -> (Tensor, Tensor)``
     the fp32 rank-order sum of the decodes, re-quantised: ``quantize(sum, fmt)`` (the sum is
     fp32). With ``dtype``, the second output is ``dequantize`` of that new buffer (the value
@@ -44,7 +45,7 @@ import torch
 import qformats
 from qformats.codec import check_input
 from qformats import Format, QTensor
-from qformats.codec import SUPPORTED_DTYPES
+from qformats.codec import SUPPORTED_DTYPES, saturating_cast
 
 from . import kernels
 from .constants import lower, unsupported_reason
@@ -131,7 +132,7 @@ def reference_dequant_sum(bufs: torch.Tensor, fmt: str, shape: List[int], dtype:
     acc = _ref_sum(bufs, f, shape)
     if residual is not None:
         acc = acc + residual.to(torch.float32)
-    return acc.to(dtype)
+    return saturating_cast(acc, dtype)
 
 
 def reference_dequant_sum_requant(bufs: torch.Tensor, fmt: str, shape: List[int],

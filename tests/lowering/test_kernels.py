@@ -209,3 +209,62 @@ def test_launchers_check_their_buffers():
     assert kernels.dequantize(buf.view(1, -1), kc, 2, 64, torch.float32, out=out) is out
     with pytest.raises(ValueError, match="src_off 8 must be a multiple of 16"):
         kernels.dequantize_peers(torch.zeros(2, dtype=torch.int64, device=DEV), 8, kc, 2, 64, out, summed=True)
+
+
+def corner_rows(dtype: torch.dtype, width: int = 64) -> torch.Tensor:
+    """Issue 14's corners, one kind per row: the dtype's max (and -max), +-3e38 (fp32: a
+    zero point's max - zero past fp32's range), block maxima from fp32's smallest subnormal
+    up (quotients amax / max_normal below 2^-126, or underflowing to 0), and a mix."""
+    fi = torch.finfo(dtype)
+    rows = [torch.full((width,), fi.max), torch.full((width,), -fi.max)]
+    half = torch.cat([torch.full((width // 2,), 3e38), torch.full((width - width // 2,), -3e38)]).clamp(-fi.max, fi.max)
+    rows.append(half)
+    for e in (-149, -147, -140, -133, -130, -127, -126, -120, -110):
+        v = torch.ldexp(torch.tensor(1.0), torch.tensor(float(max(e, -24 if dtype == torch.float16 else e))))
+        r = torch.full((width,), float(v))
+        r[1::2] *= torch.linspace(-1.5, 1.5, width // 2)
+        rows.append(r)
+    g = torch.Generator().manual_seed(4)
+    rows.append(torch.randn(width, generator=g) * 2.0 ** torch.randint(-149, 120, (width,), generator=g))
+    return torch.stack(rows).clamp(-fi.max, fi.max).to(dtype)
+
+
+@pytest.mark.parametrize("fmt", ["fp4_e2m1/b32/fp16", "int8/b32/fp16", "int4/row/fp16", "fp8_e5m2/b32/fp16",
+                                 "int4/b32/bf16", "fp8_e4m3/b32/bf16", "fp8_e4m3/b32/fp32", "fp4_e2m1/b16/e4m3",
+                                 "nvfp4", "uint8/b32/bf16+zp", "uint4/b32/fp16+zp", "int2/b16/bf16", "mxfp8_e5m2"])
+def test_issue14_corners(fmt):
+    """Finite inputs decode finite, tiny blocks get their exact rounded-up scale: the kernels
+    bitwise the reference's (encode bytes, decode, fused decode) for every in/out dtype."""
+    for i, dt in enumerate(DTYPES):
+        x = corner_rows(dt).to(DEV)
+        check_roundtrip(x, fmt, dt)  # decoded to its own dtype: the issue's case
+        buf = ops.quantize(x, fmt)
+        for out in DTYPES:
+            y = kernels.dequantize(buf.view(1, -1), lower(fmt, x.shape[-1], DEV), *x.shape, out)
+            assert same_bits(y.cpu(), ops.reference_dequantize(buf.cpu(), fmt, list(x.shape), out)), (fmt, dt, out)
+            assert torch.isfinite(y).all(), (fmt, dt, out)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e5m2/b32/e8m0", "fp8_e5m2/b32/fp32", "int4/b32/bf16", "uint4/b32/bf16+zp"])
+def test_foreign_bytes_saturate_finite_products_like_the_reference(fmt):
+    """Random wire bytes with the largest scale words (and one Inf scale word): products of
+    finite factors saturate at fp32 / the output dtype's max, Inf codes stay Inf; dequantize
+    and dequant_sum (whose fp32 sums overflow too) equal the reference's."""
+    f = qformats.Format.parse(fmt)
+    rows, width = 4, 64
+    lay = f.layout((rows, width))
+    g = torch.Generator().manual_seed(2)
+    bufs = torch.randint(0, 256, (3, lay.total), generator=g, dtype=torch.uint8)
+    a, b = lay.offsets["scale"]
+    big = {1: [254], 4: [0xFF, 0xFF, 0x7F, 0x7F], 2: [0x7F, 0x7F]}[(b - a) // (rows * lay.nblocks)]
+    bufs[:, a:b] = torch.tensor(big * (rows * lay.nblocks), dtype=torch.uint8)
+    if len(big) > 1:
+        bufs[0, b - 2:b] = torch.tensor([0x80, 0x7F], dtype=torch.uint8)  # an Inf (bf16) / NaN (fp32) word
+    kc = lower(f, width, DEV)
+    for dt in DTYPES:
+        got = kernels.dequantize(bufs[:1].to(DEV), kc, rows, width, dt)
+        want = ops.reference_dequantize(bufs[0], fmt, [rows, width], dt)
+        assert same_bits(got.cpu(), want), (fmt, dt)
+        assert (want.abs() == torch.finfo(dt).max).any()
+        got = kernels.dequantize(bufs.to(DEV), kc, rows, width, dt)
+        assert same_bits(got.cpu(), ops.reference_dequant_sum(bufs, fmt, [rows, width], dt)), (fmt, dt, "sum")

@@ -118,8 +118,8 @@ def saturating_cast(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == _F32:
         return out
     inf = torch.isinf(out)
-    if bool(inf.any()):
-        m = torch.tensor(torch.finfo(dtype).max, dtype=dtype)
+    if y.device.type != "cpu" or bool(inf.any()):  # (no data-dependent branch, so no sync, off the CPU)
+        m = torch.tensor(torch.finfo(dtype).max, dtype=dtype, device=y.device)
         out = torch.where(inf & torch.isfinite(y), torch.copysign(m, out), out)
     return out
 

@@ -63,6 +63,7 @@ import torch.distributed as dist
 
 import qformats
 from qformats import Format, QTensor
+from qformats.codec import saturating_cast
 
 from . import wirecheck
 from .wirecheck import HEADER_BYTES, Signature
@@ -217,11 +218,11 @@ def split_rows(x2: torch.Tensor, world: int) -> tuple[torch.Tensor, int]:
 
 
 def merge_rows(chunks: torch.Tensor, pad: int, shape, dtype) -> torch.Tensor:
-    """[world, c, H] fp32 -> x's shape and dtype, padding rows removed."""
+    """[world, c, H] fp32 -> x's shape and dtype (finite values saturating), padding rows removed."""
     y = chunks.reshape(-1, chunks.shape[-1])
     if pad:
         y = y[: y.shape[0] - pad]
-    return y.to(dtype).reshape(shape)
+    return saturating_cast(y, dtype).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,10 +421,10 @@ def _compressed_all_reduce(x, fmt: Format, group, algorithm: str, codec, world: 
     x2 = rows_view(x)
     if algorithm == "gather":
         if world == 1:
-            return codec.decode(_encoded(codec, x2, fmt), fmt, tuple(x2.shape)).to(x.dtype).reshape(x.shape)
+            return saturating_cast(codec.decode(_encoded(codec, x2, fmt), fmt, tuple(x2.shape)), x.dtype).reshape(x.shape)
         ex = _exchange("gather", fmt, x, fmt.nbytes(tuple(x2.shape)), group, world, validate)
         bufs = _gather_bufs(_encoded(codec, x2, fmt), world, group, ex)
-        return codec.decode_sum(bufs, fmt, tuple(x2.shape)).to(x.dtype).reshape(x.shape)
+        return saturating_cast(codec.decode_sum(bufs, fmt, tuple(x2.shape)), x.dtype).reshape(x.shape)
     # two_shot
     chunks, pad = split_rows(x2, world)
     cshape = tuple(chunks.shape[1:])
@@ -483,7 +484,7 @@ def all_gather(
         bufs = _gather_bufs(buf, world, group, _exchange("all_gather", fmt, x, buf.numel(), group, world, validate))
     else:
         bufs = [buf]
-    return torch.cat([codec.decode(b, fmt, shape).to(x.dtype).reshape(x.shape) for b in bufs])
+    return torch.cat([saturating_cast(codec.decode(b, fmt, shape), x.dtype).reshape(x.shape) for b in bufs])
 
 
 def reduce_scatter(
@@ -523,7 +524,7 @@ def reduce_scatter(
     else:
         ex = _exchange("reduce_scatter", fmt, x, fmt.nbytes(cshape), group, world, validate)
         mine = _exchange_chunks(chunks, fmt, codec, world, group, ex)
-    return codec.decode_sum(mine, fmt, cshape).to(x.dtype).reshape(out_shape)
+    return saturating_cast(codec.decode_sum(mine, fmt, cshape), x.dtype).reshape(out_shape)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from typing import Sequence
 
 import torch
 
+from qformats.codec import saturating_cast
+
 from .collectives import (
     check_algorithm,
     check_tensor,
@@ -100,7 +102,7 @@ def _compressed_all_reduce(shards, fmt, algorithm: str, codec, world: int) -> to
     if algorithm == "gather":
         shape = tuple(mats[0].shape)
         bufs = [codec.encode(m, fmt) for m in mats]
-        return codec.decode_sum(bufs, fmt, shape).to(x.dtype).reshape(x.shape)
+        return saturating_cast(codec.decode_sum(bufs, fmt, shape), x.dtype).reshape(x.shape)
     # two_shot: chunk j of every rank -> rank j reduces and re-encodes -> everyone decodes
     split = [split_rows(m, world) for m in mats]
     pad = split[0][1]
@@ -126,7 +128,7 @@ def emulate_all_gather(shards: Sequence[torch.Tensor], fmt=None, *, codec=None) 
     out = []
     for s in shards:
         m = rows_view(s)
-        out.append(codec.decode(codec.encode(m, fmt), fmt, tuple(m.shape)).to(s.dtype).reshape(s.shape))
+        out.append(saturating_cast(codec.decode(codec.encode(m, fmt), fmt, tuple(m.shape)), s.dtype).reshape(s.shape))
     return torch.cat(out)
 
 
@@ -150,7 +152,7 @@ def emulate_reduce_scatter(shards: Sequence[torch.Tensor], fmt=None, *, codec=No
     res = []
     for j in range(world):
         bufs = [codec.encode(c[j], fmt) for c in chunked]
-        res.append(codec.decode_sum(bufs, fmt, cshape).to(x.dtype).reshape(out_shape))
+        res.append(saturating_cast(codec.decode_sum(bufs, fmt, cshape), x.dtype).reshape(out_shape))
     return res
 
 

@@ -90,6 +90,20 @@ def test_nan_is_not_hidden():
     assert torch.isnan(y[0, :32]).all() and torch.isfinite(y[1]).all() and torch.isfinite(y[0, 32:]).all()
 
 
+@pytest.mark.parametrize("algorithm", ["gather", "two_shot"])
+@pytest.mark.parametrize("fmt,dtype", [("int4/b32/bf16", torch.bfloat16), ("fp4_e2m1/b32/fp16", torch.float16)])
+def test_finite_partials_at_the_dtype_max_sum_finite(algorithm, fmt, dtype):
+    """One rank at the dtype's max, the others 0: the exact sum is finite, so the compressed one
+    must be (the decoded value rounds past the max: the cast saturates; issue 14)."""
+    big = torch.full((6, 64), torch.finfo(dtype).max, dtype=dtype)
+    big[1] *= -1
+    shards = [big, torch.zeros_like(big), torch.zeros_like(big)]
+    outs = [tp.emulate_all_reduce(shards, fmt, algorithm), tp.emulate_all_gather(shards, fmt),
+            *tp.emulate_reduce_scatter(shards, fmt)]
+    for y in outs:
+        assert y.dtype == dtype and torch.isfinite(y).all(), (algorithm, fmt)
+
+
 def test_reduce_scatter_and_all_gather_emulation():
     shards = _shards(2, (4, 64))
     rs = tp.emulate_reduce_scatter(shards, "mxfp4")

@@ -31,6 +31,7 @@ decodes for ``gather``); below ``threshold_bytes`` the plain all-reduce runs ins
 """
 from __future__ import annotations
 
+import types
 from typing import Optional
 
 import torch
@@ -64,6 +65,10 @@ def check_style_args(fmt, algorithm: str, threshold_bytes: int) -> Optional[str]
     if not isinstance(threshold_bytes, int) or threshold_bytes < 0:
         raise ValueError(f"threshold_bytes must be an int >= 0, got {threshold_bytes!r}")
     return None if f is None else str(f)
+
+
+def _linear_without_bias(self: nn.Linear, x: Tensor) -> Tensor:
+    return F.linear(x, self.weight)
 
 
 class CompressedRowwiseParallel(RowwiseParallel):
@@ -105,7 +110,7 @@ class CompressedRowwiseParallel(RowwiseParallel):
         if module.bias is not None:
             # Partials without the bias (DTensor would add bias / W on every rank); the bias is
             # added once, after the reduction, in _prepare_output_fn.
-            module.forward = lambda x: F.linear(x, module.weight)
+            module.forward = types.MethodType(_linear_without_bias, module)  # a bound method: deepcopy rebinds it
         module._qformats_group_name = group_name  # a str constant for the traced output hook
         return module
 

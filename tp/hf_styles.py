@@ -18,8 +18,8 @@ hidden during the local matmul and added after the sum), with its in-place
 ``dist.all_reduce`` replaced by ``torch.ops.qformats.all_reduce`` (:func:`tp.all_reduce` as
 a custom op): bitwise what ``tp.hf.emulate_tp(model, tp=N, policy=tp.hf.Policy(fmt))``
 computes in one process, and traceable by ``torch.compile(fullgraph=True)``. The local path
-is taken with and without autograd (the compressed all-reduce has no backward: this is an
-inference style; ``loss.backward()`` raises).
+is taken with autograd on too, so the forward gives the same values; the op's gradient is
+straight-through (see :mod:`tp.compile`), but training through this style is not tested.
 
 Supported transformers: :data:`SUPPORTED_TRANSFORMERS` (5.16 introduced the
 ``TensorParallelLayer.transform_output_post_forward`` API this class overrides; older 5.x and

@@ -8,7 +8,9 @@ Run on a GPU (results are only meaningful there)::
 
 Cases, for each format in FORMATS and bf16 inputs of SIZES_MIB ([rows, 4096]):
 ``copy`` (a device-to-device copy of the input: the HBM bandwidth of this run),
-``quantize`` / ``dequantize`` (the ``torch.ops.qformats`` ops), and the same two through
+``quantize`` / ``dequantize`` / ``dequant_sum`` / ``dequant_sum_requant`` (N = 2, 4, 8; the
+``torch.ops.qformats`` ops, host-timed: what a caller of the ops gets, launch cost included;
+``benchmarks/codec_gpu.py`` gives kernel time in CUDA graphs), and the first two through
 ``torch.compile`` of the reference codec at COMPILED_REF_MIB sizes (compiling the float64
 reference per shape is slow and it needs ~20x the input in temporaries). Every case stores
 the bytes it must move (input read once + output written once) in ``extra_info``.
@@ -93,6 +95,36 @@ def test_dequantize(benchmark, fmt, mib):
     y = _run(benchmark, lambda: torch.ops.qformats.dequantize(buf, fmt, shape, torch.bfloat16), _rounds(mib))
     if mib <= 16:
         assert torch.equal(y.cpu(), ops.reference_dequantize(buf.cpu(), fmt, shape, torch.bfloat16))
+
+
+@pytest.mark.parametrize("n", [2, 4, 8] if CUDA else [2])
+@pytest.mark.parametrize("mib", SIZES_MIB)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dequant_sum(benchmark, fmt, mib, n):
+    """The gather step of a compressed all-reduce: N wire buffers -> one fp32-summed bf16 tensor."""
+    x = _input(mib)
+    bufs = torch.stack([torch.ops.qformats.quantize(x * (i + 1), fmt) for i in range(n)])
+    shape = list(x.shape)
+    _info(benchmark, case="dequant_sum", impl="triton", fmt=fmt, mib=mib, n=n,
+          bytes=bufs.numel() + x.numel() * 2, path=ops.path(fmt, x.device))
+    y = _run(benchmark, lambda: torch.ops.qformats.dequant_sum(bufs, fmt, shape, torch.bfloat16), _rounds(mib))
+    if mib <= 16:
+        assert torch.equal(y.cpu(), ops.reference_dequant_sum(bufs.cpu(), fmt, shape, torch.bfloat16))
+
+
+@pytest.mark.parametrize("n", [2, 4, 8] if CUDA else [2])
+@pytest.mark.parametrize("mib", SIZES_MIB)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dequant_sum_requant(benchmark, fmt, mib, n):
+    """The middle step of two_shot: N wire buffers -> their fp32 sum, re-quantised."""
+    x = _input(mib)
+    bufs = torch.stack([torch.ops.qformats.quantize(x * (i + 1), fmt) for i in range(n)])
+    shape = list(x.shape)
+    _info(benchmark, case="dequant_sum_requant", impl="triton", fmt=fmt, mib=mib, n=n,
+          bytes=bufs.numel() + bufs.shape[1], path=ops.path(fmt, x.device))
+    buf, _ = _run(benchmark, lambda: torch.ops.qformats.dequant_sum_requant(bufs, fmt, shape), _rounds(mib))
+    if mib <= 16:
+        assert torch.equal(buf.cpu(), ops.reference_dequant_sum_requant(bufs.cpu(), fmt, shape)[0])
 
 
 _COMPILED = {}

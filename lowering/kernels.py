@@ -197,6 +197,21 @@ def _load_f32(ptr, offs, mask, KIND: tl.constexpr, GPU: tl.constexpr):
         return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
+_FP32_MAX = tl.constexpr(3.4028234663852886e38)
+_BF16_MAX = tl.constexpr(3.3895313892515355e38)
+_FP16_MAX = tl.constexpr(65504.0)
+# a block whose bound on |decoded value| reaches this fraction of a dtype's max may overflow it
+# (the bound is computed in fp32: a margin far above its rounding error)
+_RISK = tl.constexpr(0.999)
+
+
+@triton.jit
+def _any(flags):
+    """Whether any of the per-block ``flags`` [BPP] is set: one scalar for the whole tile, so the
+    rare saturation work below runs only in tiles that can need it (no per-element cost)."""
+    return tl.max(flags.to(tl.int32), axis=0) > 0
+
+
 @triton.jit
 def _clamp_finite(y, M: tl.constexpr):
     """Finite values past +-M become +-M (M representable in the output dtype, so clamping then
@@ -209,15 +224,19 @@ def _clamp_finite(y, M: tl.constexpr):
 def _saturate(y, ok):
     """fp32 products of finite factors (``ok``) that overflowed to +-Inf become +-fp32 max (the
     reference's ``saturate_fp32``); Inf codes/scales (foreign bytes) and NaN stay."""
-    return tl.where(ok & (tl.abs(y) == float("inf")), tl.where(y > 0, 3.4028234663852886e38, -3.4028234663852886e38), y)
+    return tl.where(ok & (tl.abs(y) == float("inf")), tl.where(y > 0, _FP32_MAX, -_FP32_MAX), y)
 
 
 @triton.jit
-def _store_f32(ptr, offs, y, mask, KIND: tl.constexpr, GPU: tl.constexpr):
+def _store_f32(ptr, offs, y, mask, bound, KIND: tl.constexpr, GPU: tl.constexpr):
+    """Store fp32 values as KIND; casts to bf16/fp16 saturate finite values at the dtype's max
+    (the reference's ``saturating_cast``), checked only in tiles whose per-block ``bound`` [BPP]
+    on |y| (inf: unknown) reaches it."""
     if KIND == _F32IO:
         tl.store(ptr + offs, y, mask=mask)
     elif KIND == _BF16IO:
-        y = _clamp_finite(y, 3.3895313892515355e38)  # a finite value never becomes Inf (saturating_cast)
+        if _any(~(bound < _RISK * _BF16_MAX)):
+            y = _clamp_finite(y, _BF16_MAX)
         if GPU:  # hardware cvt.rn.bf16.f32: round half to even
             tl.store(ptr + offs, y.to(tl.bfloat16), mask=mask)
         else:  # fp32 -> bf16 on the bits, round half to even; NaN -> 0x7FC0
@@ -226,7 +245,9 @@ def _store_f32(ptr, offs, y, mask, KIND: tl.constexpr, GPU: tl.constexpr):
             r = tl.where((b & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
             tl.store(ptr + offs, r.to(tl.int16), mask=mask)
     else:
-        tl.store(ptr + offs, _clamp_finite(y, 65504.0).to(tl.float16), mask=mask)
+        if _any(~(bound < _RISK * _FP16_MAX)):
+            y = _clamp_finite(y, _FP16_MAX)
+        tl.store(ptr + offs, y.to(tl.float16), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------
@@ -397,26 +418,32 @@ def _element_values(code, lut_ptr, KIND: tl.constexpr, BITS: tl.constexpr, GSCAL
 
 
 @triton.jit
-def _scaled(val, scale, zero, ZP: tl.constexpr, WIDE: tl.constexpr, HALVE: tl.constexpr):
-    """fp32(val * scale (+ zero)) for element values [BPP, BP2] and per-block parameters, with
-    the reference's rounding: val * scale is exact for codes times scales of at most 16
-    significant bits, so fp32 arithmetic rounds once; WIDE (zero point and fp32 scales) adds
-    in float64 as the reference does. HALVE (bf16 zero points): where val * scale overflows
-    fp32 but the sum need not (scale >= 2^120 there), the sum is redone on halved terms, exactly.
-    Products of finite factors past fp32's range saturate (:func:`_saturate`)."""
+def _scaled(val, scale, zero, ZP: tl.constexpr, WIDE: tl.constexpr, HALVE: tl.constexpr, MAXV: tl.constexpr):
+    """(fp32(val * scale (+ zero)), a per-block bound on its magnitude) for element values
+    [BPP, BP2] and per-block parameters, with the reference's rounding: val * scale is exact
+    for codes times scales of at most 16 significant bits, so fp32 arithmetic rounds once; WIDE
+    (zero point and fp32 scales) adds in float64 as the reference does. Products of finite
+    factors past fp32's range saturate (:func:`_saturate`), and HALVE (bf16 zero points) redoes a
+    sum whose product overflowed on halved terms, exactly: both only in tiles whose bound (MAXV =
+    the largest finite element value) says it can happen."""
     if ZP:
+        bound = MAXV * tl.abs(scale) + tl.abs(zero)
         if WIDE:
             y = (val.to(tl.float64) * scale.to(tl.float64)[:, None] + zero.to(tl.float64)[:, None]).to(tl.float32)
         else:
             y = val * scale[:, None] + zero[:, None]
+        if _any(~(bound < _RISK * _FP32_MAX)):
             if HALVE:
                 yh = (val * (scale * 0.5)[:, None] + (zero * 0.5)[:, None]) * 2.0
                 y = tl.where(tl.abs(y) == float("inf"), yh, y)
-        ok = ((tl.abs(scale) < float("inf")) & (tl.abs(zero) < float("inf")))[:, None]  # (uint values are finite)
+            ok = ((tl.abs(scale) < float("inf")) & (tl.abs(zero) < float("inf")))[:, None]  # (uint values are finite)
+            y = _saturate(y, ok)
     else:
+        bound = MAXV * tl.abs(scale)
         y = val * scale[:, None]
-        ok = (tl.abs(val) < float("inf")) & (tl.abs(scale) < float("inf"))[:, None]
-    return _saturate(y, ok)
+        if _any(~(bound < _RISK * _FP32_MAX)):
+            y = _saturate(y, (tl.abs(val) < float("inf")) & (tl.abs(scale) < float("inf"))[:, None])
+    return y, bound
 
 
 @triton.jit
@@ -445,12 +472,13 @@ def _decode_tile(buf_ptr, blk, bmask, scale_off, zp_off, ts_off, lut_ptr, K: tl.
     KIND: tl.constexpr = K[19]
     EVEN: tl.constexpr = K[20]
     WALIGN: tl.constexpr = K[21]
+    MAXV: tl.constexpr = K[22]
     code = _load_codes(buf_ptr, blk, bmask, BPP, BS, BP2, BITS, G, GB, GBP2, WORD64, EVEN)
     val = _element_values(code, lut_ptr, KIND, BITS, GSCALE, DECODE, FP8)
     w = _load_word(buf_ptr, scale_off, blk, bmask, SB, WALIGN)
     if SCALE == _E8M0:
         sc = tl.where(w == 255, float("nan"), _pow2(w - 127))  # 2^-127 is a subnormal: exact
-        return _saturate(val * sc[:, None], tl.abs(val) < float("inf"))  # (a NaN scale gives NaN, never Inf)
+        return _scaled(val, sc, sc, False, False, False, MAXV)  # (a NaN scale gives NaN, never Inf)
     else:
         scale = _scale_value(w, SCALE, S_EBITS, S_MBITS, S_BIAS, S_POLICY)
         if TS:
@@ -461,7 +489,7 @@ def _decode_tile(buf_ptr, blk, bmask, scale_off, zp_off, ts_off, lut_ptr, K: tl.
         if ZP:
             zero = _scale_value(_load_word(buf_ptr, zp_off, blk, bmask, SB, WALIGN), SCALE, S_EBITS, S_MBITS, S_BIAS,
                                 S_POLICY)
-        return _scaled(val, scale, zero, ZP, SCALE == _FP32S, SCALE == _BF16S)
+        return _scaled(val, scale, zero, ZP, SCALE == _FP32S, SCALE == _BF16S, MAXV)
 
 
 @triton.jit
@@ -574,29 +602,35 @@ def _codec_kernel(
     pass 1 of a per-tensor scale), writing its decode to ``deq`` with WRITE_DEQ. Else store it
     as OUT_KIND floats; with SRC_BUFS and not SUM, program axis 1 picks buffer j, decoded into
     ``out + j * out_chunk`` (an all-gather's decode: two_shot's last step)."""
+    # MAXV: a bound on |element value| over every code (foreign bytes too: MX ints' -2^(N-1))
+    MAXV: tl.constexpr = MAXN * 2.0
     K: tl.constexpr = (BPP, BITS, SCALE, SB, ZP, TS, S_EBITS, S_MBITS, S_BIAS, S_POLICY, BS, BP2, G, GB, GBP2,
-                       WORD64, GSCALE, DECODE, FP8, KIND, EVEN, WALIGN)
+                       WORD64, GSCALE, DECODE, FP8, KIND, EVEN, WALIGN, MAXV)
     blk, bmask, inb, valid, offs = _tile(tl.program_id(0), total_blocks, nblk, width, BPP, BS, BP2, EVEN, I64)
     if SRC_BUFS:
         if SUM:
-            x = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, 0, TABLE), blk, bmask, scale_off,
-                             zp_off, ts_off, lut_ptr, K)
+            x, bound = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, 0, TABLE), blk, bmask, scale_off,
+                                    zp_off, ts_off, lut_ptr, K)
             for i in tl.static_range(1, N_SRC):
-                x = x + _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, i, TABLE), blk, bmask,
-                                     scale_off, zp_off, ts_off, lut_ptr, K)
+                y, b = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, i, TABLE), blk, bmask,
+                                    scale_off, zp_off, ts_off, lut_ptr, K)
+                x = x + y
+                bound = bound + b
         else:
             j = tl.program_id(1)
-            x = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, j, TABLE), blk, bmask, scale_off,
-                             zp_off, ts_off, lut_ptr, K)
+            x, bound = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, j, TABLE), blk, bmask, scale_off,
+                                    zp_off, ts_off, lut_ptr, K)
         if HAS_RES:
             x = x + _load_f32(res_ptr, offs, valid, RES_KIND, GPU)
+            bound = bound + float("inf")  # (the residual's magnitude is not known per block)
     else:
         x = _load_f32(x_ptr, offs, valid, IN_KIND, GPU)
+        bound = tl.zeros([BPP], dtype=tl.float32)
     if not QUANT:
         if SUM:
-            _store_f32(out_ptr, offs, x, valid, OUT_KIND, GPU)
+            _store_f32(out_ptr, offs, x, valid, bound, OUT_KIND, GPU)
         else:
-            _store_f32(out_ptr + tl.program_id(1).to(tl.int64) * out_chunk, offs, x, valid, OUT_KIND, GPU)
+            _store_f32(out_ptr + tl.program_id(1).to(tl.int64) * out_chunk, offs, x, valid, bound, OUT_KIND, GPU)
     else:  # (constexpr branches, not early returns: Triton compiles the code after a return too)
         if not EVEN:
             x = tl.where(valid, x, 0.0)  # padded lanes of a summed source decode to 0 (or NaN)
@@ -622,9 +656,13 @@ def _codec_kernel(
                 s_e8m0 = tl.where(bad, 255, s + 127)
                 scode = s_e8m0
             elif ZP:
-                finite = ab < 0x7F800000
-                mn = tl.min(tl.where(inb & finite, x, float("inf")), axis=1)
-                mx = tl.max(tl.where(inb & finite, x, -float("inf")), axis=1)
+                # (a NaN/Inf block's min/max are replaced below: no per-element finiteness masks)
+                if EVEN:
+                    mn = tl.min(x, axis=1)
+                    mx = tl.max(x, axis=1)
+                else:  # lanes past a block's end (non-power-of-two blocks) do not count
+                    mn = tl.min(tl.where(inb, x, float("inf")), axis=1)
+                    mx = tl.max(tl.where(inb, x, -float("inf")), axis=1)
                 # +0 for a zero min/max, whatever signed zeros the block holds (see ops docs)
                 mn = tl.where(bad | (mn == 0.0), 0.0, mn)
                 mx = tl.where(bad | (mx == 0.0), 0.0, mx)
@@ -649,7 +687,11 @@ def _codec_kernel(
                 # scale > 0 unless the block is constant (then x - zero == 0 and any scale will do)
                 # (a scale <= 0: a constant block, or one below -max whose zero point saturated
                 # above it: the reference's codes are 0)
-                xz = tl.where(finite & (scale > 0)[:, None], x * h[:, None] - (zero * h)[:, None], 0.0)
+                # (their codes are zeroed at the store, like a NaN/Inf block's)
+                if _any(big):
+                    xz = x * h[:, None] - (zero * h)[:, None]
+                else:
+                    xz = x - zero[:, None]
                 v = _signed_like(_exact_quotient(xz, tl.where(scale > 0, scale * h, 1.0), GPU), xz)
                 zcode = tl.where(bad, SNAN, zcode)
                 scode = tl.where(bad, SNAN, scode)
@@ -685,19 +727,24 @@ def _codec_kernel(
                 v = _signed_like(_exact_quotient(x, tl.where(scale > 0, scale, 1.0), GPU), x)
                 scode = tl.where(bad, SNAN, scode)
             code = _element_codes(v, BITS, KIND, MBITS, EMIN, MAXMAG, MAXN, SAT, GSCALE, FP8_HW, FP8)
-            keep = tl.where(bad, 0, -1)
+            if ZP:
+                keep = tl.where(bad | ~(scale > 0), 0, -1)
+            else:
+                keep = tl.where(bad, 0, -1)
             _store_codes(out_ptr, code, keep, blk, bmask, BPP, BS, BP2, BITS, G, GB, GBP2, WORD64, EVEN)
             _store_word(out_ptr, scale_off, blk, bmask, scode, SB, WALIGN)
             if ZP:
                 _store_word(out_ptr, zp_off, blk, bmask, zcode, SB, WALIGN)
             if WRITE_DEQ:
-                code = code & ((1 << BITS) - 1)  # (a NaN/Inf block's codes are garbage, decoded as NaN)
+                code = code & (keep[:, None] & ((1 << BITS) - 1))  # as stored
                 val = _element_values(code, lut_ptr, KIND, BITS, GSCALE, DECODE, FP8)
                 if SCALE == _E8M0:
-                    y = _saturate(val * tl.where(bad, float("nan"), _pow2(s))[:, None], tl.abs(val) < float("inf"))
+                    sc = tl.where(bad, float("nan"), _pow2(s))
+                    y, dbound = _scaled(val, sc, sc, False, False, False, MAXV)
                 else:
-                    y = _scaled(val, tl.where(bad, float("nan"), scale), zero, ZP, SCALE == _FP32S, SCALE == _BF16S)
-                _store_f32(deq_ptr, offs, y, valid, DEQ_KIND, GPU)
+                    y, dbound = _scaled(val, tl.where(bad, float("nan"), scale), zero, ZP, SCALE == _FP32S,
+                                        SCALE == _BF16S, MAXV)
+                _store_f32(deq_ptr, offs, y, valid, dbound, DEQ_KIND, GPU)
 
 
 # ------------------------------------------------------------------------------------------

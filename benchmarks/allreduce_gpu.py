@@ -129,7 +129,7 @@ def shards_for(shape, world, seed, device, dtype=torch.bfloat16, adversarial=Fal
 
 
 def p2p_gather(x, fmt):
-    """One-shot gather for W = 2 over NCCL send/recv (a tuning candidate for tp.collectives)."""
+    """One-shot gather for W = 2 over NCCL send/recv (a tuning candidate for tp.comm.collectives)."""
     import qformats
 
     f = str(qformats.as_format(fmt))
@@ -289,7 +289,7 @@ def main():
 
     import tp
     from lowering import LoweredCodec
-    from tp import fused as F
+    from tp.comm import fused as F
 
     codec = LoweredCodec()
     header = dict(
@@ -313,7 +313,7 @@ def main():
     ar = None
     if fused_on:
         t0 = time.time()
-        ar = F.FusedAllReduce(max_tokens=max_tokens, hidden=HIDDEN, fmts=args.fmts, threshold_bytes=0)
+        ar = F.FusedAllReduce(max_tokens=max_tokens, hidden=HIDDEN, fmts=args.fmts, min_bytes=0)
         log(f"symmetric buffer: {ar.capacity / 2**20:.1f} MiB per rank, rendezvous {time.time() - t0:.2f} s")
 
     if args.breakdown_mib:
@@ -437,10 +437,10 @@ def main():
                 for mode in args.modes:
                     ar.algorithm, ar.mode = "gather", mode
                     record(f"fused_gather_{mode}", fmt, lambda: ar(x, fmt), emu["gather"])
-                # the auto policy (tp.fused.auto_window): fused inside its measured window, else plain
-                ar.algorithm, ar.mode, ar.threshold_bytes = "gather", "pull", None
+                # the auto policy (tp.comm.fused.auto_window): fused inside its measured window, else plain
+                ar.algorithm, ar.mode, ar.min_bytes = "gather", "pull", None
                 record("fused_auto", fmt, lambda: ar(x, fmt))
-                ar.threshold_bytes = 0
+                ar.min_bytes = 0
             for a in ("gather", "two_shot"):
                 record(f"nccl_{a}", fmt, lambda a=a: tp.all_reduce(x, fmt, algorithm=a, codec=codec), emu[a])
             if world == 2:  # gather with one send/recv pair instead of all_gather_into_tensor

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import tp
-from tp.model import LlamaConfig, TPLlama, init_random_
+from tp.model.llama import LlamaConfig, TPLlama, init_random_
 
 
 def main() -> None:

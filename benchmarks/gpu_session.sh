@@ -9,9 +9,9 @@ python -c "import torch, triton; print('device', torch.cuda.get_device_name(), '
 SEL="gpu_large or fused or adversarial and (fp5 or nvfp4 or flash_int4) or ops_equal or fall_back or compile_full or codec"
 echo "## pytest tests/lowering -k '$SEL'" | tee "$OUT/gpu_tests.log"
 timeout 300 python -m pytest -q tests/lowering/test_kernels.py tests/lowering/test_ops.py -k "$SEL" 2>&1 | tail -n 30 | tee -a "$OUT/gpu_tests.log"
-echo "## pytest tests/tp/test_fused.py -k gpus; tests/tp/test_compile.py -k gpu -m multigpu" | tee -a "$OUT/gpu_tests.log"
-timeout 240 python -m pytest -q tests/tp/test_fused.py -k gpus 2>&1 | tail -n 20 | tee -a "$OUT/gpu_tests.log"
-timeout 240 python -m pytest -q tests/tp/test_compile.py -k gpu -m multigpu 2>&1 | tail -n 20 | tee -a "$OUT/gpu_tests.log"
+echo "## pytest tests/tp/comm/test_fused.py -k gpus; tests/tp/comm/test_compile.py -k gpu -m multigpu" | tee -a "$OUT/gpu_tests.log"
+timeout 240 python -m pytest -q tests/tp/comm/test_fused.py -k gpus 2>&1 | tail -n 20 | tee -a "$OUT/gpu_tests.log"
+timeout 240 python -m pytest -q tests/tp/comm/test_compile.py -k gpu -m multigpu 2>&1 | tail -n 20 | tee -a "$OUT/gpu_tests.log"
 for cfg in "${@:-2048,4}"; do
   echo "## breakdown 128 MiB, tile $cfg" | tee -a "$OUT/breakdown.log"
   QFORMATS_TILE=$cfg timeout 200 torchrun --nproc-per-node 2 benchmarks/allreduce_gpu.py --breakdown-mib 128 \

@@ -11,9 +11,9 @@ FFN 28672, 64/8 heads, --layers-70b layers, reported per layer). Prefill of 1k/4
 (batch 1) and a batched case (4 x 2k), the logits of the last token only (what TTFT needs);
 decode: per-token latency at batch 1 and 32 after a 256-token prompt. Variants, all in one
 process: plain NCCL bf16; no communication at all (the all-reduce replaced by identity: its
-difference to NCCL is the communication share); ``fused`` (tp.fused, auto policy: fused above
+difference to NCCL is the communication share); ``fused`` (tp.comm.fused, auto policy: fused above
 64 MiB eager) in formats mxfp8_e4m3 / mxfp4 / int4/b32/bf16 (NVLink regime only); the NCCL-path
-``gather`` and ``two_shot`` with the lowering kernels (tp.collectives, CommPolicy threshold).
+``gather`` and ``two_shot`` with the lowering kernels (tp.comm.collectives, CommPolicy threshold).
 Eager mode (no torch.compile, no CUDA graphs). Median of --runs runs after 2 warm-ups, CUDA
 events, max over ranks.
 """
@@ -38,7 +38,7 @@ def log(*a):
 @torch.no_grad()
 def prefill(model, ids):
     """TPLlama.forward, but the LM head on the last position only (the first token's logits)."""
-    from tp.model import rope_inv_freq
+    from tp.model.llama import rope_inv_freq
 
     x = model.model.embed_tokens(ids)
     pos = torch.arange(0, ids.shape[1], device=ids.device, dtype=torch.float32)
@@ -118,11 +118,11 @@ def main():
     import triton
 
     import tp
-    import tp.layers as L
+    import tp.model.layers as L
     from lowering import LoweredCodec
-    from tp import fused as F
+    from tp.comm import fused as F
 
-    tp.collectives.set_codec(LoweredCodec())
+    tp.comm.collectives.set_codec(LoweredCodec())
     orig_all_reduce = L.all_reduce
     header = dict(kind="header", device=torch.cuda.get_device_name(dev), world=world, regime=args.regime,
                   torch=torch.__version__, triton=triton.__version__,
@@ -141,14 +141,14 @@ def main():
     ar = None
     if args.regime == "nvlink":
         ar = F.FusedAllReduce(max_tokens=max(max(args.prompts), 8192), hidden=8192, fmts=args.fmts,
-                              threshold_bytes=None)
+                              min_bytes=None)
 
     def variants():
         yield "nccl_bf16", None, tp.CommPolicy(None), orig_all_reduce
         yield "no_comm", None, tp.CommPolicy(None), (lambda x, fmt=None, group=None, *a, **k: x)
         if ar is not None:
             for f in args.fmts:
-                yield "fused", f, tp.CommPolicy(f, threshold_bytes=0), (
+                yield "fused", f, tp.CommPolicy(f, min_bytes=0), (
                     lambda x, fmt=None, group=None, *a, **k: ar(x, fmt, inplace=True))
         for f in args.fmts:
             for alg in ("gather", "two_shot"):

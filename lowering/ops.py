@@ -249,9 +249,9 @@ def _(bufs, fmt, shape, dtype=None):
 
 
 class LoweredCodec:
-    """The four-method codec seam of ``tp.collectives.Codec``, backed by these ops.
+    """The four-method codec seam of ``tp.comm.collectives.Codec``, backed by these ops.
 
-    Install it with ``tp.collectives.set_codec(LoweredCodec())``; it is bitwise equal to the
+    Install it with ``tp.comm.collectives.set_codec(LoweredCodec())``; it is bitwise equal to the
     reference codec (the tests check the ops; this class only adapts signatures). ``decode_sum``
     and ``reduce_requant`` take a list of buffers and stack them (one copy) unless they are
     already rows of one [N, nbytes] tensor.

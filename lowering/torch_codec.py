@@ -1,9 +1,9 @@
 """A fast CPU codec, bitwise equal to the reference codec (``qformats.encode`` / ``decode``).
 
 Use it where the reference codec's cost dominates on a CPU: the emulator of compressed
-collectives (:mod:`tp.emulate`; ``qformats eval`` installs it), or any loop of
+collectives (:mod:`tp.comm.emulate`; ``qformats eval`` installs it), or any loop of
 ``qformats.encode/decode`` on CPU tensors. Install it with
-``tp.collectives.set_codec(TorchCodec())``; :func:`encode` / :func:`decode` are the same
+``tp.comm.collectives.set_codec(TorchCodec())``; :func:`encode` / :func:`decode` are the same
 operations as plain functions. On a GPU use the Triton ops of :mod:`lowering.ops`.
 
 Cost: whole-tensor torch ops on fp32/int32, no Python loop over blocks or elements. An encode
@@ -45,7 +45,7 @@ docstring gives the reasoning), with the constants of :func:`lowering.constants.
   casts, one buffer at a time (:func:`_load_scales` says why).
 
 Every format the reference supports is exact here, including outlier channels (``+o[...]``)
-and static per-feature scales (``static``) of ``tp.calibrate``. The one fallback: formats
+and static per-feature scales (``static``) of ``tp.model.calibrate``. The one fallback: formats
 that :func:`lowering.constants.lower` refuses for their element (float elements wider than
 e5m5, which only an ``Element`` built by hand has) run the reference codec, same bytes at
 reference speed; :func:`fallback_reason` says which. CUDA inputs are computed on the CPU
@@ -624,9 +624,9 @@ def decode(buf: torch.Tensor, fmt, shape, dtype: torch.dtype = torch.float32) ->
 
 
 class TorchCodec:
-    """The four-method codec seam of ``tp.collectives.Codec`` on whole-tensor CPU torch ops,
+    """The four-method codec seam of ``tp.comm.collectives.Codec`` on whole-tensor CPU torch ops,
     bitwise equal to the reference (module docstring). Install it with
-    ``tp.collectives.set_codec(TorchCodec())``. ``decode_sum`` decodes all buffers in one pass,
+    ``tp.comm.collectives.set_codec(TorchCodec())``. ``decode_sum`` decodes all buffers in one pass,
     then adds them in list (= rank) order, one fp32 addition at a time."""
 
     name = "torch"

@@ -4,7 +4,7 @@ This package is pure torch and imports nothing else of the project; ``lowering``
 formats into kernels and ``tp`` uses both inside compressed collectives.
 """
 from .codec import QTensor, decode, encode, quantize_dequantize
-from .presets import PRESETS
+from .spec import PRESETS
 from .spec import Element, Format, Layout, as_format, static_outlier_format
 
 __all__ = [

@@ -1,5 +1,5 @@
 """Human-readable descriptions of formats (the ``qformats formats`` / ``inspect`` output)."""
-from .presets import PRESETS
+from .spec import PRESETS
 from .spec import Format
 
 

@@ -1,10 +1,10 @@
 """Named presets: the OCP MX formats, NVFP4, and the operating points of the three papers.
 
-Adding a format is adding a line here; the spec derives everything else.
+Adding a format is adding a line here; the spec derives everything else. Plain data (name ->
+canonical string): :mod:`qformats.spec` parses it into ``qformats.PRESETS``.
 """
-from .spec import _parse_grammar
 
-_DEFS = {
+PRESET_SPECS = {
     # OCP MX v1.0 (E8M0 scale, block 32)
     "mxfp8_e4m3": "fp8_e4m3/b32/e8m0",
     "mxfp8_e5m2": "fp8_e5m2/b32/e8m0",
@@ -32,6 +32,3 @@ _DEFS = {
     "flash_int6": "uint6/b128/fp16+zp",
     "flash_int8": "uint8/b128/fp16+zp",
 }
-
-PRESETS = {name: _parse_grammar(s) for name, s in _DEFS.items()}
-"""Preset name -> Format."""

@@ -31,6 +31,8 @@ import struct
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from .presets import PRESET_SPECS
+
 # Float element special-value policies.
 #   "ieee": top exponent field reserved for Inf/NaN (e5m2).
 #   "fn":   no Inf; only the all-ones code is NaN (OCP e4m3 "fn").
@@ -265,7 +267,7 @@ class Format:
                 raise ValueError("static scales are per feature: the block must be 'row'")
             if not self.static_scales:
                 raise ValueError("scale 'static' needs its per-feature scales (+s[...]); "
-                                 "build one with qformats.static_outlier_format or tp.calibrate")
+                                 "build one with qformats.static_outlier_format or tp.model.calibrate")
             if not all(math.isfinite(v) and v > 0 for v in self.static_scales):
                 raise ValueError("static scales must be finite and positive")
         elif self.static_scales:
@@ -424,7 +426,7 @@ def static_outlier_format(elem: str = "int4", outliers: Sequence[int] = (), scal
     """The outlier-aware static format of Dong et al.: ``outliers`` travel in bf16, every other
     feature as ``elem`` with its own fixed fp32 scale (``scales[j]`` for the j-th non-outlier feature).
 
-    Use it after a calibration (``tp.calibrate``) has fixed the outliers and scales; it costs
+    Use it after a calibration (``tp.model.calibrate``) has fixed the outliers and scales; it costs
     ``elem.bits`` per quantised feature plus 16 per outlier, no per-block scales at all.
     """
     scales = tuple(float(struct.unpack(">f", struct.pack(">f", float(v)))[0]) for v in scales)
@@ -448,8 +450,6 @@ def replace(fmt: Format, **kw) -> Format:
 
 @functools.lru_cache(maxsize=1024)
 def _parse_cached(s: str) -> "Format":
-    from .presets import PRESETS  # presets are built from this module
-
     if s in PRESETS:
         return PRESETS[s]
     return _parse_grammar(s, PRESETS)
@@ -499,3 +499,7 @@ def _parse_grammar(s: str, presets=()) -> "Format":
             raise ValueError(f"format {_show(s)}: option +{o[:2].rstrip('[')} is given twice")
         kw[key] = val
     return Format(elem, block, parts[2], **kw)
+
+
+PRESETS = {name: _parse_grammar(spec, PRESET_SPECS) for name, spec in PRESET_SPECS.items()}
+"""Preset name -> Format."""

@@ -4,13 +4,13 @@ Compressed collectives (:func:`all_reduce`, :func:`all_gather`, :func:`reduce_sc
 the ``gather`` and ``two_shot`` algorithms over torch.distributed (NCCL on GPU, gloo on CPU),
 their exact single-process emulator (:func:`emulate_all_reduce` and friends), Megatron-style
 parallel layers whose row-parallel all-reduce follows a :class:`CommPolicy`, a Llama-style
-model (:class:`TPLlama`), Hugging Face checkpoint loading and sharding (``tp.checkpoint``),
-outlier calibration after Dong et al. (``tp.calibrate``), and a launcher
-(``torchrun --nproc-per-node N -m tp ...``, see ``tp.launch``).
+model (:class:`TPLlama`), Hugging Face checkpoint loading and sharding (``tp.model.checkpoint``),
+outlier calibration after Dong et al. (``tp.model.calibrate``), and a launcher
+(``torchrun --nproc-per-node N -m tp ...``, see ``tp.model.launch``).
 """
-from .collectives import (
+from .comm.collectives import (
     ALGORITHMS,
-    DEFAULT_THRESHOLD_BYTES,
+    DEFAULT_MIN_BYTES,
     Codec,
     all_gather,
     all_reduce,
@@ -19,19 +19,19 @@ from .collectives import (
     set_codec,
     wire_bytes,
 )
-from .emulate import emulate_all_gather, emulate_all_reduce, emulate_reduce_scatter, plain_sum, predicted_error
-from .layers import (
+from .comm.emulate import emulate_all_gather, emulate_all_reduce, emulate_reduce_scatter, plain_sum, predicted_error
+from .comm.policy import CollectivePolicy, CommPolicy, Rule, Site
+from .model.layers import (
     ColumnParallelLinear,
-    CommPolicy,
     RowParallelLinear,
     ShardSpec,
     TPContext,
     VocabParallelEmbedding,
     shard_specs,
 )
-from .model import KVCache, LlamaConfig, TPLlama, generate, init_random_, valid_tp_sizes
-from .calibrate import Calibration, Calibrator, calibrate
-from .compile import CollectivePolicy, compile, print_collectives, report as compile_report
+from .model.llama import KVCache, LlamaConfig, TPLlama, generate, init_random_, valid_tp_sizes
+from .model.calibrate import Calibration, Calibrator, calibrate
+from .comm.compile import compile, print_collectives, report as compile_report
 
 __all__ = [
     "CollectivePolicy",
@@ -39,7 +39,7 @@ __all__ = [
     "compile_report",
     "print_collectives",
     "ALGORITHMS",
-    "DEFAULT_THRESHOLD_BYTES",
+    "DEFAULT_MIN_BYTES",
     "Calibration",
     "Calibrator",
     "Codec",
@@ -48,6 +48,8 @@ __all__ = [
     "KVCache",
     "LlamaConfig",
     "RowParallelLinear",
+    "Rule",
+    "Site",
     "ShardSpec",
     "TPContext",
     "TPLlama",
@@ -69,3 +71,12 @@ __all__ = [
     "valid_tp_sizes",
     "wire_bytes",
 ]
+
+# README's module paths of the fused path and the HF emulation: the same module objects.
+import sys as _sys
+
+from .comm import fused
+from .study import hf
+
+_sys.modules[__name__ + ".fused"] = fused
+_sys.modules[__name__ + ".hf"] = hf

@@ -1,7 +1,7 @@
-"""``python -m tp`` / ``torchrun --nproc-per-node N -m tp``: see :mod:`tp.launch`."""
+"""``python -m tp`` / ``torchrun --nproc-per-node N -m tp``: see :mod:`tp.model.launch`."""
 import sys
 
-from .launch import main
+from .model.launch import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("inspect", help="explain one format (any spec string or preset name)")
     p.add_argument("spec")
     try:
-        from . import eval as eval_job
+        from .study import eval as eval_job
     except ImportError as exc:  # eval needs the [eval] extras
         eval_job, eval_error = None, exc
     if eval_job is not None:

@@ -16,7 +16,7 @@ row-parallel projections (``*.o_proj``, ``*.down_proj`` by default) switched to
 What runs: transformers' own ``RowwiseParallel`` (weight ``Shard(-1)``, local input, bias
 hidden during the local matmul and added after the sum), with its in-place
 ``dist.all_reduce`` replaced by ``torch.ops.qformats.all_reduce`` (:func:`tp.all_reduce` as
-a custom op): bitwise what ``tp.hf.emulate_tp(model, tp=N, policy=tp.hf.Policy(fmt))``
+a custom op): bitwise what ``tp.study.hf.emulate_tp(model, tp=N, policy=tp.study.hf.Policy(fmt))``
 computes in one process, and traceable by ``torch.compile(fullgraph=True)``. The local path
 is taken with autograd on too, so the forward gives the same values; the op's gradient is
 straight-through (see :mod:`tp.compile`), but training through this style is not tested.
@@ -62,16 +62,16 @@ PLAIN_ROWWISE = "rowwise"  # transformers' style for those: input Shard(-1), out
 class CompressedRowwise(RowwiseParallel):
     """transformers' ``RowwiseParallel`` for ``nn.Linear`` whose all-reduce is the compressed one.
 
-    Args: ``fmt``, ``algorithm``, ``threshold_bytes`` as :class:`tp.styles.CompressedRowwiseParallel`
-    (``threshold_bytes=0``, the default, compresses every call, as the emulator does).
+    Args: ``fmt``, ``algorithm``, ``min_bytes`` as :class:`tp.styles.CompressedRowwiseParallel`
+    (``min_bytes=0``, the default, compresses every call, as the emulator does).
     Register instances with :func:`register_style` (or let :func:`compressed_tp_plan` do it).
     """
 
-    def __init__(self, fmt, algorithm: str = "gather", *, threshold_bytes: int = 0):
+    def __init__(self, fmt, algorithm: str = "gather", *, min_bytes: int = 0):
         super().__init__()  # input Shard(-1), output Replicate, local output
-        self.fmt = check_style_args(fmt, algorithm, threshold_bytes)
+        self.fmt = check_style_args(fmt, algorithm, min_bytes)
         self.algorithm = algorithm
-        self.threshold_bytes = threshold_bytes
+        self.min_bytes = min_bytes
 
     def should_use_local_tensors(self, module):
         # Always the local path (bias hidden, local weight shard), also with autograd on, so the
@@ -85,25 +85,25 @@ class CompressedRowwise(RowwiseParallel):
 
     def transform_output_post_forward(self, module, output, mesh):
         group = mesh.get_group() if mesh.ndim == 1 else mesh.get_group("tp")
-        y = reduce_partial(output, self.fmt, group.group_name, self.algorithm, self.threshold_bytes)
+        y = reduce_partial(output, self.fmt, group.group_name, self.algorithm, self.min_bytes)
         bias = module._parameters.get("bias")
         if bias is not None:
             y = y + (bias.to_local() if hasattr(bias, "to_local") else bias)
         return y
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(fmt={self.fmt!r}, algorithm={self.algorithm!r}, threshold_bytes={self.threshold_bytes})"
+        return f"{type(self).__name__}(fmt={self.fmt!r}, algorithm={self.algorithm!r}, min_bytes={self.min_bytes})"
 
 
-def register_style(fmt, algorithm: str = "gather", *, threshold_bytes: int = 0) -> str:
+def register_style(fmt, algorithm: str = "gather", *, min_bytes: int = 0) -> str:
     """Register a :class:`CompressedRowwise` in ``ALL_PARALLEL_STYLES``; returns its plan name.
 
     The name encodes the arguments (``qformats_rowwise:fp8_e4m3/b32/e8m0:gather:0``), so
     registering the same style twice is harmless and different formats can share one plan.
     Every rank must register before ``from_pretrained`` (importing and calling this does).
     """
-    style = CompressedRowwise(fmt, algorithm, threshold_bytes=threshold_bytes)
-    name = f"{STYLE_PREFIX}:{style.fmt}:{algorithm}:{threshold_bytes}"
+    style = CompressedRowwise(fmt, algorithm, min_bytes=min_bytes)
+    name = f"{STYLE_PREFIX}:{style.fmt}:{algorithm}:{min_bytes}"
     ALL_PARALLEL_STYLES.register(name, style)
     return name
 
@@ -125,14 +125,14 @@ def _model_tp_plan(model_or_config) -> dict:
     return plan
 
 
-def compressed_tp_plan(model_or_config, fmt, algorithm: str = "gather", *, threshold_bytes: int = 0,
+def compressed_tp_plan(model_or_config, fmt, algorithm: str = "gather", *, min_bytes: int = 0,
                        modules=ROW_PARALLEL) -> dict:
     """The model's full ``tp_plan`` with the ``"rowwise"`` entries matching ``modules`` compressed.
 
     Args:
         model_or_config: a ``PreTrainedModel`` or its ``PretrainedConfig`` (a causal LM; built on
             the meta device to read its plan, no weights are loaded).
-        fmt, algorithm, threshold_bytes: the style (see :class:`CompressedRowwise`).
+        fmt, algorithm, min_bytes: the style (see :class:`CompressedRowwise`).
         modules: glob patterns of plan keys to compress (default :data:`ROW_PARALLEL`).
 
     Returns a new dict for ``DistributedConfig(tp_plan=...)``: complete, so it means the same
@@ -143,7 +143,7 @@ def compressed_tp_plan(model_or_config, fmt, algorithm: str = "gather", *, thres
     if isinstance(modules, str):
         raise TypeError(f"modules must be a tuple of glob patterns, got the string {modules!r}")
     plan = _model_tp_plan(model_or_config)
-    name = register_style(fmt, algorithm, threshold_bytes=threshold_bytes)
+    name = register_style(fmt, algorithm, min_bytes=min_bytes)
     hits = {k: v for k, v in plan.items() if any(fnmatch.fnmatchcase(k, p) for p in modules)}
     other = {k: v for k, v in hits.items() if v != PLAIN_ROWWISE}
     if other:

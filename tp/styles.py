@@ -16,7 +16,7 @@ The op is opaque to ``torch.compile(fullgraph=True)`` (one graph node per reduct
 fake implementation) and allocates nothing a CUDA graph could not replay. Results are bitwise
 those of calling ``tp.all_reduce(partial, fmt, group, algorithm)`` on each rank's local
 partial product, hence of ``tp.emulate_all_reduce`` of all ranks' partials; a bias is added
-once, after the reduction (as ``tp.hf.emulate_tp`` and the transformers style do), not split
+once, after the reduction (as ``tp.study.hf.emulate_tp`` and the transformers style do), not split
 into the partials as DTensor's own ``RowwiseParallel`` does.
 
 Models parallelised with the stock ``RowwiseParallel`` need no new style to be compressed:
@@ -27,7 +27,7 @@ there a bias is inside each partial (DTensor adds ``bias / W`` on every rank), a
 compile; this style works eagerly too.
 
 Costs: those of :func:`tp.all_reduce` (an encode, the collective of the compressed bytes, W
-decodes for ``gather``); below ``threshold_bytes`` the plain all-reduce runs instead.
+decodes for ``gather``); below ``min_bytes`` the plain all-reduce runs instead.
 """
 from __future__ import annotations
 
@@ -42,28 +42,28 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import RowwiseParallel
 
-from . import compile as _registers_ops  # noqa: F401  - defines torch.ops.qformats.all_reduce
-from .collectives import check_algorithm, resolve_format
+from .comm import compile as _registers_ops  # noqa: F401  - defines torch.ops.qformats.all_reduce
+from .comm.collectives import check_algorithm, resolve_format
 
 __all__ = ["CompressedRowwiseParallel", "reduce_partial"]
 
 
 def reduce_partial(partial: Tensor, fmt: Optional[str], group_name: str, algorithm: str,
-                   threshold_bytes: int = 0) -> Tensor:
+                   min_bytes: int = 0) -> Tensor:
     """Sum each rank's local ``partial`` over the group ``group_name``: the compressed op when
-    ``fmt`` is set and the message is at least ``threshold_bytes``, else the plain functional
+    ``fmt`` is set and the message is at least ``min_bytes``, else the plain functional
     all-reduce. Traceable (both are graph nodes under ``torch.compile``)."""
-    if fmt is None or partial.numel() * partial.element_size() < threshold_bytes:
+    if fmt is None or partial.numel() * partial.element_size() < min_bytes:
         return funcol.wait_tensor(funcol.all_reduce(partial, "sum", group_name))
     return torch.ops.qformats.all_reduce(partial, fmt, group_name, algorithm)
 
 
-def check_style_args(fmt, algorithm: str, threshold_bytes: int) -> Optional[str]:
+def check_style_args(fmt, algorithm: str, min_bytes: int) -> Optional[str]:
     """Validate a style's arguments at construction (not at the first forward); the canonical format string."""
     f = resolve_format(fmt)
     check_algorithm(algorithm)
-    if not isinstance(threshold_bytes, int) or threshold_bytes < 0:
-        raise ValueError(f"threshold_bytes must be an int >= 0, got {threshold_bytes!r}")
+    if not isinstance(min_bytes, int) or min_bytes < 0:
+        raise ValueError(f"min_bytes must be an int >= 0, got {min_bytes!r}")
     return None if f is None else str(f)
 
 
@@ -78,25 +78,25 @@ class CompressedRowwiseParallel(RowwiseParallel):
         fmt: the wire format (a ``qformats.Format``, preset name, canonical string), or None for
             the plain all-reduce (then this is RowwiseParallel with the bias added after the sum).
         algorithm: ``"gather"`` (TP=2), ``"two_shot"`` (TP>=4) or ``"fused"`` (GPU symmetric memory;
-            create a ``tp.fused.FusedAllReduce`` for the mesh's group first).
-        threshold_bytes: messages smaller than this (this rank's partial, numel * itemsize) use the
+            create a ``tp.comm.fused.FusedAllReduce`` for the mesh's group first).
+        min_bytes: messages smaller than this (this rank's partial, numel * itemsize) use the
             plain all-reduce. 0 (the default) compresses every call, as ``tp.all_reduce`` does for
-            an explicit format; pass ``tp.DEFAULT_THRESHOLD_BYTES`` to keep small decode steps plain.
+            an explicit format; pass ``tp.DEFAULT_MIN_BYTES`` to keep small decode steps plain.
         input_layouts: as RowwiseParallel (default ``Shard(-1)``).
         output_layouts: must be ``Replicate()`` (the default): the compressed reduction is an
             all-reduce. For a sequence-parallel ``Shard`` output use RowwiseParallel.
         use_local_output: return a plain tensor (default) or a ``Replicate`` DTensor.
     """
 
-    def __init__(self, fmt, algorithm: str = "gather", *, threshold_bytes: int = 0, input_layouts=None,
+    def __init__(self, fmt, algorithm: str = "gather", *, min_bytes: int = 0, input_layouts=None,
                  output_layouts=None, use_local_output: bool = True):
         super().__init__(input_layouts=input_layouts, output_layouts=output_layouts, use_local_output=use_local_output)
         if self.output_layouts != (Replicate(),):
             raise ValueError(f"CompressedRowwiseParallel reduces with an all-reduce: output_layouts must be "
                              f"Replicate(), got {self.output_layouts[0]} (use RowwiseParallel for a Shard output)")
-        self.fmt = check_style_args(fmt, algorithm, threshold_bytes)
+        self.fmt = check_style_args(fmt, algorithm, min_bytes)
         self.algorithm = algorithm
-        self.threshold_bytes = threshold_bytes
+        self.min_bytes = min_bytes
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         if not isinstance(module, nn.Linear):
@@ -118,7 +118,7 @@ class CompressedRowwiseParallel(RowwiseParallel):
         if not isinstance(outputs, DTensor) or not all(p.is_partial() for p in outputs.placements):
             raise RuntimeError(f"CompressedRowwiseParallel expected a Partial DTensor from the sharded linear, got "
                                f"{type(outputs).__name__} {getattr(outputs, 'placements', '')}")
-        y = reduce_partial(outputs.to_local(), self.fmt, mod._qformats_group_name, self.algorithm, self.threshold_bytes)
+        y = reduce_partial(outputs.to_local(), self.fmt, mod._qformats_group_name, self.algorithm, self.min_bytes)
         if mod.bias is not None:
             y = y + mod.bias.to_local()
         if use_local_output:
@@ -127,5 +127,5 @@ class CompressedRowwiseParallel(RowwiseParallel):
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(fmt={self.fmt!r}, algorithm={self.algorithm!r}, "
-                f"threshold_bytes={self.threshold_bytes}, input_layouts={self.input_layouts}, "
+                f"min_bytes={self.min_bytes}, input_layouts={self.input_layouts}, "
                 f"use_local_output={self.use_local_output})")

@@ -1,5 +1,5 @@
 """lowering.torch_codec against the reference codec, bit for bit, for every preset and for
-the outlier / static formats of ``tp.calibrate``.
+the outlier / static formats of ``tp.model.calibrate``.
 
 Comparisons are exact: wire buffers byte for byte; decoded tensors on their integer bit
 patterns, so -0 != +0 and NaN payloads and signs count (the fast codec runs on the same CPU
@@ -17,16 +17,16 @@ from lowering import torch_codec
 from lowering.torch_codec import TorchCodec
 from qformats import Element, Format, QTensor
 from qformats.grid import code_table
-from tp.collectives import Codec
-from tp.emulate import emulate_all_reduce
+from tp.comm.collectives import Codec
+from tp.comm.emulate import emulate_all_reduce
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BITS = {4: torch.int32, 2: torch.int16}
 
 
 def _calibrated_format() -> Format:
-    """An outlier-aware static int4 format as ``tp.calibrate`` builds one (k = 2 of 128)."""
-    from tp.calibrate import Calibrator
+    """An outlier-aware static int4 format as ``tp.model.calibrate`` builds one (k = 2 of 128)."""
+    from tp.model.calibrate import Calibrator
 
     g = torch.Generator().manual_seed(5)
     c = Calibrator()
@@ -237,10 +237,10 @@ def test_errors_match_the_reference():
 
 
 def test_the_eval_runs_on_this_codec_and_restores_the_previous_one(monkeypatch):
-    from tests.tp.test_eval import WordTokenizer, synthetic_text, tiny_llama
-    from tp import assets
-    from tp.collectives import get_codec, set_codec
-    from tp.eval import run_eval
+    from tests.tp.study.test_eval import WordTokenizer, synthetic_text, tiny_llama
+    from tp.study import assets
+    from tp.comm.collectives import get_codec, set_codec
+    from tp.study.eval import run_eval
 
     calls = []
     encode = TorchCodec.encode

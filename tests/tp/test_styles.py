@@ -16,7 +16,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 import tp
 from tests.tp.multirank import run_ranks
-from tests.tp.test_compile import _fresh_cache, _warm_inductor  # noqa: F401  - the autouse fixture
+from tests.tp.comm.test_compile import _fresh_cache, _warm_inductor  # noqa: F401  - the autouse fixture
 from tp.styles import CompressedRowwiseParallel
 
 D, FF, T, HEAD = 64, 128, 32, 8
@@ -62,7 +62,7 @@ COMPRESSED_PLAN = {
     "layers.*.w1": ColwiseParallel(),
     "layers.0.w2": CompressedRowwiseParallel(FMT, "gather"),
     "layers.1.w2": CompressedRowwiseParallel(FMT, "two_shot"),  # this one has a bias
-    "head": CompressedRowwiseParallel(FMT, input_layouts=Replicate(), threshold_bytes=HEAD_THRESHOLD),
+    "head": CompressedRowwiseParallel(FMT, input_layouts=Replicate(), min_bytes=HEAD_THRESHOLD),
 }
 ALGORITHMS = ("gather", "two_shot")
 
@@ -149,7 +149,7 @@ def test_compressed_rowwise_eager_and_compiled_equal_by_hand_and_emulator(tmp_pa
         x, head = r["eager"]
         assert torch.equal(x, r["by_hand"]), f"rank {rank}: eager style != tp.all_reduce by hand"
         assert torch.equal(x, r["emulated"]), f"rank {rank}: eager style != emulator"
-        assert torch.equal(head, r["head_plain"]), f"rank {rank}: head below threshold_bytes must be the plain sum"
+        assert torch.equal(head, r["head_plain"]), f"rank {rank}: head below min_bytes must be the plain sum"
         for got, want in zip(r["compiled"], r["eager"]):
             assert torch.equal(got, want), f"rank {rank}: compiled != eager"
         # one graph: the two compressed reductions as the custom op, the head's plain all-reduce
@@ -202,8 +202,8 @@ def test_style_rejects_bad_arguments():
         CompressedRowwiseParallel(FMT, "ring")
     with pytest.raises(ValueError, match="output_layouts must be Replicate"):
         CompressedRowwiseParallel(FMT, output_layouts=Shard(1))
-    with pytest.raises(ValueError, match="threshold_bytes"):
-        CompressedRowwiseParallel(FMT, threshold_bytes=-1)
+    with pytest.raises(ValueError, match="min_bytes"):
+        CompressedRowwiseParallel(FMT, min_bytes=-1)
     s = CompressedRowwiseParallel("mxfp4", "two_shot")
     assert s.fmt == "fp4_e2m1/b32/e8m0" and "two_shot" in repr(s)
     assert CompressedRowwiseParallel(None).fmt is None

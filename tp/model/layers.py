@@ -4,7 +4,7 @@
   optionally an all-gather of the outputs (the LM head).
 * :class:`RowParallelLinear` splits the input features: each rank computes a partial sum of
   the full output, then all-reduces it. That all-reduce is the one the papers compress; its
-  format, algorithm and size threshold come from a :class:`CommPolicy`, per layer ("site").
+  format, algorithm and size floor come from a :class:`tp.CommPolicy`, per layer ("site").
 * :class:`VocabParallelEmbedding` splits the vocabulary (zero-padded to a multiple of the
   world size); its all-reduce stays uncompressed because it adds exact zeros.
 
@@ -19,26 +19,26 @@ Every parallel module describes how its parameters are cut from a full checkpoin
 """
 from __future__ import annotations
 
-import fnmatch
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .collectives import ALGORITHMS, DEFAULT_THRESHOLD_BYTES, all_gather, all_reduce, resolve_format
-from .emulate import emulate_all_reduce
+from ..comm.collectives import all_gather, all_reduce
+from ..comm.emulate import emulate_all_reduce
+from ..comm.policy import CommPolicy, Site
 
 __all__ = [
     "ColumnParallelLinear",
-    "CommPolicy",
     "RowParallelLinear",
     "ShardSpec",
     "TPContext",
     "VocabParallelEmbedding",
+    "emulate_row_parallel",
     "shard_specs",
 ]
 
@@ -70,7 +70,7 @@ class TPContext:
 
     @staticmethod
     def emulated(world_size: int) -> "TPContext":
-        """All ``world_size`` ranks in this process, reductions through ``tp.emulate``."""
+        """All ``world_size`` ranks in this process, reductions through ``tp.comm.emulate``."""
         return TPContext(world_size, 0, None, emulate=True)
 
     @property
@@ -132,59 +132,6 @@ def shard_specs(model: nn.Module) -> dict:
     return specs
 
 
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CommPolicy:
-    """The compression policy of the row-parallel all-reduces.
-
-    Args:
-        fmt: default format (Format, preset name, canonical string) or None (uncompressed).
-        algorithm: ``"gather"`` (best at TP=2) or ``"two_shot"`` (TP >= 4).
-        threshold_bytes: messages smaller than this use the plain all-reduce, because a
-            compressed collective's fixed costs (encode/decode, a second round trip) outweigh
-            the bytes saved on small decode-step messages.
-        sites: per-layer overrides, site name or glob (``"*.mlp.down_proj"``) -> format or None;
-            exact names win over globs, globs apply in insertion order. A calibration's static
-            formats arrive here (:meth:`with_calibration`).
-
-    At world size 1 nothing is communicated, so nothing is quantised.
-    """
-
-    fmt: object = None
-    algorithm: str = "gather"
-    threshold_bytes: int = DEFAULT_THRESHOLD_BYTES
-    sites: Mapping[str, object] = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {self.algorithm!r}: valid are {', '.join(ALGORITHMS)}")
-        if self.threshold_bytes < 0:
-            raise ValueError("threshold_bytes must be >= 0")
-        object.__setattr__(self, "fmt", resolve_format(self.fmt))
-        object.__setattr__(self, "sites", {k: resolve_format(v) for k, v in dict(self.sites).items()})
-
-    def format_for(self, site: str):
-        """The format of the all-reduce at ``site`` (None: uncompressed)."""
-        if site in self.sites:
-            return self.sites[site]
-        for pat, f in self.sites.items():
-            if fnmatch.fnmatchcase(site, pat):
-                return f
-        return self.fmt
-
-    def with_calibration(self, calibration) -> "CommPolicy":
-        """This policy with every calibrated site using its static outlier format (``tp.calibrate``)."""
-        sites = dict(self.sites)
-        sites.update({s: calibration.format(s) for s in calibration.sites})
-        return CommPolicy(self.fmt, self.algorithm, self.threshold_bytes, sites)
-
-    def describe(self) -> str:
-        parts = [f"fmt={self.fmt}", f"algorithm={self.algorithm}", f"threshold={self.threshold_bytes}B"]
-        if self.sites:
-            parts.append(f"{len(self.sites)} per-site formats")
-        return ", ".join(parts)
-
-
 UNCOMPRESSED = CommPolicy()
 
 
@@ -237,20 +184,44 @@ def gather_last_dim(y: torch.Tensor, ctx: TPContext) -> torch.Tensor:
     return g.view(w, -1, n).permute(1, 0, 2).reshape(*lead, w * n)
 
 
+def emulate_row_parallel(x: torch.Tensor, weight: torch.Tensor, bounds: Sequence[tuple], fmt=None,
+                         algorithm: str = "gather", min_bytes: int = 0, *, transposed: bool = False,
+                         observer: Optional[Callable] = None, site: str = "") -> torch.Tensor:
+    """What a row-parallel linear (without bias) computes at TP = ``len(bounds)``, in one process.
+
+    Rank r holds the input features ``bounds[r] = (start, stop)`` of ``x`` and the matching
+    columns of ``weight`` (``[out, in]``; ``[in, out]`` with ``transposed``, as transformers'
+    Conv1D stores it). Its partial product, in the dtype of ``x`` and ``weight``, goes to
+    ``observer(site, r, partial)`` when given (calibration), and the partials are reduced as the
+    compressed all-reduce reduces them (:func:`tp.emulate_all_reduce`; ``fmt=None`` is the plain
+    fp32 sum in rank order). Costs the FLOPs of the unsplit product plus the emulated codec.
+    """
+    if transposed:
+        partials = [torch.matmul(x[..., s:e], weight[s:e]) for s, e in bounds]
+    else:
+        partials = [F.linear(x[..., s:e], weight[:, s:e]) for s, e in bounds]
+    if observer is not None:
+        for r, p in enumerate(partials):
+            observer(site, r, p)
+    return emulate_all_reduce(partials, fmt, algorithm, min_bytes)
+
+
 class RowParallelLinear(nn.Module):
     """y = all_reduce(x_r W_r^T) + b with W's input columns split across ranks.
 
     Use it for the second linear of a pair (o_proj, down_proj): its input arrives already
     split by the column-parallel layer before it. The all-reduce of the [..., out_features]
-    partial sums is the expensive collective of TP inference; ``policy.format_for(site)``
-    picks its format. ``observer(site, rank, partial)``, when set, sees every rank's partial
-    sum before the reduction (calibration).
+    partial sums is the expensive collective of TP inference; ``policy`` decides its format at
+    the :class:`tp.Site` of ``site`` (a module path) in a model of ``num_layers`` layers.
+    ``observer(site, rank, partial)``, when set, sees every rank's partial sum before the
+    reduction (calibration).
     """
 
     def __init__(self, in_features, out_features, ctx: TPContext, bias=False, site="", policy=None,
-                 dtype=None, device=None):
+                 dtype=None, device=None, num_layers=None):
         super().__init__()
         self.ctx, self.in_features, self.out_features, self.site = ctx, in_features, out_features, site
+        self.call_site = Site.of(site, num_layers)
         self.policy = policy or UNCOMPRESSED
         self.observer: Optional[Callable] = None
         if ctx.world_size > 1:
@@ -264,22 +235,17 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x):
         ctx, pol = self.ctx, self.policy
-        fmt = pol.format_for(self.site) if ctx.world_size > 1 else None
+        fmt = pol.format_for(self.call_site) if ctx.world_size > 1 else None
         if ctx.emulate and ctx.world_size > 1:
             per = self.in_features // ctx.world_size
-            partials = [
-                F.linear(x[..., r * per : (r + 1) * per], self.weight[:, r * per : (r + 1) * per])
-                for r in range(ctx.world_size)
-            ]
-            if self.observer is not None:
-                for r, p in enumerate(partials):
-                    self.observer(self.site, r, p)
-            y = emulate_all_reduce(partials, fmt, pol.algorithm, pol.threshold_bytes)
+            bounds = [(r * per, (r + 1) * per) for r in range(ctx.world_size)]
+            y = emulate_row_parallel(x, self.weight, bounds, fmt, pol.algorithm, pol.min_bytes,
+                                     observer=self.observer, site=self.site)
         else:
             p = F.linear(x, self.weight)
             if self.observer is not None:
                 self.observer(self.site, ctx.rank, p)
-            y = all_reduce(p, fmt, ctx.group, pol.algorithm, pol.threshold_bytes) if ctx.world_size > 1 else p
+            y = all_reduce(p, fmt, ctx.group, pol.algorithm, pol.min_bytes) if ctx.world_size > 1 else p
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self):

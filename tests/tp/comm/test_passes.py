@@ -1,10 +1,10 @@
-"""lowering.passes on single-process FX graphs: which collectives are rewritten, into what, and how
-the pass installs, chains and hashes itself. (tests/tp/test_compile.py runs it under torch.compile
+"""tp.comm.passes on single-process FX graphs: which collectives are rewritten, into what, and how
+the pass installs, chains and hashes itself. (tests/tp/comm/test_compile.py runs it under torch.compile
 on 2 gloo ranks.)
 
 Graphs come from ``make_fx`` of functions calling the ``_c10d_functional`` ops on fake tensors
-(no process group needed). The replacement ops here stand in for ``tp``'s (lowering never
-imports tp): a world-1 compressed all-reduce is quantise-dequantise.
+(no process group needed). The replacement ops here stand in for ``tp.compile``'s (the pass
+takes its ops as arguments): a world-1 compressed all-reduce is quantise-dequantise.
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import pytest
 import qformats
-from lowering import passes
-from lowering.passes import CallSite, CollectivePass, CollectivePolicy, compile_options, installed
+from tp.comm import passes
+from tp.comm.passes import CallSite, CollectivePass, compile_options, installed
+from tp.comm.policy import CollectivePolicy
 
 C10D = torch.ops._c10d_functional
 
@@ -184,7 +185,7 @@ def test_policy_errors():
         CollectivePolicy(FMT, modules="*.down_proj")
     with pytest.raises(TypeError, match="choose must be callable"):
         CollectivePolicy(choose="mxfp4")
-    with pytest.raises(TypeError, match="CollectivePolicy"):
+    with pytest.raises(TypeError, match="CommPolicy"):
         CollectivePass({"fmt": FMT}, AR)
     assert CollectivePolicy("int4_b32") == CollectivePolicy(FMT)  # canonical string inside
 
@@ -219,9 +220,19 @@ def test_uuid_hashes_source_policy_and_chain():
     base = u(CollectivePolicy(FMT))
     assert isinstance(base, bytes) and base == u(CollectivePolicy("int4_b32"))
     assert len({base, u(CollectivePolicy("mxfp4")), u(CollectivePolicy(FMT, "two_shot")),
-                u(CollectivePolicy(FMT, min_bytes=1)), u(CollectivePolicy(FMT, skip_last=1)),
-                u(CollectivePolicy(FMT, skip_first=1)), u(CollectivePolicy(FMT), chain=Recorder(b"a")),
-                u(CollectivePolicy(FMT), chain=Recorder(b"b"))}) == 8
+                u(CollectivePolicy(FMT, min_bytes=1)), u(CollectivePolicy(FMT), chain=Recorder(b"a")),
+                u(CollectivePolicy(FMT), chain=Recorder(b"b"))}) == 6
+    # layer rules read the layer off module paths (graph metadata): keyed on the attribution only
+    assert u(CollectivePolicy(FMT, skip_first=1)) is None
+    gm = trace(layers_fn(2), (256, 64))
+
+    def attributed(pol):
+        p = CollectivePass(pol, AR)
+        with p.attributed(gm):
+            return p.uuid()
+
+    keyed = {attributed(CollectivePolicy(FMT, skip_first=1)), attributed(CollectivePolicy(FMT, skip_last=1)), base}
+    assert None not in keyed and len(keyed) == 3
     # the source of this module is part of it
     old = passes._SOURCE_HASH
     try:

@@ -7,7 +7,7 @@ import torch
 
 import tp
 from tests.tp.multirank import run_ranks
-from tp.checkpoint import load_model, model_from_state_dict, shard_state_dict
+from tp.model.checkpoint import load_model, model_from_state_dict, shard_state_dict
 
 # GQA (8 heads, 4 KV heads), vocabulary 250 (padded at TP=4), runs at TP 1, 2, 4
 CFG = tp.LlamaConfig(250, 64, 128, 2, 8, 4, head_dim=8, rms_norm_eps=1e-6)
@@ -139,9 +139,9 @@ def test_state_dict_sharding_and_tied_embeddings(hf_model):
 
 
 def test_launcher_prints_ttft_and_output(capsys):
-    from tp.launch import main
+    from tp.model.launch import main
 
-    assert main(["--model", "tiny", "--fmt", "mxfp4", "--threshold-bytes", "0", "--emulate", "2",
+    assert main(["--model", "tiny", "--fmt", "mxfp4", "--min-bytes", "0", "--emulate", "2",
                  "--max-new-tokens", "3", "--prompt", "hi"]) == 0
     out = capsys.readouterr().out
     assert "time to first token:" in out and "TP=2 (emulated)" in out and "fp4_e2m1/b32/e8m0" in out

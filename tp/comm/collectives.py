@@ -25,7 +25,7 @@ Algorithms (``algorithm=``):
     the backend's plain ``all_reduce`` (the uncompressed baseline).
 
 Guarantees: every rank returns a bitwise identical tensor of x's shape and dtype, equal to
-:func:`tp.emulate.emulate_all_reduce` (same codec, same order of fp32 additions, same
+:func:`tp.comm.emulate.emulate_all_reduce` (same codec, same order of fp32 additions, same
 casts). The arithmetic lives in :class:`Codec` and :func:`split_rows` / :func:`merge_rows`,
 which the emulator calls too; only the data movement differs. ``fmt=None`` is the backend's
 own reduction, whose summation order the backend chooses (exactly a rank-order sum only when
@@ -36,11 +36,11 @@ checked before the first message is sent, so when the ranks agree they all raise
 nobody is left waiting in a collective. Ranks that disagree (a caller bug: shapes, formats,
 dtypes, algorithms or the order of calls differ) get a ValueError on every rank, never a
 result, at no extra message on the hot path: every compressed wire buffer carries a
-:data:`tp.wirecheck.HEADER_BYTES` header that the receivers check before decoding, and sizes
-are agreed before they reach the backend (:mod:`tp.wirecheck`; on CUDA a rank on the fast
+:data:`tp.comm.wirecheck.HEADER_BYTES` header that the receivers check before decoding, and sizes
+are agreed before they reach the backend (:mod:`tp.comm.wirecheck`; on CUDA a rank on the fast
 path stops with a device-side assertion instead). The default ``validate=None`` does that;
 ``validate=True`` (or ``TP_VALIDATE_COLLECTIVES=1``) also spends one small all-gather per call
-on a signature, which covers the plain all-reduce (``fmt=None``, under ``threshold_bytes``)
+on a signature, which covers the plain all-reduce (``fmt=None``, under ``min_bytes``)
 too; ``validate=False`` sends bare buffers with no check (only where the ranks provably
 agree). Use the same ``validate`` on every rank.
 
@@ -70,7 +70,7 @@ from .wirecheck import HEADER_BYTES, Signature
 
 __all__ = [
     "ALGORITHMS",
-    "DEFAULT_THRESHOLD_BYTES",
+    "DEFAULT_MIN_BYTES",
     "SUPPORTED_DTYPES",
     "Codec",
     "all_gather",
@@ -86,9 +86,9 @@ __all__ = [
 
 # A compressed collective pays a fixed cost per call (encode/decode launches, two round
 # trips for two_shot) that only a large enough message amortises; below this size callers
-# with a policy (tp.layers.CommPolicy, the launcher) use the plain all-reduce. 64 KiB is
+# with a policy (tp.CommPolicy's default min_bytes) use the plain all-reduce. 64 KiB is
 # ~32k bf16 values, i.e. a decode step of a 4k-hidden model at batch 8.
-DEFAULT_THRESHOLD_BYTES = 64 * 1024
+DEFAULT_MIN_BYTES = 64 * 1024
 
 ALGORITHMS = ("gather", "two_shot", "fused")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -158,12 +158,18 @@ def get_codec(codec=None):
 # ---------------------------------------------------------------------------------------------
 # Checks and shape bookkeeping (shared with the emulator)
 # ---------------------------------------------------------------------------------------------
-def resolve_format(fmt) -> Optional[Format]:
-    """A Format, a preset name, a canonical string or None -> Format or None, with a clear error."""
+def resolve_format(fmt, required: Optional[str] = None) -> Optional[Format]:
+    """A Format, a preset name, a canonical string or None -> Format or None, with a clear error.
+
+    tp's one resolver: every public entry point calls it once and passes the Format down.
+    ``required``: who cannot take None (it raises then, naming them)."""
     try:
-        return qformats.as_format(fmt)
+        f = qformats.as_format(fmt)
     except ValueError as e:
         raise ValueError(f"unsupported communication format {fmt!r}: {e}") from None
+    if f is None and required:
+        raise ValueError(f"{required} needs a format, got {fmt!r}")
+    return f
 
 
 def check_algorithm(algorithm: str) -> str:
@@ -175,7 +181,7 @@ def check_algorithm(algorithm: str) -> str:
 def wire_algorithm(algorithm: str, world: int) -> str:
     """The NCCL-path algorithm whose result ``algorithm`` computes at ``world`` ranks.
 
-    ``"fused"`` is the one-shot gather at W <= 3 and two_shot at W >= 4 (tp.fused picks its
+    ``"fused"`` is the one-shot gather at W <= 3 and two_shot at W >= 4 (tp.comm.fused picks its
     kernels the same way), so the emulator and every fallback give the fused result's bits.
     """
     if check_algorithm(algorithm) == "fused":
@@ -269,7 +275,7 @@ def _want_validate(validate: Optional[bool]) -> bool:
 
 
 def _exchange(op: str, fmt: Format, x: torch.Tensor, slot: int, group, world: int, validate: Optional[bool]):
-    """The :class:`tp.wirecheck.Exchange` of a compressed call (None with ``validate=False``: bare buffers)."""
+    """The :class:`tp.comm.wirecheck.Exchange` of a compressed call (None with ``validate=False``: bare buffers)."""
     if validate is False:
         return None
     return wirecheck.begin(Signature(op, str(fmt), x.dtype, tuple(x.shape), slot), group, world, x.device)
@@ -302,6 +308,41 @@ def _no_grad_needed(x: torch.Tensor, op: str) -> None:
             f"tp.{op} does not propagate gradients and x requires grad: call it under torch.no_grad() "
             f"(inference), or use torch.distributed's differentiable collectives for training"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused path's registry (tp.comm.fused registers here; this module never imports it)
+# ---------------------------------------------------------------------------------------------
+# group name -> the open FusedAllReduce that serves algorithm="fused" on that group
+_FUSED: dict = {}
+
+
+def register_fused(group_name: str, fused) -> None:
+    """Serve ``all_reduce(..., algorithm="fused")`` on ``group_name`` with ``fused``."""
+    _FUSED[group_name] = fused
+
+
+def unregister_fused(group_name: str, fused) -> None:
+    """Stop serving ``group_name`` with ``fused`` (a newer registration stays)."""
+    if _FUSED.get(group_name) is fused:
+        del _FUSED[group_name]
+
+
+def fused_for(group=None):
+    """The open fused all-reduce of ``group`` (the last one constructed for it).
+
+    Raises RuntimeError, saying what to do, when there is none: the symmetric buffer is a
+    collective allocation that must happen on every rank before the first call (and before
+    any CUDA-graph capture), so it is never created behind the caller's back.
+    """
+    g = group or dist.group.WORLD
+    ar = _FUSED.get(g.group_name)
+    if ar is None or ar.closed:
+        raise RuntimeError(
+            "algorithm='fused' on CUDA needs a tp.comm.fused.FusedAllReduce for this process group: "
+            "create FusedAllReduce(group, max_tokens=..., hidden=..., fmts=[...]) on every rank "
+            "before the first call (and before CUDA-graph capture)")
+    return ar
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +405,7 @@ def all_reduce(
     fmt=None,
     group=None,
     algorithm: str = "gather",
-    threshold_bytes: int = 0,
+    min_bytes: int = 0,
     *,
     codec=None,
     validate: Optional[bool] = None,
@@ -379,13 +420,13 @@ def all_reduce(
         group: the process group (default: the world). Without torch.distributed initialised
             and ``group=None`` the world size is 1.
         algorithm: ``"gather"`` or ``"two_shot"`` (see the module docstring), or ``"fused"``:
-            on CUDA the symmetric-memory kernels of :mod:`tp.fused` (create a
-            :class:`tp.fused.FusedAllReduce` for the group first; it also decides, by its
+            on CUDA the symmetric-memory kernels of :mod:`tp.comm.fused` (create a
+            :class:`tp.comm.fused.FusedAllReduce` for the group first; it also decides, by its
             measured size window, when the plain all-reduce is faster), elsewhere the NCCL-path
             algorithm with the same bits (:func:`wire_algorithm`).
-        threshold_bytes: messages smaller than this (x.numel() * itemsize) use the plain
-            all-reduce. 0 here (an explicit format is honoured); :class:`tp.layers.CommPolicy`
-            applies :data:`DEFAULT_THRESHOLD_BYTES`.
+        min_bytes: messages smaller than this (x.numel() * itemsize) use the plain
+            all-reduce. 0 here (an explicit format is honoured); :class:`tp.CommPolicy`
+            applies :data:`DEFAULT_MIN_BYTES`.
         codec: the arithmetic (default: :func:`get_codec`).
         validate: None (default): ranks that disagree get a ValueError from the wire headers
             (module docstring); True (or env ``TP_VALIDATE_COLLECTIVES=1``): also one small
@@ -402,16 +443,14 @@ def all_reduce(
     world, rank = _world_and_rank(group)
     if world > 1 and _want_validate(validate):
         _validate_across_ranks(x, fmt, "all_reduce", algorithm, group, world)
-    if fmt is None or x.numel() == 0 or x.numel() * x.element_size() < threshold_bytes:
+    if fmt is None or x.numel() == 0 or x.numel() * x.element_size() < min_bytes:
         y = x.clone(memory_format=torch.contiguous_format)  # collectives need contiguous memory
         if world > 1:
             dist.all_reduce(y, group=group)
         return y
     if algorithm == "fused" and x.is_cuda and world > 1:
-        from .fused import registered  # the fused kernels need Triton + CUDA: imported on use
-
         with torch.no_grad():
-            return straight_through(registered(group)(x, fmt), x)
+            return straight_through(fused_for(group)(x, fmt), x)
     with torch.no_grad():
         y = _compressed_all_reduce(x, fmt, group, wire_algorithm(algorithm, world), get_codec(codec), world, validate)
     return straight_through(y, x)
@@ -459,7 +498,7 @@ def all_gather(
     column-parallel layer. Each rank encodes its x once and decodes all W buffers, including
     its own (so every rank sees the same quantised values of its own shard as the others do).
     Returns shape [W * x.shape[0], *x.shape[1:]] in x's dtype; ``fmt=None`` is the plain
-    ``all_gather_into_tensor``. Equal to :func:`tp.emulate.emulate_all_gather`.
+    ``all_gather_into_tensor``. Equal to :func:`tp.comm.emulate.emulate_all_gather`.
     """
     fmt = resolve_format(fmt)
     check_tensor(x, fmt)
@@ -497,7 +536,7 @@ def reduce_scatter(
     must have one shape). Every rank encodes its W chunks, all-to-all, decodes and sums the W
     encodings of its chunk in fp32 in rank order, casts. Returns [x.shape[0] // W, ...];
     ``fmt=None`` is the plain ``reduce_scatter_tensor``. Rank j's result equals
-    ``tp.emulate.emulate_reduce_scatter(shards, fmt)[j]``.
+    ``tp.comm.emulate.emulate_reduce_scatter(shards, fmt)[j]``.
     """
     fmt = resolve_format(fmt)
     check_tensor(x, fmt)

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import qformats
 import tp
-from tp.emulate import predicted_error
+from tp.comm.emulate import predicted_error
 
 
 def _shards(world, shape, dtype=torch.float32, seed=0):
@@ -59,8 +59,8 @@ def test_uncompressed_and_threshold_are_the_plain_sum():
     shards = _shards(3, (4, 64))
     exact = shards[0] + shards[1] + shards[2]
     assert torch.equal(tp.emulate_all_reduce(shards, None), exact)
-    assert torch.equal(tp.emulate_all_reduce(shards, "mxfp4", threshold_bytes=4 * 64 * 4 + 1), exact)
-    assert not torch.equal(tp.emulate_all_reduce(shards, "mxfp4", threshold_bytes=4 * 64 * 4), exact)
+    assert torch.equal(tp.emulate_all_reduce(shards, "mxfp4", min_bytes=4 * 64 * 4 + 1), exact)
+    assert not torch.equal(tp.emulate_all_reduce(shards, "mxfp4", min_bytes=4 * 64 * 4), exact)
 
 
 @given(

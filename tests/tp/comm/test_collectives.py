@@ -71,7 +71,7 @@ def _plain_cases(rank, world):
         x = _int_shard(rank, (6, 40), dtype)
         out[("none", str(dtype))] = tp.all_reduce(x, None)
         # below the threshold a format is ignored: the plain all-reduce
-        out[("thr", str(dtype))] = tp.all_reduce(x, "mxfp4", threshold_bytes=x.numel() * x.element_size() + 1)
+        out[("thr", str(dtype))] = tp.all_reduce(x, "mxfp4", min_bytes=x.numel() * x.element_size() + 1)
     out["int"] = tp.all_reduce(torch.full((3,), rank + 1, dtype=torch.int64), None)
     xt = _int_shard(rank, (40, 6), torch.float32).t()  # non-contiguous input
     out["noncontig"] = tp.all_reduce(xt, None)
@@ -311,7 +311,7 @@ def test_ranks_recover_after_a_disagreement():
 
 
 def test_headers_reject_bytes_no_peer_wrote():
-    from tp import wirecheck
+    from tp.comm import wirecheck
 
     sig = wirecheck.Signature("gather", "fp4_e2m1/b32/e8m0", torch.float32, (4, 64), 136)
     ex = wirecheck.Exchange(sig, wirecheck._GroupState(), 7, 2, torch.device("cpu"))
@@ -329,7 +329,7 @@ def test_headers_reject_bytes_no_peer_wrote():
 
 
 def _steady(rank, world):
-    from tp import wirecheck
+    from tp.comm import wirecheck
 
     x = _shard(rank, (4 * world, 64), torch.float32)
     out = {"ar": [tp.all_reduce(x, "mxfp4") for _ in range(4)]}

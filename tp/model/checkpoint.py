@@ -23,8 +23,9 @@ from typing import Optional
 
 import torch
 
-from .layers import CommPolicy, ShardSpec, TPContext, shard_specs
-from .model import LlamaConfig, TPLlama, load_full_state_
+from ..comm.policy import CommPolicy
+from .layers import ShardSpec, TPContext, shard_specs
+from .llama import LlamaConfig, TPLlama, load_full_state_
 
 __all__ = [
     "SafetensorsSource",

@@ -18,7 +18,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import tp
 from tests.tp.multirank import run_ranks
-from tp.compile import CollectivePolicy, compile as tp_compile, installed, print_collectives, report
+from tp.comm.compile import compile as tp_compile, installed, print_collectives, report
+from tp.comm.policy import CollectivePolicy
 
 D, FF, T, HEAD = 64, 128, 512, 8  # block all-reduce: 512x64 fp32 = 128 KiB; head: 512x8 = 16 KiB
 FMT = "int4_b32"
@@ -149,7 +150,7 @@ def test_compiled_equals_eager_compressed_and_chains_existing_pass(tmp_path):
         for got, want in zip(r["got"], r["want"]):
             assert torch.equal(got, want), f"rank {rank}: compiled != eager compressed"
         assert not torch.equal(r["got"][0], r["plain"][0]), "the compressed result equals the plain one"
-        assert r["count"] == 3 and r["formats"] == {str(tp.collectives.resolve_format(FMT)): 3}
+        assert r["count"] == 3 and r["formats"] == {str(tp.comm.collectives.resolve_format(FMT)): 3}
         assert r["alone"] == [("head", "< 65536 B")], r["alone"]
         # the pass installed before ours ran (once, on the graph with all 4 all-reduces) and is still installed
         assert r["calls"] == 1 and r["seen"] == [4], (r["calls"], r["seen"])
@@ -165,7 +166,7 @@ def _rank_two_shot_gather(rank, world, cache_root):
     model = Net(rank, world, functional_reduce, functional_gather)
     policy = CollectivePolicy(FMT, "two_shot", min_bytes=0, skip_first=1, modules=("layers.*", ""),
                               all_gather=True)  # "": the root module, where the all-gather is
-    from tp.compile import compile_pass
+    from tp.comm.compile import compile_pass
 
     pass_ = compile_pass(policy)
     before = torch._inductor.config.post_grad_custom_post_pass
@@ -204,8 +205,8 @@ def test_two_shot_positions_modules_and_all_gather(tmp_path):
 def test_compile_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown algorithm"):
         tp_compile(nn.Linear(2, 2), CollectivePolicy("mxfp4", "ring"))
-    with pytest.raises(TypeError, match="CollectivePolicy"):
-        tp_compile(nn.Linear(2, 2), tp.CommPolicy("mxfp4"))
+    with pytest.raises(TypeError, match="CommPolicy"):
+        tp_compile(nn.Linear(2, 2), {"fmt": "mxfp4"})
     with pytest.raises(ValueError, match="mode="):
         tp_compile(nn.Linear(2, 2), CollectivePolicy("mxfp4"), mode="reduce-overhead")
     with pytest.raises(ValueError, match="unsupported communication format|unknown|format"):
@@ -222,7 +223,7 @@ def test_report_before_compiling_says_why_empty():
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU (2 GPUs, NCCL): not in CI. Command: pytest tests/tp/test_compile.py -k gpu -m multigpu
+# GPU (2 GPUs, NCCL): not in CI. Command: pytest tests/tp/comm/test_compile.py -k gpu -m multigpu
 def _gpu_rank(rank, world, store_path, q):
     import lowering
 

@@ -3,7 +3,7 @@
 Answers "which format can my TP deployment afford?": runs a real causal LM on
 real text with every row-parallel all-reduce (attention output and MLP down
 projection) replaced by the exact emulator of the compressed all-reduce
-(:mod:`tp.hf`, :func:`tp.emulate_all_reduce`), for each format x TP degree x
+(:mod:`tp.study.hf`, :func:`tp.emulate_all_reduce`), for each format x TP degree x
 algorithm, and compares with the uncompressed model on the same tokens:
 perplexity, its change in %, mean KL divergence of the next-token
 distribution (nats) and top-1 agreement, next to bits per value and the
@@ -53,6 +53,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ..comm.policy import CommPolicy
 from .hf import Policy, emulate_tp, format_label
 
 __all__ = [
@@ -97,7 +98,7 @@ DEFAULT_TOKENS = 256
 DEFAULT_WINDOW = 128
 DEFAULT_CALIB_TOKENS = 1024
 # Static INT4 scales of the outlier format cap each feature's range at this many RMS of its
-# calibration values (tp.calibrate, "clip"): on the default model at TP=8 (512 tokens) the
+# calibration values (tp.model.calibrate, "clip"): on the default model at TP=8 (512 tokens) the
 # unclipped max range gave +145% perplexity (gather) and clip 1.5/2/2.5/3/4 gave
 # +74/+43/+28/+40/+50%; 2.5 is also ACIQ's MSE-optimal clip for 4-bit Gaussian data.
 DEFAULT_CALIB_CLIP = 2.5
@@ -219,7 +220,7 @@ class _Config:
     name: str  # as the user wrote it
     tp: int
     algorithm: str
-    policy: Policy
+    policy: CommPolicy
     calibrated: bool = False
 
 
@@ -307,11 +308,11 @@ def run_eval(
     """Run the evaluation and return its records (also written to ``out``
     when given: results.json, results.csv, plot.png).
 
-    ``model``/``text``: ``None`` for the defaults (:mod:`tp.assets`), a path,
+    ``model``/``text``: ``None`` for the defaults (:mod:`tp.study.assets`), a path,
     or (model only) an already loaded HF model together with ``tokenizer``.
     ``formats``: names ("bf16" = baseline, "outlier_int4" = Dong et al.'s
     calibrated format, presets or spec strings). ``skip_first``,
-    ``skip_last``, ``sites``, ``layer_formats`` build the :class:`tp.hf.Policy`
+    ``skip_last``, ``sites``, ``layer_formats`` build the :class:`tp.study.hf.Policy`
     applied to every format (recorded in each record). ``uneven``:
     "balanced" allows TP degrees that do not divide the head count (ranks get
     n or n+1 heads; SmolLM2 has 9 heads), "error" refuses them.
@@ -335,11 +336,10 @@ def run_eval(
     t0 = time.time()
     tps = [int(t) for t in tp]
     algorithms = list(algorithms)
-    from .collectives import ALGORITHMS, wire_algorithm
+    from ..comm.collectives import check_algorithm, wire_algorithm
 
     for a in algorithms:
-        if a not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {a!r}: valid are {', '.join(ALGORITHMS)}")
+        check_algorithm(a)
     if tokens < 1 or window < 2:
         raise ValueError(f"--tokens must be >= 1 and --window >= 2, got {tokens} and {window}")
     resolved = _resolve_formats(formats)
@@ -363,7 +363,7 @@ def run_eval(
     # ---- configurations (validated before any forward pass)
     from lowering.torch_codec import TorchCodec
 
-    from .collectives import Codec, get_codec, set_codec
+    from ..comm.collectives import Codec, get_codec, set_codec
 
     emu = emulate_tp(model)
     # The reference codec is replaced by its bitwise-equal fast twin (~4-25x on CPU); a codec
@@ -401,7 +401,7 @@ def run_eval(
         # ---- calibration (Dong et al.): per TP degree, on the calibration text
         calibrations = {}
         if need_calib:
-            from .calibrate import Calibrator
+            from ..model.calibrate import Calibrator
 
             for t in tps:
                 cal = Calibrator()
@@ -419,7 +419,7 @@ def run_eval(
                     wire = wire_algorithm(a, t)
                     calibrations[(t, a)] = cal.finish(scale_from="max" if wire == "gather" else "sum", clip=calib_clip)
             configs = [
-                dataclasses.replace(c, policy=dataclasses.replace(c.policy, format=calibrations[(c.tp, c.algorithm)]))
+                dataclasses.replace(c, policy=c.policy.with_calibration(calibrations[(c.tp, c.algorithm)]))
                 if c.calibrated else c
                 for c in configs
             ]
@@ -460,21 +460,21 @@ def run_eval(
             records.append({
                 "name": BASELINE, "format": BASELINE, "tp": t, "algorithm": "none", "baseline": True,
                 "bits_per_value": 16.0, "compression_ratio": 1.0, **base_m,
-                "policy": Policy(None).describe(), "heads_per_rank": attn_split[t], **common,
+                "policy": Policy(None).to_dict(), "heads_per_rank": attn_split[t], **common,
             })
         for c, sc in zip(configs, scores):
             emu.configure(c.tp, c.policy, c.algorithm, uneven)
             bits = emu.bits_per_value()
             rec = {
                 "name": c.name,
-                "format": c.name if c.calibrated else format_label(c.policy.format),
+                "format": c.name if c.calibrated else format_label(c.policy.fmt),
                 "tp": c.tp,
                 "algorithm": c.algorithm,
                 "baseline": False,
                 "bits_per_value": bits,
                 "compression_ratio": 16.0 / bits,
                 **metrics(sc, base_score),
-                "policy": c.policy.describe(),
+                "policy": Policy(None, **knobs).to_dict(),  # the knobs; the format is its own column
                 "heads_per_rank": attn_split[c.tp],
                 **common,
             }

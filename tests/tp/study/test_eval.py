@@ -1,4 +1,4 @@
-"""tp.hf (TP emulation on Hugging Face models) and tp.eval (the ``qformats eval`` job).
+"""tp.study.hf (TP emulation on Hugging Face models) and tp.study.eval (the ``qformats eval`` job).
 
 Unit tests use tiny random models (2 layers, built from transformers configs, no download);
 the smoke test of the real path (SmolLM2 + Brown Corpus from the registries) is marked slow.
@@ -15,8 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 import qformats  # noqa: E402
 import tp  # noqa: E402
-from tp import assets  # noqa: E402
-from tp.eval import (  # noqa: E402
+from tp.study import assets  # noqa: E402
+from tp.study.eval import (  # noqa: E402
     WindowScore,
     add_eval_arguments,
     compare_logits,
@@ -26,7 +26,7 @@ from tp.eval import (  # noqa: E402
     metrics,
     run_eval,
 )
-from tp.hf import Policy, emulate_tp, find_sites, shard_sizes  # noqa: E402
+from tp.study.hf import Policy, emulate_tp, find_sites, shard_sizes  # noqa: E402
 
 V = 128
 
@@ -54,7 +54,7 @@ def tiny_gpt2(seed=0):
 
 
 def other_models():
-    """(name, model) for the other layouts tp.hf knows, tiny and random."""
+    """(name, model) for the other layouts tp.study.hf knows, tiny and random."""
     torch.manual_seed(0)
     common = dict(vocab_size=V, num_hidden_layers=2, hidden_size=64, num_attention_heads=4)
     return [
@@ -73,18 +73,18 @@ def ids(n=24, batch=2, seed=1):
     return torch.randint(3, V, (batch, n), generator=g)
 
 
-# ----------------------------------------------------------------------------- tp.hf
+# ----------------------------------------------------------------------------- tp.study.hf
 
 
 def test_find_sites_llama_and_gpt2():
     s = find_sites(tiny_llama())
-    assert [x.name for x in s] == [
+    assert [x.module for x in s] == [
         "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
         "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj",
     ]
     assert (s[0].kind, s[0].units, s[0].unit_size, s[1].units) == ("attn", 4, 16, 96)
     g = find_sites(tiny_gpt2())
-    assert [x.name for x in g][:2] == ["transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_proj"]
+    assert [x.module for x in g][:2] == ["transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_proj"]
     assert (g[0].in_features, g[0].out_features, g[1].in_features) == (64, 64, 256)
 
 
@@ -225,7 +225,7 @@ def test_policy_site_formats_and_bits():
     m = tiny_llama(layers=4)
     emu = emulate_tp(m, 2)
     fp4, fp8 = qformats.as_format("mxfp4"), qformats.as_format("mxfp8_e4m3")
-    names = [s.name for s in emu.sites]  # 4 layers x (attn, mlp)
+    names = [s.module for s in emu.sites]  # 4 layers x (attn, mlp)
 
     emu.configure(2, Policy("mxfp4", skip_first=1, skip_last=1))
     assert list(emu.site_formats().values()) == [None, None, fp4, fp4, fp4, fp4, None, None]
@@ -237,8 +237,8 @@ def test_policy_site_formats_and_bits():
     emu.configure(2, Policy(fp4, sites="mlp", layer_formats={0: "mxfp8_e4m3", -1: None}))
     assert list(emu.site_formats().values()) == [None, fp8, None, fp4, None, fp4, None, None]
     assert emu.bits_per_value() == pytest.approx((8.25 + 2 * 4.25 + 5 * 16) / 8)
-    assert Policy(fp4, layer_formats={-1: None}).describe() == {
-        "skip_first": 0, "skip_last": 0, "sites": "all", "layer_formats": {"-1": "bf16"}}
+    assert Policy(fp4, layer_formats={-1: None}).to_dict()["rules"] == [
+        {"fmt": None, "modules": [], "layers": [-1, None], "kind": None, "label": "layer -1"}]
     assert names[0] == "model.layers.0.self_attn.o_proj"
 
     with pytest.raises(ValueError, match="sites"):
@@ -353,7 +353,8 @@ def test_run_eval_bookkeeping_on_tiny_model(tmp_path):
 
     # one compressed configuration, recomputed independently
     r = next(r for r in recs if r["format"] == "fp4_e2m1/b32/e8m0" and r["tp"] == 4 and r["algorithm"] == "two_shot")
-    assert r["name"] == "mxfp4" and r["policy"]["skip_last"] == 1
+    assert r["name"] == "mxfp4" and r["policy"]["rules"] == [
+        {"fmt": None, "modules": [], "layers": [-1, None], "kind": None, "label": "first/last skipped"}]
     assert r["bits_per_value"] == pytest.approx((2 * 4.25 + 2 * 16) / 4)  # layer 1 skipped
     assert r["compression_ratio"] == pytest.approx(16 / r["bits_per_value"])
     kl, agree, cnll = 0.0, 0, 0.0

@@ -39,14 +39,17 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..comm.collectives import check_algorithm
+from ..comm.policy import ATTN_OUTPUTS, MLP_OUTPUTS, SITE_KINDS, CommPolicy, Rule, Site, skip_ends
+from ..model.layers import emulate_row_parallel
+
 __all__ = [
-    "Site",
+    "Projection",
     "Policy",
     "TPEmulator",
     "RowParallelEmulated",
@@ -56,42 +59,13 @@ __all__ = [
     "SITE_KINDS",
 ]
 
-SITE_KINDS = ("attn", "mlp")
 
-# (path inside a decoder layer, kind). Tried in order; each layer must match
-# exactly one attention and (unless the policy is attention-only) one MLP name.
-_ATTN_NAMES = (
-    "self_attn.o_proj",  # Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, OLMo, Granite, ...
-    "attn.c_proj",  # GPT-2, StarCoder (GPTBigCode)
-    "attention.dense",  # GPT-NeoX / Pythia
-    "self_attention.dense",  # Falcon, Bloom
-    "self_attn.dense",  # Phi-1/1.5/2
-    "attn.out_proj",  # GPT-J
-    "self_attn.out_proj",  # OPT
-    "attn.o_proj",
-    "attention.o_proj",
-)
-_MLP_NAMES = (
-    "mlp.down_proj",  # Llama family, Qwen, Gemma, Phi-3, OLMo
-    "mlp.c_proj",  # GPT-2, StarCoder
-    "mlp.dense_4h_to_h",  # GPT-NeoX, Falcon, Bloom
-    "mlp.fc2",  # Phi-1/1.5/2
-    "mlp.fc_out",  # GPT-J
-    "fc2",  # OPT
-    "feed_forward.w2",
-)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Projection(Site):
+    """One row-parallel projection: its :class:`tp.Site` (``module`` is its path in the model,
+    the key calibration uses) plus its shape. ``units`` are what TP may not split: attention
+    heads (``unit_size`` = head_dim) or single MLP features (``unit_size`` = 1)."""
 
-
-@dataclasses.dataclass(frozen=True)
-class Site:
-    """One row-parallel projection: ``name`` is its module path in the model
-    (the key calibration uses), ``layer`` its decoder-layer index, ``kind``
-    "attn" or "mlp". ``units`` are what TP may not split: attention heads
-    (``unit_size`` = head_dim) or single MLP features (``unit_size`` = 1)."""
-
-    name: str
-    layer: int
-    kind: str
     in_features: int
     out_features: int
     units: int
@@ -141,19 +115,19 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     candidates = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n):
-            if any(_get(mod[0], p) is not None for p in _ATTN_NAMES):
+            if any(_get(mod[0], p) is not None for p in ATTN_OUTPUTS):
                 candidates.append((name, mod))
     if len(candidates) != 1:
         kind = getattr(config, "model_type", type(model).__name__)
         found = ", ".join(n for n, _ in candidates) or "none"
         raise ValueError(
             f"cannot find the decoder layers of this {kind} model (candidates: {found}); "
-            f"known attention output names: {', '.join(_ATTN_NAMES)}"
+            f"known attention output names: {', '.join(ATTN_OUTPUTS)}"
         )
     return candidates[0]
 
 
-def find_sites(model: nn.Module, kinds: Iterable[str] = SITE_KINDS) -> list[Site]:
+def find_sites(model: nn.Module, kinds: Iterable[str] = SITE_KINDS) -> list[Projection]:
     """The row-parallel projections of a Hugging Face causal LM, in forward
     order (layer 0 attn, layer 0 mlp, layer 1 attn, ...). Cheap (walks the
     module tree). Raises ``ValueError`` naming the layer and its submodules
@@ -167,7 +141,7 @@ def find_sites(model: nn.Module, kinds: Iterable[str] = SITE_KINDS) -> list[Site
     heads = _num_heads(model.config)
     sites = []
     for i, layer in enumerate(layers):
-        for kind, names in (("attn", _ATTN_NAMES), ("mlp", _MLP_NAMES)):
+        for kind, names in (("attn", ATTN_OUTPUTS), ("mlp", MLP_OUTPUTS)):
             if kind not in kinds:
                 continue
             hits = [p for p in names if _get(layer, p) is not None]
@@ -191,8 +165,9 @@ def find_sites(model: nn.Module, kinds: Iterable[str] = SITE_KINDS) -> list[Site
                 units, usize = heads, fin // heads
             else:
                 units, usize = fin, 1
-            sites.append(Site(f"{prefix}.{i}.{hits[0]}", i, kind, fin, fout, units, usize))
-    return sites
+            sites.append(Projection(module=f"{prefix}.{i}.{hits[0]}", layer=i, kind=kind, in_features=fin,
+                                    out_features=fout, units=units, unit_size=usize))
+    return [dataclasses.replace(p, num_layers=len(layers)) for p in sites]
 
 
 def shard_sizes(units: int, tp: int, uneven: str = "error", what: str = "units") -> tuple[int, ...]:
@@ -216,130 +191,46 @@ def shard_sizes(units: int, tp: int, uneven: str = "error", what: str = "units")
     return tuple(q + (1 if k < r else 0) for k in range(tp))
 
 
-def _is_format(f) -> bool:
-    return hasattr(f, "bits_per_value")
-
-
-def _normalize_format(f):
-    """None, a Format, a calibration-like source (has ``.format(site_name)``),
-    or a string (preset name / canonical spec, parsed by qformats)."""
-    if f is None or _is_format(f):
-        return f
-    if isinstance(f, str):
-        if f.strip().lower() in ("none", "bf16", ""):
-            return None
-        import qformats
-
-        return qformats.as_format(f)
-    if callable(getattr(f, "format", None)):
-        return f
-    raise TypeError(f"not a format: {f!r} (expected None, a qformats.Format, a spec string or a Calibration)")
-
-
 def format_label(f) -> str:
-    """Short printable name of a format or format source (for reports)."""
-    if f is None:
-        return "bf16"
-    if _is_format(f):
-        return str(f)
-    return getattr(f, "label", None) or type(f).__name__
+    """Short printable name of a format (for reports); None is the bf16 baseline."""
+    return "bf16" if f is None else str(f)
 
 
-@dataclasses.dataclass(frozen=True)
-class Policy:
-    """Which format each row-parallel all-reduce uses.
+def Policy(format=None, skip_first: int = 0, skip_last: int = 0, sites: str = "all", layer_formats=()) -> CommPolicy:
+    """The eval's spelling of a :class:`tp.CommPolicy` (no size floor: every site counts).
 
-    - ``format``: the format of every compressed site: ``None`` (uncompressed),
-      a ``qformats.Format``, a spec string, or a calibration (anything with
-      ``.format(site_name) -> Format``, e.g. ``tp.calibrate.Calibration``;
-      then each site gets its own calibrated format).
-    - ``skip_first`` / ``skip_last``: leave the first / last k decoder layers
-      uncompressed (the papers note the ends of the network are the most
-      sensitive).
-    - ``sites``: "all", "attn" (attention outputs only) or "mlp" (MLP down
-      projections only); the others stay uncompressed.
-    - ``layer_formats``: per-layer overrides ``((layer, format), ...)`` (a
-      dict is accepted); negative layers count from the end. An override wins
-      over ``format`` and the skip rules; ``sites`` still applies.
-
-    Frozen and cheap; strings are parsed once, here.
+    - ``format``: the format of every compressed site (None, a Format, a spec string), or a
+      calibration (``tp.model.calibrate.Calibration``: each calibrated site gets its own format).
+    - ``skip_first`` / ``skip_last``: leave the first / last k decoder layers uncompressed.
+    - ``sites``: "all", "attn" (attention outputs only) or "mlp" (MLP outputs only).
+    - ``layer_formats``: per-layer overrides ``{layer: format}`` (or pairs); negative layers count
+      from the end. An override wins over ``format`` and the skip rules; ``sites`` still applies.
     """
-
-    format: Any = None
-    skip_first: int = 0
-    skip_last: int = 0
-    sites: str = "all"
-    layer_formats: tuple = ()
-
-    def __post_init__(self):
-        object.__setattr__(self, "format", _normalize_format(self.format))
-        for key in ("skip_first", "skip_last"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"Policy.{key} must be a non-negative integer, got {v!r}")
-        if self.sites not in ("all",) + SITE_KINDS:
-            raise ValueError(f"Policy.sites must be 'all', 'attn' or 'mlp', got {self.sites!r}")
-        lf = self.layer_formats
-        items = lf.items() if isinstance(lf, Mapping) else lf
-        norm = []
-        for item in items:
-            try:
-                layer, f = item
-            except (TypeError, ValueError):
-                raise ValueError(f"Policy.layer_formats entries must be (layer, format) pairs, got {item!r}") from None
-            if not isinstance(layer, int):
-                raise ValueError(f"Policy.layer_formats: layer must be an int, got {layer!r}")
-            norm.append((layer, _normalize_format(f)))
-        layers = [l for l, _ in norm]
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"Policy.layer_formats names a layer twice: {layers}")
-        object.__setattr__(self, "layer_formats", tuple(sorted(norm, key=lambda t: t[0])))
-
-    def format_for(self, site: Site, num_layers: int):
-        """The Format (or None) used at ``site`` in a model of ``num_layers`` layers."""
-        if self.sites != "all" and site.kind != self.sites:
-            return None
-        for layer, f in self.layer_formats:
-            if layer % num_layers == site.layer:
-                return self._resolve(f, site)
-        if site.layer < self.skip_first or site.layer >= num_layers - self.skip_last:
-            return None
-        return self._resolve(self.format, site)
-
-    @staticmethod
-    def _resolve(f, site: Site):
-        if f is None or _is_format(f):
-            return f
-        return f.format(site.name)
-
-    def check(self, num_layers: int) -> None:
-        """Raise ``ValueError`` if a layer override is out of range."""
-        for layer, _ in self.layer_formats:
-            if not -num_layers <= layer < num_layers:
-                raise ValueError(f"Policy.layer_formats: layer {layer} out of range for a {num_layers}-layer model")
-
-    def describe(self) -> dict:
-        """JSON-ready description of the knobs (the format itself is reported separately)."""
-        return {
-            "skip_first": self.skip_first,
-            "skip_last": self.skip_last,
-            "sites": self.sites,
-            "layer_formats": {str(l): format_label(f) for l, f in self.layer_formats},
-        }
-
-
-def _emulate_all_reduce_fn() -> Callable:
-    import tp
-
-    fn = getattr(tp, "emulate_all_reduce", None)
-    if fn is None:
+    if sites not in ("all",) + SITE_KINDS:
+        raise ValueError(f"Policy.sites must be 'all', 'attn' or 'mlp', got {sites!r}")
+    rules = []
+    if sites != "all":
+        rules.append(Rule(None, kind="mlp" if sites == "attn" else "attn", label=f"sites={sites}"))
+    items = layer_formats.items() if isinstance(layer_formats, Mapping) else layer_formats
+    seen = set()
+    for item in items:
         try:
-            from tp.emulate import emulate_all_reduce as fn  # noqa: N813
-        except ImportError as e:
-            raise RuntimeError(
-                "compressed formats need tp.emulate_all_reduce (tp/emulate.py), which is not available: " + str(e)
-            ) from e
-    return fn
+            layer, f = item
+        except (TypeError, ValueError):
+            raise ValueError(f"Policy.layer_formats entries must be (layer, format) pairs, got {item!r}") from None
+        if not isinstance(layer, int):
+            raise ValueError(f"Policy.layer_formats: layer must be an int, got {layer!r}")
+        if layer in seen:
+            raise ValueError(f"Policy.layer_formats names layer {layer} twice")
+        seen.add(layer)
+        rules.append(Rule(f, layers=(layer, layer + 1 if layer != -1 else None), label=f"layer {layer}"))
+    try:
+        rules += skip_ends(skip_first, skip_last)
+    except ValueError as e:
+        raise ValueError(f"Policy.{e}") from None
+    if callable(getattr(format, "format", None)) and hasattr(format, "sites"):  # a calibration
+        return CommPolicy(None, min_bytes=0, rules=tuple(rules)).with_calibration(format)
+    return CommPolicy(format, min_bytes=0, rules=tuple(rules))
 
 
 class RowParallelEmulated(nn.Module):
@@ -347,7 +238,7 @@ class RowParallelEmulated(nn.Module):
     it calls the original module unchanged; active, it computes the T partial
     products in fp32 and combines them as the configured all-reduce would."""
 
-    def __init__(self, inner: nn.Module, site: Site, owner: "TPEmulator"):
+    def __init__(self, inner: nn.Module, site: Projection, owner: "TPEmulator"):
         super().__init__()
         self.inner = inner
         self.site = site
@@ -359,7 +250,7 @@ class RowParallelEmulated(nn.Module):
         self.algorithm = "gather"
 
     def extra_repr(self) -> str:
-        return f"site={self.site.name}, shards={[e - s for s, e in self.bounds]}, fmt={format_label(self.fmt)}, algorithm={self.algorithm}"
+        return f"site={self.site.module}, shards={[e - s for s, e in self.bounds]}, fmt={format_label(self.fmt)}, algorithm={self.algorithm}"
 
     def _weight32(self) -> torch.Tensor:
         w = self.inner.weight
@@ -369,32 +260,13 @@ class RowParallelEmulated(nn.Module):
             self._w32 = w.detach().float()
         return self._w32
 
-    def partials(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Each rank's fp32 partial product (no bias), in rank order."""
-        w = self._weight32()
-        x32 = x.float()
-        out = []
-        for s, e in self.bounds:
-            if self._layout == "linear":
-                out.append(F.linear(x32[..., s:e], w[:, s:e]))
-            else:
-                out.append(torch.matmul(x32[..., s:e], w[s:e]))
-        return out
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         owner = self._owner[0]
         if not owner.active:
             return self.inner(x)
-        parts = self.partials(x)
-        if owner.observer is not None:
-            for rank, p in enumerate(parts):
-                owner.observer(self.site.name, rank, p)
-        if self.fmt is None:
-            y = parts[0]
-            for p in parts[1:]:  # the uncompressed all-reduce: fp32 sum in rank order
-                y = y + p
-        else:
-            y = owner._all_reduce(parts, self.fmt, self.algorithm)
+        pol = owner.policy
+        y = emulate_row_parallel(x.float(), self._weight32(), self.bounds, self.fmt, self.algorithm, pol.min_bytes,
+                                 transposed=self._layout == "conv1d", observer=owner.observer, site=self.site.module)
         bias = getattr(self.inner, "bias", None)
         if bias is not None:
             y = y + bias.float()
@@ -406,57 +278,53 @@ class TPEmulator:
     :func:`emulate_tp`). ``configure`` changes TP degree, policy and
     algorithm in place (cheap); ``active = False`` runs the original modules;
     ``observer(site_name, rank, partial)`` when set sees every rank's fp32
-    partial output (a ``tp.calibrate.Calibrator.observe`` fits); ``remove``
+    partial output (a ``tp.model.calibrate.Calibrator.observe`` fits); ``remove``
     restores the original modules. Usable as a context manager."""
 
-    def __init__(self, model: nn.Module, sites: list[Site]):
+    def __init__(self, model: nn.Module, sites: list[Projection]):
         self.model = model
         self.sites = tuple(sites)
-        self.num_layers = 1 + max(s.layer for s in sites)
+        self.num_layers = sites[0].num_layers
         self.observer: Callable[[str, int, torch.Tensor], None] | None = None
         self.active = False
         self.tp: int | None = None
         self.policy = Policy(None)
         self.algorithm = "gather"
         self.uneven = "error"
-        self._emulate = None
         self.wrappers: dict[str, RowParallelEmulated] = {}
         for site in sites:
-            parent_name, _, child = site.name.rpartition(".")
+            parent_name, _, child = site.module.rpartition(".")
             parent = model.get_submodule(parent_name)
             inner = getattr(parent, child)
             if isinstance(inner, RowParallelEmulated):
-                raise RuntimeError(f"{site.name} is already wrapped by another TPEmulator; remove() it first")
+                raise RuntimeError(f"{site.module} is already wrapped by another TPEmulator; remove() it first")
             wrapper = RowParallelEmulated(inner, site, self)
             setattr(parent, child, wrapper)
-            self.wrappers[site.name] = wrapper
+            self.wrappers[site.module] = wrapper
 
-    def _all_reduce(self, parts, fmt, algorithm):
-        return self._emulate(parts, fmt, algorithm)
-
-    def configure(self, tp: int, policy: Policy | None = None, algorithm: str = "gather", uneven: str = "error") -> "TPEmulator":
-        """Emulate TP degree ``tp`` with ``policy`` (default: uncompressed) and
-        the all-reduce ``algorithm`` ("gather" or "two_shot", passed to
-        ``tp.emulate_all_reduce``). ``uneven``: see :func:`shard_sizes`.
-        Validates everything before changing anything; activates the emulation."""
+    def configure(self, tp: int, policy: CommPolicy | None = None, algorithm: str | None = None,
+                  uneven: str = "error") -> "TPEmulator":
+        """Emulate TP degree ``tp`` with ``policy`` (a :class:`tp.CommPolicy`; default:
+        uncompressed), its all-reduce algorithm unless ``algorithm`` overrides it (the eval sweeps
+        algorithms under one policy). ``uneven``: see :func:`shard_sizes`. Validates everything
+        before changing anything; activates the emulation."""
         policy = Policy(None) if policy is None else policy
-        if not isinstance(policy, Policy):
-            raise TypeError(f"policy must be a tp.hf.Policy, got {type(policy).__name__}")
-        policy.check(self.num_layers)
+        if not isinstance(policy, CommPolicy):
+            raise TypeError(f"policy must be a tp.CommPolicy, got {type(policy).__name__}")
+        algorithm = check_algorithm(algorithm) if algorithm else policy.algorithm
+        policy.check_layers(self.num_layers)
         plan = {}
         for site in self.sites:
             what = "attention heads" if site.kind == "attn" else "MLP features"
             try:
                 sizes = shard_sizes(site.units, tp, uneven, what)
             except ValueError as e:
-                raise ValueError(f"{site.name}: {e}") from None
+                raise ValueError(f"{site.module}: {e}") from None
             bounds, start = [], 0
             for n in sizes:
                 bounds.append((start, start + n * site.unit_size))
                 start += n * site.unit_size
-            plan[site.name] = (tuple(bounds), policy.format_for(site, self.num_layers))
-        if any(f is not None for _, f in plan.values()):
-            self._emulate = _emulate_all_reduce_fn()
+            plan[site.module] = (tuple(bounds), policy.format_for(site))
         for name, (bounds, fmt) in plan.items():
             w = self.wrappers[name]
             w.bounds, w.fmt, w.algorithm = bounds, fmt, algorithm
@@ -464,7 +332,7 @@ class TPEmulator:
         self.active = True
         return self
 
-    def site_formats(self) -> dict[str, Any]:
+    def site_formats(self) -> dict:
         """The format in use at each site (None = uncompressed)."""
         return {n: w.fmt for n, w in self.wrappers.items()}
 
@@ -481,12 +349,7 @@ class TPEmulator:
         total = weight = 0.0
         for w in self.wrappers.values():
             e = w.site.out_features
-            if w.fmt is None:
-                bits = 16.0
-            elif hasattr(w.fmt, "bits_per_value_at"):
-                bits = float(w.fmt.bits_per_value_at(e))
-            else:
-                bits = float(w.fmt.bits_per_value)
+            bits = 16.0 if w.fmt is None else float(w.fmt.bits_per_value_at(e))
             total += bits * e
             weight += e
         return total / weight
@@ -509,8 +372,8 @@ class TPEmulator:
 def emulate_tp(
     model: nn.Module,
     tp: int | None = None,
-    policy: Policy | None = None,
-    algorithm: str = "gather",
+    policy: CommPolicy | None = None,
+    algorithm: str | None = None,
     uneven: str = "error",
     kinds: Iterable[str] = SITE_KINDS,
 ) -> TPEmulator:

@@ -6,12 +6,13 @@ dynamo turns into the functional op), as gpt-fast and torchtitan write them, and
 compressed communication without editing the model. After AOT autograd the post-grad graph
 holds ``_c10d_functional.all_reduce(x, "sum", group_name)`` followed by
 ``_c10d_functional.wait_tensor``; :class:`CollectivePass` replaces each such pair that its
-:class:`CollectivePolicy` gives a format with one call of a *replacement op*
+:class:`tp.CommPolicy` gives a format with one call of a *replacement op*
 ``op(x, fmt: str, group_name: str, algorithm: str) -> Tensor`` (and optionally each
-``all_gather_into_tensor`` + wait with ``op(x, fmt, group_size, group_name)``). The pass is
-generic: ``lowering`` never imports ``tp``, so the caller names the ops; ``tp.compile``
-passes ``torch.ops.qformats.all_reduce`` / ``all_gather`` (the compressed collectives of
-``tp.collectives`` as custom ops) and is the entry point most users want.
+``all_gather_into_tensor`` + wait with ``op(x, fmt, group_size, group_name)``). The caller
+names the ops (tests pass stand-ins); ``tp.compile`` passes ``torch.ops.qformats.all_reduce``
+/ ``all_gather`` (the compressed collectives of ``tp.comm.collectives`` as custom ops) and is
+the entry point most users want. It lives in ``tp.comm``, not ``lowering``: it has no kernel,
+it rewrites collectives, and ``tp.compile`` is its only user.
 
 Installing: never through a global assignment. :func:`compile_options` returns the
 ``options=`` dict for ``torch.compile`` (the pass applies to that one compiled object);
@@ -20,12 +21,12 @@ post_grad_custom_post_pass`` for the duration of a ``with`` block and restores i
 (torch.compile is lazy: the first *call* must happen inside the block). Both chain with a
 pass that is already installed: that pass runs first, then this one, on the same graph.
 
-Caching: ``uuid()`` hashes this file's source, the policy (a user callable by its source,
+Caching: ``uuid()`` hashes the source of this file and of the policy module, the policy (a user callable by its source,
 or None -- no caching -- if its source is unavailable), the replacement ops and the chained
 pass's uuid. Inductor's FX-graph-cache key covers the post-grad graph's code, not its node
 metadata, and module paths (``modules=``, and whatever ``choose`` reads) are metadata: two
 models with one graph code can issue their collectives from different modules. So a policy
-that reads modules (:attr:`CollectivePolicy.reads_modules`) is cached only when the caller
+that reads modules (:attr:`tp.CommPolicy.reads_modules`) is cached only when the caller
 states the graph's module attribution (:meth:`CollectivePass.attributed`, which ``tp.compile``
 does for every graph dynamo hands it, from that graph's ``nn_module_stack``): the uuid then
 includes its digest. Without it the uuid is None and inductor bypasses its caches, so a cache
@@ -37,29 +38,27 @@ report must be filled.
 Costs: the pass itself is one linear walk over the graph (microseconds per node). What the
 rewritten graph costs at run time is the replacement op's: encode + collective of the
 compressed bytes + decode, instead of the plain collective; the report counts the bytes.
-Positions (``skip_first`` / ``skip_last``) count call sites within one compiled graph: a
-graph break restarts the count, so compile with ``fullgraph=True`` when positions matter.
+Layers: a call site's layer (what layer rules and ``skip_first``/``skip_last`` select) is the
+first integer in its module path (``layers.3.mlp.down_proj`` -> 3), the same as in the TP layers
+and ``tp.hf``; in a graph whose all-reduces carry no such path it is the position among them, and a
+graph break restarts that count, so compile with ``fullgraph=True`` when layer rules matter.
 """
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
-import inspect
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-import qformats
-from qformats import Format
+from .policy import CommPolicy, Site
 
 __all__ = [
     "CallSite",
     "CollectivePass",
-    "CollectivePolicy",
     "Rewrite",
     "RewriteReport",
     "compile_options",
@@ -77,28 +76,29 @@ COMPRESSIBLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CallSite:
-    """One collective in a graph, as the policy sees it.
+@dataclass(frozen=True, kw_only=True)
+class CallSite(Site):
+    """One collective in a graph: a :class:`tp.Site` plus where it sits in the graph.
 
-    ``op`` is ``"all_reduce"`` or ``"all_gather"``; ``index`` its position among the call
-    sites of that op in this graph (execution order) and ``count`` how many there are;
-    ``module`` the dotted path of the module whose forward (or forward hook) issued it and
+    ``module`` is the dotted path of the module whose forward (or forward hook) issued it and
     ``producer`` that of the module whose forward computed its input (both from the nodes'
     ``nn_module_stack``, e.g. ``"model.layers.3.mlp"`` and ``"model.layers.3.mlp.down_proj"``
     for ``all_reduce(self.down_proj(h))`` written in the MLP's forward; ``""`` for the root
-    module or when unknown); ``nbytes`` the uncompressed message (numel * itemsize) of this rank.
+    module or when unknown). ``layer`` is the first integer in those paths and ``kind`` is read
+    off them (:meth:`tp.Site.of`); when no all-reduce of the graph has a layer number, an
+    all-reduce's layer is its position ``index`` among the graph's ``count`` all-reduces
+    (all-gathers get none). ``nbytes`` is this rank's uncompressed message (numel * itemsize).
     """
 
-    op: str
     index: int
     count: int
-    module: str
     shape: tuple
     dtype: torch.dtype
     group_name: str
     group_size: int = 0  # known for all_gather (an argument of the op); 0 for all_reduce
-    producer: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.op} #{self.index} ({self.module or 'unknown module'})"
 
     @property
     def nbytes(self) -> int:
@@ -106,102 +106,6 @@ class CallSite:
         for d in self.shape:
             n *= int(d)
         return n * torch.empty((), dtype=self.dtype).element_size()
-
-
-def _fmt_str(fmt) -> Optional[str]:
-    f = qformats.as_format(fmt)
-    return None if f is None else str(f)
-
-
-@dataclass(frozen=True)
-class CollectivePolicy:
-    """Which collectives to compress, with which format; one frozen value (hashable, printable).
-
-    Rules, in order, for a call site (:class:`CallSite`):
-
-    1. ``choose``, if given, decides alone: ``choose(site) -> format or None`` (a Format, a
-       preset name or a canonical string). Use it for anything the fields below cannot say.
-    2. all-gathers are compressed only with ``all_gather=True``; dtypes other than
-       fp32/bf16/fp16 and reductions other than sum are never compressed.
-    3. messages smaller than ``min_bytes`` stay plain: a compressed collective's fixed
-       costs (encode/decode launches, a second round trip for two_shot) outweigh the bytes
-       saved on small decode-step messages. The default matches
-       ``tp.DEFAULT_THRESHOLD_BYTES`` (64 KiB).
-    4. the first ``skip_first`` and last ``skip_last`` all-reduces of the graph stay plain
-       (the first and last layers are the most sensitive to quantisation error); all-gathers
-       are not counted and not skipped by position.
-    5. with ``modules`` (glob patterns, e.g. ``("*.down_proj",)``, matched with
-       ``fnmatch.fnmatchcase``) only call sites whose ``module`` or ``producer`` matches one
-       are compressed. So ``"*.down_proj"`` selects the all-reduce of down_proj's output
-       wherever it is written: inside the projection's forward, in the enclosing block's
-       forward (gpt-fast, torchtitan), or in a forward hook of the block; ``"*.mlp"`` selects
-       it too when it is issued in (or in a hook of) the MLP module. ``""`` is the root module.
-    6. everything else gets ``fmt`` with ``algorithm``.
-
-    ``fmt`` is stored as its canonical string, so two equal policies hash equally (the pass's
-    cache key).
-    """
-
-    fmt: object = None
-    algorithm: str = "gather"
-    min_bytes: int = 64 * 1024
-    skip_first: int = 0
-    skip_last: int = 0
-    modules: tuple = ()
-    all_gather: bool = False
-    choose: Optional[Callable[[CallSite], object]] = field(default=None, compare=False)
-
-    def __post_init__(self):
-        object.__setattr__(self, "fmt", _fmt_str(self.fmt))
-        if not isinstance(self.algorithm, str) or not self.algorithm:
-            raise ValueError(f"algorithm must be a non-empty string, got {self.algorithm!r}")
-        for name in ("min_bytes", "skip_first", "skip_last"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-        if isinstance(self.modules, str):
-            raise TypeError(f"modules must be a tuple of glob patterns, got the string {self.modules!r}")
-        object.__setattr__(self, "modules", tuple(self.modules))
-        if self.choose is not None and not callable(self.choose):
-            raise TypeError(f"choose must be callable (CallSite -> format or None), got {type(self.choose).__name__}")
-
-    def format_for(self, site: CallSite) -> Optional[str]:
-        """The canonical format string for ``site``, or None to leave it alone."""
-        if self.choose is not None:
-            try:
-                return _fmt_str(self.choose(site))
-            except ValueError as e:
-                raise ValueError(f"policy.choose returned an unusable format for {site.op} #{site.index} "
-                                 f"({site.module or 'unknown module'}): {e}") from None
-        if site.op == "all_gather" and not self.all_gather:
-            return None
-        if self.fmt is None or site.dtype not in COMPRESSIBLE_DTYPES or site.nbytes < self.min_bytes:
-            return None
-        if site.op == "all_reduce" and (site.index < self.skip_first or site.index >= site.count - self.skip_last):
-            return None
-        if self.modules and not self.selects_module(site):
-            return None
-        return self.fmt
-
-    def selects_module(self, site: CallSite) -> bool:
-        """Whether a ``modules`` glob matches the site's issuing or producing module (rule 5)."""
-        return any(fnmatch.fnmatchcase(m, p) for p in self.modules for m in (site.module, site.producer))
-
-    @property
-    def reads_modules(self) -> bool:
-        """Whether decisions can depend on module paths (graph metadata the cache key lacks)."""
-        return bool(self.modules) or self.choose is not None
-
-    def fingerprint(self) -> Optional[str]:
-        """A stable string of everything that decides the rewrite; None if ``choose`` has no source."""
-        chooser = ""
-        if self.choose is not None:
-            try:
-                chooser = getattr(self.choose, "__qualname__", "") + inspect.getsource(self.choose)
-            except (OSError, TypeError):
-                return None  # a lambda typed at a prompt, a C function: no stable identity
-        return repr((self.fmt, self.algorithm, self.min_bytes, self.skip_first, self.skip_last,
-                     self.modules, self.all_gather, chooser))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +230,7 @@ class CollectivePass(CustomGraphPass):
     """The post-grad pass: rewrites collectives into replacement ops as the policy says.
 
     Args:
-        policy: a :class:`CollectivePolicy`.
+        policy: a :class:`tp.CommPolicy`.
         all_reduce_op: ``op(x, fmt, group_name, algorithm) -> Tensor`` (x's shape and dtype),
             e.g. ``torch.ops.qformats.all_reduce.default`` (registered by ``tp.compile``).
         all_gather_op: ``op(x, fmt, group_size, group_name) -> Tensor`` ([W * x.shape[0], ...]);
@@ -339,9 +243,9 @@ class CollectivePass(CustomGraphPass):
     (see the module docstring, Caching); set it with :meth:`attributed`.
     """
 
-    def __init__(self, policy: CollectivePolicy, all_reduce_op, all_gather_op=None, chain=None):
-        if not isinstance(policy, CollectivePolicy):
-            raise TypeError(f"policy must be a CollectivePolicy, got {type(policy).__name__}")
+    def __init__(self, policy: CommPolicy, all_reduce_op, all_gather_op=None, chain=None):
+        if not isinstance(policy, CommPolicy):
+            raise TypeError(f"policy must be a tp.CommPolicy, got {type(policy).__name__}")
         if all_reduce_op is None:
             raise ValueError("all_reduce_op is required (tp.compile passes torch.ops.qformats.all_reduce)")
         if policy.all_gather and all_gather_op is None:
@@ -410,8 +314,17 @@ class CollectivePass(CustomGraphPass):
                 found["all_gather"].append(n)
         done = 0
         for op, nodes in found.items():
-            for i, n in enumerate(nodes):
-                done += self._one(graph, gi, op, i, len(nodes), n)
+            paths = [(module_path(n), module_path(n.args[0]) if isinstance(n.args[0], torch.fx.Node) else "")
+                     for n in nodes]
+            layers = [Site.of(m).layer if Site.of(m).layer is not None else Site.of(pr).layer for m, pr in paths]
+            if op == "all_gather":
+                layers, num_layers = [None] * len(nodes), None
+            elif any(layer is not None for layer in layers):
+                num_layers = 1 + max(layer for layer in layers if layer is not None)
+            else:  # a graph without layer numbers: positions stand in for layers
+                layers, num_layers = list(range(len(nodes))), len(nodes)
+            for i, (n, (path, producer), layer) in enumerate(zip(nodes, paths, layers)):
+                done += self._one(graph, gi, op, i, len(nodes), n, path, producer, layer, num_layers)
         if done:
             graph.lint()
             try:
@@ -422,7 +335,7 @@ class CollectivePass(CustomGraphPass):
                 pass
         return done
 
-    def _one(self, graph, gi, op, index, count, n) -> int:
+    def _one(self, graph, gi, op, index, count, n, path, producer, layer, num_layers) -> int:
         x = n.args[0]
         val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
         if op == "all_reduce":
@@ -432,8 +345,9 @@ class CollectivePass(CustomGraphPass):
             group_size, group_name, reduce_op = int(n.args[1]), str(n.args[2]), "sum"
         shape = tuple(val.shape) if val is not None else ()
         dtype = val.dtype if val is not None else torch.float32
-        producer = module_path(x) if isinstance(x, torch.fx.Node) else ""
-        site = CallSite(op, index, count, module_path(n), shape, dtype, group_name, group_size, producer)
+        site = CallSite(module=path, producer=producer, layer=layer, num_layers=num_layers,
+                        kind=Site.of(path).kind or Site.of(producer).kind, op=op, index=index, count=count,
+                        shape=shape, dtype=dtype, group_name=group_name, group_size=group_size)
         before = site.nbytes if val is not None else 0
 
         def alone(reason):
@@ -445,16 +359,16 @@ class CollectivePass(CustomGraphPass):
         waits = _waits(n)
         if waits is None:
             return alone("result not consumed by wait_tensor only")
-        fmt = self.policy.format_for(site)
-        if fmt is None:
-            return alone(self._why_alone(site))
+        f, why = self.policy.decide(site, before)
+        if f is None:
+            return alone(why)
         if reduce_op != "sum":
             return alone(f"reduce op {reduce_op}")
         if dtype not in COMPRESSIBLE_DTYPES:
             return alone(f"dtype {dtype}")
         if len(shape) == 0:
             return alone("scalar")
-        f = Format.parse(fmt)
+        fmt = str(f)
         try:
             f.layout((1, shape[-1]))
             after = f.nbytes(shape)
@@ -477,29 +391,18 @@ class CollectivePass(CustomGraphPass):
                                            before, after))
         return 1
 
-    def _why_alone(self, site: CallSite) -> str:
-        p = self.policy
-        if p.choose is not None:
-            return "policy.choose"
-        if site.op == "all_gather" and not p.all_gather:
-            return "all_gather off"
-        if p.fmt is None:
-            return "no format"
-        if site.dtype not in COMPRESSIBLE_DTYPES:
-            return f"dtype {site.dtype}"
-        if site.nbytes < p.min_bytes:
-            return f"< {p.min_bytes} B"
-        if site.op == "all_reduce" and (site.index < p.skip_first or site.index >= site.count - p.skip_last):
-            return "first/last skipped"
-        return "module not selected"  # neither site.module nor site.producer matched
-
 
 def _hash_source() -> str:
-    try:
-        with open(__file__, "rb") as fh:
-            return hashlib.sha256(fh.read()).hexdigest()
-    except OSError:  # a zipped install: the module's compiled code is the next best identity
-        return hashlib.sha256(repr(CollectivePass.rewrite.__code__.co_code).encode()).hexdigest()
+    from . import policy
+
+    h = hashlib.sha256()
+    for path, code in ((__file__, CollectivePass.rewrite.__code__), (policy.__file__, policy.CommPolicy.decide.__code__)):
+        try:
+            with open(path, "rb") as fh:
+                h.update(fh.read())
+        except OSError:  # a zipped install: the compiled code is the next best identity
+            h.update(repr(code.co_code).encode())
+    return h.hexdigest()
 
 
 _SOURCE_HASH = _hash_source()

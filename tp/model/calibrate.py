@@ -3,7 +3,7 @@
 Use it once per model and TP size, before serving: run ~256 calibration sequences through
 the TP model (uncompressed), and get per all-reduce site the features that travel in bf16
 and the fixed INT4 scales of the rest. The result is a small JSON file; its formats
-(``qformats.static_outlier_format``) plug into ``tp.all_reduce`` / :class:`tp.layers.CommPolicy`
+(``qformats.static_outlier_format``) plug into ``tp.all_reduce`` / :class:`tp.CommPolicy`
 like any other format and cost ~4 + 16/64 = 4.25 bits per value plus nothing per block.
 
 What is computed, per site (a row-parallel layer's output) and per rank:
@@ -42,6 +42,9 @@ import torch.distributed as dist
 
 import qformats
 from qformats import Element
+
+from ..comm.collectives import DEFAULT_MIN_BYTES
+from ..comm.policy import CommPolicy
 
 __all__ = ["Calibration", "Calibrator", "SiteCalibration", "calibrate"]
 
@@ -222,12 +225,9 @@ class Calibration:
             self._formats[site] = qformats.static_outlier_format(self.elem, sc.outliers, sc.scales)
         return self._formats[site]
 
-    def policy(self, algorithm: str = "gather", threshold_bytes: Optional[int] = None, fmt=None):
-        """A :class:`tp.layers.CommPolicy` using this calibration at its sites (``fmt`` elsewhere)."""
-        from .layers import CommPolicy
-        from .collectives import DEFAULT_THRESHOLD_BYTES
-
-        thr = DEFAULT_THRESHOLD_BYTES if threshold_bytes is None else threshold_bytes
+    def policy(self, algorithm: str = "gather", min_bytes: Optional[int] = None, fmt=None):
+        """A :class:`tp.CommPolicy` using this calibration at its sites (``fmt`` elsewhere)."""
+        thr = DEFAULT_MIN_BYTES if min_bytes is None else min_bytes
         return CommPolicy(fmt, algorithm, thr).with_calibration(self)
 
     def to_dict(self) -> dict:
@@ -285,14 +285,12 @@ def calibrate(model, batches: Iterable[torch.Tensor], calibrator: Optional[Calib
     ``calibrate(...).finish()`` gives the same :class:`Calibration` on every rank.
     Costs one forward per batch plus the observation.
     """
-    from .layers import CommPolicy
-
     cal = calibrator or Calibrator(momentum)
     layers = model.row_parallel_layers()
     old = [(m.policy, m.observer) for m in layers]
     try:
         for m in layers:
-            m.policy = CommPolicy(None, m.policy.algorithm, m.policy.threshold_bytes)
+            m.policy = m.policy.replace(fmt=None, rules=())
             m.observer = cal.observe
         n = 0
         for b in batches:

@@ -1,6 +1,6 @@
-"""tp.fused: planning (offsets, threshold, fallbacks) and the fused kernel sequence, on CPU.
+"""tp.comm.fused: planning (offsets, threshold, fallbacks) and the fused kernel sequence, on CPU.
 
-Everything but the symmetric-memory barrier runs here: :func:`tp.fused.simulate` runs every
+Everything but the symmetric-memory barrier runs here: :func:`tp.comm.fused.simulate` runs every
 rank's kernels (Triton interpreter) over W ordinary poisoned buffers in lock-step and must
 equal the emulator bit for bit. The real multi-GPU run is the last test (skipped with <2 GPUs);
 benchmarks/allreduce_gpu.py repeats it at every benchmarked size.
@@ -13,7 +13,7 @@ import torch
 
 import qformats
 import tp
-from tp import fused as F
+from tp.comm import collectives, fused as F
 
 FORMATS = ["mxfp8_e4m3", "mxfp6_e3m2", "mxfp4", "int4/b32/bf16", "uint4/b128/fp16+zp"]
 
@@ -92,24 +92,24 @@ def test_buffer_bytes_fits_every_smaller_message(world, algorithm):
 def test_threshold_and_plain_fallbacks():
     cap = 1 << 30
     assert F.plan((4, 64), torch.bfloat16, None, 2, capacity=cap).kind == "plain"
-    p = F.plan((4, 64), torch.bfloat16, "mxfp4", 2, capacity=cap, threshold_bytes=4 * 64 * 2 + 1)
-    assert p.kind == "plain" and "threshold" in p.reason
-    p = F.plan((4, 64), torch.bfloat16, "mxfp4", 2, capacity=cap, threshold_bytes=4 * 64 * 2)
+    p = F.plan((4, 64), torch.bfloat16, "mxfp4", 2, capacity=cap, min_bytes=4 * 64 * 2 + 1)
+    assert p.kind == "plain" and "min_bytes" in p.reason
+    p = F.plan((4, 64), torch.bfloat16, "mxfp4", 2, capacity=cap, min_bytes=4 * 64 * 2)
     assert p.fused  # at the threshold: compressed
     assert F.plan((0, 64), torch.bfloat16, "mxfp4", 2, capacity=cap).kind == "plain"
-    assert F.DEFAULT_FUSED_THRESHOLD_BYTES > 0
+    assert F.DEFAULT_FUSED_MIN_BYTES > 0
 
 
 def test_auto_window_and_max_bytes():
-    assert F.auto_window("mxfp4", capturing=True) == (F.DEFAULT_FUSED_THRESHOLD_BYTES, None)
-    assert F.auto_window("mxfp4", capturing=False) == (F.EAGER_FUSED_THRESHOLD_BYTES, None)
+    assert F.auto_window("mxfp4", capturing=True) == (F.DEFAULT_FUSED_MIN_BYTES, None)
+    assert F.auto_window("mxfp4", capturing=False) == (F.EAGER_FUSED_MIN_BYTES, None)
     assert F.auto_window("mxfp8_e4m3", True)[1] == F.FUSED_MAX_BYTES["fp8_e4m3/b32/e8m0"]
-    assert F.EAGER_FUSED_THRESHOLD_BYTES >= F.DEFAULT_FUSED_THRESHOLD_BYTES
+    assert F.EAGER_FUSED_MIN_BYTES >= F.DEFAULT_FUSED_MIN_BYTES
     p = F.plan((4, 64), torch.bfloat16, "mxfp4", 2, capacity=1 << 30, max_bytes=4 * 64 * 2 - 1)
     assert p.kind == "plain" and "does not pay" in p.reason
     assert F.plan((4, 64), torch.bfloat16, "mxfp4", 2, capacity=1 << 30, max_bytes=4 * 64 * 2).fused
     z = F.plan((4, 64), torch.bfloat16, "uint4/b128/fp16+zp", 2, capacity=1 << 30,
-               threshold_bytes=0, max_bytes=F.auto_window("flash_int4", True)[1])
+               min_bytes=0, max_bytes=F.auto_window("flash_int4", True)[1])
     assert z.kind == "plain"
 
 
@@ -172,7 +172,7 @@ def test_simulate_rejects_non_fused_plans():
 
 # --------------------------------------------------------------------------------- routing
 def test_wire_algorithm_and_emulated_fused():
-    from tp.collectives import wire_algorithm
+    from tp.comm.collectives import wire_algorithm
 
     assert [wire_algorithm("fused", w) for w in (1, 2, 3, 4, 8)] == ["gather"] * 3 + ["two_shot"] * 2
     assert wire_algorithm("two_shot", 2) == "two_shot" and F.default_algorithm(4) == "two_shot"
@@ -185,11 +185,11 @@ def test_wire_algorithm_and_emulated_fused():
     assert tp.CommPolicy("mxfp4", "fused").algorithm == "fused"
 
 
-def test_registered_says_how_to_create_one():
+def test_fused_for_says_how_to_create_one():
     from types import SimpleNamespace
 
     with pytest.raises(RuntimeError, match=r"FusedAllReduce\(group, max_tokens=.*before CUDA-graph capture"):
-        F.registered(SimpleNamespace(group_name="no-such-group"))
+        collectives.fused_for(SimpleNamespace(group_name="no-such-group"))
 
 
 def _fused_route(rank, world):
@@ -218,7 +218,7 @@ def _gpu_worker(rank, world, port, q):
 
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
-    ar = F.FusedAllReduce(max_tokens=64, hidden=1024, fmts=FORMATS, threshold_bytes=0)
+    ar = F.FusedAllReduce(max_tokens=64, hidden=1024, fmts=FORMATS, min_bytes=0)
     fails = []
     for fmt in FORMATS:
         shards = [s.cuda() for s in _shards(world, (64, 1024), seed=3, adversarial=True)]
@@ -242,7 +242,7 @@ def _gpu_worker(rank, world, port, q):
         # tp.all_reduce(..., algorithm="fused") is routed to the registered FusedAllReduce
         ar.algorithm, ar.mode = F.default_algorithm(world), "pull"
         y = tp.all_reduce(shards[rank], fmt, algorithm="fused")
-        if F.registered().plan(shards[rank], fmt).kind != "fused" or not torch.equal(
+        if collectives.fused_for().plan(shards[rank], fmt).kind != "fused" or not torch.equal(
                 _bits(y), _bits(tp.emulate_all_reduce([s.cpu() for s in shards], fmt, "fused").cuda())):
             fails.append((fmt, "tp.all_reduce fused"))
     q.put((rank, fails))
@@ -275,7 +275,7 @@ def _fused_first_sight(rank, world):
 
     ar = F.FusedAllReduce.__new__(F.FusedAllReduce)
     ar.group, ar.world, ar.rank = dist.group.WORLD, world, rank
-    ar.algorithm, ar.mode, ar.capacity, ar.threshold_bytes, ar._plans = "gather", "pull", 1 << 20, 0, {}
+    ar.algorithm, ar.mode, ar.capacity, ar.min_bytes, ar._plans = "gather", "pull", 1 << 20, 0, {}
     x = torch.zeros(4, 64)
     same = ar.plan(torch.zeros(8, 64), "mxfp4").kind  # agreed: a plan (nccl on CPU)
     ar.plan(x.reshape(2, 128) if rank else x, "mxfp4")  # a new call on both ranks: same bytes, other shapes

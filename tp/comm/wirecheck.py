@@ -35,11 +35,11 @@ the rank that brought the new call raises the ValueError; headers carry no seque
 (a captured graph replays constant bytes), and inside CUDA-graph capture no CHECK message can
 be inspected: the history is neither used nor updated there (capture after an eager warm-up).
 
-Not covered: plain all-reduces (``fmt=None`` or under ``threshold_bytes``: a sum carries no
+Not covered: plain all-reduces (``fmt=None`` or under ``min_bytes``: a sum carries no
 header), so also a call that is plain on one rank and compressed on another
 (``validate=True`` covers both); a rank whose call raised before its first message while a
 peer went on (the peer waits for the process group's timeout); ranks that pass different
-``validate``; and the fused symmetric-memory kernels (:mod:`tp.fused` checks each new plan
+``validate``; and the fused symmetric-memory kernels (:mod:`tp.comm.fused` checks each new plan
 once instead).
 """
 from __future__ import annotations

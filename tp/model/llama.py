@@ -1,9 +1,9 @@
 """A Llama-style decoder (RMSNorm, RoPE, GQA attention, SwiGLU MLP) built from TP layers.
 
-Use it to run real Llama-architecture checkpoints (``tp.checkpoint``) or random weights of
+Use it to run real Llama-architecture checkpoints (``tp.model.checkpoint``) or random weights of
 real shapes (``LlamaConfig.preset("llama3-70b")``, for benchmarks) at any tensor-parallel size
 that divides the heads, the KV heads and the FFN width, with the row-parallel all-reduces
-compressed by a :class:`tp.layers.CommPolicy`. Parameter names equal Hugging Face's
+compressed by a :class:`tp.CommPolicy`. Parameter names equal Hugging Face's
 ``LlamaForCausalLM`` state-dict keys, so checkpoints load by name.
 
 Per decoder layer TP costs two all-reduces of [tokens, hidden] (after ``o_proj`` and
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..comm.policy import CommPolicy
 from .layers import (
     ColumnParallelLinear,
-    CommPolicy,
     RowParallelLinear,
     TPContext,
     VocabParallelEmbedding,
@@ -230,7 +230,8 @@ class Attention(nn.Module):
         self.k_proj = ColumnParallelLinear(h, cfg.num_key_value_heads * self.hd, ctx, b, name="k_proj", **kw)
         self.v_proj = ColumnParallelLinear(h, cfg.num_key_value_heads * self.hd, ctx, b, name="v_proj", **kw)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * self.hd, h, ctx, b,
-                                        site=f"model.layers.{i}.self_attn.o_proj", policy=policy, **kw)
+                                        site=f"model.layers.{i}.self_attn.o_proj", policy=policy,
+                                        num_layers=cfg.num_hidden_layers, **kw)
         self.i = i
 
     def forward(self, x, cos, sin, cache: Optional[KVCache]):
@@ -263,7 +264,8 @@ class MLP(nn.Module):
         h, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         self.gate_proj = ColumnParallelLinear(h, f, ctx, b, name="gate_proj", **kw)
         self.up_proj = ColumnParallelLinear(h, f, ctx, b, name="up_proj", **kw)
-        self.down_proj = RowParallelLinear(f, h, ctx, b, site=f"model.layers.{i}.mlp.down_proj", policy=policy, **kw)
+        self.down_proj = RowParallelLinear(f, h, ctx, b, site=f"model.layers.{i}.mlp.down_proj", policy=policy,
+                                           num_layers=cfg.num_hidden_layers, **kw)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -294,7 +296,7 @@ class TPLlama(nn.Module):
     """A Llama-architecture causal LM sharded over ``ctx`` (see the module docstring).
 
     Build it with zero weights, then fill them: :func:`init_random_` (benchmarks, tests) or
-    :func:`tp.checkpoint.load_model` (a Hugging Face checkpoint). ``forward(ids)`` returns the
+    :func:`tp.model.checkpoint.load_model` (a Hugging Face checkpoint). ``forward(ids)`` returns the
     logits [batch, tokens, vocab], identical on every rank.
     """
 
@@ -352,7 +354,7 @@ def load_full_state_(model: TPLlama, get, strict: bool = True) -> list[str]:
     """Fill ``model`` from full (unsharded) tensors: ``get(name, spec) -> tensor``.
 
     ``get`` returns the full checkpoint tensor when ``spec`` is None, else may return only
-    ``spec.take(full)`` (checkpoint readers slice on disk); see :class:`tp.layers.ShardSpec`.
+    ``spec.take(full)`` (checkpoint readers slice on disk); see :class:`tp.model.layers.ShardSpec`.
     Returns the names ``get`` had nothing for (raises instead when ``strict``).
     """
     missing = []

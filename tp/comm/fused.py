@@ -2,7 +2,7 @@
 
 Use it on CUDA for the all-reduce after row-parallel layers when the ranks of the TP group
 share peer-accessible memory (NVLink). It computes exactly what the NCCL-path algorithms of
-:mod:`tp.collectives` compute (bitwise equal to :func:`tp.emulate_all_reduce` with the same
+:mod:`tp.comm.collectives` compute (bitwise equal to :func:`tp.emulate_all_reduce` with the same
 algorithm), with no NCCL call and no intermediate copies: the wire buffers are written
 straight into (or read straight out of) the peers' symmetric buffers.
 
@@ -26,20 +26,20 @@ peer: set the peer's flag 0 -> 1 with a system-scope release CAS, wait for one's
 exists and the calls can be captured in a CUDA graph and replayed any number of times.
 Each barrier of a call uses its own channel of the pad.
 
-Fallbacks (:func:`plan` says which and why): fmt None or a message under ``threshold_bytes``
--> the plain ``dist.all_reduce`` (the emulator's ``threshold_bytes`` models the same);
+Fallbacks (:func:`plan` says which and why): fmt None or a message under ``min_bytes``
+-> the plain ``dist.all_reduce`` (the emulator's ``min_bytes`` models the same);
 formats the kernels do not lower (outliers, static, per-tensor scale ``+ts``), two_shot with
 rows not divisible by W, or a message larger than the symmetric buffer -> the NCCL-path
-compressed algorithm (:func:`tp.collectives.all_reduce` with the lowered codec): same bits,
+compressed algorithm (:func:`tp.comm.collectives.all_reduce` with the lowered codec): same bits,
 NCCL speed.
 
 Ranks that disagree (shape, dtype, format): the symmetric buffers are fixed-capacity, so a
 peer's different shape cannot overflow them or fault a transport, but its slot would decode as
-garbage, and the wire headers of :mod:`tp.wirecheck` are not carried here (checking them
+garbage, and the wire headers of :mod:`tp.comm.wirecheck` are not carried here (checking them
 would cost a kernel per peer or a host synchronisation per call). Instead the first call of
 each (shape, dtype, format) on a rank -- when its plan is made, outside CUDA-graph capture --
 spends one small all-gather checking that every rank makes the same call
-(``tp.collectives._validate_across_ranks``): ranks that disagree from their first such call
+(``tp.comm.collectives._validate_across_ranks``): ranks that disagree from their first such call
 all raise the same ValueError. Not caught: a disagreement where one rank repeats a call it
 made before while another makes a new one (the new one's check meets the other's fused
 kernels, and both wait: a hang, not a result); plans made during capture. Pass
@@ -81,8 +81,8 @@ from .collectives import check_tensor, resolve_format, rows_view
 
 __all__ = [
     "ALIGN",
-    "DEFAULT_FUSED_THRESHOLD_BYTES",
-    "EAGER_FUSED_THRESHOLD_BYTES",
+    "DEFAULT_FUSED_MIN_BYTES",
+    "EAGER_FUSED_MIN_BYTES",
     "FUSED_MAX_BYTES",
     "FusedAllReduce",
     "Plan",
@@ -90,7 +90,6 @@ __all__ = [
     "buffer_bytes",
     "default_algorithm",
     "plan",
-    "registered",
     "shutdown",
     "simulate",
     "unsupported_reason",
@@ -100,17 +99,17 @@ __all__ = [
 # benchmarks/results/allreduce_h200x2_*): the fused pull gather beat NCCL bf16 from 4 MiB inside a
 # CUDA graph, but only from 64 MiB in eager mode (4 Triton launches cost ~150 us of host time per
 # call), and never for uint4/b128/fp16+zp (its quantize kernel is ~2x slower) nor for mxfp8 above
-# 128 MiB. The auto policy (threshold_bytes=None) takes the plain all-reduce outside this window,
+# 128 MiB. The auto policy (min_bytes=None) takes the plain all-reduce outside this window,
 # so that a call is never slower than NCCL at the measured points. Other world sizes: unmeasured.
-DEFAULT_FUSED_THRESHOLD_BYTES = 4 << 20  # inside a CUDA graph
-EAGER_FUSED_THRESHOLD_BYTES = 64 << 20  # eager (host launch overhead)
+DEFAULT_FUSED_MIN_BYTES = 4 << 20  # inside a CUDA graph
+EAGER_FUSED_MIN_BYTES = 64 << 20  # eager (host launch overhead)
 FUSED_MAX_BYTES = {"fp8_e4m3/b32/e8m0": 128 << 20, "uint4/b128/fp16+zp": 0}
 
 
 def auto_window(fmt, capturing: bool) -> tuple[int, int | None]:
     """(min bytes, max bytes or None) of the fused path for ``fmt`` under the auto policy."""
     f = resolve_format(fmt)
-    lo = DEFAULT_FUSED_THRESHOLD_BYTES if capturing else EAGER_FUSED_THRESHOLD_BYTES
+    lo = DEFAULT_FUSED_MIN_BYTES if capturing else EAGER_FUSED_MIN_BYTES
     return lo, FUSED_MAX_BYTES.get(str(f)) if f is not None else None
 
 
@@ -141,29 +140,8 @@ def unsupported_reason(fmt: Format) -> str | None:
 def default_algorithm(world: int) -> str:
     """One-shot gather for W <= 3 (one quantisation, each rank reads W-1 peer buffers),
     two-shot for W >= 4 (each rank receives ~2 (W-1)/W of one buffer); the same choice as
-    :func:`tp.collectives.wire_algorithm`, whose NCCL-path result the fused one equals."""
+    :func:`tp.comm.collectives.wire_algorithm`, whose NCCL-path result the fused one equals."""
     return collectives.wire_algorithm("fused", world)
-
-
-# group name -> the FusedAllReduce that serves tp.all_reduce(..., algorithm="fused") there
-_REGISTRY: dict = {}
-
-
-def registered(group=None) -> "FusedAllReduce":
-    """The open :class:`FusedAllReduce` of ``group`` (the last one constructed for it).
-
-    Raises RuntimeError, saying what to do, when there is none: the symmetric buffer is a
-    collective allocation that must happen on every rank before the first call (and before
-    any CUDA-graph capture), so it is never created behind the caller's back.
-    """
-    g = group or dist.group.WORLD
-    ar = _REGISTRY.get(g.group_name)
-    if ar is None or ar.closed:
-        raise RuntimeError(
-            "algorithm='fused' on CUDA needs a tp.fused.FusedAllReduce for this process group: "
-            "create FusedAllReduce(group, max_tokens=..., hidden=..., fmts=[...]) on every rank "
-            "before the first call (and before CUDA-graph capture)")
-    return ar
 
 
 @dataclass(frozen=True)
@@ -171,7 +149,7 @@ class Plan:
     """What one call does, with byte offsets into the symmetric buffer.
 
     ``kind``: ``"fused"``, ``"plain"`` (dist.all_reduce) or ``"nccl"`` (the NCCL-path compressed
-    algorithm of tp.collectives, same result as fused); ``reason`` says why not fused.
+    algorithm of tp.comm.collectives, same result as fused); ``reason`` says why not fused.
     ``algorithm``/``mode``: gather (pull|push) or two_shot (push). ``rows``/``width``: x as
     [rows, width]; ``chunk_rows``: rows per chunk (two_shot) or rows; ``nbytes``: bytes of one
     wire buffer (of the whole x for gather, of one chunk for two_shot); ``slot``: nbytes
@@ -234,13 +212,13 @@ def buffer_bytes(max_tokens: int, hidden: int, fmts: Sequence, world: int, algor
     return _align(need)
 
 
-def plan(shape, dtype: torch.dtype, fmt, world: int, *, capacity: int, threshold_bytes: int = 0,
+def plan(shape, dtype: torch.dtype, fmt, world: int, *, capacity: int, min_bytes: int = 0,
          algorithm: str | None = None, mode: str = "pull", device_type: str = "cuda",
          max_bytes: int | None = None) -> Plan:
     """The plan of one all-reduce of a ``shape``/``dtype`` tensor (see :class:`Plan`).
 
     Raises ValueError/TypeError for what no all-reduce can carry (same checks as
-    tp.collectives.all_reduce); otherwise always returns a plan, falling back as the module
+    tp.comm.collectives.all_reduce); otherwise always returns a plan, falling back as the module
     docstring says.
     """
     fmt = resolve_format(fmt)
@@ -269,8 +247,8 @@ def plan(shape, dtype: torch.dtype, fmt, world: int, *, capacity: int, threshold
     fmt.layout((1, width))  # raises for a static format calibrated for another width
     if numel == 0:
         return other("plain", "empty tensor")
-    if numel * itemsize < threshold_bytes:
-        return other("plain", f"{numel * itemsize} bytes < threshold {threshold_bytes}")
+    if numel * itemsize < min_bytes:
+        return other("plain", f"{numel * itemsize} bytes < min_bytes {min_bytes}")
     if max_bytes is not None and numel * itemsize > max_bytes:
         return other("plain", f"{numel * itemsize} bytes > {max_bytes}: the fused path does not pay there")
     why = unsupported_reason(fmt)
@@ -401,7 +379,7 @@ class FusedAllReduce:
             (rendezvous is collective), before any CUDA-graph capture.
         max_tokens, hidden: the largest [tokens, hidden] message it will carry fused.
         fmts: the formats it must fit (the buffer is sized for the largest).
-        threshold_bytes: messages under this use the plain all-reduce; None (default): the
+        min_bytes: messages under this use the plain all-reduce; None (default): the
             measured auto policy (:func:`auto_window`: 4 MiB inside a CUDA graph, 64 MiB eager,
             per-format upper bounds).
         algorithm: "gather" / "two_shot" / None (:func:`default_algorithm`); mode: gather's
@@ -410,7 +388,7 @@ class FusedAllReduce:
     """
 
     def __init__(self, group=None, *, max_tokens: int, hidden: int, fmts: Sequence = ("mxfp8_e4m3",),
-                 threshold_bytes: int | None = None, algorithm: str | None = None,
+                 min_bytes: int | None = None, algorithm: str | None = None,
                  mode: str = "pull", device=None, nccl_codec=None):
         import torch.distributed._symmetric_memory as symm_mem
 
@@ -418,7 +396,7 @@ class FusedAllReduce:
         self.world = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         self.device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
-        self.threshold_bytes = None if threshold_bytes is None else int(threshold_bytes)
+        self.min_bytes = None if min_bytes is None else int(min_bytes)
         self.algorithm = algorithm or default_algorithm(self.world)
         self.mode = mode
         if nccl_codec is None:
@@ -453,23 +431,23 @@ class FusedAllReduce:
         dist.barrier(group=self.group)
         self.closed = False
         self._plans: dict = {}
-        _REGISTRY[group_name] = self  # serves tp.all_reduce(..., algorithm="fused") on this group
+        collectives.register_fused(group_name, self)  # serves tp.all_reduce(..., algorithm="fused")
 
     def plan(self, x: torch.Tensor, fmt) -> Plan:
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        key = (tuple(x.shape), x.dtype, str(fmt), self.algorithm, self.mode, x.device.type, self.threshold_bytes,
+        key = (tuple(x.shape), x.dtype, str(fmt), self.algorithm, self.mode, x.device.type, self.min_bytes,
                capturing)
         p = self._plans.get(key)
         if p is None:
             check_tensor(x, resolve_format(fmt))
             if self.world > 1 and not capturing:  # first sight of this call: do all ranks make it? (docstring)
                 collectives._validate_across_ranks(x, resolve_format(fmt), "all_reduce", "fused", self.group, self.world)
-            if self.threshold_bytes is None:
+            if self.min_bytes is None:
                 lo, hi = auto_window(fmt, capturing)
             else:
-                lo, hi = self.threshold_bytes, None
+                lo, hi = self.min_bytes, None
             p = self._plans[key] = plan(x.shape, x.dtype, fmt, self.world, capacity=self.capacity,
-                                        threshold_bytes=lo, max_bytes=hi, algorithm=self.algorithm,
+                                        min_bytes=lo, max_bytes=hi, algorithm=self.algorithm,
                                         mode=self.mode, device_type=x.device.type)
         return p
 
@@ -479,7 +457,7 @@ class FusedAllReduce:
 
     def __call__(self, x: torch.Tensor, fmt=None, *, inplace: bool = False) -> torch.Tensor:
         """Sum of ``x`` over the group, compressed with ``fmt``: bitwise identical on all ranks and
-        equal to ``tp.emulate_all_reduce(shards, fmt, self.algorithm, threshold_bytes)``.
+        equal to ``tp.emulate_all_reduce(shards, fmt, self.algorithm, min_bytes)``.
 
         ``inplace=True`` lets the plain fallback reduce a contiguous ``x`` in place and return it
         (no copy: what a row-parallel layer's temporary partial sum allows); the fused path is
@@ -506,8 +484,7 @@ class FusedAllReduce:
         if self.closed:
             return
         torch.cuda.synchronize(self.device)
-        if _REGISTRY.get(self.group.group_name) is self:
-            del _REGISTRY[self.group.group_name]
+        collectives.unregister_fused(self.group.group_name, self)
         self._bufs = self._ptrs = self._pads = None
         self._handle = None
         self._buf = None

@@ -7,7 +7,7 @@ import torch
 import qformats
 import tp
 from tests.tp.multirank import run_ranks
-from tp.calibrate import Calibration, Calibrator, calibrate
+from tp.model.calibrate import Calibration, Calibrator, calibrate
 
 
 def test_ema_of_per_feature_absmax():
@@ -160,9 +160,9 @@ def test_model_calibration_finds_planted_outliers():
     # the calibrated formats plug into the policy; logits move less than with plain int4 rows
     with torch.no_grad():
         ref = m(BATCHES[0])
-        m.set_policy(cal.policy(threshold_bytes=0))
+        m.set_policy(cal.policy(min_bytes=0))
         err_cal = (m(BATCHES[0]) - ref).abs().max()
-        m.set_policy(tp.CommPolicy("int4/row/fp32", threshold_bytes=0))
+        m.set_policy(tp.CommPolicy("int4/row/fp32", min_bytes=0))
         err_row = (m(BATCHES[0]) - ref).abs().max()
     assert 0 < err_cal < err_row
 

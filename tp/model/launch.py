@@ -37,25 +37,28 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .collectives import ALGORITHMS, DEFAULT_THRESHOLD_BYTES
-from .layers import CommPolicy, TPContext
-from .model import PRESET_CONFIGS, LlamaConfig, TPLlama, generate, init_random_
+from ..comm.collectives import ALGORITHMS, DEFAULT_MIN_BYTES
+from ..comm.policy import CommPolicy
+from .layers import TPContext
+from .llama import PRESET_CONFIGS, LlamaConfig, TPLlama, generate, init_random_
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tp", description="Tensor-parallel generation with compressed all-reduce.",
-                                epilog="Run under torchrun for N ranks; see `python -c 'import tp.launch; help(tp.launch)'`.")
+                                epilog="Run under torchrun for N ranks; see `python -c 'import tp.model.launch; help(tp.model.launch)'`.")
     p.add_argument("--model", required=True,
                    help=f"checkpoint directory or .gguf file, or a random-weight preset: {', '.join(PRESET_CONFIGS)}")
     p.add_argument("--prompt", default="The quick brown fox")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's)")
     p.add_argument("--fmt", default=None, help="communication format: preset or spec string (default: none)")
     p.add_argument("--algorithm", default="gather", choices=ALGORITHMS)
-    p.add_argument("--threshold-bytes", type=int, default=DEFAULT_THRESHOLD_BYTES,
+    p.add_argument("--min-bytes", type=int, default=DEFAULT_MIN_BYTES,
                    help="all-reduces smaller than this stay uncompressed")
-    p.add_argument("--calibration", default=None, help="JSON from tp.calibrate: static outlier formats per layer")
+    p.add_argument("--policy", default=None, metavar="FILE",
+                   help="a CommPolicy JSON file (tp.CommPolicy.to_file); replaces --fmt/--algorithm/--min-bytes")
+    p.add_argument("--calibration", default=None, help="JSON from tp.model.calibrate: static outlier formats per layer")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -103,7 +106,7 @@ def _run(args, use_cuda: bool) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if use_cuda else torch.float32)
     ctx = TPContext.emulated(args.emulate) if args.emulate else TPContext.from_group()
-    policy = CommPolicy(args.fmt, args.algorithm, args.threshold_bytes)
+    policy = CommPolicy.from_file(args.policy) if args.policy else CommPolicy(args.fmt, args.algorithm, args.min_bytes)
     if args.calibration:
         from .calibrate import Calibration
 
@@ -127,10 +130,10 @@ def _run(args, use_cuda: bool) -> int:
         ids = torch.tensor([[b % cfg.vocab_size for b in args.prompt.encode()]], device=device)
         eos = None
     fused = None
-    if args.algorithm == "fused" and use_cuda and ctx.sharded and args.fmt:
-        from .fused import FusedAllReduce  # collective allocation: every rank, before the first forward
+    if policy.algorithm == "fused" and use_cuda and ctx.sharded and policy.formats():
+        from ..comm.fused import FusedAllReduce  # collective allocation: every rank, before the first forward
 
-        fused = FusedAllReduce(ctx.group, max_tokens=ids.numel(), hidden=cfg.hidden_size, fmts=[args.fmt])
+        fused = FusedAllReduce(ctx.group, max_tokens=ids.numel(), hidden=cfg.hidden_size, fmts=policy.formats())
     try:
         return _generate(args, ctx, policy, model, cfg, source, tok, ids, eos, device, dtype, use_cuda)
     finally:
@@ -153,7 +156,7 @@ def _generate(args, ctx, policy, model, cfg, source, tok, ids, eos, device, dtyp
         print(f"model: {args.model} ({source}), {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}")
         print(f"tensor parallel: TP={ctx.world_size} ({backend}), dtype {str(dtype).replace('torch.', '')}, "
               f"device {device.type}")
-        print(f"communication: {policy.describe()}")
+        print(f"communication: {policy}")
         print(f"prompt tokens: {ids.shape[1]}")
         print(f"time to first token: {ttft * 1e3:.2f} ms")
         if len(new) > 1:

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import tp
 from tests.tp.multirank import run_ranks
-from tp.layers import ShardSpec, gather_last_dim
+from tp.model.layers import ShardSpec, gather_last_dim
 
 
 def _full(seed, *shape):
@@ -84,11 +84,12 @@ def test_single_process_layers_do_not_quantise():
 
 
 def test_policy_resolution():
-    p = tp.CommPolicy("mxfp4", sites={"*.mlp.down_proj": "int4_b32", "model.layers.0.mlp.down_proj": None})
+    p = tp.CommPolicy("mxfp4", rules=(tp.Rule(None, modules=("model.layers.0.mlp.down_proj",)),
+                                      tp.Rule("int4_b32", modules=("*.mlp.down_proj",))))
     assert str(p.format_for("model.layers.3.self_attn.o_proj")) == "fp4_e2m1/b32/e8m0"
     assert str(p.format_for("model.layers.3.mlp.down_proj")) == "int4/b32/e8m0"
     assert p.format_for("model.layers.0.mlp.down_proj") is None
-    assert p.threshold_bytes == tp.DEFAULT_THRESHOLD_BYTES
+    assert p.min_bytes == tp.DEFAULT_MIN_BYTES
     with pytest.raises(ValueError, match="unknown algorithm"):
         tp.CommPolicy("mxfp4", "ring")
     with pytest.raises(ValueError, match="unsupported communication format"):

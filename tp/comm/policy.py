@@ -1,0 +1,366 @@
+"""The one communication policy: which collective gets which format.
+
+Every part of ``tp`` asks the same frozen :class:`CommPolicy`: the TP layers (``tp.model``),
+the ``tp.compile`` rewrite pass, the Hugging Face emulation (``tp.hf``) and the eval. A policy
+is a default format, an algorithm and a size floor, plus ordered :class:`Rule` overrides that
+select call sites (:class:`Site`) by module glob, layer range and site kind; the first rule
+that matches decides. It round-trips through JSON (:meth:`CommPolicy.to_file`,
+:meth:`CommPolicy.from_file`, :meth:`CommPolicy.from_string`), so an eval or a tuner can write
+one and ``tp.compile`` or the launcher read it back. Deciding costs a scan of the rules.
+
+The older spellings build the same value: :func:`CollectivePolicy` (``tp.compile``'s
+``skip_first``/``skip_last``/``modules``) and ``tp.hf.Policy`` (``sites="attn"``,
+``layer_formats``).
+"""
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from qformats import Format
+
+from .collectives import DEFAULT_MIN_BYTES, check_algorithm, resolve_format
+
+__all__ = ["ATTN_OUTPUTS", "MLP_OUTPUTS", "SITE_KINDS", "CollectivePolicy", "CommPolicy", "Rule", "Site", "skip_ends"]
+
+SITE_KINDS = ("attn", "mlp")
+_FILE_KIND = "qformats-tp-policy"
+_VERSION = 1
+
+# What the row-parallel projections (the all-reduce sites) are called inside one decoder layer
+# of the model families we know; tp.hf finds them by these names, Site.of infers a kind from them.
+ATTN_OUTPUTS = (
+    "self_attn.o_proj",  # Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, OLMo, Granite, ...
+    "attn.c_proj",  # GPT-2, StarCoder (GPTBigCode)
+    "attention.dense",  # GPT-NeoX / Pythia
+    "self_attention.dense",  # Falcon, Bloom
+    "self_attn.dense",  # Phi-1/1.5/2
+    "attn.out_proj",  # GPT-J
+    "self_attn.out_proj",  # OPT
+    "attn.o_proj",
+    "attention.o_proj",
+)
+MLP_OUTPUTS = (
+    "mlp.down_proj",  # Llama family, Qwen, Gemma, Phi-3, OLMo
+    "mlp.c_proj",  # GPT-2, StarCoder
+    "mlp.dense_4h_to_h",  # GPT-NeoX, Falcon, Bloom
+    "mlp.fc2",  # Phi-1/1.5/2
+    "mlp.fc_out",  # GPT-J
+    "fc2",  # OPT
+    "feed_forward.w2",
+)
+
+
+def _kind_of(module: str) -> Optional[str]:
+    for kind, names in (("attn", ATTN_OUTPUTS), ("mlp", MLP_OUTPUTS)):
+        if any(module == n or module.endswith("." + n) for n in names):
+            return kind
+    return None
+
+
+def _layer_of(module: str) -> Optional[int]:
+    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", module)
+    return int(m[1]) if m else None
+
+
+@dataclass(frozen=True)
+class Site:
+    """One collective call site, as a policy sees it.
+
+    ``module``: the dotted path of the module that issues it (``"model.layers.3.mlp.down_proj"``;
+    ``""`` when unknown). ``layer``: its decoder-layer index, of ``num_layers`` (None when
+    unknown: layer rules do not match then). ``kind``: ``"attn"`` (attention output), ``"mlp"``
+    (MLP output) or None. ``op``: ``"all_reduce"`` or ``"all_gather"``. ``producer``: the
+    module that computed the collective's input where it may differ from ``module`` (compiled
+    graphs: ``all_reduce(self.down_proj(h))`` written in the block's forward); module globs
+    match either.
+    """
+
+    module: str = ""
+    layer: Optional[int] = None
+    num_layers: Optional[int] = None
+    kind: Optional[str] = None
+    op: str = "all_reduce"
+    producer: Optional[str] = None
+
+    def __post_init__(self):
+        if self.kind is not None and self.kind not in SITE_KINDS:
+            raise ValueError(f"unknown site kind {self.kind!r}; valid: {', '.join(SITE_KINDS)}")
+
+    def __str__(self) -> str:
+        return f"{self.op} at {self.module or 'an unknown module'}"
+
+    @staticmethod
+    def of(module: str, num_layers: Optional[int] = None, op: str = "all_reduce") -> "Site":
+        """The site of a module path: the layer is its first integer component, the kind is read
+        off its last names (:data:`ATTN_OUTPUTS`, :data:`MLP_OUTPUTS`)."""
+        return Site(module, _layer_of(module), num_layers, _kind_of(module), op)
+
+
+def _pair(layers) -> Optional[tuple]:
+    if layers is None:
+        return None
+    try:
+        start, stop = layers
+    except (TypeError, ValueError):
+        raise ValueError(f"layers must be (start, stop) or None, got {layers!r}") from None
+    if not isinstance(start, int) or not (stop is None or isinstance(stop, int)):
+        raise ValueError(f"layers (start, stop) must be integers (stop may be None: the end), got {layers!r}")
+    return start, stop
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Collectives at sites that match every given selector use ``fmt`` (None: the plain one).
+
+    ``modules``: glob patterns on :attr:`Site.module`, any one matches (``()``: every module).
+    ``layers``: ``(start, stop)``, the layers ``start <= layer < stop``; negatives count from the
+    end and ``stop=None`` is the end (None: every layer). ``kind``: ``"attn"`` or ``"mlp"``
+    (None: both). ``label``: why, for reports (``"first/last skipped"``).
+    """
+
+    fmt: Optional[Format] = None
+    modules: tuple = ()
+    layers: Optional[tuple] = None
+    kind: Optional[str] = None
+    label: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "fmt", resolve_format(self.fmt))
+        if isinstance(self.modules, str):
+            raise TypeError(f"modules must be a tuple of glob patterns, got the string {self.modules!r}")
+        object.__setattr__(self, "modules", tuple(self.modules))
+        object.__setattr__(self, "layers", _pair(self.layers))
+        if self.kind is not None and self.kind not in SITE_KINDS:
+            raise ValueError(f"unknown site kind {self.kind!r}; valid: {', '.join(SITE_KINDS)}")
+
+    def layer_range(self, num_layers: int) -> range:
+        """The layers this rule's ``layers`` select in a model of ``num_layers`` (clamped)."""
+        start, stop = self.layers
+        start = start + num_layers if start < 0 else start
+        stop = num_layers if stop is None else (stop + num_layers if stop < 0 else stop)
+        return range(max(0, start), min(num_layers, stop))
+
+    def matches(self, site: Site) -> bool:
+        if self.kind is not None and site.kind != self.kind:
+            return False
+        if self.modules and not any(fnmatch.fnmatchcase(m, p) for p in self.modules
+                                    for m in (site.module, site.producer) if m is not None):
+            return False
+        if self.layers is not None:
+            if site.layer is None or site.num_layers is None:
+                return False
+            return site.layer in self.layer_range(site.num_layers)
+        return True
+
+    def to_dict(self) -> dict:
+        return {"fmt": _fmt_str(self.fmt), "modules": list(self.modules),
+                "layers": list(self.layers) if self.layers is not None else None,
+                "kind": self.kind, "label": self.label}
+
+
+def _fmt_str(f) -> Optional[str]:
+    return None if f is None else str(f)
+
+
+def skip_ends(first: int = 0, last: int = 0) -> tuple:
+    """Rules that leave the first ``first`` and the last ``last`` layers uncompressed (the ends of
+    the network are the most sensitive to quantisation error)."""
+    for name, v in (("skip_first", first), ("skip_last", last)):
+        if not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    rules = []
+    if first:
+        rules.append(Rule(None, layers=(0, first), label="first/last skipped"))
+    if last:
+        rules.append(Rule(None, layers=(-last, None), label="first/last skipped"))
+    return tuple(rules)
+
+
+@dataclass(frozen=True)
+class CommPolicy:
+    """Which collective gets which format; one frozen value (hashable, printable, JSON).
+
+    Args:
+        fmt: the default format (a Format, a preset name, a canonical string) or None (plain).
+        algorithm: ``"gather"``, ``"two_shot"`` or ``"fused"`` (:data:`tp.ALGORITHMS`).
+        min_bytes: messages smaller than this stay plain: a compressed collective's fixed costs
+            (encode/decode launches, a second round trip for two_shot) outweigh the bytes saved
+            on small decode-step messages.
+        rules: :class:`Rule` overrides, in order; the first that matches a site decides.
+        second_fmt: two_shot's second hop (the reduced sum); None, the default, is the first
+            hop's format. Another format is not implemented yet: it raises NotImplementedError.
+        all_gather: the compile pass also compresses all-gathers (the layers never do).
+        choose: ``choose(site) -> format or None`` decides alone, for what rules cannot say
+            (compile pass only; it has no JSON form and is not compared).
+
+    Decisions, in order: ``choose``; all-gathers stay plain unless ``all_gather``; messages
+    under ``min_bytes`` stay plain; the first matching rule's format; ``fmt``.
+    """
+
+    fmt: Optional[Format] = None
+    algorithm: str = "gather"
+    min_bytes: int = DEFAULT_MIN_BYTES
+    rules: tuple = ()
+    second_fmt: Optional[Format] = None
+    all_gather: bool = False
+    choose: Optional[Callable[[Site], object]] = field(default=None, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "fmt", resolve_format(self.fmt))
+        check_algorithm(self.algorithm)
+        if not isinstance(self.min_bytes, int) or self.min_bytes < 0:
+            raise ValueError(f"min_bytes must be an int >= 0, got {self.min_bytes!r}")
+        rules = tuple(self.rules)
+        for r in rules:
+            if not isinstance(r, Rule):
+                raise TypeError(f"rules must be tp.Rule values, got {type(r).__name__}")
+        object.__setattr__(self, "rules", rules)
+        if resolve_format(self.second_fmt) is not None:
+            raise NotImplementedError("a second-hop format for two_shot is not implemented yet: leave second_fmt=None "
+                                      "(the reduced sum travels in the first hop's format)")
+        if self.choose is not None and not callable(self.choose):
+            raise TypeError(f"choose must be callable (Site -> format or None), got {type(self.choose).__name__}")
+
+    # -- deciding ------------------------------------------------------------------------------
+    def decide(self, site, nbytes: Optional[int] = None) -> tuple:
+        """``(format, "")`` where ``site`` is compressed, ``(None, why)`` where it stays plain.
+
+        ``site``: a :class:`Site` or a module path; ``nbytes``: the message size when known
+        (else the size floor is left to the collective, which gets ``min_bytes``)."""
+        if isinstance(site, str):
+            site = Site.of(site)
+        if self.choose is not None:
+            try:
+                f = resolve_format(self.choose(site))
+            except ValueError as e:
+                raise ValueError(f"policy.choose returned an unusable format for {site}: {e}") from None
+            return (f, "") if f is not None else (None, "policy.choose")
+        if site.op == "all_gather" and not self.all_gather:
+            return None, "all_gather off"
+        if nbytes is not None and nbytes < self.min_bytes:
+            return None, f"< {self.min_bytes} B"
+        for r in self.rules:
+            if r.matches(site):
+                return (r.fmt, "") if r.fmt is not None else (None, r.label or "rule")
+        return (self.fmt, "") if self.fmt is not None else (None, "no format")
+
+    def format_for(self, site) -> Optional[Format]:
+        """The format of the collective at ``site`` (a :class:`Site` or module path); None: plain."""
+        return self.decide(site)[0]
+
+    @property
+    def reads_modules(self) -> bool:
+        """Whether decisions can depend on module paths: in a compiled graph those are node
+        metadata that inductor's cache key lacks (module globs, and the layers and kinds read
+        off the paths), so ``tp.compile`` keys its cache on them then."""
+        return self.choose is not None or any(r.modules or r.layers is not None or r.kind for r in self.rules)
+
+    def formats(self) -> tuple:
+        """Every format this policy can choose (the default's and the rules'), each once."""
+        return tuple(dict.fromkeys(f for f in (self.fmt, *(r.fmt for r in self.rules)) if f is not None))
+
+    def check_layers(self, num_layers: int) -> None:
+        """Raise ValueError for a layer rule that selects no layer of a ``num_layers``-layer model."""
+        for r in self.rules:
+            if r.layers is not None and not r.layer_range(num_layers):
+                raise ValueError(f"rule {r.label or r.layers}: layers {r.layers} out of range for a "
+                                 f"{num_layers}-layer model")
+
+    # -- building ------------------------------------------------------------------------------
+    def with_calibration(self, calibration) -> "CommPolicy":
+        """This policy with every calibrated site using its static outlier format (``tp.calibrate``).
+
+        The calibration replaces the default format at its sites: its rules go after the existing
+        ones, so skip and kind rules still apply."""
+        extra = tuple(Rule(calibration.format(s), modules=(s,), label="calibrated") for s in calibration.sites)
+        return CommPolicy(self.fmt, self.algorithm, self.min_bytes, self.rules + extra, self.second_fmt,
+                          self.all_gather, self.choose)
+
+    def replace(self, **changes) -> "CommPolicy":
+        """A copy with ``changes`` (field name -> value), validated like a new policy."""
+        d = {f: getattr(self, f) for f in ("fmt", "algorithm", "min_bytes", "rules", "second_fmt", "all_gather", "choose")}
+        d.update(changes)
+        return CommPolicy(**d)
+
+    # -- JSON ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """The policy as JSON-ready data (formats as canonical strings)."""
+        if self.choose is not None:
+            raise ValueError("a policy with choose= has no JSON form (a callable cannot be written)")
+        return {"kind": _FILE_KIND, "version": _VERSION, "fmt": _fmt_str(self.fmt), "algorithm": self.algorithm,
+                "min_bytes": self.min_bytes, "second_fmt": _fmt_str(self.second_fmt), "all_gather": self.all_gather,
+                "rules": [r.to_dict() for r in self.rules]}
+
+    @staticmethod
+    def from_dict(d: dict) -> "CommPolicy":
+        if not isinstance(d, dict) or d.get("kind") != _FILE_KIND or d.get("version") != _VERSION:
+            got = (d.get("kind"), d.get("version")) if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"not a {_FILE_KIND} v{_VERSION} document (got {got})")
+        known = {"kind", "version", "fmt", "algorithm", "min_bytes", "second_fmt", "all_gather", "rules"}
+        extra = set(d) - known
+        if extra:
+            raise ValueError(f"unknown policy fields {sorted(extra)}; valid: {sorted(known)}")
+        rules = []
+        for i, r in enumerate(d.get("rules", [])):
+            bad = set(r) - {"fmt", "modules", "layers", "kind", "label"}
+            if bad:
+                raise ValueError(f"rule {i}: unknown fields {sorted(bad)}")
+            rules.append(Rule(r.get("fmt"), tuple(r.get("modules", ())), r.get("layers"), r.get("kind"),
+                              r.get("label", "")))
+        return CommPolicy(d.get("fmt"), d.get("algorithm", "gather"), d.get("min_bytes", DEFAULT_MIN_BYTES),
+                          tuple(rules), d.get("second_fmt"), bool(d.get("all_gather", False)))
+
+    def to_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @staticmethod
+    def from_string(text: str) -> "CommPolicy":
+        """Parse :meth:`to_string`'s JSON."""
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"a policy is a JSON document ({e})") from None
+        return CommPolicy.from_dict(d)
+
+    def to_file(self, path) -> None:
+        with open(path, "w") as f:
+            f.write(self.to_string() + "\n")
+
+    @staticmethod
+    def from_file(path) -> "CommPolicy":
+        with open(path) as f:
+            return CommPolicy.from_string(f.read())
+
+    def fingerprint(self) -> Optional[str]:
+        """A stable string of everything that decides; None if ``choose`` has no source."""
+        chooser = ""
+        if self.choose is not None:
+            try:
+                chooser = getattr(self.choose, "__qualname__", "") + inspect.getsource(self.choose)
+            except (OSError, TypeError):
+                return None  # a lambda typed at a prompt, a C function: no stable identity
+        return repr((self.replace(choose=None).to_dict(), chooser))
+
+    def __str__(self) -> str:
+        parts = [f"fmt={self.fmt}", f"algorithm={self.algorithm}", f"min_bytes={self.min_bytes}"]
+        if self.rules:
+            parts.append(f"{len(self.rules)} rules")
+        return ", ".join(parts)
+
+
+def CollectivePolicy(fmt=None, algorithm: str = "gather", min_bytes: int = DEFAULT_MIN_BYTES, skip_first: int = 0,
+                     skip_last: int = 0, modules: tuple = (), all_gather: bool = False, choose=None) -> CommPolicy:
+    """``tp.compile``'s spelling of a :class:`CommPolicy`: ``fmt`` for the call sites whose module
+    matches one of ``modules`` (every site when empty), except the first ``skip_first`` and last
+    ``skip_last`` layers (in a compiled graph: positions, see :mod:`tp.comm.passes`)."""
+    if isinstance(modules, str):
+        raise TypeError(f"modules must be a tuple of glob patterns, got the string {modules!r}")
+    rules = skip_ends(skip_first, skip_last)
+    if modules:
+        rules += (Rule(fmt, modules=tuple(modules)), Rule(None, label="module not selected"))
+    return CommPolicy(fmt, algorithm, min_bytes, rules, None, all_gather, choose)

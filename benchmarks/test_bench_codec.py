@@ -28,6 +28,7 @@ if not torch.cuda.is_available():  # before the kernels are defined: run them in
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import lowering  # noqa: F401  (registers torch.ops.qformats)
+import qformats
 from lowering import ops
 
 CUDA = torch.cuda.is_available()
@@ -76,7 +77,7 @@ def test_copy(benchmark, mib):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_quantize(benchmark, fmt, mib):
     x = _input(mib)
-    nbytes = lowering.ops._format(fmt).nbytes(x.shape)
+    nbytes = qformats.need_format(fmt).nbytes(x.shape)
     _info(benchmark, case="quantize", impl="triton", fmt=fmt, mib=mib,
           bytes=x.numel() * 2 + nbytes, path=ops.path(fmt, x.device))
     buf = _run(benchmark, lambda: torch.ops.qformats.quantize(x, fmt), _rounds(mib))

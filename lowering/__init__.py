@@ -1,12 +1,17 @@
 """lowering: qformats Formats turned into Triton kernels and torch.library custom ops.
 
 Importing this package registers ``torch.ops.qformats.{quantize, dequantize, dequant_sum,
-dequant_sum_requant}`` (see :mod:`lowering.ops`). :mod:`lowering.constants` is the one place
-a Format becomes kernel constants; :mod:`lowering.kernels` holds the generic kernels;
-:mod:`lowering.tuning` their launch configurations.
+dequant_sum_requant}`` (see :mod:`lowering.ops`). :mod:`lowering.codec` is the codec seam of the
+collectives (the protocol and the reference codec) beside its fast implementations
+(:class:`LoweredCodec` in :mod:`lowering.ops`, ``TorchCodec`` in :mod:`lowering.torch_codec`).
+:mod:`lowering.constants` is the one place a Format becomes kernel constants;
+:mod:`lowering.kernels` holds the generic kernels; :mod:`lowering.tuning` their launch
+configurations.
 """
 from . import ops  # noqa: F401  (registers the custom ops)
+from .codec import Codec, ReferenceCodec
 from .constants import KernelConstants, Unsupported, lower, unsupported_reason
 from .ops import LoweredCodec, path
 
-__all__ = ["KernelConstants", "LoweredCodec", "Unsupported", "lower", "path", "unsupported_reason"]
+__all__ = ["Codec", "KernelConstants", "LoweredCodec", "ReferenceCodec", "Unsupported", "lower", "path",
+           "unsupported_reason"]

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from qformats import Format, as_format
-from qformats.codec import SCALE_NAN_BITS
 from qformats.packing import group_size
-from qformats.spec import SCALE_BYTES, scale_element
+from qformats.spec import SCALES, scale_element, scale_type
 
 # Element kinds, float policies and scale kinds as kernel integers.
 KIND_FLOAT, KIND_INT, KIND_UINT = 0, 1, 2
@@ -45,7 +44,7 @@ _SCALES = {"e8m0": SCALE_E8M0, "fp32": SCALE_FP32, "bf16": SCALE_BF16, "fp16": S
 
 
 # NaN code of each stored scale type for a NaN/Inf block: the reference's canonical patterns.
-_SCALE_NAN = {_SCALES[k]: v for k, v in SCALE_NAN_BITS.items()}
+_SCALE_NAN = {_SCALES[k]: st.nan_bits for k, st in SCALES.items() if k in _SCALES}
 
 
 def _scale_nan(kind: int) -> int:
@@ -60,15 +59,6 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _max_mag_code(el) -> int:
-    """Largest finite magnitude code of a float element (codes grow with magnitude)."""
-    if el.policy == "fin":
-        return (1 << (el.bits - 1)) - 1
-    if el.policy == "fn":
-        return (1 << (el.bits - 1)) - 2
-    return (((1 << el.ebits) - 1) << el.mbits) - 1  # ieee: top exponent field is Inf/NaN
-
-
 @dataclass(frozen=True)
 class KernelConstants:
     """Every constexpr the generic quantize/dequantize kernels take, derived from one Format.
@@ -78,7 +68,7 @@ class KernelConstants:
     of int/uint elements) and ``GSCALE`` = 2^-GE, ``MAXMAG`` (largest finite magnitude code, or max integer code),
     ``SAT`` (a power of two above max normal: inputs are clamped to it before rounding),
     ``MAXN`` (max normal, an exact fp32). Scale: ``SCALE`` kind, ``SB`` bytes per scale,
-    ``ZP``, ``TS`` (per-tensor fp32 scale), ``MAXN_TS`` (fp32(max_normal * 448)), the scale
+    ``ZP``, ``TS`` (per-tensor fp32 scale), ``MAXN_TS`` (fp32(max_normal * e4m3's max normal)), the scale
     type's own grid ``S_*`` (absmax scales are rounded onto it), ``SNAN`` (its NaN code),
     ``S_INV_STEP_HI * S_INV_STEP_LO`` = 1 / the grid's smallest step (fp32: 2^149), as two exact
     fp32 powers of two (block maxima whose quotient is below 2^-126 are scaled by both).
@@ -187,7 +177,7 @@ def _lower(fmt_str: str, width: int, cuda: bool) -> KernelConstants:
     e = f.elem
     bs = f.block_for(width)
     if e.kind == "float":
-        maxmag = _max_mag_code(e)
+        maxmag = e.max_mag_code
         sat = math.ldexp(1.0, e.emax + 2)
     else:
         maxmag = e.max_code
@@ -195,7 +185,7 @@ def _lower(fmt_str: str, width: int, cuda: bool) -> KernelConstants:
     s_el = scale_element(f.scale)
     if s_el is not None:
         s = dict(S_EBITS=s_el.ebits, S_MBITS=s_el.mbits, S_BIAS=s_el.bias, S_EMIN=s_el.emin,
-                 S_POLICY=_POLICIES[s_el.policy], S_MAXMAG=_max_mag_code(s_el))
+                 S_POLICY=_POLICIES[s_el.policy], S_MAXMAG=s_el.max_mag_code)
     else:
         s = dict(S_EBITS=0, S_MBITS=0, S_BIAS=0, S_EMIN=0, S_POLICY=0, S_MAXMAG=0)
     if f.scale in ("e8m0", "static"):
@@ -207,8 +197,8 @@ def _lower(fmt_str: str, width: int, cuda: bool) -> KernelConstants:
     maxn32 = np.float32(e.max_normal)
     if float(maxn32) != e.max_normal:
         raise Unsupported(f"{f}: max normal {e.max_normal} is not an fp32 value")
-    # The reference computes maxn * 448 as an fp32 product of fp32 values; do the same here.
-    maxn_ts = float(maxn32 * np.float32(448.0)) if f.tensor_scale else 0.0
+    # The reference computes max_normal * e4m3's max normal as an fp32 product of fp32 values.
+    maxn_ts = float(maxn32 * np.float32(scale_element("e4m3").max_normal)) if f.tensor_scale else 0.0
     g = group_size(e.bits)
     gb = g * e.bits // 8
     fp8 = _FP8.get((e.ebits, e.mbits, e.policy)) if e.kind == "float" else None
@@ -223,7 +213,7 @@ def _lower(fmt_str: str, width: int, cuda: bool) -> KernelConstants:
         KIND=_KINDS[e.kind], BITS=e.bits, EBITS=e.ebits, MBITS=e.mbits, BIAS=e.bias, EMIN=e.emin,
         EMAX=e.emax, POLICY=_POLICIES[e.policy] if e.kind == "float" else 0, GE=e.grid_exponent, GSCALE=math.ldexp(1.0, -e.grid_exponent),
         MAXMAG=maxmag, SAT=sat, MAXN=float(maxn32),
-        SCALE=_SCALES[f.scale], SB=SCALE_BYTES[f.scale], ZP=f.zero_point, TS=f.tensor_scale,
+        SCALE=_SCALES[f.scale], SB=scale_type(f.scale).nbytes, ZP=f.zero_point, TS=f.tensor_scale,
         MAXN_TS=maxn_ts, SNAN=_scale_nan(_SCALES[f.scale]), **s,
         BS=bs, BP2=_next_pow2(bs), G=g, GB=gb, GBP2=_next_pow2(gb), WORD64=gb * 8 > 31,
         EVEN=(width % bs == 0 and bs == _next_pow2(bs)), GPU=bool(cuda), DECODE=decode,

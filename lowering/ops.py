@@ -44,7 +44,7 @@ import torch
 
 import qformats
 from qformats.codec import check_input
-from qformats import Format, QTensor
+from qformats import Format, QTensor, need_format
 from qformats.codec import SUPPORTED_DTYPES, saturating_cast
 
 from . import kernels
@@ -59,13 +59,6 @@ __all__ = [
 # ------------------------------------------------------------------------------------------
 # validation (same messages on every path)
 # ------------------------------------------------------------------------------------------
-def _format(fmt: str) -> Format:
-    f = qformats.as_format(fmt)
-    if f is None:
-        raise ValueError(f"a quantisation format is required, got {fmt!r}")
-    return f
-
-
 def _check_dtype(dtype: torch.dtype) -> None:
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"cannot decode to {dtype}: use one of float32, bfloat16, float16")
@@ -109,39 +102,39 @@ def _rows_width(shape: Sequence[int]) -> Tuple[int, int]:
 # ------------------------------------------------------------------------------------------
 # references: compositions of qformats calls (oracle and fallback)
 # ------------------------------------------------------------------------------------------
-def reference_quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    f = _format(fmt)
+def reference_quantize(x: torch.Tensor, fmt) -> torch.Tensor:
+    f = need_format(fmt)
     return qformats.encode(x, f).data
 
 
-def reference_dequantize(buf: torch.Tensor, fmt: str, shape: List[int], dtype: torch.dtype) -> torch.Tensor:
-    f = _format(fmt)
+def reference_dequantize(buf: torch.Tensor, fmt, shape: List[int], dtype: torch.dtype) -> torch.Tensor:
+    f = need_format(fmt)
     return qformats.decode(QTensor.from_buffer(buf, f, shape, dtype), dtype)
 
 
 def _ref_sum(bufs: torch.Tensor, f: Format, shape: List[int]) -> torch.Tensor:
-    acc = reference_dequantize(bufs[0], str(f), shape, torch.float32)
+    acc = reference_dequantize(bufs[0], f, shape, torch.float32)
     for i in range(1, bufs.shape[0]):
-        acc = acc + reference_dequantize(bufs[i], str(f), shape, torch.float32)
+        acc = acc + reference_dequantize(bufs[i], f, shape, torch.float32)
     return acc
 
 
-def reference_dequant_sum(bufs: torch.Tensor, fmt: str, shape: List[int], dtype: torch.dtype,
+def reference_dequant_sum(bufs: torch.Tensor, fmt, shape: List[int], dtype: torch.dtype,
                           residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    f = _format(fmt)
+    f = need_format(fmt)
     acc = _ref_sum(bufs, f, shape)
     if residual is not None:
         acc = acc + residual.to(torch.float32)
     return saturating_cast(acc, dtype)
 
 
-def reference_dequant_sum_requant(bufs: torch.Tensor, fmt: str, shape: List[int],
+def reference_dequant_sum_requant(bufs: torch.Tensor, fmt, shape: List[int],
                                   dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    f = _format(fmt)
-    buf = reference_quantize(_ref_sum(bufs, f, shape), str(f))
+    f = need_format(fmt)
+    buf = reference_quantize(_ref_sum(bufs, f, shape), f)
     if dtype is None:
         return buf, bufs.new_empty((0,), dtype=torch.float32)
-    return buf, reference_dequantize(buf, str(f), shape, dtype)
+    return buf, reference_dequantize(buf, f, shape, dtype)
 
 
 # ------------------------------------------------------------------------------------------
@@ -151,10 +144,10 @@ def reference_dequant_sum_requant(bufs: torch.Tensor, fmt: str, shape: List[int]
 def quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:
     """Wire buffer of ``x`` (fp32/bf16/fp16, any shape, blocks along the last axis).
     Cost on GPU: one read of x, one write of the buffer (two reads for +ts formats)."""
-    f = _format(fmt)
+    f = need_format(fmt)
     check_input(x)
     if not _kernel_ok(f, x.device):
-        return reference_quantize(x, str(f))
+        return reference_quantize(x, f)
     x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
     buf, _ = kernels.quantize(x2, lower(f, x.shape[-1], x.device))
     return buf
@@ -162,7 +155,7 @@ def quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:
 
 @quantize.register_fake
 def _(x, fmt):
-    f = _format(fmt)
+    f = need_format(fmt)
     check_input(x)
     return x.new_empty((f.nbytes(x.shape),), dtype=torch.uint8)
 
@@ -170,11 +163,11 @@ def _(x, fmt):
 @torch.library.custom_op("qformats::dequantize", mutates_args=())
 def dequantize(buf: torch.Tensor, fmt: str, shape: List[int], dtype: torch.dtype) -> torch.Tensor:
     """``qformats.decode`` of a wire buffer, as ``dtype``. Cost on GPU: one read, one write."""
-    f = _format(fmt)
+    f = need_format(fmt)
     _check_dtype(dtype)
     _check_bufs(buf, f, shape, two_d=False)
     if not _kernel_ok(f, buf.device):
-        return reference_dequantize(buf, str(f), shape, dtype)
+        return reference_dequantize(buf, f, shape, dtype)
     rows, width = _rows_width(shape)
     out = kernels.dequantize(buf.reshape(1, -1).contiguous(), lower(f, width, buf.device), rows, width, dtype)
     return out.reshape(shape)
@@ -182,7 +175,7 @@ def dequantize(buf: torch.Tensor, fmt: str, shape: List[int], dtype: torch.dtype
 
 @dequantize.register_fake
 def _(buf, fmt, shape, dtype):
-    f = _format(fmt)
+    f = need_format(fmt)
     _check_dtype(dtype)
     _check_bufs(buf, f, shape, two_d=False)
     return buf.new_empty(list(shape), dtype=dtype)
@@ -193,7 +186,7 @@ def dequant_sum(bufs: torch.Tensor, fmt: str, shape: List[int], dtype: torch.dty
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fp32 rank-order sum of the decodes of ``bufs`` [N, nbytes] (+ residual), as ``dtype``.
     Cost on GPU: one read of every buffer (and the residual), one write."""
-    f = _format(fmt)
+    f = need_format(fmt)
     _check_dtype(dtype)
     _check_bufs(bufs, f, shape, two_d=True)
     if residual is not None:
@@ -203,7 +196,7 @@ def dequant_sum(bufs: torch.Tensor, fmt: str, shape: List[int], dtype: torch.dty
         if residual.device != bufs.device:
             raise ValueError(f"residual is on {residual.device}, buffers on {bufs.device}")
     if not _kernel_ok(f, bufs.device):
-        return reference_dequant_sum(bufs, str(f), shape, dtype, residual)
+        return reference_dequant_sum(bufs, f, shape, dtype, residual)
     rows, width = _rows_width(shape)
     res = residual.reshape(rows, width).contiguous() if residual is not None else None
     out = kernels.dequantize(bufs.contiguous(), lower(f, width, bufs.device), rows, width, dtype, res)
@@ -212,7 +205,7 @@ def dequant_sum(bufs: torch.Tensor, fmt: str, shape: List[int], dtype: torch.dty
 
 @dequant_sum.register_fake
 def _(bufs, fmt, shape, dtype, residual=None):
-    f = _format(fmt)
+    f = need_format(fmt)
     _check_dtype(dtype)
     _check_bufs(bufs, f, shape, two_d=True)
     return bufs.new_empty(list(shape), dtype=dtype)
@@ -223,12 +216,12 @@ def dequant_sum_requant(bufs: torch.Tensor, fmt: str, shape: List[int],
                         dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(quantize(fp32 rank-order sum of the decodes of ``bufs``), its decode as ``dtype`` or
     an empty tensor). Cost on GPU: one read of every buffer, one write (plus the decode)."""
-    f = _format(fmt)
+    f = need_format(fmt)
     if dtype is not None:
         _check_dtype(dtype)
     _check_bufs(bufs, f, shape, two_d=True)
     if not _kernel_ok(f, bufs.device):
-        return reference_dequant_sum_requant(bufs, str(f), shape, dtype)
+        return reference_dequant_sum_requant(bufs, f, shape, dtype)
     rows, width = _rows_width(shape)
     proto = bufs.new_empty((rows, width), dtype=torch.float32)  # gives rows/width/device only
     buf, deq = kernels.quantize(proto, lower(f, width, bufs.device), bufs=bufs.contiguous(), deq_dtype=dtype)
@@ -239,7 +232,7 @@ def dequant_sum_requant(bufs: torch.Tensor, fmt: str, shape: List[int],
 
 @dequant_sum_requant.register_fake
 def _(bufs, fmt, shape, dtype=None):
-    f = _format(fmt)
+    f = need_format(fmt)
     _check_bufs(bufs, f, shape, two_d=True)
     buf = bufs.new_empty((f.nbytes(shape),), dtype=torch.uint8)
     if dtype is None:
@@ -249,9 +242,9 @@ def _(bufs, fmt, shape, dtype=None):
 
 
 class LoweredCodec:
-    """The four-method codec seam of ``tp.comm.collectives.Codec``, backed by these ops.
+    """:class:`lowering.codec.Codec` backed by these ops.
 
-    Install it with ``tp.comm.collectives.set_codec(LoweredCodec())``; it is bitwise equal to the
+    Install it with ``tp.set_codec(LoweredCodec())``; it is bitwise equal to the
     reference codec (the tests check the ops; this class only adapts signatures). ``decode_sum``
     and ``reduce_requant`` take a list of buffers and stack them (one copy) unless they are
     already rows of one [N, nbytes] tensor.
@@ -260,15 +253,15 @@ class LoweredCodec:
     name = "lowered"
 
     def encode(self, x: torch.Tensor, fmt) -> torch.Tensor:
-        return torch.ops.qformats.quantize(x, str(_format(fmt)))
+        return torch.ops.qformats.quantize(x, str(fmt))
 
     def decode(self, buf: torch.Tensor, fmt, shape) -> torch.Tensor:
-        return torch.ops.qformats.dequantize(buf, str(_format(fmt)), list(shape), torch.float32)
+        return torch.ops.qformats.dequantize(buf, str(fmt), list(shape), torch.float32)
 
     def decode_sum(self, bufs, fmt, shape) -> torch.Tensor:
         stacked = bufs if isinstance(bufs, torch.Tensor) else torch.stack(list(bufs))
-        return torch.ops.qformats.dequant_sum(stacked, str(_format(fmt)), list(shape), torch.float32, None)
+        return torch.ops.qformats.dequant_sum(stacked, str(fmt), list(shape), torch.float32, None)
 
     def reduce_requant(self, bufs, fmt, shape) -> torch.Tensor:
         stacked = bufs if isinstance(bufs, torch.Tensor) else torch.stack(list(bufs))
-        return torch.ops.qformats.dequant_sum_requant(stacked, str(_format(fmt)), list(shape), None)[0]
+        return torch.ops.qformats.dequant_sum_requant(stacked, str(fmt), list(shape), None)[0]

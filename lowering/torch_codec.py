@@ -3,7 +3,7 @@
 Use it where the reference codec's cost dominates on a CPU: the emulator of compressed
 collectives (:mod:`tp.comm.emulate`; ``qformats eval`` installs it), or any loop of
 ``qformats.encode/decode`` on CPU tensors. Install it with
-``tp.comm.collectives.set_codec(TorchCodec())``; :func:`encode` / :func:`decode` are the same
+``tp.set_codec(TorchCodec())``; :func:`encode` / :func:`decode` are the same
 operations as plain functions. On a GPU use the Triton ops of :mod:`lowering.ops`.
 
 Cost: whole-tensor torch ops on fp32/int32, no Python loop over blocks or elements. An encode
@@ -39,7 +39,7 @@ docstring gives the reasoning), with the constants of :func:`lowering.constants.
   scale: one rounding, as the reference's float64 product cast to fp32. Zero points: fp16
   ones are added in fp32 (the reference's float64 sum is exact there, see
   :func:`_decode_rows`), bf16 ones in float64 as the reference does.
-* NaN/Inf blocks store the canonical NaN scale bytes (``qformats.codec.SCALE_NAN_BITS``);
+* NaN/Inf blocks store the canonical NaN scale bytes (``qformats.spec.ScaleType.nan_bits``);
   a zero point of zero is +0; outliers use the reference's own bf16 cast. Decoded NaNs carry
   the reference's payloads too, for any wire bytes: scale words go through the reference's
   casts, one buffer at a time (:func:`_load_scales` says why).
@@ -62,7 +62,7 @@ from typing import Optional, Sequence
 import torch
 
 import qformats
-from qformats import Format, QTensor, grid
+from qformats import Format, QTensor, grid, need_format
 from qformats.codec import FP32_MAX, FP32_MIN_SUBNORMAL, SUPPORTED_DTYPES, check_input, saturate_fp32, saturating_cast
 from qformats.spec import dims, replace, scale_element
 
@@ -117,7 +117,7 @@ def _quantised_format(f: Format) -> Format:
 
 def fallback_reason(fmt) -> Optional[str]:
     """Why ``fmt`` runs the reference codec here (None: it runs the fast path)."""
-    f = _format(fmt)
+    f = need_format(fmt)
     try:
         lower(_quantised_format(f), 8, "cpu")
     except (Unsupported, ValueError) as e:  # ValueError: an Element built outside the grammar
@@ -187,13 +187,6 @@ def _plan(f: Format, width: int) -> Optional[_Plan]:
         maxn=torch.tensor(kc.MAXN, dtype=_F32), maxn_ts=torch.tensor(kc.MAXN_TS, dtype=_F32),
         maxmag=torch.tensor(float(kc.MAXMAG), dtype=_F32),
     )
-
-
-def _format(fmt) -> Format:
-    f = qformats.as_format(fmt)
-    if f is None:
-        raise ValueError("a quantisation format is required here (got None / bf16)")
-    return f
 
 
 # ------------------------------------------------------------------------------------------
@@ -487,7 +480,7 @@ def _static_codes(xq: torch.Tensor, plan: _Plan) -> torch.Tensor:
 def encode(x: torch.Tensor, fmt) -> torch.Tensor:
     """Wire buffer (uint8, 1-D) of ``x`` (fp32/bf16/fp16, any leading shape), byte for byte
     ``qformats.encode(x, fmt).data``."""
-    f = _format(fmt)
+    f = need_format(fmt)
     check_input(x)
     if x.device.type != "cpu":  # the reference computes on the CPU too
         return encode(x.detach().cpu(), f).to(x.device)
@@ -610,7 +603,7 @@ def _decode_many_bounded(bufs: torch.Tensor, f: Format, shape: tuple) -> tuple[t
 def decode(buf: torch.Tensor, fmt, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Values of one wire buffer as ``dtype``, bitwise ``qformats.decode`` of it (NaN payloads and
     signed zeros included)."""
-    f = _format(fmt)
+    f = need_format(fmt)
     shape = dims(shape)
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"cannot decode to {dtype}: use one of float32, bfloat16, float16")
@@ -624,9 +617,9 @@ def decode(buf: torch.Tensor, fmt, shape, dtype: torch.dtype = torch.float32) ->
 
 
 class TorchCodec:
-    """The four-method codec seam of ``tp.comm.collectives.Codec`` on whole-tensor CPU torch ops,
+    """:class:`lowering.codec.Codec` on whole-tensor CPU torch ops,
     bitwise equal to the reference (module docstring). Install it with
-    ``tp.comm.collectives.set_codec(TorchCodec())``. ``decode_sum`` decodes all buffers in one pass,
+    ``tp.set_codec(TorchCodec())``. ``decode_sum`` decodes all buffers in one pass,
     then adds them in list (= rank) order, one fp32 addition at a time."""
 
     name = "torch"
@@ -638,7 +631,7 @@ class TorchCodec:
         return decode(buf, fmt, shape)
 
     def decode_sum(self, bufs: Sequence[torch.Tensor], fmt, shape) -> torch.Tensor:
-        f = _format(fmt)
+        f = need_format(fmt)
         shape = dims(shape)
         stacked = bufs if isinstance(bufs, torch.Tensor) else torch.stack([b.reshape(-1) for b in bufs])
         for b in stacked:

@@ -5,7 +5,7 @@ formats into kernels and ``tp`` uses both inside compressed collectives.
 """
 from .codec import QTensor, decode, encode, quantize_dequantize
 from .spec import PRESETS
-from .spec import Element, Format, Layout, as_format, static_outlier_format
+from .spec import Element, Format, Layout, as_format, need_format, static_outlier_format
 
 __all__ = [
     "Element",
@@ -14,6 +14,7 @@ __all__ = [
     "PRESETS",
     "QTensor",
     "as_format",
+    "need_format",
     "decode",
     "encode",
     "quantize_dequantize",

@@ -31,7 +31,7 @@ the last block zero-padded):
 
 Outlier features travel as bf16 (round to nearest even). Signed zeros keep their sign with
 float elements; integer elements have one zero, and zero points are never -0. NaN scales are
-stored as canonical quiet NaNs (``SCALE_NAN_BITS``). Decode computes fp32, then casts.
+stored as canonical quiet NaNs (``ScaleType.nan_bits``). Decode computes fp32, then casts.
 
 Decoding a finite input gives finite values: a finite product past fp32's range saturates at
 fp32's max (:func:`saturate_fp32`), and the cast to bf16/fp16 saturates finite values at that
@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from . import grid, packing
-from .spec import Format, as_format, dims, scale_element
+from .spec import Format, dims, need_format, scale_element, scale_type
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _F32 = torch.float32
@@ -71,7 +71,7 @@ class QTensor:
     @staticmethod
     def from_buffer(data: torch.Tensor, fmt, shape, dtype=torch.float32) -> "QTensor":
         """Wrap a received wire buffer; checks its size against the format's layout."""
-        fmt = _need_format(fmt)
+        fmt = need_format(fmt)
         shape = dims(shape)
         if data.dtype != torch.uint8:
             raise ValueError(f"wire buffers are uint8, got {data.dtype}")
@@ -79,13 +79,6 @@ class QTensor:
         if data.numel() != n:
             raise ValueError(f"{fmt} needs {n} bytes for shape {shape}, got {data.numel()}")
         return QTensor(data.reshape(-1), fmt, shape, dtype)
-
-
-def _need_format(fmt) -> Format:
-    f = as_format(fmt)
-    if f is None:
-        raise ValueError("a quantisation format is required here (got None / bf16)")
-    return f
 
 
 def check_input(x: torch.Tensor) -> None:
@@ -140,7 +133,7 @@ def _split_features(x2: torch.Tensor, fmt: Format):
 
 def encode(x: torch.Tensor, fmt) -> QTensor:
     """Quantise ``x`` (fp32/bf16/fp16, any leading shape) along its last axis."""
-    fmt = _need_format(fmt)
+    fmt = need_format(fmt)
     check_input(x)
     if x.device.type != "cpu":  # one oracle: the CPU's IEEE arithmetic, whatever the input's device
         q = encode(x.detach().cpu(), fmt)
@@ -170,9 +163,6 @@ def encode(x: torch.Tensor, fmt) -> QTensor:
     return QTensor(data, fmt, tuple(x.shape), x.dtype)
 
 
-# The quiet-NaN bit pattern written for a NaN/Inf block, per stored scale type. Explicit, because
-# what a cast of NaN gives depends on the torch build (2.13 CPU casts NaN to bf16 0xFFFF).
-SCALE_NAN_BITS = {"fp32": 0x7FC00000, "bf16": 0x7FC0, "fp16": 0x7E00, "e4m3": 0x7F, "e8m0": 0xFF}
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
@@ -184,12 +174,12 @@ def _with_canonical_nan(t: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _store_scale(s32: torch.Tensor, scale: str) -> torch.Tensor:
     """fp32 scale values (already on the scale type's grid) -> their wire bytes."""
-    if scale in ("fp32", "bf16", "fp16"):
-        dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[scale]
-        return _bytes_of(_with_canonical_nan(s32.to(dt).contiguous(), SCALE_NAN_BITS[scale]))
+    st = scale_type(scale)
+    if st.dtype is not None:  # fp32 / bf16 / fp16: native floats
+        return _bytes_of(_with_canonical_nan(s32.to(getattr(torch, st.dtype)).contiguous(), st.nan_bits))
     if scale == "e4m3":
-        codes = grid.to_codes(s32.to(_F64).nan_to_num(0.0), scale_element("e4m3"))
-        return torch.where(torch.isnan(s32), SCALE_NAN_BITS["e4m3"], codes).to(torch.uint8).reshape(-1)
+        codes = grid.to_codes(s32.to(_F64).nan_to_num(0.0), st.element)
+        return torch.where(torch.isnan(s32), st.nan_bits, codes).to(torch.uint8).reshape(-1)
     raise AssertionError(scale)
 
 
@@ -239,7 +229,7 @@ def _encode_blocks(blocks: torch.Tensor, fmt: Format):
         e = grid._floor_log2(amax.to(_F64).clamp(min=torch.finfo(_F64).tiny))
         s = torch.where(amax > 0, e - elem.emax, -127).clamp(-127, 127)
         v = torch.ldexp(clean.to(_F64), (-s).to(_F64))  # exact
-        scale_bytes = torch.where(bad, SCALE_NAN_BITS["e8m0"], s + 127).to(torch.uint8).reshape(-1)
+        scale_bytes = torch.where(bad, scale_type("e8m0").nan_bits, s + 127).to(torch.uint8).reshape(-1)
     elif fmt.zero_point:
         mn = torch.where(finite, blocks, torch.inf).amin(-1, keepdim=True)
         mx = torch.where(finite, blocks, -torch.inf).amax(-1, keepdim=True)
@@ -292,12 +282,11 @@ def _view(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _load_scale(raw: torch.Tensor, scale: str) -> torch.Tensor:
     """Wire bytes -> fp32 scale values (NaN where the block was NaN)."""
-    if scale == "fp32":
-        return _view(raw, torch.float32)
-    if scale in ("bf16", "fp16"):
-        return _view(raw, torch.bfloat16 if scale == "bf16" else torch.float16).to(_F32)
+    st = scale_type(scale)
+    if st.dtype is not None:  # fp32 / bf16 / fp16: native floats
+        return _view(raw, getattr(torch, st.dtype)).to(_F32)
     if scale == "e4m3":
-        return grid.from_codes(raw.to(torch.int64), scale_element("e4m3")).to(_F32)
+        return grid.from_codes(raw.to(torch.int64), st.element).to(_F32)
     raise AssertionError(scale)
 
 

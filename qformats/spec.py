@@ -38,7 +38,6 @@ from .presets import PRESET_SPECS
 #   "fn":   no Inf; only the all-ones code is NaN (OCP e4m3 "fn").
 #   "fin":  every code is a finite number (OCP fp6/fp4 and the small papers' formats).
 FLOAT_POLICIES = ("ieee", "fn", "fin")
-SCALE_TYPES = ("e8m0", "fp32", "bf16", "fp16", "e4m3", "static")
 MIN_BLOCK, MAX_BLOCK = 8, 4096
 MAX_ELEMENT_BITS = 8  # codes pack into bytes (qformats.packing)
 
@@ -163,6 +162,18 @@ class Element:
         return top - 1 if self.policy == "fn" else top
 
     @property
+    def max_mag_code(self) -> int:
+        """Largest finite magnitude code (codes grow with magnitude): ints their max code, floats
+        the code below the Inf/NaN codes their policy reserves."""
+        if self.kind != "float":
+            return self.max_code
+        if self.policy == "fin":
+            return (1 << (self.bits - 1)) - 1
+        if self.policy == "fn":
+            return (1 << (self.bits - 1)) - 2
+        return (((1 << self.ebits) - 1) << self.mbits) - 1  # ieee: the top exponent field is Inf/NaN
+
+    @property
     def max_normal(self) -> float:
         if self.kind == "float":
             return math.ldexp(self.max_code, self.emax - self.mbits)
@@ -201,18 +212,47 @@ class Element:
         )
 
 
-# Scale storage types: (element used to round the scale, bytes on the wire).
-_SCALE_ELEMENTS = {
-    "bf16": Element("float", 16, 8, 7, "ieee"),
-    "fp16": Element("float", 16, 5, 10, "ieee"),
-    "e4m3": Element("float", 8, 4, 3, "fn"),
+@dataclass(frozen=True)
+class ScaleType:
+    """One block-scale storage type, every fact about it in one place.
+
+    ``nbytes``: bytes per block scale on the wire. ``element``: the float grid an absmax scale
+    is rounded (up) onto, None for ``e8m0`` (a power of two), ``fp32`` (stored as computed) and
+    ``static`` (per-feature fp32 scales in the format itself). ``nan_bits``: the canonical
+    quiet-NaN pattern written for a NaN/Inf block (explicit, because what a cast of NaN gives
+    depends on the torch build). ``dtype``: the torch dtype name it is stored as, for the
+    types that are native floats.
+    """
+
+    name: str
+    nbytes: int
+    element: Optional[Element] = None
+    nan_bits: Optional[int] = None
+    dtype: Optional[str] = None
+
+
+SCALES = {
+    "e8m0": ScaleType("e8m0", 1, nan_bits=0xFF),
+    "fp32": ScaleType("fp32", 4, nan_bits=0x7FC00000, dtype="float32"),
+    "bf16": ScaleType("bf16", 2, Element("float", 16, 8, 7, "ieee"), 0x7FC0, "bfloat16"),
+    "fp16": ScaleType("fp16", 2, Element("float", 16, 5, 10, "ieee"), 0x7E00, "float16"),
+    "e4m3": ScaleType("e4m3", 1, Element("float", 8, 4, 3, "fn"), 0x7F),
+    "static": ScaleType("static", 0),
 }
-SCALE_BYTES = {"e8m0": 1, "fp32": 4, "bf16": 2, "fp16": 2, "e4m3": 1, "static": 0}
+SCALE_TYPES = tuple(SCALES)
+
+
+def scale_type(scale: str) -> ScaleType:
+    """The :class:`ScaleType` record of a scale name."""
+    try:
+        return SCALES[scale]
+    except KeyError:
+        raise ValueError(f"scale {scale!r} not understood: valid are {', '.join(SCALE_TYPES)}") from None
 
 
 def scale_element(scale: str) -> Optional[Element]:
     """The float grid a non-fp32 absmax scale is rounded (up) to; None for e8m0/fp32/static."""
-    return _SCALE_ELEMENTS.get(scale)
+    return scale_type(scale).element
 
 
 @dataclass(frozen=True)
@@ -244,7 +284,7 @@ class Format:
         e, s = self.elem, self.scale
         if e.bits > MAX_ELEMENT_BITS:  # (an Element may be wider: the 16-bit scale grids are Elements)
             raise ValueError(f"element {e}: {e.bits} bits, but element codes are at most {MAX_ELEMENT_BITS} bits wide")
-        if not isinstance(s, str) or s not in SCALE_TYPES:
+        if not isinstance(s, str) or s not in SCALES:
             raise ValueError(f"scale {s!r} not understood: valid are {', '.join(SCALE_TYPES)}")
         if self.block != 0 and not (MIN_BLOCK <= self.block <= MAX_BLOCK and self.block % 8 == 0):
             raise ValueError(f"block size {self.block}: valid are multiples of 8 from {MIN_BLOCK} to {MAX_BLOCK}, or row")
@@ -336,7 +376,7 @@ class Format:
         nblocks = 0 if self.scale == "static" else -(-q // bs)
         padded = max(nblocks * bs, -(-q // 8) * 8) if self.scale != "static" else -(-q // 8) * 8
         code_bytes = rows * padded * self.elem.bits // 8
-        sb = SCALE_BYTES[self.scale]
+        sb = scale_type(self.scale).nbytes
         scale_bytes = rows * nblocks * sb
         zp_bytes = scale_bytes if self.zero_point else 0
         ts_bytes = 4 if self.tensor_scale else 0
@@ -442,6 +482,14 @@ def as_format(f) -> Optional[Format]:
             return None
         return Format.parse(f)
     raise ValueError(f"a Format, a format string or None is expected, got {type(f).__name__}")
+
+
+def need_format(f) -> Format:
+    """:func:`as_format` where a format is required (None, "none" and "bf16" mean no compression)."""
+    fmt = as_format(f)
+    if fmt is None:
+        raise ValueError(f"a quantisation format is required here, got {f!r} (no compression)")
+    return fmt
 
 
 def replace(fmt: Format, **kw) -> Format:

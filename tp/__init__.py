@@ -1,17 +1,19 @@
-"""tp: the tensor-parallel runtime of qformats.
+"""tp: the tensor-parallel runtime of qformats, in three wings.
 
-Compressed collectives (:func:`all_reduce`, :func:`all_gather`, :func:`reduce_scatter`) with
-the ``gather`` and ``two_shot`` algorithms over torch.distributed (NCCL on GPU, gloo on CPU),
-their exact single-process emulator (:func:`emulate_all_reduce` and friends), Megatron-style
-parallel layers whose row-parallel all-reduce follows a :class:`CommPolicy`, a Llama-style
-model (:class:`TPLlama`), Hugging Face checkpoint loading and sharding (``tp.model.checkpoint``),
-outlier calibration after Dong et al. (``tp.model.calibrate``), and a launcher
-(``torchrun --nproc-per-node N -m tp ...``, see ``tp.model.launch``).
+``tp.comm``: compressed collectives (:func:`all_reduce`, :func:`all_gather`,
+:func:`reduce_scatter`; ``gather``, ``two_shot`` and the fused symmetric-memory path), their
+exact one-process emulator (:func:`emulate_all_reduce` ...), ``tp.compile`` (a torch.compile pass
+that rewrites a model's collectives), and the one :class:`CommPolicy` that says which collective
+gets which format. ``tp.model``: Megatron-style layers, a Llama-style model (:class:`TPLlama`),
+checkpoint loading, outlier calibration after Dong et al., the launcher
+(``torchrun --nproc-per-node N -m tp ...``). ``tp.study``: TP emulation on any Hugging Face model
+(``tp.hf``) and the ``qformats eval`` job.
 """
 from .comm.collectives import (
     ALGORITHMS,
     DEFAULT_MIN_BYTES,
     Codec,
+    ReferenceCodec,
     all_gather,
     all_reduce,
     get_codec,
@@ -43,6 +45,7 @@ __all__ = [
     "Calibration",
     "Calibrator",
     "Codec",
+    "ReferenceCodec",
     "ColumnParallelLinear",
     "CommPolicy",
     "KVCache",

@@ -160,14 +160,24 @@ def test_unsupported_formats_raise_in_lowering():
         lower(qformats.static_outlier_format("int4", (), [1.0] * 8), 8, "cpu")
 
 
-def test_constants_are_derived_from_the_format():
-    kc = lower("mxfp8_e4m3", 4096, "cpu")
-    assert (kc.BITS, kc.EBITS, kc.MBITS, kc.BIAS, kc.EMIN, kc.EMAX, kc.MAXMAG, kc.MAXN) == (8, 4, 3, 7, -6, 8, 0x7E, 448.0)
-    assert (kc.BS, kc.BP2, kc.G, kc.GB, kc.SB, kc.GPU) == (32, 32, 1, 1, 1, False)
-    kc = lower("mxfp6_e3m2", 4096, "cuda")
-    assert (kc.G, kc.GB, kc.GBP2, kc.GPU, kc.MAXMAG) == (4, 3, 4, True, 31)
-    kc = lower("int4/row/fp32", 200, "cpu")
-    assert (kc.BS, kc.BP2) == (200, 256)
+@pytest.mark.parametrize("fmt", PRESETS)
+@pytest.mark.parametrize("width", [64, 200])
+def test_constants_agree_with_the_reference_format(fmt, width):
+    """lower() against what qformats derives (its own layout and code table), not against itself."""
+    from qformats.grid import code_table
+    from qformats.packing import group_size
+
+    f = qformats.as_format(fmt)
+    e, kc = f.elem, lower(f, width, "cpu")
+    lay = f.layout((1, width))
+    assert (kc.BITS, kc.MAXN, kc.BS) == (e.bits, e.max_normal, f.block_for(width))
+    assert kc.BP2 >= kc.BS and kc.BP2 & (kc.BP2 - 1) == 0 and kc.BP2 < 2 * kc.BS
+    assert kc.G == group_size(e.bits) and kc.GB * 8 == kc.G * e.bits
+    assert kc.SB * lay.nblocks == lay.scale_bytes and kc.code_bytes_per_block * lay.nblocks == lay.code_bytes
+    assert (kc.ZP, kc.TS) == (f.zero_point, f.tensor_scale) and not kc.GPU and lower(f, width, "cuda").GPU
+    values = code_table(e)[: 1 << (e.bits - 1)] if e.kind != "uint" else code_table(e)
+    finite = torch.isfinite(values).nonzero().max().item()  # codes grow with magnitude
+    assert kc.MAXMAG == finite and values[finite].item() == e.max_normal
     with pytest.raises(dataclass_error()):
         kc.BS = 1
 

@@ -17,7 +17,7 @@ from lowering import torch_codec
 from lowering.torch_codec import TorchCodec
 from qformats import Element, Format, QTensor
 from qformats.grid import code_table
-from tp.comm.collectives import Codec
+from lowering.codec import ReferenceCodec
 from tp.comm.emulate import emulate_all_reduce
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -166,7 +166,7 @@ def test_decode_of_arbitrary_bytes(f):
         assert torch.equal(_bits(torch_codec.decode(buf, f, (5, width))), _bits(want))
     # several buffers decoded in one pass (decode_sum) keep each one's NaN payloads
     bufs = [torch.randint(0, 256, (f.nbytes((5, width)),), generator=g, dtype=torch.uint8) for _ in range(3)]
-    want = Codec().decode_sum(bufs, f, (5, width))
+    want = ReferenceCodec().decode_sum(bufs, f, (5, width))
     assert torch.equal(_bits(TorchCodec().decode_sum(bufs, f, (5, width))), _bits(want))
 
 
@@ -183,7 +183,7 @@ def test_large_tensors_and_leading_dims():
                          ids=_id)
 def test_decode_sum_and_reduce_requant_equal_the_reference_codec(f):
     """Rank-order sums of 1..4 buffers and their re-quantisation, from a list or one stacked tensor."""
-    ref, fast = Codec(), TorchCodec()
+    ref, fast = ReferenceCodec(), TorchCodec()
     shape = (7, f.features or 200)
     xs = [adversarial(f, *shape, torch.float32, 10 + i, nonfinite=i == 2) for i in range(4)]
     bufs = [ref.encode(x, f) for x in xs]
@@ -200,7 +200,7 @@ def test_emulated_all_reduce_is_bitwise_the_reference(algorithm):
     g = torch.Generator().manual_seed(3)
     shards = [(torch.randn(2, 9, 256, generator=g) * 4).to(torch.bfloat16) for _ in range(3)]
     for f in ("mxfp4", "nvfp4", "flash_int4", "int4_b64"):
-        want = emulate_all_reduce(shards, f, algorithm, codec=Codec())
+        want = emulate_all_reduce(shards, f, algorithm, codec=ReferenceCodec())
         got = emulate_all_reduce(shards, f, algorithm, codec=TorchCodec())
         assert torch.equal(_bits(got), _bits(want))
 
@@ -213,7 +213,7 @@ def test_unlowered_elements_fall_back_to_the_reference_explicitly():
     x = adversarial(f, 3, 70, torch.float32, 0, nonfinite=True)
     _check(x, f)
     buf = torch_codec.encode(x, f)
-    assert torch.equal(_bits(TorchCodec().decode_sum([buf, buf], f, x.shape)), _bits(Codec().decode_sum([buf, buf], f, x.shape)))
+    assert torch.equal(_bits(TorchCodec().decode_sum([buf, buf], f, x.shape)), _bits(ReferenceCodec().decode_sum([buf, buf], f, x.shape)))
 
 
 def test_errors_match_the_reference():
@@ -245,7 +245,7 @@ def test_the_eval_runs_on_this_codec_and_restores_the_previous_one(monkeypatch):
     calls = []
     encode = TorchCodec.encode
     monkeypatch.setattr(TorchCodec, "encode", lambda self, x, fmt: calls.append(fmt) or encode(self, x, fmt))
-    mine = Codec()
+    mine = ReferenceCodec()
     old = set_codec(mine)
     try:
         text = assets.TextData(synthetic_text(seed=1), synthetic_text(seed=2), "synthetic")
@@ -253,7 +253,7 @@ def test_the_eval_runs_on_this_codec_and_restores_the_previous_one(monkeypatch):
                  algorithms=["gather"], tokens=48, window=48, progress=False)
         assert calls and get_codec() is mine
         # a codec the caller installed on purpose is kept, not replaced
-        class Custom(Codec):
+        class Custom(ReferenceCodec):
             used = 0
 
             def encode(self, x, fmt):

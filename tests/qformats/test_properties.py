@@ -109,7 +109,9 @@ def test_encode_decode_is_quantize_dequantize_and_round_trips_bytes(fmt, data, d
     assert torch.equal(y.nan_to_num(7.0), qformats.quantize_dequantize(x, fmt).nan_to_num(7.0))
     q2 = qformats.QTensor.from_buffer(q.data.clone(), fmt, x.shape, dtype)
     assert torch.equal(qformats.decode(q2).nan_to_num(7.0), y.nan_to_num(7.0))
-    assert torch.equal(qformats.encode(y.float(), fmt).data, qformats.encode(y.float(), fmt).data)
+    f = qformats.Format.parse(fmt)
+    if f.scale == "e8m0":  # OCP MX quantisation is idempotent: the decoded values re-encode to the same bytes
+        assert torch.equal(qformats.encode(qformats.decode(q, torch.float32), fmt).data, q.data)
 
 
 @given(fmt=st.sampled_from(FORMATS))

@@ -7,7 +7,7 @@ moves the packed bytes as uint8 (float8 dtypes fail on gloo, and bytes let one b
 codes, scales and outliers), and dequantises. What it costs: one encode per rank, W decodes
 (``gather``) or 2 encodes + W + W decodes of 1/W-sized chunks (``two_shot``), plus the
 quantisation error of the format. With the pure-torch reference codec the encode/decode is
-far slower than the link it saves; a lowering (Triton kernels) plugs in through :class:`Codec`.
+far slower than the link it saves; a faster one plugs in through :class:`lowering.codec.Codec`.
 
 Algorithms (``algorithm=``):
 
@@ -26,7 +26,7 @@ Algorithms (``algorithm=``):
 
 Guarantees: every rank returns a bitwise identical tensor of x's shape and dtype, equal to
 :func:`tp.comm.emulate.emulate_all_reduce` (same codec, same order of fp32 additions, same
-casts). The arithmetic lives in :class:`Codec` and :func:`split_rows` / :func:`merge_rows`,
+casts). The arithmetic lives in the codec (:mod:`lowering.codec`) and :func:`split_rows` / :func:`merge_rows`,
 which the emulator calls too; only the data movement differs. ``fmt=None`` is the backend's
 own reduction, whose summation order the backend chooses (exactly a rank-order sum only when
 the additions are exact, e.g. for 2 ranks or integer-valued data).
@@ -56,13 +56,14 @@ import os
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 import qformats
-from qformats import Format, QTensor
+from lowering.codec import Codec, ReferenceCodec, check_codec
+from qformats import Format
 from qformats.codec import saturating_cast
 
 from . import wirecheck
@@ -73,6 +74,7 @@ __all__ = [
     "DEFAULT_MIN_BYTES",
     "SUPPORTED_DTYPES",
     "Codec",
+    "ReferenceCodec",
     "all_gather",
     "all_reduce",
     "get_codec",
@@ -100,52 +102,15 @@ warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprec
 
 
 # ---------------------------------------------------------------------------------------------
-# The arithmetic seam (shared with the emulator; a lowering replaces it)
+# The arithmetic seam (lowering.codec: the protocol beside its implementations)
 # ---------------------------------------------------------------------------------------------
-class Codec:
-    """Encode, decode and rank-order reduction of wire buffers: all the arithmetic of a collective.
-
-    The distributed collectives and the emulator both do their arithmetic only through these
-    methods, so a faster implementation (Triton kernels, a fused dequant-sum-requant) replaces
-    them all at once with :func:`set_codec` or a per-call ``codec=``. Any object with these four
-    methods works (``lowering`` need not import ``tp``). A replacement must be bitwise equal to
-    this reference: decode to fp32 exactly as ``qformats.decode`` does and add the decoded
-    buffers in list order, one fp32 addition at a time (never a tree or a Kahan sum).
-
-    Shapes passed in are 2-D ``(rows, H)``; buffers are 1-D uint8 of ``fmt.nbytes(shape)``.
-    """
-
-    name = "reference"
-
-    def encode(self, x: torch.Tensor, fmt: Format) -> torch.Tensor:
-        """Wire buffer of ``x`` (any supported float dtype), uint8 1-D."""
-        return qformats.encode(x, fmt).data
-
-    def decode(self, buf: torch.Tensor, fmt: Format, shape: tuple) -> torch.Tensor:
-        """fp32 values of one wire buffer."""
-        return qformats.decode(QTensor.from_buffer(buf, fmt, shape, torch.float32), torch.float32)
-
-    def decode_sum(self, bufs: Sequence[torch.Tensor], fmt: Format, shape: tuple) -> torch.Tensor:
-        """fp32 sum of the decoded buffers, added in list (= rank) order."""
-        acc = self.decode(bufs[0], fmt, shape)
-        for b in bufs[1:]:
-            acc = acc.add_(self.decode(b, fmt, shape))
-        return acc
-
-    def reduce_requant(self, bufs: Sequence[torch.Tensor], fmt: Format, shape: tuple) -> torch.Tensor:
-        """``encode(decode_sum(bufs))``: the middle step of two_shot (one fused kernel on GPU)."""
-        return self.encode(self.decode_sum(bufs, fmt, shape), fmt)
-
-
-_codec: Codec = Codec()
+_codec: Codec = ReferenceCodec()
 
 
 def set_codec(codec) -> object:
     """Install the codec every collective and the emulator use by default; returns the previous one."""
     global _codec
-    for m in ("encode", "decode", "decode_sum", "reduce_requant"):
-        if not callable(getattr(codec, m, None)):
-            raise TypeError(f"a codec needs a callable .{m}(); {type(codec).__name__} has none")
+    check_codec(codec)
     old, _codec = _codec, codec
     return old
 

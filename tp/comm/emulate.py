@@ -5,7 +5,7 @@ on one CPU) and as the oracle the distributed tests compare against bit for bit.
 the same arithmetic as all ranks together minus the redundancy: a gather all-reduce decodes
 the W buffers once, not W times; two_shot reduces each chunk once.
 
-It calls the very same :class:`tp.comm.collectives.Codec` methods and row bookkeeping
+It calls the very same codec methods (:class:`lowering.codec.Codec`) and row bookkeeping
 (:func:`tp.comm.collectives.split_rows` / :func:`merge_rows`) as the distributed path, in the same
 order, so the two cannot drift apart: only the data movement is replaced by list indexing.
 """

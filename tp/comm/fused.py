@@ -73,7 +73,7 @@ import triton
 import triton.language as tl
 
 from lowering import kernels as K
-from lowering.constants import value_table
+from lowering.constants import KernelConstants, lower, unsupported_reason, value_table
 from qformats import Format
 
 from . import collectives
@@ -92,7 +92,6 @@ __all__ = [
     "plan",
     "shutdown",
     "simulate",
-    "unsupported_reason",
 ]
 
 # When the fused path pays (measured on 2xH200 NVLink by benchmarks/allreduce_gpu.py, see
@@ -125,11 +124,10 @@ def _align(n: int, a: int = ALIGN) -> int:
     return -(-int(n) // a) * a
 
 
-def unsupported_reason(fmt: Format) -> str | None:
-    """Why the fused kernels cannot carry ``fmt`` (None if they can)."""
-    from lowering.constants import unsupported_reason as lowering_reason
-
-    why = lowering_reason(fmt)
+def _not_fused(fmt: Format) -> str | None:
+    """Why the fused kernels cannot carry ``fmt`` (None if they can): lowering's answer, plus the
+    per-tensor scale, which needs a global absmax pass."""
+    why = unsupported_reason(fmt)
     if why:
         return why
     if fmt.tensor_scale:
@@ -170,6 +168,7 @@ class Plan:
     slots_offset: int
     reduced_offset: int
     need: int
+    kc: KernelConstants | None = None  # the lowered format at this width (fused plans): lowered once
 
     @property
     def fused(self) -> bool:
@@ -203,7 +202,7 @@ def buffer_bytes(max_tokens: int, hidden: int, fmts: Sequence, world: int, algor
     need = ALIGN
     for f in fmts:
         f = resolve_format(f)
-        if f is None or unsupported_reason(f):
+        if f is None or _not_fused(f):
             continue
         rows = max_tokens if algorithm == "gather" else -(-max_tokens // world) * world
         need = max(need, _layout(algorithm, mode, world, rows, hidden, f)[-1])
@@ -251,7 +250,7 @@ def plan(shape, dtype: torch.dtype, fmt, world: int, *, capacity: int, min_bytes
         return other("plain", f"{numel * itemsize} bytes < min_bytes {min_bytes}")
     if max_bytes is not None and numel * itemsize > max_bytes:
         return other("plain", f"{numel * itemsize} bytes > {max_bytes}: the fused path does not pay there")
-    why = unsupported_reason(fmt)
+    why = _not_fused(fmt)
     if why:
         return other("nccl", why)
     if device_type != "cuda":
@@ -263,7 +262,7 @@ def plan(shape, dtype: torch.dtype, fmt, world: int, *, capacity: int, min_bytes
     c, n, slot, so, ro, need = _layout(algorithm, mode, world, rows, width, fmt)
     if need > capacity:
         return other("nccl", f"needs {need} bytes of symmetric buffer, has {capacity}")
-    return Plan("fused", "", algorithm, mode, world, rows, width, c, n, slot, so, ro, need)
+    return Plan("fused", "", algorithm, mode, world, rows, width, c, n, slot, so, ro, need, lower(fmt, width, device_type))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,12 +324,6 @@ def _steps(p: Plan, x2: torch.Tensor, kc, bufs: Sequence[torch.Tensor], ptrs: to
     yield
 
 
-def _lower(fmt: Format, width: int, device):
-    from lowering.constants import lower
-
-    return lower(fmt, width, device)
-
-
 def simulate(shards: Sequence[torch.Tensor], fmt, *, algorithm: str | None = None, mode: str = "pull",
              poison: int = 0xA5) -> list[torch.Tensor]:
     """Run the fused kernel sequence of every rank in one process over W ordinary buffers.
@@ -351,11 +344,10 @@ def simulate(shards: Sequence[torch.Tensor], fmt, *, algorithm: str | None = Non
     p = plan(x.shape, x.dtype, fmt, W, capacity=cap, algorithm=algorithm, mode=mode, device_type="cuda")
     if not p.fused:
         raise ValueError(f"not a fused plan: {p.kind} ({p.reason})")
-    kc = _lower(fmt, p.width, x.device)
     bufs = [torch.full((cap,), poison, dtype=torch.uint8, device=x.device) for _ in range(W)]
     ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device=x.device)
     outs = [torch.empty((p.rows, p.width), dtype=x.dtype, device=x.device) for _ in range(W)]
-    gens = [_steps(p, rows_view(shards[r]), kc, bufs, ptrs, r, outs[r]) for r in range(W)]
+    gens = [_steps(p, rows_view(shards[r]), p.kc, bufs, ptrs, r, outs[r]) for r in range(W)]
     alive = True
     while alive:
         alive = False
@@ -425,8 +417,8 @@ class FusedAllReduce:
         self._pads = torch.tensor(list(h.signal_pad_ptrs), dtype=torch.int64, device=self.device)
         for f in fmts:  # the decode tables reach the GPU now, not inside a CUDA-graph capture
             f = resolve_format(f)
-            if f is not None and not unsupported_reason(f):
-                value_table(_lower(f, hidden, self.device), self.device)
+            if f is not None and not _not_fused(f):
+                value_table(lower(f, hidden, self.device), self.device)
         torch.cuda.synchronize(self.device)
         dist.barrier(group=self.group)
         self.closed = False
@@ -434,14 +426,16 @@ class FusedAllReduce:
         collectives.register_fused(group_name, self)  # serves tp.all_reduce(..., algorithm="fused")
 
     def plan(self, x: torch.Tensor, fmt) -> Plan:
+        """The (cached) plan of ``ar(x, fmt)``."""
+        fmt = resolve_format(fmt)
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         key = (tuple(x.shape), x.dtype, str(fmt), self.algorithm, self.mode, x.device.type, self.min_bytes,
                capturing)
         p = self._plans.get(key)
         if p is None:
-            check_tensor(x, resolve_format(fmt))
+            check_tensor(x, fmt)
             if self.world > 1 and not capturing:  # first sight of this call: do all ranks make it? (docstring)
-                collectives._validate_across_ranks(x, resolve_format(fmt), "all_reduce", "fused", self.group, self.world)
+                collectives._validate_across_ranks(x, fmt, "all_reduce", "fused", self.group, self.world)
             if self.min_bytes is None:
                 lo, hi = auto_window(fmt, capturing)
             else:
@@ -474,8 +468,7 @@ class FusedAllReduce:
             return collectives.all_reduce(x, fmt, self.group, algorithm=p.algorithm, codec=self.nccl_codec)
         x2 = rows_view(x)
         out = torch.empty((p.rows, p.width), dtype=x.dtype, device=x.device)
-        kc = _lower(fmt, p.width, x.device)
-        for k, _ in enumerate(_steps(p, x2, kc, self._bufs, self._ptrs, self.rank, out)):
+        for k, _ in enumerate(_steps(p, x2, p.kc, self._bufs, self._ptrs, self.rank, out)):
             self.barrier(k)
         return out.reshape(x.shape)
 

@@ -363,12 +363,12 @@ def run_eval(
     # ---- configurations (validated before any forward pass)
     from lowering.torch_codec import TorchCodec
 
-    from ..comm.collectives import Codec, get_codec, set_codec
+    from ..comm.collectives import ReferenceCodec, get_codec, set_codec
 
     emu = emulate_tp(model)
     # The reference codec is replaced by its bitwise-equal fast twin (~4-25x on CPU); a codec
     # the caller installed on purpose (e.g. lowering.LoweredCodec on a GPU) is kept.
-    mine = TorchCodec() if type(get_codec()) is Codec else get_codec()
+    mine = TorchCodec() if type(get_codec()) is ReferenceCodec else get_codec()
     old_codec = set_codec(mine)
     try:
         configs: list[_Config] = []

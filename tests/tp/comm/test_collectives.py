@@ -122,7 +122,7 @@ def test_all_gather_and_reduce_scatter(world):
         assert torch.allclose(results[r][("rs", None)].float(), exact, rtol=2e-2, atol=2e-2)
 
 
-class CountingCodec(tp.Codec):
+class CountingCodec(tp.ReferenceCodec):
     """The reference arithmetic plus a visible change (decode adds 1), to prove the seam is used."""
 
     name = "counting"
@@ -156,7 +156,7 @@ def test_set_codec_rejects_incomplete_objects():
 
 
 # ---- bad input: every rank raises the same clear error, nobody hangs ---------------------------
-class ShortCodec(tp.Codec):
+class ShortCodec(tp.ReferenceCodec):
     def encode(self, x, fmt):
         return super().encode(x, fmt)[:-1]
 

@@ -146,3 +146,13 @@ def test_launcher_prints_ttft_and_output(capsys):
     out = capsys.readouterr().out
     assert "time to first token:" in out and "TP=2 (emulated)" in out and "fp4_e2m1/b32/e8m0" in out
     assert len(out.split("output:")[1].split()) == 3
+
+
+def test_launcher_reads_a_policy_file(capsys, tmp_path):
+    from tp.model.launch import main
+
+    path = tmp_path / "policy.json"
+    tp.CommPolicy("int4_b32", min_bytes=0, rules=(tp.Rule("mxfp8_e4m3", kind="mlp"),)).to_file(path)
+    assert main(["--model", "tiny", "--policy", str(path), "--emulate", "2", "--max-new-tokens", "1", "--prompt", "hi"]) == 0
+    out = capsys.readouterr().out
+    assert "communication: fmt=int4/b32/e8m0, algorithm=gather, min_bytes=0, 1 rules" in out

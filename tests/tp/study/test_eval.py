@@ -414,9 +414,9 @@ def test_cli_arguments_and_errors(capsys, tmp_path):
     a = p.parse_args(["--formats", "bf16,mxfp4", "--tp", "2,8", "--layer-format", "0=bf16", "--sites", "mlp",
                       "--text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
     assert a.formats == ["bf16", "mxfp4"] and a.tp == [2, 8] and a.layer_format == ["0=bf16"]
-    assert main_eval(a) == 2  # the model loads (or fails) first: either way a clear message, exit 2
+    assert main_eval(a) == 2  # the text is read before the model: a missing file fails first, exit 2
     err = capsys.readouterr().err
-    assert err.startswith("qformats eval: ") and ("--text" in err or "--model" in err)
+    assert err.startswith("qformats eval: --text ") and "no such file" in err
 
 
 # ----------------------------------------------------------------------------- the real path

@@ -65,6 +65,7 @@ import math
 import os
 import threading
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -344,6 +345,7 @@ def simulate(shards: Sequence[torch.Tensor], fmt, *, algorithm: str | None = Non
     p = plan(x.shape, x.dtype, fmt, W, capacity=cap, algorithm=algorithm, mode=mode, device_type="cuda")
     if not p.fused:
         raise ValueError(f"not a fused plan: {p.kind} ({p.reason})")
+    p = dataclasses.replace(p, kc=lower(fmt, p.width, x.device))  # planned as CUDA, lowered for where it runs
     bufs = [torch.full((cap,), poison, dtype=torch.uint8, device=x.device) for _ in range(W)]
     ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device=x.device)
     outs = [torch.empty((p.rows, p.width), dtype=x.dtype, device=x.device) for _ in range(W)]

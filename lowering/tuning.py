@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-MEASURED_ON = "NVIDIA H200 (benchmarks/results/codec_h200_sweep.log)"
+MEASURED_ON = "NVIDIA H200 (benchmarks/results/codec_h200_sweep_tile_*.jsonl)"
 # (elements per program, num_warps) per step
 GPU_TILES = {
     "quantize": (4096, 4),

@@ -4,17 +4,15 @@ import sys
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="qformats", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("formats", help="list every preset with bits/value, compression, max normal, error bound")
     p = sub.add_parser("inspect", help="explain one format (any spec string or preset name)")
     p.add_argument("spec")
-    try:
-        from .study import eval as eval_job
-    except ImportError as exc:  # eval needs the [eval] extras
-        eval_job, eval_error = None, exc
-    if eval_job is not None:
-        eval_job.add_eval_arguments(sub.add_parser("eval", help="perplexity under compressed TP all-reduce"))
+    from .study import eval as eval_job  # light: transformers, tqdm and matplotlib are imported when the job runs
+
+    eval_job.add_eval_arguments(sub.add_parser("eval", help="perplexity under compressed TP all-reduce"))
     args = parser.parse_args(argv)
     if args.cmd == "formats":
         from qformats.describe import format_table
@@ -29,7 +27,7 @@ def main(argv=None) -> int:
             print(f"qformats inspect: {exc}", file=sys.stderr)
             return 2
     elif args.cmd == "eval":
-        return eval_job.main_eval(args) or 0
+        return eval_job.main_eval(args, argv[argv.index("eval") + 1:]) or 0
     return 0
 
 

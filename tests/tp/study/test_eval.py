@@ -329,16 +329,21 @@ def test_make_windows():
         make_windows(tok, text, 40, 100)
 
 
+def _tiny_run_kwargs(seed=1):
+    text = assets.TextData(synthetic_text(seed=seed), synthetic_text(seed=seed + 1), "synthetic")
+    return dict(model=tiny_llama(layers=2), tokenizer=WordTokenizer(), text=text, progress=False)
+
+
 def test_run_eval_bookkeeping_on_tiny_model(tmp_path):
-    m = tiny_llama(layers=2)
-    tok = WordTokenizer()
-    text = assets.TextData(synthetic_text(seed=1), synthetic_text(seed=2), "synthetic")
-    recs = run_eval(model=m, tokenizer=tok, text=text, formats=["bf16", "mxfp4", "outlier_int4"], tp=[2, 4],
+    kw = _tiny_run_kwargs()
+    m, tok, text = kw["model"], kw["tokenizer"], kw["text"]
+    recs = run_eval(formats=["bf16", "mxfp4", "outlier_int4", "flash_int4"], tp=[2, 4],
                     algorithms=["gather", "two_shot"], tokens=96, window=48, calib_tokens=96, out=tmp_path,
-                    skip_last=1, progress=False)
-    assert len(recs) == 2 + 2 * 2 * 2
-    base = [r for r in recs if r["baseline"]]
-    assert [r["tp"] for r in base] == [2, 4] and all(r["format"] == "bf16" and r["kl"] == 0 for r in base)
+                    skip_last=1, command="qformats eval --test", **kw)
+    assert len(recs) == 1 + 3 * 2 * 2
+    base = recs[0]
+    assert base["baseline"] and base["tp"] == 1 and base["kl"] == 0 and base["top1_agreement"] == 1
+    assert not any(r["baseline"] for r in recs[1:])
 
     # baseline perplexity, recomputed independently on the same windows
     wins, scored = make_windows(tok, text.eval_text, 2, 48)
@@ -349,7 +354,7 @@ def test_run_eval_bookkeeping_on_tiny_model(tmp_path):
             nll -= lp.gather(-1, w[0, 1:, None]).sum().item()
             n += w.shape[1] - 1
     assert n == 96 and all(r["tokens"] == 96 for r in recs)
-    assert base[0]["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-9)
+    assert base["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-9)
 
     # one compressed configuration, recomputed independently
     r = next(r for r in recs if r["format"] == "fp4_e2m1/b32/e8m0" and r["tp"] == 4 and r["algorithm"] == "two_shot")
@@ -372,7 +377,9 @@ def test_run_eval_bookkeeping_on_tiny_model(tmp_path):
     assert r["kl"] == pytest.approx(kl / n, rel=1e-9) and r["kl"] > 0
     assert r["top1_agreement"] == pytest.approx(agree / n)
     assert r["perplexity"] == pytest.approx(math.exp(cnll / n), rel=1e-9)
-    assert r["ppl_change_pct"] == pytest.approx(100 * (r["perplexity"] / base[0]["perplexity"] - 1), rel=1e-9)
+    assert r["ppl_change_pct"] == pytest.approx(100 * (r["perplexity"] / base["perplexity"] - 1), rel=1e-9)
+    lo, hi = r["ppl_change_ci"]
+    assert lo <= r["ppl_change_pct"] <= hi and r["kl_ci"][0] <= r["kl"] <= r["kl_ci"][1]
 
     out = [r for r in recs if r["name"] == "outlier_int4"]
     # 2 of 4 sites compressed (layer 1 skipped): (2 * b + 2 * 16) / 4 with 4 < b < 5 (int4 + bf16 outliers)
@@ -380,29 +387,166 @@ def test_run_eval_bookkeeping_on_tiny_model(tmp_path):
     assert {r["calibration"]["scale_from"] for r in out} == {"max", "sum"}
 
     data = json.loads((tmp_path / "results.json").read_text())
-    need = {"format", "tp", "algorithm", "bits_per_value", "perplexity", "ppl_change_pct", "kl", "top1_agreement", "tokens", "policy"}
-    assert len(data) == len(recs) and all(need <= set(d) for d in data)
+    run, rows = data["run"], data["records"]
+    assert run["command"] == "qformats eval --test" and run["complete"] and run["threads"] == 1
+    assert "commit" in run and "version" in run and run["tokens"] == 96
+    need = {"format", "tp", "algorithm", "bits_per_value", "perplexity", "ppl_change_pct", "ppl_change_ci", "kl",
+            "kl_ci", "top1_agreement", "tokens", "policy", "seconds"}
+    assert len(rows) == len(recs) and all(need <= set(d) for d in rows)
+    assert all(d["seconds"] > 0 for d in rows)
     assert (tmp_path / "results.csv").read_text().count("\n") == len(recs) + 1
     assert (tmp_path / "plot.png").stat().st_size > 10_000
     table = format_table(recs)
-    assert "outlier_int4" in table and len(table.splitlines()) == len(recs) + 2
+    assert table.count("bf16 (baseline)") == 1 and "outlier_int4" in table
+    # flash_int4's 128-blocks on this model's 64-wide rows are padded: marked, and explained once
+    fl = next(r for r in recs if r["name"] == "flash_int4")
+    assert fl["nominal_bits_per_value"] == pytest.approx(4.25) and fl["bits_per_value"] > 4.25 + 16 / 4
+    assert "* bits on this model's rows" in table and "flash_int4 4.25" in table
+    assert "gather: " in table and "two_shot: " in table and "KL: " in table and "top1: " in table
 
 
-def test_run_eval_bad_inputs():
-    m = tiny_llama()
-    tok = WordTokenizer()
-    text = assets.TextData(synthetic_text(), synthetic_text(seed=3), "synthetic")
-    kw = dict(model=m, tokenizer=tok, text=text, tokens=48, window=48, progress=False)
-    with pytest.raises(ValueError, match=r"(?s)unknown format.*fp9.*valid"):
-        run_eval(formats=["bf16", "fp9"], **kw)
-    with pytest.raises(ValueError, match="unknown algorithm"):
-        run_eval(formats=["mxfp4"], algorithms=["ring"], **kw)
+def _count_forwards(monkeypatch):
+    import tp.study.eval as ev
+
+    calls = []
+    real = ev._forward_logits
+
+    def counted(model, ids, scored):
+        calls.append(torch.get_num_threads())
+        return real(model, ids, scored)
+
+    monkeypatch.setattr(ev, "_forward_logits", counted)
+    return calls
+
+
+def test_run_eval_writes_each_configuration_and_resumes(tmp_path, monkeypatch):
+    import tp.study.eval as ev
+
+    kw = dict(tp=[2], algorithms=["gather"], tokens=144, window=48)
+    fmts = ["mxfp4", "int4_b64", "mxfp8_e4m3"]
+    full = run_eval(formats=fmts, out=tmp_path / "a", **kw, **_tiny_run_kwargs())
+
+    written = []
+    real_write = ev.write_outputs
+    monkeypatch.setattr(ev, "write_outputs", lambda recs, out, run=None, plot=True: written.append(
+        (len(recs), run["complete"])) or real_write(recs, out, run, plot))
+    calls = _count_forwards(monkeypatch)
+    out = tmp_path / "b"
+    run_eval(formats=fmts, out=out, **kw, **_tiny_run_kwargs())
+    # results rewritten after each finished configuration (baseline + 1, + 2, + 3), then once complete
+    assert written == [(2, False), (3, False), (4, False), (4, True)]
+    assert len(calls) == 3 * 4 and set(calls) == {1}  # 3 windows x (baseline + 3), one CPU thread
+
+    # stopped after the first configuration and one window of the second, the last line cut short
+    prog = out / "progress.jsonl"
+    lines = prog.read_text().splitlines()
+    assert len(lines) == 1 + 3 * 4
+    prog.write_text("\n".join(lines[:1 + 3 + 3 + 1]) + "\n" + lines[8][:20])
+    calls.clear()
+    resumed = run_eval(formats=fmts, out=out, **kw, **_tiny_run_kwargs())
+    assert len(calls) == 1 + 3 + 2 + 3  # same-model check, baseline again (for KL), int4_b64 2 windows, mxfp8
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert strip(resumed) == strip(full)
+
+    # a finished run: adding a format runs only what is missing
+    calls.clear()
+    more = run_eval(formats=fmts + ["nvfp4"], out=out, **kw, **_tiny_run_kwargs())
+    assert len(calls) == 1 + 3 + 3 and strip(more[:4]) == strip(full) and more[4]["name"] == "nvfp4"
+    calls.clear()
+    run_eval(formats=fmts, out=out, **kw, **_tiny_run_kwargs())
+    assert len(calls) == 1  # everything is done: only the same-model check runs
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(.*tokens: 144 there, 96 now"):
+        run_eval(formats=fmts, out=out, **{**kw, "tokens": 96}, **_tiny_run_kwargs())
+    with pytest.raises(ValueError, match="the model, text or software changed"):
+        run_eval(formats=["mxfp4"], out=out, **kw, **{**_tiny_run_kwargs(), "model": tiny_llama(seed=5)})
+
+
+def test_bootstrap_ci():
+    from tp.study.eval import bootstrap_ci
+
+    base = [WindowScore(nll=100.0 + i, kl=0.0, agree=10, tokens=10) for i in range(8)]
+    # every window 5% worse in perplexity: the interval is that point, whatever is drawn
+    same = [WindowScore(nll=b.nll + 10 * math.log(1.05), kl=0.2, agree=9, tokens=10) for b in base]
+    ci = bootstrap_ci(base, same)
+    assert ci["ppl_change_pct"] == pytest.approx((5.0, 5.0)) and ci["kl"] == pytest.approx((0.02, 0.02))
+    # mixed windows: the interval brackets the estimate, lies within the per-window extremes,
+    # is deterministic, and narrows with a lower level
+    mixed = [WindowScore(nll=b.nll + 10 * math.log(1 + d / 100), kl=d / 100, agree=9, tokens=10)
+             for b, d in zip(base, [0, 1, 2, 3, 4, 5, 6, 20])]
+    ci = bootstrap_ci(base, mixed)
+    point = metrics(_sum(mixed), _sum(base))
+    lo, hi = ci["ppl_change_pct"]
+    assert 0 <= lo < point["ppl_change_pct"] < hi <= 20 and lo < hi
+    assert ci == bootstrap_ci(base, mixed)
+    lo50, hi50 = bootstrap_ci(base, mixed, level=0.5)["ppl_change_pct"]
+    assert lo <= lo50 and hi50 <= hi and (hi50 - lo50) < (hi - lo)
+    assert bootstrap_ci(base[:1], mixed[:1]) is None
+    with pytest.raises(ValueError, match="windows"):
+        bootstrap_ci(base, mixed[:3])
+
+
+def _sum(scores):
+    acc = WindowScore()
+    for s in scores:
+        acc += s
+    return acc
+
+
+def test_verdict_and_pareto_front():
+    from tp.study.eval import pareto_front, verdict
+
+    assert verdict((0.2, 0.8)) == "within 1%"
+    assert verdict((1.2, 2.5)) == "within 3%, not 1%"
+    assert verdict((0.5, 2.5)) == "within 3%"
+    assert verdict((3.5, 9.0)) == "over 3%"
+    assert verdict((1.5, 4.0)) == "over 1%"
+    assert verdict((0.5, 4.0)) == "unresolved"
+    assert verdict(None) == "-"
+    pts = [(8.25, 1.0), (4.5, 3.0), (4.25, 24.0), (4.72, 50.0), (4.19, 33.0), (6.25, 4.0)]
+    assert pareto_front(pts) == [4, 2, 1, 0]  # 4.72 (beaten by 4.5) and 6.25 (by 4.5) are not on it
+
+
+def test_run_eval_bad_inputs(monkeypatch):
+    # every argument is checked before the model or the text is loaded
+    def no_load(*a, **k):
+        raise AssertionError("loaded before the arguments were checked")
+
+    monkeypatch.setattr(assets, "load_model", no_load)
+    monkeypatch.setattr(assets, "load_text", no_load)
+    kw = dict(tokens=48, window=48, progress=False)
+    cases = [
+        (dict(formats=["bf16", "fp9"]), r"(?s)--formats: unknown format.*fp9.*valid"),
+        (dict(formats=""), "--formats names no compressed format"),
+        (dict(formats=["bf16"]), "--formats names no compressed format"),
+        (dict(formats=["mxfp4"], algorithms=["ring"]), "unknown algorithm"),
+        (dict(formats=["mxfp4"], tp=[0]), "--tp: each TP degree must be a positive integer, got 0"),
+        (dict(formats=["mxfp4"], tp=[]), "--tp names no TP degree"),
+        (dict(formats=["mxfp4"], layer_formats=["0:mxfp8"]), "LAYER=FORMAT"),
+        (dict(formats=["mxfp4"], layer_formats=["0=garbage"]), r"--layer-format 0=garbage: .*garbage"),
+        (dict(formats=["mxfp4"], tokens=0), "--tokens must be a positive integer"),
+        (dict(formats=["mxfp4"], window=1), "--window must be at least 2"),
+        (dict(formats=["mxfp4"], calib_clip=-1.0), "--calib-clip"),
+        (dict(formats=["mxfp4"], threads=0), "--threads"),
+        (dict(formats=["mxfp4"], uneven="maybe"), "--uneven"),
+        (dict(formats=["mxfp4"], sites="attention"), "--sites"),
+    ]
+    for extra, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            run_eval(**{**kw, **extra})
+
+    # the checks that need the model run after loading it, before any forward pass
+    monkeypatch.undo()
+    calls = _count_forwards(monkeypatch)
+    kw = {**_tiny_run_kwargs(), "tokens": 48, "window": 48}
     with pytest.raises(ValueError, match="do not divide evenly"):
         run_eval(formats=["mxfp4"], tp=[3], uneven="error", **kw)
     with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
         run_eval(formats=["mxfp4"], **{**kw, "tokens": 600, "window": 600})
-    with pytest.raises(ValueError, match="LAYER=FORMAT"):
-        run_eval(formats=["mxfp4"], layer_formats=["0:mxfp8"], **kw)
+    with pytest.raises(ValueError, match=r"--formats fp4_e2m1/b32/e8m0\+o\[5000\]: .*rows of 64 .*64 wide"):
+        run_eval(formats=["fp4_e2m1/b32/e8m0+o[5000]"], **kw)
+    with pytest.raises(ValueError, match=r"--layer-format: rule layer 7: layers \(7, 8\) out of range for a 2-layer model"):
+        run_eval(formats=["mxfp4"], layer_formats=["7=bf16"], **kw)
+    assert calls == []
 
 
 def test_cli_arguments_and_errors(capsys, tmp_path):
@@ -410,13 +554,38 @@ def test_cli_arguments_and_errors(capsys, tmp_path):
 
     p = add_eval_arguments(argparse.ArgumentParser())
     a = p.parse_args([])
-    assert a.tp == [2, 4, 8] and a.algorithms == ["gather", "two_shot"] and "mxfp4" in a.formats
+    assert a.tp == [8] and a.algorithms == ["gather"] and "mxfp4" in a.formats and a.tokens == 3072
     a = p.parse_args(["--formats", "bf16,mxfp4", "--tp", "2,8", "--layer-format", "0=bf16", "--sites", "mlp",
                       "--text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
     assert a.formats == ["bf16", "mxfp4"] and a.tp == [2, 8] and a.layer_format == ["0=bf16"]
     assert main_eval(a) == 2  # the text is read before the model: a missing file fails first, exit 2
     err = capsys.readouterr().err
-    assert err.startswith("qformats eval: --text ") and "no such file" in err
+    assert "qformats eval: --text" in err and "no such file" in err
+    a = p.parse_args(["--formats", "", "--out", str(tmp_path / "o")])
+    assert main_eval(a) == 2 and "no compressed format" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        p.parse_args(["--tp", "two"])
+    assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_cli_start_does_not_import_transformers():
+    """`qformats --help`, `formats`, `inspect` and `eval --help` stay fast: no transformers, tqdm-free
+    eval import, no matplotlib (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\n"
+        "from tp.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['formats']) == 0 and main(['inspect', 'mxfp4']) == 0\n"
+        "    for argv in (['--help'], ['eval', '--help']):\n"
+        "        try:\n            main(argv)\n        except SystemExit as e:\n            assert e.code == 0\n"
+        "heavy = [m for m in ('transformers', 'matplotlib', 'accelerate', 'gguf') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- the real path
@@ -429,9 +598,10 @@ def test_smoke_real_model_and_text(tmp_path):
     recs = run_eval(formats=["bf16", "mxfp4"], tp=[2], algorithms=["gather"], tokens=1024, window=256,
                     out=tmp_path, progress=False)
     base, comp = recs
-    assert base["tokens"] == comp["tokens"] == 1024
+    assert base["tokens"] == comp["tokens"] == 1024 and base["baseline"]
     assert 5 < base["perplexity"] < 500, base
     assert comp["perplexity"] != base["perplexity"] and comp["kl"] > 0
     assert abs(comp["ppl_change_pct"]) < 50  # mxfp4 degrades, it does not destroy
     assert comp["heads_per_rank"] == [5, 4]  # SmolLM2's 9 heads over 2 ranks
-    assert (tmp_path / "results.json").exists()
+    assert json.loads((tmp_path / "results.json").read_text())["run"]["complete"]
+    assert comp["ppl_change_ci"][0] < comp["ppl_change_pct"] < comp["ppl_change_ci"][1]

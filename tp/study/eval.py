@@ -11,16 +11,17 @@ agreement, bits per value on the wire and the compression ratio against bf16.
 
 The default asks one question: at TP=8 (the largest single-node degree of the
 papers, the hardest case for a small model), which of the papers' formats keep
-perplexity within +1% / +3% of the baseline? 5 configurations on 3072 tokens
-(24 windows: the intervals of the 4-bit formats are a few points wide).
+perplexity within +1% / +3% of the baseline? 5 configurations on 2048 tokens
+(16 windows of 128: the intervals are about +-1 point for mxfp8, +-3 for the
+4-bit formats; --tokens 65536 narrows them ~6x).
 
 Use :func:`run_eval` from Python or ``qformats eval`` from the shell
 (:func:`add_eval_arguments` / :func:`main_eval`). Cost: one forward pass per
 window for the baseline plus one per window per configuration, plus the
 calibration passes of the outlier-aware format (once per TP degree); README
 states the measured wall time of the default. The baseline's logits of up to
-``BASELINE_LOGITS_BYTES`` are held in memory (3072 tokens x 49k vocabulary:
-0.6 GB) so that configurations run one after the other.
+``BASELINE_LOGITS_BYTES`` are held in memory (2048 tokens x 49k vocabulary:
+0.4 GB) so that configurations run one after the other.
 
 Evaluation protocol: the text is cut into ``tokens / window`` windows that
 start at paragraph boundaries spread evenly over the evaluation text (never
@@ -100,7 +101,7 @@ DEFAULT_FORMATS = (
 )
 DEFAULT_TP = (8,)
 DEFAULT_ALGORITHMS = ("gather",)
-DEFAULT_TOKENS = 3072
+DEFAULT_TOKENS = 2048
 DEFAULT_WINDOW = 128
 DEFAULT_CALIB_TOKENS = 1024
 # Static INT4 scales of the outlier format cap each feature's range at this many RMS of its
@@ -314,7 +315,8 @@ class _Config:
     @property
     def key(self) -> str:
         """Identity of this configuration's scores in progress.jsonl."""
-        return json.dumps([self.name, self.tp, self.algorithm, self.knobs.to_dict()], sort_keys=True)
+        fmt = "calibrated" if self.calibrated else format_label(self.policy.fmt)
+        return json.dumps([self.name, fmt, self.tp, self.algorithm, self.knobs.to_dict()], sort_keys=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,6 +353,8 @@ class _Plan:
 
 
 def _as_list(v, what: str) -> list:
+    if isinstance(v, int) and not isinstance(v, bool):  # tp=8
+        return [v]
     if isinstance(v, str):
         return [p for p in (s.strip() for s in v.split(",")) if p]
     try:

@@ -815,6 +815,7 @@ def run_eval(
     """
     from . import assets
 
+    t_start = time.time()
     plan = _validate(formats, tp, algorithms, tokens, window, skip_first, skip_last, sites, layer_formats,
                      calib_tokens, uneven, calib_clip, device, threads)
     if isinstance(text, assets.TextData):
@@ -831,13 +832,13 @@ def run_eval(
     emu = emulate_tp(model)
     try:
         with _cpu_threads(plan) as nthreads, _fast_codec():
-            return _run(plan, model, tokenizer, emu, textdata, model_desc, out, progress, nthreads, command)
+            return _run(plan, model, tokenizer, emu, textdata, model_desc, out, progress, nthreads, command, t_start)
     finally:
         emu.remove()
 
 
-def _run(plan: _Plan, model, tokenizer, emu, textdata, model_desc, out, show_progress, nthreads, command) -> list[dict]:
-    t_start = time.time()
+def _run(plan: _Plan, model, tokenizer, emu, textdata, model_desc, out, show_progress, nthreads, command,
+         t_start) -> list[dict]:
     _check_model(plan, model, tokenizer, emu)
     bos = _bos_id(tokenizer)
     n_windows = math.ceil(plan.tokens / (plan.window if bos is not None else plan.window - 1))
@@ -861,8 +862,8 @@ def _run(plan: _Plan, model, tokenizer, emu, textdata, model_desc, out, show_pro
         bar.write(f"[qformats] resuming {out}: {progress.resumed} window scores already done", file=sys.stderr)
 
     configs, calibrations = _calibrate(plan, model, emu, tokenizer, textdata, configs, bar)
-    run = {"command": command, "version": _package_version(), "commit": _git_commit(), "started": _dt.datetime.now().isoformat(timespec="seconds"),
-           "threads": nthreads, "confidence": CONFIDENCE, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
+    run = {"command": command, "version": _package_version(), "commit": _git_commit(),
+           "started": _dt.datetime.fromtimestamp(t_start).isoformat(timespec="seconds"), "threads": nthreads, "confidence": CONFIDENCE, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
            "targets_pct": list(TARGETS_PCT), **identity}
     finished: dict[str, dict] = {}
 
@@ -882,6 +883,7 @@ def _run(plan: _Plan, model, tokenizer, emu, textdata, model_desc, out, show_pro
     bar.close()
     recs = records()
     if out is not None:
+        # seconds_total: from the call (loading the model and text included) to the last record
         write_outputs(recs, out, {**run, "complete": True, "seconds_total": round(time.time() - t_start, 1)})
     return recs
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,12 @@ EXPECT = {
     "all_reduce.py": "== emulate_all_reduce: True",
     "compile_tp_model.py": "compiled == eager tp.all_reduce: True",
     "fused_all_reduce.py": "fused mxfp4 all-reduce at TP=2",
+    "dtensor_mlp.py": "True",
+    "hf_tp.py": "tensor([",
 }
 NEEDS_GPUS = {"fused_all_reduce.py": 2}
+TORCHRUN = {"dtensor_mlp.py": 2, "hf_tp.py": 2}  # CPU ranks under torchrun (gloo)
+ARGS = {"hf_tp.py": ["tiny-llama"]}  # made by README's `python -c ...` line before it runs
 
 
 def _env() -> dict:
@@ -34,10 +39,22 @@ def _env() -> dict:
     return env
 
 
-def _run(cmd: list[str]) -> str:
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, f"{shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
+def _run(cmd: list[str], cwd: Path = ROOT) -> str:
+    """Run ``cmd`` in its own session; on timeout kill the whole session (torchrun's ranks too)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{shlex.join(cmd)} did not finish in {TIMEOUT} s:\n{out[-2000:]}\n{err[-2000:]}")
+    assert proc.returncode == 0, f"{shlex.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-3000:]}"
+    return out
+
+
+def _torchrun(n: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}"]
 
 
 def _blocks(lang: str) -> list[str]:
@@ -55,13 +72,26 @@ def test_examples_are_known_and_named_in_readme():
         assert f"examples/{n}" in README, f"README does not mention examples/{n}"
 
 
+def _setup_command(name: str) -> list[str]:
+    """README's `python -c ...` line that makes what an example's argument names."""
+    for block in _blocks("bash"):
+        for line in block.splitlines():
+            if line.startswith("python -c ") and ARGS[name][0] in line:
+                return [sys.executable] + shlex.split(line)[1:]
+    raise AssertionError(f"README has no `python -c` line that makes {ARGS[name][0]}")
+
+
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
-def test_example_runs(script):
-    gpus = NEEDS_GPUS.get(script.name, 0)
+def test_example_runs(script, tmp_path):
+    name = script.name
+    gpus = NEEDS_GPUS.get(name, 0)
     if gpus and torch.cuda.device_count() < gpus:
         pytest.skip(f"needs {gpus} CUDA GPUs")
-    cmd = ["torchrun", f"--nproc-per-node={gpus}", str(script)] if gpus else [sys.executable, str(script)]
-    assert EXPECT[script.name] in _run(cmd)
+    ranks = gpus or TORCHRUN.get(name, 0)
+    cmd = (_torchrun(ranks) if ranks else [sys.executable]) + [str(script)] + ARGS.get(name, [])
+    if name in ARGS:
+        _run(_setup_command(name), cwd=tmp_path)
+    assert EXPECT[name] in _run(cmd, cwd=tmp_path)
 
 
 def test_readme_python_blocks_are_excerpts_of_examples():
@@ -98,7 +128,7 @@ def test_readme_demo_command_compresses(command):
     if argv[0] == "python":
         argv[0] = sys.executable
     else:  # torchrun: the same Python's launcher
-        argv = [sys.executable, "-m", "torch.distributed.run"] + argv[1:]
+        argv = _torchrun(1)[:3] + argv[1:]
     out = _run(argv)
     m = re.search(r"all-reduces compressed: (\d+) of (\d+)", out)
     assert m and int(m.group(1)) > 0, out

@@ -7,8 +7,8 @@ scale type or packing: a new preset needs no kernel change, only (at most) a new
 
 Formats the kernels do not implement raise :class:`Unsupported` with the reason; the ops
 (:mod:`lowering.ops`) catch it and run the reference codec instead (an explicit, documented
-fallback, never a silently different result). Today that is: outlier channels (``+o[...]``)
-and static per-feature scales (``static``).
+fallback, never a silently different result). Today that is: outlier channels (``+o[...]``),
+static per-feature scales (``static``) and rotation (``+h{N}``; :data:`ROTATION_NOT_LOWERED`).
 
 Cost: a few microseconds per call (cached per format string, width and device kind).
 """
@@ -49,6 +49,10 @@ _SCALE_NAN = {_SCALES[k]: st.nan_bits for k, st in SCALES.items() if k in _SCALE
 
 def _scale_nan(kind: int) -> int:
     return _SCALE_NAN[kind]
+
+
+ROTATION_NOT_LOWERED = "rotation (+h) is not lowered yet"
+"""Why rotated formats run the reference codec: the kernels do not implement ``qformats.codec.rotate``."""
 
 
 class Unsupported(ValueError):
@@ -163,6 +167,8 @@ def unsupported_reason(fmt) -> str | None:
         return "outlier channels (+o[...]) are not lowered yet"
     if f.scale == "static":
         return "static per-feature scales are not lowered yet"
+    if f.rotation:
+        return ROTATION_NOT_LOWERED
     if f.elem.kind == "float" and (f.elem.ebits > 5 or f.elem.mbits > 5):
         return "float elements wider than e5m5 are not lowered"
     return None

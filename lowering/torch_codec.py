@@ -44,8 +44,10 @@ docstring gives the reasoning), with the constants of :func:`lowering.constants.
   the reference's payloads too, for any wire bytes: scale words go through the reference's
   casts, one buffer at a time (:func:`_load_scales` says why).
 
-Every format the reference supports is exact here, including outlier channels (``+o[...]``)
-and static per-feature scales (``static``) of ``tp.model.calibrate``. The one fallback: formats
+Every format the reference supports is exact here, including outlier channels (``+o[...]``),
+static per-feature scales (``static``) of ``tp.model.calibrate`` and rotation (``+h{N}``: the
+reference's own fp32 butterfly :func:`qformats.codec.rotate` around the unrotated format's
+arithmetic, so the order of its additions is the definition's). The one fallback: formats
 that :func:`lowering.constants.lower` refuses for their element (float elements wider than
 e5m5, which only an ``Element`` built by hand has) run the reference codec, same bytes at
 reference speed; :func:`fallback_reason` says which. CUDA inputs are computed on the CPU
@@ -63,7 +65,8 @@ import torch
 
 import qformats
 from qformats import Format, QTensor, grid, need_format
-from qformats.codec import FP32_MAX, FP32_MIN_SUBNORMAL, SUPPORTED_DTYPES, check_input, saturate_fp32, saturating_cast
+from qformats.codec import (FP32_MAX, FP32_MIN_SUBNORMAL, SUPPORTED_DTYPES, check_input, rotate, saturate_fp32,
+                            saturating_cast)
 from qformats.spec import dims, replace, scale_element
 
 from .constants import (KIND_FLOAT, SCALE_BF16, SCALE_E4M3, SCALE_E8M0, SCALE_FP16, SCALE_FP32,
@@ -90,6 +93,7 @@ class _Plan:
 
     kc: KernelConstants  # element, scale and packing constants of the quantised features
     static: bool
+    rotation: int  # N of +h{N} (0: none), applied here around the unrotated format's plan
     keep: Optional[torch.Tensor]  # int64 indices of the quantised features (outlier formats)
     outliers: Optional[torch.Tensor]  # int64 indices of the outlier features
     static_scales: Optional[torch.Tensor]  # fp32 [padded], 1 on the padding
@@ -112,7 +116,7 @@ def _quantised_format(f: Format) -> Format:
     per-feature scales are applied here), so any scale type stands in."""
     if f.scale == "static":
         return Format(f.elem, 0, "fp32")
-    return replace(f, outliers=()) if f.outliers else f
+    return replace(f, outliers=(), rotation=0) if (f.outliers or f.rotation) else f
 
 
 def fallback_reason(fmt) -> Optional[str]:
@@ -181,7 +185,7 @@ def _plan(f: Format, width: int) -> Optional[_Plan]:
         st[:q] = torch.tensor(f.static_scales, dtype=_F32)
     v32, v64, byte_values, rounded = _element_tables(f.elem)
     return _Plan(
-        kc=kc, static=f.scale == "static", keep=keep, outliers=outl, static_scales=st,
+        kc=kc, static=f.scale == "static", rotation=f.rotation, keep=keep, outliers=outl, static_scales=st,
         values=v32, values64=v64, inf_codes=bool(torch.isinf(v32).any()), maxval=_finite_absmax(v32), byte_values=byte_values, rounded_codes=rounded,
         scale_values=_e4m3_values() if kc.SCALE == SCALE_E4M3 else None, e8m0_values=_e8m0_values(),
         maxn=torch.tensor(kc.MAXN, dtype=_F32), maxn_ts=torch.tensor(kc.MAXN_TS, dtype=_F32),
@@ -493,6 +497,8 @@ def encode(x: torch.Tensor, fmt) -> torch.Tensor:
     if lay.padded > lay.qwidth:  # zero-pad the last block (one copy)
         xq = torch.cat([xq, xq.new_zeros(lay.rows, lay.padded - lay.qwidth)], 1)
     xq = xq.contiguous()
+    if plan.rotation:  # the reference's own fp32 butterfly (its definition), over the padded features
+        xq = rotate(xq, plan.rotation)
     if plan.static:
         parts = [_pack(_static_codes(xq, plan), plan.kc)]
     else:
@@ -567,6 +573,11 @@ def _decode_rows(bufs: torch.Tensor, f: Format, shape: tuple, plan: _Plan) -> tu
                 vals = _code_values(sec["code"], plan, _F32).view(n, lay.rows, lay.nblocks, lay.block)
                 y = saturate(vals.mul_(scale), scale, bound)
         y = y.view(n, lay.rows, lay.padded)
+        if plan.rotation:
+            y = rotate(y, plan.rotation, inverse=True)
+            # a decoded value is 2^-floor(k/2) times a sum of N = 2^k values: at most 2^ceil(k/2) x bound
+            k = plan.rotation.bit_length() - 1
+            bound = bound * 2.0 ** (k - k // 2)
     y = y[:, :, : lay.qwidth]
     if plan.outliers is not None:
         ob = sec["out"].clone(memory_format=torch.contiguous_format)  # a copy: bf16-aligned

@@ -3,7 +3,7 @@
 ``error_bound(x, fmt)`` gives, for every element of ``x``, an upper bound on
 ``|x - quantize_dequantize(x, fmt)|`` from the block's absolute maximum and the format's
 derived constants only (no call into the codec), so tests can hold the codec to it. It holds
-for every format the grammar accepts, for finite ``x`` whose block maxima are at most
+for every format the grammar accepts except rotated ones (``+h``: :func:`error_bound` says why), for finite ``x`` whose block maxima are at most
 :func:`max_amax` (static formats: elements inside their calibrated range), whatever their
 exponent: subnormal inputs, and scales in their type's subnormal range, included.
 
@@ -98,6 +98,14 @@ def error_bound(x: torch.Tensor, fmt, dtype: torch.dtype | None = None) -> torch
     bounded by bf16 rounding.
     """
     fmt = as_format(fmt)
+    if fmt.rotation:
+        raise ValueError(
+            f"error_bound: {fmt} is rotated (+h{fmt.rotation}), which this bound does not cover: the "
+            "quantisation error is bounded per element of the rotated block, and the inverse transform "
+            f"sums {fmt.rotation} of those errors into every decoded value (worst case "
+            f"2^ceil(log2({fmt.rotation})/2) times the largest rotated error), plus its own fp32 roundings; "
+            "bound the rotated coordinates "
+            "(qformats.codec.rotate) with the unrotated format instead")
     dtype = dtype or x.dtype
     amax, keep = _block_amax(x, fmt)
     x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)

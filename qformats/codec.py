@@ -29,6 +29,15 @@ the last block zero-padded):
 * ``static``: fixed per-feature scales (a calibration's); NaN/Inf elements take the otherwise
   unused code -2^(N-1) and decode to NaN; other values saturate.
 
+``+h{N}`` (rotation): after the outliers are split off and the last block is zero-padded, each
+run of N consecutive quantised features is replaced by its Walsh-Hadamard transform
+(:func:`rotate`, fp32, defined exactly there) and the result is encoded as above; decode undoes
+it on the decoded fp32 values (the inverse transform), then cuts the padding off. So the error
+bound, signed zeros and finite-in-finite-out hold for the rotated coordinates, not for the
+decoded values: the inverse spreads each element's error over its run, zeros lose their sign,
+and a run whose butterfly sums pass fp32's range (magnitudes near 2^128 / N) becomes Inf/NaN.
+A NaN/Inf input makes its whole run non-finite, and so its block decodes to all NaN.
+
 Outlier features travel as bf16 (round to nearest even). Signed zeros keep their sign with
 float elements; integer elements have one zero, and zero points are never -0. NaN scales are
 stored as canonical quiet NaNs (``ScaleType.nan_bits``). Decode computes fp32, then casts.
@@ -117,6 +126,39 @@ def saturating_cast(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def rotate(x: torch.Tensor, n: int, inverse: bool = False) -> torch.Tensor:
+    """The ``+h{n}`` transform of fp32 ``x`` over each run of ``n`` consecutive values along the
+    last axis (its length a multiple of ``n``), as a new fp32 tensor. The definition every
+    lowering must match bit for bit:
+
+    * k = log2(n) butterfly stages, s = 0, 1, ..., k-1 in that order. Stage s pairs the
+      positions i and i + 2^s of a run for every i whose bit s is 0 and writes
+      (v[i] + v[i + 2^s], v[i] - v[i + 2^s]) there: one fp32 addition each, rounded to
+      nearest even (so the result is the Sylvester-ordered Hadamard matrix H_n times v).
+    * Then ONE fp32 multiply by a power of two: 2^-ceil(k/2) forward, 2^-floor(k/2) for the
+      inverse. H_n H_n = n I, so inverse(forward(v)) = v in exact arithmetic; forward is the
+      orthonormal H_n / sqrt(n) times 2^-1/2 when k is odd (a power-of-two factor that block
+      scales absorb, so the quantisation error is that of the orthonormal transform) and
+      exactly orthonormal when k is even.
+
+    Cost: k whole-tensor add/sub passes plus one multiply. Use it through the format
+    (``+h{n}``); it is public so that lowerings and tests can apply the same transform."""
+    k = n.bit_length() - 1
+    if n < 2 or n != 1 << k or x.shape[-1] % n:
+        raise ValueError(f"rotate: n={n} must be a power of two >= 2 dividing the last dimension {x.shape[-1]}")
+    if x.dtype != _F32:
+        raise TypeError(f"rotate works on fp32 (its definition), got {x.dtype}")
+    shape = x.shape
+    v = x.reshape(-1, n)
+    for s in range(k):
+        h = 1 << s
+        p = v.view(-1, n // (2 * h), 2, h)  # [runs, pair groups, (low half i, high half i + h), h]
+        a, b = p[:, :, 0, :], p[:, :, 1, :]
+        v = torch.stack((a + b, a - b), dim=2).reshape(-1, n)
+    c = k // 2 if inverse else k - k // 2
+    return (v * math.ldexp(1.0, -c)).reshape(shape)
+
+
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
@@ -142,6 +184,8 @@ def encode(x: torch.Tensor, fmt) -> QTensor:
     x2 = x.detach().reshape(lay.rows, lay.width).to(_F32)
     xq, xo = _split_features(x2, fmt)
     xq = torch.nn.functional.pad(xq, (0, lay.padded - lay.qwidth))
+    if fmt.rotation:
+        xq = rotate(xq.contiguous(), fmt.rotation)
     elem = fmt.elem
     parts = []
     if fmt.scale == "static":
@@ -325,6 +369,8 @@ def decode(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
             if fmt.zero_point:
                 y = y + _load_scale(sec["zp"], fmt.scale).reshape(lay.rows, lay.nblocks, 1).to(_F64)
         xq = saturate_fp32(y).reshape(lay.rows, lay.padded)
+        if fmt.rotation:
+            xq = rotate(xq, fmt.rotation, inverse=True)
     xq = xq[:, : lay.qwidth]
     if fmt.outliers:
         out = torch.empty(lay.rows, lay.width, dtype=_F32, device=xq.device)

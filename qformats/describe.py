@@ -5,14 +5,15 @@ from .spec import Format
 
 def format_table() -> str:
     """One line per preset: canonical string, bits/value, compression vs bf16, max normal, error bound."""
-    head = f"{'preset':<12} {'format':<24} {'bits/val':>8} {'vs bf16':>8} {'max normal':>11} {'rel. err':>9}"
+    head = f"{'preset':<17} {'format':<24} {'bits/val':>8} {'vs bf16':>8} {'max normal':>11} {'rel. err':>9}"
     lines = [head, "-" * len(head)]
     for name, f in PRESETS.items():
         lines.append(
-            f"{name:<12} {str(f):<24} {f.bits_per_value:>8.3f} {f.compression_ratio:>7.2f}x "
+            f"{name:<17} {str(f):<24} {f.bits_per_value:>8.3f} {f.compression_ratio:>7.2f}x "
             f"{f.elem.max_normal:>11.6g} {f.relative_error_bound:>9.4g}"
         )
-    lines.append("rel. err: largest |x - q(x)| over the block's absolute maximum (see Format.relative_error_bound)")
+    lines.append("rel. err: largest |x - q(x)| over the block's absolute maximum (see Format.relative_error_bound);"
+                 " +h formats: in the rotated coordinates")
     return "\n".join(lines)
 
 
@@ -35,10 +36,14 @@ def explain(spec: str) -> str:
     blk = "the whole row" if f.block == 0 else f"{f.block} values"
     lines.append(f"block       {blk}; scale {f.scale}" + (" + zero point" if f.zero_point else "")
                  + (" + fp32 per-tensor scale" if f.tensor_scale else ""))
+    if f.rotation:
+        lines.append(f"rotation    Walsh-Hadamard over each run of {f.rotation} quantised features before encoding, "
+                     "inverted after decoding (qformats.codec.rotate); no extra bytes")
     if f.outliers:
         lines.append(f"outliers    {len(f.outliers)} features in bf16")
     lines.append(f"bits/value  {f.bits_per_value:.4f} (compression {f.compression_ratio:.2f}x vs bf16)")
-    lines.append(f"error bound {f.relative_error_bound:.4g} x block amax")
+    lines.append(f"error bound {f.relative_error_bound:.4g} x block amax"
+                 + (" (in the rotated coordinates)" if f.rotation else ""))
     lay = f.layout((1, 8192 if not f.features else f.features))
     lines.append(f"wire bytes  {lay.total} per row of {lay.width} (codes {lay.code_bytes}, scales {lay.scale_bytes}"
                  f", zero points {lay.zp_bytes}, outliers {lay.out_bytes})")

@@ -31,4 +31,8 @@ PRESET_SPECS = {
     "flash_int4": "uint4/b128/fp16+zp",
     "flash_int6": "uint6/b128/fp16+zp",
     "flash_int8": "uint8/b128/fp16+zp",
+    # Block-local Walsh-Hadamard rotation (+h32) before quantising (issue 16): the error of one
+    # outlier is spread over its run of 32 instead of flattening the rest of the block
+    "mxfp4_h32": "fp4_e2m1/b32/e8m0+h32",
+    "int4_b32_bf16_h32": "int4/b32/bf16+h32",
 }

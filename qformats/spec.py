@@ -7,7 +7,7 @@ properties, never stored.
 
 Grammar (``/``-separated, then ``+``-options)::
 
-    ELEMENT / BLOCK / SCALE [+zp] [+ts] [+o[i,j,...]] [+s[hex...]]
+    ELEMENT / BLOCK / SCALE [+zp] [+ts] [+h{N}] [+o[i,j,...]] [+s[hex...]]
 
     ELEMENT  fp{N}_e{E}m{M}[fn|ieee|fin]   float, N = 1 + E + M <= 8 (1 <= E <= 5, M <= 5)
              int{N}                        MX signed integer (2 <= N <= 8)
@@ -16,6 +16,9 @@ Grammar (``/``-separated, then ``+``-options)::
     SCALE    e8m0 | fp32 | bf16 | fp16 | e4m3 | static
     +zp      asymmetric: a per-block zero point (the block minimum) beside the scale
     +ts      e4m3 scales only: an fp32 per-tensor scale in front of the block scales (NVFP4)
+    +h{N}    a block-local Walsh-Hadamard rotation over each run of N quantised features before
+             encoding, undone after decoding (N a power of two, 2..BLOCK, dividing BLOCK; fixed
+             blocks only, not static scales); defined exactly in :func:`qformats.codec.rotate`
     +o[...]  outlier features carried in bf16 (Dong et al.); the others are quantised
     +s[...]  static per-feature fp32 scales (scale ``static``), 8 hex digits each
 """
@@ -271,11 +274,13 @@ class Format:
     tensor_scale: bool = False
     outliers: tuple = ()
     static_scales: tuple = ()
+    rotation: int = 0  # N of +h{N} (0: none); see qformats.codec.rotate
 
     def __post_init__(self):
         if not isinstance(self.elem, Element):
             raise ValueError(f"elem must be an Element, got {type(self.elem).__name__}")
         object.__setattr__(self, "block", _integer(self.block, "block size"))
+        object.__setattr__(self, "rotation", _integer(self.rotation, "rotation size"))
         for name in ("zero_point", "tensor_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -312,6 +317,16 @@ class Format:
                 raise ValueError("static scales must be finite and positive")
         elif self.static_scales:
             raise ValueError("+s[...] (static scales) needs scale 'static'")
+        if self.rotation:
+            n = self.rotation
+            if s == "static":
+                raise ValueError("+h (rotation) does not go with static per-feature scales: a feature's "
+                                 "calibrated scale means nothing once the run of features is rotated")
+            if self.block == 0:
+                raise ValueError(f"+h{n} needs a fixed block size (b<K>), not row: the rotated runs must tile the blocks")
+            if n < 2 or n & (n - 1) or n > self.block or self.block % n:
+                raise ValueError(f"+h{n}: the rotation size must be a power of two from 2 to the block size "
+                                 f"{self.block} that divides it")
         if list(self.outliers) != sorted(set(self.outliers)) or any(i < 0 for i in self.outliers):
             raise ValueError("outlier indices must be distinct, non-negative and increasing")
 
@@ -335,6 +350,8 @@ class Format:
             s += "+zp"
         if self.tensor_scale:
             s += "+ts"
+        if self.rotation:
+            s += f"+h{self.rotation}"
         if self.outliers:
             s += "+o[" + ",".join(map(str, self.outliers)) + "]"
         if self.static_scales:
@@ -417,7 +434,9 @@ class Format:
         2^(emax+1)). absmax scales: the amax maps to max_normal / (1 + 2^-Ms) or more (the scale
         rounds up to Ms mantissa bits); the error is half the top step. Zero points: half a
         step of (max - min) / max_code, and max - min <= 2 amax. ``qformats.bounds`` adds the
-        absolute floor that the smallest scale sets.
+        absolute floor that the smallest scale sets. Rotated formats (``+h``): the same figure
+        holds in the rotated coordinates (for the rotated block's amax), not for the decoded
+        values (``qformats.bounds.error_bound`` refuses them and says why).
         """
         e = self.elem
         top_step = math.ldexp(1.0, (e.emax - e.mbits) if e.kind == "float" else e.grid_exponent)
@@ -507,6 +526,7 @@ def _parse_cached(s: str) -> "Format":
 # clear error naming its part, not Python's integer-length limit.
 _BLOCK_RE = re.compile(r"b([1-9][0-9]{0,5})")
 _OUTLIERS_RE = re.compile(r"o\[([0-9]{1,9}(?:,[0-9]{1,9})*)\]")
+_ROTATION_RE = re.compile(r"h([0-9]{1,5})")
 _STATIC_RE = re.compile(r"s\[((?:[0-9a-f]{8})+)\]")
 
 
@@ -535,6 +555,10 @@ def _parse_grammar(s: str, presets=()) -> "Format":
             key, val = "zero_point", True
         elif o == "ts":
             key, val = "tensor_scale", True
+        elif m := _ROTATION_RE.fullmatch(o):
+            key, val = "rotation", int(m[1])
+            if val == 0:
+                raise ValueError(f"option +{o}: a rotation size is a power of two >= 2 (leave +h out for none)")
         elif m := _OUTLIERS_RE.fullmatch(o):
             key, val = "outliers", tuple(int(i) for i in m[1].split(","))
         elif m := _STATIC_RE.fullmatch(o):
@@ -542,9 +566,10 @@ def _parse_grammar(s: str, presets=()) -> "Format":
             key, val = "static_scales", tuple(
                 struct.unpack(">f", bytes.fromhex(h[i : i + 8]))[0] for i in range(0, len(h), 8))
         else:
-            raise ValueError(f"option +{o if len(o) <= _MAX_SHOWN else _show(o)}: valid are +zp, +ts, +o[i,j,...], +s[<8 hex digits per scale>]")
+            raise ValueError(f"option +{o if len(o) <= _MAX_SHOWN else _show(o)}: valid are +zp, +ts, +h<N>, +o[i,j,...], +s[<8 hex digits per scale>]")
         if key in kw:
-            raise ValueError(f"format {_show(s)}: option +{o[:2].rstrip('[')} is given twice")
+            label = {"rotation": "h", "outliers": "o", "static_scales": "s"}.get(key, o)
+            raise ValueError(f"format {_show(s)}: option +{label} is given twice")
         kw[key] = val
     return Format(elem, block, parts[2], **kw)
 

@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 import qformats
 from qformats.bounds import error_bound, max_amax
 
-NAMES = sorted(qformats.PRESETS)
+# rotated presets (+h) are excluded: these are properties of the unrotated coordinates (error bound,
+# signed zeros, fixed points); tests/qformats/test_rotation.py covers rotation
+NAMES = sorted(n for n, f in qformats.PRESETS.items() if not f.rotation)
 EXTRA = ["fp8_e4m3/row/fp32", "int8/b16/bf16", "fp4_e2m1/b64/fp16", "uint3/b24/bf16+zp", "fp6_e3m2/b32/e4m3",
          "int4/b32/bf16", "fp4_e2m1/b32/e8m0+o[3,40]"]
 FORMATS = NAMES + EXTRA

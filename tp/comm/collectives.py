@@ -67,7 +67,7 @@ from qformats import Format
 from qformats.codec import saturating_cast
 
 from . import wirecheck
-from .wirecheck import HEADER_BYTES, Signature
+from .wirecheck import HEADER_BYTES, SECOND_HOP, Signature
 
 __all__ = [
     "ALGORITHMS",
@@ -80,7 +80,9 @@ __all__ = [
     "get_codec",
     "merge_rows",
     "reduce_scatter",
+    "reduce_chunk",
     "resolve_format",
+    "second_hop",
     "set_codec",
     "split_rows",
     "straight_through",
@@ -154,6 +156,43 @@ def wire_algorithm(algorithm: str, world: int) -> str:
     return algorithm
 
 
+def second_hop(fmt: Optional[Format], second_fmt, algorithm: str) -> Optional[Format]:
+    """The format two_shot's reduced sum travels in: ``second_fmt`` resolved, or ``fmt`` when
+    it is None (the default). ``algorithm`` is the caller's, before :func:`wire_algorithm`.
+
+    Raises ValueError for a second format that cannot apply (gather has no second hop; a plain
+    call has no first one) and NotImplementedError for ``"fused"``: its dequant-sum-requant
+    kernel decodes and encodes one format.
+    """
+    second = resolve_format(second_fmt)
+    if second is None or second == fmt:
+        return fmt
+    if algorithm == "gather":
+        raise ValueError(f"second_fmt={second} applies to two_shot only: gather sends each partial once "
+                         f"and has no second hop (leave second_fmt=None or equal to fmt)")
+    if algorithm == "fused":
+        raise NotImplementedError(
+            f"second_fmt={second} != fmt={fmt} is not implemented for algorithm='fused': its fused "
+            f"dequant-sum-requant kernel decodes and encodes one format; use algorithm='two_shot'")
+    if fmt is None:
+        raise ValueError(f"second_fmt={second} needs a first-hop format (fmt=None is the plain all-reduce)")
+    return second
+
+
+def reduce_chunk(codec, bufs, fmt: Format, second: Format, shape: tuple) -> torch.Tensor:
+    """two_shot's middle step: decode and fp32-sum ``bufs`` (``fmt``) in rank order, encode the
+    sum in ``second``. One fused codec call when the hops share a format."""
+    if second == fmt:
+        return codec.reduce_requant(bufs, fmt, shape)
+    return codec.encode(codec.decode_sum(bufs, fmt, shape), second)
+
+
+def wire_format(fmt: Format, second: Optional[Format]) -> str:
+    """The format name a call's wire headers carry: ``fmt``, or ``"fmt->second"`` with a
+    second hop of another format (so ranks that disagree on either hop are told apart)."""
+    return str(fmt) if second is None or second == fmt else f"{fmt}{SECOND_HOP}{second}"
+
+
 def check_tensor(x: torch.Tensor, fmt: Optional[Format], what: str = "x") -> None:
     """Raise TypeError/ValueError for what no compressed collective can carry."""
     if not isinstance(x, torch.Tensor):
@@ -208,13 +247,15 @@ def _world_and_rank(group) -> tuple[int, int]:
 _DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
-def _validate_across_ranks(x: torch.Tensor, fmt: Optional[Format], op: str, algorithm: str, group, world: int):
-    """One small all-gather of (op, algorithm, format, dtype, shape); every rank raises on a mismatch."""
+def _validate_across_ranks(x: torch.Tensor, fmt: Optional[Format], op: str, algorithm: str, group, world: int,
+                           second: Optional[Format] = None):
+    """One small all-gather of (op, algorithm, format(s), dtype, shape); every rank raises on a mismatch."""
     shape = list(x.shape)
+    fmt_name = str(fmt) if fmt is None else wire_format(fmt, second)
     sig = [
         zlib.crc32(op.encode()),
         zlib.crc32(algorithm.encode()),
-        zlib.crc32(str(fmt).encode()),
+        zlib.crc32(fmt_name.encode()),
         _DTYPE_CODES.get(x.dtype, zlib.crc32(str(x.dtype).encode())),
         len(shape),
         zlib.crc32(repr(shape).encode()),
@@ -229,7 +270,7 @@ def _validate_across_ranks(x: torch.Tensor, fmt: Optional[Format], op: str, algo
         diff = [n for i, n in enumerate(names) if any(rows[r, i] != rows[0, i] for r in bad)]
         raise ValueError(
             f"{op}: ranks {bad} disagree with rank 0 on {', '.join(diff) or 'shape'} "
-            f"(this rank: {x.dtype}, shape {tuple(x.shape)}, format {fmt}, algorithm {algorithm})"
+            f"(this rank: {x.dtype}, shape {tuple(x.shape)}, format {fmt_name}, algorithm {algorithm})"
         )
 
 
@@ -239,11 +280,13 @@ def _want_validate(validate: Optional[bool]) -> bool:
     return bool(validate)
 
 
-def _exchange(op: str, fmt: Format, x: torch.Tensor, slot: int, group, world: int, validate: Optional[bool]):
+def _exchange(op: str, fmt: Format, x: torch.Tensor, slot: int, group, world: int, validate: Optional[bool],
+              second: Optional[Format] = None):
     """The :class:`tp.comm.wirecheck.Exchange` of a compressed call (None with ``validate=False``: bare buffers)."""
     if validate is False:
         return None
-    return wirecheck.begin(Signature(op, str(fmt), x.dtype, tuple(x.shape), slot), group, world, x.device)
+    sig = Signature(op, wire_format(fmt, second), x.dtype, tuple(x.shape), slot)
+    return wirecheck.begin(sig, group, world, x.device)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -378,6 +421,7 @@ def all_reduce(
     algorithm: str = "gather",
     min_bytes: int = 0,
     *,
+    second_fmt=None,
     codec=None,
     validate: Optional[bool] = None,
 ) -> torch.Tensor:
@@ -398,22 +442,29 @@ def all_reduce(
         min_bytes: messages smaller than this (x.numel() * itemsize) use the plain
             all-reduce. 0 here (an explicit format is honoured); :class:`tp.CommPolicy`
             applies :data:`DEFAULT_MIN_BYTES`.
+        second_fmt: two_shot's second hop: the format the reduced sum travels in (None, the
+            default: ``fmt``). The reduced sum is up to W times larger than each partial, so a
+            finer second format buys accuracy for (W-1)/W of one chunk's extra bytes. Gather
+            (no second hop) and ``"fused"`` (one-format kernel) raise unless it equals ``fmt``.
         codec: the arithmetic (default: :func:`get_codec`).
         validate: None (default): ranks that disagree get a ValueError from the wire headers
             (module docstring); True (or env ``TP_VALIDATE_COLLECTIVES=1``): also one small
             all-gather per call, which checks plain calls too; False: no check at all.
 
     Returns a new tensor of x's shape and dtype, bitwise identical on every rank and equal to
-    ``tp.emulate_all_reduce([x_0, ..., x_{W-1}], fmt, algorithm)``. At world size 1 a format
+    ``tp.emulate_all_reduce([x_0, ..., x_{W-1}], fmt, algorithm, second_fmt=second_fmt)``. At world size 1 a format
     still applies (the result is quantise-dequantise), matching the emulator. Differentiable
     straight through (module docstring, Autograd).
     """
     fmt = resolve_format(fmt)
     check_algorithm(algorithm)
+    second = second_hop(fmt, second_fmt, algorithm)
     check_tensor(x, fmt)
+    if second is not fmt:
+        check_tensor(x, second)
     world, rank = _world_and_rank(group)
     if world > 1 and _want_validate(validate):
-        _validate_across_ranks(x, fmt, "all_reduce", algorithm, group, world)
+        _validate_across_ranks(x, fmt, "all_reduce", algorithm, group, world, second)
     if not compresses(x, fmt, min_bytes):
         y = x.clone(memory_format=torch.contiguous_format)  # collectives need contiguous memory
         if world > 1:
@@ -423,11 +474,14 @@ def all_reduce(
         with torch.no_grad():
             return straight_through(fused_for(group)(x, fmt), x)
     with torch.no_grad():
-        y = _compressed_all_reduce(x, fmt, group, wire_algorithm(algorithm, world), get_codec(codec), world, validate)
+        y = _compressed_all_reduce(x, fmt, group, wire_algorithm(algorithm, world), get_codec(codec), world, validate,
+                                   second)
     return straight_through(y, x)
 
 
-def _compressed_all_reduce(x, fmt: Format, group, algorithm: str, codec, world: int, validate) -> torch.Tensor:
+def _compressed_all_reduce(x, fmt: Format, group, algorithm: str, codec, world: int, validate,
+                           second: Optional[Format] = None) -> torch.Tensor:
+    second = fmt if second is None else second
     x2 = rows_view(x)
     if algorithm == "gather":
         if world == 1:
@@ -442,12 +496,12 @@ def _compressed_all_reduce(x, fmt: Format, group, algorithm: str, codec, world: 
         mine = [_encoded(codec, chunks[0], fmt)]
         ex = None
     else:
-        ex = _exchange("two_shot", fmt, x, fmt.nbytes(cshape), group, world, validate)
+        ex = _exchange("two_shot", fmt, x, fmt.nbytes(cshape), group, world, validate, second)
         mine = _exchange_chunks(chunks, fmt, codec, world, group, ex)
-    red = codec.reduce_requant(mine, fmt, cshape)
-    _check_buf(red, fmt, cshape, codec)
+    red = reduce_chunk(codec, mine, fmt, second, cshape)
+    _check_buf(red, second, cshape, codec)
     bufs = _gather_bufs(red, world, group, ex, "/reduced") if world > 1 else [red]
-    out = torch.stack([codec.decode(b, fmt, cshape) for b in bufs])
+    out = torch.stack([codec.decode(b, second, cshape) for b in bufs])
     return merge_rows(out, pad, x.shape, x.dtype)
 
 
@@ -545,15 +599,18 @@ class CollectiveStats:
     fmt: Optional[str]
     sent_bytes: int
     plain_bytes: int
+    second_fmt: Optional[str] = None  # two_shot's second hop when it differs from fmt
 
 
-def wire_bytes(shape, dtype: torch.dtype, fmt, algorithm: str, world: int) -> CollectiveStats:
+def wire_bytes(shape, dtype: torch.dtype, fmt, algorithm: str, world: int, second_fmt=None) -> CollectiveStats:
     """Bytes one rank sends in ``all_reduce`` of a tensor of ``shape`` (ring all-reduce for fmt=None).
 
     Use it to pick a format/algorithm for a message size before measuring; it counts payload
     only (no protocol overhead) and matches what the collectives above put on the wire.
+    ``second_fmt``: two_shot's second hop (as :func:`all_reduce`; None: ``fmt``).
     """
     fmt = resolve_format(fmt)
+    second = second_hop(fmt, second_fmt, algorithm)
     algorithm = wire_algorithm(algorithm, world)
     numel = 1
     for d in shape:
@@ -568,5 +625,6 @@ def wire_bytes(shape, dtype: torch.dtype, fmt, algorithm: str, world: int) -> Co
         sent = (world - 1) * fmt.nbytes((rows, h))  # all-gather: my buffer reaches W-1 peers
     else:
         c = -(-rows // world)
-        sent = 2 * (world - 1) * fmt.nbytes((c, h))  # all-to-all + all-gather of chunks
-    return CollectiveStats(algorithm, str(fmt), sent, plain)
+        # all-to-all of first-hop chunks + all-gather of my reduced chunk in the second format
+        sent = (world - 1) * (fmt.nbytes((c, h)) + second.nbytes((c, h)))
+    return CollectiveStats(algorithm, str(fmt), sent, plain, None if second == fmt else str(second))

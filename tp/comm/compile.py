@@ -12,7 +12,7 @@ after each row-parallel layer compressed without editing the model::
 What it does: ``torch.compile(model, fullgraph=True)`` with inductor and the graph pass of
 :mod:`tp.comm.passes`, which replaces every ``_c10d_functional.all_reduce`` + ``wait_tensor``
 that the policy gives a format with ``torch.ops.qformats.all_reduce(x, fmt, group_name,
-algorithm)`` (and, with ``all_gather=True``, ``all_gather_into_tensor`` with
+algorithm[, second_fmt])`` (and, with ``all_gather=True``, ``all_gather_into_tensor`` with
 ``torch.ops.qformats.all_gather``). These custom ops, registered here, run
 :func:`tp.all_reduce` / :func:`tp.all_gather` with the installed codec, so the compiled model
 equals the eager model calling the compressed collectives explicitly, bit for bit (same codec,
@@ -67,7 +67,7 @@ from torch import Tensor
 from .passes import CallSite, CollectivePass, RewriteReport, compile_options, installed
 from .policy import CollectivePolicy, CommPolicy
 
-from .collectives import all_gather, all_reduce, check_algorithm, resolve_format, wire_bytes
+from .collectives import all_gather, all_reduce, check_algorithm, resolve_format, second_hop, wire_bytes
 
 __all__ = [
     "CallSite", "CollectivePolicy", "collective_rows", "compile", "compile_pass", "installed", "print_collectives", "report",
@@ -89,21 +89,28 @@ def _group(group_name: str):
 _NEEDS = "qformats.all_reduce/all_gather"
 
 
+def _all_reduce_args(fmt: str, algorithm: str, second_fmt: Optional[str]) -> tuple:
+    f = resolve_format(fmt, required=_NEEDS)
+    check_algorithm(algorithm)
+    return f, algorithm, second_hop(f, second_fmt, algorithm)
+
+
 @torch.library.custom_op("qformats::all_reduce", mutates_args=())
-def all_reduce_op(x: Tensor, fmt: str, group_name: str, algorithm: str) -> Tensor:
-    """``tp.all_reduce(x, fmt, group, algorithm)`` with the group by name: a graph-safe op."""
-    return all_reduce(x, resolve_format(fmt, required=_NEEDS), _group(group_name), check_algorithm(algorithm))
+def all_reduce_op(x: Tensor, fmt: str, group_name: str, algorithm: str, second_fmt: Optional[str] = None) -> Tensor:
+    """``tp.all_reduce(x, fmt, group, algorithm, second_fmt=...)`` with the group by name: a
+    graph-safe op. ``second_fmt``: two_shot's second hop (None or ``fmt`` itself: the first hop's)."""
+    f, algorithm, second = _all_reduce_args(fmt, algorithm, second_fmt)
+    return all_reduce(x, f, _group(group_name), algorithm, second_fmt=second)
 
 
 @all_reduce_op.register_fake
-def _(x, fmt, group_name, algorithm):
-    resolve_format(fmt, required=_NEEDS)
-    check_algorithm(algorithm)
+def _(x, fmt, group_name, algorithm, second_fmt=None):
+    _all_reduce_args(fmt, algorithm, second_fmt)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _straight_through_backward(ctx, grad):
-    return grad, None, None, None  # the plain all-reduce's gradient (tp.comm.collectives, Autograd)
+    return grad, None, None, None, None  # the plain all-reduce's gradient (tp.comm.collectives, Autograd)
 
 
 all_reduce_op.register_autograd(_straight_through_backward)
@@ -218,12 +225,13 @@ def collective_rows(rep: RewriteReport) -> list[dict]:
         s, w = e.site, _group_size(e.site)
         if s.op == "all_reduce" and w:
             plain = wire_bytes(s.shape, s.dtype, None, "gather", w).sent_bytes
-            sent = wire_bytes(s.shape, s.dtype, e.fmt, e.algorithm or "gather", w).sent_bytes if e.fmt else plain
+            sent = (wire_bytes(s.shape, s.dtype, e.fmt, e.algorithm or "gather", w, e.second_fmt).sent_bytes
+                    if e.fmt else plain)
         else:  # all-gather: my buffer reaches W-1 peers
             plain, sent = (w - 1) * e.bytes_before, (w - 1) * e.bytes_after
         rows.append(dict(graph=e.graph, op=s.op, index=s.index, module=s.module, producer=s.producer,
                          shape=s.shape, dtype=s.dtype,
-                         fmt=e.fmt, algorithm=e.algorithm, reason=e.reason, world=w,
+                         fmt=e.fmt, second_fmt=e.second_fmt, algorithm=e.algorithm, reason=e.reason, world=w,
                          message_before=e.bytes_before, message_after=e.bytes_after,
                          sent_before=plain, sent_after=sent))
     return rows
@@ -239,7 +247,8 @@ def print_collectives(compiled, file=None) -> str:
         head = ("op", "#", "module", "shape", "format", "sent before", "sent after")
         lines = [head]
         for r in rows:
-            fmt = f"{r['fmt']} ({r['algorithm']})" if r["fmt"] else f"plain ({r['reason']})"
+            hops = r["fmt"] + (f" -> {r['second_fmt']}" if r["second_fmt"] else "") if r["fmt"] else ""
+            fmt = f"{hops} ({r['algorithm']})" if r["fmt"] else f"plain ({r['reason']})"
             where = r["module"] or "(root)"
             if r["producer"] and r["producer"] != r["module"]:
                 where += f" <- {r['producer']}"  # issued in module, input computed by producer

@@ -23,8 +23,10 @@ from .collectives import (
     compresses,
     get_codec,
     merge_rows,
+    reduce_chunk,
     resolve_format,
     rows_view,
+    second_hop,
     split_rows,
     straight_through,
     wire_algorithm,
@@ -75,6 +77,7 @@ def emulate_all_reduce(
     algorithm: str = "gather",
     min_bytes: int = 0,
     *,
+    second_fmt=None,
     codec=None,
 ) -> torch.Tensor:
     """What every rank gets from ``tp.all_reduce`` when rank i contributes ``shards[i]``.
@@ -86,18 +89,21 @@ def emulate_all_reduce(
     """
     fmt = resolve_format(fmt)
     check_algorithm(algorithm)
+    second = second_hop(fmt, second_fmt, algorithm)
     shards = _check_shards(shards, fmt)
+    if second is not fmt:
+        _check_shards(shards, second)
     x = shards[0]
     world = len(shards)
     algorithm = wire_algorithm(algorithm, world)  # "fused" computes gather / two_shot's bits
     if not compresses(x, fmt, min_bytes):
         return plain_sum(shards)
     with torch.no_grad():
-        y = _compressed_all_reduce(shards, fmt, algorithm, get_codec(codec), world)
+        y = _compressed_all_reduce(shards, fmt, algorithm, get_codec(codec), world, second)
     return straight_through(y, *shards)  # the plain sum's gradient, as tp.all_reduce
 
 
-def _compressed_all_reduce(shards, fmt, algorithm: str, codec, world: int) -> torch.Tensor:
+def _compressed_all_reduce(shards, fmt, algorithm: str, codec, world: int, second) -> torch.Tensor:
     x = shards[0]
     mats = [rows_view(s) for s in shards]
     if algorithm == "gather":
@@ -111,8 +117,8 @@ def _compressed_all_reduce(shards, fmt, algorithm: str, codec, world: int) -> to
     out = []
     for j in range(world):
         bufs = [codec.encode(chunks[j], fmt) for chunks, _ in split]
-        red = codec.reduce_requant(bufs, fmt, cshape)
-        out.append(codec.decode(red, fmt, cshape))
+        red = reduce_chunk(codec, bufs, fmt, second, cshape)
+        out.append(codec.decode(red, second, cshape))
     return merge_rows(torch.stack(out), pad, x.shape, x.dtype)
 
 

@@ -451,16 +451,19 @@ class FusedAllReduce:
         _barrier_kernel[(self.world,)](self._pads, self.rank, CHANNEL=SIGNAL_CHANNEL_BASE + channel,
                                        WORLD=self.world, num_warps=1)
 
-    def __call__(self, x: torch.Tensor, fmt=None, *, inplace: bool = False) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, fmt=None, *, inplace: bool = False, second_fmt=None) -> torch.Tensor:
         """Sum of ``x`` over the group, compressed with ``fmt``: bitwise identical on all ranks and
         equal to ``tp.emulate_all_reduce(shards, fmt, self.algorithm, min_bytes)``.
 
         ``inplace=True`` lets the plain fallback reduce a contiguous ``x`` in place and return it
         (no copy: what a row-parallel layer's temporary partial sum allows); the fused path is
-        always out of place. The measured benchmark rows used ``inplace=False``."""
+        always out of place. The measured benchmark rows used ``inplace=False``. ``second_fmt``
+        other than None or ``fmt`` raises NotImplementedError: the fused dequant-sum-requant
+        kernel decodes and encodes one format (use ``tp.all_reduce(..., "two_shot")``)."""
         if self.closed:
             raise RuntimeError("FusedAllReduce is closed")
         fmt = resolve_format(fmt)
+        collectives.second_hop(fmt, second_fmt, "fused")  # raises for a second format of its own
         p = self.plan(x, fmt)  # checks x and fmt the first time a (shape, dtype, format) is seen
         if p.kind == "plain":
             y = x if inplace and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)

@@ -120,6 +120,7 @@ class Rewrite:
     bytes_before: int  # this rank's uncompressed message
     bytes_after: int  # its encoding in fmt (== bytes_before when left alone)
     reason: str = ""  # why it was left alone
+    second_fmt: Optional[str] = None  # two_shot's second hop when it differs from fmt
 
 
 @dataclass
@@ -231,8 +232,10 @@ class CollectivePass(CustomGraphPass):
 
     Args:
         policy: a :class:`tp.CommPolicy`.
-        all_reduce_op: ``op(x, fmt, group_name, algorithm) -> Tensor`` (x's shape and dtype),
-            e.g. ``torch.ops.qformats.all_reduce.default`` (registered by ``tp.compile``).
+        all_reduce_op: ``op(x, fmt, group_name, algorithm[, second_fmt]) -> Tensor`` (x's
+            shape and dtype; ``second_fmt``, two_shot's second hop, is passed only when the
+            policy's differs from ``fmt``), e.g. ``torch.ops.qformats.all_reduce.default``
+            (registered by ``tp.compile``).
         all_gather_op: ``op(x, fmt, group_size, group_name) -> Tensor`` ([W * x.shape[0], ...]);
             required only when the policy compresses all-gathers.
         chain: the pass (a CustomGraphPass, a callable, or a list/tuple of them) that was
@@ -369,15 +372,19 @@ class CollectivePass(CustomGraphPass):
         if len(shape) == 0:
             return alone("scalar")
         fmt = str(f)
+        second = self.policy.second_for(f) if op == "all_reduce" else f
         try:
             f.layout((1, shape[-1]))
+            second.layout((1, shape[-1]))
             after = f.nbytes(shape)
         except ValueError as e:
             raise ValueError(f"{op} #{index} ({site.module or 'unknown module'}, shape {shape}): "
                              f"format {fmt} does not apply: {e}") from None
         with graph.inserting_before(n):
             if op == "all_reduce":
-                new = graph.call_function(self.all_reduce_op, (x, fmt, group_name, self.policy.algorithm))
+                args = (x, fmt, group_name, self.policy.algorithm)
+                # the fifth argument only where it says something: a four-argument op serves every other policy
+                new = graph.call_function(self.all_reduce_op, args if second == f else args + (str(second),))
             else:
                 new = graph.call_function(self.all_gather_op, (x, fmt, group_size, group_name))
         new.meta["val"] = waits[0].meta["val"]  # copy only the value; other meta belongs to the old node
@@ -388,7 +395,7 @@ class CollectivePass(CustomGraphPass):
             graph.erase_node(w)
         graph.erase_node(n)
         self.report.entries.append(Rewrite(gi, site, fmt, self.policy.algorithm if op == "all_reduce" else None,
-                                           before, after))
+                                           before, after, second_fmt=None if second == f else str(second)))
         return 1
 
 

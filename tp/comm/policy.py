@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 from qformats import Format
 
-from .collectives import DEFAULT_MIN_BYTES, check_algorithm, resolve_format
+from .collectives import DEFAULT_MIN_BYTES, check_algorithm, resolve_format, second_hop
 
 __all__ = ["ATTN_OUTPUTS", "MLP_OUTPUTS", "SITE_KINDS", "CollectivePolicy", "CommPolicy", "Rule", "Site", "skip_ends"]
 
@@ -192,8 +192,10 @@ class CommPolicy:
             (encode/decode launches, a second round trip for two_shot) outweigh the bytes saved
             on small decode-step messages.
         rules: :class:`Rule` overrides, in order; the first that matches a site decides.
-        second_fmt: two_shot's second hop (the reduced sum); None, the default, is the first
-            hop's format. Another format is not implemented yet: it raises NotImplementedError.
+        second_fmt: two_shot's second hop: the format the reduced sum (up to W times larger
+            than each partial) travels in at every compressed site; None, the default, is the
+            site's first-hop format. Only with ``algorithm="two_shot"`` (gather has no second
+            hop: ValueError; the fused kernel encodes one format: NotImplementedError).
         all_gather: the compile pass also compresses all-gathers (the layers never do).
         choose: ``choose(site) -> format or None`` decides alone, for what rules cannot say
             (compile pass only; it has no JSON form and is not compared).
@@ -220,9 +222,10 @@ class CommPolicy:
             if not isinstance(r, Rule):
                 raise TypeError(f"rules must be tp.Rule values, got {type(r).__name__}")
         object.__setattr__(self, "rules", rules)
-        if resolve_format(self.second_fmt) is not None:
-            raise NotImplementedError("a second-hop format for two_shot is not implemented yet: leave second_fmt=None "
-                                      "(the reduced sum travels in the first hop's format)")
+        second = resolve_format(self.second_fmt)
+        object.__setattr__(self, "second_fmt", second)
+        if second is not None and self.algorithm != "two_shot":
+            second_hop(None, second, self.algorithm)  # raises: gather has no second hop, fused one format
         if self.choose is not None and not callable(self.choose):
             raise TypeError(f"choose must be callable (Site -> format or None), got {type(self.choose).__name__}")
 
@@ -253,6 +256,14 @@ class CommPolicy:
         """The format of the collective at ``site`` (a :class:`Site` or module path); None: plain."""
         return self.decide(site)[0]
 
+    def second_for(self, fmt: Optional[Format], algorithm: Optional[str] = None) -> Optional[Format]:
+        """The second-hop format of an all-reduce this policy compresses with ``fmt`` under
+        ``algorithm`` (default: the policy's): ``second_fmt``, or ``fmt`` when that is None;
+        None for a plain call. Raises like :func:`tp.all_reduce` where it cannot apply."""
+        if fmt is None:
+            return None
+        return second_hop(fmt, self.second_fmt, algorithm or self.algorithm)
+
     @property
     def reads_modules(self) -> bool:
         """Whether decisions can depend on module paths: in a compiled graph those are node
@@ -261,8 +272,9 @@ class CommPolicy:
         return self.choose is not None or any(r.modules or r.layers is not None or r.kind for r in self.rules)
 
     def formats(self) -> tuple:
-        """Every format this policy can choose (the default's and the rules'), each once."""
-        return tuple(dict.fromkeys(f for f in (self.fmt, *(r.fmt for r in self.rules)) if f is not None))
+        """Every format this policy can choose (the default's, the rules', the second hop's), each once."""
+        return tuple(dict.fromkeys(f for f in (self.fmt, *(r.fmt for r in self.rules), self.second_fmt)
+                                   if f is not None))
 
     def check_layers(self, num_layers: int) -> None:
         """Raise ValueError for a layer rule that selects no layer of a ``num_layers``-layer model."""
@@ -348,6 +360,8 @@ class CommPolicy:
 
     def __str__(self) -> str:
         parts = [f"fmt={self.fmt}", f"algorithm={self.algorithm}", f"min_bytes={self.min_bytes}"]
+        if self.second_fmt is not None:
+            parts.insert(2, f"second_fmt={self.second_fmt}")
         if self.rules:
             parts.append(f"{len(self.rules)} rules")
         return ", ".join(parts)

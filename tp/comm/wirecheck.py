@@ -55,7 +55,7 @@ import torch.distributed as dist
 
 import qformats
 
-__all__ = ["HEADER_BYTES", "Exchange", "Signature", "begin", "checks", "reset"]
+__all__ = ["HEADER_BYTES", "SECOND_HOP", "Exchange", "Signature", "begin", "checks", "reset"]
 
 HEADER_BYTES = 32
 _MAGIC = b"QFw1"
@@ -77,13 +77,25 @@ def _crc(s: str) -> int:
 
 # Canonical format strings every rank can print from a crc (so every rank's message is the same).
 _FORMAT_NAMES = {_crc(str(f)): str(f) for f in qformats.PRESETS.values()}
+SECOND_HOP = "->"  # two_shot with another second-hop format: "first->second" (collectives.wire_format)
+
+
+def _format_name(crc: int) -> str:
+    """The format (or ``first->second`` pair of presets) a header's crc names; its crc else."""
+    name = _FORMAT_NAMES.get(crc)
+    if name is None:  # the error path only: try every pair of presets as two_shot's two hops
+        name = next((f"{a}{SECOND_HOP}{b}" for a in _FORMAT_NAMES.values() for b in _FORMAT_NAMES.values()
+                     if _crc(f"{a}{SECOND_HOP}{b}") == crc), None)
+    return name or f"format crc {crc:08x}"
 
 
 class Signature(NamedTuple):
     """What one compressed call does on the wire; equal on every rank, or the call fails.
 
-    ``slot``: payload bytes of one buffer of the call's first exchange (the whole encoding for
-    gather / all_gather, one row chunk's for two_shot / reduce_scatter).
+    ``fmt``: the canonical format, or ``"first->second"`` for two_shot with a second-hop format
+    of its own (both hops agreed before the first byte moves). ``slot``: payload bytes of one
+    buffer of the call's first exchange (the whole encoding for gather / all_gather, one row
+    chunk's for two_shot / reduce_scatter).
     """
 
     op: str
@@ -124,7 +136,7 @@ def _describe(row: bytes) -> str:
     if magic != _MAGIC or kind not in (DATA, CHECK) or op not in _OP_NAMES:
         return "no header (bytes no peer wrote in this call, or a peer running another collective)"
     what = "checked before sending" if kind == CHECK else "sent as predicted"
-    name = _FORMAT_NAMES.get(fmt, f"format crc {fmt:08x}")
+    name = _format_name(fmt)
     return (f"{_OP_NAMES[op]} {name} {_DTYPE_NAMES.get(dt, '?')} {ndim}-d {rows}x{width} "
             f"(shape crc {shape:08x}), {slot} B per buffer, call #{seq}, {what}")
 

@@ -186,7 +186,7 @@ def gather_last_dim(y: torch.Tensor, ctx: TPContext) -> torch.Tensor:
 
 def emulate_row_parallel(x: torch.Tensor, weight: torch.Tensor, bounds: Sequence[tuple], fmt=None,
                          algorithm: str = "gather", min_bytes: int = 0, *, transposed: bool = False,
-                         observer: Optional[Callable] = None, site: str = "") -> torch.Tensor:
+                         observer: Optional[Callable] = None, site: str = "", second_fmt=None) -> torch.Tensor:
     """What a row-parallel linear (without bias) computes at TP = ``len(bounds)``, in one process.
 
     Rank r holds the input features ``bounds[r] = (start, stop)`` of ``x`` and the matching
@@ -194,7 +194,8 @@ def emulate_row_parallel(x: torch.Tensor, weight: torch.Tensor, bounds: Sequence
     Conv1D stores it). Its partial product, in the dtype of ``x`` and ``weight``, goes to
     ``observer(site, r, partial)`` when given (calibration), and the partials are reduced as the
     compressed all-reduce reduces them (:func:`tp.emulate_all_reduce`; ``fmt=None`` is the plain
-    fp32 sum in rank order). Costs the FLOPs of the unsplit product plus the emulated codec.
+    fp32 sum in rank order; ``second_fmt``: two_shot's second hop). Costs the FLOPs of the
+    unsplit product plus the emulated codec.
     """
     if transposed:
         partials = [torch.matmul(x[..., s:e], weight[s:e]) for s, e in bounds]
@@ -203,7 +204,7 @@ def emulate_row_parallel(x: torch.Tensor, weight: torch.Tensor, bounds: Sequence
     if observer is not None:
         for r, p in enumerate(partials):
             observer(site, r, p)
-    return emulate_all_reduce(partials, fmt, algorithm, min_bytes)
+    return emulate_all_reduce(partials, fmt, algorithm, min_bytes, second_fmt=second_fmt)
 
 
 class RowParallelLinear(nn.Module):
@@ -240,12 +241,13 @@ class RowParallelLinear(nn.Module):
             per = self.in_features // ctx.world_size
             bounds = [(r * per, (r + 1) * per) for r in range(ctx.world_size)]
             y = emulate_row_parallel(x, self.weight, bounds, fmt, pol.algorithm, pol.min_bytes,
-                                     observer=self.observer, site=self.site)
+                                     observer=self.observer, site=self.site, second_fmt=pol.second_for(fmt))
         else:
             p = F.linear(x, self.weight)
             if self.observer is not None:
                 self.observer(self.site, ctx.rank, p)
-            y = all_reduce(p, fmt, ctx.group, pol.algorithm, pol.min_bytes) if ctx.world_size > 1 else p
+            y = (all_reduce(p, fmt, ctx.group, pol.algorithm, pol.min_bytes, second_fmt=pol.second_for(fmt))
+                 if ctx.world_size > 1 else p)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self):

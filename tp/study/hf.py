@@ -247,6 +247,7 @@ class RowParallelEmulated(nn.Module):
         self._w32 = None  # fp32 copy when the weight is not fp32
         self.bounds: tuple[tuple[int, int], ...] = ()
         self.fmt = None
+        self.second_fmt = None  # two_shot's second hop (None: fmt's)
         self.algorithm = "gather"
 
     def extra_repr(self) -> str:
@@ -266,7 +267,8 @@ class RowParallelEmulated(nn.Module):
             return self.inner(x)
         pol = owner.policy
         y = emulate_row_parallel(x.float(), self._weight32(), self.bounds, self.fmt, self.algorithm, pol.min_bytes,
-                                 transposed=self._layout == "conv1d", observer=owner.observer, site=self.site.module)
+                                 transposed=self._layout == "conv1d", observer=owner.observer, site=self.site.module,
+                                 second_fmt=self.second_fmt)
         bias = getattr(self.inner, "bias", None)
         if bias is not None:
             y = y + bias.float()
@@ -324,10 +326,11 @@ class TPEmulator:
             for n in sizes:
                 bounds.append((start, start + n * site.unit_size))
                 start += n * site.unit_size
-            plan[site.module] = (tuple(bounds), policy.format_for(site))
-        for name, (bounds, fmt) in plan.items():
+            fmt = policy.format_for(site)
+            plan[site.module] = (tuple(bounds), fmt, policy.second_for(fmt, algorithm))
+        for name, (bounds, fmt, second) in plan.items():
             w = self.wrappers[name]
-            w.bounds, w.fmt, w.algorithm = bounds, fmt, algorithm
+            w.bounds, w.fmt, w.second_fmt, w.algorithm = bounds, fmt, second, algorithm
         self.tp, self.policy, self.algorithm, self.uneven = tp, policy, algorithm, uneven
         self.active = True
         return self

@@ -257,6 +257,8 @@ def _mismatch(rank, world, case):
         tp.all_reduce(torch.cat([x, x]) if odd else x, "mxfp4")
     elif case == "format_other_bytes":  # mxfp4 vs mxfp8
         tp.all_reduce(x, "mxfp8_e4m3" if odd else "mxfp4", algorithm="two_shot")
+    elif case == "second_fmt":  # one first hop, another second hop: the all-gather sizes differ
+        tp.all_reduce(x, "mxfp4", algorithm="two_shot", second_fmt="mxfp8_e4m3" if odd else None)
     elif case == "algorithm":  # all-gather vs all-to-all on the wire
         tp.all_reduce(x, "mxfp4", algorithm="two_shot" if odd else "gather")
     elif case == "op":
@@ -278,7 +280,7 @@ def _mismatch(rank, world, case):
 
 
 MISMATCH = ["shape_same_bytes", "shape_same_bytes_two_shot", "format_same_bytes", "dtype_same_shape",
-            "rows_other_bytes", "format_other_bytes", "algorithm", "op", "reduce_scatter_shape", "after_agreement",
+            "rows_other_bytes", "format_other_bytes", "second_fmt", "algorithm", "op", "reduce_scatter_shape", "after_agreement",
             "after_agreement_smaller", "others_new"]
 
 
@@ -290,6 +292,67 @@ def test_disagreeing_ranks_all_raise_the_same_error_by_default(case, world):
         assert isinstance(r, RankError), f"{case}: a rank returned {r!r} without raising"
         assert r.type == "ValueError" and "ranks disagree on compressed collective" in r.message, str(r)
     assert len({r.message for r in res}) == 1, [r.message for r in res]  # built from every rank's header
+
+
+def test_a_second_format_disagreement_names_both_hops():
+    res = run_ranks(_mismatch, 2, "second_fmt", timeout=30, expect_errors=True)
+    assert "fp4_e2m1/b32/e8m0->fp8_e4m3/b32/e8m0" in res[0].message, res[0].message
+
+
+SECOND_HOPS = [("mxfp4", "mxfp8_e4m3"), ("int4/b32/bf16", "int8/b32/bf16")]
+
+
+def _second_hop_cases(rank, world):
+    out = {}
+    for fmt, second in SECOND_HOPS:
+        for shape in SHAPES[:2]:
+            for dtype in (torch.bfloat16, torch.float32):
+                x = _shard(rank, shape, dtype)
+                out[(fmt, shape, str(dtype))] = tp.all_reduce(x, fmt, algorithm="two_shot", second_fmt=second)
+    x = _shard(rank, SHAPES[0], torch.float32)  # the per-call check carries the second format too
+    out["validated"] = tp.all_reduce(x, "mxfp4", algorithm="two_shot", second_fmt="mxfp8_e4m3", validate=True)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_two_shot_second_format_equals_emulator_bitwise(world):
+    results = run_ranks(_second_hop_cases, world, timeout=60)
+    seconds = dict(SECOND_HOPS)
+    for key, y0 in results[0].items():
+        fmt, shape, dtype = key if key != "validated" else ("mxfp4", SHAPES[0], "torch.float32")
+        dt = getattr(torch, dtype.replace("torch.", ""))
+        shards = [_shard(r, shape, dt) for r in range(world)]
+        expect = tp.emulate_all_reduce(shards, fmt, "two_shot", second_fmt=seconds[fmt])
+        for r in range(world):
+            assert torch.equal(_bits(results[r][key]), _bits(y0)), f"rank {r} differs from rank 0 for {key}"
+        assert torch.equal(_bits(y0), _bits(expect)), f"distributed != emulator for {key}"
+        assert not torch.equal(_bits(y0), _bits(tp.emulate_all_reduce(shards, fmt, "two_shot"))), key
+
+
+def test_second_format_where_there_is_no_second_hop():
+    x = _shard(0, (4, 64), torch.float32)
+    with pytest.raises(ValueError, match="no second hop"):
+        tp.all_reduce(x, "mxfp4", algorithm="gather", second_fmt="mxfp8_e4m3")
+    with pytest.raises(NotImplementedError, match="decodes and encodes one format"):
+        tp.all_reduce(x, "mxfp4", algorithm="fused", second_fmt="mxfp8_e4m3")
+    with pytest.raises(ValueError, match="needs a first-hop format"):
+        tp.all_reduce(x, None, algorithm="two_shot", second_fmt="mxfp8_e4m3")
+    # equal to the first hop's format (or None) is the one-format two_shot, also for gather
+    for alg in ("gather", "two_shot"):
+        assert torch.equal(tp.all_reduce(x, "mxfp4", algorithm=alg, second_fmt="mxfp4"),
+                           tp.all_reduce(x, "mxfp4", algorithm=alg))
+
+
+def test_wire_bytes_count_the_second_hop_in_its_format():
+    # (6, 80) at W=4: chunks of 2 rows; a row is 3 blocks of 32 (80 padded to 96)
+    # mxfp4: 48 B codes + 3 B scales = 51 B/row; mxfp8_e4m3: 96 + 3 = 99 B/row
+    one = tp.wire_bytes((6, 80), torch.float32, "mxfp4", "two_shot", 4)
+    two = tp.wire_bytes((6, 80), torch.float32, "mxfp4", "two_shot", 4, "mxfp8_e4m3")
+    assert one.sent_bytes == 3 * (102 + 102) and one.second_fmt is None
+    assert two.sent_bytes == 3 * (102 + 198) and two.second_fmt == "fp8_e4m3/b32/e8m0"
+    assert tp.wire_bytes((6, 80), torch.float32, "mxfp4", "two_shot", 4, "mxfp4") == one
+    with pytest.raises(ValueError, match="no second hop"):
+        tp.wire_bytes((6, 80), torch.float32, "mxfp4", "gather", 4, "mxfp8_e4m3")
 
 
 def _recover(rank, world):

@@ -202,6 +202,49 @@ def test_two_shot_positions_modules_and_all_gather(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+SECOND = "int8/b32/bf16"  # two_shot's second hop in the compiled op's last argument
+
+
+def _rank_second_hop(rank, world, cache_root):
+    _fresh_cache(cache_root, rank)
+    x = _input(rank)
+    model = Net(rank, world, functional_reduce)
+    compiled = tp_compile(model, tp.CommPolicy(FMT, "two_shot", min_bytes=0, second_fmt=SECOND), cache=False)
+    got = compiled(x)
+    rep = report(compiled)
+
+    def explicit(hop):
+        return lambda p, mod: tp.all_reduce(p, FMT, None, "two_shot", second_fmt=hop)
+
+    wants = {}
+    for hop in (SECOND, None):
+        for m in model.modules():
+            if isinstance(m, Block):
+                m.reduce = explicit(hop)
+        wants[hop] = model(x)
+    return dict(got=got, want=wants[SECOND], one_format=wants[None], table=print_collectives(compiled),
+                seconds=[e.second_fmt for e in rep.rewritten])
+
+
+def test_compiled_second_hop_equals_eager(tmp_path):
+    res = run_ranks(_rank_second_hop, 2, str(tmp_path), timeout=TIMEOUT)
+    for rank, r in enumerate(res):
+        for got, want, one in zip(r["got"], r["want"], r["one_format"]):
+            assert torch.equal(got, want), f"rank {rank}: compiled != eager with second_fmt"
+        assert not torch.equal(r["got"][0], r["one_format"][0]), "the second format changed nothing"
+        assert r["seconds"] == [SECOND] * 4, r["seconds"]
+        assert f"-> {SECOND} (two_shot)" in r["table"], r["table"]
+    assert torch.equal(res[0]["got"][0], res[1]["got"][0])
+
+
+def test_compiled_op_checks_its_second_format():
+    with pytest.raises(ValueError, match="no second hop"):
+        torch.ops.qformats.all_reduce(torch.ones(2, 32), "mxfp4", "0", "gather", "mxfp8_e4m3")
+    with pytest.raises(NotImplementedError, match="one format"):
+        torch.ops.qformats.all_reduce(torch.ones(2, 32), "mxfp4", "0", "fused", "mxfp8_e4m3")
+
+
+# ---------------------------------------------------------------------------------------------
 def test_compile_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown algorithm"):
         tp_compile(nn.Linear(2, 2), CollectivePolicy("mxfp4", "ring"))

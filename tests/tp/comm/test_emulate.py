@@ -143,3 +143,23 @@ def test_wire_bytes():
     assert s.sent_bytes == qformats.as_format("mxfp4").nbytes((8, 4096)) and s.plain_bytes == 8 * 4096 * 2
     s4 = tp.wire_bytes((8, 4096), torch.bfloat16, "mxfp4", "two_shot", 4)
     assert s4.sent_bytes == 2 * 3 * qformats.as_format("mxfp4").nbytes((2, 4096))
+
+
+def test_two_shot_second_format_is_the_sum_of_first_hop_decodes_requantised():
+    """An oracle outside the emulator: qdq(fp32 rank-order sum of qdq(x_r, fmt), second)."""
+    g = torch.Generator().manual_seed(7)
+    shards = [torch.randn(6, 80, generator=g) * (1 + 3 * torch.rand(80, generator=g)) for _ in range(4)]
+    for fmt, second in (("mxfp4", "mxfp8_e4m3"), ("int4/b32/bf16", "int8/b32/bf16")):
+        acc = qformats.quantize_dequantize(shards[0], fmt).float()
+        for x in shards[1:]:
+            acc = acc + qformats.quantize_dequantize(x, fmt).float()
+        got = tp.emulate_all_reduce(shards, fmt, "two_shot", second_fmt=second)
+        assert torch.equal(got, qformats.quantize_dequantize(acc, second))
+        # the finer second hop is closer to the exact sum than re-quantising in the first format
+        exact = tp.plain_sum(shards)
+        one = tp.emulate_all_reduce(shards, fmt, "two_shot")
+        assert (got - exact).abs().mean() < (one - exact).abs().mean()
+    with pytest.raises(ValueError, match="no second hop"):
+        tp.emulate_all_reduce(shards, "mxfp4", "gather", second_fmt="mxfp8_e4m3")
+    with pytest.raises(NotImplementedError, match="one format"):
+        tp.emulate_all_reduce(shards, "mxfp4", "fused", second_fmt="mxfp8_e4m3")

@@ -106,9 +106,25 @@ def test_arguments_are_checked_with_one_vocabulary():
         CommPolicy(FP4, min_bytes=-1)
     with pytest.raises(TypeError, match="tp.Rule"):
         CommPolicy(FP4, rules=({"fmt": "mxfp4"},))
-    with pytest.raises(NotImplementedError, match="second-hop"):
-        CommPolicy(FP4, "two_shot", second_fmt="mxfp8_e4m3")
+    with pytest.raises(ValueError, match="no second hop"):
+        CommPolicy(FP4, "gather", second_fmt="mxfp8_e4m3")
+    with pytest.raises(NotImplementedError, match="one format"):
+        CommPolicy(FP4, "fused", second_fmt="mxfp8_e4m3")
+    with pytest.raises(ValueError, match="unsupported communication format"):
+        CommPolicy(FP4, "two_shot", second_fmt="int99")
     assert CommPolicy(FP4, second_fmt=None).second_fmt is None
+
+
+def test_second_hop_format_round_trips_and_applies_to_every_compressed_site():
+    p = CommPolicy(FP4, "two_shot", rules=(Rule(None, layers=(0, 1)), Rule(FP8, kind="mlp")), second_fmt="int8/b32/bf16")
+    q = CommPolicy.from_string(p.to_string())
+    assert q == p and q.second_fmt == qformats.as_format("int8/b32/bf16")
+    assert "second_fmt=int8/b32/bf16" in str(p)
+    assert p.second_for(FP4) == p.second_for(FP8) == p.second_fmt and p.second_for(None) is None
+    assert CommPolicy(FP4, "two_shot").second_for(FP4) == FP4  # default: the first hop's format
+    with pytest.raises(ValueError, match="no second hop"):
+        p.second_for(FP4, "gather")  # an algorithm override (the eval's) that has no second hop
+    assert p.formats() == (FP4, FP8, p.second_fmt)
 
 
 def test_calibration_replaces_the_default_format_below_the_other_rules():

@@ -29,13 +29,13 @@ def _load(mod, **full):
             getattr(mod, name).copy_(t if s is None else s.take(t))
 
 
-def _layers(rank, world, fmt):
+def _layers(rank, world, fmt, second_fmt=None):
     ctx = tp.TPContext.from_group()
     col = tp.ColumnParallelLinear(32, 48, ctx, bias=True)
     _load(col, weight=W_COL, bias=B_COL)
     col_g = tp.ColumnParallelLinear(32, 48, ctx, bias=True, gather_output=True)
     _load(col_g, weight=W_COL, bias=B_COL)
-    row = tp.RowParallelLinear(48, 40, ctx, bias=True, site="s", policy=tp.CommPolicy(fmt, "two_shot", 0))
+    row = tp.RowParallelLinear(48, 40, ctx, bias=True, site="s", policy=tp.CommPolicy(fmt, "two_shot", 0, second_fmt=second_fmt))
     _load(row, weight=W_ROW, bias=B_ROW)
     emb = tp.VocabParallelEmbedding(10, 16, ctx)
     _load(emb, weight=EMB)
@@ -65,6 +65,22 @@ def test_row_parallel_compressed_reduces_its_partials_exactly():
     expect = tp.emulate_all_reduce(partials, "mxfp4", "two_shot") + B_ROW
     for r in range(2):
         assert torch.equal(res[r]["row"], expect)
+
+
+def test_row_parallel_sends_the_reduced_sum_in_the_policy_second_format():
+    res = run_ranks(_layers, 2, "mxfp4", "mxfp8_e4m3")
+    partials = [res[r]["partial"] for r in range(2)]
+    expect = tp.emulate_all_reduce(partials, "mxfp4", "two_shot", second_fmt="mxfp8_e4m3") + B_ROW
+    assert not torch.equal(expect, tp.emulate_all_reduce(partials, "mxfp4", "two_shot") + B_ROW)
+    for r in range(2):
+        assert torch.equal(res[r]["row"], expect)
+    # the emulated layer honours the same policy
+    ctx = tp.TPContext.emulated(2)
+    row = tp.RowParallelLinear(48, 40, ctx, site="x", policy=tp.CommPolicy("mxfp4", "two_shot", 0, second_fmt="mxfp8_e4m3"))
+    _load(row, weight=W_ROW)
+    x = _full(9, 7, 48)
+    halves = [F.linear(x[:, 24 * r : 24 * r + 24], W_ROW[:, 24 * r : 24 * r + 24]) for r in range(2)]
+    assert torch.equal(row(x), tp.emulate_all_reduce(halves, "mxfp4", "two_shot", second_fmt="mxfp8_e4m3"))
 
 
 def test_emulated_row_parallel_equals_emulator_on_column_slices():

@@ -130,6 +130,27 @@ def test_uncompressed_tp_equals_plain_model(make, degree):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5)
 
 
+def test_tp_emulator_sends_the_reduced_sum_in_the_policy_second_format():
+    """two_shot with a second-hop format: every wrapped site carries it, each site's output is
+    emulate_all_reduce of its partials with that second format, and it changes the logits."""
+    m = tiny_llama()
+    x = ids()
+    pol = Policy("mxfp4").replace(algorithm="two_shot", min_bytes=0)
+    with torch.no_grad():
+        with emulate_tp(m, 4, pol) as emu:
+            one = m(x).logits
+        with emulate_tp(m, 4, pol.replace(second_fmt="mxfp8_e4m3")) as emu:
+            wrapped = [mod for mod in m.modules() if type(mod).__name__ == "RowParallelEmulated"]
+            assert wrapped and all(str(w.second_fmt) == str(qformats.Format.parse("mxfp8_e4m3")) for w in wrapped)
+            two = m(x).logits
+            w = wrapped[0]
+            h = torch.randn(3, w.inner.in_features)
+            parts = [h[:, s:e] @ w.inner.weight.float()[:, s:e].T for s, e in w.bounds]
+            want = tp.emulate_all_reduce(parts, "mxfp4", "two_shot", second_fmt="mxfp8_e4m3")
+            assert torch.equal(w(h), want)
+    assert emu is not None and not torch.equal(one, two)
+
+
 @pytest.mark.parametrize("name,model", other_models(), ids=lambda v: v if isinstance(v, str) else "")
 def test_other_architectures_uncompressed_equal_plain(name, model):
     x = ids()

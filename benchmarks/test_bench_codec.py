@@ -98,13 +98,18 @@ def test_dequantize(benchmark, fmt, mib):
         assert torch.equal(y.cpu(), ops.reference_dequantize(buf.cpu(), fmt, shape, torch.bfloat16))
 
 
+def _buffers(x, fmt, n):
+    """[n, nbytes] wire buffers of x, 2x, ..., n*x (distinct partials, as ranks send)."""
+    return torch.stack([torch.ops.qformats.quantize(x * (i + 1), fmt) for i in range(n)])
+
+
 @pytest.mark.parametrize("n", [2, 4, 8] if CUDA else [2])
 @pytest.mark.parametrize("mib", SIZES_MIB)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_dequant_sum(benchmark, fmt, mib, n):
     """The gather step of a compressed all-reduce: N wire buffers -> one fp32-summed bf16 tensor."""
     x = _input(mib)
-    bufs = torch.stack([torch.ops.qformats.quantize(x * (i + 1), fmt) for i in range(n)])
+    bufs = _buffers(x, fmt, n)
     shape = list(x.shape)
     _info(benchmark, case="dequant_sum", impl="triton", fmt=fmt, mib=mib, n=n,
           bytes=bufs.numel() + x.numel() * 2, path=ops.path(fmt, x.device))
@@ -119,7 +124,7 @@ def test_dequant_sum(benchmark, fmt, mib, n):
 def test_dequant_sum_requant(benchmark, fmt, mib, n):
     """The middle step of two_shot: N wire buffers -> their fp32 sum, re-quantised."""
     x = _input(mib)
-    bufs = torch.stack([torch.ops.qformats.quantize(x * (i + 1), fmt) for i in range(n)])
+    bufs = _buffers(x, fmt, n)
     shape = list(x.shape)
     _info(benchmark, case="dequant_sum_requant", impl="triton", fmt=fmt, mib=mib, n=n,
           bytes=bufs.numel() + bufs.shape[1], path=ops.path(fmt, x.device))

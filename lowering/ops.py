@@ -223,8 +223,8 @@ def dequant_sum_requant(bufs: torch.Tensor, fmt: str, shape: List[int],
     if not _kernel_ok(f, bufs.device):
         return reference_dequant_sum_requant(bufs, f, shape, dtype)
     rows, width = _rows_width(shape)
-    proto = bufs.new_empty((rows, width), dtype=torch.float32)  # gives rows/width/device only
-    buf, deq = kernels.quantize(proto, lower(f, width, bufs.device), bufs=bufs.contiguous(), deq_dtype=dtype)
+    buf, deq = kernels.quantize(None, lower(f, width, bufs.device), shape=(rows, width), bufs=bufs.contiguous(),
+                                deq_dtype=dtype)
     if deq is None:
         return buf, bufs.new_empty((0,), dtype=torch.float32)
     return buf, deq.reshape(shape)

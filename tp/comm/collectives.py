@@ -514,6 +514,16 @@ def _check_buf(buf, fmt, shape, codec):
         )
 
 
+def _plain(collective, x: torch.Tensor, out_shape, world: int, group) -> torch.Tensor:
+    """The uncompressed all_gather / reduce_scatter (``collective`` is the torch.distributed
+    call writing into a new ``out_shape`` tensor); one rank: a copy."""
+    if world == 1:
+        return x.clone()
+    out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    collective(out, x.contiguous(), group=group)
+    return out
+
+
 def all_gather(
     x: torch.Tensor, fmt=None, group=None, *, codec=None, validate: Optional[bool] = None
 ) -> torch.Tensor:
@@ -535,11 +545,7 @@ def all_gather(
         _validate_across_ranks(x, fmt, "all_gather", "-", group, world)
     out_shape = (world * x.shape[0],) + tuple(x.shape[1:])
     if fmt is None or x.numel() == 0:
-        if world == 1:
-            return x.clone()
-        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-        return out
+        return _plain(dist.all_gather_into_tensor, x, out_shape, world, group)
     codec = get_codec(codec)
     x2 = rows_view(x)
     shape = tuple(x2.shape)
@@ -575,11 +581,7 @@ def reduce_scatter(
         _validate_across_ranks(x, fmt, "reduce_scatter", "-", group, world)
     out_shape = (x.shape[0] // world,) + tuple(x.shape[1:])
     if fmt is None or x.numel() == 0:
-        if world == 1:
-            return x.clone()
-        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
-        dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
-        return out
+        return _plain(dist.reduce_scatter_tensor, x, out_shape, world, group)
     codec = get_codec(codec)
     chunks = x.reshape(world, -1, x.shape[-1]).contiguous()  # chunk j = rows of x[j*n:(j+1)*n]
     cshape = tuple(chunks.shape[1:])

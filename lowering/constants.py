@@ -7,8 +7,8 @@ scale type or packing: a new preset needs no kernel change, only (at most) a new
 
 Formats the kernels do not implement raise :class:`Unsupported` with the reason; the ops
 (:mod:`lowering.ops`) catch it and run the reference codec instead (an explicit, documented
-fallback, never a silently different result). Today that is: outlier channels (``+o[...]``),
-static per-feature scales (``static``) and rotation (``+h{N}``; :data:`ROTATION_NOT_LOWERED`).
+fallback, never a silently different result). Today that is: outlier channels (``+o[...]``)
+and static per-feature scales (``static``).
 
 Cost: a few microseconds per call (cached per format string, width and device kind).
 """
@@ -51,10 +51,6 @@ def _scale_nan(kind: int) -> int:
     return _SCALE_NAN[kind]
 
 
-ROTATION_NOT_LOWERED = "rotation (+h) is not lowered yet"
-"""Why rotated formats run the reference codec: the kernels do not implement ``qformats.codec.rotate``."""
-
-
 class Unsupported(ValueError):
     """The kernels do not implement this format (the ops fall back to the reference codec)."""
 
@@ -79,6 +75,9 @@ class KernelConstants:
     Block and packing: ``BS`` (block size for this row width), ``BP2`` (BS rounded up to a
     power of two: kernel tiles), ``G`` codes per ``GB`` bytes, ``GBP2``, ``WORD64``.
     ``EVEN``: the blocks tile the rows exactly and ``BS`` is a power of two (contiguous tiles).
+    ``ROT``: k = log2 N of the ``+h{N}`` rotation (0: none; N >= 2): the kernels apply
+    ``qformats.codec.rotate``'s k butterfly stages to each run of N features of a block (the
+    wire layout is the unrotated format's).
     ``GPU``: compiled for the GPU (exact division by ``div_rn`` / Markstein steps, hardware
     casts), else the CPU interpreter (numpy's IEEE division; its narrow float casts are not
     trusted). ``DECODE``: how codes decode (``DECODE_*``); ``FP8_HW`` / ``FP8``: the element is
@@ -121,6 +120,7 @@ class KernelConstants:
     GBP2: int
     WORD64: bool
     EVEN: bool
+    ROT: int
     GPU: bool
     DECODE: int
     FP8_HW: bool
@@ -167,8 +167,6 @@ def unsupported_reason(fmt) -> str | None:
         return "outlier channels (+o[...]) are not lowered yet"
     if f.scale == "static":
         return "static per-feature scales are not lowered yet"
-    if f.rotation:
-        return ROTATION_NOT_LOWERED
     if f.elem.kind == "float" and (f.elem.ebits > 5 or f.elem.mbits > 5):
         return "float elements wider than e5m5 are not lowered"
     return None
@@ -222,7 +220,7 @@ def _lower(fmt_str: str, width: int, cuda: bool) -> KernelConstants:
         SCALE=_SCALES[f.scale], SB=scale_type(f.scale).nbytes, ZP=f.zero_point, TS=f.tensor_scale,
         MAXN_TS=maxn_ts, SNAN=_scale_nan(_SCALES[f.scale]), **s,
         BS=bs, BP2=_next_pow2(bs), G=g, GB=gb, GBP2=_next_pow2(gb), WORD64=gb * 8 > 31,
-        EVEN=(width % bs == 0 and bs == _next_pow2(bs)), GPU=bool(cuda), DECODE=decode,
+        EVEN=(width % bs == 0 and bs == _next_pow2(bs)), ROT=f.rotation.bit_length() - 1 if f.rotation else 0, GPU=bool(cuda), DECODE=decode,
         FP8_HW=bool(cuda) and fp8 is not None, FP8=fp8 if fp8 is not None else FP8_E4M3,
     )
 

@@ -207,8 +207,8 @@ _RISK = tl.constexpr(0.999)
 
 @triton.jit
 def _any(flags):
-    """Whether any of the per-block ``flags`` [BPP] is set: one scalar for the whole tile, so the
-    rare saturation work below runs only in tiles that can need it (no per-element cost)."""
+    """Whether any of the per-block ``flags`` [BPP] is set: one scalar for the whole tile (a
+    cross-warp reduction: use it once per tile), so rare work runs only in tiles that need it."""
     return tl.max(flags.to(tl.int32), axis=0) > 0
 
 
@@ -228,15 +228,23 @@ def _saturate(y, ok):
 
 
 @triton.jit
-def _store_f32(ptr, offs, y, mask, bound, KIND: tl.constexpr, GPU: tl.constexpr):
-    """Store fp32 values as KIND; casts to bf16/fp16 saturate finite values at the dtype's max
-    (the reference's ``saturating_cast``), checked only in tiles whose per-block ``bound`` [BPP]
-    on |y| (inf: unknown) reaches it."""
+def _out_max(KIND: tl.constexpr):
+    """The largest finite value of an output kind (a decode saturates there)."""
+    if KIND == _BF16IO:
+        return _BF16_MAX
+    elif KIND == _F32IO:
+        return _FP32_MAX
+    else:
+        return _FP16_MAX
+
+
+@triton.jit
+def _store_f32(ptr, offs, y, mask, KIND: tl.constexpr, GPU: tl.constexpr):
+    """Store fp32 values as KIND, rounding half to even (callers saturate first: the hardware
+    casts turn values past the dtype's max into Inf)."""
     if KIND == _F32IO:
         tl.store(ptr + offs, y, mask=mask)
     elif KIND == _BF16IO:
-        if _any(~(bound < _RISK * _BF16_MAX)):
-            y = _clamp_finite(y, _BF16_MAX)
         if GPU:  # hardware cvt.rn.bf16.f32: round half to even
             tl.store(ptr + offs, y.to(tl.bfloat16), mask=mask)
         else:  # fp32 -> bf16 on the bits, round half to even; NaN -> 0x7FC0
@@ -245,9 +253,34 @@ def _store_f32(ptr, offs, y, mask, bound, KIND: tl.constexpr, GPU: tl.constexpr)
             r = tl.where((b & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
             tl.store(ptr + offs, r.to(tl.int16), mask=mask)
     else:
-        if _any(~(bound < _RISK * _FP16_MAX)):
-            y = _clamp_finite(y, _FP16_MAX)
         tl.store(ptr + offs, y.to(tl.float16), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------
+# rotation (+h{N}): qformats.codec.rotate's butterfly on each run of N lanes of a tile
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def _butterfly(x, BPP: tl.constexpr, BP2: tl.constexpr, H: tl.constexpr):
+    """One stage: lanes i and i + H of every run of 2H (bit log2(H) of i clear) become
+    (v[i] + v[i + H], v[i] - v[i + H]), one fp32 addition each (as the reference's stage)."""
+    v = tl.permute(tl.reshape(x, (BPP * BP2 // (2 * H), 2, H)), (0, 2, 1))  # [runs, H, (low, high)]
+    a, b = tl.split(v)
+    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (BPP, BP2))
+
+
+@triton.jit
+def _rotate(x, K: tl.constexpr, INVERSE: tl.constexpr, BPP: tl.constexpr, BP2: tl.constexpr):
+    """``qformats.codec.rotate(x, 2^K, INVERSE)`` on each run of 2^K lanes of the [BPP, BP2]
+    fp32 tile (2^K divides the block size, so runs never straddle blocks or the padding lanes
+    of a block): K stages in the reference's order, then one multiply by a power of two
+    (2^-ceil(K/2) forward, 2^-floor(K/2) inverse). Cost: K additions per element, plus the
+    lane exchanges of the stages whose partners live in other threads."""
+    for s in tl.static_range(K):
+        x = _butterfly(x, BPP, BP2, 1 << s)
+    if INVERSE:
+        return x * (2.0 ** (-(K // 2)))
+    else:
+        return x * (2.0 ** (-(K - K // 2)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -418,21 +451,24 @@ def _element_values(code, lut_ptr, KIND: tl.constexpr, BITS: tl.constexpr, GSCAL
 
 
 @triton.jit
-def _scaled(val, scale, zero, ZP: tl.constexpr, WIDE: tl.constexpr, HALVE: tl.constexpr, MAXV: tl.constexpr):
+def _scaled(val, scale, zero, ZP: tl.constexpr, WIDE: tl.constexpr, HALVE: tl.constexpr, MAXV: tl.constexpr,
+            SAT: tl.constexpr):
     """(fp32(val * scale (+ zero)), a per-block bound on its magnitude) for element values
     [BPP, BP2] and per-block parameters, with the reference's rounding: val * scale is exact
     for codes times scales of at most 16 significant bits, so fp32 arithmetic rounds once; WIDE
-    (zero point and fp32 scales) adds in float64 as the reference does. Products of finite
-    factors past fp32's range saturate (:func:`_saturate`), and HALVE (bf16 zero points) redoes a
-    sum whose product overflowed on halved terms, exactly: both only in tiles whose bound (MAXV =
-    the largest finite element value) says it can happen."""
+    (zero point and fp32 scales) adds in float64 as the reference does.
+
+    SAT: also what the reference does past fp32's range (products of finite factors saturate,
+    :func:`_saturate`; HALVE, bf16 zero points, redoes a sum whose product overflowed on halved
+    terms, exactly). Without SAT the result is exact wherever the bound (MAXV = the largest
+    finite element value) is below fp32's max: callers check the bound once per tile."""
     if ZP:
         bound = MAXV * tl.abs(scale) + tl.abs(zero)
         if WIDE:
             y = (val.to(tl.float64) * scale.to(tl.float64)[:, None] + zero.to(tl.float64)[:, None]).to(tl.float32)
         else:
             y = val * scale[:, None] + zero[:, None]
-        if _any(~(bound < _RISK * _FP32_MAX)):
+        if SAT:
             if HALVE:
                 yh = (val * (scale * 0.5)[:, None] + (zero * 0.5)[:, None]) * 2.0
                 y = tl.where(tl.abs(y) == float("inf"), yh, y)
@@ -441,15 +477,16 @@ def _scaled(val, scale, zero, ZP: tl.constexpr, WIDE: tl.constexpr, HALVE: tl.co
     else:
         bound = MAXV * tl.abs(scale)
         y = val * scale[:, None]
-        if _any(~(bound < _RISK * _FP32_MAX)):
+        if SAT:
             y = _saturate(y, (tl.abs(val) < float("inf")) & (tl.abs(scale) < float("inf"))[:, None])
     return y, bound
 
 
 @triton.jit
-def _decode_tile(buf_ptr, blk, bmask, scale_off, zp_off, ts_off, lut_ptr, K: tl.constexpr):
-    """fp32 values [BPP, BP2] of blocks ``blk`` of one wire buffer. ``K`` bundles the format's
-    constexprs (see :func:`_codec_kernel`)."""
+def _decode_tile(buf_ptr, blk, bmask, scale_off, zp_off, ts_off, lut_ptr, K: tl.constexpr, SAT: tl.constexpr):
+    """(fp32 values [BPP, BP2], per-block bound on their magnitudes) of blocks ``blk`` of one
+    wire buffer (SAT: see :func:`_scaled`). ``K`` bundles the format's constexprs (see
+    :func:`_codec_kernel`)."""
     BPP: tl.constexpr = K[0]
     BITS: tl.constexpr = K[1]
     SCALE: tl.constexpr = K[2]
@@ -473,12 +510,13 @@ def _decode_tile(buf_ptr, blk, bmask, scale_off, zp_off, ts_off, lut_ptr, K: tl.
     EVEN: tl.constexpr = K[20]
     WALIGN: tl.constexpr = K[21]
     MAXV: tl.constexpr = K[22]
+    ROT: tl.constexpr = K[23]
     code = _load_codes(buf_ptr, blk, bmask, BPP, BS, BP2, BITS, G, GB, GBP2, WORD64, EVEN)
     val = _element_values(code, lut_ptr, KIND, BITS, GSCALE, DECODE, FP8)
     w = _load_word(buf_ptr, scale_off, blk, bmask, SB, WALIGN)
     if SCALE == _E8M0:
         sc = tl.where(w == 255, float("nan"), _pow2(w - 127))  # 2^-127 is a subnormal: exact
-        return _scaled(val, sc, sc, False, False, False, MAXV)  # (a NaN scale gives NaN, never Inf)
+        y, bound = _scaled(val, sc, sc, False, False, False, MAXV, SAT)  # (a NaN scale gives NaN, never Inf)
     else:
         scale = _scale_value(w, SCALE, S_EBITS, S_MBITS, S_BIAS, S_POLICY)
         if TS:
@@ -489,7 +527,22 @@ def _decode_tile(buf_ptr, blk, bmask, scale_off, zp_off, ts_off, lut_ptr, K: tl.
         if ZP:
             zero = _scale_value(_load_word(buf_ptr, zp_off, blk, bmask, SB, WALIGN), SCALE, S_EBITS, S_MBITS, S_BIAS,
                                 S_POLICY)
-        return _scaled(val, scale, zero, ZP, SCALE == _FP32S, SCALE == _BF16S, MAXV)
+        y, bound = _scaled(val, scale, zero, ZP, SCALE == _FP32S, SCALE == _BF16S, MAXV, SAT)
+    if ROT > 0:  # back from the rotated coordinates; partial sums grow by at most 2^ROT
+        y = _rotate(y, ROT, True, BPP, BP2)
+        bound = bound * (2.0 ** ROT)
+    return y, bound
+
+
+@triton.jit
+def _saturating(y, KIND: tl.constexpr):
+    """fp32 ``y`` saturated for a cast to KIND (the reference's ``saturating_cast``)."""
+    if KIND == _BF16IO:
+        return _clamp_finite(y, _BF16_MAX)
+    elif KIND == _F32IO:
+        return y
+    else:
+        return _clamp_finite(y, _FP16_MAX)
 
 
 @triton.jit
@@ -500,6 +553,25 @@ def _src(src_ptr, src_stride, ptr_table, src_off, i, TABLE: tl.constexpr):
         return tl.multiple_of(tl.load(ptr_table + i).to(tl.pointer_type(tl.uint8)) + src_off, 16)
     else:
         return src_ptr + i * src_stride
+
+
+@triton.jit
+def _sources(src_ptr, src_stride, ptr_table, src_off, blk, bmask, scale_off, zp_off, ts_off, lut_ptr, K: tl.constexpr,
+             TABLE: tl.constexpr, SUM: tl.constexpr, N_SRC: tl.constexpr, SAT: tl.constexpr):
+    """(fp32 rank-order sum of the decodes of the N_SRC source buffers, or with SUM False the
+    decode of buffer ``program_id(1)``; per-block bound on its magnitude). SAT: see :func:`_scaled`."""
+    if SUM:
+        x, bound = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, 0, TABLE), blk, bmask, scale_off,
+                                zp_off, ts_off, lut_ptr, K, SAT)
+        for i in tl.static_range(1, N_SRC):
+            y, b = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, i, TABLE), blk, bmask, scale_off,
+                                zp_off, ts_off, lut_ptr, K, SAT)
+            x = x + y
+            bound = bound + b
+    else:
+        x, bound = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, tl.program_id(1), TABLE), blk, bmask,
+                                scale_off, zp_off, ts_off, lut_ptr, K, SAT)
+    return x, bound
 
 
 # ------------------------------------------------------------------------------------------
@@ -591,7 +663,7 @@ def _codec_kernel(
     S_POLICY: tl.constexpr, S_MAXMAG: tl.constexpr, SNAN: tl.constexpr,
     S_INV_STEP_HI: tl.constexpr, S_INV_STEP_LO: tl.constexpr,
     BS: tl.constexpr, BP2: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, GBP2: tl.constexpr,
-    WORD64: tl.constexpr, GPU: tl.constexpr, DECODE: tl.constexpr, FP8_HW: tl.constexpr,
+    WORD64: tl.constexpr, ROT: tl.constexpr, GPU: tl.constexpr, DECODE: tl.constexpr, FP8_HW: tl.constexpr,
     FP8: tl.constexpr,
 ):
     """One codec step over BPP blocks per program (see the module docstring).
@@ -605,35 +677,39 @@ def _codec_kernel(
     # MAXV: a bound on |element value| over every code (foreign bytes too: MX ints' -2^(N-1))
     MAXV: tl.constexpr = MAXN * 2.0
     K: tl.constexpr = (BPP, BITS, SCALE, SB, ZP, TS, S_EBITS, S_MBITS, S_BIAS, S_POLICY, BS, BP2, G, GB, GBP2,
-                       WORD64, GSCALE, DECODE, FP8, KIND, EVEN, WALIGN, MAXV)
+                       WORD64, GSCALE, DECODE, FP8, KIND, EVEN, WALIGN, MAXV, ROT)
     blk, bmask, inb, valid, offs = _tile(tl.program_id(0), total_blocks, nblk, width, BPP, BS, BP2, EVEN, I64)
     if SRC_BUFS:
-        if SUM:
-            x, bound = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, 0, TABLE), blk, bmask, scale_off,
-                                    zp_off, ts_off, lut_ptr, K)
-            for i in tl.static_range(1, N_SRC):
-                y, b = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, i, TABLE), blk, bmask,
-                                    scale_off, zp_off, ts_off, lut_ptr, K)
-                x = x + y
-                bound = bound + b
+        x, bound = _sources(src_ptr, src_stride, ptr_table, src_off, blk, bmask, scale_off, zp_off, ts_off, lut_ptr,
+                            K, TABLE, SUM, N_SRC, False)
+        # that fast decode is exact unless a block's bound reaches where the reference saturates
+        # (fp32's max for the products and their sum, the output dtype's max for the cast): then
+        # the tile is decoded again with saturation (one check per tile, no per-element cost)
+        if QUANT or HAS_RES:
+            lim = _FP32_MAX
         else:
-            j = tl.program_id(1)
-            x, bound = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, j, TABLE), blk, bmask, scale_off,
-                                    zp_off, ts_off, lut_ptr, K)
-        if HAS_RES:
+            lim = _out_max(OUT_KIND)
+        if _any(~(bound < _RISK * lim)):
+            x, bound = _sources(src_ptr, src_stride, ptr_table, src_off, blk, bmask, scale_off, zp_off, ts_off,
+                                lut_ptr, K, TABLE, SUM, N_SRC, True)
+            if not QUANT and not HAS_RES:
+                x = _saturating(x, OUT_KIND)
+        if HAS_RES:  # (the residual's magnitude is not known per block: saturate per element)
             x = x + _load_f32(res_ptr, offs, valid, RES_KIND, GPU)
-            bound = bound + float("inf")  # (the residual's magnitude is not known per block)
+            if not QUANT:
+                x = _saturating(x, OUT_KIND)
     else:
         x = _load_f32(x_ptr, offs, valid, IN_KIND, GPU)
-        bound = tl.zeros([BPP], dtype=tl.float32)
     if not QUANT:
         if SUM:
-            _store_f32(out_ptr, offs, x, valid, bound, OUT_KIND, GPU)
+            _store_f32(out_ptr, offs, x, valid, OUT_KIND, GPU)
         else:
-            _store_f32(out_ptr + tl.program_id(1).to(tl.int64) * out_chunk, offs, x, valid, bound, OUT_KIND, GPU)
+            _store_f32(out_ptr + tl.program_id(1).to(tl.int64) * out_chunk, offs, x, valid, OUT_KIND, GPU)
     else:  # (constexpr branches, not early returns: Triton compiles the code after a return too)
         if not EVEN:
             x = tl.where(valid, x, 0.0)  # padded lanes of a summed source decode to 0 (or NaN)
+        if ROT > 0:  # into the rotated coordinates (padding lanes are zeros, as the reference pads)
+            x = _rotate(x, ROT, False, BPP, BP2)
         xb = x.to(tl.int32, bitcast=True)
         ab = xb & 0x7FFFFFFF
         # one integer max per block: its absmax, and >= 0x7F800000 iff it holds NaN/Inf
@@ -740,11 +816,19 @@ def _codec_kernel(
                 val = _element_values(code, lut_ptr, KIND, BITS, GSCALE, DECODE, FP8)
                 if SCALE == _E8M0:
                     sc = tl.where(bad, float("nan"), _pow2(s))
-                    y, dbound = _scaled(val, sc, sc, False, False, False, MAXV)
+                    zero = sc
                 else:
-                    y, dbound = _scaled(val, tl.where(bad, float("nan"), scale), zero, ZP, SCALE == _FP32S,
-                                        SCALE == _BF16S, MAXV)
-                _store_f32(deq_ptr, offs, y, valid, dbound, DEQ_KIND, GPU)
+                    sc = tl.where(bad, float("nan"), scale)
+                y, dbound = _scaled(val, sc, zero, ZP, SCALE == _FP32S, SCALE == _BF16S, MAXV, False)
+                if ROT > 0:
+                    y = _rotate(y, ROT, True, BPP, BP2)
+                    dbound = dbound * (2.0 ** ROT)
+                if _any(~(dbound < _RISK * _out_max(DEQ_KIND))):  # (as for a decode above)
+                    y, dbound = _scaled(val, sc, zero, ZP, SCALE == _FP32S, SCALE == _BF16S, MAXV, True)
+                    if ROT > 0:
+                        y = _rotate(y, ROT, True, BPP, BP2)
+                    y = _saturating(y, DEQ_KIND)
+                _store_f32(deq_ptr, offs, y, valid, DEQ_KIND, GPU)
 
 
 # ------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ tensor shapes, quantised along the last axis):
 Paths: CUDA tensors run the Triton kernels of :mod:`lowering.kernels`. CPU tensors run the
 same kernels in Triton's interpreter when ``TRITON_INTERPRET=1`` was set before import (tests
 do), else the reference codec. Formats the kernels do not implement (outlier channels,
-static per-feature scales, rotation ``+h``; :func:`lowering.constants.unsupported_reason` says why) run the
+static per-feature scales; :func:`lowering.constants.unsupported_reason` says why) run the
 reference codec on any device: an explicit fallback, same bytes, reference speed.
 :func:`path` says which path a call takes.
 

@@ -1,5 +1,6 @@
-"""Rotated formats (``+h{N}``) in lowering: TorchCodec is bitwise the reference, and the ops take
-the documented reference fallback (the kernels do not implement rotation yet)."""
+"""Rotated formats (``+h{N}``) in lowering: TorchCodec and the Triton kernels (interpreted on the
+CPU, compiled on a GPU) are bitwise the reference. (test_kernels runs the rotated presets and
+more rotated formats through every kernel step too.)"""
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,7 +10,8 @@ import lowering
 import qformats
 from lowering import ops, torch_codec
 from lowering.codec import ReferenceCodec
-from lowering.constants import ROTATION_NOT_LOWERED, Unsupported, lower, unsupported_reason
+from lowering import kernels
+from lowering.constants import lower, unsupported_reason
 from lowering.torch_codec import TorchCodec
 from qformats import Format
 
@@ -65,16 +67,49 @@ def test_torch_codec_runs_its_fast_path_for_rotated_formats():
         assert torch_codec.fallback_reason(f) is None, f
 
 
-def test_kernels_refuse_rotation_and_the_ops_fall_back_to_the_reference():
-    assert unsupported_reason("mxfp4_h32") == ROTATION_NOT_LOWERED == "rotation (+h) is not lowered yet"
-    assert unsupported_reason("mxfp4") is None
-    with pytest.raises(Unsupported, match=r"rotation \(\+h\)"):
-        lower("int4/b32/bf16+h32", 64, "cpu")
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _same(a, b):
+    """Bitwise, NaNs by position (a GPU's canonical NaN payload differs from the CPU's)."""
+    an, bn = torch.isnan(a), torch.isnan(b)
+    return torch.equal(an, bn) and torch.equal(_bits(a.masked_fill(an, 0)), _bits(b.masked_fill(bn, 0)))
+
+
+@pytest.mark.parametrize("f", [f for f in ROTATED if not f.outliers], ids=_id)
+def test_kernels_run_rotation_bitwise_the_reference(f):
+    """Every kernel step of a rotated format: quantize (and its decode), dequantize, dequant-sum
+    of 1-3 buffers (+ residual) and dequant-sum-requant, on adversarial inputs whose butterfly
+    sums overflow, partial blocks (width 203) and whole-block rows (width 256)."""
+    assert unsupported_reason(f) is None and lowering.path(f, DEV) in ("kernel", "interpreter")
+    for width in (203, 256):
+        kc = lower(f, width, DEV)
+        xs = [adversarial(f, 6, width, dt, seed=3 + 7 * i + width, nonfinite=i == 1).to(DEV)
+              for i, dt in enumerate(DTYPES)]
+        bufs = []
+        for x, out in zip(xs, DTYPES[1:] + DTYPES[:1]):
+            buf, deq = kernels.quantize(x, kc, deq_dtype=out)
+            ref = ops.reference_quantize(x.cpu(), f)
+            assert torch.equal(buf.cpu(), ref), (width, x.dtype)
+            assert _same(deq.cpu(), ops.reference_dequantize(ref, f, [6, width], out)), (width, x.dtype, out)
+            bufs.append(buf)
+        bufs = torch.stack(bufs)
+        res = torch.randn(6, width).to(DEV)
+        for n in (1, 2, 3):
+            for dt in DTYPES:
+                got = kernels.dequantize(bufs[:n], kc, 6, width, dt, res if n == 2 else None)
+                want = ops.reference_dequant_sum(bufs[:n].cpu(), f, [6, width], dt, res.cpu() if n == 2 else None)
+                assert _same(got.cpu(), want), (width, n, dt)
+            b2, d2 = kernels.quantize(None, kc, shape=(6, width), bufs=bufs[:n], deq_dtype=torch.bfloat16)
+            rb, rd = ops.reference_dequant_sum_requant(bufs[:n].cpu(), f, [6, width], torch.bfloat16)
+            assert torch.equal(b2.cpu(), rb) and _same(d2.cpu(), rd), (width, n)
+
+
+def test_ops_run_rotated_formats_on_the_kernels():
     x = torch.randn(4, 96)
     x[1, 3] = 30.0
     for f in ("mxfp4_h32", "int4_b32_bf16_h32"):
-        for dev in ("cpu", "cuda"):
-            assert lowering.path(f, dev) == f"reference: {ROTATION_NOT_LOWERED}"
+        assert lowering.path(f, "cuda") == "kernel"
         buf = torch.ops.qformats.quantize(x, f)
         assert torch.equal(buf, qformats.encode(x, f).data)
         dec = torch.ops.qformats.dequantize(buf, f, [4, 96], torch.bfloat16)
@@ -85,5 +120,5 @@ def test_kernels_refuse_rotation_and_the_ops_fall_back_to_the_reference():
         b2, d2 = torch.ops.qformats.dequant_sum_requant(bufs, f, [4, 96], torch.float32)
         rb, rd = ops.reference_dequant_sum_requant(bufs, f, [4, 96], torch.float32)
         assert torch.equal(b2, rb) and torch.equal(_bits(d2), _bits(rd))
-    # the fallback encodes the rotated format, not the plain one
+    # the rotated format is encoded, not the plain one
     assert not torch.equal(torch.ops.qformats.quantize(x, "mxfp4_h32"), qformats.encode(x, "mxfp4").data)

@@ -45,7 +45,9 @@ from qformats.codec import saturating_cast  # noqa: E402
 from lowering.constants import lower  # noqa: E402
 
 FORMATS = ["mxfp8_e4m3", "int8/b32/bf16", "mxfp4", "fp4_b64", "nvfp4", "int4/b32/bf16", "flash_int4",
-           "mxfp6_e3m2", "int6/b32/bf16", "int5_b32", "fp3_b32", "flash_int8"]
+           "mxfp6_e3m2", "int6/b32/bf16", "int5_b32", "fp3_b32", "flash_int8",
+           # rotated (+h32): their cost is read against mxfp4 and int4/b32/bf16 in the same run
+           "mxfp4_h32", "int4_b32_bf16_h32"]
 WIDTH = 8192
 RECORDS: list = []
 _SINK = []  # the open output file: every record is written as soon as it exists
@@ -305,6 +307,7 @@ def main():
     ap.add_argument("--check-mib", type=float, default=64)
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--check-only", action="store_true", help="exactness checks only (no timing)")
     ap.add_argument("--division-only", action="store_true")
     ap.add_argument("--tile", default="", help="elements,warps override (QFORMATS_TILE) for a sweep")
     a = ap.parse_args()
@@ -328,6 +331,9 @@ def main():
         for fmt in fmts:
             check_format(fmt, a.check_mib)
         print(f"checks: {time.time() - t0:.0f} s", flush=True)
+        if a.check_only:
+            table(RECORDS)
+            return
     for fmt in fmts:
         for m in sizes:
             time_format(fmt, m, copy.get(m, ref_copy), ops_too=(m in (1.0, 64.0)))

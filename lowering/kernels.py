@@ -563,11 +563,18 @@ def _sources(src_ptr, src_stride, ptr_table, src_off, blk, bmask, scale_off, zp_
     if SUM:
         x, bound = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, 0, TABLE), blk, bmask, scale_off,
                                 zp_off, ts_off, lut_ptr, K, SAT)
-        for i in tl.static_range(1, N_SRC):
-            y, b = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, i, TABLE), blk, bmask, scale_off,
-                                zp_off, ts_off, lut_ptr, K, SAT)
-            x = x + y
-            bound = bound + b
+        if SAT:  # the rare exact path: a loop, not unrolled (code size and registers stay small)
+            for i in range(1, N_SRC):
+                y, b = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, i, TABLE), blk, bmask, scale_off,
+                                    zp_off, ts_off, lut_ptr, K, SAT)
+                x = x + y
+                bound = bound + b
+        else:
+            for i in tl.static_range(1, N_SRC):
+                y, b = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, i, TABLE), blk, bmask, scale_off,
+                                    zp_off, ts_off, lut_ptr, K, SAT)
+                x = x + y
+                bound = bound + b
     else:
         x, bound = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, tl.program_id(1), TABLE), blk, bmask,
                                 scale_off, zp_off, ts_off, lut_ptr, K, SAT)

@@ -252,10 +252,6 @@ class Calibration:
                 f = qformats.static_outlier_format(self.elem, sc.outliers, sc.scales)
             else:
                 f = dataclasses.replace(self.rest, outliers=sc.outliers)
-                try:
-                    f.quantized_width(sc.features)
-                except ValueError as e:
-                    raise ValueError(f"{site}: {self.rest} with its {len(sc.outliers)} outliers: {e}") from None
             self._formats[site] = f
         return self._formats[site]
 

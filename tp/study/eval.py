@@ -389,8 +389,6 @@ class _Calibrated:
 def _calibrated(key: str):
     """The _Calibrated of an outlier format name, None if ``key`` is not one; ValueError for a bad
     ``outlier:SPEC``."""
-    from ..model.calibrate import rest_format
-
     if key in OUTLIER_FORMATS:
         rest = OUTLIER_FORMATS[key]
     elif key.startswith(OUTLIER_PREFIX):
@@ -399,6 +397,8 @@ def _calibrated(key: str):
             raise ValueError(f"{OUTLIER_PREFIX}SPEC needs a block format after the colon, e.g. {OUTLIER_PREFIX}int4/b32/bf16")
     else:
         return None
+    from ..model.calibrate import rest_format
+
     return _Calibrated(rest_format(rest))
 
 

@@ -570,6 +570,30 @@ def test_run_eval_outlier_variants_share_one_calibration(monkeypatch):
     assert all(o == outs[0] for o in outs)  # one selection
 
 
+def test_paired_differences_of_two_configurations(tmp_path, capsys):
+    """benchmarks/eval_paired.py: A vs B on the same windows; its point estimates are the
+    difference of the records' KL and the ratio of their perplexities."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[3] / "benchmarks" / "eval_paired.py"
+    spec = importlib.util.spec_from_file_location("eval_paired", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    recs = run_eval(formats=["mxfp4", "outlier_int4_dyn_h32"], tp=[2], tokens=96, window=48, calib_tokens=48,
+                    out=tmp_path, **_tiny_run_kwargs())
+    a, b = (next(r for r in recs if r["name"] == n) for n in ("outlier_int4_dyn_h32", "mxfp4"))
+    r = mod.paired(mod.windows(tmp_path, a["name"], None, None), mod.windows(tmp_path, b["name"], 2, "gather"))
+    assert r["windows"] == 2
+    assert r["dkl"] == pytest.approx(a["kl"] - b["kl"], rel=1e-9, abs=1e-12)
+    assert r["dppl_pct"] == pytest.approx(100 * (a["perplexity"] / b["perplexity"] - 1), rel=1e-6)
+    assert r["dkl_ci"][0] <= r["dkl"] <= r["dkl_ci"][1] and r["dppl_ci"][0] <= r["dppl_pct"] <= r["dppl_ci"][1]
+    assert mod.main([str(tmp_path), "outlier_int4_dyn_h32", "mxfp4"]) == 0
+    assert "outlier_int4_dyn_h32" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="0 configurations match"):
+        mod.windows(tmp_path, "nvfp4", None, None)
+
+
 def test_run_eval_bad_inputs(monkeypatch):
     # every argument is checked before the model or the text is loaded
     def no_load(*a, **k):

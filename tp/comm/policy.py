@@ -285,7 +285,8 @@ class CommPolicy:
 
     # -- building ------------------------------------------------------------------------------
     def with_calibration(self, calibration) -> "CommPolicy":
-        """This policy with every calibrated site using its static outlier format (``tp.calibrate``).
+        """This policy with every calibrated site using its outlier format (``tp.calibrate``: static
+        scales, or dynamic block scales after ``Calibration.with_rest``).
 
         The calibration replaces the default format at its sites: its rules go after the existing
         ones, so skip and kind rules still apply."""

@@ -28,9 +28,17 @@ What is computed, per site (a row-parallel layer's output) and per rank:
    ever seen leaves typical values only a few of INT4's 15 levels; clipping at a few RMS
    trades rare saturation for resolution (the ACIQ argument of Banner et al., 2019, whose
    MSE-optimal clip for 4-bit Gaussian data is ~2.5 sigma).
+
+The same outliers can go with dynamic block scales for the other features instead of the static
+ones (:meth:`Calibration.with_rest`, e.g. ``int4/b64/bf16`` or ``int4/b64/bf16+h32``): each site's
+format is then that block format with the site's ``+o[...]``. The selection (steps 1-3) does not
+depend on the scales, so every variant of one calibration sends the same features in bf16.
+The outlier indices are part of each site's format, fixed at calibration and known to every
+rank: the wire carries only their bf16 values (16 bits each), no index.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -49,7 +57,8 @@ from ..comm.policy import CommPolicy
 __all__ = ["Calibration", "Calibrator", "SiteCalibration", "calibrate"]
 
 _FILE_KIND = "qformats-tp-calibration"
-_VERSION = 1
+_VERSION = 2  # 2: "rest" (dynamic block format of the non-outlier features)
+_READS = (1, 2)
 
 
 class Calibrator:
@@ -205,7 +214,11 @@ class SiteCalibration:
 
 @dataclass
 class Calibration:
-    """The outcome of a calibration: per site, the static outlier format to use there."""
+    """The outcome of a calibration: per site, the outlier format to use there.
+
+    ``rest`` None: Dong et al.'s static per-feature scales for the non-outlier features; a block
+    format (no outliers, no static scales): those features in it, with dynamic block scales
+    (:meth:`with_rest`)."""
 
     sites: dict
     elem: str = "int4"
@@ -214,15 +227,32 @@ class Calibration:
     world_size: int = 1
     k: Optional[int] = None
     clip: Optional[float] = None
+    rest: Optional[qformats.Format] = None
     _formats: dict = field(default_factory=dict, repr=False, compare=False)
 
+    def __post_init__(self):
+        self.rest = rest_format(self.rest)
+
+    def with_rest(self, rest) -> "Calibration":
+        """The same outliers (and statistics) with ``rest`` for the other features: a block format
+        such as ``"int4/b64/bf16+h32"`` (dynamic scales), or None for the static scales.
+
+        Use it to compare static and dynamic scales on one calibration; it costs nothing (the
+        formats are built when first asked for). The bits per value are ``rest``'s on the
+        non-outlier features plus 16 per outlier (``Format.bits_per_value_at``)."""
+        return dataclasses.replace(self, rest=rest, _formats={})
+
     def format(self, site: str):
-        """The ``qformats`` static outlier format of ``site`` (a Format, usable as ``fmt=``)."""
+        """The ``qformats`` outlier format of ``site`` (a Format, usable as ``fmt=``)."""
         if site not in self.sites:
             raise KeyError(f"site {site!r} was not calibrated; calibrated: {', '.join(list(self.sites)[:6])} ...")
         if site not in self._formats:
             sc = self.sites[site]
-            self._formats[site] = qformats.static_outlier_format(self.elem, sc.outliers, sc.scales)
+            if self.rest is None:
+                f = qformats.static_outlier_format(self.elem, sc.outliers, sc.scales)
+            else:
+                f = dataclasses.replace(self.rest, outliers=sc.outliers)
+            self._formats[site] = f
         return self._formats[site]
 
     def policy(self, algorithm: str = "gather", min_bytes: Optional[int] = None, fmt=None):
@@ -240,6 +270,7 @@ class Calibration:
             "world_size": self.world_size,
             "k": self.k,
             "clip": self.clip,
+            "rest": None if self.rest is None else str(self.rest),
             "sites": {
                 s: {"features": c.features, "outliers": list(c.outliers), "scales": list(c.scales),
                     "observations": c.observations}
@@ -256,8 +287,9 @@ class Calibration:
 
     @staticmethod
     def from_dict(d: dict) -> "Calibration":
-        if d.get("kind") != _FILE_KIND or d.get("version") != _VERSION:
-            raise ValueError(f"not a {_FILE_KIND} v{_VERSION} file (kind={d.get('kind')!r}, version={d.get('version')!r})")
+        if d.get("kind") != _FILE_KIND or d.get("version") not in _READS:
+            raise ValueError(f"not a {_FILE_KIND} file of version {' or '.join(map(str, _READS))} "
+                             f"(kind={d.get('kind')!r}, version={d.get('version')!r})")
         sites = {}
         for s, c in d["sites"].items():
             scales = tuple(float(v) for v in c["scales"])
@@ -266,12 +298,28 @@ class Calibration:
             sites[s] = SiteCalibration(int(c["features"]), tuple(int(i) for i in c["outliers"]), scales,
                                        int(c.get("observations", 0)))
         return Calibration(sites, d["elem"], d["scale_from"], float(d["momentum"]), int(d["world_size"]), d.get("k"),
-                           d.get("clip"))
+                           d.get("clip"), d.get("rest"))
 
     @staticmethod
     def load(path) -> "Calibration":
         with open(path) as f:
             return Calibration.from_dict(json.load(f))
+
+
+def rest_format(rest) -> Optional[qformats.Format]:
+    """``rest`` (a Format, spec or None) as :attr:`Calibration.rest` takes it: ValueError for a
+    format that cannot carry a calibration's outliers (static scales, outliers of its own)."""
+    if rest is None:
+        return None
+    try:
+        f = qformats.need_format(rest)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"rest: {e}") from None
+    if f.scale == "static":
+        raise ValueError(f"rest {f}: static scales come from the calibration itself (rest=None)")
+    if f.outliers:
+        raise ValueError(f"rest {f}: the outliers come from the calibration; give the format without +o[...]")
+    return f
 
 
 @torch.no_grad()

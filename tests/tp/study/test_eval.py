@@ -17,6 +17,7 @@ import qformats  # noqa: E402
 import tp  # noqa: E402
 from tp.study import assets  # noqa: E402
 from tp.study.eval import (  # noqa: E402
+    OUTLIER_FORMATS,
     WindowScore,
     add_eval_arguments,
     compare_logits,
@@ -527,6 +528,72 @@ def test_verdict_and_pareto_front():
     assert pareto_front(pts) == [4, 2, 1, 0]  # 4.72 (beaten by 4.5) and 6.25 (by 4.5) are not on it
 
 
+def test_run_eval_outlier_variants_share_one_calibration(monkeypatch):
+    """outlier_int4 (static scales), outlier_int4_dyn (int4/b64/bf16), outlier_int4_dyn_h32 (+h32)
+    and outlier:SPEC send the same calibrated bf16 features, per TP degree and algorithm."""
+    from tp.model.calibrate import Calibration
+
+    made = []
+    with_rest = Calibration.with_rest
+
+    def spy(self, rest):
+        made.append((self, rest, with_rest(self, rest)))
+        return made[-1][2]
+
+    monkeypatch.setattr(Calibration, "with_rest", spy)
+    names = ["outlier_int4", "outlier_int4_dyn", "outlier_int4_dyn_h32", "outlier:int4/b32/bf16"]
+    recs = run_eval(formats=names, tp=[2], algorithms=["gather", "two_shot"], tokens=48, window=48, calib_tokens=48,
+                    **_tiny_run_kwargs())
+    rec = {(r["name"], r["algorithm"]): r for r in recs[1:]}
+    assert len(rec) == 8 and len(made) == 8
+    rests = {**OUTLIER_FORMATS, "outlier:int4/b32/bf16": "int4/b32/bf16"}
+    for algo in ("gather", "two_shot"):
+        # 64-wide rows, k = 1: 63 int4 codes padded to 64, and 16 bits for the outlier; static: no scales,
+        # b64: one bf16 scale, b32: two
+        bits = {n: rec[(n, algo)]["bits_per_value"] for n in names}
+        assert bits == pytest.approx({"outlier_int4": (256 + 16) / 64, "outlier_int4_dyn": (256 + 16 + 16) / 64,
+                                      "outlier_int4_dyn_h32": (256 + 16 + 16) / 64,
+                                      "outlier:int4/b32/bf16": (256 + 32 + 16) / 64})
+        assert {n: rec[(n, algo)]["calibration"]["rest"] for n in names} == \
+            {n: rests[n] or "static" for n in names}
+        assert rec[("outlier_int4_dyn_h32", algo)]["kl"] != rec[("outlier_int4_dyn", algo)]["kl"]  # rotated
+    by_source = {}
+    for src, rest, cal in made:
+        by_source.setdefault(id(src), []).append(cal)
+        assert cal.sites is src.sites and len(cal.sites) == 4
+        for s, sc in cal.sites.items():
+            f = cal.format(s)
+            assert f.outliers == sc.outliers and len(f.outliers) == 1
+            assert (f.scale == "static") == (rest is None) and f.rotation == (32 if rest and "+h32" in str(rest) else 0)
+    assert len(by_source) == 2  # one calibration per algorithm (static scales from the max / the sum)
+    outs = [{s: c.format(s).outliers for s in c.sites} for cals in by_source.values() for c in cals]
+    assert all(o == outs[0] for o in outs)  # one selection
+
+
+def test_paired_differences_of_two_configurations(tmp_path, capsys):
+    """benchmarks/eval_paired.py: A vs B on the same windows; its point estimates are the
+    difference of the records' KL and the ratio of their perplexities."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[3] / "benchmarks" / "eval_paired.py"
+    spec = importlib.util.spec_from_file_location("eval_paired", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    recs = run_eval(formats=["mxfp4", "outlier_int4_dyn_h32"], tp=[2], tokens=96, window=48, calib_tokens=48,
+                    out=tmp_path, **_tiny_run_kwargs())
+    a, b = (next(r for r in recs if r["name"] == n) for n in ("outlier_int4_dyn_h32", "mxfp4"))
+    r = mod.paired(mod.windows(tmp_path, a["name"], None, None), mod.windows(tmp_path, b["name"], 2, "gather"))
+    assert r["windows"] == 2
+    assert r["dkl"] == pytest.approx(a["kl"] - b["kl"], rel=1e-9, abs=1e-12)
+    assert r["dppl_pct"] == pytest.approx(100 * (a["perplexity"] / b["perplexity"] - 1), rel=1e-6)
+    assert r["dkl_ci"][0] <= r["dkl"] <= r["dkl_ci"][1] and r["dppl_ci"][0] <= r["dppl_pct"] <= r["dppl_ci"][1]
+    assert mod.main([str(tmp_path), "outlier_int4_dyn_h32", "mxfp4"]) == 0
+    assert "outlier_int4_dyn_h32" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="0 configurations match"):
+        mod.windows(tmp_path, "nvfp4", None, None)
+
+
 def test_run_eval_bad_inputs(monkeypatch):
     # every argument is checked before the model or the text is loaded
     def no_load(*a, **k):
@@ -550,6 +617,10 @@ def test_run_eval_bad_inputs(monkeypatch):
         (dict(formats=["mxfp4"], threads=0), "--threads"),
         (dict(formats=["mxfp4"], uneven="maybe"), "--uneven"),
         (dict(formats=["mxfp4"], sites="attention"), "--sites"),
+        (dict(formats=["outlier:"]), r"outlier:: outlier:SPEC needs a block format after the colon"),
+        (dict(formats=["outlier:int4/b32/bf16+o[1]"]), r"(?s)outlier:int4/b32/bf16\+o\[1\]: .*outliers come from the calibration"),
+        (dict(formats=["outlier:int4/row/static+s[3f800000]"]), "static scales come from the calibration"),
+        (dict(formats=["outlier_int4_dynamic"]), r"(?s)unknown format.*valid: bf16, outlier_int4, outlier_int4_dyn, outlier_int4_dyn_h32, outlier:SPEC"),
     ]
     for extra, msg in cases:
         with pytest.raises(ValueError, match=msg):
@@ -582,6 +653,8 @@ def test_cli_arguments_and_errors(capsys, tmp_path):
     assert main_eval(a) == 2  # the text is read before the model: a missing file fails first, exit 2
     err = capsys.readouterr().err
     assert "qformats eval: --text" in err and "no such file" in err
+    a = p.parse_args(["--formats", "outlier_int4_dyn,outlier:int4/b32/bf16+h32"])
+    assert a.formats == ["outlier_int4_dyn", "outlier:int4/b32/bf16+h32"]
     a = p.parse_args(["--formats", "", "--out", str(tmp_path / "o")])
     assert main_eval(a) == 2 and "no compressed format" in capsys.readouterr().err
     with pytest.raises(SystemExit):

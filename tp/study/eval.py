@@ -452,18 +452,11 @@ def _resolve_policies(policies) -> tuple:
             except ValueError:
                 raise ValueError(f"--policy: expected a file, a tp.CommPolicy or (name, policy), got {item!r}") from None
         if isinstance(item, (str, os.PathLike)):
-            path = Path(item)
-            try:
-                pol = CommPolicy.from_file(path)
-            except OSError as e:
-                raise ValueError(f"--policy {path}: cannot read it ({e.strerror or e})") from None
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"--policy {path}: {e}") from None
-            name = name or path.stem
-        elif isinstance(item, CommPolicy):
-            pol = item
-        else:
-            raise ValueError(f"--policy: expected a policy file or a tp.CommPolicy, got {type(item).__name__}")
+            name = name or Path(item).stem
+        try:
+            pol = CommPolicy.load(item)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"--policy: {e}") from None
         if pol.choose is not None:
             raise ValueError(f"--policy {name or i}: a policy with choose= cannot be recorded (no JSON form)")
         out.append((name or f"policy{i}", pol))

@@ -65,6 +65,8 @@ __all__ = [
     "additive_front",
     "default_layer_bounds",
     "run_tune",
+    "kl_ratio_ci",
+    "window_scores",
     "add_tune_arguments",
     "main_tune",
 ]
@@ -453,6 +455,44 @@ def run_tune(
     (out / FRONT_MD).write_text(format_front(doc))
     _plot(doc, out / FRONT_PNG)
     return doc
+
+
+# --------------------------------------------------------------------------- paired comparisons
+
+
+def window_scores(folder: str | os.PathLike, name: str, tp: int) -> list:
+    """The per-window scores (:class:`tp.study.eval.WindowScore`, in window order) of the
+    configuration ``name`` at ``tp`` in an eval (or tune stage) folder's progress file."""
+    path = Path(folder) / ev.PROGRESS_FILE
+    scores = {}
+    with open(path) as f:
+        next(f)  # the run's identity
+        for line in f:
+            d = json.loads(line)
+            key = json.loads(d["key"]) if d["key"] != ev._BASELINE_KEY else None
+            if key is not None and key[0] == name and key[2] == tp:
+                scores[d["window"]] = ev.WindowScore(d["nll"], d["kl"], d["agree"], d["tokens"])
+    if not scores:
+        raise ValueError(f"{path}: no configuration {name!r} at TP={tp}")
+    if sorted(scores) != list(range(len(scores))):
+        raise ValueError(f"{path}: {name!r} at TP={tp} is missing windows (an unfinished run)")
+    return [scores[i] for i in range(len(scores))]
+
+
+def kl_ratio_ci(a: Sequence, b: Sequence, level: float = ev.CONFIDENCE, resamples: int = ev.BOOTSTRAP_RESAMPLES,
+                seed: int = ev.BOOTSTRAP_SEED) -> dict:
+    """Mean KL of ``a`` over that of ``b`` (window scores of the same windows, e.g. two_shot vs
+    gather, TP=2 vs TP=8) with a paired percentile-bootstrap interval over windows, resampled as
+    :func:`tp.study.eval.bootstrap_ci` does: ``{"ratio": r, "ci": (lo, hi)}``."""
+    import numpy as np
+
+    if len(a) != len(b) or len(a) < 2 or any(x.tokens != y.tokens for x, y in zip(a, b)):
+        raise ValueError(f"need the same >= 2 windows on both sides, got {len(a)} and {len(b)}")
+    ka, kb = (np.array([s.kl for s in v], dtype=np.float64) for v in (a, b))
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    ratios = ka[idx].sum(1) / kb[idx].sum(1)
+    lo, hi = np.quantile(ratios, ((1 - level) / 2, 1 - (1 - level) / 2))
+    return {"ratio": float(ka.sum() / kb.sum()), "ci": (float(lo), float(hi))}
 
 
 # --------------------------------------------------------------------------- outputs

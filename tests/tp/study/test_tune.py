@@ -181,3 +181,22 @@ def test_eval_policy_arguments(tmp_path):
     for extra, match in errors:
         with pytest.raises(ValueError, match=match):
             run_eval(tp=[2], **SEARCH, **{**kw, **extra})
+
+
+def test_paired_kl_ratio_reads_eval_folders(tmp_path):
+    from tp.study.eval import WindowScore
+    from tp.study.tune import kl_ratio_ci, window_scores
+
+    kw = _inputs(layers=2)
+    run_eval(formats=["mxfp4", "int8/b32/bf16"], tp=[2], out=tmp_path, **SEARCH, **kw)
+    fp4, i8 = (window_scores(tmp_path, n, 2) for n in ("mxfp4", "int8/b32/bf16"))
+    assert len(fp4) == 2 and all(s.tokens == 48 for s in fp4)
+    r = kl_ratio_ci(fp4, i8)
+    assert r["ratio"] == pytest.approx(sum(s.kl for s in fp4) / sum(s.kl for s in i8)) and r["ratio"] > 1
+    assert r["ci"][0] <= r["ratio"] <= r["ci"][1]
+    same = [WindowScore(0, 2 * s.kl, 0, s.tokens) for s in i8]  # every window twice the KL: the interval is 2
+    assert kl_ratio_ci(same, i8)["ci"] == pytest.approx((2.0, 2.0))
+    with pytest.raises(ValueError, match="no configuration"):
+        window_scores(tmp_path, "nvfp4", 2)
+    with pytest.raises(ValueError, match="same >= 2 windows"):
+        kl_ratio_ci(fp4, i8[:1])

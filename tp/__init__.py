@@ -7,7 +7,7 @@ that rewrites a model's collectives), and the one :class:`CommPolicy` that says 
 gets which format. ``tp.model``: Megatron-style layers, a Llama-style model (:class:`TPLlama`),
 checkpoint loading, outlier calibration after Dong et al., the launcher
 (``torchrun --nproc-per-node N -m tp ...``). ``tp.study``: TP emulation on any Hugging Face model
-(``tp.hf``) and the ``qformats eval`` job.
+(``tp.hf``), the ``qformats eval`` job and the ``qformats tune`` search for per-site policies.
 """
 from .comm.collectives import (
     ALGORITHMS,

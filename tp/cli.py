@@ -1,4 +1,4 @@
-"""The ``qformats`` command: ``formats``, ``inspect SPEC``, ``eval`` (the main job)."""
+"""The ``qformats`` command: ``formats``, ``inspect SPEC``, ``eval`` (the main job), ``tune`` (per-site policies)."""
 import argparse
 import sys
 
@@ -12,7 +12,10 @@ def main(argv=None) -> int:
     p.add_argument("spec")
     from .study import eval as eval_job  # light: transformers, tqdm and matplotlib are imported when the job runs
 
+    from .study import tune as tune_job
+
     eval_job.add_eval_arguments(sub.add_parser("eval", help="perplexity under compressed TP all-reduce"))
+    tune_job.add_tune_arguments(sub.add_parser("tune", help="per-site policies on the Pareto front of (wire bits, KL)"))
     args = parser.parse_args(argv)
     if args.cmd == "formats":
         from qformats.describe import format_table
@@ -28,6 +31,8 @@ def main(argv=None) -> int:
             return 2
     elif args.cmd == "eval":
         return eval_job.main_eval(args, argv[argv.index("eval") + 1:]) or 0
+    elif args.cmd == "tune":
+        return tune_job.main_tune(args, argv[argv.index("tune") + 1:]) or 0
     return 0
 
 

@@ -22,6 +22,7 @@ from tests.tp.multirank import run_ranks  # noqa: E402
 from tp.hf_styles import (  # noqa: E402
     ALL_PARALLEL_STYLES,
     CompressedRowwise,
+    bind_sites,
     compressed_tp_plan,
     register_style,
 )
@@ -94,6 +95,39 @@ def test_tiny_llama_tp2_equals_emulator(tiny_llama, algorithm):
     _check(res, FMT)
 
 
+# A tuned-style policy: the last layer's MLP output finer, two_shot with a finer second hop.
+POLICY = tp.CommPolicy(FMT, "two_shot", 0, rules=(tp.Rule("mxfp8_e4m3", layers=(-1, None), kind="mlp"),),
+                       second_fmt="int8/b32/bf16")
+
+
+def _rank_policy_logits(rank, world, path, policy_file):
+    """Every rank: the plan from a policy file, bound to the loaded model. Rank 0: the emulator of that policy."""
+    policy = tp.CommPolicy.from_file(policy_file)
+    plan = compressed_tp_plan(AutoConfig.from_pretrained(path), policy)
+    model = AutoModelForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(tp_size=world, tp_plan=plan),
+                                                 dtype=torch.float32)
+    calls = bind_sites(model)
+    with torch.no_grad():
+        logits = model(_ids(model.config.vocab_size, 12)).logits
+    out = dict(logits=logits, calls={k: v.fmt for k, v in calls.items()})
+    if rank == 0:
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with torch.no_grad():
+            tp.study.hf.emulate_tp(ref, tp=world, policy=policy)
+            out["emulated"] = ref(_ids(model.config.vocab_size, 12)).logits
+    return out
+
+
+def test_policy_file_plan_equals_emulator_of_the_policy(tiny_llama, tmp_path):
+    POLICY.to_file(tmp_path / "policy.json")
+    res = run_ranks(_rank_policy_logits, 2, tiny_llama, str(tmp_path / "policy.json"), timeout=TIMEOUT)
+    f, fine = (str(tp.comm.collectives.resolve_format(x)) for x in (FMT, "mxfp8_e4m3"))
+    assert res[0]["calls"] == {"model.layers.0.self_attn.o_proj": f, "model.layers.0.mlp.down_proj": f,
+                               "model.layers.1.self_attn.o_proj": f, "model.layers.1.mlp.down_proj": fine}
+    assert torch.equal(res[0]["logits"], res[1]["logits"]), "ranks disagree"
+    assert torch.equal(res[0]["logits"], res[0]["emulated"]), "TP logits != emulator of the same policy"
+
+
 @pytest.mark.slow
 def test_smollm2_tp3_equals_emulator():
     """The eval's checkpoint (SmolLM2-135M-Instruct, fetched or cached by tp.study.assets): ~10 s once cached."""
@@ -134,3 +168,10 @@ def test_plan_rejects_bad_arguments(tiny_llama):
         register_style(FMT, "ring")
     with pytest.raises(TypeError, match="PreTrainedModel or PretrainedConfig"):
         compressed_tp_plan({"model_type": "llama"}, FMT)
+    with pytest.raises(ValueError, match="says its own min_bytes"):
+        compressed_tp_plan(config, POLICY, min_bytes=0)
+    # a policy registers under its digest: the same policy, the same name; another, another
+    name = register_style(POLICY)
+    assert name.startswith("qformats_rowwise:policy:") and register_style(POLICY) == name
+    assert register_style(POLICY.replace(second_fmt=None)) != name
+    assert ALL_PARALLEL_STYLES[name].policy == POLICY

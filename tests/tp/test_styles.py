@@ -17,7 +17,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 import tp
 from tests.tp.multirank import run_ranks
 from tests.tp.comm.test_compile import _fresh_cache, _warm_inductor  # noqa: F401  - the autouse fixture
-from tp.styles import CompressedRowwiseParallel
+from tp.styles import CompressedRowwiseParallel, SiteCall, bind_sites
 
 D, FF, T, HEAD = 64, 128, 32, 8
 FMT = "int4_b32"
@@ -195,6 +195,47 @@ def test_tp_compile_rewrites_a_stock_rowwise_parallel_model(tmp_path):
             assert torch.equal(got, want), f"rank {rank}: tp.compile(stock) != CompressedRowwiseParallel"
 
 
+# One style for every row-parallel entry; the policy gives layer 1 a finer format and two_shot
+# a second hop for the reduced sum. FMT2 is also the default of the policy's unbound decision.
+FMT2, SECOND = "mxfp8_e4m3", "int8/b32/bf16"
+POLICY = tp.CommPolicy(FMT, "two_shot", 0, rules=(tp.Rule(FMT2, layers=(1, None)),), second_fmt=SECOND)
+
+
+def _rank_policy_style(rank, world, cache_root):
+    _fresh_cache(cache_root, rank)
+    mesh = init_device_mesh("cpu", (world,))
+    full, x = _net(), _input()
+    style = CompressedRowwiseParallel(POLICY)
+    model = parallelize_module(_net(), mesh, {"layers.*.w1": ColwiseParallel(), "layers.*.w2": style})
+    try:
+        model(x)
+        unbound = ""
+    except RuntimeError as e:
+        unbound = str(e)
+    calls = bind_sites(model)
+    fmts = (FMT, FMT2)
+    with torch.no_grad():
+        eager = model(x)[0]
+        compiled = torch.compile(model, fullgraph=True)(x)[0]
+        by_hand = _by_hand(full, x, rank, world,
+                           lambda p, i: tp.all_reduce(p, fmts[i], None, "two_shot", second_fmt=SECOND))
+    return dict(unbound=unbound, calls=calls, eager=eager, compiled=compiled, by_hand=by_hand)
+
+
+def test_policy_style_decides_per_layer_after_bind_sites(tmp_path):
+    """A CommPolicy with a layer rule and a second hop: each w2 gets its layer's format once
+    bind_sites ran (before: a clear error), eager and compiled == tp.all_reduce by hand."""
+    res = run_ranks(_rank_policy_style, 2, str(tmp_path), timeout=TIMEOUT)
+    f1, f2, sec = (str(tp.comm.collectives.resolve_format(f)) for f in (FMT, FMT2, SECOND))
+    for rank, r in enumerate(res):
+        assert "bind_sites" in r["unbound"], r["unbound"]
+        assert r["calls"] == {"layers.0.w2": SiteCall(f1, sec, "two_shot", 0),
+                              "layers.1.w2": SiteCall(f2, sec, "two_shot", 0)}
+        assert torch.equal(r["eager"], r["by_hand"]), f"rank {rank}: policy style != tp.all_reduce by hand"
+        assert torch.equal(r["compiled"], r["eager"]), f"rank {rank}: compiled != eager"
+    assert torch.equal(res[0]["eager"], res[1]["eager"]), "ranks disagree"
+
+
 def test_style_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unsupported communication format"):
         CompressedRowwiseParallel("fp4_e9m9")
@@ -205,5 +246,18 @@ def test_style_rejects_bad_arguments():
     with pytest.raises(ValueError, match="min_bytes"):
         CompressedRowwiseParallel(FMT, min_bytes=-1)
     s = CompressedRowwiseParallel("mxfp4", "two_shot")
-    assert s.fmt == "fp4_e2m1/b32/e8m0" and "two_shot" in repr(s)
+    assert s.fmt == "fp4_e2m1/b32/e8m0" and "two_shot" in repr(s) and s.min_bytes == 0
     assert CompressedRowwiseParallel(None).fmt is None
+    # a policy says its own algorithm and size floor; fmt= stays the shorthand for one
+    p = CompressedRowwiseParallel(POLICY)
+    assert p.policy is POLICY and p.algorithm == "two_shot" and "1 rules" in repr(p)
+    assert CompressedRowwiseParallel(FMT, "two_shot", second_fmt=SECOND).policy == \
+        tp.CommPolicy(FMT, "two_shot", 0, second_fmt=SECOND)
+    with pytest.raises(ValueError, match="says its own algorithm"):
+        CompressedRowwiseParallel(POLICY, "gather")
+    with pytest.raises(ValueError, match="second hop"):
+        CompressedRowwiseParallel(FMT, "gather", second_fmt=SECOND)
+    with pytest.raises(ValueError, match="choose"):
+        CompressedRowwiseParallel(tp.CommPolicy(FMT, choose=lambda site: None))
+    with pytest.raises(ValueError, match="no module"):
+        bind_sites(nn.Linear(2, 2))

@@ -138,11 +138,11 @@ def _(x, fmt, group_size, group_name):
 _passes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def compile_pass(policy: CommPolicy) -> CollectivePass:
-    """The graph pass for ``policy`` with the ops above (for a custom ``torch.compile`` call or
-    :func:`installed`); the policy's format and algorithm are checked here, not at first call."""
-    if not isinstance(policy, CommPolicy):
-        raise TypeError(f"policy must be a tp.CommPolicy, got {type(policy).__name__}")
+def compile_pass(policy) -> CollectivePass:
+    """The graph pass for ``policy`` (a :class:`tp.CommPolicy` or a policy file's path) with the
+    ops above (for a custom ``torch.compile`` call or :func:`installed`); the policy's format and
+    algorithm are checked here, not at first call."""
+    policy = CommPolicy.load(policy)
     return CollectivePass(policy, torch.ops.qformats.all_reduce.default, torch.ops.qformats.all_gather.default)
 
 
@@ -152,7 +152,8 @@ def compile(model, policy: CommPolicy, *, fullgraph: bool = True, cudagraphs: bo
 
     Args:
         model: an nn.Module or function whose collectives are functional (or ``dist.*``) ones.
-        policy: a :class:`tp.CommPolicy` (format, algorithm, size floor, rules).
+        policy: a :class:`tp.CommPolicy` (format, algorithm, size floor, rules), or the path of
+            a policy file (:meth:`tp.CommPolicy.to_file`, ``qformats tune``).
         fullgraph: passed to torch.compile (default True: a graph break would split the call
             sites and restart the positions ``skip_first``/``skip_last`` count).
         cudagraphs: capture the compiled graphs in CUDA graphs (inductor ``triton.cudagraphs``;

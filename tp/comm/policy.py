@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -43,6 +44,7 @@ ATTN_OUTPUTS = (
     "self_attn.out_proj",  # OPT
     "attn.o_proj",
     "attention.o_proj",
+    "attention.wo",  # gpt-fast, torchtitan (DTensor styles: tp.styles.bind_sites reads it)
 )
 MLP_OUTPUTS = (
     "mlp.down_proj",  # Llama family, Qwen, Gemma, Phi-3, OLMo
@@ -348,6 +350,21 @@ class CommPolicy:
     def from_file(path) -> "CommPolicy":
         with open(path) as f:
             return CommPolicy.from_string(f.read())
+
+    @staticmethod
+    def load(policy) -> "CommPolicy":
+        """``policy`` itself, or the policy in the file at ``policy`` (a str or os.PathLike path,
+        e.g. ``qformats tune``'s output); what the consumers that take a policy accept."""
+        if isinstance(policy, CommPolicy):
+            return policy
+        if isinstance(policy, (str, os.PathLike)):
+            try:
+                return CommPolicy.from_file(policy)
+            except OSError as e:
+                raise ValueError(f"policy file {os.fspath(policy)!r}: {e.strerror or e}") from None
+            except ValueError as e:
+                raise ValueError(f"policy file {os.fspath(policy)!r}: {e}") from None
+        raise TypeError(f"policy must be a tp.CommPolicy or a policy file's path, got {type(policy).__name__}")
 
     def fingerprint(self) -> Optional[str]:
         """A stable string of everything that decides; None if ``choose`` has no source."""

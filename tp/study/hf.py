@@ -56,6 +56,7 @@ __all__ = [
     "find_sites",
     "emulate_tp",
     "shard_sizes",
+    "wire_bits",
     "SITE_KINDS",
 ]
 
@@ -189,6 +190,26 @@ def shard_sizes(units: int, tp: int, uneven: str = "error", what: str = "units")
     if uneven not in ("error", "balanced"):
         raise ValueError(f"uneven must be 'error' or 'balanced', got {uneven!r}")
     return tuple(q + (1 if k < r else 0) for k in range(tp))
+
+
+PLAIN_BITS = 16.0  # an uncompressed all-reduce sends bf16
+
+
+def wire_bits(fmt, second_fmt, algorithm: str, width: int) -> float:
+    """Bits on the wire per value sent by one all-reduce of rows ``width`` wide.
+
+    ``gather`` sends each partial once in ``fmt``; ``two_shot`` sends as many values on each of
+    its two hops (the chunks of the partials in ``fmt``, then the reduced chunk in ``second_fmt``,
+    None: ``fmt``), so its figure is the mean of the two formats' bits; a plain call (``fmt``
+    None) sends bf16 on both. Block padding of the row is counted (``bits_per_value_at``)."""
+    if fmt is None:
+        return PLAIN_BITS
+    first = float(fmt.bits_per_value_at(width))
+    if second_fmt is None or second_fmt == fmt:
+        return first
+    if check_algorithm(algorithm) != "two_shot":
+        raise ValueError(f"second_fmt={second_fmt} applies to two_shot only, not {algorithm}")
+    return 0.5 * (first + float(second_fmt.bits_per_value_at(width)))
 
 
 def format_label(f) -> str:
@@ -346,14 +367,14 @@ class TPEmulator:
         }
 
     def bits_per_value(self) -> float:
-        """Mean wire bits per reduced value over all row-parallel all-reduces
-        of one forward pass, weighted by their widths; uncompressed sites count
-        as bf16 (16 bits). Includes scale / zero-point / outlier overhead."""
+        """Mean wire bits per value sent over all row-parallel all-reduces of one forward pass,
+        weighted by their widths (:func:`wire_bits` of each site: uncompressed sites count as
+        bf16, 16 bits; scale / zero-point / outlier overhead and block padding of this model's
+        rows included; two_shot's two hops averaged)."""
         total = weight = 0.0
         for w in self.wrappers.values():
             e = w.site.out_features
-            bits = 16.0 if w.fmt is None else float(w.fmt.bits_per_value_at(e))
-            total += bits * e
+            total += wire_bits(w.fmt, w.second_fmt, w.algorithm, e) * e
             weight += e
         return total / weight
 

@@ -21,6 +21,7 @@ def test_site_of_a_module_path_reads_layer_and_kind():
     assert Site.of("model.layers.3.mlp.down_proj", 30) == Site("model.layers.3.mlp.down_proj", 3, 30, "mlp")
     assert Site.of("transformer.h.11.attn.c_proj").kind == "attn"
     assert Site.of("model.decoder.layers.2.fc2").kind == "mlp"
+    assert [Site.of(f"layers.1.{m}").kind for m in ("attention.wo", "feed_forward.w2")] == ["attn", "mlp"]  # torchtitan
     assert Site.of("lm_head") == Site("lm_head", None, None, None)
     with pytest.raises(ValueError, match="site kind"):
         Site("x", kind="ffn")
@@ -95,6 +96,18 @@ def test_json_round_trip_and_strict_reading(tmp_path):
         CommPolicy.from_string("mxfp4")
     with pytest.raises(ValueError, match="no JSON form"):
         CommPolicy(choose=lambda s: None).to_dict()
+    # CommPolicy.load: what tp.compile (and the eval) take: a policy or its file
+    assert CommPolicy.load(p) is p and CommPolicy.load(path) == p and CommPolicy.load(str(path)) == p
+    from tp.comm.compile import compile_pass
+
+    assert compile_pass(path).policy == p
+    with pytest.raises(ValueError, match="policy file .*missing.json"):
+        CommPolicy.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="bad.json.*not a qformats-tp-policy"):
+        tp.compile(torch.nn.Linear(2, 2), str(tmp_path / "bad.json"))
+    with pytest.raises(TypeError, match="policy file's path"):
+        CommPolicy.load(3)
 
 
 def test_arguments_are_checked_with_one_vocabulary():

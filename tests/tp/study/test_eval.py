@@ -646,7 +646,8 @@ def test_cli_arguments_and_errors(capsys, tmp_path):
 
     p = add_eval_arguments(argparse.ArgumentParser())
     a = p.parse_args([])
-    assert a.tp == [8] and a.algorithms == ["gather"] and "mxfp4" in a.formats and a.tokens == 2048
+    # --formats left out: the default sweep (or, with --policy, the baseline alone)
+    assert a.tp == [8] and a.algorithms == ["gather"] and a.formats is None and a.tokens == 2048 and a.policy == []
     a = p.parse_args(["--formats", "bf16,mxfp4", "--tp", "2,8", "--layer-format", "0=bf16", "--sites", "mlp",
                       "--text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
     assert a.formats == ["bf16", "mxfp4"] and a.tp == [2, 8] and a.layer_format == ["0=bf16"]

@@ -1,0 +1,641 @@
+"""``qformats tune``: per-site communication policies on the Pareto front of (wire bits, KL).
+
+Use it to find which format each all-reduce of a model should use: the sites that hurt the
+model most get finer formats, the rest coarser ones, for the fewest bits at a given quality.
+It searches on the exact emulator, as ``qformats eval`` runs it (:func:`tp.study.eval.run_eval`),
+over site groups -- each site kind (attention output, MLP output) times each layer range
+(default: layer 0, layers 1-2, the middle, the last 3) -- and, for ``two_shot``, the format
+of the second hop (the reduced sum; one per policy, :attr:`tp.CommPolicy.second_fmt`):
+
+1. sensitivity: for every (second hop, group, candidate format), the mean KL from the
+   uncompressed model with only that group compressed (``--tokens``, default 1024);
+2. prediction: the KL of a whole assignment is taken as the sum of its groups' marginal KLs
+   (close to additive for small errors: the joint stage measures how close, and reports it);
+   the wire bits are exact (each site's bits per value on this model's rows, block padding
+   included, two_shot's two hops averaged: :func:`tp.study.hf.wire_bits`). The exact Pareto
+   front of the additive model is built by merging the groups' options one at a time;
+3. joint: the predicted-best assignment under each ``--budgets`` bit budget is assembled into a
+   :class:`tp.CommPolicy` and measured as a whole on the same tokens; the measured Pareto front
+   is kept;
+4. confirm: the measured front's best point under each ``--confirm-budgets`` budget is measured
+   again on ``--confirm-tokens`` (default 16384; other windows, mostly) at each ``--confirm-tp``,
+   with 95% paired bootstrap intervals over windows.
+
+Outputs in ``--out``: ``front.json`` (settings, every stage's figures), ``front.md`` (the
+confirmed policies sorted by KL with their intervals, the joint search, the additivity check),
+``front.png`` (the fronts), ``policies/<name>.json`` (:meth:`tp.CommPolicy.to_file`: what
+``qformats eval --policy``, ``tp.compile``, the TP styles and ``python -m tp --policy`` take),
+and each stage's eval folder (``sensitivity/``, ``joint/``, ``confirm/``: results.json, plot,
+resumable like ``qformats eval``: a stopped tune continues when run again with the same --out).
+
+Cost: groups x candidates x second-hop choices forward passes over ``--tokens`` (each cheaper
+than a fully compressed one: only one group's sites run the codec), one per budget, then one
+per confirmed policy and TP degree over ``--confirm-tokens``. The policies written compress
+every message (``min_bytes=0``, as measured); raise ``min_bytes`` in the file to keep small
+decode-step messages plain (quality is unchanged by that, speed may gain).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..comm.policy import SITE_KINDS, CommPolicy, Rule
+from . import eval as ev
+from .hf import PLAIN_BITS, find_sites, format_label, wire_bits
+
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "DEFAULT_BUDGETS",
+    "DEFAULT_CONFIRM_BUDGETS",
+    "DEFAULT_TOKENS",
+    "DEFAULT_CONFIRM_TOKENS",
+    "SiteGroup",
+    "additive_front",
+    "default_layer_bounds",
+    "run_tune",
+    "kl_ratio_ci",
+    "window_scores",
+    "add_tune_arguments",
+    "main_tune",
+]
+
+# Rotated 4-bit formats (Hadamard over 32 / 16 features), NVFP4, 5/6/8-bit integers with bf16
+# block scales and MXFP8: from 4.25 to 8.5 bits per value on 576-wide rows.
+DEFAULT_CANDIDATES = (
+    "mxfp4_h32",
+    "int4_b32_bf16_h32",
+    "nvfp4",
+    "int4/b16/e4m3+h16",
+    "int5/b32/bf16+h32",
+    "int6/b32/bf16",
+    "mxfp8_e4m3",
+    "int8/b32/bf16",
+)
+SAME = "same"  # a --second-formats entry: the reduced sum travels in the first hop's format
+DEFAULT_SECOND_FORMATS = (SAME, "int5/b32/bf16+h32", "int6/b32/bf16")
+DEFAULT_TP = 8
+DEFAULT_TOKENS = 1024
+DEFAULT_CONFIRM_TOKENS = 16384
+DEFAULT_BUDGETS = (4.25, 4.5, 4.75, 5.0, 5.25, 5.5, 6.0, 6.5, 7.0)
+DEFAULT_CONFIRM_BUDGETS = (4.5, 5.0, 5.5)
+# Bits are sums of exact per-site figures; a budget holds a point that exceeds it by rounding only.
+_BITS_EPS = 1e-9
+FRONT_JSON, FRONT_MD, FRONT_PNG, POLICY_DIR = "front.json", "front.md", "front.png", "policies"
+STAGES = ("sensitivity", "joint", "confirm")
+
+
+# --------------------------------------------------------------------------- the search space
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteGroup:
+    """One site kind over the layers ``start <= layer < stop``: the unit the tuner assigns a format to."""
+
+    kind: str
+    start: int
+    stop: int
+
+    @property
+    def label(self) -> str:
+        last = self.stop - 1
+        return f"{self.kind} L{self.start}" + (f"-{last}" if last != self.start else "")
+
+    def rule(self, fmt) -> Rule:
+        return Rule(fmt, layers=(self.start, self.stop), kind=self.kind, label=self.label)
+
+
+def default_layer_bounds(num_layers: int) -> tuple:
+    """Layer 0 alone, layers 1-2, the middle, the last 3 (the ends of a network are the most
+    sensitive): the boundaries 1, 3, L-3 that fall inside the model."""
+    return tuple(sorted({b for b in (1, 3, num_layers - 3) if 0 < b < num_layers}))
+
+
+def _groups(num_layers: int, bounds: Sequence[int]) -> list[SiteGroup]:
+    edges = [0, *bounds, num_layers]
+    if any(not isinstance(b, int) or isinstance(b, bool) for b in bounds) or any(
+            a >= b for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"--layer-groups: boundaries must be increasing integers strictly between 0 and "
+                         f"{num_layers} (this model's layers), got {list(bounds)}")
+    return [SiteGroup(k, a, b) for a, b in zip(edges, edges[1:]) for k in SITE_KINDS]
+
+
+def additive_front(options: Sequence[Sequence[tuple]]) -> list[tuple]:
+    """The exact Pareto front of choosing one option per group when cost and loss add up.
+
+    ``options[g]``: ``(bits, loss, choice)`` for group g. Returns ``(bits, loss, choices)``
+    (one choice per group), sorted by bits, each strictly better in loss than every cheaper
+    one. Merges one group at a time and prunes to the front (the front of a sum is within the
+    sum of the fronts), so the cost stays small: front size x options per group."""
+    front = [(0.0, 0.0, ())]
+    for g, opts in enumerate(options):
+        if not opts:
+            raise ValueError(f"group {g} has no options")
+        front = _prune([(b + ob, l + ol, ch + (c,)) for b, l, ch in front for ob, ol, c in opts])
+    return front
+
+
+def _prune(points: list[tuple]) -> list[tuple]:
+    out = []
+    for p in sorted(points, key=lambda p: (p[0], p[1])):
+        if not out or p[1] < out[-1][1]:
+            if out and abs(p[0] - out[-1][0]) <= _BITS_EPS:  # same bits, lower loss (float ties)
+                out[-1] = p
+            else:
+                out.append(p)
+    return out
+
+
+def _assemble(groups, choice, algorithm: str, second) -> CommPolicy:
+    """A policy for one format per group: the format covering most groups as the default, rules
+    for the others (the groups partition each kind's layers, so every site is decided)."""
+    counts = {}
+    for f in choice:
+        counts[f] = counts.get(f, 0) + 1
+    default = max(counts, key=lambda f: (counts[f], -choice.index(f)))
+    rules = tuple(g.rule(f) for g, f in zip(groups, choice) if f != default)
+    return CommPolicy(default, algorithm, 0, rules, second)
+
+
+def _describe(groups, choice, names: dict) -> dict:
+    """{group label: the candidate's name as given (a preset name where one was used)}."""
+    return {g.label: names.get(f, format_label(f)) for g, f in zip(groups, choice)}
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+@dataclasses.dataclass(frozen=True)
+class _TunePlan:
+    tp: int
+    algorithm: str
+    candidates: tuple  # ((name, Format or None), ...)
+    seconds: tuple  # two_shot: ((name, Format or None = the first hop's), ...); gather: ((SAME, None),)
+    layer_bounds: tuple | None
+    tokens: int
+    window: int
+    budgets: tuple
+    confirm_tokens: int
+    confirm_budgets: tuple
+    confirm_tps: tuple
+
+
+def _floats(v, what: str) -> tuple:
+    vals = ev._as_list(v, what) if not isinstance(v, (int, float)) else [v]
+    out = []
+    for x in vals:
+        try:
+            f = float(x)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}: {x!r} is not a number") from None
+        if not (math.isfinite(f) and f > 0):
+            raise ValueError(f"{what}: bit budgets must be positive, got {x!r}")
+        out.append(f)
+    if not out:
+        raise ValueError(f"{what}: give at least one bit budget, e.g. 4.5,5")
+    return tuple(sorted(set(out)))
+
+
+def _calibrated(f) -> bool:
+    """Whether a resolved eval format needs the per-TP outlier calibration (not tunable here)."""
+    return isinstance(f, ev._Calibrated) or f == ev.OUTLIER_FORMAT
+
+
+def _validate(tp, algorithm, candidates, second_formats, layer_bounds, tokens, window, budgets, confirm_tokens,
+              confirm_budgets, confirm_tp) -> _TunePlan:
+    """Check every argument before anything is loaded; ValueError naming the option."""
+    tp = ev._positive_int(tp, "--tp")
+    if algorithm not in ("gather", "two_shot"):
+        raise ValueError(f"--algorithm must be gather or two_shot (fused computes one of them: tune that), "
+                         f"got {algorithm!r}")
+    cands = tuple(ev._resolve_formats(candidates))
+    if not cands:
+        raise ValueError("--candidates names no format, e.g. --candidates nvfp4,int8/b32/bf16")
+    if any(_calibrated(f) for _, f in cands):
+        raise ValueError(f"--candidates: the outlier formats ({ev.OUTLIER_FORMAT}, ...) are calibrated per TP degree; "
+                         "tune over dynamic formats")
+    if algorithm == "gather":
+        if second_formats:
+            raise ValueError("--second-formats applies to two_shot only: gather sends each partial once")
+        seconds = ((SAME, None),)
+    else:
+        names = ev._as_list(DEFAULT_SECOND_FORMATS if second_formats is None else second_formats, "--second-formats")
+        if not names:
+            raise ValueError(f"--second-formats names nothing, e.g. {SAME},int8/b32/bf16")
+        same = [n for n in names if str(n).strip().lower() == SAME]
+        rest = tuple(ev._resolve_formats([n for n in names if str(n).strip().lower() != SAME])) if len(same) < len(names) else ()
+        if any(f is None or _calibrated(f) for _, f in rest):
+            raise ValueError(f"--second-formats: the reduced sum travels compressed: name formats or {SAME}")
+        seconds = ((SAME, None),) * bool(same) + rest
+    if layer_bounds is not None:
+        layer_bounds = tuple(ev._as_list(layer_bounds, "--layer-groups"))
+        try:
+            layer_bounds = tuple(int(b) for b in layer_bounds)
+        except (TypeError, ValueError):
+            raise ValueError(f"--layer-groups: expected comma-separated layer indices, got {list(layer_bounds)}") from None
+    ev._positive_int(tokens, "--tokens")
+    if ev._positive_int(window, "--window") < 2:
+        raise ValueError(f"--window must be at least 2 tokens, got {window}")
+    if isinstance(confirm_tokens, bool) or not isinstance(confirm_tokens, int) or confirm_tokens < 0:
+        raise ValueError(f"--confirm-tokens must be an integer >= 0 (0: no confirmation), got {confirm_tokens!r}")
+    budgets = _floats(budgets, "--budgets")
+    confirm_budgets = _floats(confirm_budgets, "--confirm-budgets")
+    tps = tuple(ev._positive_int(t, "--confirm-tp: each TP degree") for t in ev._as_list(confirm_tp or [tp], "--confirm-tp"))
+    if tp not in tps:
+        tps = (tp,) + tps  # the confirmed front is the search degree's
+    return _TunePlan(tp, algorithm, cands, seconds, layer_bounds, tokens, window, budgets, confirm_tokens,
+                     confirm_budgets, tuple(dict.fromkeys(tps)))
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def run_tune(
+    model=None,
+    text=None,
+    *,
+    tp: int = DEFAULT_TP,
+    algorithm: str = "gather",
+    candidates: Sequence[str] | str = DEFAULT_CANDIDATES,
+    second_formats: Sequence[str] | str | None = None,
+    layer_bounds: Sequence[int] | str | None = None,
+    tokens: int = DEFAULT_TOKENS,
+    window: int = ev.DEFAULT_WINDOW,
+    budgets: Sequence[float] | str = DEFAULT_BUDGETS,
+    confirm_tokens: int = DEFAULT_CONFIRM_TOKENS,
+    confirm_budgets: Sequence[float] | str = DEFAULT_CONFIRM_BUDGETS,
+    confirm_tp: Sequence[int] | str | None = None,
+    out: str | os.PathLike = "out/tune",
+    device: str | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    tokenizer=None,
+    command: str | None = None,
+) -> dict:
+    """Run the search (module docstring) and return the document written to ``out/front.json``.
+
+    ``model``/``text``/``tokenizer``/``device``/``threads``/``window``: as :func:`tp.study.eval.run_eval`.
+    ``candidates``: formats each group may take (``"bf16"``: left uncompressed). ``second_formats``
+    (two_shot only; default :data:`DEFAULT_SECOND_FORMATS`): the reduced sum's format choices,
+    ``"same"`` = the first hop's. ``layer_bounds``: the layer indices where groups split (default
+    :func:`default_layer_bounds`). ``budgets``: the bit budgets whose predicted-best policies are
+    measured jointly; ``confirm_budgets``: those whose measured-best are confirmed on
+    ``confirm_tokens`` (0: none) at every ``confirm_tp`` degree (default: ``tp``)."""
+    from . import assets
+
+    t_start = time.time()
+    plan = _validate(tp, algorithm, candidates, second_formats, layer_bounds, tokens, window, budgets,
+                     confirm_tokens, confirm_budgets, confirm_tp)
+    textdata = text if isinstance(text, assets.TextData) else assets.load_text(text)
+    if model is None or isinstance(model, (str, os.PathLike)):
+        model, tokenizer, model_desc = assets.load_model(model)
+    else:
+        if tokenizer is None:
+            raise ValueError("pass the tokenizer together with an already loaded model")
+        model_desc = type(model).__name__
+    sites = find_sites(model)
+    num_layers = sites[0].num_layers
+    for what, named in (("--candidates", plan.candidates), ("--second-formats", plan.seconds)):
+        for n, f in named:
+            for w in sorted({s.out_features for s in sites}):
+                try:
+                    f is not None and f.quantized_width(w)
+                except ValueError as e:
+                    raise ValueError(f"{what} {n}: {e} (this model's all-reduced rows are {w} wide)") from None
+    bounds = plan.layer_bounds if plan.layer_bounds is not None else default_layer_bounds(num_layers)
+    groups = _groups(num_layers, bounds)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a folder")
+    common = dict(model=model, tokenizer=tokenizer, text=textdata, device=device, threads=threads,
+                  progress=progress, window=plan.window, model_desc=model_desc, formats=[ev.BASELINE])
+    total_width = float(sum(s.out_features for s in sites))
+
+    def group_bits(g: SiteGroup, f, second) -> float:
+        """This group's share of the model's mean wire bits with format ``f`` (second hop ``second``)."""
+        return sum(wire_bits(f, second if f is not None else None, plan.algorithm, s.out_features) * s.out_features
+                   for s in sites if s.kind == g.kind and g.start <= s.layer < g.stop) / total_width
+
+    def policy(rules, second) -> CommPolicy:
+        return CommPolicy(None, plan.algorithm, 0, tuple(rules), second)
+
+    stamp = {}
+    names = {f: n for n, f in plan.candidates}
+
+    # 1. sensitivity
+    t0 = time.time()
+    sens_pols = {}
+    for sname, second in plan.seconds:
+        for g in groups:
+            for fname, f in plan.candidates:
+                hop = f"2nd {sname} | " if plan.algorithm == "two_shot" else ""
+                sens_pols[(sname, g, fname)] = (f"{hop}{g.label} {fname}", policy([g.rule(f)], second if f is not None else None))
+    recs = ev.run_eval(tp=[plan.tp], tokens=plan.tokens, out=out / "sensitivity",
+                       policies=list(sens_pols.values()), command=command, **common)
+    by_name = {r["name"]: r for r in recs if not r.get("baseline")}
+    sensitivity = []
+    for (sname, g, fname), (name, _) in sens_pols.items():
+        f = dict(plan.candidates)[fname]
+        second = dict(plan.seconds)[sname]
+        sensitivity.append({"second": sname, "group": g.label, "format": fname, "kl": by_name[name]["kl"],
+                            "bits_share": group_bits(g, f, second), "name": name})
+    stamp["sensitivity"] = round(time.time() - t0, 1)
+
+    # 2. the additive model's front, per second-hop choice, merged
+    predicted = []
+    kl_of = {(d["second"], d["group"], d["format"]): d["kl"] for d in sensitivity}
+    for sname, second in plan.seconds:
+        options = [[(group_bits(g, f, second), kl_of[(sname, g.label, fname)], f) for fname, f in plan.candidates]
+                   for g in groups]
+        predicted += [(b, k, (sname, ch)) for b, k, ch in additive_front(options)]
+    predicted = _prune(predicted)
+    chosen = {}
+    for b in plan.budgets:
+        fits = [p for p in predicted if p[0] <= b + _BITS_EPS]
+        if fits:
+            best = min(fits, key=lambda p: p[1])
+            chosen.setdefault(best[2], best)
+    if not chosen:
+        raise ValueError(f"--budgets {list(plan.budgets)}: no assignment fits; the cheapest costs "
+                         f"{predicted[0][0]:.3f} bits per value with these candidates")
+
+    # 3. joint measurement of the predicted-best assignments
+    t0 = time.time()
+    seconds = dict(plan.seconds)
+    joint_pols, used = {}, set()
+    for i, (key, (b, k, _)) in enumerate(sorted(chosen.items(), key=lambda kv: kv[1][0])):
+        sname, choice = key
+        name = f"{plan.algorithm}_tp{plan.tp}_{b:.2f}b"
+        name = name if name not in used else f"{name}_{i}"  # two points that round to the same bits
+        used.add(name)
+        joint_pols[key] = (name, _assemble(groups, choice, plan.algorithm, seconds[sname]), b, k)
+    recs = ev.run_eval(tp=[plan.tp], tokens=plan.tokens, out=out / "joint", command=command,
+                       policies=[(n, p) for n, p, _, _ in joint_pols.values()], **common)
+    by_name = {r["name"]: r for r in recs if not r.get("baseline")}
+    joint = []
+    for (sname, choice), (name, pol, b, k) in joint_pols.items():
+        r = by_name[name]
+        if abs(r["bits_per_value"] - b) > 1e-6:
+            raise RuntimeError(f"{name}: the emulator counts {r['bits_per_value']} bits per value, the tuner "
+                               f"predicted {b}: the two bit counts disagree")
+        joint.append({"name": name, "bits": r["bits_per_value"], "predicted_kl": k, "kl": r["kl"],
+                      "additivity": r["kl"] / k if k > 0 else None, "ppl_change_pct": r["ppl_change_pct"],
+                      "second": sname, "assignment": _describe(groups, choice, names), "policy": pol.to_dict()})
+    front_idx = ev.pareto_front([(j["bits"], j["kl"]) for j in joint])
+    for i, j in enumerate(joint):
+        j["on_front"] = i in front_idx
+    stamp["joint"] = round(time.time() - t0, 1)
+
+    # 4. confirmation of the measured front's best points on more tokens
+    on_front = [j for j in joint if j["on_front"]]
+    picks = []
+    for b in plan.confirm_budgets:
+        fits = [j for j in on_front if j["bits"] <= b + _BITS_EPS]
+        if fits:
+            best = min(fits, key=lambda j: j["kl"])
+            if best not in picks:
+                picks.append(best)
+    confirmed = []
+    if plan.confirm_tokens and picks:
+        t0 = time.time()
+        recs = ev.run_eval(tp=list(plan.confirm_tps), tokens=plan.confirm_tokens, out=out / "confirm", command=command,
+                           policies=[(j["name"], CommPolicy.from_dict(j["policy"])) for j in picks], **common)
+        by_name = {j["name"]: j for j in picks}
+        for r in recs:
+            if r.get("baseline"):
+                continue
+            j = by_name[r["name"]]
+            confirmed.append({**{k: r.get(k) for k in ("name", "tp", "algorithm", "bits_per_value", "kl", "kl_ci",
+                                                       "ppl_change_pct", "ppl_change_ci", "perplexity",
+                                                       "baseline_perplexity", "top1_agreement", "top1_ci",
+                                                       "tokens", "windows", "verdict", "seconds")},
+                              "search_kl": j["kl"], "predicted_kl": j["predicted_kl"], "second": j["second"],
+                              "assignment": j["assignment"], "policy_file": f"{POLICY_DIR}/{j['name']}.json"})
+        at_tp = [c for c in confirmed if c["tp"] == plan.tp]
+        front_c = {at_tp[i]["name"] for i in ev.pareto_front([(c["bits_per_value"], c["kl"]) for c in at_tp])}
+        for c in confirmed:
+            c["on_front"] = c["name"] in front_c
+        stamp["confirm"] = round(time.time() - t0, 1)
+
+    # outputs
+    (out / POLICY_DIR).mkdir(parents=True, exist_ok=True)
+    for j in (picks if plan.confirm_tokens else on_front):
+        CommPolicy.from_dict(j["policy"]).to_file(out / POLICY_DIR / f"{j['name']}.json")
+    ratios = [j["additivity"] for j in joint if j["additivity"] is not None]
+    import transformers
+
+    doc = {
+        "run": {"command": command, "version": ev._package_version(), "commit": ev._git_commit(),
+                "started": _dt.datetime.fromtimestamp(t_start).isoformat(timespec="seconds"),
+                "seconds_total": round(time.time() - t_start, 1), "seconds": stamp,
+                "torch": torch.__version__, "transformers": transformers.__version__,
+                "python": platform.python_version(), "model": model_desc, "text": textdata.source,
+                "tp": plan.tp, "algorithm": plan.algorithm, "tokens": plan.tokens, "window": plan.window,
+                "confirm_tokens": plan.confirm_tokens, "confirm_tp": list(plan.confirm_tps),
+                "budgets": list(plan.budgets), "confirm_budgets": list(plan.confirm_budgets),
+                "confidence": ev.CONFIDENCE, "bootstrap_resamples": ev.BOOTSTRAP_RESAMPLES},
+        "groups": [g.label for g in groups],
+        "candidates": [n for n, _ in plan.candidates],
+        "second_formats": [n for n, _ in plan.seconds] if plan.algorithm == "two_shot" else None,
+        "sensitivity": sensitivity,
+        "predicted_front": [{"bits": b, "kl": k, "second": s, "assignment": _describe(groups, ch, names)}
+                            for b, k, (s, ch) in predicted],
+        "joint": joint,
+        "additivity": {"min": min(ratios), "max": max(ratios), "mean": sum(ratios) / len(ratios)} if ratios else None,
+        "confirmed": ev.by_kl(confirmed),
+    }
+    tmp = out / (FRONT_JSON + ".part")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, out / FRONT_JSON)
+    (out / FRONT_MD).write_text(format_front(doc))
+    _plot(doc, out / FRONT_PNG)
+    return doc
+
+
+# --------------------------------------------------------------------------- paired comparisons
+
+
+def window_scores(folder: str | os.PathLike, name: str, tp: int) -> list:
+    """The per-window scores (:class:`tp.study.eval.WindowScore`, in window order) of the
+    configuration ``name`` at ``tp`` in an eval (or tune stage) folder's progress file."""
+    path = Path(folder) / ev.PROGRESS_FILE
+    scores = {}
+    with open(path) as f:
+        next(f)  # the run's identity
+        for line in f:
+            d = json.loads(line)
+            key = json.loads(d["key"]) if d["key"] != ev._BASELINE_KEY else None
+            if key is not None and key[0] == name and key[2] == tp:
+                scores[d["window"]] = ev.WindowScore(d["nll"], d["kl"], d["agree"], d["tokens"])
+    if not scores:
+        raise ValueError(f"{path}: no configuration {name!r} at TP={tp}")
+    if sorted(scores) != list(range(len(scores))):
+        raise ValueError(f"{path}: {name!r} at TP={tp} is missing windows (an unfinished run)")
+    return [scores[i] for i in range(len(scores))]
+
+
+def kl_ratio_ci(a: Sequence, b: Sequence, level: float = ev.CONFIDENCE, resamples: int = ev.BOOTSTRAP_RESAMPLES,
+                seed: int = ev.BOOTSTRAP_SEED) -> dict:
+    """Mean KL of ``a`` over that of ``b`` (window scores of the same windows, e.g. two_shot vs
+    gather, TP=2 vs TP=8) with a paired percentile-bootstrap interval over windows, resampled as
+    :func:`tp.study.eval.bootstrap_ci` does: ``{"ratio": r, "ci": (lo, hi)}``."""
+    import numpy as np
+
+    if len(a) != len(b) or len(a) < 2 or any(x.tokens != y.tokens for x, y in zip(a, b)):
+        raise ValueError(f"need the same >= 2 windows on both sides, got {len(a)} and {len(b)}")
+    ka, kb = (np.array([s.kl for s in v], dtype=np.float64) for v in (a, b))
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    ratios = ka[idx].sum(1) / kb[idx].sum(1)
+    lo, hi = np.quantile(ratios, ((1 - level) / 2, 1 - (1 - level) / 2))
+    return {"ratio": float(ka.sum() / kb.sum()), "ci": (float(lo), float(hi))}
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _ci(v, fmt: str) -> str:
+    return f"[{format(v[0], fmt)}, {format(v[1], fmt)}]" if v else "-"
+
+
+def _kl(v) -> str:
+    """A KL with 3 significant digits (tiny on fine formats, ~0.1 on 4-bit ones)."""
+    return format(v, ".3g") if v is not None else "-"
+
+
+def _assignment_text(a: dict) -> str:
+    return "; ".join(f"{g}: {f}" for g, f in a.items())
+
+
+def format_front(doc: dict) -> str:
+    """The markdown report: confirmed policies sorted by KL with intervals, the joint search, additivity."""
+    r = doc["run"]
+    lines = [f"# qformats tune: {r['model']}, TP={r['tp']} {r['algorithm']}", "",
+             f"Command: `{r['command']}`  ", f"torch {r['torch']}, transformers {r['transformers']}, Python {r['python']}; "
+             f"text: {r['text']}; search on {r['tokens']} tokens, confirmation on {r['confirm_tokens']} tokens "
+             f"(windows of {r['window']}); {r['confidence']:.0%} paired bootstrap intervals over windows; "
+             f"groups: {', '.join(doc['groups'])}; candidates: {', '.join(doc['candidates'])}"
+             + (f"; second hop: {', '.join(doc['second_formats'])}" if doc["second_formats"] else "") + ".", ""]
+    if doc["confirmed"]:
+        lines += [f"## Confirmed ({r['confirm_tokens']} tokens), sorted by KL", "",
+                  "| policy | TP | bits | KL [95% CI] | ppl change [95% CI] | top-1 [95% CI] | search KL (predicted) | front | assignment |",
+                  "|---|---:|---:|---|---|---|---|---|---|"]
+        for c in doc["confirmed"]:
+            lines.append(
+                f"| {c['name']} | {c['tp']} | {c['bits_per_value']:.3f} | {_kl(c['kl'])} {_ci(c['kl_ci'], '.3g')} | "
+                f"{c['ppl_change_pct']:+.2f}% {_ci(c['ppl_change_ci'], '+.2f')} | {c['top1_agreement']:.4f} "
+                f"{_ci(c['top1_ci'], '.4f')} | {_kl(c['search_kl'])} ({_kl(c['predicted_kl'])}) | "
+                f"{'yes' if c.get('on_front') else ''} | {_assignment_text(c['assignment'])}"
+                + (f"; 2nd hop {c['second']}" if r["algorithm"] == "two_shot" else "") + " |")
+        lines.append("")
+    lines += [f"## Joint search ({r['tokens']} tokens), sorted by KL", "",
+              "| policy | bits | KL | predicted KL (sum of marginals) | measured / predicted | ppl change | front | assignment |",
+              "|---|---:|---:|---:|---:|---:|---|---|"]
+    for j in sorted(doc["joint"], key=lambda j: j["kl"]):
+        ratio = f"{j['additivity']:.2f}" if j["additivity"] is not None else "-"
+        lines.append(f"| {j['name']} | {j['bits']:.3f} | {_kl(j['kl'])} | {_kl(j['predicted_kl'])} | {ratio} | "
+                     f"{j['ppl_change_pct']:+.2f}% | {'yes' if j['on_front'] else ''} | {_assignment_text(j['assignment'])}"
+                     + (f"; 2nd hop {j['second']}" if r["algorithm"] == "two_shot" else "") + " |")
+    a = doc["additivity"]
+    if a:
+        lines += ["", f"Additivity: the joint KL is {a['min']:.2f}x to {a['max']:.2f}x (mean {a['mean']:.2f}x) the sum "
+                      "of the groups' marginal KLs measured alone."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = doc["run"]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    pf = doc["predicted_front"]
+    ax.step([p["bits"] for p in pf], [max(p["kl"], 1e-6) for p in pf], where="post", color="grey", lw=1, ls="--",
+            label=f"predicted front (sum of marginal KLs, {r['tokens']} tokens)")
+    js = doc["joint"]
+    ax.plot([j["bits"] for j in js], [j["kl"] for j in js], "o", mfc="none", color="tab:blue",
+            label=f"assembled policies, measured jointly ({r['tokens']} tokens)")
+    colors = plt.get_cmap("tab10")
+    for i, t in enumerate(sorted({c["tp"] for c in doc["confirmed"]})):
+        cs = sorted((c for c in doc["confirmed"] if c["tp"] == t), key=lambda c: c["bits_per_value"])
+        xs, ys = [c["bits_per_value"] for c in cs], [c["kl"] for c in cs]
+        err = [[y - (c["kl_ci"] or (y, y))[0] for c, y in zip(cs, ys)], [(c["kl_ci"] or (y, y))[1] - y for c, y in zip(cs, ys)]]
+        ax.errorbar(xs, ys, yerr=err, fmt="s-", ms=5, capsize=3, lw=1, color=colors(i + 1),
+                    label=f"confirmed, TP={t} ({r['confirm_tokens']} tokens, {r['confidence']:.0%} CI)")
+    ax.set_yscale("log")
+    ax.set_xlabel("mean wire bits per value sent (this model's rows; two_shot: both hops)")
+    ax.set_ylabel("mean KL(baseline || compressed), nats/token")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{r['model'][:90]}\nqformats tune, TP={r['tp']} {r['algorithm']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_tune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``qformats tune`` options to ``parser``."""
+    parser.description = __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--model", default=None, help="as qformats eval (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--text", default=None, help="as qformats eval (default: the Brown Corpus)")
+    parser.add_argument("--tp", type=int, default=DEFAULT_TP, help=f"TP degree of the search (default {DEFAULT_TP})")
+    parser.add_argument("--algorithm", default="gather", help="gather or two_shot (default gather)")
+    parser.add_argument("--candidates", type=ev._csv_list, default=list(DEFAULT_CANDIDATES),
+                        help=f"formats a site group may take; bf16 = uncompressed (default: {','.join(DEFAULT_CANDIDATES)})")
+    parser.add_argument("--second-formats", type=ev._csv_list, default=None,
+                        help=f"two_shot: the reduced sum's format choices, {SAME} = the first hop's "
+                             f"(default: {','.join(DEFAULT_SECOND_FORMATS)})")
+    parser.add_argument("--layer-groups", type=ev._csv_list, default=None, metavar="B1,B2,...",
+                        help="layer indices where the groups split (default: 1,3,L-3: layer 0, layers 1-2, the middle, the last 3)")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"search tokens (default {DEFAULT_TOKENS})")
+    parser.add_argument("--window", type=int, default=ev.DEFAULT_WINDOW, help=f"tokens per window (default {ev.DEFAULT_WINDOW})")
+    parser.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)),
+                        help=f"bit budgets whose predicted-best policies are measured jointly (default {','.join(map(str, DEFAULT_BUDGETS))})")
+    parser.add_argument("--confirm-tokens", type=int, default=DEFAULT_CONFIRM_TOKENS,
+                        help=f"tokens of the confirmation (default {DEFAULT_CONFIRM_TOKENS}; 0: none)")
+    parser.add_argument("--confirm-budgets", default=",".join(map(str, DEFAULT_CONFIRM_BUDGETS)),
+                        help=f"bit budgets whose measured-best front points are confirmed (default {','.join(map(str, DEFAULT_CONFIRM_BUDGETS))})")
+    parser.add_argument("--confirm-tp", type=ev._tp_list, default=None, help="TP degrees of the confirmation (default: --tp)")
+    parser.add_argument("--threads", type=int, default=None, help=f"torch CPU threads (default on CPU: {ev.CPU_THREADS})")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--out", default=None, help="output folder (default: out/tune-<timestamp>); a stopped run there resumes")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main_tune(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    """Run ``qformats tune`` from parsed arguments; prints the confirmed front and the output folder."""
+    from .assets import AssetError
+
+    out = Path(args.out) if args.out else Path("out") / _dt.datetime.now().strftime("tune-%Y%m%d-%H%M%S")
+    command = shlex.join(["qformats", "tune", *argv]) if argv is not None else shlex.join(sys.argv)
+    if not args.no_progress:
+        print(f"[qformats] writing to {out}/ (if stopped, the same command with --out {out} resumes)", file=sys.stderr)
+    try:
+        doc = run_tune(args.model, args.text, tp=args.tp, algorithm=args.algorithm, candidates=args.candidates,
+                       second_formats=args.second_formats, layer_bounds=args.layer_groups, tokens=args.tokens,
+                       window=args.window, budgets=args.budgets, confirm_tokens=args.confirm_tokens,
+                       confirm_budgets=args.confirm_budgets, confirm_tp=args.confirm_tp, out=out, device=args.device,
+                       threads=args.threads, progress=not args.no_progress, command=command)
+    except (AssetError, ValueError) as e:
+        print(f"qformats tune: {e}", file=sys.stderr)
+        return 2
+    print(format_front(doc))
+    print(f"results written to {out.resolve()}/ ({FRONT_JSON}, {FRONT_MD}, {FRONT_PNG}, {POLICY_DIR}/)")
+    return 0

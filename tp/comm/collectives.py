@@ -156,24 +156,24 @@ def wire_algorithm(algorithm: str, world: int) -> str:
     return algorithm
 
 
-def second_hop(fmt: Optional[Format], second_fmt, algorithm: str) -> Optional[Format]:
+def second_hop(fmt: Optional[Format], second_fmt, algorithm: str, world: Optional[int] = None) -> Optional[Format]:
     """The format two_shot's reduced sum travels in: ``second_fmt`` resolved, or ``fmt`` when
-    it is None (the default). ``algorithm`` is the caller's, before :func:`wire_algorithm`.
+    it is None (the default). ``algorithm`` is the caller's, before :func:`wire_algorithm`;
+    ``world``, when known, resolves ``"fused"`` to the algorithm it runs there.
 
-    Raises ValueError for a second format that cannot apply (gather has no second hop; a plain
-    call has no first one) and NotImplementedError for ``"fused"``: its dequant-sum-requant
-    kernel decodes and encodes one format.
+    Raises ValueError for a second format that cannot apply: gather has no second hop (nor has
+    ``"fused"`` at W <= 3, where it is the one-shot gather), and a plain call has no first one.
     """
     second = resolve_format(second_fmt)
     if second is None or second == fmt:
         return fmt
+    wire = wire_algorithm(algorithm, world) if world is not None else algorithm
     if algorithm == "gather":
         raise ValueError(f"second_fmt={second} applies to two_shot only: gather sends each partial once "
                          f"and has no second hop (leave second_fmt=None or equal to fmt)")
-    if algorithm == "fused":
-        raise NotImplementedError(
-            f"second_fmt={second} != fmt={fmt} is not implemented for algorithm='fused': its fused "
-            f"dequant-sum-requant kernel decodes and encodes one format; use algorithm='two_shot'")
+    if wire == "gather":
+        raise ValueError(f"second_fmt={second} applies to two_shot only: algorithm='fused' at {world} ranks runs the "
+                         f"one-shot gather, which has no second hop (fused is two_shot from 4 ranks)")
     if fmt is None:
         raise ValueError(f"second_fmt={second} needs a first-hop format (fmt=None is the plain all-reduce)")
     return second
@@ -445,7 +445,8 @@ def all_reduce(
         second_fmt: two_shot's second hop: the format the reduced sum travels in (None, the
             default: ``fmt``). The reduced sum is up to W times larger than each partial, so a
             finer second format buys accuracy for (W-1)/W of one chunk's extra bytes. Gather
-            (no second hop) and ``"fused"`` (one-format kernel) raise unless it equals ``fmt``.
+            (no second hop) and ``"fused"`` at W <= 3 (the one-shot gather) raise ValueError
+            unless it equals ``fmt``.
         codec: the arithmetic (default: :func:`get_codec`).
         validate: None (default): ranks that disagree get a ValueError from the wire headers
             (module docstring); True (or env ``TP_VALIDATE_COLLECTIVES=1``): also one small
@@ -458,11 +459,11 @@ def all_reduce(
     """
     fmt = resolve_format(fmt)
     check_algorithm(algorithm)
-    second = second_hop(fmt, second_fmt, algorithm)
     check_tensor(x, fmt)
+    world, rank = _world_and_rank(group)
+    second = second_hop(fmt, second_fmt, algorithm, world)
     if second is not fmt:
         check_tensor(x, second)
-    world, rank = _world_and_rank(group)
     if world > 1 and _want_validate(validate):
         _validate_across_ranks(x, fmt, "all_reduce", algorithm, group, world, second)
     if not compresses(x, fmt, min_bytes):
@@ -472,7 +473,7 @@ def all_reduce(
         return y
     if algorithm == "fused" and x.is_cuda and world > 1:
         with torch.no_grad():
-            return straight_through(fused_for(group)(x, fmt), x)
+            return straight_through(fused_for(group)(x, fmt, second_fmt=second), x)
     with torch.no_grad():
         y = _compressed_all_reduce(x, fmt, group, wire_algorithm(algorithm, world), get_codec(codec), world, validate,
                                    second)
@@ -612,7 +613,7 @@ def wire_bytes(shape, dtype: torch.dtype, fmt, algorithm: str, world: int, secon
     ``second_fmt``: two_shot's second hop (as :func:`all_reduce`; None: ``fmt``).
     """
     fmt = resolve_format(fmt)
-    second = second_hop(fmt, second_fmt, algorithm)
+    second = second_hop(fmt, second_fmt, algorithm, world)
     algorithm = wire_algorithm(algorithm, world)
     numel = 1
     for d in shape:

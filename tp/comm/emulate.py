@@ -89,12 +89,12 @@ def emulate_all_reduce(
     """
     fmt = resolve_format(fmt)
     check_algorithm(algorithm)
-    second = second_hop(fmt, second_fmt, algorithm)
     shards = _check_shards(shards, fmt)
+    world = len(shards)
+    second = second_hop(fmt, second_fmt, algorithm, world)
     if second is not fmt:
         _check_shards(shards, second)
     x = shards[0]
-    world = len(shards)
     algorithm = wire_algorithm(algorithm, world)  # "fused" computes gather / two_shot's bits
     if not compresses(x, fmt, min_bytes):
         return plain_sum(shards)

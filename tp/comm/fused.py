@@ -17,8 +17,10 @@ Algorithms (one plan per call, :func:`plan`):
 ``two_shot`` (the default at W >= 4)
     every rank quantises row-chunk j of x straight into rank j's slot ``rank`` (push), barrier,
     every rank dequant-sums its W slots in rank order and re-quantises the sum into its own
-    reduced buffer (one kernel), barrier, every rank decodes every rank's reduced chunk into
-    its rows of the output (pull), barrier. Result = ``emulate_all_reduce(.., "two_shot")``.
+    reduced buffer (one kernel; with a second-hop format of its own, ``second_fmt``, two: the
+    fp32 sum, then its encode in that format), barrier, every rank decodes every rank's reduced
+    chunk into its rows of the output (pull), barrier. Result = ``emulate_all_reduce(..,
+    "two_shot", second_fmt=...)``.
 
 Synchronisation: a barrier is one tiny Triton kernel on the signal pads (one program per
 peer: set the peer's flag 0 -> 1 with a system-scope release CAS, wait for one's own flag
@@ -65,7 +67,6 @@ import math
 import os
 import threading
 from collections.abc import Sequence
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -153,7 +154,9 @@ class Plan:
     [rows, width]; ``chunk_rows``: rows per chunk (two_shot) or rows; ``nbytes``: bytes of one
     wire buffer (of the whole x for gather, of one chunk for two_shot); ``slot``: nbytes
     aligned; ``slots_offset``: W slots ([W, slot]) start here; ``reduced_offset``: two_shot's
-    re-quantised chunk; ``need``: bytes of symmetric buffer the call uses.
+    re-quantised chunk, ``reduced_nbytes`` its bytes (in the second-hop format); ``need``: bytes
+    of symmetric buffer the call uses; ``kc`` / ``kc_second``: the lowered formats (the second
+    None when the reduced sum travels in the first).
     """
 
     kind: str
@@ -170,6 +173,8 @@ class Plan:
     reduced_offset: int
     need: int
     kc: KernelConstants | None = None  # the lowered format at this width (fused plans): lowered once
+    reduced_nbytes: int = 0
+    kc_second: KernelConstants | None = None
 
     @property
     def fused(self) -> bool:
@@ -181,41 +186,46 @@ class Plan:
         return s, s + self.nbytes
 
 
-def _layout(algorithm: str, mode: str, world: int, rows: int, width: int, fmt: Format):
+def _layout(algorithm: str, mode: str, world: int, rows: int, width: int, fmt: Format, second: Format | None = None):
+    """(chunk rows, wire bytes, slot bytes, slots offset, reduced offset, bytes needed, reduced
+    bytes) of one call; ``second``: two_shot's second-hop format (None: ``fmt``)."""
     if algorithm == "gather":
         c = rows
         n = fmt.nbytes((rows, width))
         slot = _align(n)
         nslots = 1 if mode == "pull" else world
-        return c, n, slot, 0, 0, nslots * slot
+        return c, n, slot, 0, 0, nslots * slot, 0
     c = rows // world
     n = fmt.nbytes((c, width))
     slot = _align(n)
     red = world * slot
-    return c, n, slot, 0, red, red + slot
+    n2 = (second or fmt).nbytes((c, width))
+    return c, n, slot, 0, red, red + _align(n2), n2
 
 
 def buffer_bytes(max_tokens: int, hidden: int, fmts: Sequence, world: int, algorithm: str | None = None,
-                 mode: str = "pull") -> int:
+                 mode: str = "pull", second_fmts: Sequence = ()) -> int:
     """Symmetric-buffer bytes that carry a [max_tokens, hidden] message in every format of ``fmts``
-    (with ``algorithm``, default :func:`default_algorithm`); fewer tokens always fit."""
+    (with ``algorithm``, default :func:`default_algorithm`), two_shot's reduced sum also in every
+    format of ``second_fmts``; fewer tokens always fit."""
     algorithm = algorithm or default_algorithm(world)
+    lowered = [f for f in map(resolve_format, fmts) if f is not None and not _not_fused(f)]
+    seconds = [f for f in map(resolve_format, second_fmts) if f is not None and not _not_fused(f)]
     need = ALIGN
-    for f in fmts:
-        f = resolve_format(f)
-        if f is None or _not_fused(f):
-            continue
-        rows = max_tokens if algorithm == "gather" else -(-max_tokens // world) * world
-        need = max(need, _layout(algorithm, mode, world, rows, hidden, f)[-1])
+    rows = max_tokens if algorithm == "gather" else -(-max_tokens // world) * world
+    for f in lowered:
+        for s in [None] + (seconds if algorithm == "two_shot" else []):
+            need = max(need, _layout(algorithm, mode, world, rows, hidden, f, s)[5])
         if algorithm == "gather":  # also room for the other mode
-            need = max(need, _layout(algorithm, "push", world, rows, hidden, f)[-1])
+            need = max(need, _layout(algorithm, "push", world, rows, hidden, f)[5])
     return _align(need)
 
 
 def plan(shape, dtype: torch.dtype, fmt, world: int, *, capacity: int, min_bytes: int = 0,
          algorithm: str | None = None, mode: str = "pull", device_type: str = "cuda",
-         max_bytes: int | None = None) -> Plan:
-    """The plan of one all-reduce of a ``shape``/``dtype`` tensor (see :class:`Plan`).
+         max_bytes: int | None = None, second_fmt=None) -> Plan:
+    """The plan of one all-reduce of a ``shape``/``dtype`` tensor (see :class:`Plan`);
+    ``second_fmt``: two_shot's second-hop format (None: ``fmt``; ValueError for gather).
 
     Raises ValueError/TypeError for what no all-reduce can carry (same checks as
     tp.comm.collectives.all_reduce); otherwise always returns a plan, falling back as the module
@@ -229,6 +239,8 @@ def plan(shape, dtype: torch.dtype, fmt, world: int, *, capacity: int, min_bytes
         raise ValueError(f"unknown gather mode {mode!r}: valid are pull, push")
     if algorithm == "two_shot":
         mode = "push"
+    second = collectives.second_hop(fmt, second_fmt, algorithm)
+    second = None if second is fmt else second
     shape = tuple(int(d) for d in shape)
     numel = math.prod(shape)
     itemsize = dtype.itemsize
@@ -251,7 +263,7 @@ def plan(shape, dtype: torch.dtype, fmt, world: int, *, capacity: int, min_bytes
         return other("plain", f"{numel * itemsize} bytes < min_bytes {min_bytes}")
     if max_bytes is not None and numel * itemsize > max_bytes:
         return other("plain", f"{numel * itemsize} bytes > {max_bytes}: the fused path does not pay there")
-    why = _not_fused(fmt)
+    why = _not_fused(fmt) or (second is not None and _not_fused(second))
     if why:
         return other("nccl", why)
     if device_type != "cuda":
@@ -260,10 +272,11 @@ def plan(shape, dtype: torch.dtype, fmt, world: int, *, capacity: int, min_bytes
         return other("nccl", "world size 1: nothing to exchange")
     if algorithm == "two_shot" and rows % world:
         return other("nccl", f"two_shot needs rows ({rows}) divisible by the world size {world}")
-    c, n, slot, so, ro, need = _layout(algorithm, mode, world, rows, width, fmt)
+    c, n, slot, so, ro, need, n2 = _layout(algorithm, mode, world, rows, width, fmt, second)
     if need > capacity:
         return other("nccl", f"needs {need} bytes of symmetric buffer, has {capacity}")
-    return Plan("fused", "", algorithm, mode, world, rows, width, c, n, slot, so, ro, need, lower(fmt, width, device_type))
+    return Plan("fused", "", algorithm, mode, world, rows, width, c, n, slot, so, ro, need, lower(fmt, width, device_type),
+                n2, None if second is None else lower(second, width, device_type))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,8 +300,9 @@ def _barrier_kernel(pad_ptrs, rank, CHANNEL: tl.constexpr, WORLD: tl.constexpr):
 
 
 def _steps(p: Plan, x2: torch.Tensor, kc, bufs: Sequence[torch.Tensor], ptrs: torch.Tensor, rank: int,
-           out: torch.Tensor):
+           out: torch.Tensor, kc_second=None):
     """One rank's kernel sequence; yields where a barrier over all ranks must stand.
+    ``kc`` / ``kc_second``: the plan's lowered formats, for the device the kernels run on.
 
     ``bufs[j]``: a uint8 tensor over rank j's symmetric buffer (a peer view on GPU);
     ``ptrs``: int64 tensor of their base addresses on x's device; ``out``: [rows, width]."""
@@ -318,20 +332,24 @@ def _steps(p: Plan, x2: torch.Tensor, kc, bufs: Sequence[torch.Tensor], ptrs: to
         K.quantize(x2[j * c: (j + 1) * c], kc, out=bufs[j][s:e])
     yield
     slots = mine[p.slots_offset: p.slots_offset + W * p.slot].view(W, p.slot)[:, : p.nbytes]
-    red = mine[p.reduced_offset: p.reduced_offset + p.nbytes]
-    K.quantize(None, kc, shape=(c, H), bufs=slots, out=red)  # rank-order sum, re-quantised
+    red = mine[p.reduced_offset: p.reduced_offset + p.reduced_nbytes]
+    if kc_second is None:
+        K.quantize(None, kc, shape=(c, H), bufs=slots, out=red)  # rank-order sum, re-quantised
+    else:  # the fp32 rank-order sum, then its encode in the second-hop format (two kernels)
+        K.quantize(K.dequantize(slots, kc, c, H, torch.float32), kc_second, out=red)
     yield
-    K.dequantize_peers(ptrs, p.reduced_offset, kc, c, H, out, summed=False)
+    K.dequantize_peers(ptrs, p.reduced_offset, kc if kc_second is None else kc_second, c, H, out, summed=False)
     yield
 
 
 def simulate(shards: Sequence[torch.Tensor], fmt, *, algorithm: str | None = None, mode: str = "pull",
-             poison: int = 0xA5) -> list[torch.Tensor]:
+             poison: int = 0xA5, second_fmt=None) -> list[torch.Tensor]:
     """Run the fused kernel sequence of every rank in one process over W ordinary buffers.
 
     The barriers become lock-step phases (every rank's step k runs before any rank's step
     k + 1). On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1). Returns each
-    rank's output; they must all equal ``tp.emulate_all_reduce(shards, fmt, algorithm)``.
+    rank's output; they must all equal ``tp.emulate_all_reduce(shards, fmt, algorithm,
+    second_fmt=second_fmt)``.
     Buffers start filled with ``poison`` so a byte nobody wrote shows up as a wrong result.
     """
     fmt = resolve_format(fmt)
@@ -341,15 +359,18 @@ def simulate(shards: Sequence[torch.Tensor], fmt, *, algorithm: str | None = Non
     for s in shards:
         check_tensor(s, fmt)
     algorithm = algorithm or default_algorithm(W)
-    cap = buffer_bytes(rows_view(x).shape[0], x.shape[-1], [fmt], W, algorithm, mode)
-    p = plan(x.shape, x.dtype, fmt, W, capacity=cap, algorithm=algorithm, mode=mode, device_type="cuda")
+    seconds = [] if second_fmt is None else [second_fmt]
+    cap = buffer_bytes(rows_view(x).shape[0], x.shape[-1], [fmt], W, algorithm, mode, seconds)
+    p = plan(x.shape, x.dtype, fmt, W, capacity=cap, algorithm=algorithm, mode=mode, device_type="cuda",
+             second_fmt=second_fmt)
     if not p.fused:
         raise ValueError(f"not a fused plan: {p.kind} ({p.reason})")
-    p = dataclasses.replace(p, kc=lower(fmt, p.width, x.device))  # planned as CUDA, lowered for where it runs
+    kc = lower(fmt, p.width, x.device)  # planned as CUDA, lowered for where it runs
+    kc_second = None if p.kc_second is None else lower(p.kc_second.format, p.width, x.device)
     bufs = [torch.full((cap,), poison, dtype=torch.uint8, device=x.device) for _ in range(W)]
     ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device=x.device)
     outs = [torch.empty((p.rows, p.width), dtype=x.dtype, device=x.device) for _ in range(W)]
-    gens = [_steps(p, rows_view(shards[r]), p.kc, bufs, ptrs, r, outs[r]) for r in range(W)]
+    gens = [_steps(p, rows_view(shards[r]), kc, bufs, ptrs, r, outs[r], kc_second) for r in range(W)]
     alive = True
     while alive:
         alive = False
@@ -373,6 +394,7 @@ class FusedAllReduce:
             (rendezvous is collective), before any CUDA-graph capture.
         max_tokens, hidden: the largest [tokens, hidden] message it will carry fused.
         fmts: the formats it must fit (the buffer is sized for the largest).
+        second_fmts: two_shot's second-hop formats it must also fit (``second_fmt=`` of a call).
         min_bytes: messages under this use the plain all-reduce; None (default): the
             measured auto policy (:func:`auto_window`: 4 MiB inside a CUDA graph, 64 MiB eager,
             per-format upper bounds).
@@ -383,7 +405,7 @@ class FusedAllReduce:
 
     def __init__(self, group=None, *, max_tokens: int, hidden: int, fmts: Sequence = ("mxfp8_e4m3",),
                  min_bytes: int | None = None, algorithm: str | None = None,
-                 mode: str = "pull", device=None, nccl_codec=None):
+                 mode: str = "pull", device=None, nccl_codec=None, second_fmts: Sequence = ()):
         import torch.distributed._symmetric_memory as symm_mem
 
         self.group = group or dist.group.WORLD
@@ -398,7 +420,7 @@ class FusedAllReduce:
 
             nccl_codec = LoweredCodec()
         self.nccl_codec = nccl_codec
-        self.capacity = buffer_bytes(max_tokens, hidden, fmts, self.world, self.algorithm, mode)
+        self.capacity = buffer_bytes(max_tokens, hidden, fmts, self.world, self.algorithm, mode, second_fmts)
         pad_need = 4 * self.world * (SIGNAL_CHANNEL_BASE + N_CHANNELS)
         try:
             if symm_mem.get_signal_pad_size() < pad_need:
@@ -417,7 +439,7 @@ class FusedAllReduce:
                       for j in range(self.world)]
         self._ptrs = torch.tensor(list(h.buffer_ptrs), dtype=torch.int64, device=self.device)
         self._pads = torch.tensor(list(h.signal_pad_ptrs), dtype=torch.int64, device=self.device)
-        for f in fmts:  # the decode tables reach the GPU now, not inside a CUDA-graph capture
+        for f in list(fmts) + list(second_fmts):  # the decode tables reach the GPU now, not inside a capture
             f = resolve_format(f)
             if f is not None and not _not_fused(f):
                 value_table(lower(f, hidden, self.device), self.device)
@@ -427,24 +449,27 @@ class FusedAllReduce:
         self._plans: dict = {}
         collectives.register_fused(group_name, self)  # serves tp.all_reduce(..., algorithm="fused")
 
-    def plan(self, x: torch.Tensor, fmt) -> Plan:
-        """The (cached) plan of ``ar(x, fmt)``."""
+    def plan(self, x: torch.Tensor, fmt, second_fmt=None) -> Plan:
+        """The (cached) plan of ``ar(x, fmt, second_fmt=second_fmt)``."""
         fmt = resolve_format(fmt)
+        second = collectives.second_hop(fmt, second_fmt, self.algorithm)  # ValueError for gather
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        key = (tuple(x.shape), x.dtype, str(fmt), self.algorithm, self.mode, x.device.type, self.min_bytes,
-               capturing)
+        key = (tuple(x.shape), x.dtype, str(fmt), str(second), self.algorithm, self.mode, x.device.type,
+               self.min_bytes, capturing)
         p = self._plans.get(key)
         if p is None:
             check_tensor(x, fmt)
+            if second is not fmt:
+                check_tensor(x, second)
             if self.world > 1 and not capturing:  # first sight of this call: do all ranks make it? (docstring)
-                collectives._validate_across_ranks(x, fmt, "all_reduce", "fused", self.group, self.world)
+                collectives._validate_across_ranks(x, fmt, "all_reduce", "fused", self.group, self.world, second)
             if self.min_bytes is None:
                 lo, hi = auto_window(fmt, capturing)
             else:
                 lo, hi = self.min_bytes, None
             p = self._plans[key] = plan(x.shape, x.dtype, fmt, self.world, capacity=self.capacity,
                                         min_bytes=lo, max_bytes=hi, algorithm=self.algorithm,
-                                        mode=self.mode, device_type=x.device.type)
+                                        mode=self.mode, device_type=x.device.type, second_fmt=second)
         return p
 
     def barrier(self, channel: int) -> None:
@@ -457,23 +482,23 @@ class FusedAllReduce:
 
         ``inplace=True`` lets the plain fallback reduce a contiguous ``x`` in place and return it
         (no copy: what a row-parallel layer's temporary partial sum allows); the fused path is
-        always out of place. The measured benchmark rows used ``inplace=False``. ``second_fmt``
-        other than None or ``fmt`` raises NotImplementedError: the fused dequant-sum-requant
-        kernel decodes and encodes one format (use ``tp.all_reduce(..., "two_shot")``)."""
+        always out of place. The measured benchmark rows used ``inplace=False``. ``second_fmt``:
+        two_shot's second-hop format (None: ``fmt``; ValueError for gather); its buffer room must
+        have been asked for with ``second_fmts=`` (else the call takes the NCCL path)."""
         if self.closed:
             raise RuntimeError("FusedAllReduce is closed")
         fmt = resolve_format(fmt)
-        collectives.second_hop(fmt, second_fmt, "fused")  # raises for a second format of its own
-        p = self.plan(x, fmt)  # checks x and fmt the first time a (shape, dtype, format) is seen
+        p = self.plan(x, fmt, second_fmt)  # checks x and the formats the first time a call is seen
         if p.kind == "plain":
             y = x if inplace and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
             dist.all_reduce(y, group=self.group)
             return y
         if p.kind == "nccl":
-            return collectives.all_reduce(x, fmt, self.group, algorithm=p.algorithm, codec=self.nccl_codec)
+            return collectives.all_reduce(x, fmt, self.group, algorithm=p.algorithm, codec=self.nccl_codec,
+                                          second_fmt=second_fmt)
         x2 = rows_view(x)
         out = torch.empty((p.rows, p.width), dtype=x.dtype, device=x.device)
-        for k, _ in enumerate(_steps(p, x2, p.kc, self._bufs, self._ptrs, self.rank, out)):
+        for k, _ in enumerate(_steps(p, x2, p.kc, self._bufs, self._ptrs, self.rank, out, p.kc_second)):
             self.barrier(k)
         return out.reshape(x.shape)
 

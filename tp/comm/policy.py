@@ -196,8 +196,9 @@ class CommPolicy:
         rules: :class:`Rule` overrides, in order; the first that matches a site decides.
         second_fmt: two_shot's second hop: the format the reduced sum (up to W times larger
             than each partial) travels in at every compressed site; None, the default, is the
-            site's first-hop format. Only with ``algorithm="two_shot"`` (gather has no second
-            hop: ValueError; the fused kernel encodes one format: NotImplementedError).
+            site's first-hop format. With ``algorithm="two_shot"``, or ``"fused"`` where it runs
+            two_shot (W >= 4; at W <= 3 it is the one-shot gather: ValueError when called);
+            gather has no second hop (ValueError).
         all_gather: the compile pass also compresses all-gathers (the layers never do).
         choose: ``choose(site) -> format or None`` decides alone, for what rules cannot say
             (compile pass only; it has no JSON form and is not compared).
@@ -226,8 +227,8 @@ class CommPolicy:
         object.__setattr__(self, "rules", rules)
         second = resolve_format(self.second_fmt)
         object.__setattr__(self, "second_fmt", second)
-        if second is not None and self.algorithm != "two_shot":
-            second_hop(None, second, self.algorithm)  # raises: gather has no second hop, fused one format
+        if second is not None and self.algorithm == "gather":
+            second_hop(None, second, self.algorithm)  # raises: gather has no second hop
         if self.choose is not None and not callable(self.choose):
             raise TypeError(f"choose must be callable (Site -> format or None), got {type(self.choose).__name__}")
 

@@ -240,8 +240,6 @@ def test_compiled_second_hop_equals_eager(tmp_path):
 def test_compiled_op_checks_its_second_format():
     with pytest.raises(ValueError, match="no second hop"):
         torch.ops.qformats.all_reduce(torch.ones(2, 32), "mxfp4", "0", "gather", "mxfp8_e4m3")
-    with pytest.raises(NotImplementedError, match="one format"):
-        torch.ops.qformats.all_reduce(torch.ones(2, 32), "mxfp4", "0", "fused", "mxfp8_e4m3")
 
 
 # ---------------------------------------------------------------------------------------------

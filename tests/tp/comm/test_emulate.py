@@ -161,5 +161,8 @@ def test_two_shot_second_format_is_the_sum_of_first_hop_decodes_requantised():
         assert (got - exact).abs().mean() < (one - exact).abs().mean()
     with pytest.raises(ValueError, match="no second hop"):
         tp.emulate_all_reduce(shards, "mxfp4", "gather", second_fmt="mxfp8_e4m3")
-    with pytest.raises(NotImplementedError, match="one format"):
-        tp.emulate_all_reduce(shards, "mxfp4", "fused", second_fmt="mxfp8_e4m3")
+    # fused computes two_shot's bits from 4 ranks, second hop included; at 3 ranks it is the gather
+    assert torch.equal(tp.emulate_all_reduce(shards, "mxfp4", "fused", second_fmt="mxfp8_e4m3"),
+                       tp.emulate_all_reduce(shards, "mxfp4", "two_shot", second_fmt="mxfp8_e4m3"))
+    with pytest.raises(ValueError, match="runs the one-shot gather"):
+        tp.emulate_all_reduce(shards[:3], "mxfp4", "fused", second_fmt="mxfp8_e4m3")

@@ -165,6 +165,41 @@ def test_simulated_odd_shapes_and_dtypes(dtype, shape):
             assert torch.equal(_bits(o), _bits(ref))
 
 
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("fmt,second", [("mxfp4", "mxfp8_e4m3"), ("int4_b32_bf16_h32", "int8/b32/bf16"),
+                                        ("mxfp8_e4m3", "mxfp4")])
+def test_simulated_fused_two_shot_second_hop_equals_emulator(world, fmt, second):
+    """two_shot with the reduced sum in a format of its own (issue 16): the fused kernel sequence
+    (dequant-sum to fp32, encode in the second format, every rank decodes it) on every rank
+    equals the emulator's, and differs from the single-format result."""
+    shards = _shards(world, (8, 320), seed=11 + world, adversarial=True)
+    ref = tp.emulate_all_reduce(shards, fmt, "two_shot", second_fmt=second)
+    outs = F.simulate(shards, fmt, algorithm="two_shot", second_fmt=second)
+    for r, o in enumerate(outs):
+        assert torch.equal(_bits(o), _bits(ref)), f"rank {r}"
+    assert not torch.equal(_bits(ref), _bits(tp.emulate_all_reduce(shards, fmt, "two_shot")))
+
+
+def test_plan_second_hop_room_and_errors():
+    W, rows, H = 4, 64, 512
+    small = F.buffer_bytes(rows, H, ["mxfp4"], W, "two_shot")
+    big = F.buffer_bytes(rows, H, ["mxfp4"], W, "two_shot", second_fmts=["int8/b32/bf16"])
+    c = rows // W
+    assert big - small >= qformats.as_format("int8/b32/bf16").nbytes((c, H)) - qformats.as_format("mxfp4").nbytes((c, H)) - F.ALIGN
+    p = F.plan((rows, H), torch.bfloat16, "mxfp4", W, capacity=big, algorithm="two_shot", second_fmt="int8/b32/bf16")
+    assert p.fused and p.reduced_nbytes == qformats.as_format("int8/b32/bf16").nbytes((c, H))
+    assert str(p.kc_second.format) == "int8/b32/bf16" and p.need <= big
+    assert F.plan((rows, H), torch.bfloat16, "mxfp4", W, capacity=big, algorithm="two_shot").kc_second is None
+    # a buffer sized without the second format: the NCCL path (same bits), never an overflow
+    p = F.plan((rows, H), torch.bfloat16, "mxfp4", W, capacity=small, algorithm="two_shot", second_fmt="int8/b32/bf16")
+    assert p.kind == "nccl" and "symmetric buffer" in p.reason
+    # a second format the kernels cannot carry: the NCCL path
+    p = F.plan((rows, H), torch.bfloat16, "mxfp4", W, capacity=big, algorithm="two_shot", second_fmt="nvfp4")
+    assert p.kind == "nccl" and "per-tensor scale" in p.reason
+    with pytest.raises(ValueError, match="no second hop"):
+        F.plan((rows, H), torch.bfloat16, "mxfp4", 2, capacity=big, algorithm="gather", second_fmt="int8/b32/bf16")
+
+
 def test_simulate_rejects_non_fused_plans():
     with pytest.raises(ValueError, match="not a fused plan"):
         F.simulate(_shards(2, (4, 64)), "nvfp4")

@@ -121,8 +121,8 @@ def test_arguments_are_checked_with_one_vocabulary():
         CommPolicy(FP4, rules=({"fmt": "mxfp4"},))
     with pytest.raises(ValueError, match="no second hop"):
         CommPolicy(FP4, "gather", second_fmt="mxfp8_e4m3")
-    with pytest.raises(NotImplementedError, match="one format"):
-        CommPolicy(FP4, "fused", second_fmt="mxfp8_e4m3")
+    # fused is two_shot from 4 ranks: the policy keeps the second hop (a call at W <= 3 refuses it)
+    assert CommPolicy(FP4, "fused", second_fmt="mxfp8_e4m3").second_fmt == qformats.as_format("mxfp8_e4m3")
     with pytest.raises(ValueError, match="unsupported communication format"):
         CommPolicy(FP4, "two_shot", second_fmt="int99")
     assert CommPolicy(FP4, second_fmt=None).second_fmt is None

@@ -280,8 +280,17 @@ def _gpu_worker(rank, world, port, q):
         if collectives.fused_for().plan(shards[rank], fmt).kind != "fused" or not torch.equal(
                 _bits(y), _bits(tp.emulate_all_reduce([s.cpu() for s in shards], fmt, "fused").cuda())):
             fails.append((fmt, "tp.all_reduce fused"))
+    # two_shot with a second-hop format of its own (room asked for with second_fmts)
+    ar2 = F.FusedAllReduce(max_tokens=64, hidden=1024, fmts=FORMATS, min_bytes=0, algorithm="two_shot",
+                           second_fmts=["mxfp8_e4m3"])
+    for fmt in ("mxfp4", "int4/b32/bf16"):
+        shards = [s.cuda() for s in _shards(world, (64, 1024), seed=5, adversarial=True)]
+        ref = tp.emulate_all_reduce([s.cpu() for s in shards], fmt, "two_shot", second_fmt="mxfp8_e4m3").cuda()
+        y = ar2(shards[rank], fmt, second_fmt="mxfp8_e4m3")
+        if ar2.plan(shards[rank], fmt, "mxfp8_e4m3").kind != "fused" or not torch.equal(_bits(y), _bits(ref)):
+            fails.append((fmt, "two_shot second hop"))
     q.put((rank, fails))
-    F.shutdown(ar)
+    F.shutdown(ar, ar2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,

@@ -4,7 +4,7 @@
 #   usage: OUT=dir bash benchmarks/gpu_session.sh [breakdown tile configs "elems,warps" ...]
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONPATH=. PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${OUT:-out}; mkdir -p "$OUT"
 python -c "import torch, triton; print('device', torch.cuda.get_device_name(), 'x', torch.cuda.device_count(), 'torch', torch.__version__, 'triton', triton.__version__)" | tee "$OUT/versions.txt"
 SEL="gpu_large or fused or adversarial and (fp5 or nvfp4 or flash_int4) or ops_equal or fall_back or compile_full or codec"
 echo "## pytest tests/lowering -k '$SEL'" | tee "$OUT/gpu_tests.log"

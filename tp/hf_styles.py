@@ -46,7 +46,7 @@ from packaging.version import Version
 from torch import nn
 
 from .comm.policy import CommPolicy
-from .styles import attach_policy, bind_sites, reduce_partial, site_call, style_policy
+from .styles import PolicyStyle, attach_policy, bind_sites, reduce_partial, site_call, style_policy
 
 MIN_TRANSFORMERS = "5.16"  # first release with transformers.distributed.tensor_parallel's hook API
 FIRST_UNTESTED_TRANSFORMERS = "5.25"  # newest tested: 5.24 (CI) and 5.17 (the GPU machines' image)
@@ -70,7 +70,7 @@ ROW_PARALLEL = ("*.o_proj", "*.down_proj")  # the Llama-family names of the atte
 PLAIN_ROWWISE = "rowwise"  # transformers' style for those: input Shard(-1), output Replicate
 
 
-class CompressedRowwise(RowwiseParallel):
+class CompressedRowwise(PolicyStyle, RowwiseParallel):
     """transformers' ``RowwiseParallel`` for ``nn.Linear`` whose all-reduce is the compressed one.
 
     Args: ``fmt`` (a format or a :class:`tp.CommPolicy`), ``algorithm``, ``min_bytes``,
@@ -82,19 +82,6 @@ class CompressedRowwise(RowwiseParallel):
     def __init__(self, fmt, algorithm: str | None = None, *, min_bytes: int | None = None, second_fmt=None):
         super().__init__()  # input Shard(-1), output Replicate, local output
         self.policy = style_policy(fmt, algorithm, min_bytes, second_fmt)
-
-    @property
-    def fmt(self) -> str | None:
-        """The default format (canonical string; None: plain): a policy's rules may override it per module."""
-        return None if self.policy.fmt is None else str(self.policy.fmt)
-
-    @property
-    def algorithm(self) -> str:
-        return self.policy.algorithm
-
-    @property
-    def min_bytes(self) -> int:
-        return self.policy.min_bytes
 
     def should_use_local_tensors(self, module):
         # Always the local path (bias hidden, local weight shard), also with autograd on, so the

@@ -149,7 +149,27 @@ def _linear_without_bias(self: nn.Linear, x: Tensor) -> Tensor:
     return F.linear(x, self.weight)
 
 
-class CompressedRowwiseParallel(RowwiseParallel):
+class PolicyStyle:
+    """What a compressed style's ``policy`` (a :class:`tp.CommPolicy`) says, as attributes: the
+    one place both TP styles (DTensor's and transformers') read them from."""
+
+    policy: CommPolicy
+
+    @property
+    def fmt(self) -> Optional[str]:
+        """The default format (canonical string; None: plain): a policy's rules may override it per module."""
+        return None if self.policy.fmt is None else str(self.policy.fmt)
+
+    @property
+    def algorithm(self) -> str:
+        return self.policy.algorithm
+
+    @property
+    def min_bytes(self) -> int:
+        return self.policy.min_bytes
+
+
+class CompressedRowwiseParallel(PolicyStyle, RowwiseParallel):
     """``RowwiseParallel`` for ``nn.Linear`` whose output is summed by the compressed all-reduce.
 
     Args:
@@ -175,19 +195,6 @@ class CompressedRowwiseParallel(RowwiseParallel):
             raise ValueError(f"CompressedRowwiseParallel reduces with an all-reduce: output_layouts must be "
                              f"Replicate(), got {self.output_layouts[0]} (use RowwiseParallel for a Shard output)")
         self.policy = style_policy(fmt, algorithm, min_bytes, second_fmt)
-
-    @property
-    def fmt(self) -> Optional[str]:
-        """The default format (canonical string; None: plain): a policy's rules may override it per module."""
-        return None if self.policy.fmt is None else str(self.policy.fmt)
-
-    @property
-    def algorithm(self) -> str:
-        return self.policy.algorithm
-
-    @property
-    def min_bytes(self) -> int:
-        return self.policy.min_bytes
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         if not isinstance(module, nn.Linear):

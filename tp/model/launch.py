@@ -107,6 +107,9 @@ def main(argv=None) -> int:
         return 2
     finally:
         if own_group:
+            # every rank's last collective done before any rank tears its transport down: without
+            # the barrier a gloo rank could exit while its peer's pair thread still ran (SIGABRT)
+            dist.barrier()
             dist.destroy_process_group()
 
 

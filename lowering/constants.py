@@ -22,16 +22,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from qformats import Format, as_format
-from qformats.packing import group_size
+from qformats.packing import planes
 from qformats.spec import SCALES, scale_element, scale_type
 
 # Element kinds, float policies and scale kinds as kernel integers.
 KIND_FLOAT, KIND_INT, KIND_UINT = 0, 1, 2
 POLICY_FIN, POLICY_IEEE, POLICY_FN = 0, 1, 2
 SCALE_E8M0, SCALE_FP32, SCALE_BF16, SCALE_FP16, SCALE_E4M3 = 0, 1, 2, 3, 4
-# How element codes decode: a table load (codes of at most TABLE_MAX_BITS bits: one or two L1
-# lines, so a warp's lookups cost one or two wavefronts), the GPU's exact fp8 widening, or
-# integer arithmetic (8-bit integers).
+# How element codes decode: a table load (float codes of at most TABLE_MAX_BITS bits: one or two
+# L1 lines, so a warp's lookups cost one or two wavefronts), the GPU's exact fp8 widening, or
+# integer arithmetic (int and uint elements of any width: a sign extension and a multiply, no
+# load per element).
 DECODE_TABLE, DECODE_FP8, DECODE_INT = 0, 1, 2
 TABLE_MAX_BITS = 6
 # The hardware fp8 types (elements the GPU converts to and from exactly as the spec rounds).
@@ -73,7 +74,9 @@ class KernelConstants:
     ``S_INV_STEP_HI * S_INV_STEP_LO`` = 1 / the grid's smallest step (fp32: 2^149), as two exact
     fp32 powers of two (block maxima whose quotient is below 2^-126 are scaled by both).
     Block and packing: ``BS`` (block size for this row width), ``BP2`` (BS rounded up to a
-    power of two: kernel tiles), ``G`` codes per ``GB`` bytes, ``GBP2``, ``WORD64``.
+    power of two: kernel tiles), ``P0``, ``P1``, ``P2``: the widths of the code's bit planes
+    (``qformats.packing.planes``, low bits first; 0 for none), each packed densely, planes
+    one after the other (their byte offsets: :meth:`plane_offsets`).
     ``EVEN``: the blocks tile the rows exactly and ``BS`` is a power of two (contiguous tiles).
     ``ROT``: k = log2 N of the ``+h{N}`` rotation (0: none; N >= 2): the kernels apply
     ``qformats.codec.rotate``'s k butterfly stages to each run of N features of a block (the
@@ -115,10 +118,9 @@ class KernelConstants:
     S_INV_STEP_LO: float
     BS: int
     BP2: int
-    G: int
-    GB: int
-    GBP2: int
-    WORD64: bool
+    P0: int
+    P1: int
+    P2: int
     EVEN: bool
     ROT: int
     GPU: bool
@@ -142,6 +144,12 @@ class KernelConstants:
     @property
     def format(self) -> Format:
         return _parsed(self.fmt)
+
+    def plane_offsets(self, rows: int) -> tuple[int, int]:
+        """Byte offsets of the second and third bit planes in the code section of ``rows`` rows
+        (0 where there is none)."""
+        n = self.layout(rows).rows * self.layout(rows).padded
+        return (n * self.P0 // 8 if self.P1 else 0), (n * (self.P0 + self.P1) // 8 if self.P2 else 0)
 
     def layout(self, rows: int):
         """The wire layout of ``rows`` rows of this width (cached)."""
@@ -203,12 +211,11 @@ def _lower(fmt_str: str, width: int, cuda: bool) -> KernelConstants:
         raise Unsupported(f"{f}: max normal {e.max_normal} is not an fp32 value")
     # The reference computes max_normal * e4m3's max normal as an fp32 product of fp32 values.
     maxn_ts = float(maxn32 * np.float32(scale_element("e4m3").max_normal)) if f.tensor_scale else 0.0
-    g = group_size(e.bits)
-    gb = g * e.bits // 8
+    pw = [p for _, p in planes(e.bits)] + [0, 0]
     fp8 = _FP8.get((e.ebits, e.mbits, e.policy)) if e.kind == "float" else None
     if cuda and fp8 is not None:
         decode = DECODE_FP8
-    elif e.kind in ("int", "uint") and e.bits > TABLE_MAX_BITS:
+    elif e.kind in ("int", "uint"):
         decode = DECODE_INT
     else:
         decode = DECODE_TABLE
@@ -219,7 +226,7 @@ def _lower(fmt_str: str, width: int, cuda: bool) -> KernelConstants:
         MAXMAG=maxmag, SAT=sat, MAXN=float(maxn32),
         SCALE=_SCALES[f.scale], SB=scale_type(f.scale).nbytes, ZP=f.zero_point, TS=f.tensor_scale,
         MAXN_TS=maxn_ts, SNAN=_scale_nan(_SCALES[f.scale]), **s,
-        BS=bs, BP2=_next_pow2(bs), G=g, GB=gb, GBP2=_next_pow2(gb), WORD64=gb * 8 > 31,
+        BS=bs, BP2=_next_pow2(bs), P0=pw[0], P1=pw[1], P2=pw[2],
         EVEN=(width % bs == 0 and bs == _next_pow2(bs)), ROT=f.rotation.bit_length() - 1 if f.rotation else 0, GPU=bool(cuda), DECODE=decode,
         FP8_HW=bool(cuda) and fp8 is not None, FP8=fp8 if fp8 is not None else FP8_E4M3,
     )

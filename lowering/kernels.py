@@ -262,10 +262,17 @@ def _store_f32(ptr, offs, y, mask, KIND: tl.constexpr, GPU: tl.constexpr):
 @triton.jit
 def _butterfly(x, BPP: tl.constexpr, BP2: tl.constexpr, H: tl.constexpr):
     """One stage: lanes i and i + H of every run of 2H (bit log2(H) of i clear) become
-    (v[i] + v[i + H], v[i] - v[i + H]), one fp32 addition each (as the reference's stage)."""
-    v = tl.permute(tl.reshape(x, (BPP * BP2 // (2 * H), 2, H)), (0, 2, 1))  # [runs, H, (low, high)]
-    a, b = tl.split(v)
-    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (BPP, BP2))
+    (v[i] + v[i + H], v[i] - v[i + H]), one fp32 addition each (as the reference's stage).
+
+    Written as two integer reductions over the pair axis (picking each member's bits: the other
+    one is 0), so the tile keeps its register layout whatever it is: where a pair
+    lives in one thread this folds to plain adds, where it spans two lanes it becomes warp
+    shuffles; no shared-memory round trip (a permute/join of the pair axis would force one)."""
+    v = tl.reshape(x.to(tl.int32, bitcast=True), (BPP * BP2 // (2 * H), 2, H))
+    hi = (tl.arange(0, 2) == 1)[None, :, None]
+    a = tl.sum(tl.where(hi, 0, v), axis=1).to(tl.float32, bitcast=True)
+    b = tl.sum(tl.where(hi, v, 0), axis=1).to(tl.float32, bitcast=True)
+    return tl.reshape(tl.where(hi, (a - b)[:, None, :], (a + b)[:, None, :]), (BPP, BP2))
 
 
 @triton.jit
@@ -327,75 +334,71 @@ def _code_mask(bmask, grp, G: tl.constexpr, BS: tl.constexpr, EVEN: tl.constexpr
 
 
 @triton.jit
-def _load_codes(buf_ptr, blk, bmask, BPP: tl.constexpr, BS: tl.constexpr, BP2: tl.constexpr,
-                BITS: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, GBP2: tl.constexpr,
-                WORD64: tl.constexpr, EVEN: tl.constexpr):
-    """Element codes [BPP, BP2] (int32) of blocks ``blk`` from the packed code section."""
+def _load_plane(ptr, blk, bmask, BPP: tl.constexpr, BS: tl.constexpr, BP2: tl.constexpr, P: tl.constexpr,
+                EVEN: tl.constexpr):
+    """The P-bit slices [BPP, BP2] (int32) of blocks ``blk`` from a plane of P-bit codes packed
+    8 / P to a byte (P a power of two): one contiguous byte row per block."""
+    G: tl.constexpr = 8 // P
     NG: tl.constexpr = BP2 // G
     grp = tl.arange(0, NG)
-    if GB == 1:  # G codes per byte: one contiguous byte row per block
-        raw = tl.load(buf_ptr + (blk * (BS // G))[:, None] + grp[None, :],
-                      mask=_code_mask(bmask, grp, G, BS, EVEN), other=0).to(tl.int32)
-        if G == 1:
-            return raw
-        elif G == 2:
-            return tl.reshape(tl.join(raw & ((1 << BITS) - 1), raw >> BITS), (BPP, BP2))
-        else:
-            k = tl.arange(0, G) * BITS
-            return tl.reshape((raw[:, :, None] >> k[None, None, :]) & ((1 << BITS) - 1), (BPP, BP2))
-    else:  # G codes in GB bytes (3-, 5-, 6-bit codes)
-        byt = tl.arange(0, GBP2)
-        base = blk * (BS * BITS // 8)
-        offs = base[:, None, None] + (grp * GB)[None, :, None] + byt[None, None, :]
-        m = bmask[:, None, None] & ((grp * G) < BS)[None, :, None] & (byt < GB)[None, None, :]
-        raw = tl.load(buf_ptr + offs, mask=m, other=0)
-        if WORD64:
-            w = tl.sum(raw.to(tl.int64) << (byt * 8).to(tl.int64)[None, None, :], axis=2)
-            k = tl.arange(0, G).to(tl.int64) * BITS
-            c = ((w[:, :, None] >> k[None, None, :]) & ((1 << BITS) - 1)).to(tl.int32)
-        else:
-            w = tl.sum(raw.to(tl.int32) << (byt * 8)[None, None, :], axis=2)
-            k = tl.arange(0, G) * BITS
-            c = (w[:, :, None] >> k[None, None, :]) & ((1 << BITS) - 1)
-        return tl.reshape(c, (BPP, BP2))
+    raw = tl.load(ptr + (blk * (BS // G))[:, None] + grp[None, :], mask=_code_mask(bmask, grp, G, BS, EVEN),
+                  other=0).to(tl.int32)
+    if G == 1:
+        return raw
+    elif G == 2:
+        return tl.reshape(tl.join(raw & 15, raw >> 4), (BPP, BP2))
+    else:
+        k = tl.arange(0, G) * P
+        return tl.reshape((raw[:, :, None] >> k[None, None, :]) & ((1 << P) - 1), (BPP, BP2))
 
 
 @triton.jit
-def _store_codes(buf_ptr, code, keep, blk, bmask, BPP: tl.constexpr, BS: tl.constexpr, BP2: tl.constexpr,
-                 BITS: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, GBP2: tl.constexpr,
-                 WORD64: tl.constexpr, EVEN: tl.constexpr):
-    """Pack codes [BPP, BP2] (int32, in [0, 2^BITS)) into the code section (LSB first);
-    ``keep`` [BPP] is -1, or 0 to write a block's codes as zeros (NaN/Inf blocks: masked after
-    packing, one logic op per byte)."""
+def _load_codes(buf_ptr, pl1_off, pl2_off, blk, bmask, BPP: tl.constexpr, BS: tl.constexpr, BP2: tl.constexpr,
+                P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, EVEN: tl.constexpr):
+    """Element codes [BPP, BP2] (int32) of blocks ``blk``: their bit planes (widths P0, P1, P2,
+    low bits first; ``qformats.packing``) at byte offsets 0, ``pl1_off``, ``pl2_off``."""
+    c = _load_plane(buf_ptr, blk, bmask, BPP, BS, BP2, P0, EVEN)
+    if P1 > 0:
+        c = c | (_load_plane(buf_ptr + pl1_off, blk, bmask, BPP, BS, BP2, P1, EVEN) << P0)
+    if P2 > 0:
+        c = c | (_load_plane(buf_ptr + pl2_off, blk, bmask, BPP, BS, BP2, P2, EVEN) << (P0 + P1))
+    return c
+
+
+@triton.jit
+def _store_plane(ptr, code, keep, blk, bmask, BPP: tl.constexpr, BS: tl.constexpr, BP2: tl.constexpr,
+                 P: tl.constexpr, OFF: tl.constexpr, MASK: tl.constexpr, EVEN: tl.constexpr):
+    """Pack bits [OFF, OFF + P) of codes [BPP, BP2] 8 / P to a byte into one plane (MASK: other
+    bits are set above them); ``keep`` [BPP] -1, or 0 to write a block's bytes as zeros."""
+    G: tl.constexpr = 8 // P
     NG: tl.constexpr = BP2 // G
     grp = tl.arange(0, NG)
-    if GB == 1:
-        if G == 1:
-            b = code
-        elif G == 2:
-            lo, hi = tl.split(tl.reshape(code, (BPP, NG, 2)))
-            b = lo | (hi << BITS)
-        else:
-            k = tl.arange(0, G) * BITS
-            b = tl.sum(tl.reshape(code, (BPP, NG, G)) << k[None, None, :], axis=2)
-        b = b & keep[:, None]
-        tl.store(buf_ptr + (blk * (BS // G))[:, None] + grp[None, :], b.to(tl.uint8),
-                 mask=_code_mask(bmask, grp, G, BS, EVEN))
+    c = code >> OFF
+    if MASK:
+        c = c & ((1 << P) - 1)
+    if G == 1:
+        b = c
+    elif G == 2:
+        lo, hi = tl.split(tl.reshape(c, (BPP, NG, 2)))
+        b = lo | (hi << P)
     else:
-        byt = tl.arange(0, GBP2)
-        c3 = tl.reshape(code, (BPP, NG, G))
-        if WORD64:
-            k = tl.arange(0, G).to(tl.int64) * BITS
-            w = tl.sum(c3.to(tl.int64) << k[None, None, :], axis=2) & keep.to(tl.int64)[:, None]
-            b = (w[:, :, None] >> (byt * 8).to(tl.int64)[None, None, :]) & 0xFF
-        else:
-            k = tl.arange(0, G) * BITS
-            w = tl.sum(c3 << k[None, None, :], axis=2) & keep[:, None]
-            b = (w[:, :, None] >> (byt * 8)[None, None, :]) & 0xFF
-        base = blk * (BS * BITS // 8)
-        offs = base[:, None, None] + (grp * GB)[None, :, None] + byt[None, None, :]
-        m = bmask[:, None, None] & ((grp * G) < BS)[None, :, None] & (byt < GB)[None, None, :]
-        tl.store(buf_ptr + offs, b.to(tl.uint8), mask=m)
+        k = tl.arange(0, G) * P
+        b = tl.sum(tl.reshape(c, (BPP, NG, G)) << k[None, None, :], axis=2)
+    b = b & keep[:, None]
+    tl.store(ptr + (blk * (BS // G))[:, None] + grp[None, :], b.to(tl.uint8), mask=_code_mask(bmask, grp, G, BS, EVEN))
+
+
+@triton.jit
+def _store_codes(buf_ptr, pl1_off, pl2_off, code, keep, blk, bmask, BPP: tl.constexpr, BS: tl.constexpr,
+                 BP2: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, EVEN: tl.constexpr):
+    """Write codes [BPP, BP2] (int32, in [0, 2^BITS)) as their bit planes (see
+    :func:`_load_codes`); ``keep`` [BPP] is -1, or 0 to write a block's codes as zeros (NaN/Inf
+    blocks: masked after packing, one logic op per byte)."""
+    _store_plane(buf_ptr, code, keep, blk, bmask, BPP, BS, BP2, P0, 0, P1 > 0, EVEN)
+    if P1 > 0:
+        _store_plane(buf_ptr + pl1_off, code, keep, blk, bmask, BPP, BS, BP2, P1, P0, P2 > 0, EVEN)
+    if P2 > 0:
+        _store_plane(buf_ptr + pl2_off, code, keep, blk, bmask, BPP, BS, BP2, P2, P0 + P1, False, EVEN)
 
 
 @triton.jit
@@ -441,9 +444,10 @@ def _element_values(code, lut_ptr, KIND: tl.constexpr, BITS: tl.constexpr, GSCAL
         else:
             return code.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
     elif DECODE == _DEC_INT:
-        if KIND == _INT:  # MX integer: sign-extended code times 2^GE
+        if KIND == _INT:  # MX integer: sign-extended code times 2^GE; the unused -2^(N-1) is NaN
             STEP: tl.constexpr = 1.0 / GSCALE  # 2^GE, exact
-            return ((code << (32 - BITS)) >> (32 - BITS)).to(tl.float32) * STEP
+            v = ((code << (32 - BITS)) >> (32 - BITS)).to(tl.float32) * STEP
+            return tl.where(code == (1 << (BITS - 1)), float("nan"), v)
         else:
             return code.to(tl.float32)
     else:
@@ -483,7 +487,7 @@ def _scaled(val, scale, zero, ZP: tl.constexpr, WIDE: tl.constexpr, HALVE: tl.co
 
 
 @triton.jit
-def _decode_tile(buf_ptr, blk, bmask, scale_off, zp_off, ts_off, lut_ptr, K: tl.constexpr, SAT: tl.constexpr):
+def _decode_tile(buf_ptr, blk, bmask, scale_off, zp_off, ts_off, pl1_off, pl2_off, lut_ptr, K: tl.constexpr, SAT: tl.constexpr):
     """(fp32 values [BPP, BP2], per-block bound on their magnitudes) of blocks ``blk`` of one
     wire buffer (SAT: see :func:`_scaled`). ``K`` bundles the format's constexprs (see
     :func:`_codec_kernel`)."""
@@ -499,19 +503,18 @@ def _decode_tile(buf_ptr, blk, bmask, scale_off, zp_off, ts_off, lut_ptr, K: tl.
     S_POLICY: tl.constexpr = K[9]
     BS: tl.constexpr = K[10]
     BP2: tl.constexpr = K[11]
-    G: tl.constexpr = K[12]
-    GB: tl.constexpr = K[13]
-    GBP2: tl.constexpr = K[14]
-    WORD64: tl.constexpr = K[15]
-    GSCALE: tl.constexpr = K[16]
-    DECODE: tl.constexpr = K[17]
-    FP8: tl.constexpr = K[18]
-    KIND: tl.constexpr = K[19]
-    EVEN: tl.constexpr = K[20]
-    WALIGN: tl.constexpr = K[21]
-    MAXV: tl.constexpr = K[22]
-    ROT: tl.constexpr = K[23]
-    code = _load_codes(buf_ptr, blk, bmask, BPP, BS, BP2, BITS, G, GB, GBP2, WORD64, EVEN)
+    P0: tl.constexpr = K[12]
+    P1: tl.constexpr = K[13]
+    P2: tl.constexpr = K[14]
+    GSCALE: tl.constexpr = K[15]
+    DECODE: tl.constexpr = K[16]
+    FP8: tl.constexpr = K[17]
+    KIND: tl.constexpr = K[18]
+    EVEN: tl.constexpr = K[19]
+    WALIGN: tl.constexpr = K[20]
+    MAXV: tl.constexpr = K[21]
+    ROT: tl.constexpr = K[22]
+    code = _load_codes(buf_ptr, pl1_off, pl2_off, blk, bmask, BPP, BS, BP2, P0, P1, P2, EVEN)
     val = _element_values(code, lut_ptr, KIND, BITS, GSCALE, DECODE, FP8)
     w = _load_word(buf_ptr, scale_off, blk, bmask, SB, WALIGN)
     if SCALE == _E8M0:
@@ -556,28 +559,28 @@ def _src(src_ptr, src_stride, ptr_table, src_off, i, TABLE: tl.constexpr):
 
 
 @triton.jit
-def _sources(src_ptr, src_stride, ptr_table, src_off, blk, bmask, scale_off, zp_off, ts_off, lut_ptr, K: tl.constexpr,
+def _sources(src_ptr, src_stride, ptr_table, src_off, blk, bmask, scale_off, zp_off, ts_off, pl1_off, pl2_off, lut_ptr, K: tl.constexpr,
              TABLE: tl.constexpr, SUM: tl.constexpr, N_SRC: tl.constexpr, SAT: tl.constexpr):
     """(fp32 rank-order sum of the decodes of the N_SRC source buffers, or with SUM False the
     decode of buffer ``program_id(1)``; per-block bound on its magnitude). SAT: see :func:`_scaled`."""
     if SUM:
         x, bound = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, 0, TABLE), blk, bmask, scale_off,
-                                zp_off, ts_off, lut_ptr, K, SAT)
+                                zp_off, ts_off, pl1_off, pl2_off, lut_ptr, K, SAT)
         if SAT:  # the rare exact path: a loop, not unrolled (code size and registers stay small)
             for i in range(1, N_SRC):
                 y, b = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, i, TABLE), blk, bmask, scale_off,
-                                    zp_off, ts_off, lut_ptr, K, SAT)
+                                    zp_off, ts_off, pl1_off, pl2_off, lut_ptr, K, SAT)
                 x = x + y
                 bound = bound + b
         else:
             for i in tl.static_range(1, N_SRC):
                 y, b = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, i, TABLE), blk, bmask, scale_off,
-                                    zp_off, ts_off, lut_ptr, K, SAT)
+                                    zp_off, ts_off, pl1_off, pl2_off, lut_ptr, K, SAT)
                 x = x + y
                 bound = bound + b
     else:
         x, bound = _decode_tile(_src(src_ptr, src_stride, ptr_table, src_off, tl.program_id(1), TABLE), blk, bmask,
-                                scale_off, zp_off, ts_off, lut_ptr, K, SAT)
+                                scale_off, zp_off, ts_off, pl1_off, pl2_off, lut_ptr, K, SAT)
     return x, bound
 
 
@@ -657,7 +660,7 @@ def _element_codes(v, BITS: tl.constexpr, KIND: tl.constexpr, MBITS: tl.constexp
 @triton.jit
 def _codec_kernel(
     x_ptr, src_ptr, src_stride, ptr_table, src_off, res_ptr, out_ptr, out_chunk, deq_ptr, amax_ptr, lut_ptr,
-    total_blocks, nblk, width, scale_off, zp_off, ts_off,
+    total_blocks, nblk, width, scale_off, zp_off, ts_off, pl1_off, pl2_off,
     SRC_BUFS: tl.constexpr, TABLE: tl.constexpr, N_SRC: tl.constexpr, QUANT: tl.constexpr, SUM: tl.constexpr,
     PHASE: tl.constexpr, IN_KIND: tl.constexpr, OUT_KIND: tl.constexpr, HAS_RES: tl.constexpr,
     RES_KIND: tl.constexpr, WRITE_DEQ: tl.constexpr, DEQ_KIND: tl.constexpr, BPP: tl.constexpr,
@@ -669,8 +672,8 @@ def _codec_kernel(
     S_EBITS: tl.constexpr, S_MBITS: tl.constexpr, S_BIAS: tl.constexpr, S_EMIN: tl.constexpr,
     S_POLICY: tl.constexpr, S_MAXMAG: tl.constexpr, SNAN: tl.constexpr,
     S_INV_STEP_HI: tl.constexpr, S_INV_STEP_LO: tl.constexpr,
-    BS: tl.constexpr, BP2: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, GBP2: tl.constexpr,
-    WORD64: tl.constexpr, ROT: tl.constexpr, GPU: tl.constexpr, DECODE: tl.constexpr, FP8_HW: tl.constexpr,
+    BS: tl.constexpr, BP2: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    ROT: tl.constexpr, GPU: tl.constexpr, DECODE: tl.constexpr, FP8_HW: tl.constexpr,
     FP8: tl.constexpr,
 ):
     """One codec step over BPP blocks per program (see the module docstring).
@@ -683,11 +686,11 @@ def _codec_kernel(
     ``out + j * out_chunk`` (an all-gather's decode: two_shot's last step)."""
     # MAXV: a bound on |element value| over every code (foreign bytes too: MX ints' -2^(N-1))
     MAXV: tl.constexpr = MAXN * 2.0
-    K: tl.constexpr = (BPP, BITS, SCALE, SB, ZP, TS, S_EBITS, S_MBITS, S_BIAS, S_POLICY, BS, BP2, G, GB, GBP2,
-                       WORD64, GSCALE, DECODE, FP8, KIND, EVEN, WALIGN, MAXV, ROT)
+    K: tl.constexpr = (BPP, BITS, SCALE, SB, ZP, TS, S_EBITS, S_MBITS, S_BIAS, S_POLICY, BS, BP2, P0, P1, P2,
+                       GSCALE, DECODE, FP8, KIND, EVEN, WALIGN, MAXV, ROT)
     blk, bmask, inb, valid, offs = _tile(tl.program_id(0), total_blocks, nblk, width, BPP, BS, BP2, EVEN, I64)
     if SRC_BUFS:
-        x, bound = _sources(src_ptr, src_stride, ptr_table, src_off, blk, bmask, scale_off, zp_off, ts_off, lut_ptr,
+        x, bound = _sources(src_ptr, src_stride, ptr_table, src_off, blk, bmask, scale_off, zp_off, ts_off, pl1_off, pl2_off, lut_ptr,
                             K, TABLE, SUM, N_SRC, False)
         # that fast decode is exact unless a block's bound reaches where the reference saturates
         # (fp32's max for the products and their sum, the output dtype's max for the cast): then
@@ -697,7 +700,7 @@ def _codec_kernel(
         else:
             lim = _out_max(OUT_KIND)
         if _any(~(bound < _RISK * lim)):
-            x, bound = _sources(src_ptr, src_stride, ptr_table, src_off, blk, bmask, scale_off, zp_off, ts_off,
+            x, bound = _sources(src_ptr, src_stride, ptr_table, src_off, blk, bmask, scale_off, zp_off, ts_off, pl1_off, pl2_off,
                                 lut_ptr, K, TABLE, SUM, N_SRC, True)
             if not QUANT and not HAS_RES:
                 x = _saturating(x, OUT_KIND)
@@ -814,7 +817,7 @@ def _codec_kernel(
                 keep = tl.where(bad | ~(scale > 0), 0, -1)
             else:
                 keep = tl.where(bad, 0, -1)
-            _store_codes(out_ptr, code, keep, blk, bmask, BPP, BS, BP2, BITS, G, GB, GBP2, WORD64, EVEN)
+            _store_codes(out_ptr, pl1_off, pl2_off, code, keep, blk, bmask, BPP, BS, BP2, P0, P1, P2, EVEN)
             _store_word(out_ptr, scale_off, blk, bmask, scode, SB, WALIGN)
             if ZP:
                 _store_word(out_ptr, zp_off, blk, bmask, zcode, SB, WALIGN)
@@ -848,14 +851,16 @@ def _io_view(t: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=1024)
 def _plan(kc: KernelConstants, rows: int, width: int, nbytes_extra: int, device_type: str, step: str):
-    """(layout, section offsets, blocks per program, launch options) of one launch shape
+    """(layout, section offsets (scale, zero point, tensor scale, second and third code
+    planes), blocks per program, launch options) of one launch shape
     (cached: call ``_plan.cache_clear()`` after changing ``QFORMATS_TILE``)."""
     lay = kc.layout(rows)
     n_elems = rows * lay.padded
     bpp, warps = tuning.config(kc, n_elems, device_type, step)
     opts = {} if is_interpreted() else dict(num_warps=warps, enable_fp_fusion=False, enable_reflect_ftz=False)
     opts["I64"] = max(n_elems, lay.total + nbytes_extra) >= (1 << 31) - (1 << 24)
-    return lay, lay.offsets["scale"][0], lay.offsets["zp"][0], lay.offsets["ts"][0], bpp, opts
+    offs = (lay.offsets["scale"][0], lay.offsets["zp"][0], lay.offsets["ts"][0], *kc.plane_offsets(rows))
+    return lay, offs, bpp, opts
 
 
 def _out_buffer(out: torch.Tensor | None, nbytes: int, device) -> torch.Tensor:
@@ -905,7 +910,7 @@ def quantize(x2: torch.Tensor | None, kc: KernelConstants, *, shape: tuple | Non
         raise ValueError(f"constants lowered for width {kc.width}, got rows of {width}")
     dev = bufs.device if x2 is None else x2.device
     extra = 0 if bufs is None else bufs.stride(0) * bufs.shape[0]
-    lay, so, zo, to, bpp, opts = _plan(kc, rows, width, extra, dev.type, "quantize")
+    lay, offs, bpp, opts = _plan(kc, rows, width, extra, dev.type, "quantize")
     total = rows * lay.nblocks
     out = _out_buffer(out, lay.total, dev)
     _same_device("out", out, dev)
@@ -918,8 +923,8 @@ def quantize(x2: torch.Tensor | None, kc: KernelConstants, *, shape: tuple | Non
         xin, src, stride, n = out, bufs, bufs.stride(0), bufs.shape[0]
     lut = value_table(kc, dev)
     dq = _io_view(deq) if deq is not None else out
-    args = (xin, src, stride, src, 0, out, out, 0, dq, amax, lut, total, lay.nblocks, width, so, zo, to)
-    walign = _walign(kc, so, zo, out.data_ptr(), *(() if bufs is None else (bufs.data_ptr(), bufs.stride(0))))
+    args = (xin, src, stride, src, 0, out, out, 0, dq, amax, lut, total, lay.nblocks, width, *offs)
+    walign = _walign(kc, *offs[:2], out.data_ptr(), *(() if bufs is None else (bufs.data_ptr(), bufs.stride(0))))
     common = dict(SRC_BUFS=bufs is not None, TABLE=False, N_SRC=n, QUANT=True, SUM=True, WALIGN=walign,
                   IN_KIND=_IO.get(x2.dtype, 0) if x2 is not None else 0, OUT_KIND=0, HAS_RES=False, RES_KIND=0,
                   WRITE_DEQ=deq is not None, DEQ_KIND=_IO[deq_dtype] if deq is not None else 0, BPP=bpp,
@@ -937,7 +942,7 @@ def dequantize(bufs: torch.Tensor, kc: KernelConstants, rows: int, width: int, d
     N = 1 is a plain decode. One kernel launch."""
     if width != kc.width:
         raise ValueError(f"constants lowered for width {kc.width}, got rows of {width}")
-    lay, so, zo, to, bpp, opts = _plan(kc, rows, width, bufs.stride(0) * bufs.shape[0], bufs.device.type, "dequantize")
+    lay, offs, bpp, opts = _plan(kc, rows, width, bufs.stride(0) * bufs.shape[0], bufs.device.type, "dequantize")
     out = _out_values(out, rows, width, dtype, bufs.device)
     _same_device("out", out, bufs.device)
     total = rows * lay.nblocks
@@ -945,9 +950,9 @@ def dequantize(bufs: torch.Tensor, kc: KernelConstants, rows: int, width: int, d
     o = _io_view(out)
     _codec_kernel[(triton.cdiv(total, bpp),)](
         o, bufs, bufs.stride(0), bufs, 0, res, o, 0, o, o, value_table(kc, bufs.device),
-        total, lay.nblocks, width, so, zo, to,
+        total, lay.nblocks, width, *offs,
         SRC_BUFS=True, TABLE=False, N_SRC=bufs.shape[0], QUANT=False, SUM=True, PHASE=1, IN_KIND=0,
-        WALIGN=_walign(kc, so, zo, bufs.data_ptr(), bufs.stride(0)),
+        WALIGN=_walign(kc, *offs[:2], bufs.data_ptr(), bufs.stride(0)),
         OUT_KIND=_IO[dtype], HAS_RES=residual is not None, RES_KIND=_IO[residual.dtype] if residual is not None else 0,
         WRITE_DEQ=False, DEQ_KIND=0, BPP=bpp, **kc.constexprs(), **opts)
     return out
@@ -964,7 +969,7 @@ def dequantize_peers(ptrs: torch.Tensor, src_off: int, kc: KernelConstants, rows
     if width != kc.width:
         raise ValueError(f"constants lowered for width {kc.width}, got rows of {width}")
     n = ptrs.numel()
-    lay, so, zo, to, bpp, opts = _plan(kc, rows, width, src_off, out.device.type, "dequantize")
+    lay, offs, bpp, opts = _plan(kc, rows, width, src_off, out.device.type, "dequantize")
     _out_values(out, rows if summed else n * rows, width, out.dtype, out.device)
     total = rows * lay.nblocks
     opts = dict(opts, I64=opts["I64"] or (not summed and n * rows * width >= (1 << 31)))
@@ -972,9 +977,9 @@ def dequantize_peers(ptrs: torch.Tensor, src_off: int, kc: KernelConstants, rows
     o = _io_view(out)
     _codec_kernel[grid](
         o, o, 0, ptrs, src_off, o, o, rows * width, o, o, value_table(kc, out.device),
-        total, lay.nblocks, width, so, zo, to,
+        total, lay.nblocks, width, *offs,
         SRC_BUFS=True, TABLE=True, N_SRC=n, QUANT=False, SUM=summed, PHASE=1, IN_KIND=0,
-        WALIGN=_walign(kc, so, zo, src_off),  # peer bases are 16-byte aligned
+        WALIGN=_walign(kc, *offs[:2], src_off),  # peer bases are 16-byte aligned
         OUT_KIND=_IO[out.dtype], HAS_RES=False, RES_KIND=0, WRITE_DEQ=False, DEQ_KIND=0, BPP=bpp,
         **kc.constexprs(), **opts)
     return out

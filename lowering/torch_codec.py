@@ -64,7 +64,7 @@ from typing import Optional, Sequence
 import torch
 
 import qformats
-from qformats import Format, QTensor, grid, need_format
+from qformats import Format, QTensor, grid, need_format, packing
 from qformats.codec import (FP32_MAX, FP32_MIN_SUBNORMAL, SUPPORTED_DTYPES, check_input, rotate, saturate_fp32,
                             saturating_cast)
 from qformats.spec import dims, replace, scale_element
@@ -336,23 +336,25 @@ def _int_codes(v: torch.Tensor, plan: _Plan) -> torch.Tensor:
 
 
 def _pack(codes: torch.Tensor, kc: KernelConstants) -> torch.Tensor:
-    """Codes (uint8/int32 in [0, 2^BITS)) -> packed LSB-first bytes (``qformats.packing``'s
-    layout): the G codes of a group are OR-ed into one word, whose low GB bytes are the group."""
-    c = codes.reshape(-1, kc.G)
-    if kc.G == 1:
-        return c.reshape(-1).to(torch.uint8)
-    wdt = codes.dtype if kc.GB == 1 else (torch.int64 if kc.WORD64 else _I32)
-    w = torch.empty(c.shape[0], dtype=wdt).copy_(c[:, 0])
-    for i in range(1, kc.G):  # the lanes of a group (at most 8), each over all groups at once
-        w |= c[:, i].to(wdt) << (i * kc.BITS)
-    if kc.GB == 1:
-        return w.to(torch.uint8)
-    return w.view(torch.uint8).view(-1, w.element_size())[:, : kc.GB].reshape(-1)
+    """Codes (uint8/int32 in [0, 2^BITS)) -> packed bytes (``qformats.packing``'s layout):
+    each power-of-two bit plane in turn, the 8/p p-bit slices of a byte OR-ed together."""
+    flat = codes.reshape(-1)
+    if kc.BITS == 8:
+        return flat.to(torch.uint8)
+    parts = []
+    for off, p in packing.planes(kc.BITS):
+        c = ((flat >> off) & ((1 << p) - 1)).to(torch.uint8).view(-1, 8 // p)
+        b = c[:, 0].clone()
+        for i in range(1, 8 // p):  # the lanes of a byte (at most 8), each over all bytes at once
+            b |= c[:, i] << (i * p)
+        parts.append(b)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _code_values(raw: torch.Tensor, plan: _Plan, dtype: torch.dtype) -> torch.Tensor:
     """Element values (``dtype``: fp32 or float64) of a packed code section [N, nbytes],
-    flat per row of ``raw``: one table look-up per byte for 1/2/4/8-bit codes, else unpack."""
+    flat per row of ``raw``: one table look-up per byte for 1/2/4/8-bit codes, else the codes
+    assembled from their bit planes, then one look-up per code."""
     kc = plan.kc
     n = raw.shape[0]
     if plan.byte_values is not None:
@@ -361,11 +363,15 @@ def _code_values(raw: torch.Tensor, plan: _Plan, dtype: torch.dtype) -> torch.Te
         if table.shape[1] > 1 and table[0].nbytes == 8:  # gathering 8-byte words is much faster than rows
             return table.view(torch.int64).reshape(-1).index_select(0, idx).view(dtype).view(n, -1)
         return table.index_select(0, idx).view(n, -1)
-    wdt = torch.int64 if kc.WORD64 else _I32
-    r = raw.reshape(-1, kc.GB)
-    w = torch.nn.functional.pad(r, (0, wdt.itemsize - kc.GB)).view(wdt)  # [groups, 1]
-    shifts = torch.arange(kc.G, dtype=wdt) * kc.BITS
-    codes = (w >> shifts).bitwise_and_((1 << kc.BITS) - 1)
+    ncodes = raw.shape[1] * 8 // kc.BITS
+    codes = torch.zeros((n, ncodes), dtype=torch.int64)
+    start = 0
+    for off, p in packing.planes(kc.BITS):
+        nb = ncodes * p // 8
+        shifts = torch.arange(8 // p, dtype=torch.int64) * p
+        plane = (raw[:, start:start + nb].to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << p) - 1)
+        codes |= plane.reshape(n, ncodes) << off
+        start += nb
     table = plan.values if dtype == _F32 else plan.values64
     return table.index_select(0, codes.reshape(-1)).view(n, -1)
 

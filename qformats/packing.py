@@ -1,18 +1,40 @@
-"""Dense bit packing of 1..8-bit codes, little-endian bit order.
+"""Bit packing of 1..8-bit codes: power-of-two widths densely, other widths as bit planes.
 
-Code i occupies bits [i*b, (i+1)*b) of the byte stream, least significant bit first, so
-4-bit codes put element 2i in the low nibble (as torchao does), 8 3-bit codes fill 3
-bytes, 8 5-bit codes 5 bytes and 4 6-bit codes 3 bytes. Every group of
-``8 / gcd(b, 8)`` codes packs into whole bytes on its own.
+Codes of 1, 2, 4 or 8 bits pack densely, least significant bit first: code i occupies bits
+[i*b, (i+1)*b) of the byte stream, so 4-bit codes put element 2i in the low nibble (as torchao
+does). Codes of 3, 5, 6 or 7 bits are split into power-of-two *planes* (the binary digits of
+the width, low bits first: 3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2, 7 = 4 + 2 + 1): plane k holds
+bits [o_k, o_k + p_k) of every code, packed densely as p_k-bit codes, and the planes follow
+each other (all low nibbles of the section, then all high bits, ...). Same size as dense
+packing (b/8 bytes per code), but every plane is a power-of-two packing, so a kernel reads and
+writes it with whole-word vector accesses and fixed shifts (dense 5- and 6-bit groups of 5 and
+3 bytes cost byte-by-byte access: wire version 1 used them; this layout is wire version 2).
+
+A section of n codes needs n to be a multiple of :func:`group_size` (whole bytes in every
+plane). Cost: a few elementwise passes over the codes per plane.
 """
 import math
 
 import torch
 
+WIRE_VERSION = 2  # 2: bit planes for 3/5/6/7-bit codes (1: dense LSB-first groups)
+
+
+def planes(bits: int) -> tuple[tuple[int, int], ...]:
+    """(bit offset, width) of each plane of ``bits``-bit codes, in wire order (low bits first)."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"code width {bits}: valid are 1..8 bits")
+    out, off = [], 0
+    for p in (4, 2, 1) if bits < 8 else (8,):
+        if bits - off >= p:
+            out.append((off, p))
+            off += p
+    return tuple(out)
+
 
 def group_size(bits: int) -> int:
-    """Codes per independent group (whole bytes)."""
-    return 8 // math.gcd(bits, 8)
+    """Codes per independent group (whole bytes in every plane)."""
+    return max(8 // math.gcd(p, 8) for _, p in planes(bits))
 
 
 def packed_nbytes(n: int, bits: int) -> int:
@@ -21,35 +43,38 @@ def packed_nbytes(n: int, bits: int) -> int:
     return n * bits // 8
 
 
+def _pack_dense(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return codes.to(torch.uint8)
+    g = 8 // bits
+    shifts = torch.arange(g, device=codes.device, dtype=torch.int64) * bits
+    return ((codes.view(-1, g) & ((1 << bits) - 1)) << shifts).sum(-1).to(torch.uint8)
+
+
+def _unpack_dense(raw: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return raw
+    shifts = torch.arange(8 // bits, device=raw.device, dtype=torch.int64) * bits
+    return ((raw.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(-1)
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes (any int dtype, values in [0, 2^bits)) into a flat uint8 tensor."""
-    if not 1 <= bits <= 8:
-        raise ValueError(f"code width {bits}: valid are 1..8 bits")
-    flat = codes.reshape(-1).to(torch.int64)
-    nbytes = packed_nbytes(flat.numel(), bits)
-    if bits == 8:
-        return flat.to(torch.uint8)
-    g = group_size(bits)
-    shifts = torch.arange(g, device=flat.device, dtype=torch.int64) * bits
-    words = ((flat.view(-1, g) & ((1 << bits) - 1)) << shifts).sum(-1)  # up to 56 bits per group
-    gb = g * bits // 8
-    byte_shifts = torch.arange(gb, device=flat.device, dtype=torch.int64) * 8
-    return ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(nbytes)
+    pl = planes(bits)
+    flat = codes.reshape(-1).to(torch.int64) & ((1 << bits) - 1)
+    packed_nbytes(flat.numel(), bits)
+    return torch.cat([_pack_dense(flat >> off, p) for off, p in pl])
 
 
 def unpack(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack`: ``n`` codes as int64."""
-    if not 1 <= bits <= 8:
-        raise ValueError(f"code width {bits}: valid are 1..8 bits")
+    pl = planes(bits)
     nbytes = packed_nbytes(n, bits)
     if data.numel() != nbytes:
         raise ValueError(f"{n} codes of {bits} bits need {nbytes} bytes, got {data.numel()}")
     raw = data.reshape(-1).to(torch.int64)
-    if bits == 8:
-        return raw
-    g = group_size(bits)
-    gb = g * bits // 8
-    byte_shifts = torch.arange(gb, device=raw.device, dtype=torch.int64) * 8
-    words = (raw.view(-1, gb) << byte_shifts).sum(-1)
-    shifts = torch.arange(g, device=raw.device, dtype=torch.int64) * bits
-    return ((words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(n)
+    out, start = torch.zeros(n, dtype=torch.int64, device=raw.device), 0
+    for off, p in pl:
+        out |= _unpack_dense(raw[start : start + n * p // 8], p) << off
+        start += n * p // 8
+    return out

@@ -168,14 +168,15 @@ def test_unsupported_formats_raise_in_lowering():
 def test_constants_agree_with_the_reference_format(fmt, width):
     """lower() against what qformats derives (its own layout and code table), not against itself."""
     from qformats.grid import code_table
-    from qformats.packing import group_size
+    from qformats.packing import planes
 
     f = qformats.as_format(fmt)
     e, kc = f.elem, lower(f, width, "cpu")
     lay = f.layout((1, width))
     assert (kc.BITS, kc.MAXN, kc.BS) == (e.bits, e.max_normal, f.block_for(width))
     assert kc.BP2 >= kc.BS and kc.BP2 & (kc.BP2 - 1) == 0 and kc.BP2 < 2 * kc.BS
-    assert kc.G == group_size(e.bits) and kc.GB * 8 == kc.G * e.bits
+    assert tuple(p for p in (kc.P0, kc.P1, kc.P2) if p) == tuple(p for _, p in planes(e.bits))
+    assert kc.P0 + kc.P1 + kc.P2 == e.bits and all(p in (0, 1, 2, 4, 8) for p in (kc.P0, kc.P1, kc.P2))
     assert kc.SB * lay.nblocks == lay.scale_bytes and kc.code_bytes_per_block * lay.nblocks == lay.code_bytes
     assert (kc.ZP, kc.TS) == (f.zero_point, f.tensor_scale) and not kc.GPU and lower(f, width, "cuda").GPU
     values = code_table(e)[: 1 << (e.bits - 1)] if e.kind != "uint" else code_table(e)

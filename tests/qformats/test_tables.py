@@ -134,9 +134,12 @@ def test_packing_layouts_match_the_documented_bit_order():
     from qformats import packing
 
     assert packing.pack(torch.tensor([1, 2]), 4).tolist() == [0x21]  # element 2i in the low nibble
-    assert packing.pack(torch.tensor([7, 0, 0, 0, 0, 0, 0, 1]), 3).tolist() == [0x07, 0x00, 0x20]
-    assert packing.pack(torch.tensor([0x3F, 0, 0, 0]), 6).tolist() == [0x3F, 0, 0]
-    assert len(packing.pack(torch.zeros(8, dtype=torch.int64), 5)) == 5
+    # other widths: power-of-two bit planes, low bits first (wire version 2)
+    assert packing.pack(torch.tensor([7, 0, 0, 0, 0, 0, 0, 1]), 3).tolist() == [0x03, 0x40, 0x01]
+    assert packing.pack(torch.tensor([0x3F, 0, 0, 0x21]), 6).tolist() == [0x0F, 0x10, 0x83]
+    assert packing.pack(torch.tensor([0x1F, 0, 0, 0, 0, 0, 0, 0x10]), 5).tolist() == [0x0F, 0, 0, 0, 0x81]
+    assert packing.pack(torch.tensor([0x7F, 0, 0, 0, 0, 0, 0, 0x40]), 7).tolist() == [0x0F, 0, 0, 0, 0x03, 0, 0x81]
+    assert packing.WIRE_VERSION == 2
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

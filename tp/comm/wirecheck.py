@@ -58,7 +58,7 @@ import qformats
 __all__ = ["HEADER_BYTES", "SECOND_HOP", "Exchange", "Signature", "begin", "checks", "reset"]
 
 HEADER_BYTES = 32
-_MAGIC = b"QFw1"
+_MAGIC = b"QFw%d" % qformats.packing.WIRE_VERSION  # the wire layout's version (qformats.packing)
 _LAYOUT = struct.Struct("<4sBBBBIIIIII")  # magic, kind, op, dtype, ndim, fmt, shape, rows, width, slot, seq
 assert _LAYOUT.size == HEADER_BYTES
 DATA, CHECK = 1, 2

@@ -334,10 +334,24 @@ def _code_mask(bmask, grp, G: tl.constexpr, BS: tl.constexpr, EVEN: tl.constexpr
 
 
 @triton.jit
+def _plane_bytes(blk, bmask, BPP: tl.constexpr, NB: tl.constexpr, CB: tl.constexpr):
+    """Byte offsets [BPP * NB / CB, CB] (and their mask) of the NB plane bytes of each block of
+    ``blk``, as runs of CB contiguous bytes: one run per thread-sized chunk of the float tile
+    (see :func:`_store_plane`)."""
+    NCB: tl.constexpr = NB // CB
+    R: tl.constexpr = BPP * NCB
+    start = tl.reshape(blk[:, None] * NB + (tl.arange(0, NCB) * CB)[None, :], (R,))
+    m = tl.reshape(bmask[:, None] & (tl.arange(0, NCB) >= 0)[None, :], (R,))
+    return tl.multiple_of(start, CB)[:, None] + tl.arange(0, CB)[None, :], m[:, None] & (tl.arange(0, CB) >= 0)[None, :]
+
+
+@triton.jit
 def _load_plane(ptr, blk, bmask, BPP: tl.constexpr, BS: tl.constexpr, BP2: tl.constexpr, P: tl.constexpr,
                 EVEN: tl.constexpr):
     """The P-bit slices [BPP, BP2] (int32) of blocks ``blk`` from a plane of P-bit codes packed
-    8 / P to a byte (P a power of two): one contiguous byte row per block."""
+    8 / P to a byte (P a power of two): one contiguous byte row per block (a decode keeps the
+    layout these whole-row loads give: few threads per block, so the rotation's stages and
+    the per-block work stay inside a thread)."""
     G: tl.constexpr = 8 // P
     NG: tl.constexpr = BP2 // G
     grp = tl.arange(0, NG)
@@ -367,9 +381,13 @@ def _load_codes(buf_ptr, pl1_off, pl2_off, blk, bmask, BPP: tl.constexpr, BS: tl
 
 @triton.jit
 def _store_plane(ptr, code, keep, blk, bmask, BPP: tl.constexpr, BS: tl.constexpr, BP2: tl.constexpr,
-                 P: tl.constexpr, OFF: tl.constexpr, MASK: tl.constexpr, EVEN: tl.constexpr):
+                 P: tl.constexpr, OFF: tl.constexpr, MASK: tl.constexpr, EVEN: tl.constexpr, CW: tl.constexpr):
     """Pack bits [OFF, OFF + P) of codes [BPP, BP2] 8 / P to a byte into one plane (MASK: other
-    bits are set above them); ``keep`` [BPP] -1, or 0 to write a block's bytes as zeros."""
+    bits are set above them); ``keep`` [BPP] -1, or 0 to write a block's bytes as zeros.
+
+    EVEN and P < 8: written in runs of CW * P / 8 bytes (the bytes of the CW codes a thread holds
+    in the float tile it quantised), so each thread stores its own bytes; a whole-row store
+    would first move them between threads through shared memory (a barrier per plane)."""
     G: tl.constexpr = 8 // P
     NG: tl.constexpr = BP2 // G
     grp = tl.arange(0, NG)
@@ -384,21 +402,27 @@ def _store_plane(ptr, code, keep, blk, bmask, BPP: tl.constexpr, BS: tl.constexp
     else:
         k = tl.arange(0, G) * P
         b = tl.sum(tl.reshape(c, (BPP, NG, G)) << k[None, None, :], axis=2)
-    b = b & keep[:, None]
-    tl.store(ptr + (blk * (BS // G))[:, None] + grp[None, :], b.to(tl.uint8), mask=_code_mask(bmask, grp, G, BS, EVEN))
+    b = (b & keep[:, None]).to(tl.uint8)
+    CB: tl.constexpr = CW * P // 8
+    if EVEN and P < 8 and CB >= 1 and CB < NG:
+        offs, m = _plane_bytes(blk, bmask, BPP, NG, CB)
+        tl.store(ptr + offs, tl.reshape(b, (BPP * NG // CB, CB)), mask=m)
+    else:
+        tl.store(ptr + (blk * (BS // G))[:, None] + grp[None, :], b, mask=_code_mask(bmask, grp, G, BS, EVEN))
 
 
 @triton.jit
 def _store_codes(buf_ptr, pl1_off, pl2_off, code, keep, blk, bmask, BPP: tl.constexpr, BS: tl.constexpr,
-                 BP2: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, EVEN: tl.constexpr):
+                 BP2: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, EVEN: tl.constexpr,
+                 CW: tl.constexpr):
     """Write codes [BPP, BP2] (int32, in [0, 2^BITS)) as their bit planes (see
     :func:`_load_codes`); ``keep`` [BPP] is -1, or 0 to write a block's codes as zeros (NaN/Inf
     blocks: masked after packing, one logic op per byte)."""
-    _store_plane(buf_ptr, code, keep, blk, bmask, BPP, BS, BP2, P0, 0, P1 > 0, EVEN)
+    _store_plane(buf_ptr, code, keep, blk, bmask, BPP, BS, BP2, P0, 0, P1 > 0, EVEN, CW)
     if P1 > 0:
-        _store_plane(buf_ptr + pl1_off, code, keep, blk, bmask, BPP, BS, BP2, P1, P0, P2 > 0, EVEN)
+        _store_plane(buf_ptr + pl1_off, code, keep, blk, bmask, BPP, BS, BP2, P1, P0, P2 > 0, EVEN, CW)
     if P2 > 0:
-        _store_plane(buf_ptr + pl2_off, code, keep, blk, bmask, BPP, BS, BP2, P2, P0 + P1, False, EVEN)
+        _store_plane(buf_ptr + pl2_off, code, keep, blk, bmask, BPP, BS, BP2, P2, P0 + P1, False, EVEN, CW)
 
 
 @triton.jit
@@ -444,10 +468,9 @@ def _element_values(code, lut_ptr, KIND: tl.constexpr, BITS: tl.constexpr, GSCAL
         else:
             return code.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
     elif DECODE == _DEC_INT:
-        if KIND == _INT:  # MX integer: sign-extended code times 2^GE; the unused -2^(N-1) is NaN
-            STEP: tl.constexpr = 1.0 / GSCALE  # 2^GE, exact
-            v = ((code << (32 - BITS)) >> (32 - BITS)).to(tl.float32) * STEP
-            return tl.where(code == (1 << (BITS - 1)), float("nan"), v)
+        if KIND == _INT:  # MX integer: sign-extended code times 2^GE (-2^(N-1), which no encoder
+            STEP: tl.constexpr = 1.0 / GSCALE  # writes, decodes to its value as in the reference)
+            return ((code << (32 - BITS)) >> (32 - BITS)).to(tl.float32) * STEP
         else:
             return code.to(tl.float32)
     else:
@@ -686,6 +709,12 @@ def _codec_kernel(
     ``out + j * out_chunk`` (an all-gather's decode: two_shot's last step)."""
     # MAXV: a bound on |element value| over every code (foreign bytes too: MX ints' -2^(N-1))
     MAXV: tl.constexpr = MAXN * 2.0
+    # codes a thread holds in the float tile it quantises (16 bytes of the input): plane bytes
+    # are stored in runs of that many codes (see _store_plane)
+    if QUANT and not SRC_BUFS:
+        CW: tl.constexpr = 4 if IN_KIND == _F32IO else 8
+    else:
+        CW: tl.constexpr = 8
     K: tl.constexpr = (BPP, BITS, SCALE, SB, ZP, TS, S_EBITS, S_MBITS, S_BIAS, S_POLICY, BS, BP2, P0, P1, P2,
                        GSCALE, DECODE, FP8, KIND, EVEN, WALIGN, MAXV, ROT)
     blk, bmask, inb, valid, offs = _tile(tl.program_id(0), total_blocks, nblk, width, BPP, BS, BP2, EVEN, I64)
@@ -817,7 +846,7 @@ def _codec_kernel(
                 keep = tl.where(bad | ~(scale > 0), 0, -1)
             else:
                 keep = tl.where(bad, 0, -1)
-            _store_codes(out_ptr, pl1_off, pl2_off, code, keep, blk, bmask, BPP, BS, BP2, P0, P1, P2, EVEN)
+            _store_codes(out_ptr, pl1_off, pl2_off, code, keep, blk, bmask, BPP, BS, BP2, P0, P1, P2, EVEN, CW)
             _store_word(out_ptr, scale_off, blk, bmask, scode, SB, WALIGN)
             if ZP:
                 _store_word(out_ptr, zp_off, blk, bmask, zcode, SB, WALIGN)

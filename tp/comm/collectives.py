@@ -241,7 +241,19 @@ def merge_rows(chunks: torch.Tensor, pad: int, shape, dtype) -> torch.Tensor:
 def _world_and_rank(group) -> tuple[int, int]:
     if group is None and not dist.is_initialized():
         return 1, 0  # a single process without torch.distributed: world size 1
-    return dist.get_world_size(group), dist.get_rank(group)
+    rank = dist.get_rank(group)
+    if rank < 0:  # torch answers -1 (world size and rank) on a rank outside the group
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of the process group it calls a "
+            f"collective on; only the group's ranks {_group_ranks(group)} may call it")
+    return dist.get_world_size(group), rank
+
+
+def _group_ranks(group) -> str:
+    try:
+        return str(dist.get_process_group_ranks(group))
+    except Exception:  # noqa: BLE001 - only for the message
+        return "(unknown)"
 
 
 _DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -252,14 +264,7 @@ def _validate_across_ranks(x: torch.Tensor, fmt: Optional[Format], op: str, algo
     """One small all-gather of (op, algorithm, format(s), dtype, shape); every rank raises on a mismatch."""
     shape = list(x.shape)
     fmt_name = str(fmt) if fmt is None else wire_format(fmt, second)
-    sig = [
-        zlib.crc32(op.encode()),
-        zlib.crc32(algorithm.encode()),
-        zlib.crc32(fmt_name.encode()),
-        _DTYPE_CODES.get(x.dtype, zlib.crc32(str(x.dtype).encode())),
-        len(shape),
-        zlib.crc32(repr(shape).encode()),
-    ] + (shape + [0] * 8)[:8]
+    sig = _signature_words(op, algorithm, fmt_name, x.dtype, shape)
     mine = torch.tensor(sig, dtype=torch.int64, device=x.device)
     allsig = torch.empty(world * mine.numel(), dtype=torch.int64, device=x.device)
     dist.all_gather_into_tensor(allsig, mine, group=group)
@@ -268,10 +273,27 @@ def _validate_across_ranks(x: torch.Tensor, fmt: Optional[Format], op: str, algo
     if bad:
         names = ["op", "algorithm", "format", "dtype", "ndim", "shape"]
         diff = [n for i, n in enumerate(names) if any(rows[r, i] != rows[0, i] for r in bad)]
+        if not diff:  # only the digest differs: names whose checksums collide
+            diff = ["format or shape (same checksum, different signature digest)"]
         raise ValueError(
             f"{op}: ranks {bad} disagree with rank 0 on {', '.join(diff) or 'shape'} "
             f"(this rank: {x.dtype}, shape {tuple(x.shape)}, format {fmt_name}, algorithm {algorithm})"
         )
+
+
+def _signature_words(op: str, algorithm: str, fmt_name: str, dtype: torch.dtype, shape: list) -> list[int]:
+    """The int64 words ``validate=True`` compares across ranks: readable checksums (for the
+    message), the first 8 dims, and a 128-bit BLAKE2b digest of everything (two formats or
+    shapes whose 32-bit checksums collide still differ)."""
+    digest = wirecheck.signature_digest(op, algorithm, fmt_name, str(dtype), tuple(int(d) for d in shape))
+    return [
+        zlib.crc32(op.encode()),
+        zlib.crc32(algorithm.encode()),
+        zlib.crc32(fmt_name.encode()),
+        _DTYPE_CODES.get(dtype, zlib.crc32(str(dtype).encode())),
+        len(shape),
+        zlib.crc32(repr(shape).encode()),
+    ] + (list(shape) + [0] * 8)[:8] + [int.from_bytes(digest[i:i + 8], "little", signed=True) for i in (0, 8)]
 
 
 def _want_validate(validate: Optional[bool]) -> bool:
@@ -496,11 +518,21 @@ def _compressed_all_reduce(x, fmt: Format, group, algorithm: str, codec, world: 
     if world == 1:
         mine = [_encoded(codec, chunks[0], fmt)]
         ex = None
+        red = reduce_chunk(codec, mine, fmt, second, cshape)
+        _check_buf(red, second, cshape, codec)
     else:
         ex = _exchange("two_shot", fmt, x, fmt.nbytes(cshape), group, world, validate, second)
-        mine = _exchange_chunks(chunks, fmt, codec, world, group, ex)
-    red = reduce_chunk(codec, mine, fmt, second, cshape)
-    _check_buf(red, second, cshape, codec)
+        try:
+            mine = _exchange_chunks(chunks, fmt, codec, world, group, ex)
+            red = reduce_chunk(codec, mine, fmt, second, cshape)
+            _check_buf(red, second, cshape, codec)
+        except Exception as e:  # noqa: BLE001 - re-raised after the second exchange
+            if ex is None or ex.error is not None or getattr(e, "everyone", False):
+                raise  # every rank stops here (or nobody checks): no second exchange
+            # an error only this rank may have: still take part in the second exchange, with an
+            # ERROR header, so the peers raise there too instead of waiting for this rank
+            ex.fail(e)
+            red = torch.zeros(second.nbytes(cshape), dtype=torch.uint8, device=x.device)
     bufs = _gather_bufs(red, world, group, ex, "/reduced") if world > 1 else [red]
     out = torch.stack([codec.decode(b, second, cshape) for b in bufs])
     return merge_rows(out, pad, x.shape, x.dtype)
@@ -574,6 +606,10 @@ def reduce_scatter(
     check_tensor(x, fmt)
     if x.dim() == 0:
         raise ValueError("reduce_scatter splits dim 0; x must have at least one dimension")
+    if fmt is not None and x.dim() == 1:
+        raise ValueError(
+            f"a compressed reduce_scatter splits dim 0 and quantises along the last dim, so x needs 2 or more "
+            f"dimensions; got a 1-D tensor of {x.shape[0]} values (reshape it to [W, n // W] first, or fmt=None)")
     _no_grad_needed(x, "reduce_scatter")
     world, rank = _world_and_rank(group)
     if x.shape[0] % world:

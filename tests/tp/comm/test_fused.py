@@ -260,7 +260,10 @@ def _gpu_worker(rank, world, port, q):
     import torch.distributed as dist
 
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    from datetime import timedelta
+
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank),
+                            timeout=timedelta(seconds=120))  # a hang fails the ranks, not the whole run
     ar = F.FusedAllReduce(max_tokens=64, hidden=1024, fmts=FORMATS, min_bytes=0)
     fails = []
     for fmt in FORMATS:
@@ -312,11 +315,13 @@ def test_fused_on_two_gpus_equals_emulator():
     procs = [ctx.Process(target=_gpu_worker, args=(r, 2, port, q)) for r in range(2)]
     for p in procs:
         p.start()
-    res = dict(q.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
+    try:
+        res = dict(q.get(timeout=300) for _ in procs)  # queue.Empty (the test fails) on a hang
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
     assert res == {0: [], 1: []}
 
 

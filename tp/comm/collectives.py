@@ -398,16 +398,31 @@ def _gather_bufs(buf: torch.Tensor, world: int, group, ex=None, phase: str = "")
     return list(slots[:, h:].unbind(0))
 
 
+def _payload(ex, n: int, device, make) -> torch.Tensor:
+    """``make()``, this rank's ``n``-byte payload. With an Exchange, an error in it (this rank's
+    alone: a codec failure) does not skip the exchange, which would leave the peers waiting in
+    it: the error is kept for after the exchange (:meth:`Exchange.fail`: its header says ERROR,
+    so every peer raises there too) and zeros travel instead."""
+    if ex is None:
+        return make()
+    try:
+        return make()
+    except Exception as e:  # noqa: BLE001 - raised after the exchange
+        if ex.error is None:
+            ex.fail(e)
+        return torch.zeros(n, dtype=torch.uint8, device=device)
+
+
 def _exchange_chunks(chunks: torch.Tensor, fmt: Format, codec, world: int, group, ex=None) -> list[torch.Tensor]:
     """Encode each of the W chunks, all-to-all: returns every rank's encoding of *my* chunk, in rank order."""
     shape = tuple(chunks.shape[1:])
     n = fmt.nbytes(shape)
     h = HEADER_BYTES if ex is not None else 0
     send = torch.empty(world, h + n, dtype=torch.uint8, device=chunks.device)
-    if ex is not None:
-        ex.write(send)
     for j in range(world):
-        send[j, h:] = _encoded(codec, chunks[j], fmt, n)
+        send[j, h:] = _payload(ex, n, chunks.device, lambda j=j: _encoded(codec, chunks[j], fmt, n))
+    if ex is not None:
+        ex.write(send)  # after the payloads: an ERROR header if one of them failed
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv.view(-1), send.view(-1), group=group)
     if ex is not None:
@@ -509,8 +524,9 @@ def _compressed_all_reduce(x, fmt: Format, group, algorithm: str, codec, world: 
     if algorithm == "gather":
         if world == 1:
             return saturating_cast(codec.decode(_encoded(codec, x2, fmt), fmt, tuple(x2.shape)), x.dtype).reshape(x.shape)
-        ex = _exchange("gather", fmt, x, fmt.nbytes(tuple(x2.shape)), group, world, validate)
-        bufs = _gather_bufs(_encoded(codec, x2, fmt), world, group, ex)
+        n = fmt.nbytes(tuple(x2.shape))
+        ex = _exchange("gather", fmt, x, n, group, world, validate)
+        bufs = _gather_bufs(_payload(ex, n, x.device, lambda: _encoded(codec, x2, fmt)), world, group, ex)
         return saturating_cast(codec.decode_sum(bufs, fmt, tuple(x2.shape)), x.dtype).reshape(x.shape)
     # two_shot
     chunks, pad = split_rows(x2, world)
@@ -582,11 +598,12 @@ def all_gather(
     codec = get_codec(codec)
     x2 = rows_view(x)
     shape = tuple(x2.shape)
-    buf = _encoded(codec, x2, fmt)
     if world > 1:
-        bufs = _gather_bufs(buf, world, group, _exchange("all_gather", fmt, x, buf.numel(), group, world, validate))
+        n = fmt.nbytes(shape)
+        ex = _exchange("all_gather", fmt, x, n, group, world, validate)
+        bufs = _gather_bufs(_payload(ex, n, x.device, lambda: _encoded(codec, x2, fmt)), world, group, ex)
     else:
-        bufs = [buf]
+        bufs = [_encoded(codec, x2, fmt)]
     return torch.cat([saturating_cast(codec.decode(b, fmt, shape), x.dtype).reshape(x.shape) for b in bufs])
 
 

@@ -52,8 +52,10 @@ be inspected: the history is neither used nor updated there (capture after an ea
 
 Not covered: plain all-reduces (``fmt=None`` or under ``min_bytes``: a sum carries no
 header), so also a call that is plain on one rank and compressed on another
-(``validate=True`` covers both); a rank whose call raised before its first message while a
-peer went on (the peer waits for the process group's timeout); ranks that pass different
+(``validate=True`` covers both); a rank whose call raised before the protocol began (its own
+argument checks) while a peer went on (the peer waits for the process group's timeout; an
+error after that, even in the encoder before the first message, travels as an ERROR header);
+CUDA's device-side checks (an assertion there is fatal to the process); ranks that pass different
 ``validate``; and the fused symmetric-memory kernels (:mod:`tp.comm.fused` checks each new plan
 once instead).
 """

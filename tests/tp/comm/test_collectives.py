@@ -526,6 +526,13 @@ class _FaultyCodec:
         raise RuntimeError("boom: a codec failure on this rank only")
 
 
+class _FaultyEncoder(_FaultyCodec):
+    """The reference codec, except that encode raises (before this rank's first message)."""
+
+    def encode(self, *a, **k):
+        raise RuntimeError("boom: an encode failure on this rank only")
+
+
 def _damage_next_receive(rank_from: int):
     """Make this rank's next received gloo message carry a damaged header from ``rank_from``."""
     import torch.distributed as dist
@@ -554,6 +561,8 @@ def _one_sided(rank, world, case):
     if rank == 0:
         if case == "codec_two_shot":
             codec = _FaultyCodec()
+        elif case.startswith("encode"):
+            codec = _FaultyEncoder()
         else:
             _damage_next_receive(1)
     try:
@@ -566,7 +575,8 @@ def _one_sided(rank, world, case):
     return first, then
 
 
-@pytest.mark.parametrize("case", ["gather", "two_shot", "check_message", "codec_two_shot"])
+@pytest.mark.parametrize("case", ["gather", "two_shot", "check_message", "codec_two_shot", "encode_gather",
+                                  "encode_two_shot"])
 def test_a_one_sided_error_leaves_every_next_call_working(case):
     res = run_ranks(_one_sided, 2, case, timeout=60)
     shards = [_shard(r, (4, 64), torch.float32) for r in range(2)]
@@ -575,7 +585,7 @@ def test_a_one_sided_error_leaves_every_next_call_working(case):
         assert [torch.equal(y, tp.emulate_all_reduce(shards, "mxfp4", a))
                 for y, a in zip(then, (alg, alg, "gather", "two_shot"))] == [True] * 4
     first0, first1 = res[0][0], res[1][0]
-    if case == "codec_two_shot":
+    if case == "codec_two_shot" or case.startswith("encode"):
         assert first0.startswith("RuntimeError: boom"), first0
     else:
         assert first0.startswith("DamagedHeader") and "damaged" in first0, first0

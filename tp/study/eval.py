@@ -910,10 +910,9 @@ def source_digest() -> str:
     import lowering
     import qformats
 
-    from .. import __file__ as tp_init
-
     h = hashlib.sha256()
-    for pkg in (Path(qformats.__file__).parent, Path(lowering.__file__).parent, Path(tp_init).parent):
+    tp_dir = Path(__file__).resolve().parents[1]  # tp/ (this file is tp/study/eval.py)
+    for pkg in (Path(qformats.__file__).parent, Path(lowering.__file__).parent, tp_dir):
         for f in sorted(pkg.rglob("*.py")):
             h.update(f"{pkg.name}/{f.relative_to(pkg).as_posix()}\0".encode())
             h.update(f.read_bytes())

@@ -46,8 +46,8 @@ def _env(cpu_ranks: bool = False) -> dict:
 
 def _run(cmd: list[str], cwd: Path = ROOT, cpu_ranks: bool = False) -> str:
     """Run ``cmd`` in its own session; on timeout kill the whole session (torchrun's ranks too)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(cpu_ranks), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(cpu_ranks), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:

@@ -1,7 +1,8 @@
 """Run a function on W gloo ranks and bring each rank's result back to the test.
 
-``run_ranks(fn, world, *args)`` starts W processes, joins them in a gloo process group over a FileStore in a fresh temporary directory (no ports to collide),
-calls ``fn(rank, world, *args, **kwargs)`` in each, and returns the W return values (any
+``run_ranks(fn, world, *args)`` starts W processes, joins them in a gloo process group over a
+FileStore in a fresh temporary directory (no ports to collide), calls
+``fn(rank, world, *args, **kwargs)`` in each, and returns the W return values (any
 ``torch.save``-able structure) in rank order, so the parent can compare them bit for bit.
 
 Failure never stalls CI: every rank runs under a wall-clock ``timeout`` (a hang in a

@@ -354,9 +354,9 @@ class CommPolicy:
         for i, r in self.unmatched_rules(sites):
             what = ", ".join(f"{k}={v!r}" for k, v in (("modules", list(r.modules)), ("layers", r.layers),
                                                        ("kind", r.kind), ("label", r.label)) if v)
-            warnings.warn(f"policy rule {i} ({what}; fmt={_fmt_str(r.fmt)}) matches none of the {len(sites)} collective "
-                          f"sites of {where}: it changes nothing there (a typo in a module glob?)", UserWarning,
-                          stacklevel=3)
+            warnings.warn(f"policy rule {i} ({what}; fmt={_fmt_str(r.fmt)}) matches none of the {len(sites)} "
+                          f"collective sites of {where}: it changes nothing there (a typo in a module glob?)",
+                          UserWarning, stacklevel=3)
 
     def check_layers(self, num_layers: int) -> None:
         """Raise ValueError for a layer rule that selects no layer of a ``num_layers``-layer model."""

@@ -23,11 +23,10 @@ that survives can decode memory nobody wrote. Checking with an extra collective 
   always predicted; a mispredicted call costs one extra message of the predicted size (and,
   on CUDA, a host synchronisation).
 
-Cost of a predicted call (2 shared CPU cores, gloo, W=2, mxfp4; measured with 32-byte headers,
-now 64): 32 B more per buffer
-(+0.18% at 8x4096), ~20 us of bookkeeping, and for gather/all_gather one copy of the encoded
-payload into the send buffer (13 us at 8x4096, ~0.3 ms at 512x4096): ~3% of a TorchCodec
-call at 8x4096 (~0.9-1.7 ms), ~1% at 512x4096 (20-45 ms). Per-call ``validate=True`` adds a
+Cost of a predicted call (2 shared CPU cores, gloo, W=2, mxfp4; measured when headers were 32 B,
+they are 64 B now): 32 B more per buffer (+0.18% at 8x4096), ~20 us of bookkeeping, and for
+gather/all_gather one copy of the encoded payload into the send buffer (13 us at 8x4096, ~0.3 ms
+at 512x4096): ~3% of a TorchCodec call at 8x4096 (~0.9-1.7 ms), ~1% at 512x4096 (20-45 ms). Per-call ``validate=True`` adds a
 round trip instead (~0.3-0.4 ms here).
 
 What a header compares: besides readable fields (for the error message) it carries a 128-bit
@@ -73,8 +72,8 @@ import torch.distributed as dist
 
 import qformats
 
-__all__ = ["HEADER_BYTES", "SECOND_HOP", "DamagedHeader", "Exchange", "PeerFailed", "Signature", "WireError", "begin", "checks",
-           "reset", "signature_digest"]
+__all__ = ["HEADER_BYTES", "SECOND_HOP", "DamagedHeader", "Exchange", "PeerFailed", "Signature", "WireError", "begin",
+           "checks", "reset", "signature_digest"]
 
 HEADER_BYTES = 64
 _MAGIC = b"QFw2"

@@ -324,7 +324,8 @@ def test_disagreeing_ranks_all_raise_the_same_error_by_default(case, world):
     res = run_ranks(_mismatch, world, case, timeout=30, expect_errors=True)
     for r in res:
         assert isinstance(r, RankError), f"{case}: a rank returned {r!r} without raising"
-        assert r.type == "WireError" and "ranks disagree on compressed collective" in r.message, str(r)  # WireError is a ValueError
+        # (WireError: tp.comm.wirecheck's ValueError)
+        assert r.type == "WireError" and "ranks disagree on compressed collective" in r.message, str(r)
     assert len({r.message for r in res}) == 1, [r.message for r in res]  # built from every rank's header
 
 

@@ -69,7 +69,8 @@ def test_plain_sum_is_exact_for_int64_and_float64():
     a, b = torch.tensor([2**40 + 1, -(2**62), 7]), torch.tensor([2**41 + 2, 2**62 - 1, -7])
     assert torch.equal(tp.emulate_all_reduce([a, b]), torch.tensor([2**40 + 1 + 2**41 + 2, -1, 0]))
     assert tp.emulate_all_reduce([a, b]).dtype == torch.int64
-    f = [torch.tensor([2.0**40 + 1, 1e-300], dtype=torch.float64), torch.tensor([2.0**41 + 2, 1e-300], dtype=torch.float64)]
+    f64 = torch.float64
+    f = [torch.tensor([2.0**40 + 1, 1e-300], dtype=f64), torch.tensor([2.0**41 + 2, 1e-300], dtype=f64)]
     assert torch.equal(tp.emulate_all_reduce(f), torch.tensor([2.0**40 + 2.0**41 + 3, 2e-300], dtype=torch.float64))
     i8 = [torch.tensor([100], dtype=torch.int8), torch.tensor([27], dtype=torch.int8)]
     assert tp.emulate_all_reduce(i8).item() == 127

@@ -1,7 +1,8 @@
 """tp.comm.fused: planning (offsets, threshold, fallbacks) and the fused kernel sequence.
 
 Everything but the symmetric-memory barrier runs here: :func:`tp.comm.fused.simulate` runs every
-rank's kernels (on the GPU if there is one, else in Triton's interpreter) over W ordinary poisoned buffers in lock-step and must
+rank's kernels (on the GPU if there is one, else in Triton's interpreter) over W ordinary poisoned
+buffers in lock-step and must
 equal the emulator bit for bit. The real multi-GPU run is the last test (skipped with <2 GPUs);
 benchmarks/allreduce_gpu.py repeats it at every benchmarked size.
 """

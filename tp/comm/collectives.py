@@ -38,7 +38,10 @@ dtypes, algorithms or the order of calls differ) get a ValueError on every rank,
 result, at no extra message on the hot path: every compressed wire buffer carries a
 :data:`tp.comm.wirecheck.HEADER_BYTES` header that the receivers check before decoding, and sizes
 are agreed before they reach the backend (:mod:`tp.comm.wirecheck`; on CUDA a rank on the fast
-path stops with a device-side assertion instead). The default ``validate=None`` does that;
+path stops with a device-side assertion instead). An error only one rank sees (a header damaged
+on its way there, a codec that raises there) never leaves a peer waiting or the ranks' call
+histories apart: the failing rank still sends its part with an ERROR header, so its peers raise
+at that exchange too (where there is one), and every rank's next call works. The default ``validate=None`` does that;
 ``validate=True`` (or ``TP_VALIDATE_COLLECTIVES=1``) also spends one small all-gather per call
 on a signature, which covers the plain all-reduce (``fmt=None``, under ``min_bytes``)
 too; ``validate=False`` sends bare buffers with no check (only where the ranks provably

@@ -347,3 +347,23 @@ def test_every_foreign_code_and_scale_byte_decodes_alike(fmt):
         assert same_bits(torch_codec.decode(buf, f, (rows, width), dt), want), (fmt, dt, "TorchCodec")
     if f.elem.kind == "int" and f.scale == "e8m0":
         assert want.float().min() == -(2.0 ** (f.elem.bits - 1)) * 2.0 ** f.elem.grid_exponent  # -2.0 for mxint8
+
+
+@pytest.mark.parametrize("fmt", PRESETS)
+def test_random_wire_bytes_decode_alike_for_every_preset(fmt):
+    """Every section of the buffer random (codes, scales, zero points, outliers, tensor scales):
+    the kernels, the reference and TorchCodec agree on bytes no encoder writes."""
+    from lowering import torch_codec
+
+    f = qformats.PRESETS[fmt]
+    rows, width = 8, f.features or 128
+    try:
+        kc = lower(f, width, DEV)
+    except Unsupported:
+        pytest.skip(f"{fmt}: not lowered (the ops use the reference)")
+    buf = torch.randint(0, 256, (f.layout((rows, width)).total,), generator=torch.Generator().manual_seed(
+        zlib.crc32(fmt.encode())), dtype=torch.uint8)
+    for dt in DTYPES:
+        want = ops.reference_dequantize(buf, str(f), [rows, width], dt)
+        assert same_bits(kernels.dequantize(buf.view(1, -1).to(DEV), kc, rows, width, dt).cpu(), want), (fmt, dt)
+        assert same_bits(torch_codec.decode(buf, f, (rows, width), dt), want), (fmt, dt, "TorchCodec")

@@ -249,6 +249,15 @@ def test_a_rule_that_matches_no_site_warns():
     cfg = tp.LlamaConfig.preset("tiny")
     with pytest.warns(UserWarning, match="matches none of the .* sites of this TPLlama"):
         tp.TPLlama(cfg, tp.TPContext(), typo)
+    from tests.tp.study.test_eval import tiny_llama
+    from tp.study.hf import emulate_tp
+
+    emu = emulate_tp(tiny_llama(layers=2))
+    try:
+        with pytest.warns(UserWarning, match="matches none of the 4 collective sites of this LlamaForCausalLM"):
+            emu.configure(2, typo)
+    finally:
+        emu.remove()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a policy whose rules all match something: silent
         tp.TPLlama(cfg, tp.TPContext(), CommPolicy(FP4, rules=(Rule(FP8, modules=("*.down_proj",)),)))

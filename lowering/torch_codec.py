@@ -130,9 +130,10 @@ def fallback_reason(fmt) -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=256)
-def _element_tables(elem) -> tuple:
-    """(values fp32, values float64, byte_values, rounded_codes) of an element type."""
-    v64 = grid.code_table(elem)
+def _element_tables(elem, marker_nan: bool = True) -> tuple:
+    """(values fp32, values float64, byte_values, rounded_codes) of an element type
+    (``marker_nan``: as ``qformats.grid.from_codes``: True for static formats only)."""
+    v64 = grid.code_table(elem, marker_nan)
     v32 = v64.to(_F32)  # element values are exact in fp32 (NaN signs kept)
     byte_values = None
     if 8 % elem.bits == 0:  # every byte holds whole codes: decode by one look-up per byte
@@ -161,7 +162,8 @@ def _e8m0_values() -> torch.Tensor:
 
 @functools.lru_cache(maxsize=1)
 def _e4m3_values() -> torch.Tensor:
-    return grid.from_codes(torch.arange(256), scale_element("e4m3")).to(_F32)  # as the reference loads them
+    # as the reference loads them: block scales are unsigned, the sign bit is ignored
+    return grid.from_codes(torch.arange(256) & 0x7F, scale_element("e4m3")).to(_F32)
 
 
 @functools.lru_cache(maxsize=512)
@@ -183,7 +185,7 @@ def _plan(f: Format, width: int) -> Optional[_Plan]:
         padded = f.layout((1, width)).padded
         st = torch.ones(padded, dtype=_F32)
         st[:q] = torch.tensor(f.static_scales, dtype=_F32)
-    v32, v64, byte_values, rounded = _element_tables(f.elem)
+    v32, v64, byte_values, rounded = _element_tables(f.elem, f.scale == "static")
     return _Plan(
         kc=kc, static=f.scale == "static", rotation=f.rotation, keep=keep, outliers=outl, static_scales=st,
         values=v32, values64=v64, inf_codes=bool(torch.isinf(v32).any()), maxval=_finite_absmax(v32), byte_values=byte_values, rounded_codes=rounded,

@@ -46,6 +46,10 @@ Decoding a finite input gives finite values: a finite product past fp32's range 
 fp32's max (:func:`saturate_fp32`), and the cast to bf16/fp16 saturates finite values at that
 dtype's max (:func:`saturating_cast`); outliers saturate at bf16's max on encode. Inf stays Inf
 and NaN stays NaN (an Inf element code, only in foreign bytes, decodes to Inf).
+Foreign bytes decode exactly as the kernels decode them: an MX int code -2^(N-1), which no
+encoder writes, is its two's-complement value (OCP MX: MXINT8 code -128 is -2.0), except in
+static formats, whose NaN marker it is; an e4m3 block scale's sign bit is ignored (block
+scales are unsigned: 0x80 | b decodes as b).
 
 The reference always computes on the CPU (CUDA inputs are copied there and back): torch's
 CUDA ops differ from IEEE in corners (fast math in some kernels), and there must be one oracle.
@@ -330,7 +334,8 @@ def _load_scale(raw: torch.Tensor, scale: str) -> torch.Tensor:
     if st.dtype is not None:  # fp32 / bf16 / fp16: native floats
         return _view(raw, getattr(torch, st.dtype)).to(_F32)
     if scale == "e4m3":
-        return grid.from_codes(raw.to(torch.int64), st.element).to(_F32)
+        # block scales are unsigned: the sign bit (never written) is ignored, as the kernels do
+        return grid.from_codes(raw.to(torch.int64) & 0x7F, st.element).to(_F32)
     raise AssertionError(scale)
 
 
@@ -350,7 +355,8 @@ def decode(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     sec = {k: q.data[a:b] for k, (a, b) in off.items()}
     elem = fmt.elem
     codes = packing.unpack(sec["code"], elem.bits, lay.rows * lay.padded)
-    vals = grid.from_codes(codes, elem)  # float64, element units
+    # float64, element units; an int code -2^(N-1) is NaN only as a static format's marker
+    vals = grid.from_codes(codes, elem, marker_nan=fmt.scale == "static")
     if fmt.scale == "static":
         s = torch.ones(lay.padded, dtype=_F64, device=vals.device)
         s[: lay.qwidth] = torch.tensor(fmt.static_scales, dtype=_F32, device=vals.device).to(_F64)

@@ -64,10 +64,13 @@ def to_codes(q: torch.Tensor, elem: Element) -> torch.Tensor:
     return sign | (field << elem.mbits) | mant
 
 
-def from_codes(codes: torch.Tensor, elem: Element) -> torch.Tensor:
+def from_codes(codes: torch.Tensor, elem: Element, marker_nan: bool = True) -> torch.Tensor:
     """Element values (float64) of codes; NaN/Inf codes decode to NaN/Inf per the element's policy.
 
-    MX ints treat the unused code -2^(N-1) as NaN (static-scale formats use it as a NaN marker).
+    MX ints never encode the code -2^(N-1) (their grid is symmetric). ``marker_nan=True`` (the
+    representable set, and static-scale formats, which write it as their NaN marker): it
+    decodes to NaN. ``marker_nan=False`` (how block-scaled formats decode foreign bytes, as OCP
+    MX defines MXINT8: code -128 is -2.0): its two's-complement value times 2^GE.
     """
     c = codes.to(torch.int64)
     if elem.kind == "uint":
@@ -76,7 +79,7 @@ def from_codes(codes: torch.Tensor, elem: Element) -> torch.Tensor:
         half = 1 << (elem.bits - 1)
         n = torch.where(c >= half, c - (1 << elem.bits), c)
         v = torch.ldexp(n.to(torch.float64), torch.tensor(float(elem.grid_exponent), dtype=torch.float64))
-        return torch.where(n == -half, torch.full_like(v, float("nan")), v)
+        return torch.where(n == -half, torch.full_like(v, float("nan")), v) if marker_nan else v
     m = elem.mbits
     sign = (c >> (elem.bits - 1)) & 1
     field = (c >> m) & ((1 << elem.ebits) - 1)
@@ -92,6 +95,7 @@ def from_codes(codes: torch.Tensor, elem: Element) -> torch.Tensor:
     return torch.where(sign == 1, -v, v)
 
 
-def code_table(elem: Element) -> torch.Tensor:
-    """Every code's value, indexed by code (float64): the exhaustive table tests check."""
-    return from_codes(torch.arange(1 << elem.bits), elem)
+def code_table(elem: Element, marker_nan: bool = True) -> torch.Tensor:
+    """Every code's value, indexed by code (float64): the exhaustive table tests check.
+    ``marker_nan``: as :func:`from_codes` (False: the decode table of block-scaled formats)."""
+    return from_codes(torch.arange(1 << elem.bits), elem, marker_nan)

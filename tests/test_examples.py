@@ -33,16 +33,21 @@ TORCHRUN = {"dtensor_mlp.py": 2, "hf_tp.py": 2}  # CPU ranks under torchrun (glo
 ARGS = {"hf_tp.py": ["tiny-llama"]}  # made by README's `python -c ...` line before it runs
 
 
-def _env() -> dict:
+def _env(cpu_ranks: bool = False) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("RANK", None)  # not under a launcher
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)  # not under a launcher (torchrun sets its own)
+    if cpu_ranks:
+        # CPU ranks under torchrun, as README documents them (gloo): on a GPU machine the ranks
+        # must not pick CUDA up (two ranks cannot share one GPU, and the GPU paths bind devices)
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
-def _run(cmd: list[str], cwd: Path = ROOT) -> str:
+def _run(cmd: list[str], cwd: Path = ROOT, cpu_ranks: bool = False) -> str:
     """Run ``cmd`` in its own session; on timeout kill the whole session (torchrun's ranks too)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(cpu_ranks), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -91,7 +96,7 @@ def test_example_runs(script, tmp_path):
     cmd = (_torchrun(ranks) if ranks else [sys.executable]) + [str(script)] + ARGS.get(name, [])
     if name in ARGS:
         _run(_setup_command(name), cwd=tmp_path)
-    assert EXPECT[name] in _run(cmd, cwd=tmp_path)
+    assert EXPECT[name] in _run(cmd, cwd=tmp_path, cpu_ranks=not gpus and bool(ranks))
 
 
 def test_readme_python_blocks_are_excerpts_of_examples():
@@ -127,9 +132,9 @@ def test_readme_demo_command_compresses(command):
     argv = shlex.split(command)
     if argv[0] == "python":
         argv[0] = sys.executable
-    else:  # torchrun: the same Python's launcher
+    else:  # torchrun: the same Python's launcher, CPU ranks (gloo) as README says
         argv = _torchrun(1)[:3] + argv[1:]
-    out = _run(argv)
+    out = _run(argv, cpu_ranks=argv[1:3] == ["-m", "torch.distributed.run"])
     m = re.search(r"all-reduces compressed: (\d+) of (\d+)", out)
     assert m and int(m.group(1)) > 0, out
     assert "time to first token" in out

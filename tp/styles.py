@@ -142,6 +142,9 @@ def bind_sites(model: nn.Module, num_layers: Optional[int] = None) -> dict:
         call = SiteCall.of(policy, Site.of(name, num_layers))
         setattr(mod, _CALL_ATTR, call)
         out[name] = call
+    for policy in {id(getattr(m, _POLICY_ATTR)): getattr(m, _POLICY_ATTR) for _, m in mods}.values():
+        policy.warn_unmatched([Site.of(n, num_layers) for n, m in mods if getattr(m, _POLICY_ATTR) is policy],
+                              "this model's compressed modules")
     return out
 
 

@@ -311,3 +311,60 @@ def test_foreign_bytes_saturate_finite_products_like_the_reference(fmt):
             assert (want.abs() == torch.finfo(dt).max).any()
         got = kernels.dequantize(bufs.to(DEV), kc, rows, width, dt)
         assert same_bits(got.cpu(), ops.reference_dequant_sum(bufs, fmt, [rows, width], dt)), (fmt, dt, "sum")
+
+
+@pytest.mark.parametrize("fmt", ["mxint8", "int8/b32/bf16", "int7/b32/fp16", "int4/b32/bf16", "int4/b32/e4m3",
+                                 "nvfp4", "fp4_e2m1/b16/e4m3"])
+def test_every_foreign_code_and_scale_byte_decodes_alike(fmt):
+    """Bytes no encoder writes (an MX int's -2^(N-1), e.g. int8 0x80; an e4m3 block-scale byte
+    with its sign bit set) decode the same in the kernels, the reference and TorchCodec: int codes
+    to their two's-complement value (OCP MXINT8: -128 is -2.0), e4m3 scales ignoring the sign."""
+    from lowering import torch_codec
+
+    f = qformats.Format.parse(fmt)
+    rows, width = 128, 64  # >= 256 scale bytes in every format here
+    lay = f.layout((rows, width))
+    buf = torch.zeros(lay.total, dtype=torch.uint8)
+    a, b = lay.offsets["code"]
+    buf[a:b] = (torch.arange(b - a) * 37 % 256).to(torch.uint8)  # every byte value (so every code)
+    a, b = lay.offsets["scale"]
+    n = b - a
+    if f.scale == "e4m3":  # every scale byte: signed ones, NaN 0x7F / 0xFF, -0 (0x80)
+        buf[a:b] = (torch.arange(n) * 29 % 256).to(torch.uint8)
+        assert len(set(buf[a:b].tolist())) == 256
+    elif f.scale == "e8m0":
+        buf[a:b] = 127
+    else:  # bf16 / fp16 1.0-ish words
+        buf[a:b] = torch.tensor([0x00, 0x3C] * (n // 2), dtype=torch.uint8) if f.scale == "fp16" else \
+            torch.tensor([0x80, 0x3F] * (n // 2), dtype=torch.uint8)
+    a, b = lay.offsets.get("ts", (0, 0))
+    if b > a:
+        buf[a:b] = torch.tensor(list(bytearray(__import__("struct").pack("<f", 0.5))), dtype=torch.uint8)
+    kc = lower(f, width, DEV)
+    for dt in DTYPES:
+        want = ops.reference_dequantize(buf, fmt, [rows, width], dt)
+        got = kernels.dequantize(buf.view(1, -1).to(DEV), kc, rows, width, dt).cpu()
+        assert same_bits(got, want), (fmt, dt)
+        assert same_bits(torch_codec.decode(buf, f, (rows, width), dt), want), (fmt, dt, "TorchCodec")
+    if f.elem.kind == "int" and f.scale == "e8m0":
+        assert want.float().min() == -(2.0 ** (f.elem.bits - 1)) * 2.0 ** f.elem.grid_exponent  # -2.0 for mxint8
+
+
+@pytest.mark.parametrize("fmt", PRESETS)
+def test_random_wire_bytes_decode_alike_for_every_preset(fmt):
+    """Every section of the buffer random (codes, scales, zero points, outliers, tensor scales):
+    the kernels, the reference and TorchCodec agree on bytes no encoder writes."""
+    from lowering import torch_codec
+
+    f = qformats.PRESETS[fmt]
+    rows, width = 8, f.features or 128
+    try:
+        kc = lower(f, width, DEV)
+    except Unsupported:
+        pytest.skip(f"{fmt}: not lowered (the ops use the reference)")
+    buf = torch.randint(0, 256, (f.layout((rows, width)).total,), generator=torch.Generator().manual_seed(
+        zlib.crc32(fmt.encode())), dtype=torch.uint8)
+    for dt in DTYPES:
+        want = ops.reference_dequantize(buf, str(f), [rows, width], dt)
+        assert same_bits(kernels.dequantize(buf.view(1, -1).to(DEV), kc, rows, width, dt).cpu(), want), (fmt, dt)
+        assert same_bits(torch_codec.decode(buf, f, (rows, width), dt), want), (fmt, dt, "TorchCodec")

@@ -250,7 +250,7 @@ def test_the_eval_runs_on_this_codec_and_restores_the_previous_one(monkeypatch):
     try:
         text = assets.TextData(synthetic_text(seed=1), synthetic_text(seed=2), "synthetic")
         run_eval(model=tiny_llama(layers=1), tokenizer=WordTokenizer(), text=text, formats=["mxfp4"], tp=[2],
-                 algorithms=["gather"], tokens=48, window=48, progress=False)
+                 algorithms=["gather"], tokens=48, window=48, progress=False, device="cpu")
         assert calls and get_codec() is mine
         # a codec the caller installed on purpose is kept, not replaced
         class Custom(ReferenceCodec):
@@ -263,7 +263,7 @@ def test_the_eval_runs_on_this_codec_and_restores_the_previous_one(monkeypatch):
         calls.clear()
         set_codec(Custom())
         run_eval(model=tiny_llama(layers=1), tokenizer=WordTokenizer(), text=text, formats=["mxfp4"], tp=[2],
-                 algorithms=["gather"], tokens=48, window=48, progress=False)
+                 algorithms=["gather"], tokens=48, window=48, progress=False, device="cpu")
         assert Custom.used and not calls
     finally:
         set_codec(old)

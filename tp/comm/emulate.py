@@ -58,16 +58,27 @@ def _no_grad_needed(shards, op: str) -> None:
                            f"call it under torch.no_grad()")
 
 
-def plain_sum(shards: Sequence[torch.Tensor]) -> torch.Tensor:
-    """fp32 sum in rank order, cast back: the uncompressed all-reduce as the emulator models it.
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for the 16/32-bit floats; the dtype itself for everything else: integers sum exactly
+    (wrapping like the backends' integer sums), float64 in float64. Through fp32 an int64 or a
+    float64 would lose its low bits (2**40 + 1 + 2**41 + 2), which no backend does."""
+    if dtype.is_floating_point and torch.finfo(dtype).bits <= 32:
+        return torch.float32
+    return dtype
 
-    Backends (gloo, NCCL) choose their own summation order and may accumulate bf16 in bf16, so
-    this equals ``dist.all_reduce`` bit for bit only when the additions are exact; otherwise
-    within one rounding per addition.
+
+def plain_sum(shards: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum in rank order, cast back: the uncompressed all-reduce as the emulator models it.
+
+    16/32-bit floats accumulate in fp32; integers and float64 in their own dtype (exact for
+    integers). Backends (gloo, NCCL) choose their own summation order and may accumulate bf16
+    in bf16, so this equals ``dist.all_reduce`` bit for bit only when the additions are exact
+    (always for integers); otherwise within one rounding per addition.
     """
-    acc = shards[0].to(torch.float32, copy=True)
+    acc_dtype = _accumulator(shards[0].dtype)
+    acc = shards[0].to(acc_dtype, copy=True)
     for s in shards[1:]:
-        acc.add_(s.to(torch.float32))
+        acc.add_(s.to(acc_dtype))
     return acc.to(shards[0].dtype)
 
 
@@ -147,6 +158,10 @@ def emulate_reduce_scatter(shards: Sequence[torch.Tensor], fmt=None, *, codec=No
     x = shards[0]
     if x.dim() == 0:
         raise ValueError("reduce_scatter splits dim 0; shards must have at least one dimension")
+    if fmt is not None and x.dim() == 1:
+        raise ValueError(
+            f"a compressed reduce_scatter splits dim 0 and quantises along the last dim, so x needs 2 or more "
+            f"dimensions; got a 1-D tensor of {x.shape[0]} values (reshape it to [W, n // W] first, or fmt=None)")
     if x.shape[0] % world:
         raise ValueError(f"reduce_scatter: dim 0 ({x.shape[0]}) must divide by the world size {world}")
     out_shape = (x.shape[0] // world,) + tuple(x.shape[1:])

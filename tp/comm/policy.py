@@ -19,6 +19,7 @@ import inspect
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -26,7 +27,8 @@ from qformats import Format
 
 from .collectives import DEFAULT_MIN_BYTES, check_algorithm, resolve_format, second_hop
 
-__all__ = ["ATTN_OUTPUTS", "MLP_OUTPUTS", "SITE_KINDS", "CollectivePolicy", "CommPolicy", "Rule", "Site", "skip_ends"]
+__all__ = ["ATTN_OUTPUTS", "MLP_OUTPUTS", "SITE_KINDS", "CollectivePolicy", "CommPolicy", "PolicyError", "Rule", "Site",
+           "skip_ends"]
 
 SITE_KINDS = ("attn", "mlp")
 _FILE_KIND = "qformats-tp-policy"
@@ -103,15 +105,71 @@ class Site:
         return Site(module, _layer_of(module), num_layers, _kind_of(module), op)
 
 
+class PolicyError(ValueError, TypeError):
+    """A policy field of the wrong type or value; the message names the field.
+
+    One validation path: :class:`Rule` and :class:`CommPolicy` check their fields when built,
+    and :meth:`CommPolicy.from_dict` (so every file loader) builds them from the raw JSON values,
+    converting nothing first. Both a ValueError and a TypeError, so either ``except`` catches it.
+    """
+
+
+def _int(v, name: str, minimum: Optional[int] = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise PolicyError(f"{name} must be an integer, got {v!r} ({type(v).__name__})")
+    if minimum is not None and v < minimum:
+        raise PolicyError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def _bool(v, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise PolicyError(f"{name} must be true or false, got {v!r} ({type(v).__name__})")
+    return v
+
+
+def _str(v, name: str) -> str:
+    if not isinstance(v, str):
+        raise PolicyError(f"{name} must be a string, got {v!r} ({type(v).__name__})")
+    return v
+
+
+def _format(v, name: str) -> Optional[Format]:
+    if not (v is None or isinstance(v, (str, Format))):
+        raise PolicyError(f"{name} must be a format string or null, got {v!r} ({type(v).__name__})")
+    try:
+        return resolve_format(v)
+    except ValueError as e:
+        raise PolicyError(f"{name}: {e}") from None
+
+
+def _modules(v) -> tuple:
+    if isinstance(v, str):
+        raise PolicyError(f"modules must be a list of glob patterns, got the string {v!r} "
+                          f"(one pattern is [{v!r}])")
+    if not isinstance(v, (list, tuple)):
+        raise PolicyError(f"modules must be a list of glob patterns, got {v!r} ({type(v).__name__})")
+    for i, m in enumerate(v):
+        if not isinstance(m, str) or not m:
+            raise PolicyError(f"modules[{i}] must be a non-empty glob pattern string, got {m!r}")
+    return tuple(v)
+
+
+def _kind(v) -> Optional[str]:
+    if v is not None and (not isinstance(v, str) or v not in SITE_KINDS):
+        raise PolicyError(f"unknown site kind {v!r}; valid: {', '.join(SITE_KINDS)} or null (both)")
+    return v
+
+
 def _pair(layers) -> Optional[tuple]:
     if layers is None:
         return None
-    try:
-        start, stop = layers
-    except (TypeError, ValueError):
-        raise ValueError(f"layers must be (start, stop) or None, got {layers!r}") from None
-    if not isinstance(start, int) or not (stop is None or isinstance(stop, int)):
-        raise ValueError(f"layers (start, stop) must be integers (stop may be None: the end), got {layers!r}")
+    if not isinstance(layers, (list, tuple)) or len(layers) != 2:
+        raise PolicyError(f"layers must be (start, stop) or None, got {layers!r}")
+    start, stop = layers
+    if isinstance(start, bool) or not isinstance(start, int) or not (
+            stop is None or (isinstance(stop, int) and not isinstance(stop, bool))):
+        raise PolicyError(f"layers (start, stop) must be integers (stop may be None: the end), got {layers!r}")
     return start, stop
 
 
@@ -132,13 +190,11 @@ class Rule:
     label: str = ""
 
     def __post_init__(self):
-        object.__setattr__(self, "fmt", resolve_format(self.fmt))
-        if isinstance(self.modules, str):
-            raise TypeError(f"modules must be a tuple of glob patterns, got the string {self.modules!r}")
-        object.__setattr__(self, "modules", tuple(self.modules))
+        object.__setattr__(self, "fmt", _format(self.fmt, "fmt"))
+        object.__setattr__(self, "modules", _modules(self.modules))
         object.__setattr__(self, "layers", _pair(self.layers))
-        if self.kind is not None and self.kind not in SITE_KINDS:
-            raise ValueError(f"unknown site kind {self.kind!r}; valid: {', '.join(SITE_KINDS)}")
+        _kind(self.kind)
+        _str(self.label, "label")
 
     def layer_range(self, num_layers: int) -> range:
         """The layers this rule's ``layers`` select in a model of ``num_layers`` (clamped)."""
@@ -173,8 +229,7 @@ def skip_ends(first: int = 0, last: int = 0) -> tuple:
     """Rules that leave the first ``first`` and the last ``last`` layers uncompressed (the ends of
     the network are the most sensitive to quantisation error)."""
     for name, v in (("skip_first", first), ("skip_last", last)):
-        if not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        _int(v, name, 0)
     rules = []
     if first:
         rules.append(Rule(None, layers=(0, first), label="first/last skipped"))
@@ -216,17 +271,23 @@ class CommPolicy:
     choose: Optional[Callable[[Site], object]] = field(default=None, compare=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "fmt", resolve_format(self.fmt))
-        check_algorithm(self.algorithm)
-        if not isinstance(self.min_bytes, int) or self.min_bytes < 0:
-            raise ValueError(f"min_bytes must be an int >= 0, got {self.min_bytes!r}")
+        object.__setattr__(self, "fmt", _format(self.fmt, "fmt"))
+        _str(self.algorithm, "algorithm")
+        try:
+            check_algorithm(self.algorithm)
+        except ValueError as e:
+            raise PolicyError(str(e)) from None
+        _int(self.min_bytes, "min_bytes", 0)
+        if not isinstance(self.rules, (list, tuple)):
+            raise PolicyError(f"rules must be a list of tp.Rule values, got {type(self.rules).__name__}")
         rules = tuple(self.rules)
-        for r in rules:
+        for i, r in enumerate(rules):
             if not isinstance(r, Rule):
-                raise TypeError(f"rules must be tp.Rule values, got {type(r).__name__}")
+                raise PolicyError(f"rules[{i}] must be a tp.Rule, got {type(r).__name__}")
         object.__setattr__(self, "rules", rules)
-        second = resolve_format(self.second_fmt)
+        second = _format(self.second_fmt, "second_fmt")
         object.__setattr__(self, "second_fmt", second)
+        _bool(self.all_gather, "all_gather")
         if second is not None and self.algorithm == "gather":
             second_hop(None, second, self.algorithm)  # raises: gather has no second hop
         if self.choose is not None and not callable(self.choose):
@@ -279,6 +340,24 @@ class CommPolicy:
         return tuple(dict.fromkeys(f for f in (self.fmt, *(r.fmt for r in self.rules), self.second_fmt)
                                    if f is not None))
 
+    def unmatched_rules(self, sites) -> list:
+        """``[(index, rule)]`` of the rules with a selector (modules, layers or kind) that match none
+        of ``sites`` (:class:`Site` values, or module paths): they change nothing there."""
+        sites = [Site.of(s) if isinstance(s, str) else s for s in sites]
+        return [(i, r) for i, r in enumerate(self.rules)
+                if (r.modules or r.layers is not None or r.kind is not None) and not any(r.matches(s) for s in sites)]
+
+    def warn_unmatched(self, sites, where: str) -> None:
+        """Warn (UserWarning) for every rule that matches none of ``sites`` of ``where``: without it a
+        typo in a module glob leaves those collectives silently on the default format."""
+        sites = list(sites)
+        for i, r in self.unmatched_rules(sites):
+            what = ", ".join(f"{k}={v!r}" for k, v in (("modules", list(r.modules)), ("layers", r.layers),
+                                                       ("kind", r.kind), ("label", r.label)) if v)
+            warnings.warn(f"policy rule {i} ({what}; fmt={_fmt_str(r.fmt)}) matches none of the {len(sites)} "
+                          f"collective sites of {where}: it changes nothing there (a typo in a module glob?)",
+                          UserWarning, stacklevel=3)
+
     def check_layers(self, num_layers: int) -> None:
         """Raise ValueError for a layer rule that selects no layer of a ``num_layers``-layer model."""
         for r in self.rules:
@@ -314,22 +393,38 @@ class CommPolicy:
 
     @staticmethod
     def from_dict(d: dict) -> "CommPolicy":
+        """The policy of :meth:`to_dict`'s data, checked field by field (:class:`PolicyError`
+        names the field); raw values go to :class:`Rule` and :class:`CommPolicy` unconverted."""
         if not isinstance(d, dict) or d.get("kind") != _FILE_KIND or d.get("version") != _VERSION:
             got = (d.get("kind"), d.get("version")) if isinstance(d, dict) else type(d).__name__
-            raise ValueError(f"not a {_FILE_KIND} v{_VERSION} document (got {got})")
+            raise PolicyError(f"not a {_FILE_KIND} v{_VERSION} document (got {got})")
         known = {"kind", "version", "fmt", "algorithm", "min_bytes", "second_fmt", "all_gather", "rules"}
         extra = set(d) - known
         if extra:
-            raise ValueError(f"unknown policy fields {sorted(extra)}; valid: {sorted(known)}")
+            raise PolicyError(f"unknown policy fields {sorted(extra)}; valid: {sorted(known)}")
+        raw_rules = d.get("rules", [])
+        if not isinstance(raw_rules, list):
+            raise PolicyError(f"rules must be a list of rule objects, got {type(raw_rules).__name__}")
         rules = []
-        for i, r in enumerate(d.get("rules", [])):
-            bad = set(r) - {"fmt", "modules", "layers", "kind", "label"}
+        rule_fields = {"fmt", "modules", "layers", "kind", "label"}
+        for i, r in enumerate(raw_rules):
+            if not isinstance(r, dict):
+                raise PolicyError(f"rule {i}: must be an object with fields {sorted(rule_fields)}, "
+                                  f"got {type(r).__name__}")
+            bad = set(r) - rule_fields
             if bad:
-                raise ValueError(f"rule {i}: unknown fields {sorted(bad)}")
-            rules.append(Rule(r.get("fmt"), tuple(r.get("modules", ())), r.get("layers"), r.get("kind"),
-                              r.get("label", "")))
-        return CommPolicy(d.get("fmt"), d.get("algorithm", "gather"), d.get("min_bytes", DEFAULT_MIN_BYTES),
-                          tuple(rules), d.get("second_fmt"), bool(d.get("all_gather", False)))
+                raise PolicyError(f"rule {i}: unknown fields {sorted(bad)}")
+            try:
+                rules.append(Rule(**r))
+            except ValueError as e:
+                raise PolicyError(f"rule {i}: {e}") from None
+        try:
+            return CommPolicy(**{k: d[k] for k in ("fmt", "algorithm", "min_bytes", "second_fmt", "all_gather")
+                                 if k in d}, rules=tuple(rules))
+        except PolicyError:
+            raise
+        except ValueError as e:
+            raise PolicyError(str(e)) from None
 
     def to_string(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -337,10 +432,14 @@ class CommPolicy:
     @staticmethod
     def from_string(text: str) -> "CommPolicy":
         """Parse :meth:`to_string`'s JSON."""
+        if not isinstance(text, str):
+            raise PolicyError(f"a policy is a JSON document (a str), got {type(text).__name__}")
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"a policy is a JSON document ({e})") from None
+            raise PolicyError(f"a policy is a JSON document ({e})") from None
+        except RecursionError:
+            raise PolicyError("a policy is a JSON document; this one is nested too deeply to be one") from None
         return CommPolicy.from_dict(d)
 
     def to_file(self, path) -> None:
@@ -391,8 +490,7 @@ def CollectivePolicy(fmt=None, algorithm: str = "gather", min_bytes: int = DEFAU
     """``tp.compile``'s spelling of a :class:`CommPolicy`: ``fmt`` for the call sites whose module
     matches one of ``modules`` (every site when empty), except the first ``skip_first`` and last
     ``skip_last`` layers (in a compiled graph: positions, see :mod:`tp.comm.passes`)."""
-    if isinstance(modules, str):
-        raise TypeError(f"modules must be a tuple of glob patterns, got the string {modules!r}")
+    modules = _modules(modules)
     rules = skip_ends(skip_first, skip_last)
     if modules:
         rules += (Rule(fmt, modules=tuple(modules)), Rule(None, label="module not selected"))

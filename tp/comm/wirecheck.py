@@ -23,11 +23,25 @@ that survives can decode memory nobody wrote. Checking with an extra collective 
   always predicted; a mispredicted call costs one extra message of the predicted size (and,
   on CUDA, a host synchronisation).
 
-Cost of a predicted call (2 shared CPU cores, gloo, W=2, mxfp4): 32 B more per buffer
-(+0.18% at 8x4096), ~20 us of bookkeeping, and for gather/all_gather one copy of the encoded
-payload into the send buffer (13 us at 8x4096, ~0.3 ms at 512x4096): ~3% of a TorchCodec
-call at 8x4096 (~0.9-1.7 ms), ~1% at 512x4096 (20-45 ms). Per-call ``validate=True`` adds a
+Cost of a predicted call (2 shared CPU cores, gloo, W=2, mxfp4; measured when headers were 32 B,
+they are 64 B now): 32 B more per buffer (+0.18% at 8x4096), ~20 us of bookkeeping, and for
+gather/all_gather one copy of the encoded payload into the send buffer (13 us at 8x4096, ~0.3 ms
+at 512x4096): ~3% of a TorchCodec call at 8x4096 (~0.9-1.7 ms), ~1% at 512x4096 (20-45 ms). Per-call ``validate=True`` adds a
 round trip instead (~0.3-0.4 ms here).
+
+What a header compares: besides readable fields (for the error message) it carries a 128-bit
+BLAKE2b digest of the whole signature (op, phase, canonical format string(s), dtype, shape,
+slot), so two formats or shapes whose 32-bit checksums collide are still told apart, and an
+8-byte BLAKE2b checksum of the header itself, so a header damaged in transit is recognised as
+such.
+
+One-sided errors (an error only some ranks see: a header damaged on its way to one rank, or
+a codec that raises on one rank) never leave the ranks' histories different: the history is
+reset only on a disagreement that every rank sees (every rank receives every rank's header,
+all of them intact), so every rank resets together. A rank that fails alone keeps the history
+its peers have, and where its call has another exchange it still takes part in it, sending an
+ERROR header instead of data: its peers then raise at that exchange too (no rank waits in a
+collective the failed rank never joins), and the next call works on every rank.
 
 On CUDA the fast path checks headers on the device (``torch._assert_async``: no host
 synchronisation, CUDA-graph safe), so a rank there stops with a device-side assertion while
@@ -37,13 +51,16 @@ be inspected: the history is neither used nor updated there (capture after an ea
 
 Not covered: plain all-reduces (``fmt=None`` or under ``min_bytes``: a sum carries no
 header), so also a call that is plain on one rank and compressed on another
-(``validate=True`` covers both); a rank whose call raised before its first message while a
-peer went on (the peer waits for the process group's timeout); ranks that pass different
+(``validate=True`` covers both); a rank whose call raised before the protocol began (its own
+argument checks) while a peer went on (the peer waits for the process group's timeout; an
+error after that, even in the encoder before the first message, travels as an ERROR header);
+CUDA's device-side checks (an assertion there is fatal to the process); ranks that pass different
 ``validate``; and the fused symmetric-memory kernels (:mod:`tp.comm.fused` checks each new plan
 once instead).
 """
 from __future__ import annotations
 
+import hashlib
 import struct
 import zlib
 from collections import OrderedDict
@@ -55,13 +72,19 @@ import torch.distributed as dist
 
 import qformats
 
-__all__ = ["HEADER_BYTES", "SECOND_HOP", "Exchange", "Signature", "begin", "checks", "reset"]
+__all__ = ["HEADER_BYTES", "SECOND_HOP", "DamagedHeader", "Exchange", "PeerFailed", "Signature", "WireError", "begin",
+           "checks", "reset", "signature_digest"]
 
-HEADER_BYTES = 32
+HEADER_BYTES = 64
 _MAGIC = b"QFw%d" % qformats.packing.WIRE_VERSION  # the wire layout's version (qformats.packing)
-_LAYOUT = struct.Struct("<4sBBBBIIIIII")  # magic, kind, op, dtype, ndim, fmt, shape, rows, width, slot, seq
-assert _LAYOUT.size == HEADER_BYTES
-DATA, CHECK = 1, 2
+# magic, kind, op, dtype, ndim, fmt crc, shape crc, rows, width, slot, digest (the signature's),
+# then seq (4), then the header's own checksum (8) and zero padding to HEADER_BYTES
+_LAYOUT = struct.Struct("<4sBBBBIIIII16s")
+_SEQ = struct.Struct("<I")
+_MAC_BYTES = 8
+_PAD = bytes(HEADER_BYTES - _LAYOUT.size - _SEQ.size - _MAC_BYTES)
+assert _LAYOUT.size + _SEQ.size + _MAC_BYTES + len(_PAD) == HEADER_BYTES
+DATA, CHECK, ERROR = 1, 2, 3
 # one code per message kind on the wire: two_shot's second exchange has its own
 _OPS = {"gather": 1, "two_shot": 2, "two_shot/reduced": 3, "all_gather": 4, "reduce_scatter": 5}
 _OP_NAMES = {v: k for k, v in _OPS.items()}
@@ -69,6 +92,36 @@ _DTYPES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 _DTYPE_NAMES = {v: str(k).replace("torch.", "") for k, v in _DTYPES.items()}
 _PREDICTIONS = 256  # remembered successor signatures per group (oldest forgotten first)
 _U32 = 0xFFFFFFFF
+
+
+class WireError(ValueError):
+    """Ranks disagree on a compressed call. ``everyone``: every rank of the group raises at
+    this exchange (it saw the same intact headers); ``restarts``: the call history restarts."""
+
+    everyone = True
+    restarts = True
+
+
+class PeerFailed(WireError):
+    """A peer gave up on this call after an error of its own (its ERROR header); history kept."""
+
+    restarts = False
+
+
+class DamagedHeader(WireError):
+    """A header that arrived damaged: possibly only this rank saw it, so the call history is kept."""
+
+    everyone = False
+    restarts = False
+
+
+def _mac(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=_MAC_BYTES).digest()
+
+
+def signature_digest(*fields) -> bytes:
+    """128-bit BLAKE2b digest of ``repr(fields)``: what ranks compare (collision resistant)."""
+    return hashlib.blake2b(repr(fields).encode(), digest_size=16).digest()
 
 
 def _crc(s: str) -> int:
@@ -118,35 +171,61 @@ class Signature(NamedTuple):
             for d in self.shape[:-1]:
                 rows *= int(d)
             width = int(self.shape[-1]) if self.shape else 1
+            digest = signature_digest(self.op + phase, self.fmt, str(self.dtype), tuple(int(d) for d in self.shape),
+                                      int(self.slot))
             head = _HEADS[key] = _LAYOUT.pack(
                 _MAGIC, kind, _OPS[self.op + phase], _DTYPES.get(self.dtype, 255), min(len(self.shape), 255),
-                _crc(self.fmt), _crc(repr(tuple(self.shape))), rows & _U32, width & _U32, self.slot & _U32, 0)[:-4]
+                _crc(self.fmt), _crc(repr(tuple(self.shape))), rows & _U32, width & _U32, self.slot & _U32, digest)
             if len(_HEADS) > _CACHED_HEADERS:
                 _HEADS.clear()
-        return head + _SEQ.pack(seq & _U32)
+        body = head + _SEQ.pack(seq & _U32)
+        return body + _mac(body) + _PAD
 
 
-_SEQ = struct.Struct("<I")  # the last field of the header
-_HEADS: dict = {}  # (signature, kind, phase) -> header without its sequence number
+_HEADS: dict = {}  # (signature, kind, phase) -> header without its sequence number and checksum
 _CACHED_HEADERS = 4096
+_BODY = _LAYOUT.size + _SEQ.size
+
+
+def _intact(row: bytes) -> bool:
+    """Whether ``row`` is a header some rank wrote whole (magic and checksum)."""
+    return row[:4] == _MAGIC and row[_BODY:_BODY + _MAC_BYTES] == _mac(row[:_BODY])
+
+
+def _kind(row: bytes) -> int:
+    return row[4]
 
 
 def _describe(row: bytes) -> str:
-    magic, kind, op, dt, ndim, fmt, shape, rows, width, slot, seq = _LAYOUT.unpack(row)
-    if magic != _MAGIC or kind not in (DATA, CHECK) or op not in _OP_NAMES:
+    if row[:4] != _MAGIC:
         return "no header (bytes no peer wrote in this call, or a peer running another collective)"
-    what = "checked before sending" if kind == CHECK else "sent as predicted"
+    if not _intact(row):
+        return "a header damaged on its way here (its checksum fails)"
+    magic, kind, op, dt, ndim, fmt, shape, rows, width, slot, digest = _LAYOUT.unpack(row[:_LAYOUT.size])
+    (seq,) = _SEQ.unpack(row[_LAYOUT.size:_BODY])
+    if kind not in (DATA, CHECK, ERROR) or op not in _OP_NAMES:
+        return "no header (bytes no peer wrote in this call, or a peer running another collective)"
+    what = {CHECK: "checked before sending", DATA: "sent as predicted",
+            ERROR: "gave up on this call after an error of its own"}[kind]
     name = _format_name(fmt)
     return (f"{_OP_NAMES[op]} {name} {_DTYPE_NAMES.get(dt, '?')} {ndim}-d {rows}x{width} "
-            f"(shape crc {shape:08x}), {slot} B per buffer, call #{seq}, {what}")
+            f"(shape crc {shape:08x}, signature {digest[:6].hex()}), {slot} B per buffer, call #{seq}, {what}")
 
 
-def _disagreement(rows: list[bytes], seq: int) -> ValueError:
+def _disagreement(rows: list[bytes], seq: int) -> WireError:
+    """The error of a call whose headers differ: a :class:`WireError` every rank raises alike
+    when every header is intact, a :class:`DamagedHeader` (possibly this rank's alone) else."""
     lines = "; ".join(f"rank {r}: {_describe(b)}" for r, b in enumerate(rows))
-    return ValueError(
-        f"ranks disagree on compressed collective #{seq} of their group: {lines}. Every rank must make "
-        f"the same compressed calls (op, algorithm, format, dtype, shape) in the same order"
-    )
+    if all(_intact(b) for b in rows):
+        failed = [r for r, b in enumerate(rows) if _kind(b) == ERROR]
+        if failed:
+            return PeerFailed(f"compressed collective #{seq} of the group failed on rank(s) {failed} (their own "
+                             f"error says why); no rank returns its result: {lines}")
+        return WireError(
+            f"ranks disagree on compressed collective #{seq} of their group: {lines}. Every rank must make "
+            f"the same compressed calls (op, algorithm, format, dtype, shape) in the same order")
+    return DamagedHeader(f"compressed collective #{seq} of the group: a header this rank received is damaged or "
+                         f"missing: {lines}. The ranks' call history is kept, so the next call can work")
 
 
 class _GroupState:
@@ -206,35 +285,47 @@ class Exchange:
     def __init__(self, sig: Signature, state: _GroupState, seq: int, world: int, device: torch.device):
         self.sig, self.state, self.world, self.device = sig, state, world, device
         self.seq = 0 if device.type == "cuda" else seq  # CUDA: constant bytes, a captured graph replays them
+        self.error: Optional[BaseException] = None  # set by fail(): this rank gave up on the call
+
+    def fail(self, error: BaseException) -> None:
+        """This rank gave up on the call (an error only it saw): its remaining messages carry an
+        ERROR header, so its peers raise at that exchange, and :meth:`check` raises ``error``."""
+        self.error = error
 
     def write(self, slots: torch.Tensor, phase: str = "") -> None:
-        """Write the DATA header into ``slots[:, :HEADER_BYTES]`` ([k, HEADER_BYTES + n] uint8)."""
+        """Write the DATA (or, after :meth:`fail`, ERROR) header into ``slots[:, :HEADER_BYTES]``
+        ([k, HEADER_BYTES + n] uint8)."""
+        kind = DATA if self.error is None else ERROR
         if slots.is_cuda:
-            slots[:, :HEADER_BYTES] = _cuda_header(self.sig, phase, slots.device)
+            slots[:, :HEADER_BYTES] = _cuda_header(self.sig, phase, slots.device, kind)
         else:  # numpy: a tensor op per header would cost more than the whole check
-            slots.numpy()[:, :HEADER_BYTES] = np.frombuffer(self.sig.header(DATA, self.seq, phase), np.uint8)
+            slots.numpy()[:, :HEADER_BYTES] = np.frombuffer(self.sig.header(kind, self.seq, phase), np.uint8)
 
     def check(self, slots: torch.Tensor, phase: str = "") -> None:
         """Raise unless every received header (``slots[:, :HEADER_BYTES]`` of [W, HEADER_BYTES + n]
-        uint8) is this call's own."""
+        uint8) is this call's own (after :meth:`fail`: raise that error)."""
+        if self.error is not None:
+            raise self.error
         if slots.is_cuda:
             want = _cuda_header(self.sig, phase, slots.device)
             torch._assert_async((slots[:, :HEADER_BYTES] == want).all(), "tp: ranks disagree on a compressed collective")
             return
         got = slots.numpy()[:, :HEADER_BYTES].tobytes()
         if got != self.sig.header(DATA, self.seq, phase) * slots.shape[0]:
-            self.state.reset()  # every rank fails this call: the shared history restarts everywhere
-            raise _disagreement([got[i: i + HEADER_BYTES] for i in range(0, len(got), HEADER_BYTES)], self.seq)
+            err = _disagreement([got[i: i + HEADER_BYTES] for i in range(0, len(got), HEADER_BYTES)], self.seq)
+            if err.restarts:
+                self.state.reset()  # every rank saw these intact headers: the history restarts everywhere
+            raise err
 
 
-def _cuda_header(sig: Signature, phase: str, device: torch.device) -> torch.Tensor:
-    key = (sig, phase, device)
+def _cuda_header(sig: Signature, phase: str, device: torch.device, kind: int = DATA) -> torch.Tensor:
+    key = (sig, phase, device, kind)
     h = _CUDA_HEADERS.get(key)
     if h is None:
         if _capturing(device):
             raise RuntimeError(f"tp: the compressed call {sig.op} {sig.fmt} {tuple(sig.shape)} is first made "
                                f"inside CUDA-graph capture: run it once before capturing")
-        h = _CUDA_HEADERS[key] = torch.frombuffer(bytearray(sig.header(DATA, 0, phase)), dtype=torch.uint8).to(device)
+        h = _CUDA_HEADERS[key] = torch.frombuffer(bytearray(sig.header(kind, 0, phase)), dtype=torch.uint8).to(device)
         if len(_CUDA_HEADERS) > _CACHED_HEADERS:
             _CUDA_HEADERS.popitem(last=False)  # oldest first: variable shapes must not grow it forever
     return h
@@ -254,7 +345,10 @@ def begin(sig: Signature, group, world: int, device: torch.device) -> Exchange:
         return ex  # nothing can be inspected during capture; history untouched
     pred = st.predict()
     if sig != pred:
-        _check_message(sig, pred, st, group, world, device)
+        try:
+            _check_message(sig, pred, st, group, world, device)
+        except DamagedHeader as e:
+            ex.fail(e)  # the peers agreed and go on: take part in the call's exchange with an ERROR header
     st.agreed(sig)
     return ex
 
@@ -281,5 +375,7 @@ def _check_message(sig: Signature, pred: Optional[Signature], st: _GroupState, g
         dist.all_to_all_single(recv.view(-1), send.view(-1), group=group)
     got = recv.view(world, -1)[:, :H].cpu().numpy().tobytes()  # the slow path: one synchronisation
     if got != mine * world:
-        st.reset()
-        raise _disagreement([got[i: i + H] for i in range(0, len(got), H)], st.seq)
+        err = _disagreement([got[i: i + H] for i in range(0, len(got), H)], st.seq)
+        if err.restarts:
+            st.reset()  # every rank saw these intact headers
+        raise err

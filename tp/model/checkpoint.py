@@ -55,6 +55,24 @@ def load_config(path) -> LlamaConfig:
     return LlamaConfig.from_hf(json.loads(cfg.read_text()))
 
 
+def _weight_map(index: Path) -> dict:
+    """The ``weight_map`` of a sharded checkpoint's index, checked: every shard is a
+    ``*.safetensors`` file directly inside the index's folder (an index that names a path
+    elsewhere, ``../x`` or ``/abs/x``, is refused rather than read)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a safetensors index with a weight_map ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: weight_map must map tensor names to shard files, got {type(weight_map).__name__}")
+    for name, f in weight_map.items():
+        if (not isinstance(f, str) or f != Path(f).name or f in ("", ".", "..") or "\\" in f
+                or not f.endswith(".safetensors")):
+            raise ValueError(f"{index}: tensor {name!r} is in {f!r}; a shard must be a *.safetensors file "
+                             f"inside {index.parent} (no paths outside the checkpoint's folder)")
+    return weight_map
+
+
 class SafetensorsSource:
     """Reads tensors, or one rank's slice of them, from a directory of ``*.safetensors``."""
 
@@ -64,7 +82,7 @@ class SafetensorsSource:
         d = Path(directory)
         index = d / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _weight_map(index)
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in d.glob("*.safetensors"))

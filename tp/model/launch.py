@@ -90,7 +90,10 @@ def _tokenizer(args, model_path: Path | None):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.prompt:
+        parser.error("--prompt is empty: give the text the model should continue")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     own_group = False
     if args.emulate and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
@@ -117,7 +120,8 @@ def _run(args, use_cuda: bool) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if use_cuda else torch.float32)
     ctx = TPContext.emulated(args.emulate) if args.emulate else TPContext.from_group()
-    policy = CommPolicy.from_file(args.policy) if args.policy else CommPolicy(args.fmt, args.algorithm, args.min_bytes)
+    # CommPolicy.load: a missing or malformed file is a ValueError naming the file (no traceback)
+    policy = CommPolicy.load(args.policy) if args.policy else CommPolicy(args.fmt, args.algorithm, args.min_bytes)
     if args.calibration:
         from .calibrate import Calibration
 
@@ -140,6 +144,8 @@ def _run(args, use_cuda: bool) -> int:
     else:
         ids = torch.tensor([[b % cfg.vocab_size for b in args.prompt.encode()]], device=device)
         eos = None
+    if ids.numel() == 0:
+        raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens: give the text the model should continue")
     fused = None
     if policy.algorithm == "fused" and use_cuda and ctx.sharded and policy.formats():
         from ..comm.fused import FusedAllReduce  # collective allocation: every rank, before the first forward

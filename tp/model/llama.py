@@ -313,6 +313,7 @@ class TPLlama(nn.Module):
                                             dtype=dtype, device=device, checkpoint_out=cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        policy.warn_unmatched([m.call_site for m in self.row_parallel_layers()], "this TPLlama")
 
     # -- policy ------------------------------------------------------------------------------
     @property
@@ -321,6 +322,7 @@ class TPLlama(nn.Module):
 
     def set_policy(self, policy: CommPolicy) -> None:
         """Use ``policy`` for every row-parallel all-reduce from now on."""
+        policy.warn_unmatched([m.call_site for m in self.row_parallel_layers()], "this TPLlama")
         for m in self.row_parallel_layers():
             m.policy = policy
 

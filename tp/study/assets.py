@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -147,10 +148,17 @@ def _verify(path: Path, pinned: RegistryFile, downloaded: bool) -> None:
     """Check a registry file against its pinned sha256; a mismatch is moved aside to ``.bad``.
     ``downloaded``: fetched just now (else it was already in the cache: placed by hand or by
     an earlier download, and the message must not blame the registry)."""
-    digest = _sha256(path)
+    try:
+        digest = _sha256(path)
+    except FileNotFoundError:  # another loader found it bad and moved it aside meanwhile
+        raise AssetError(f"{path} was moved away by another process while it was checked (it did not match "
+                         f"the pinned {pinned.spec}); run again to download it") from None
     if digest != pinned.sha256:
         bad = path.with_suffix(path.suffix + ".bad")
-        os.replace(path, bad)
+        try:
+            os.replace(path, bad)
+        except FileNotFoundError:
+            pass  # another loader moved it aside first
         if downloaded:
             why = ("The registry served different bytes than the ones this project was checked against; "
                    "do not use it.")
@@ -211,12 +219,25 @@ def _usable(folder: Path) -> bool:
     aside to ``<name>.bad`` (replacing an older one) with a log line, so it is rebuilt."""
     if not folder.exists():
         return False
-    problem = manifest_problem(folder)
+    try:
+        problem = manifest_problem(folder)
+    except FileNotFoundError:  # another loader is moving it aside right now: rebuild
+        return False
     if problem is None:
         return True
+    # Concurrent loaders may find the same bad folder: each moves it (atomically) to a name of its
+    # own first; only the one that got it replaces ``.bad``, the others just rebuild.
     bad = folder.with_name(folder.name + ".bad")
+    aside = folder.with_name(f".{folder.name}.bad-{os.getpid()}-{threading.get_ident()}")
+    try:
+        os.replace(folder, aside)
+    except FileNotFoundError:
+        return False  # another loader moved it first
     shutil.rmtree(bad, ignore_errors=True)
-    os.replace(folder, bad)
+    try:
+        os.replace(aside, bad)
+    except OSError:  # another loader's .bad appeared in between: it keeps the evidence
+        shutil.rmtree(aside, ignore_errors=True)
     _log(f"cached {folder} is not what was made: {problem}. Moved to {bad}; rebuilding it.")
     return False
 
@@ -228,7 +249,12 @@ def _publish(tmp: Path, folder: Path, source: str) -> None:
         if folder.exists():  # another process won the race
             shutil.rmtree(tmp)
         else:
-            os.replace(tmp, folder)
+            try:
+                os.replace(tmp, folder)
+            except OSError:
+                if not folder.exists():
+                    raise
+                shutil.rmtree(tmp)  # another process published it in between: keep the winner
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

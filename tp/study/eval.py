@@ -41,7 +41,11 @@ variation. With fewer than 2 windows there is no interval.
 Every scored window is appended to ``progress.jsonl`` in the output folder as
 it finishes, and results.json / results.csv are rewritten after each finished
 configuration; running again with the same ``--out`` and settings resumes
-(configurations may be added: only what is missing runs).
+(configurations may be added: only what is missing runs). The settings include a
+digest of the qformats, lowering and tp sources that compute the scores
+(``code`` in every record): a folder started by other code is refused, never
+mixed. One eval writes a folder at a time (a second one on the same ``--out``
+is refused while the first runs).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import functools
 import datetime as _dt
 import json
 import math
@@ -647,10 +652,16 @@ class _Progress:
             diff = ", ".join(f"{k}: {head.get(k)!r} there, {self.identity.get(k)!r} now"
                              for k in sorted(set(head) | set(self.identity)) if head.get(k) != self.identity.get(k))
             raise ValueError(f"{self.path.parent} holds a run with other settings ({diff}); pass another --out to start afresh")
-        for ln in lines[1:]:
-            d = json.loads(ln)
-            self.scores.setdefault(d["key"], {})[d["window"]] = WindowScore(d["nll"], d["kl"], d["agree"], d["tokens"])
-            self.seconds[d["key"]] = self.seconds.get(d["key"], 0.0) + d["seconds"]
+        for no, ln in enumerate(lines[1:], start=2):
+            try:
+                d = json.loads(ln)
+                score = WindowScore(d["nll"], d["kl"], d["agree"], d["tokens"])
+                key, window, seconds = d["key"], d["window"], float(d["seconds"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{self.path}, line {no}: not a progress line ({type(e).__name__}: {e}): "
+                                 f"{ln[:80]!r}; delete that line to resume, or pass another --out") from None
+            self.scores.setdefault(key, {})[window] = score
+            self.seconds[key] = self.seconds.get(key, 0.0) + seconds
             self.resumed += 1
 
     def get(self, key: str, window: int) -> WindowScore | None:
@@ -865,6 +876,49 @@ def _git_commit() -> str | None:
         return None
 
 
+@contextlib.contextmanager
+def _folder_lock(out):
+    """Hold ``out``'s lock file for the run: a second eval on the same folder is refused at once
+    (two would append to one progress file and replace each other's results)."""
+    if out is None or (Path(out).exists() and not Path(out).is_dir()):
+        yield  # no folder (or a file: _run says so)
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ValueError(f"--out {out}: another qformats eval is writing to this folder now; wait for it "
+                             f"to finish (then run again to add to it) or pass another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """sha256 (first 16 hex digits) of the qformats, lowering and tp sources that compute an
+    eval's scores: results of different code never share a folder (resuming is refused)."""
+    import hashlib
+
+    import lowering
+    import qformats
+
+    h = hashlib.sha256()
+    tp_dir = Path(__file__).resolve().parents[1]  # tp/ (this file is tp/study/eval.py)
+    for pkg in (Path(qformats.__file__).parent, Path(lowering.__file__).parent, tp_dir):
+        for f in sorted(pkg.rglob("*.py")):
+            h.update(f"{pkg.name}/{f.relative_to(pkg).as_posix()}\0".encode())
+            h.update(f.read_bytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
 def _package_version() -> str | None:
     from importlib import metadata
 
@@ -941,7 +995,7 @@ def run_eval(
     model.to(plan.device).eval()
     emu = emulate_tp(model)
     try:
-        with _cpu_threads(plan) as nthreads, _fast_codec():
+        with _cpu_threads(plan) as nthreads, _fast_codec(), _folder_lock(out):
             return _run(plan, model, tokenizer, emu, textdata, model_desc, out, progress, nthreads, command, t_start)
     finally:
         emu.remove()
@@ -954,7 +1008,7 @@ def _run(plan: _Plan, model, tokenizer, emu, textdata, model_desc, out, show_pro
     n_windows = math.ceil(plan.tokens / (plan.window if bos is not None else plan.window - 1))
     windows, scored = make_windows(tokenizer, textdata.eval_text, n_windows, plan.window)
     common = {"model": model_desc, "text": textdata.source, "window": plan.window, "windows": n_windows,
-              "bos": bos is not None}
+              "bos": bos is not None, "code": source_digest()}
     identity = {**common, "tokens": n_windows * scored, "device": plan.device.type, "torch": torch.__version__,
                 "uneven": plan.uneven, "calib_tokens": plan.calib_tokens, "calib_clip": plan.calib_clip}
     out = Path(out) if out is not None else None
@@ -1131,11 +1185,14 @@ def write_outputs(records: list[dict], out: str | os.PathLike, run: dict | None 
     out.mkdir(parents=True, exist_ok=True)
     clean = [{k: (_finite(v) if isinstance(v, float) else [_finite(x) for x in v] if isinstance(v, (list, tuple)) else v)
               for k, v in r.items()} for r in records]
-    tmp = out / "results.json.part"
+    import uuid
+
+    tag = f"{os.getpid()}.{uuid.uuid4().hex[:12]}.part"  # each writer its own temporary file
+    tmp = out / f".results.json.{tag}"
     tmp.write_text(json.dumps({"run": run, "records": clean}, indent=1) + "\n")
     os.replace(tmp, out / "results.json")
     keys = list(_COLUMNS) + ["top1_ci", "name", "baseline_perplexity", "windows", "window", "heads_per_rank", "policy", "model", "text"]
-    tmp = out / "results.csv.part"
+    tmp = out / f".results.csv.{tag}"
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(keys)

@@ -336,6 +336,7 @@ class TPEmulator:
             raise TypeError(f"policy must be a tp.CommPolicy, got {type(policy).__name__}")
         algorithm = check_algorithm(algorithm) if algorithm else policy.algorithm
         policy.check_layers(self.num_layers)
+        policy.warn_unmatched(self.sites, f"this {type(self.model).__name__}")
         plan = {}
         for site in self.sites:
             what = "attention heads" if site.kind == "attn" else "MLP features"

@@ -209,32 +209,65 @@ def test_bad_input_raises_on_every_rank(case):
         assert r.type == etype.__name__ and re.search(pattern, r.message), str(r)
 
 
+def _validated(rank, world):
+    return tp.all_reduce(_shard(rank, (4, 64), torch.float32), "mxfp4", validate=True)
+
+
 def test_validate_passes_when_ranks_agree():
-    res = run_ranks(lambda r, w: tp.all_reduce(_shard(r, (4, 64), torch.float32), "mxfp4", validate=True), 2)
+    res = run_ranks(_validated, 2)
     assert torch.equal(res[0], res[1])
 
 
 # ---- the helper itself must be able to fail ------------------------------------------------------
-def test_helper_reports_a_failing_rank():
-    def f(rank, world):
-        if rank == 1:
-            raise KeyError("boom")
-        return rank
+# (module-level rank functions: where CUDA exists, ranks come from a forkserver and fn is pickled)
+def _raise_on_rank_1(rank, world):
+    if rank == 1:
+        raise KeyError("boom")
+    return rank
 
+
+def _hang_on_rank_0(rank, world):
+    import torch.distributed as dist
+
+    if rank == 0:
+        dist.barrier()  # rank 1 never joins
+    return rank
+
+
+def test_helper_reports_a_failing_rank():
     with pytest.raises(MultiRankError, match="rank 1: KeyError"):
-        run_ranks(f, 2, timeout=20)
+        run_ranks(_raise_on_rank_1, 2, timeout=20)
 
 
 def test_helper_times_out_on_a_hang():
-    import torch.distributed as dist
-
-    def f(rank, world):
-        if rank == 0:
-            dist.barrier()  # rank 1 never joins
-        return rank
-
     with pytest.raises(MultiRankError, match=r"ranks \[0\] of 2 did not finish"):
-        run_ranks(f, 2, timeout=3)
+        run_ranks(_hang_on_rank_0, 2, timeout=3)
+
+
+def test_helper_refuses_a_lambda_where_ranks_are_not_forked():
+    with pytest.raises(TypeError, match="lambda or a local function"):
+        run_ranks(lambda r, w: r, 2, method="forkserver")
+
+
+def test_helper_picks_a_cuda_safe_start_method(monkeypatch):
+    """Forked ranks cannot use CUDA once the parent touched it: where CUDA exists, no fork."""
+    from tests.tp import multirank
+
+    monkeypatch.delenv("TP_TEST_START_METHOD", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert multirank.start_method() == "forkserver"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert multirank.start_method() == "fork"
+    monkeypatch.setenv("TP_TEST_START_METHOD", "vfork")
+    with pytest.raises(ValueError, match="TP_TEST_START_METHOD='vfork'"):
+        multirank.start_method()
+
+
+def test_helper_forkserver_ranks_agree():
+    """The path a GPU machine takes: ranks from a forkserver, fn pickled by reference."""
+    res = run_ranks(_validated, 2, method="forkserver", timeout=120)
+    assert torch.equal(res[0], res[1]) and torch.equal(res[0], tp.emulate_all_reduce(
+        [_shard(r, (4, 64), torch.float32) for r in range(2)], "mxfp4"))
 
 
 # ---- ranks that disagree, under the default validate=None: the same ValueError on every rank ----
@@ -291,7 +324,8 @@ def test_disagreeing_ranks_all_raise_the_same_error_by_default(case, world):
     res = run_ranks(_mismatch, world, case, timeout=30, expect_errors=True)
     for r in res:
         assert isinstance(r, RankError), f"{case}: a rank returned {r!r} without raising"
-        assert r.type == "ValueError" and "ranks disagree on compressed collective" in r.message, str(r)
+        # (WireError: tp.comm.wirecheck's ValueError)
+        assert r.type == "WireError" and "ranks disagree on compressed collective" in r.message, str(r)
     assert len({r.message for r in res}) == 1, [r.message for r in res]  # built from every rank's header
 
 
@@ -475,3 +509,145 @@ def test_quantize_dequantize_is_straight_through():
     assert y.grad_fn is not None and torch.equal(y.detach(), qformats.quantize_dequantize(x.detach(), "mxfp4"))
     (y.float() * 3).sum().backward()
     assert x.grad.dtype == torch.float16 and torch.equal(x.grad, torch.full_like(x, 3))
+
+
+# ---- one-sided errors: an error only one rank sees leaves every rank's next call working ---------
+# (before: the failing rank reset its call history alone, and the next identical call sent a
+# CHECK message against its peers' data message: gloo size mismatch, SIGABRT or a hang)
+class _FaultyCodec:
+    """The reference codec, except that its reduce step raises (on the rank that uses it)."""
+
+    def __init__(self):
+        self.inner = tp.get_codec()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def reduce_requant(self, *a, **k):
+        raise RuntimeError("boom: a codec failure on this rank only")
+
+
+class _FaultyEncoder(_FaultyCodec):
+    """The reference codec, except that encode raises (before this rank's first message)."""
+
+    def encode(self, *a, **k):
+        raise RuntimeError("boom: an encode failure on this rank only")
+
+
+def _damage_next_receive(rank_from: int):
+    """Make this rank's next received gloo message carry a damaged header from ``rank_from``."""
+    import torch.distributed as dist
+
+    real = {n: getattr(dist, n) for n in ("all_gather_into_tensor", "all_to_all_single")}
+
+    def wrap(name):
+        def f(out, inp, *a, **k):
+            r = real[name](out, inp, *a, **k)
+            out.view(dist.get_world_size(), -1)[rank_from, 10] ^= 0xFF  # the format-checksum field
+            for n, fn in real.items():
+                setattr(dist, n, fn)  # once
+            return r
+        return f
+
+    for n in real:
+        setattr(dist, n, wrap(n))
+
+
+def _one_sided(rank, world, case):
+    x = _shard(rank, (4, 64), torch.float32)
+    alg = "two_shot" if "two_shot" in case else "gather"
+    if case != "check_message":
+        tp.all_reduce(x, "mxfp4", algorithm=alg)  # agreed once: the failing call is predicted (data first)
+    codec = None
+    if rank == 0:
+        if case == "codec_two_shot":
+            codec = _FaultyCodec()
+        elif case.startswith("encode"):
+            codec = _FaultyEncoder()
+        else:
+            _damage_next_receive(1)
+    try:
+        first = tp.all_reduce(x, "mxfp4", algorithm=alg, codec=codec)
+    except ValueError as e:
+        first = f"{type(e).__name__}: {e}"
+    except RuntimeError as e:
+        first = f"{type(e).__name__}: {e}"
+    then = [tp.all_reduce(x, "mxfp4", algorithm=a) for a in (alg, alg, "gather", "two_shot")]
+    return first, then
+
+
+@pytest.mark.parametrize("case", ["gather", "two_shot", "check_message", "codec_two_shot", "encode_gather",
+                                  "encode_two_shot"])
+def test_a_one_sided_error_leaves_every_next_call_working(case):
+    res = run_ranks(_one_sided, 2, case, timeout=60)
+    shards = [_shard(r, (4, 64), torch.float32) for r in range(2)]
+    alg = "two_shot" if "two_shot" in case else "gather"
+    for first, then in res:
+        assert [torch.equal(y, tp.emulate_all_reduce(shards, "mxfp4", a))
+                for y, a in zip(then, (alg, alg, "gather", "two_shot"))] == [True] * 4
+    first0, first1 = res[0][0], res[1][0]
+    if case == "codec_two_shot" or case.startswith("encode"):
+        assert first0.startswith("RuntimeError: boom"), first0
+    else:
+        assert first0.startswith("DamagedHeader") and "damaged" in first0, first0
+    if case == "gather":  # one exchange: the peer saw intact headers and has its (correct) result
+        assert torch.equal(first1, tp.emulate_all_reduce(shards, "mxfp4", "gather"))
+    else:  # the failed rank still took part in the call's next exchange: its peer raises there
+        assert isinstance(first1, str) and first1.startswith("PeerFailed") and "failed on rank(s) [0]" in first1, first1
+
+
+# ---- ranks-agree: two formats whose canonical strings share a crc32 ------------------------------
+CRC_TWINS = ("int4/b32/bf16+o[15,91,99]", "int4/b32/bf16+o[44,96,126]")  # found by a birthday search
+
+
+def _crc_twins(rank, world, validate):
+    x = _shard(rank, (4, 128), torch.float32)
+    return tp.all_reduce(x, CRC_TWINS[rank % 2], validate=validate)
+
+
+@pytest.mark.parametrize("validate", [None, True])
+def test_formats_whose_checksums_collide_are_told_apart(validate):
+    import zlib
+
+    a, b = (qformats.as_format(s) for s in CRC_TWINS)
+    assert zlib.crc32(str(a).encode()) == zlib.crc32(str(b).encode()) and a != b
+    assert a.nbytes((4, 128)) == b.nbytes((4, 128))
+    res = run_ranks(_crc_twins, 2, validate, timeout=30, expect_errors=True)
+    for r in res:
+        assert isinstance(r, RankError), "a rank returned a result although the ranks used different formats"
+        assert r.type in ("ValueError", "WireError") and "disagree" in r.message, str(r)
+
+
+def test_header_digest_separates_colliding_signatures():
+    from tp.comm import wirecheck
+
+    s1, s2 = (wirecheck.Signature("gather", f, torch.float32, (4, 128), 312) for f in CRC_TWINS)
+    assert s1.header(wirecheck.DATA, 3) != s2.header(wirecheck.DATA, 3)
+    assert len(s1.header(wirecheck.DATA, 3)) == wirecheck.HEADER_BYTES
+
+
+# ---- clear errors ------------------------------------------------------------------------------
+def test_compressed_reduce_scatter_of_a_1d_tensor_is_refused_clearly():
+    with pytest.raises(ValueError, match="needs 2 or more dimensions; got a 1-D tensor"):
+        tp.reduce_scatter(torch.ones(64), "mxfp4")
+    with pytest.raises(ValueError, match="needs 2 or more dimensions; got a 1-D tensor"):
+        tp.emulate_reduce_scatter([torch.ones(64), torch.ones(64)], "mxfp4")
+    assert tp.emulate_reduce_scatter([torch.ones(64), torch.ones(64)])[0].shape == (32,)  # plain: fine
+
+
+def _outside_subgroup(rank, world):
+    import torch.distributed as dist
+
+    sub = dist.new_group([0, 1])  # every rank creates it; rank 2 is not in it
+    x = _shard(rank, (4, 64), torch.float32)
+    try:
+        return tp.all_reduce(x, "mxfp4", group=sub)
+    except ValueError as e:
+        return str(e)
+
+
+def test_a_rank_outside_the_subgroup_gets_a_clear_error():
+    res = run_ranks(_outside_subgroup, 3, timeout=30)
+    want = tp.emulate_all_reduce([_shard(r, (4, 64), torch.float32) for r in range(2)], "mxfp4")
+    assert torch.equal(res[0], want) and torch.equal(res[1], want)
+    assert isinstance(res[2], str) and "not a member of the process group" in res[2] and "[0, 1]" in res[2], res[2]

@@ -270,7 +270,9 @@ def _gpu_rank(rank, world, store_path, q):
 
     torch.cuda.set_device(rank)
     store = dist.FileStore(store_path, world)
-    dist.init_process_group("nccl", store=store, rank=rank, world_size=world)
+    from datetime import timedelta
+
+    dist.init_process_group("nccl", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT))
     try:
         tp.set_codec(lowering.LoweredCodec())
         x = _input(rank).cuda()

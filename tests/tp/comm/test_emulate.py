@@ -63,6 +63,23 @@ def test_uncompressed_and_threshold_are_the_plain_sum():
     assert not torch.equal(tp.emulate_all_reduce(shards, "mxfp4", min_bytes=4 * 64 * 4), exact)
 
 
+def test_plain_sum_is_exact_for_int64_and_float64():
+    """The uncompressed path sums integers exactly and float64 in float64, as the backends do
+    (through fp32, 2**40 + 1 + 2**41 + 2 lost its low bits)."""
+    a, b = torch.tensor([2**40 + 1, -(2**62), 7]), torch.tensor([2**41 + 2, 2**62 - 1, -7])
+    assert torch.equal(tp.emulate_all_reduce([a, b]), torch.tensor([2**40 + 1 + 2**41 + 2, -1, 0]))
+    assert tp.emulate_all_reduce([a, b]).dtype == torch.int64
+    f64 = torch.float64
+    f = [torch.tensor([2.0**40 + 1, 1e-300], dtype=f64), torch.tensor([2.0**41 + 2, 1e-300], dtype=f64)]
+    assert torch.equal(tp.emulate_all_reduce(f), torch.tensor([2.0**40 + 2.0**41 + 3, 2e-300], dtype=torch.float64))
+    i8 = [torch.tensor([100], dtype=torch.int8), torch.tensor([27], dtype=torch.int8)]
+    assert tp.emulate_all_reduce(i8).item() == 127
+    # fp16/bf16/fp32 still accumulate in fp32 (the compressed paths' sum)
+    h = [torch.tensor([2048.0], dtype=torch.float16), torch.tensor([1.0], dtype=torch.float16),
+         torch.tensor([1.0], dtype=torch.float16)]
+    assert tp.emulate_all_reduce(h).item() == 2050.0  # fp16 accumulation would give 2048
+
+
 @given(
     world=st.integers(1, 4),
     rows=st.integers(1, 5),

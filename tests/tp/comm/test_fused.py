@@ -1,7 +1,8 @@
-"""tp.comm.fused: planning (offsets, threshold, fallbacks) and the fused kernel sequence, on CPU.
+"""tp.comm.fused: planning (offsets, threshold, fallbacks) and the fused kernel sequence.
 
 Everything but the symmetric-memory barrier runs here: :func:`tp.comm.fused.simulate` runs every
-rank's kernels (Triton interpreter) over W ordinary poisoned buffers in lock-step and must
+rank's kernels (on the GPU if there is one, else in Triton's interpreter) over W ordinary poisoned
+buffers in lock-step and must
 equal the emulator bit for bit. The real multi-GPU run is the last test (skipped with <2 GPUs);
 benchmarks/allreduce_gpu.py repeats it at every benchmarked size.
 """
@@ -16,6 +17,14 @@ import tp
 from tp.comm import collectives, fused as F
 
 FORMATS = ["mxfp8_e4m3", "mxfp6_e3m2", "mxfp4", "int4/b32/bf16", "uint4/b128/fp16+zp"]
+# where the simulated kernel sequence runs: the GPU when there is one (kernels compiled for it
+# never take CPU tensors), else the Triton interpreter on CPU (conftest sets TRITON_INTERPRET)
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _simulate(shards, fmt, **kw):
+    """F.simulate on DEV; outputs back on CPU, where the emulator's reference lives."""
+    return [o.cpu() for o in F.simulate([s.to(DEV) for s in shards], fmt, **kw)]
 
 
 def _shards(world, shape, dtype=torch.bfloat16, seed=0, adversarial=False):
@@ -139,7 +148,7 @@ def test_plan_errors():
         F.plan((4, 64), torch.bfloat16, "not_a_format", 2, capacity=1)
 
 
-# --------------------------------------------------------------------------------- kernels (interpreter)
+# --------------------------------------------------------------------------------- kernels (GPU or interpreter)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("world,algorithm,mode", [
     (2, "gather", "pull"), (2, "gather", "push"), (2, "two_shot", "push"), (3, "gather", "pull"), (4, "two_shot", "push"),
@@ -147,7 +156,7 @@ def test_plan_errors():
 def test_simulated_fused_equals_emulator(fmt, world, algorithm, mode):
     shards = _shards(world, (8, 320), seed=world, adversarial=True)
     ref = tp.emulate_all_reduce(shards, fmt, algorithm)
-    outs = F.simulate(shards, fmt, algorithm=algorithm, mode=mode)
+    outs = _simulate(shards, fmt, algorithm=algorithm, mode=mode)
     for r, o in enumerate(outs):
         assert o.shape == ref.shape and o.dtype == ref.dtype
         assert torch.equal(_bits(o), _bits(ref)), f"rank {r}"
@@ -161,7 +170,7 @@ def test_simulated_odd_shapes_and_dtypes(dtype, shape):
         if algorithm == "two_shot" and math.prod(shape[:-1]) % 2:
             continue
         ref = tp.emulate_all_reduce(shards, "mxfp4", algorithm)
-        for o in F.simulate(shards, "mxfp4", algorithm=algorithm):
+        for o in _simulate(shards, "mxfp4", algorithm=algorithm):
             assert torch.equal(_bits(o), _bits(ref))
 
 
@@ -174,7 +183,7 @@ def test_simulated_fused_two_shot_second_hop_equals_emulator(world, fmt, second)
     equals the emulator's, and differs from the single-format result."""
     shards = _shards(world, (8, 320), seed=11 + world, adversarial=True)
     ref = tp.emulate_all_reduce(shards, fmt, "two_shot", second_fmt=second)
-    outs = F.simulate(shards, fmt, algorithm="two_shot", second_fmt=second)
+    outs = _simulate(shards, fmt, algorithm="two_shot", second_fmt=second)
     for r, o in enumerate(outs):
         assert torch.equal(_bits(o), _bits(ref)), f"rank {r}"
     assert not torch.equal(_bits(ref), _bits(tp.emulate_all_reduce(shards, fmt, "two_shot")))
@@ -202,7 +211,7 @@ def test_plan_second_hop_room_and_errors():
 
 def test_simulate_rejects_non_fused_plans():
     with pytest.raises(ValueError, match="not a fused plan"):
-        F.simulate(_shards(2, (4, 64)), "nvfp4")
+        _simulate(_shards(2, (4, 64)), "nvfp4")
 
 
 # --------------------------------------------------------------------------------- routing
@@ -252,7 +261,10 @@ def _gpu_worker(rank, world, port, q):
     import torch.distributed as dist
 
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    from datetime import timedelta
+
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank),
+                            timeout=timedelta(seconds=120))  # a hang fails the ranks, not the whole run
     ar = F.FusedAllReduce(max_tokens=64, hidden=1024, fmts=FORMATS, min_bytes=0)
     fails = []
     for fmt in FORMATS:
@@ -304,11 +316,13 @@ def test_fused_on_two_gpus_equals_emulator():
     procs = [ctx.Process(target=_gpu_worker, args=(r, 2, port, q)) for r in range(2)]
     for p in procs:
         p.start()
-    res = dict(q.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
+    try:
+        res = dict(q.get(timeout=300) for _ in procs)  # queue.Empty (the test fails) on a hang
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
     assert res == {0: [], 1: []}
 
 

@@ -1,4 +1,6 @@
 """tp.CommPolicy: one policy, one vocabulary, the same decision in every consumer, and JSON."""
+import json
+
 import pytest
 import torch
 
@@ -150,3 +152,113 @@ def test_calibration_replaces_the_default_format_below_the_other_rules():
     p = HfPolicy(FP4, skip_first=1).with_calibration(Cal())
     assert _decisions(p, [Site.of(m, LAYERS) for m in PATHS]) == [None, None] + [FP8] * 6
     assert p.formats() == (FP4, FP8)
+
+
+# ---- one strict schema: tp.Rule, CommPolicy, from_dict and every loader refuse the same things ----
+def _doc(**over):
+    d = CommPolicy(FP4, "two_shot", 4096, (Rule(INT4, modules=("*.o_proj",), layers=(0, 2), kind="attn"),)).to_dict()
+    rule = {**d["rules"][0], **over.pop("rule", {})}
+    return {**d, "rules": [rule], **over}
+
+
+BAD_DOCS = {
+    # a string where a list of globs belongs: it used to become one glob per character, "*" among them
+    "modules a string": (dict(rule={"modules": "*.o_proj"}),
+                         r"rule 0: modules must be a list of glob patterns, got the string"),
+    "modules of numbers": (dict(rule={"modules": [3]}), r"rule 0: modules\[0\] must be a non-empty glob"),
+    "modules an object": (dict(rule={"modules": {"a": 1}}), r"rule 0: modules must be a list"),
+    "all_gather a string": (dict(all_gather="false"), r"all_gather must be true or false, got 'false'"),
+    "all_gather a number": (dict(all_gather=1), r"all_gather must be true or false, got 1"),
+    "min_bytes a bool": (dict(min_bytes=True), r"min_bytes must be an integer, got True"),
+    "min_bytes a float": (dict(min_bytes=4096.0), r"min_bytes must be an integer, got 4096.0"),
+    "min_bytes a string": (dict(min_bytes="4096"), r"min_bytes must be an integer"),
+    "layers of bools": (dict(rule={"layers": [True, False]}), r"rule 0: layers \(start, stop\) must be integers"),
+    "layers a string": (dict(rule={"layers": "0:2"}), r"rule 0: layers must be \(start, stop\)"),
+    "layers of three": (dict(rule={"layers": [0, 1, 2]}), r"rule 0: layers must be \(start, stop\)"),
+    "layers an object": (dict(rule={"layers": {"a": 1, "b": 2}}), r"rule 0: layers must be \(start, stop\)"),
+    "kind a list": (dict(rule={"kind": ["attn"]}), r"rule 0: unknown site kind \['attn'\]"),
+    "label a number": (dict(rule={"label": 5}), r"rule 0: label must be a string"),
+    "fmt a number": (dict(fmt=4), r"fmt must be a format string or null, got 4"),
+    "rule fmt an object": (dict(rule={"fmt": {"e": 2}}), r"rule 0: fmt must be a format string or null"),
+    "second_fmt a list": (dict(second_fmt=["mxfp4"]), r"second_fmt must be a format string or null"),
+    "algorithm a list": (dict(algorithm=["gather"]), r"algorithm must be a string"),
+    "rules an object": (dict(rules={"fmt": None}), r"rules must be a list of rule objects, got dict"),
+    "rules a string": (dict(rules="*"), r"rules must be a list of rule objects, got str"),
+    "rule a string": (dict(rules=["*"]), r"rule 0: must be an object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DOCS))
+def test_policy_documents_are_checked_field_by_field(case, tmp_path):
+    from tp.comm.policy import PolicyError
+
+    over, pattern = BAD_DOCS[case]
+    d = _doc(**over)
+    with pytest.raises(PolicyError, match=pattern):
+        CommPolicy.from_dict(d)
+    (tmp_path / "p.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"p\.json.*" + pattern.replace("rule 0: ", "")):
+        CommPolicy.load(tmp_path / "p.json")  # every loader goes through from_dict
+    with pytest.raises(PolicyError):
+        CommPolicy.from_string(json.dumps(d))
+
+
+def test_rule_and_policy_refuse_what_files_refuse():
+    """tp.Rule / CommPolicy built in Python: the same checks (PolicyError is a ValueError and a TypeError)."""
+    from tp.comm.policy import PolicyError
+
+    for kw, pattern in ((dict(modules="*.o_proj"), "got the string"), (dict(modules=[1]), r"modules\[0\]"),
+                        (dict(layers=(True, 2)), "must be integers"), (dict(layers=(0, False)), "must be integers"),
+                        (dict(label=None), "label must be a string"), (dict(kind="ffn"), "unknown site kind")):
+        with pytest.raises(PolicyError, match=pattern):
+            Rule(FP4, **kw)
+    for kw, pattern in ((dict(all_gather="false"), "all_gather"), (dict(min_bytes=True), "min_bytes"),
+                        (dict(rules=Rule(FP4)), "rules must be a list")):
+        with pytest.raises(PolicyError, match=pattern):
+            CommPolicy(FP4, **kw)
+    with pytest.raises(TypeError, match="got the string"):
+        tp.CollectivePolicy(FP4, modules="*.o_proj")
+    with pytest.raises(ValueError, match="skip_first must be an integer"):
+        tp.CollectivePolicy(FP4, skip_first=True)
+    # the well-formed document still loads, lists or tuples alike
+    assert CommPolicy.from_dict(_doc()).rules[0].modules == ("*.o_proj",)
+    assert Rule(FP4, modules=["a.*"]).modules == ("a.*",)
+
+
+def test_malformed_policy_json_gives_a_clear_error():
+    from tp.comm.policy import PolicyError
+
+    with pytest.raises(PolicyError, match="nested too deeply"):
+        CommPolicy.from_string("[" * 100000 + "]" * 100000)
+    with pytest.raises(PolicyError, match="not a qformats-tp-policy"):
+        CommPolicy.from_string("[1, 2]")
+    with pytest.raises(PolicyError, match="a JSON document"):
+        CommPolicy.from_string("{'kind': 1}")
+
+
+def test_a_rule_that_matches_no_site_warns():
+    """A typo in a module glob used to leave its sites silently on the default format."""
+    import warnings
+
+    typo = CommPolicy(FP4, min_bytes=0, rules=(Rule(FP8, modules=("*.down_prj",), label="typo"),
+                                               Rule(INT4, kind="mlp")))
+    assert [i for i, _ in typo.unmatched_rules(PATHS)] == [0]
+    with pytest.warns(UserWarning, match=r"policy rule 0 \(modules=\['\*.down_prj'\], label='typo'; .*matches none "
+                                         r"of the 8 collective sites of here"):
+        typo.warn_unmatched(PATHS, "here")
+    cfg = tp.LlamaConfig.preset("tiny")
+    with pytest.warns(UserWarning, match="matches none of the .* sites of this TPLlama"):
+        tp.TPLlama(cfg, tp.TPContext(), typo)
+    from tests.tp.study.test_eval import tiny_llama
+    from tp.study.hf import emulate_tp
+
+    emu = emulate_tp(tiny_llama(layers=2))
+    try:
+        with pytest.warns(UserWarning, match="matches none of the 4 collective sites of this LlamaForCausalLM"):
+            emu.configure(2, typo)
+    finally:
+        emu.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a policy whose rules all match something: silent
+        tp.TPLlama(cfg, tp.TPContext(), CommPolicy(FP4, rules=(Rule(FP8, modules=("*.down_proj",)),)))
+        CommPolicy(FP4, rules=(Rule(None),)).warn_unmatched(PATHS, "here")  # a catch-all is no typo

@@ -156,3 +156,36 @@ def test_launcher_reads_a_policy_file(capsys, tmp_path):
     assert main(["--model", "tiny", "--policy", str(path), "--emulate", "2", "--max-new-tokens", "1", "--prompt", "hi"]) == 0
     out = capsys.readouterr().out
     assert "communication: fmt=int4/b32/e8m0, algorithm=gather, min_bytes=0, 1 rules" in out
+
+
+def test_launcher_bad_policy_file_and_empty_prompt_are_clear_errors(capsys, tmp_path):
+    """A missing or malformed --policy file and an empty --prompt: a message and exit code 2, no traceback."""
+    from tp.model.launch import main
+
+    assert main(["--model", "tiny", "--policy", str(tmp_path / "missing.json"), "--emulate", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "python -m tp: policy file" in err and "missing.json" in err and "Traceback" not in err
+    (tmp_path / "bad.json").write_text('{"kind": "qformats-tp-policy", "version": 1, "all_gather": "false"}')
+    assert main(["--model", "tiny", "--policy", str(tmp_path / "bad.json"), "--emulate", "2"]) == 2
+    assert "all_gather must be true or false" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "tiny", "--prompt", "", "--emulate", "2"])
+    assert e.value.code == 2 and "--prompt is empty" in capsys.readouterr().err
+
+
+def test_checkpoint_index_naming_files_outside_its_folder_is_refused(tmp_path):
+    import json
+
+    from tp.model.checkpoint import SafetensorsSource
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (tmp_path / "elsewhere.safetensors").write_bytes(b"")
+    for bad in ("../elsewhere.safetensors", str(tmp_path / "elsewhere.safetensors"), "sub/model.safetensors",
+                "..", "model.bin", 3):
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": bad}}))
+        with pytest.raises(ValueError, match="a shard must be a \\*.safetensors file inside"):
+            SafetensorsSource(d)
+    (d / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a safetensors index with a weight_map"):
+        SafetensorsSource(d)

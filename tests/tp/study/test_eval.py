@@ -601,6 +601,23 @@ def test_paired_differences_of_two_configurations(tmp_path, capsys):
         mod.windows(tmp_path, "nvfp4", None, None)
 
 
+def test_head_split_and_few_windows_are_said(capsys):
+    """Issue 25: an uneven head split is printed before the run and explained under the table;
+    fewer than MIN_WINDOWS_FOR_CI windows mark the verdicts and the table."""
+    from tp.study.eval import FEW_WINDOWS, MIN_WINDOWS_FOR_CI
+
+    kw = _tiny_run_kwargs()  # 4 heads
+    starts = []
+    recs = run_eval(formats=["mxfp4"], tp=[3], tokens=96, window=48, on_start=starts.append, **kw)
+    assert starts and starts[0]["forwards"] == 2 * 2 and starts[0]["windows"] == 2
+    err = capsys.readouterr().err
+    assert "TP=3: the model's 4 attention heads do not divide by 3" in err and "[2, 1, 1]" in err
+    table = format_table(recs)
+    assert "TP=3: the model's 4 attention heads do not divide by 3" in table
+    assert "! 2 windows: too few for a reliable 95% interval" in table and 2 < MIN_WINDOWS_FOR_CI
+    assert recs[1]["verdict"].endswith(f"({FEW_WINDOWS})")
+
+
 def test_run_eval_bad_inputs(monkeypatch):
     # every argument is checked before the model or the text is loaded
     def no_load(*a, **k):
@@ -620,6 +637,7 @@ def test_run_eval_bad_inputs(monkeypatch):
         (dict(formats=["mxfp4"], layer_formats=["0=garbage"]), r"--layer-format 0=garbage: .*garbage"),
         (dict(formats=["mxfp4"], tokens=0), "--tokens must be a positive integer"),
         (dict(formats=["mxfp4"], window=1), "--window must be at least 2"),
+        (dict(formats=["mxfp4"], tokens=10, window=128), "--tokens 10 is less than one window of 128 tokens"),
         (dict(formats=["mxfp4"], calib_clip=-1.0), "--calib-clip"),
         (dict(formats=["mxfp4"], threads=0), "--threads"),
         (dict(formats=["mxfp4"], uneven="maybe"), "--uneven"),

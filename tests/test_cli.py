@@ -94,3 +94,12 @@ def test_argument_errors_come_before_the_writing_to_line(capsys, tmp_path):
     assert main(["eval", "--tokens", "0", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "--tokens" in err and "writing to" not in err
+
+
+def test_tune_argument_errors_come_before_the_writing_to_line(capsys, tmp_path):
+    from tp.cli import main
+
+    assert main(["tune", "--tokens", "0", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--tokens" in err and "writing to" not in err
+    assert not (tmp_path / "o").exists()

@@ -944,8 +944,12 @@ def run_eval(
         on_start(_estimate(plan, default_model=model is None))
     if isinstance(text, assets.TextData):
         textdata = text
-    else:
+    elif text is not None:
         textdata = assets.load_text(text)  # cheap, and it fails fast
+    if text is None or model is None:  # every missing default asset fetched, or all of them named at once
+        assets.fetch_defaults(model=model is None, text=text is None)
+    if text is None:
+        textdata = assets.load_text(None)
     if model is None or isinstance(model, (str, os.PathLike)):
         model, tokenizer, model_desc = assets.load_model(model)
     else:

@@ -1147,6 +1147,19 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i])
 
 
+def _label_offsets(rs, xs, ys):
+    """(offset, record, x, y) per point: names of points close on the x axis (within 0.6 bits of
+    the previous one) go alternately above and below, so that e.g. mxfp4 and outlier_int4 do not
+    print over each other."""
+    order = sorted(range(len(rs)), key=lambda i: xs[i])
+    out, prev, flip = [None] * len(rs), None, False
+    for i in order:
+        flip = (not flip) if prev is not None and xs[i] - prev < 0.6 else False
+        prev = xs[i]
+        out[i] = ((4, -10) if flip else (4, 3), rs[i], xs[i], ys[i])
+    return [(o, r, x, y) for o, r, x, y in out]
+
+
 def _plot(records: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -1158,7 +1171,8 @@ def _plot(records: list[dict], path: Path) -> None:
     cmap = plt.get_cmap("viridis")
     markers = "osD^v<>P"
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
-    for ax, key, ci_key, ylabel in ((axes[0], "ppl_change_pct", "ppl_change_ci", "perplexity change vs. baseline (%)"),
+    for ax, key, ci_key, ylabel in ((axes[0], "ppl_change_pct", "ppl_change_ci",
+                                     "perplexity change vs. baseline (%)\nsymlog axis: linear within +-1%, log beyond"),
                                     (axes[1], "kl", "kl_ci", "mean KL(baseline || compressed), nats/token")):
         for gi, (t, a) in enumerate(groups):
             color = cmap(gi / max(1, len(groups) - 1) * 0.85)
@@ -1170,8 +1184,8 @@ def _plot(records: list[dict], path: Path) -> None:
                    [max(0.0, (r[ci_key] or (y, y))[1] - y) for r, y in zip(rs, ys)]]
             ax.errorbar(xs, ys, yerr=err, fmt=markers[gi % len(markers)], color=color, ms=5, capsize=3, lw=1,
                         label=f"TP={t} {a}", zorder=3)
-            for r, x, y in zip(rs, xs, ys):
-                ax.annotate(r["name"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            for off, r, x, y in _label_offsets(rs, xs, ys):
+                ax.annotate(r["name"], (x, y), fontsize=7, xytext=off, textcoords="offset points")
             if key == "ppl_change_pct":
                 front = pareto_front(list(zip(xs, ys)))
                 if len(front) > 1:
@@ -1181,7 +1195,7 @@ def _plot(records: list[dict], path: Path) -> None:
             ax.set_yscale("symlog", linthresh=1.0)
             for lvl, ls in zip(TARGETS_PCT, (":", "-.")):
                 ax.axhline(lvl, color="grey", lw=0.8, ls=ls, label=f"target +{lvl:g}%")
-            ax.axhline(0.0, color="black", lw=0.6, label="baseline (bf16, 16 bits)")
+            ax.axhline(0.0, color="black", lw=0.6, label=BASELINE_LABEL)
         else:
             ax.set_yscale("log")
         ax.set_xlabel("bits per value on the wire (incl. scales, this model's rows)")
@@ -1189,8 +1203,8 @@ def _plot(records: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     r0 = records[0]
-    fig.suptitle(f"{r0['model'][:100]}\n{r0['tokens']} tokens ({r0['windows']} windows of {r0['window']}); "
-                 f"error bars: {CONFIDENCE:.0%} bootstrap over windows", fontsize=9)
+    fig.suptitle(f"{r0['model'][:100]}\non {r0['text'][:80]}: {r0['tokens']} tokens ({r0['windows']} windows of "
+                 f"{r0['window']}); error bars: {CONFIDENCE:.0%} bootstrap over windows", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -725,3 +725,29 @@ def test_smoke_real_model_and_text(tmp_path):
     assert comp["heads_per_rank"] == [5, 4]  # SmolLM2's 9 heads over 2 ranks
     assert json.loads((tmp_path / "results.json").read_text())["run"]["complete"]
     assert comp["ppl_change_ci"][0] < comp["ppl_change_pct"] < comp["ppl_change_ci"][1]
+
+
+def test_plot_labels_axis_and_title(tmp_path, monkeypatch):
+    """Issue 25: the symlog axis says so, the title names the text, close points' names do not
+    overlap, and the baseline is named for what it is."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import tp.study.eval as ev
+
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig: figs.append(fig))
+    recs = [{"name": "bf16", "baseline": True, "model": "M", "text": "Brown Corpus", "tokens": 2048, "windows": 16,
+             "window": 128, "bits_per_value": 16.0, "ppl_change_pct": 0.0, "kl": 0.0, "tp": 1, "algorithm": "none"}]
+    for name, bits, d in (("mxfp4", 4.25, 5.0), ("outlier_int4", 4.5, 5.2), ("mxfp8_e4m3", 8.25, 1.0)):
+        recs.append({"name": name, "baseline": False, "tp": 8, "algorithm": "gather", "bits_per_value": bits,
+                     "ppl_change_pct": d, "ppl_change_ci": [d - 1, d + 1], "kl": d / 100, "kl_ci": [d / 200, d / 50]})
+    ev._plot(recs, tmp_path / "plot.png")
+    fig = figs[0]
+    left = fig.axes[0]
+    assert "symlog" in left.get_ylabel() and "Brown Corpus" in fig._suptitle.get_text()
+    assert any(t == ev.BASELINE_LABEL for t in left.get_legend_handles_labels()[1])
+    offsets = {a.get_text(): a.xyann for a in left.texts}
+    assert offsets["mxfp4"] != offsets["outlier_int4"]

@@ -28,8 +28,8 @@ start at paragraph boundaries spread evenly over the evaluation text (never
 overlapping). Each window is ``window`` text tokens, preceded by the
 tokenizer's BOS token when it has one (as lm-eval-harness does), and every
 text token is scored (without a BOS the first token of a window cannot be
-scored). The baseline is the unmodified model (fp32, no TP split, labelled
-"bf16": 16 bits per value on the wire), in the same process. The model
+scored). The baseline is the unmodified model (fp32, no TP split, no compression;
+``--formats`` name "bf16", table row "baseline (fp32, no TP)"), in the same process. The model
 computes in fp32; the emulated ranks' partial sums are fp32.
 
 Statistics: windows are the sampling unit (they come from different

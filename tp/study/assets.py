@@ -428,8 +428,9 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        with _no_loading_bars():
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

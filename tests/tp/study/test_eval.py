@@ -604,8 +604,10 @@ def test_paired_differences_of_two_configurations(tmp_path, capsys):
 def test_head_split_and_few_windows_are_said(capsys):
     """Issue 25: an uneven head split is printed before the run and explained under the table;
     fewer than MIN_WINDOWS_FOR_CI windows mark the verdicts and the table."""
+    import tp.study.eval as ev
     from tp.study.eval import FEW_WINDOWS, MIN_WINDOWS_FOR_CI
 
+    ev._SAID.clear()  # the note is printed once per process
     kw = _tiny_run_kwargs()  # 4 heads
     starts = []
     recs = run_eval(formats=["mxfp4"], tp=[3], tokens=96, window=48, on_start=starts.append, **kw)

@@ -407,6 +407,8 @@ def test_run_eval_bookkeeping_on_tiny_model(tmp_path):
     # 2 of 4 sites compressed (layer 1 skipped): (2 * b + 2 * 16) / 4 with 4 < b < 5 (int4 + bf16 outliers)
     assert len(out) == 4 and all(10.0 < r["bits_per_value"] < 10.5 for r in out)
     assert {r["calibration"]["scale_from"] for r in out} == {"max", "sum"}
+    # the CSV's policy column names each row's format (issue 25: it said "fmt": null on every row)
+    assert r["policy"]["fmt"] == "fp4_e2m1/b32/e8m0" and all(o["policy"]["fmt"] == "outlier_int4" for o in out)
 
     data = json.loads((tmp_path / "results.json").read_text())
     run, rows = data["run"], data["records"]

@@ -103,3 +103,24 @@ def test_tune_argument_errors_come_before_the_writing_to_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "--tokens" in err and "writing to" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_progress_labels_name_the_command_and_stage(tmp_path, monkeypatch, capsys):
+    """qformats eval's bar says `qformats eval`; each of tune's stages says `qformats tune i/3 <stage>`."""
+    pytest.importorskip("transformers")
+    from tests.tp.study.test_eval import WordTokenizer, synthetic_text, tiny_llama
+    from tp.study import assets
+    from tp.study import eval as ev
+    from tp.study.tune import run_tune
+
+    text = assets.TextData(synthetic_text(seed=1), synthetic_text(seed=2), "synthetic")
+    ev.run_eval(model=tiny_llama(layers=2), tokenizer=WordTokenizer(), text=text, formats=["mxfp4"], tp=[2],
+                tokens=48, window=48, progress=True)
+    assert "qformats eval:" in capsys.readouterr().err
+    labels, real = [], ev.run_eval
+    monkeypatch.setattr(ev, "run_eval", lambda *a, **k: labels.append(k.get("label")) or real(*a, **k))
+    run_tune(tiny_llama(layers=2), text, tokenizer=WordTokenizer(), progress=True, tp=2, candidates=["mxfp4"],
+             budgets=[9], confirm_tokens=96, confirm_budgets=[9], tokens=48, window=48, out=tmp_path)
+    assert labels == ["qformats tune 1/3 sensitivity", "qformats tune 2/3 joint", "qformats tune 3/3 confirm"]
+    err = capsys.readouterr().err
+    assert "qformats tune 1/3 sensitivity:" in err and "qformats eval:" not in err

@@ -1272,7 +1272,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--tp", type=_tp_list, default=list(DEFAULT_TP), help=f"TP degrees (default: {','.join(map(str, DEFAULT_TP))})")
     parser.add_argument("--algorithms", type=_csv_list, default=list(DEFAULT_ALGORITHMS),
                         help=f"all-reduce algorithms: gather, two_shot, fused (default: {','.join(DEFAULT_ALGORITHMS)})")
-    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"scored tokens (default {DEFAULT_TOKENS}; use >= 65536 for headline numbers)")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"scored tokens, at least one --window; {MIN_WINDOWS_FOR_CI} windows or more for an interval "
+                             f"(default {DEFAULT_TOKENS}; use >= 65536 for headline numbers)")
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per window, BOS excluded (default {DEFAULT_WINDOW})")
     parser.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS, help=f"calibration tokens for the outlier formats, per TP degree (default {DEFAULT_CALIB_TOKENS})")
     parser.add_argument("--calib-clip", type=float, default=DEFAULT_CALIB_CLIP,

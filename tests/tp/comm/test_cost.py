@@ -58,7 +58,7 @@ def test_interpolation_and_the_rows_used(tables):
     assert kt.time("dequant_sum", "mxfp4", 3, 1 * MIB)[0] == pytest.approx(12.0)
     lt = cost.load_link_table("T1", "nvlink")
     assert lt.allreduce(1 * MIB, 2)[0] == pytest.approx(50 + 350 * (0.5 / 3.5))
-    assert lt.allreduce(0.25 * MIB, 2)[0] == 50.0  # latency-bound: clamped below the smallest size
+    assert lt.allreduce(0.25 * MIB, 2)[0] == 50.0  # latency-bound: clamped below the smallest size (no floor known)
     assert lt.allreduce(8 * MIB, 2)[0] == pytest.approx(800.0)
 
 

@@ -416,6 +416,9 @@ def run_tune(
         for kind, label, p in pick_budgets(predicted, nccl_us, time_plan, lambda p: p[0], lambda p: p[1]):
             chosen.setdefault(p[2], p)
             tags.setdefault(p[2], []).append((kind, label))
+        met = {budget_name(*t) for ts in tags.values() for t in ts}
+        timing["unmet"] = [budget_name(*t) for t in [("time", lbl) for lbl, _, _ in time_plan.time_budgets]
+                           + [("kl", f"{k:g}") for k in time_plan.kl_budgets] if budget_name(*t) not in met]
         if not chosen:
             raise ValueError(f"no assignment meets any budget (time {timing['time_budgets']} of NCCL's "
                              f"{nccl_us:.0f} us, KL {timing['kl_budgets']})")
@@ -653,6 +656,8 @@ def _time_header(tm: dict) -> list:
            f"link tables: {', '.join(p['link_tables'])}" + ("; world size EXTRAPOLATED (--extrapolate-world)" if p.get("extrapolate_world") else "") + ".", ""]
     if tm.get("left_out"):
         out += ["Left out (no kernel time in the table): " + "; ".join(f"{n}" for n in tm["left_out"]) + ".", ""]
+    if tm.get("unmet"):
+        out += ["No assignment meets: " + "; ".join(tm["unmet"]) + " (predicted front).", ""]
     return out
 
 
@@ -1217,6 +1222,9 @@ def reprice(folder, time_plan: TimePlan, *, tp: int | None = None, shape: str | 
                       "joint_kl": m.get("joint", {}).get("kl"), "confirmed_kl": m.get("confirmed", {}).get("kl"),
                       "confirmed_kl_ci": m.get("confirmed", {}).get("kl_ci"),
                       "confirmed_name": m.get("confirmed", {}).get("name")})
+    met = {p["budget"] for p in picks}
+    unmet = [b for b in [budget_name("time", lbl) for lbl, _, _ in time_plan.time_budgets]
+             + [budget_name("kl", f"{k:g}") for k in time_plan.kl_budgets] if b not in met]
     priced = []
     for stage, recs in (("confirmed", [c for c in doc["confirmed"] if c["tp"] == run["tp"]]), ("joint", doc["joint"])):
         for rec in recs:
@@ -1231,7 +1239,7 @@ def reprice(folder, time_plan: TimePlan, *, tp: int | None = None, shape: str | 
     res = {"source": str(folder.name), "tuned": {k: run[k] for k in ("model", "tp", "algorithm", "tokens", "confirm_tokens", "command")},
            "plan": time_plan.describe(model, algorithm, tp), "nccl_us": nccl_us, "left_out": missing, "shape": dataclasses.asdict(mshape),
            "kl_note": (f"KLs measured at TP={run['tp']}; priced at TP={tp}" if tp != run["tp"] else f"KLs measured at TP={tp}"),
-           "picks": picks, "priced": priced,
+           "picks": picks, "unmet": unmet, "priced": priced,
            "predicted_front": [{"us": t, "kl": k, "second": s, "assignment": assignment(ch)} for t, k, (s, ch) in predicted]}
     if out is not None:
         out = Path(out)
@@ -1260,6 +1268,8 @@ def format_reprice(res: dict) -> str:
             meas = f"{_kl(k['joint_kl'])}; " + (f"{_kl(k['confirmed_kl'])} {_ci(k['confirmed_kl_ci'], '.3g')}" if k["confirmed_kl"] is not None else "-")
         lines.append(f"| {k['budget']} | {_us(k['modelled_us'])} ({k['modelled_ratio']:.2f}x) | {k['bits']:.3f} | "
                      f"{_kl(k['predicted_kl'])} | {meas} | {_assignment_text(k['assignment'])} |")
+    if res["unmet"]:
+        lines += ["", "No assignment of these candidates meets: " + "; ".join(res["unmet"]) + "."]
     lines += ["", "The tune's own policies at their modelled time:", "",
               "| stage | policy | bits | KL [95% CI] | modelled us (x NCCL) |", "|---|---|---:|---|---|"]
     for r in res["priced"]:

@@ -53,6 +53,9 @@ import torch
 
 from ..comm.policy import SITE_KINDS, CommPolicy, Rule
 from . import eval as ev
+from .costs import (DEFAULT_KL_BUDGETS, DEFAULT_TIME_BUDGETS, DEFAULT_TOKENS_PER_STEP, PLAIN, RUN_AS, TimePlan,  # noqa: F401
+                    _file_tag, _project_layer, budget_name, check_time_plan, group_times, nccl_forward_us, parse_time_budget,
+                    pick_budgets, project, read_tuned_for, write_policy)
 from .hf import PLAIN_BITS, find_sites, format_label, wire_bits
 
 __all__ = [
@@ -835,307 +838,6 @@ def main_tune(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
     return 0
 
 
-# --------------------------------------------------------------------------- time: KL against modelled all-reduce time (issue 22)
-
-RUN_AS = ("fused", "nccl")
-DEFAULT_TIME_BUDGETS = ("1x", "0.75x", "0.5x", "0.333x")
-DEFAULT_KL_BUDGETS = (0.01, 0.02, 0.05, 0.1)
-DEFAULT_TOKENS_PER_STEP = 8192
-PLAIN = "bf16"  # the uncompressed option every group gets in time mode (KL 0, NCCL's time)
-
-
-@dataclasses.dataclass(frozen=True)
-class TimePlan:
-    """What the time axis is priced on: ``gpu``/``link`` (tables of :mod:`tp.comm.cost`), the
-    step size (tokens per forward), how compressed sites run (``fused``: the symmetric-memory
-    kernels on NVLink, else the NCCL path), the budgets, and a model shape to project onto."""
-
-    gpu: str
-    link: str
-    tokens_per_step: int = DEFAULT_TOKENS_PER_STEP
-    run_as: str | None = None
-    time_budgets: tuple = DEFAULT_TIME_BUDGETS
-    kl_budgets: tuple = DEFAULT_KL_BUDGETS
-    kernel_tables: tuple | None = None
-    link_tables: tuple | None = None
-    extrapolate_world: bool = False
-    project: str | None = None
-
-    def model(self):
-        from ..comm import cost
-
-        return cost.CostModel(self.gpu, self.link, kernel_tables=self.kernel_tables, link_tables=self.link_tables,
-                              extrapolate_world=self.extrapolate_world)
-
-    def comm_algorithm(self, algorithm: str, link: str) -> str:
-        """The cost model's algorithm for the policy's ``algorithm`` run as ``run_as``."""
-        run_as = self.run_as or ("fused" if link == "nvlink" else "nccl")
-        return f"fused_{algorithm}" if run_as == "fused" else algorithm
-
-    def describe(self, model, algorithm: str, tp: int) -> dict:
-        return {"device": model.device, "link": model.link, "tp": tp, "tokens_per_step": self.tokens_per_step,
-                "comm_algorithm": self.comm_algorithm(algorithm, model.link), "kernel_tables": model.describe()["kernel_tables"],
-                "link_tables": model.describe()["link_tables"],
-                "extrapolate_world": self.extrapolate_world and tp not in model.links.worlds(),
-                "times_are": "modelled (tp.comm.cost), not measured"}
-
-
-def parse_time_budget(v) -> tuple:
-    """'0.5x' (of NCCL bf16's time per forward), '300us' or '1.2ms' -> (label, fraction or None, us or None)."""
-    s = str(v).strip().lower()
-    try:
-        if s.endswith("x"):
-            f = float(s[:-1])
-            if f > 0 and math.isfinite(f):
-                return (f"{f:g}x", f, None)
-        elif s.endswith("us"):
-            u = float(s[:-2])
-            if u > 0 and math.isfinite(u):
-                return (f"{u:g}us", None, u)
-        elif s.endswith("ms"):
-            u = float(s[:-2]) * 1e3
-            if u > 0 and math.isfinite(u):
-                return (f"{u / 1e3:g}ms", None, u)
-    except ValueError:
-        pass
-    raise ValueError(f"--time-budgets: {v!r} is not a time budget: write 0.5x (of NCCL bf16's all-reduce time per "
-                     f"forward), 300us or 1.2ms")
-
-
-def _kl_budgets(v) -> tuple:
-    out = []
-    for x in ev._as_list(v, "--kl-budgets") if not isinstance(v, (int, float)) else [v]:
-        try:
-            f = float(x)
-        except (TypeError, ValueError):
-            raise ValueError(f"--kl-budgets: {x!r} is not a number") from None
-        if not (math.isfinite(f) and f > 0):
-            raise ValueError(f"--kl-budgets: KL budgets must be positive, got {x!r}")
-        out.append(f)
-    return tuple(sorted(set(out)))
-
-
-def check_time_plan(tp_: TimePlan) -> TimePlan:
-    """Parse the budgets and check names before anything is loaded (ValueError naming the option)."""
-    from ..comm import cost
-
-    cost.link_key(tp_.link)
-    if tp_.run_as is not None and tp_.run_as not in RUN_AS:
-        raise ValueError(f"--run-as must be one of {', '.join(RUN_AS)}, got {tp_.run_as!r}")
-    ev._positive_int(tp_.tokens_per_step, "--tokens-per-step")
-    tb = tuple(parse_time_budget(b) if not isinstance(b, tuple) else b for b in
-               (ev._as_list(tp_.time_budgets, "--time-budgets") if tp_.time_budgets else ()))
-    kb = _kl_budgets(tp_.kl_budgets) if tp_.kl_budgets else ()
-    if not tb and not kb:
-        raise ValueError("give at least one --time-budgets or --kl-budgets value")
-    if tp_.project is not None:
-        cost.ModelShape.parse(tp_.project)
-    return dataclasses.replace(tp_, time_budgets=tb, kl_budgets=kb)
-
-
-def budget_name(kind: str, label: str) -> str:
-    """The human name of a budget pick: 'fastest with KL <= 0.02', 'lowest KL within 0.5x NCCL'."""
-    if kind == "kl":
-        return f"fastest with KL <= {label}"
-    return f"lowest KL within {label} NCCL" if label.endswith("x") else f"lowest KL within {label}"
-
-
-def _file_tag(kind: str, label: str) -> str:
-    return f"kl{label}_fastest" if kind == "kl" else f"t{label}_lowest_kl"
-
-
-def group_times(groups, sites, named_formats, seconds, model, tokens: int, tp: int, algorithm: str) -> tuple:
-    """({(second name, group label, format name): modelled us of that group's all-reduces per
-    forward}, {format name: why it has no time}). ``named_formats``: ((name, Format or None), ...);
-    None is the plain bf16 all-reduce. ``algorithm``: the cost model's (gather, fused_gather, ...)."""
-    from ..comm import cost
-
-    out, missing = {}, {}
-    by_site = {}
-    for sname, second in seconds:
-        for g in groups:
-            members = [s for s in sites if s.kind == g.kind and g.start <= s.layer < g.stop]
-            for fname, f in named_formats:
-                if fname in missing:
-                    continue
-                total = 0.0
-                try:
-                    for s in members:
-                        shape = (int(tokens), int(s.out_features))
-                        key = (str(f), str(second), shape)
-                        if key not in by_site:
-                            if f is None:
-                                by_site[key] = model.nccl(tp, shape).us
-                            else:
-                                two = algorithm in ("two_shot", "fused_two_shot")
-                                by_site[key] = model.allreduce(f, algorithm, tp, shape,
-                                                               second_fmt=second if two else None).us
-                        total += by_site[key]
-                except cost.CostTableError as e:
-                    missing[fname] = str(e)
-                    continue
-                out[(sname, g.label, fname)] = total
-    return out, missing
-
-
-def nccl_forward_us(model, sites, tokens: int, tp: int) -> float:
-    return sum(model.nccl(tp, (int(tokens), int(s.out_features))).us for s in sites)
-
-
-def pick_budgets(points, nccl_us: float, plan: TimePlan, t_of, kl_of) -> list:
-    """[(kind, label, point)] for every budget that some point meets: ``time`` budgets take the
-    lowest KL within the time (ties: the faster), ``kl`` budgets the fastest within the KL."""
-    picks = []
-    for label, frac, us in plan.time_budgets:
-        limit = frac * nccl_us if frac is not None else us
-        fits = [p for p in points if t_of(p) <= limit * (1 + 1e-12)]
-        if fits:
-            picks.append(("time", label, min(fits, key=lambda p: (kl_of(p), t_of(p)))))
-    for k in plan.kl_budgets:
-        fits = [p for p in points if kl_of(p) <= k]
-        if fits:
-            picks.append(("kl", f"{k:g}", min(fits, key=lambda p: (t_of(p), kl_of(p)))))
-    return picks
-
-
-def write_policy(policy: CommPolicy, path, tuned_for: dict) -> None:
-    """:meth:`tp.CommPolicy.to_file` plus a ``tuned_for`` field (device, link, TP, step size,
-    modelled times, budget): the policy loader passes it through; :func:`read_tuned_for` reads it."""
-    d = policy.to_dict()
-    d["tuned_for"] = tuned_for
-    Path(path).write_text(json.dumps(d, indent=1) + "\n")
-
-
-def read_tuned_for(path) -> dict | None:
-    """The ``tuned_for`` record of a policy file written by the tuner (None: none recorded)."""
-    with open(path) as f:
-        return json.load(f).get("tuned_for")
-
-
-def _project_layer(l_new: int, n_new: int, n_old: int) -> int:
-    """The tuned model's layer whose format a projected model's layer takes: the first 3 and last 3
-    layers keep their offset from the end they sit at, the middle maps proportionally."""
-    if l_new < 3 or n_new <= 6 or n_old <= 6:
-        return min(l_new, n_old - 1)
-    if l_new >= n_new - 3:
-        return n_old - (n_new - l_new)
-    return min(n_old - 4, max(3, 3 + round((l_new - 3) * (n_old - 7) / max(1, n_new - 7))))
-
-
-def project(policy: CommPolicy, shape_text: str, model, tokens: int, tp: int, algorithm: str, n_layers_tuned: int) -> dict:
-    """The predicted all-reduce time per forward of ``policy`` on a larger model's shape (its layers
-    mapped onto the tuned model's by :func:`_project_layer`), and its share of TTFT where a
-    committed TTFT run measured that model's compute (benchmarks/results/ttft_*: the no-communication
-    prefill per layer, scaled by TP); says that the KL was measured on another model."""
-    from ..comm import cost
-    from ..comm.policy import Site
-
-    shape = cost.ModelShape.parse(shape_text)
-
-    class _P:  # the policy seen through the layer map
-        second_fmt = policy.second_fmt
-
-        @staticmethod
-        def decide(site, nbytes=None):
-            old = Site(layer=_project_layer(site.layer, shape.layers, n_layers_tuned), num_layers=n_layers_tuned,
-                       kind=site.kind)
-            return policy.decide(old, nbytes)
-
-    _P.algorithm = algorithm
-    r = cost.policy_time(model, _P, shape.sites, tokens, tp, algorithm=algorithm)
-    out = {"model": shape.name, "hidden": shape.hidden, "layers": shape.layers, "tp": tp, "tokens_per_step": tokens,
-           "modelled_us": r["us"], "nccl_us": r["nccl_us"], "ratio": r["ratio"], "notes": r["notes"],
-           "kl": f"not measured on {shape.name}: the KL is the tuned model's"}
-    comp = _compute_ms(shape, tokens, tp, model.device)
-    if comp is not None:
-        ms, src = comp
-        out.update(compute_ms=ms, compute_source=src, ttft_ms=ms + r["us"] / 1e3, nccl_ttft_ms=ms + r["nccl_us"] / 1e3,
-                   comm_share=(r["us"] / 1e3) / (ms + r["us"] / 1e3), nccl_comm_share=(r["nccl_us"] / 1e3) / (ms + r["nccl_us"] / 1e3))
-    else:
-        out["compute_ms"] = None
-        out["compute_source"] = f"no committed TTFT run of {shape.name}'s layers on {model.device}: TTFT share unknown"
-    return out
-
-
-_TTFT_MODELS = {"llama-3-70b": "llama3-70b-slice", "llama-3-8b": "llama3-8b"}
-
-
-def _compute_ms(shape, tokens: int, tp: int, device: str):
-    """(ms of one prefill's compute, source) from benchmarks/results/ttft_<device>x*_nvlink.jsonl's
-    ``no_comm`` rows of the same model (per layer, batch 1, interpolated in tokens), times layers,
-    times (measured TP / tp): the row- and column-parallel layers split their work by TP."""
-    from ..comm import cost
-
-    name = _TTFT_MODELS.get(shape.name.lower())
-    if name is None:
-        return None
-    d = cost.results_dir()
-    rows = []
-    for f in sorted(d.glob(f"ttft_{device.lower()}x*_nvlink.jsonl")):
-        world = None
-        for i, rec in cost._read_jsonl(f):
-            if rec.get("kind") == "header":
-                world = rec.get("world")
-            elif (rec.get("kind") == "prefill" and rec.get("model") == name and rec.get("variant") == "no_comm"
-                  and rec.get("batch") == 1):
-                rows.append((rec["tokens"], rec["ms_per_layer"], world, f"{f.name}:{i}"))
-    if not rows:
-        return None
-    rows.sort()
-    xs = [r[0] for r in rows]
-    if tokens <= xs[0]:
-        per, used = rows[0][1] * tokens / xs[0], [rows[0]]
-    elif tokens >= xs[-1]:
-        per, used = rows[-1][1] * tokens / xs[-1], [rows[-1]]
-    else:
-        i = next(i for i, x in enumerate(xs) if x >= tokens)
-        a, b = rows[i - 1], rows[i]
-        per = a[1] + (b[1] - a[1]) * (tokens - a[0]) / (b[0] - a[0]) if b[0] != a[0] else b[1]
-        used = [a, b]
-    world = used[0][2]
-    return per * shape.layers * world / tp, (f"no-communication prefill per layer of {name} at TP={world} "
-                                             f"({', '.join(u[3] for u in used)}), x {shape.layers} layers x {world}/{tp}")
-
-
-def _plot_time(doc: dict, path: Path) -> None:
-    """Two panels: KL against modelled all-reduce time per forward (left), against bits (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    r, tm = doc["run"], doc["time"]
-    p = tm["plan"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
-    pf = doc["predicted_front"]
-    js = doc["joint"]
-    for ax, key, jkey, label in ((axes[0], "x", "modelled_us", "MODELLED all-reduce time per forward, us"),
-                                 (axes[1], "bits", "bits", "mean wire bits per value sent")):
-        if key == "x":
-            ax.step([q["us"] for q in pf], [max(q["kl"], 1e-6) for q in pf], where="post", color="grey", lw=1, ls="--",
-                    label=f"predicted front (modelled time, sum of marginal KLs, {r['tokens']} tokens)")
-            ax.axvline(tm["nccl_us"], color="k", lw=0.8, ls=":", label=f"NCCL bf16, modelled ({tm['nccl_us']:.0f} us)")
-        ax.plot([j[jkey] for j in js], [max(j["kl"], 1e-6) for j in js], "o", mfc="none", color="tab:blue",
-                label=f"chosen policies, KL measured jointly ({r['tokens']} tokens)")
-        cs = sorted((c for c in doc["confirmed"] if c["tp"] == r["tp"]), key=lambda c: c[jkey if jkey != "bits" else "bits_per_value"])
-        if cs:
-            xs = [c["modelled_us"] if key == "x" else c["bits_per_value"] for c in cs]
-            ys = [c["kl"] for c in cs]
-            err = [[y - (c["kl_ci"] or (y, y))[0] for c, y in zip(cs, ys)], [(c["kl_ci"] or (y, y))[1] - y for c, y in zip(cs, ys)]]
-            ax.errorbar(xs, ys, yerr=err, fmt="s", ms=5, capsize=3, color="tab:red",
-                        label=f"confirmed ({r['confirm_tokens']} tokens, {r['confidence']:.0%} CI)")
-        ax.set_yscale("log")
-        ax.set_xlabel(label)
-        ax.set_ylabel("mean KL(baseline || compressed), nats/token")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{r['model'][:80]}\nqformats tune, TP={r['tp']} {r['algorithm']}; times MODELLED for {p['device']} "
-                 f"{p['link']}, {p['tokens_per_step']} tokens per step ({p['comm_algorithm']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------- re-fronting a finished tune against modelled time
 
 
@@ -1276,3 +978,42 @@ def format_reprice(res: dict) -> str:
         tm = f"{_us(r['modelled_us'])} ({r['modelled_ratio']:.2f}x)" if r["modelled_us"] is not None else f"not priced: {r['why']}"
         lines.append(f"| {r['stage']} | {r['name']} | {r['bits']:.3f} | {_kl(r['kl'])} {_ci(r.get('kl_ci'), '.3g')} | {tm} |")
     return "\n".join(lines) + "\n"
+
+
+def _plot_time(doc: dict, path: Path) -> None:
+    """Two panels: KL against modelled all-reduce time per forward (left), against bits (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r, tm = doc["run"], doc["time"]
+    p = tm["plan"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
+    pf = doc["predicted_front"]
+    js = doc["joint"]
+    for ax, key, jkey, label in ((axes[0], "x", "modelled_us", "MODELLED all-reduce time per forward, us"),
+                                 (axes[1], "bits", "bits", "mean wire bits per value sent")):
+        if key == "x":
+            ax.step([q["us"] for q in pf], [max(q["kl"], 1e-6) for q in pf], where="post", color="grey", lw=1, ls="--",
+                    label=f"predicted front (modelled time, sum of marginal KLs, {r['tokens']} tokens)")
+            ax.axvline(tm["nccl_us"], color="k", lw=0.8, ls=":", label=f"NCCL bf16, modelled ({tm['nccl_us']:.0f} us)")
+        ax.plot([j[jkey] for j in js], [max(j["kl"], 1e-6) for j in js], "o", mfc="none", color="tab:blue",
+                label=f"chosen policies, KL measured jointly ({r['tokens']} tokens)")
+        cs = sorted((c for c in doc["confirmed"] if c["tp"] == r["tp"]), key=lambda c: c[jkey if jkey != "bits" else "bits_per_value"])
+        if cs:
+            xs = [c["modelled_us"] if key == "x" else c["bits_per_value"] for c in cs]
+            ys = [c["kl"] for c in cs]
+            err = [[y - (c["kl_ci"] or (y, y))[0] for c, y in zip(cs, ys)], [(c["kl_ci"] or (y, y))[1] - y for c, y in zip(cs, ys)]]
+            ax.errorbar(xs, ys, yerr=err, fmt="s", ms=5, capsize=3, color="tab:red",
+                        label=f"confirmed ({r['confirm_tokens']} tokens, {r['confidence']:.0%} CI)")
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("mean KL(baseline || compressed), nats/token")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{r['model'][:80]}\nqformats tune, TP={r['tp']} {r['algorithm']}; times MODELLED for {p['device']} "
+                 f"{p['link']}, {p['tokens_per_step']} tokens per step ({p['comm_algorithm']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

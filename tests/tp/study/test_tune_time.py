@@ -145,3 +145,24 @@ def test_time_argument_errors(tables, tmp_path, capsys):
     assert tune.parse_time_budget("1.2ms") == ("1.2ms", None, 1200.0)
     assert tune._project_layer(0, 80, 30) == 0 and tune._project_layer(79, 80, 30) == 29
     assert tune._project_layer(77, 80, 30) == 27 and 3 <= tune._project_layer(40, 80, 30) <= 26
+
+
+def test_eval_gets_the_modelled_time_of_each_configuration(tables, tmp_path):
+    from tp.study import costs
+    from tp.study.eval import run_eval
+
+    kw = _inputs(layers=2)
+    pol = tp.CommPolicy("int8/b32/bf16", "gather", 0)
+    pol.to_file(tmp_path / "p.json")
+    recs = run_eval(formats=["mxfp4", "nvfp4"], policies=[str(tmp_path / "p.json")], tp=[2], tokens=48, window=48, **kw)
+    rows = costs.eval_times(recs, kw["model"], "T1", "nvlink", 8192, run_as="nccl")
+    by = {r["name"]: r for r in rows}
+    m = cost.CostModel("T1", "nvlink")
+    sites = find_sites(kw["model"])
+    want = cost.policy_time(m, tp.CommPolicy("mxfp4", "gather", 0), sites, 8192, 2, algorithm="gather")
+    assert by["mxfp4"]["modelled_us"] == pytest.approx(want["us"]) and by["mxfp4"]["nccl_us"] == pytest.approx(want["nccl_us"])
+    assert "no quantize time for fp4_e2m1/b16/e4m3+ts" in by["nvfp4"]["why"]  # no kernel rows: said, not guessed
+    p = by[str(tmp_path / "p.json")] if str(tmp_path / "p.json") in by else next(r for r in rows if r["name"] not in ("mxfp4", "nvfp4", "bf16"))
+    assert p["modelled_us"] == pytest.approx(cost.policy_time(m, pol, sites, 8192, 2, algorithm="gather")["us"])
+    text = costs.format_eval_times(rows, "T1", "nvlink", 8192)
+    assert "MODELLED" in text and "| mxfp4 | 2 | gather |" in text

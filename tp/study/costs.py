@@ -156,7 +156,14 @@ def group_times(groups, sites, named_formats, seconds, model, tokens: int, tp: i
 
     out, missing = {}, {}
     by_site = {}
-    for sname, second in seconds:
+    usable = []
+    for sname, second in seconds:  # a second-hop format without kernel times is no choice here
+        if second is not None and not all(model.kernels.has(st, second, n) for st, n in
+                                           (("quantize", 1), ("dequantize", 1))):
+            missing[f"second hop {sname}"] = f"no kernel times for {second} on {model.device}"
+        else:
+            usable.append((sname, second))
+    for sname, second in usable:
         for g in groups:
             members = [s for s in sites if s.kind == g.kind and g.start <= s.layer < g.stop]
             for fname, f in named_formats:
@@ -180,6 +187,11 @@ def group_times(groups, sites, named_formats, seconds, model, tokens: int, tp: i
                     continue
                 out[(sname, g.label, fname)] = total
     return out, missing
+
+
+def usable_seconds(seconds, missing) -> tuple:
+    """The second-hop choices :func:`group_times` could price."""
+    return tuple((n, f) for n, f in seconds if f"second hop {n}" not in missing)
 
 
 def nccl_forward_us(model, sites, tokens: int, tp: int) -> float:

@@ -55,7 +55,7 @@ from ..comm.policy import SITE_KINDS, CommPolicy, Rule
 from . import eval as ev
 from .costs import (DEFAULT_KL_BUDGETS, DEFAULT_TIME_BUDGETS, DEFAULT_TOKENS_PER_STEP, PLAIN, RUN_AS, TimePlan,  # noqa: F401
                     _file_tag, _project_layer, budget_name, check_time_plan, group_times, nccl_forward_us, parse_time_budget,
-                    pick_budgets, project, read_tuned_for, write_policy)
+                    pick_budgets, project, read_tuned_for, usable_seconds, write_policy)
 from .hf import PLAIN_BITS, find_sites, format_label, wire_bits
 
 __all__ = [
@@ -355,10 +355,13 @@ def run_tune(
         if PLAIN in missing:
             raise ValueError(f"--gpu/--link: {missing[PLAIN]}")
         kept = tuple((n, f) for n, f in plan.candidates if n not in missing)
+        if not usable_seconds(plan.seconds, missing):
+            raise ValueError("--second-formats: no second-hop choice has kernel times: "
+                             + "; ".join(f"{n}: {why}" for n, why in missing.items()))
         if not [n for n, f in kept if f is not None]:
             raise ValueError("--candidates: no candidate has kernel times in the device's table: "
                              + "; ".join(f"{n}: {why}" for n, why in missing.items()))
-        plan = dataclasses.replace(plan, candidates=kept)
+        plan = dataclasses.replace(plan, candidates=kept, seconds=usable_seconds(plan.seconds, missing))
         nccl_us = nccl_forward_us(cmodel, sites, T, plan.tp)
         timing = {"plan": time_plan.describe(cmodel, plan.algorithm, plan.tp), "nccl_us": nccl_us,
                   "left_out": missing, "time_budgets": [lbl for lbl, _, _ in time_plan.time_budgets],
@@ -889,6 +892,7 @@ def reprice(folder, time_plan: TimePlan, *, tp: int | None = None, shape: str | 
     if PLAIN in missing:
         raise ValueError(missing[PLAIN])
     kept = [(n, f) for n, f in cands if n not in missing] + [(PLAIN, None)]
+    seconds = usable_seconds(seconds, missing)
     kl_of = {(d["second"], d["group"], d["format"]): d["kl"] for d in doc["sensitivity"]}
     width = mshape.hidden
     total_width = float(len(sites) * width)
@@ -924,6 +928,12 @@ def reprice(folder, time_plan: TimePlan, *, tp: int | None = None, shape: str | 
                       "joint_kl": m.get("joint", {}).get("kl"), "confirmed_kl": m.get("confirmed", {}).get("kl"),
                       "confirmed_kl_ci": m.get("confirmed", {}).get("kl_ci"),
                       "confirmed_name": m.get("confirmed", {}).get("name")})
+    if time_plan.project:
+        by_name = dict(kept)
+        for k in picks:
+            choice = tuple(by_name[k["assignment"][g.label]] for g in groups)
+            pol = _assemble(groups, choice, algorithm, dict(seconds)[k["second"]])
+            k["projection"] = project(pol, time_plan.project, model, T, tp, comm_alg, mshape.layers)
     met = {p["budget"] for p in picks}
     unmet = [b for b in [budget_name("time", lbl) for lbl, _, _ in time_plan.time_budgets]
              + [budget_name("kl", f"{k:g}") for k in time_plan.kl_budgets] if b not in met]
@@ -972,6 +982,20 @@ def format_reprice(res: dict) -> str:
                      f"{_kl(k['predicted_kl'])} | {meas} | {_assignment_text(k['assignment'])} |")
     if res["unmet"]:
         lines += ["", "No assignment of these candidates meets: " + "; ".join(res["unmet"]) + "."]
+    proj = [k for k in res["picks"] if k.get("projection")]
+    if proj:
+        p0 = proj[0]["projection"]
+        lines += ["", f"Projected onto {p0['model']} (hidden {p0['hidden']}, {p0['layers']} layers, TP={p0['tp']}, "
+                      f"{p0['tokens_per_step']} tokens; layers mapped onto the tuned model's; the KL is the tuned model's, "
+                      f"not measured on {p0['model']}):", "",
+                  "| budget (on the tuned model) | modelled all-reduce ms (x NCCL) | NCCL ms | compute ms | comm share of TTFT (NCCL's) |",
+                  "|---|---:|---:|---:|---|"]
+        for k in proj:
+            q = k["projection"]
+            share = f"{q['comm_share']:.1%} ({q['nccl_comm_share']:.1%})" if q.get("compute_ms") is not None else "unknown"
+            comp = f"{q['compute_ms']:.0f}" if q.get("compute_ms") is not None else "-"
+            lines.append(f"| {k['budget']} | {q['modelled_us'] / 1e3:.2f} ({q['ratio']:.2f}x) | {q['nccl_us'] / 1e3:.2f} | {comp} | {share} |")
+        lines += ["", f"Compute: {p0['compute_source']}."]
     lines += ["", "The tune's own policies at their modelled time:", "",
               "| stage | policy | bits | KL [95% CI] | modelled us (x NCCL) |", "|---|---|---:|---|---|"]
     for r in res["priced"]:

@@ -956,7 +956,7 @@ def reprice(folder, time_plan: TimePlan, *, tp: int | None = None, shape: str | 
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "reprice.json").write_text(json.dumps(res, indent=1) + "\n")
+        (out / "reprice.json").write_text(json.dumps(res) + "\n")
         (out / "reprice.md").write_text(format_reprice(res))
     return res
 

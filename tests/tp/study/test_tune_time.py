@@ -44,7 +44,7 @@ def tables(tmp_path, monkeypatch):
 def test_time_front_budgets_brute_force_and_policy_files(tables, tmp_path):
     kw = _inputs(layers=4)
     plan = tune.TimePlan("T1", "nvlink", tokens_per_step=8192, run_as="nccl", time_budgets=("0.95x", "0.8x", "0.6x"),
-                         kl_budgets=(0.05, 1.0))
+                         kl_budgets=(0.05, 1.0), project="big:hidden=64,layers=8")
     doc = tune.run_tune(kw["model"], kw["text"], tokenizer=kw["tokenizer"], progress=False, tp=2,
                         candidates=["mxfp4", "int8/b32/bf16", "nvfp4"], confirm_tokens=96, out=tmp_path / "out",
                         time_plan=plan, **SEARCH)
@@ -105,6 +105,7 @@ def test_time_front_budgets_brute_force_and_policy_files(tables, tmp_path):
         assert meta["comm_algorithm"] == "gather" and meta["budgets"] and "modelled" in meta["times_are"]
     md = (tmp_path / "out" / "front.md").read_text()
     assert "**modelled**" in md and "modelled us (x NCCL)" in md and "fastest with KL <= " in md
+    assert "Projected onto big" in md and all(j["projection"]["layers"] == 8 for j in doc["joint"])
     assert (tmp_path / "out" / "front.png").stat().st_size > 0
 
     # --reprice: the same front from front.json alone, nothing measured
@@ -166,3 +167,22 @@ def test_eval_gets_the_modelled_time_of_each_configuration(tables, tmp_path):
     assert p["modelled_us"] == pytest.approx(cost.policy_time(m, pol, sites, 8192, 2, algorithm="gather")["us"])
     text = costs.format_eval_times(rows, "T1", "nvlink", 8192)
     assert "MODELLED" in text and "| mxfp4 | 2 | gather |" in text
+
+
+def test_project_onto_a_larger_shape(tables, monkeypatch):
+    from tp.study import costs
+
+    m = cost.CostModel("T1", "nvlink")
+    pol = tp.CommPolicy("int8/b32/bf16", "gather", 0, (tp.Rule(None, layers=(0, 1)),))  # tuned model: layer 0 plain
+    r = costs.project(pol, "big:hidden=64,layers=8", m, 8192, 2, "gather", n_layers_tuned=4)
+    comp = m.allreduce("int8/b32/bf16", "gather", 2, (8192, 64)).us
+    plain = m.nccl(2, (8192, 64)).us
+    assert r["modelled_us"] == pytest.approx(2 * plain + 14 * comp)  # layer 0 of 8 maps to layer 0 of 4: plain
+    assert r["nccl_us"] == pytest.approx(16 * plain) and "not measured on big" in r["kl"]
+    assert r["compute_ms"] is None and "TTFT share unknown" in r["compute_source"]
+    # the committed tables: Llama-3-70B's compute from the TTFT run of its layers, scaled to TP=8
+    monkeypatch.delenv(cost.RESULTS_ENV)
+    h200 = cost.CostModel("H200", "nvlink", extrapolate_world=True)
+    r = costs.project(tp.CommPolicy("mxfp4", "gather", 0), "Llama-3-70B", h200, 8192, 8, "fused_gather", 30)
+    assert r["compute_ms"] > 0 and "llama3-70b-slice at TP=2" in r["compute_source"] and 0 < r["comm_share"] < 1
+    assert any("EXTRAPOLATED" in n for n in r["notes"])

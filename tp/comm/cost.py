@@ -609,7 +609,6 @@ class CostModel:
             return acc.estimate("nccl", world, S, None)
         f2 = qformats.as_format(second_fmt) if second_fmt is not None else f
         B = f.nbytes((rows_, width))
-        g_note = None
         if algorithm == "gather":
             self._k(acc, "quantize", "quantize", f, 1, S)
             if self.wire_headers:
@@ -669,8 +668,6 @@ class CostModel:
                 dq = self._k(sub, "d", "dequantize", f2, 1, S)
                 pull = (world - 1) * B2 / world / (P * 1e9) * 1e6
                 acc.add("dequantize_pull", max(dq, pull), sub.rows + prow, f"max(decode {dq:.1f} us, peer reads {pull:.1f} us)")
-        if g_note:
-            acc.notes.append(g_note)
         return acc.estimate(algorithm, world, S, str(f) if f2 == f else f"{f}->{f2}")
 
     def _reduce(self, acc, f, f2, world, c):
@@ -776,6 +773,7 @@ class ModelShape:
     name: str
     hidden: int
     layers: int
+    tp: Optional[int] = None  # the TP degree to price it at (None: the caller's)
 
     @property
     def sites(self) -> list:
@@ -783,11 +781,17 @@ class ModelShape:
 
     @staticmethod
     def parse(text: str) -> "ModelShape":
-        """'Llama-3-70B' (a known name) or 'NAME:hidden=8192,layers=80' / 'hidden=8192,layers=80'."""
+        """'Llama-3-70B' (a known name), 'Llama-3-70B:tp=8', or 'NAME:hidden=8192,layers=80[,tp=8]'."""
         t = str(text).strip()
         known = _known_shapes()
         if t.lower() in known:
             return known[t.lower()]
+        head, _, rest = t.partition(":")
+        if head.lower() in known and rest.replace(" ", "").lower().startswith("tp="):
+            try:
+                return dataclasses.replace(known[head.lower()], tp=int(rest.split("=", 1)[1]))
+            except ValueError:
+                raise ValueError(f"--project {text!r}: tp= needs an integer") from None
         name, _, spec = t.rpartition(":") if ":" in t else ("custom", "", t)
         kv = {}
         for part in spec.split(","):
@@ -797,7 +801,8 @@ class ModelShape:
                                  f"NAME:hidden=H,layers=L")
             kv[k.strip().lower()] = v.strip()
         try:
-            return ModelShape(name or "custom", int(kv["hidden"]), int(kv["layers"]))
+            return ModelShape(name or "custom", int(kv["hidden"]), int(kv["layers"]),
+                              int(kv["tp"]) if "tp" in kv else None)
         except (KeyError, ValueError):
             raise ValueError(f"--project {text!r}: needs integer hidden= and layers=") from None
 

@@ -247,6 +247,7 @@ def project(policy: CommPolicy, shape_text: str, model, tokens: int, tp: int, al
     from ..comm.policy import Site
 
     shape = cost.ModelShape.parse(shape_text)
+    tp = shape.tp or tp
 
     class _P:  # the policy seen through the layer map
         second_fmt = policy.second_fmt
@@ -327,16 +328,20 @@ def add_time_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--run-as", choices=RUN_AS, default=None, help="fused (default on nvlink) or nccl (the NCCL path)")
     t.add_argument("--extrapolate-world", action="store_true",
                    help="price a TP degree with no NCCL measurement from the nearest smaller one (says so)")
+    t.add_argument("--kernel-table", default=None, metavar="F1,F2",
+                   help="kernel tables (benchmarks/codec_gpu.py JSONL; default: the newest committed for --gpu)")
+    t.add_argument("--link-table", default=None, metavar="F1,F2", help="link tables (default: the committed ones)")
 
 
 def eval_times(records: Sequence[dict], model, gpu: str, link: str, tokens_per_step: int = DEFAULT_TOKENS_PER_STEP,
-               run_as: str | None = None, extrapolate_world: bool = False) -> list:
+               run_as: str | None = None, extrapolate_world: bool = False, kernel_tables=None, link_tables=None) -> list:
     """The modelled all-reduce time per forward of each eval record's configuration (format or
     policy, algorithm, TP) over ``model``'s sites: [{"name", "tp", "algorithm", "modelled_us",
     "nccl_us", "ratio"} or "why" where no table covers it]."""
     from ..comm import cost
 
-    tplan = check_time_plan(TimePlan(gpu, link, tokens_per_step, run_as, (), (0.1,), extrapolate_world=extrapolate_world))
+    tplan = check_time_plan(TimePlan(gpu, link, tokens_per_step, run_as, (), (0.1,), kernel_tables=kernel_tables,
+                                     link_tables=link_tables, extrapolate_world=extrapolate_world))
     cm = tplan.model()
     sites = find_sites(model)
     out = []
@@ -387,7 +392,8 @@ def eval_time_report(records, args, out) -> None:
     from . import assets
 
     model, _, _ = assets.load_model(args.model)
-    rows = eval_times(records, model, args.gpu, args.link, args.tokens_per_step, args.run_as, args.extrapolate_world)
+    rows = eval_times(records, model, args.gpu, args.link, args.tokens_per_step, args.run_as, args.extrapolate_world,
+                      args.kernel_table, args.link_table)
     text = format_eval_times(rows, args.gpu, args.link, args.tokens_per_step)
     Path(out, "time.json").write_text(json.dumps(rows, indent=1) + "\n")
     Path(out, "time.md").write_text(text)
@@ -403,4 +409,5 @@ def eval_time_check(args) -> None:
     if args.link is None:
         raise ValueError("--gpu needs --link (nvlink, or host)")
     check_time_plan(TimePlan(args.gpu, args.link, args.tokens_per_step, args.run_as, (), (0.1,),
+                             kernel_tables=args.kernel_table, link_tables=args.link_table,
                              extrapolate_world=args.extrapolate_world)).model()

@@ -695,7 +695,7 @@ def _format_time_front(doc: dict, lines: list) -> str:
     if proj:
         p0 = proj[0]["projection"]
         lines += ["", f"## Projected onto {p0['model']} (hidden {p0['hidden']}, {p0['layers']} layers, TP={p0['tp']}, "
-                      f"{p0['tokens_per_step']} tokens): modelled all-reduce time; the KL was measured on {r['model'][:40]}, "
+                      f"{p0['tokens_per_step']} tokens): modelled all-reduce time; the KL was measured on {r['model'].split(' (')[0]}, "
                       f"not on {p0['model']}", "",
                   "| policy | modelled all-reduce ms (x NCCL) | NCCL ms | compute ms | comm share of TTFT (NCCL's) |", "|---|---:|---:|---:|---|"]
         for j in proj:

@@ -186,3 +186,10 @@ def test_project_onto_a_larger_shape(tables, monkeypatch):
     r = costs.project(tp.CommPolicy("mxfp4", "gather", 0), "Llama-3-70B", h200, 8192, 8, "fused_gather", 30)
     assert r["compute_ms"] > 0 and "llama3-70b-slice at TP=2" in r["compute_source"] and 0 < r["comm_share"] < 1
     assert any("EXTRAPOLATED" in n for n in r["notes"])
+
+
+def test_model_shapes_parse():
+    assert cost.ModelShape.parse("Llama-3-70B:tp=8") == cost.ModelShape("Llama-3-70B", 8192, 80, 8)
+    assert cost.ModelShape.parse("x:hidden=64,layers=2,tp=4").tp == 4
+    with pytest.raises(ValueError):
+        cost.ModelShape.parse("Llama-3-70B:tp=eight")

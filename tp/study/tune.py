@@ -1014,26 +1014,28 @@ def _plot_time(doc: dict, path: Path) -> None:
     r, tm = doc["run"], doc["time"]
     p = tm["plan"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
+    floor = 1e-5  # plain (bf16) points have KL 0 (or rounding noise): drawn at this floor
     pf = doc["predicted_front"]
     js = doc["joint"]
     for ax, key, jkey, label in ((axes[0], "x", "modelled_us", "MODELLED all-reduce time per forward, us"),
                                  (axes[1], "bits", "bits", "mean wire bits per value sent")):
         if key == "x":
-            ax.step([q["us"] for q in pf], [max(q["kl"], 1e-6) for q in pf], where="post", color="grey", lw=1, ls="--",
+            ax.step([q["us"] for q in pf], [max(q["kl"], floor) for q in pf], where="post", color="grey", lw=1, ls="--",
                     label=f"predicted front (modelled time, sum of marginal KLs, {r['tokens']} tokens)")
             ax.axvline(tm["nccl_us"], color="k", lw=0.8, ls=":", label=f"NCCL bf16, modelled ({tm['nccl_us']:.0f} us)")
-        ax.plot([j[jkey] for j in js], [max(j["kl"], 1e-6) for j in js], "o", mfc="none", color="tab:blue",
+        ax.plot([j[jkey] for j in js], [max(j["kl"], floor) for j in js], "o", mfc="none", color="tab:blue",
                 label=f"chosen policies, KL measured jointly ({r['tokens']} tokens)")
         cs = sorted((c for c in doc["confirmed"] if c["tp"] == r["tp"]), key=lambda c: c[jkey if jkey != "bits" else "bits_per_value"])
         if cs:
             xs = [c["modelled_us"] if key == "x" else c["bits_per_value"] for c in cs]
-            ys = [c["kl"] for c in cs]
-            err = [[y - (c["kl_ci"] or (y, y))[0] for c, y in zip(cs, ys)], [(c["kl_ci"] or (y, y))[1] - y for c, y in zip(cs, ys)]]
+            ys = [max(c["kl"], floor) for c in cs]
+            ci = [[max(v, floor) for v in (c["kl_ci"] or (c["kl"], c["kl"]))] for c in cs]
+            err = [[max(0.0, y - lo) for (lo, _), y in zip(ci, ys)], [max(0.0, hi - y) for (_, hi), y in zip(ci, ys)]]
             ax.errorbar(xs, ys, yerr=err, fmt="s", ms=5, capsize=3, color="tab:red",
                         label=f"confirmed ({r['confirm_tokens']} tokens, {r['confidence']:.0%} CI)")
         ax.set_yscale("log")
         ax.set_xlabel(label)
-        ax.set_ylabel("mean KL(baseline || compressed), nats/token")
+        ax.set_ylabel(f"mean KL, nats/token (< {floor:g} drawn at {floor:g})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{r['model'][:80]}\nqformats tune, TP={r['tp']} {r['algorithm']}; times MODELLED for {p['device']} "

@@ -824,7 +824,7 @@ def main_tune(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
     try:
         time_plan = time_plan_from_args(args)
         if args.reprice:
-            res = reprice(args.reprice, time_plan, tp=args.tp if "--tp" in (argv or sys.argv) else None, out=out)
+            res = reprice(args.reprice, time_plan, tp=args.tp if any(a == "--tp" or a.startswith("--tp=") for a in (argv or sys.argv)) else None, out=out)
             print(format_reprice(res))
             print(f"written to {out.resolve()}/ (reprice.json, reprice.md)")
             return 0

@@ -239,6 +239,7 @@ class KernelTable:
         self.rows: dict = {}  # (step, fmt, n) -> [Row] sorted by x
         self.copy: list = []  # [Row]: x = bytes copied, us
         self.files: list = []  # [(file, build)]
+        self.skipped: dict = {}  # format name -> why (a format this build of qformats cannot parse)
 
     def add_file(self, path: Path) -> "KernelTable":
         path = Path(path)
@@ -261,7 +262,11 @@ class KernelTable:
             if d.get("case") == "copy":
                 copy.append(Row(d["mib"] * MIB, d["us"], src, build))
             elif d.get("case") in STEPS and d.get("via", "kernel") == "kernel":
-                key = (d["case"], _canon(d["fmt"]), int(d.get("n", 1)))
+                try:
+                    key = (d["case"], _canon(d["fmt"]), int(d.get("n", 1)))
+                except ValueError as e:  # a format newer than this checkout: left out, said
+                    self.skipped.setdefault(str(d["fmt"]), f"{src}: {e}")
+                    continue
                 seen.setdefault(key, {})[float(d["mib"]) * MIB] = Row(float(d["mib"]) * MIB, float(d["us"]), src, build)
             elif d.get("kind") == "breakdown":
                 x = float(d["size_mib"]) * MIB
@@ -269,6 +274,11 @@ class KernelTable:
                     copy.append(Row(x, d["ms"] * 1e3, src, build))
                 elif d["part"] in _BREAKDOWN_STEPS and d.get("fmt"):
                     step, n = _BREAKDOWN_STEPS[d["part"]]
+                    try:
+                        _canon(d["fmt"])
+                    except ValueError as e:
+                        self.skipped.setdefault(str(d["fmt"]), f"{src}: {e}")
+                        continue
                     # a file with several runs (tile configs): the first run's row is kept
                     seen.setdefault((step, _canon(d["fmt"]), n), {}).setdefault(x, Row(x, d["ms"] * 1e3, src, build))
         if build is None:

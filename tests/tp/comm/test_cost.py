@@ -152,7 +152,8 @@ def test_newer_committed_kernel_table_needs_no_code_change(tables, monkeypatch):
     """A codec_<device>*.jsonl committed after the manifest's files is read first."""
     _write(tables, "codec_t1_new.jsonl", [
         {"case": "env", "device": "NVIDIA T1", "command": "newer build", "tile": "table"},
-        {"case": "quantize", "fmt": "mxfp4", "mib": 1.0, "n": 1, "via": "kernel", "us": 7.0}])
+        {"case": "quantize", "fmt": "mxfp4", "mib": 1.0, "n": 1, "via": "kernel", "us": 7.0},
+        {"case": "quantize", "fmt": "int9_from_the_future", "mib": 1.0, "n": 1, "via": "kernel", "us": 7.0}])
     times = {"codec_t1.jsonl": 100, "codec_t1_new.jsonl": 200}
     monkeypatch.setattr(cost, "_git_info", lambda p: ("abc", times.get(p.rsplit("/", 1)[-1])))
     kt = cost.load_kernel_table("T1")
@@ -160,6 +161,7 @@ def test_newer_committed_kernel_table_needs_no_code_change(tables, monkeypatch):
     assert kt.time("quantize", "mxfp4", 1, MIB)[0] == 7.0  # the newer build wins ...
     assert kt.time("quantize", "mxfp4", 1, 4 * MIB)[0] == 40.0  # ... the older fills what it lacks
     assert "newer build" in kt.time("quantize", "mxfp4", 1, MIB)[2][0].build
+    assert "int9_from_the_future" in kt.skipped  # a format this checkout cannot parse is left out, not fatal
     explicit = cost.load_kernel_table("T1", "codec_t1.jsonl")
     assert explicit.time("quantize", "mxfp4", 1, MIB)[0] == 10.0
 

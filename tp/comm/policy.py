@@ -398,7 +398,9 @@ class CommPolicy:
         if not isinstance(d, dict) or d.get("kind") != _FILE_KIND or d.get("version") != _VERSION:
             got = (d.get("kind"), d.get("version")) if isinstance(d, dict) else type(d).__name__
             raise PolicyError(f"not a {_FILE_KIND} v{_VERSION} document (got {got})")
-        known = {"kind", "version", "fmt", "algorithm", "min_bytes", "second_fmt", "all_gather", "rules"}
+        # tuned_for: what qformats tune priced the policy for (device, link, step); read by
+        # tp.study.tune.read_tuned_for, passed over here
+        known = {"kind", "version", "fmt", "algorithm", "min_bytes", "second_fmt", "all_gather", "rules", "tuned_for"}
         extra = set(d) - known
         if extra:
             raise PolicyError(f"unknown policy fields {sorted(extra)}; valid: {sorted(known)}")

@@ -1362,6 +1362,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", default=None, help="output folder (default: out/eval-<timestamp>); an unfinished run there with the same settings resumes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .costs import add_time_arguments  # --gpu/--link: modelled all-reduce time (issue 22)
+
+    add_time_arguments(parser)
     return parser
 
 
@@ -1380,6 +1383,9 @@ def main_eval(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
               f"{est['forwards']} forward passes of {est['window']} tokens{eta}", file=sys.stderr)
 
     try:
+        from .costs import eval_time_check  # --gpu/--link: refuse unknown tables before the eval runs
+
+        eval_time_check(args)
         records = run_eval(
             model=args.model, text=args.text, formats=args.formats, tp=args.tp, algorithms=args.algorithms,
             tokens=args.tokens, window=args.window, out=out, skip_first=args.skip_first, skip_last=args.skip_last,
@@ -1391,6 +1397,13 @@ def main_eval(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
         print(f"qformats eval: {e}", file=sys.stderr)
         return 2
     print(format_table(records))
+    try:  # --gpu/--link: the modelled all-reduce time per forward of each configuration (issue 22)
+        from .costs import eval_time_report
+
+        eval_time_report(records, args, out)
+    except ValueError as e:
+        print(f"qformats eval: {e}", file=sys.stderr)
+        return 2
     print(f"\nresults written to {out.resolve()}/ (results.json, results.csv, plot.png)")
     return 0
 

@@ -53,6 +53,9 @@ import torch
 
 from ..comm.policy import SITE_KINDS, CommPolicy, Rule
 from . import eval as ev
+from .costs import (DEFAULT_KL_BUDGETS, DEFAULT_TIME_BUDGETS, DEFAULT_TOKENS_PER_STEP, PLAIN, RUN_AS, TimePlan,  # noqa: F401
+                    _file_tag, _project_layer, budget_name, check_time_plan, group_times, nccl_forward_us, parse_time_budget,
+                    pick_budgets, project, read_tuned_for, usable_seconds, write_policy)
 from .hf import PLAIN_BITS, find_sites, format_label, wire_bits
 
 __all__ = [
@@ -283,6 +286,7 @@ def run_tune(
     tokenizer=None,
     command: str | None = None,
     on_start=None,
+    time_plan: "TimePlan | None" = None,
 ) -> dict:
     """Run the search (module docstring) and return the document written to ``out/front.json``.
 
@@ -292,12 +296,25 @@ def run_tune(
     ``"same"`` = the first hop's. ``layer_bounds``: the layer indices where groups split (default
     :func:`default_layer_bounds`). ``budgets``: the bit budgets whose predicted-best policies are
     measured jointly; ``confirm_budgets``: those whose measured-best are confirmed on
-    ``confirm_tokens`` (0: none) at every ``confirm_tp`` degree (default: ``tp``)."""
+    ``confirm_tokens`` (0: none) at every ``confirm_tp`` degree (default: ``tp``).
+
+    ``time_plan`` (:class:`TimePlan`; ``--gpu/--link``): the front is (modelled all-reduce time per
+    forward at ``tokens_per_step`` tokens, KL) instead of (bits, KL); bits stay a column. Every group
+    may also stay plain (bf16: KL 0, NCCL's time). Candidates with no kernel time in the device's
+    table are left out (listed in the output). The predicted-best assignment under each time budget
+    (lowest KL) and each KL budget (fastest) is measured jointly, the measured front's picks under
+    the same budgets confirmed; policies are named by their budget and their files record what
+    they were tuned for (:func:`read_tuned_for`)."""
     from . import assets
 
     t_start = time.time()
     plan = _validate(tp, algorithm, candidates, second_formats, layer_bounds, tokens, window, budgets,
                      confirm_tokens, confirm_budgets, confirm_tp)
+    cmodel = None
+    if time_plan is not None:
+        time_plan = check_time_plan(time_plan)
+        cmodel = time_plan.model()  # refuses an unknown device or link before anything is loaded
+        comm_alg = time_plan.comm_algorithm(plan.algorithm, cmodel.link)
     if on_start is not None:  # every argument checked, nothing loaded yet
         on_start()
     textdata = text if isinstance(text, assets.TextData) else assets.load_text(text)
@@ -333,6 +350,27 @@ def run_tune(
     def policy(rules, second) -> CommPolicy:
         return CommPolicy(None, plan.algorithm, 0, tuple(rules), second)
 
+    timing = None
+    if time_plan is not None:
+        T = time_plan.tokens_per_step
+        times, missing = group_times(groups, sites, plan.candidates + ((PLAIN, None),), plan.seconds, cmodel, T,
+                                     plan.tp, comm_alg)
+        if PLAIN in missing:
+            raise ValueError(f"--gpu/--link: {missing[PLAIN]}")
+        kept = tuple((n, f) for n, f in plan.candidates if n not in missing)
+        if not usable_seconds(plan.seconds, missing):
+            raise ValueError("--second-formats: no second-hop choice has kernel times: "
+                             + "; ".join(f"{n}: {why}" for n, why in missing.items()))
+        if not [n for n, f in kept if f is not None]:
+            raise ValueError("--candidates: no candidate has kernel times in the device's table: "
+                             + "; ".join(f"{n}: {why}" for n, why in missing.items()))
+        plan = dataclasses.replace(plan, candidates=kept, seconds=usable_seconds(plan.seconds, missing))
+        nccl_us = nccl_forward_us(cmodel, sites, T, plan.tp)
+        timing = {"plan": time_plan.describe(cmodel, plan.algorithm, plan.tp), "nccl_us": nccl_us,
+                  "left_out": missing, "time_budgets": [lbl for lbl, _, _ in time_plan.time_budgets],
+                  "kl_budgets": list(time_plan.kl_budgets),
+                  "group_times": [{"second": k[0], "group": k[1], "format": k[2], "us": v} for k, v in times.items()]}
+
     stamp = {}
     names = {f: n for n, f in plan.candidates}
 
@@ -358,28 +396,53 @@ def run_tune(
     # 2. the additive model's front, per second-hop choice, merged
     predicted = []
     kl_of = {(d["second"], d["group"], d["format"]): d["kl"] for d in sensitivity}
-    for sname, second in plan.seconds:
-        options = [[(group_bits(g, f, second), kl_of[(sname, g.label, fname)], f) for fname, f in plan.candidates]
-                   for g in groups]
-        predicted += [(b, k, (sname, ch)) for b, k, ch in additive_front(options)]
-    predicted = _prune(predicted)
-    chosen = {}
-    for b in plan.budgets:
-        fits = [p for p in predicted if p[0] <= b + _BITS_EPS]
-        if fits:
-            best = min(fits, key=lambda p: p[1])
-            chosen.setdefault(best[2], best)
-    if not chosen:
-        raise ValueError(f"--budgets {list(plan.budgets)}: no assignment fits; the cheapest costs "
-                         f"{predicted[0][0]:.3f} bits per value with these candidates")
+    seconds = dict(plan.seconds)
+
+    def choice_bits(sname, choice) -> float:
+        return sum(group_bits(g, f, seconds[sname]) for g, f in zip(groups, choice))
+
+    chosen, tags = {}, {}
+    if timing is None:
+        for sname, second in plan.seconds:
+            options = [[(group_bits(g, f, second), kl_of[(sname, g.label, fname)], f) for fname, f in plan.candidates]
+                       for g in groups]
+            predicted += [(b, k, (sname, ch)) for b, k, ch in additive_front(options)]
+        predicted = _prune(predicted)
+        for b in plan.budgets:
+            fits = [p for p in predicted if p[0] <= b + _BITS_EPS]
+            if fits:
+                best = min(fits, key=lambda p: p[1])
+                chosen.setdefault(best[2], best)
+        if not chosen:
+            raise ValueError(f"--budgets {list(plan.budgets)}: no assignment fits; the cheapest costs "
+                             f"{predicted[0][0]:.3f} bits per value with these candidates")
+    else:
+        for sname, second in plan.seconds:
+            options = [[(times[(sname, g.label, fname)], kl_of[(sname, g.label, fname)] if f is not None else 0.0, f)
+                        for fname, f in plan.candidates + ((PLAIN, None),)] for g in groups]
+            predicted += [(t, k, (sname, ch)) for t, k, ch in additive_front(options)]
+        predicted = _prune(predicted)
+        for kind, label, p in pick_budgets(predicted, nccl_us, time_plan, lambda p: p[0], lambda p: p[1]):
+            chosen.setdefault(p[2], p)
+            tags.setdefault(p[2], []).append((kind, label))
+        met = {budget_name(*t) for ts in tags.values() for t in ts}
+        timing["unmet"] = [budget_name(*t) for t in [("time", lbl) for lbl, _, _ in time_plan.time_budgets]
+                           + [("kl", f"{k:g}") for k in time_plan.kl_budgets] if budget_name(*t) not in met]
+        if not chosen:
+            raise ValueError(f"no assignment meets any budget (time {timing['time_budgets']} of NCCL's "
+                             f"{nccl_us:.0f} us, KL {timing['kl_budgets']})")
+        names.setdefault(None, PLAIN)
 
     # 3. joint measurement of the predicted-best assignments
     t0 = time.time()
-    seconds = dict(plan.seconds)
     joint_pols, used = {}, set()
-    for i, (key, (b, k, _)) in enumerate(sorted(chosen.items(), key=lambda kv: kv[1][0])):
+    for i, (key, (x, k, _)) in enumerate(sorted(chosen.items(), key=lambda kv: kv[1][0])):
         sname, choice = key
-        name = f"{plan.algorithm}_tp{plan.tp}_{b:.2f}b"
+        b = choice_bits(sname, choice)
+        if timing is None:
+            name = f"{plan.algorithm}_tp{plan.tp}_{b:.2f}b"
+        else:
+            name = f"{plan.algorithm}_tp{plan.tp}_" + "_".join(_file_tag(*t) for t in tags[key])
         name = name if name not in used else f"{name}_{i}"  # two points that round to the same bits
         used.add(name)
         joint_pols[key] = (name, _assemble(groups, choice, plan.algorithm, seconds[sname]), b, k)
@@ -395,7 +458,13 @@ def run_tune(
         joint.append({"name": name, "bits": r["bits_per_value"], "predicted_kl": k, "kl": r["kl"],
                       "additivity": r["kl"] / k if k > 0 else None, "ppl_change_pct": r["ppl_change_pct"],
                       "second": sname, "assignment": _describe(groups, choice, names), "policy": pol.to_dict()})
-    front_idx = ev.pareto_front([(j["bits"], j["kl"]) for j in joint])
+        if timing is not None:
+            us = sum(times[(sname, g.label, names.get(f, format_label(f)) if f is not None else PLAIN)]
+                     for g, f in zip(groups, choice))
+            joint[-1].update(modelled_us=us, modelled_ratio=us / nccl_us,
+                             budgets=[budget_name(*t) for t in tags[(sname, choice)]])
+    xkey = "bits" if timing is None else "modelled_us"
+    front_idx = ev.pareto_front([(j[xkey], j["kl"]) for j in joint])
     for i, j in enumerate(joint):
         j["on_front"] = i in front_idx
     stamp["joint"] = round(time.time() - t0, 1)
@@ -403,12 +472,20 @@ def run_tune(
     # 4. confirmation of the measured front's best points on more tokens
     on_front = [j for j in joint if j["on_front"]]
     picks = []
-    for b in plan.confirm_budgets:
-        fits = [j for j in on_front if j["bits"] <= b + _BITS_EPS]
-        if fits:
-            best = min(fits, key=lambda j: j["kl"])
-            if best not in picks:
-                picks.append(best)
+    if timing is None:
+        for b in plan.confirm_budgets:
+            fits = [j for j in on_front if j["bits"] <= b + _BITS_EPS]
+            if fits:
+                best = min(fits, key=lambda j: j["kl"])
+                if best not in picks:
+                    picks.append(best)
+    else:
+        for j in joint:
+            j["confirmed_as"] = []
+        for kind, label, j in pick_budgets(on_front, nccl_us, time_plan, lambda j: j["modelled_us"], lambda j: j["kl"]):
+            j["confirmed_as"].append(budget_name(kind, label))
+            if j not in picks:
+                picks.append(j)
     confirmed = []
     if plan.confirm_tokens and picks:
         t0 = time.time()
@@ -425,9 +502,12 @@ def run_tune(
                                                        "baseline_perplexity", "top1_agreement", "top1_ci",
                                                        "tokens", "windows", "verdict", "seconds")},
                               "search_kl": j["kl"], "predicted_kl": j["predicted_kl"], "second": j["second"],
-                              "assignment": j["assignment"], "policy_file": f"{POLICY_DIR}/{j['name']}.json"})
+                              "assignment": j["assignment"], "policy_file": f"{POLICY_DIR}/{j['name']}.json",
+                              **({k: j[k] for k in ("modelled_us", "modelled_ratio")} if timing else {}),
+                              **({"budgets": j["confirmed_as"]} if timing else {})})
         at_tp = [c for c in confirmed if c["tp"] == plan.tp]
-        front_c = {at_tp[i]["name"] for i in ev.pareto_front([(c["bits_per_value"], c["kl"]) for c in at_tp])}
+        front_c = {at_tp[i]["name"] for i in ev.pareto_front([(c["bits_per_value"] if timing is None else c["modelled_us"],
+                                                              c["kl"]) for c in at_tp])}
         for c in confirmed:
             c["on_front"] = c["name"] in front_c
         stamp["confirm"] = round(time.time() - t0, 1)
@@ -435,7 +515,18 @@ def run_tune(
     # outputs
     (out / POLICY_DIR).mkdir(parents=True, exist_ok=True)
     for j in (picks if plan.confirm_tokens else on_front):
-        CommPolicy.from_dict(j["policy"]).to_file(out / POLICY_DIR / f"{j['name']}.json")
+        pol = CommPolicy.from_dict(j["policy"])
+        if timing is None:
+            pol.to_file(out / POLICY_DIR / f"{j['name']}.json")
+        else:
+            write_policy(pol, out / POLICY_DIR / f"{j['name']}.json",
+                         {**timing["plan"], "modelled_us": j["modelled_us"], "nccl_us": nccl_us,
+                          "budgets": j.get("confirmed_as") or j.get("budgets"), "bits": j["bits"], "search_kl": j["kl"]})
+    if timing is not None and time_plan.project:
+        for j in joint:
+            j["projection"] = project(CommPolicy.from_dict(j["policy"]), time_plan.project, cmodel, time_plan.tokens_per_step,
+                                      plan.tp, comm_alg, num_layers)
+        timing["project"] = time_plan.project
     ratios = [j["additivity"] for j in joint if j["additivity"] is not None]
     import transformers
 
@@ -454,10 +545,13 @@ def run_tune(
         "second_formats": [n for n, _ in plan.seconds] if plan.algorithm == "two_shot" else None,
         "sensitivity": sensitivity,
         "predicted_front": [{"bits": b, "kl": k, "second": s, "assignment": _describe(groups, ch, names)}
-                            for b, k, (s, ch) in predicted],
+                            for b, k, (s, ch) in predicted] if timing is None else
+                           [{"us": t, "bits": choice_bits(s, ch), "kl": k, "second": s, "assignment": _describe(groups, ch, names)}
+                            for t, k, (s, ch) in predicted],
         "joint": joint,
         "additivity": {"min": min(ratios), "max": max(ratios), "mean": sum(ratios) / len(ratios)} if ratios else None,
         "confirmed": ev.by_kl(confirmed),
+        "time": timing,
     }
     tmp = out / (FRONT_JSON + ".part")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
@@ -530,6 +624,9 @@ def format_front(doc: dict) -> str:
              f"(windows of {r['window']}); {r['confidence']:.0%} paired bootstrap intervals over windows; "
              f"groups: {', '.join(doc['groups'])}; candidates: {', '.join(doc['candidates'])}"
              + (f"; second hop: {', '.join(doc['second_formats'])}" if doc["second_formats"] else "") + ".", ""]
+    tm = doc.get("time")
+    if tm:
+        return _format_time_front(doc, lines)
     if doc["confirmed"]:
         lines += [f"## Confirmed ({r['confirm_tokens']} tokens), sorted by KL", "",
                   "| policy | TP | bits | KL [95% CI] | ppl change [95% CI] | top-1 [95% CI] | search KL (predicted) | front | assignment |",
@@ -557,7 +654,70 @@ def format_front(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _us(v) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def _time_header(tm: dict) -> list:
+    p = tm["plan"]
+    out = [f"Time axis: **modelled** (tp.comm.cost, not measured) all-reduce time per forward of {p['tokens_per_step']} "
+           f"tokens on {p['device']} over {p['link']} at TP={p['tp']}, compressed sites run as {p['comm_algorithm']}; "
+           f"NCCL bf16 on every site: {_us(tm['nccl_us'])} us (modelled). Kernel tables: {', '.join(p['kernel_tables'])}; "
+           f"link tables: {', '.join(p['link_tables'])}" + ("; world size EXTRAPOLATED (--extrapolate-world)" if p.get("extrapolate_world") else "") + ".", ""]
+    if tm.get("left_out"):
+        out += ["Left out (no kernel time in the table): " + "; ".join(f"{n}" for n in tm["left_out"]) + ".", ""]
+    if tm.get("unmet"):
+        out += ["No assignment meets: " + "; ".join(tm["unmet"]) + " (predicted front).", ""]
+    return out
+
+
+def _format_time_front(doc: dict, lines: list) -> str:
+    r, tm = doc["run"], doc["time"]
+    lines += _time_header(tm)
+    nccl = tm["nccl_us"]
+    if doc["confirmed"]:
+        lines += [f"## Confirmed ({r['confirm_tokens']} tokens), sorted by KL", "",
+                  "| policy | budget | TP | modelled us (x NCCL) | bits | KL [95% CI] | ppl change [95% CI] | top-1 [95% CI] | front | assignment |",
+                  "|---|---|---:|---:|---:|---|---|---|---|---|"]
+        for c in doc["confirmed"]:
+            lines.append(
+                f"| {c['name']} | {'; '.join(c.get('budgets') or [])} | {c['tp']} | {_us(c['modelled_us'])} ({c['modelled_ratio']:.2f}x) | "
+                f"{c['bits_per_value']:.3f} | {_kl(c['kl'])} {_ci(c['kl_ci'], '.3g')} | {c['ppl_change_pct']:+.2f}% "
+                f"{_ci(c['ppl_change_ci'], '+.2f')} | {c['top1_agreement']:.4f} {_ci(c['top1_ci'], '.4f')} | "
+                f"{'yes' if c.get('on_front') else ''} | {_assignment_text(c['assignment'])}"
+                + (f"; 2nd hop {c['second']}" if r["algorithm"] == "two_shot" else "") + " |")
+        lines.append("")
+    lines += [f"## Joint search ({r['tokens']} tokens), sorted by modelled time", "",
+              "| policy | chosen for | modelled us (x NCCL) | bits | KL | predicted KL | ppl change | front | assignment |",
+              "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for j in sorted(doc["joint"], key=lambda j: j["modelled_us"]):
+        lines.append(f"| {j['name']} | {'; '.join(j.get('budgets') or [])} | {_us(j['modelled_us'])} ({j['modelled_us'] / nccl:.2f}x) | "
+                     f"{j['bits']:.3f} | {_kl(j['kl'])} | {_kl(j['predicted_kl'])} | {j['ppl_change_pct']:+.2f}% | "
+                     f"{'yes' if j['on_front'] else ''} | {_assignment_text(j['assignment'])}"
+                     + (f"; 2nd hop {j['second']}" if r["algorithm"] == "two_shot" else "") + " |")
+    proj = [j for j in doc["joint"] if j.get("projection")]
+    if proj:
+        p0 = proj[0]["projection"]
+        lines += ["", f"## Projected onto {p0['model']} (hidden {p0['hidden']}, {p0['layers']} layers, TP={p0['tp']}, "
+                      f"{p0['tokens_per_step']} tokens): modelled all-reduce time; the KL was measured on {r['model'].split(' (')[0]}, "
+                      f"not on {p0['model']}", "",
+                  "| policy | modelled all-reduce ms (x NCCL) | NCCL ms | compute ms | comm share of TTFT (NCCL's) |", "|---|---:|---:|---:|---|"]
+        for j in proj:
+            p = j["projection"]
+            share = (f"{p['comm_share']:.1%} ({p['nccl_comm_share']:.1%})" if p.get("compute_ms") is not None else "unknown")
+            comp = f"{p['compute_ms']:.1f}" if p.get("compute_ms") is not None else "-"
+            lines.append(f"| {j['name']} | {p['modelled_us'] / 1e3:.2f} ({p['ratio']:.2f}x) | {p['nccl_us'] / 1e3:.2f} | {comp} | {share} |")
+        lines += ["", f"Compute: {p0['compute_source']}."]
+    a = doc["additivity"]
+    if a:
+        lines += ["", f"Additivity: the joint KL is {a['min']:.2f}x to {a['max']:.2f}x (mean {a['mean']:.2f}x) the sum "
+                      "of the groups' marginal KLs measured alone. Times add exactly (one forward's all-reduces run one after another)."]
+    return "\n".join(lines) + "\n"
+
+
 def _plot(doc: dict, path: Path) -> None:
+    if doc.get("time"):
+        return _plot_time(doc, path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -620,7 +780,41 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", default=None, help="output folder (default: out/tune-<timestamp>); a stopped run there resumes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t = parser.add_argument_group("time (KL against modelled all-reduce time; tp.comm.cost)")
+    t.add_argument("--gpu", default=None, help="price the front on this GPU's measured tables (e.g. H200): the front "
+                                                 "becomes (modelled all-reduce time per forward, KL), bits a column")
+    t.add_argument("--link", default=None, help="with --gpu: nvlink, or host (the host-memory path, NCCL_P2P_DISABLE=1)")
+    t.add_argument("--tokens-per-step", type=int, default=DEFAULT_TOKENS_PER_STEP,
+                   help=f"tokens per forward the time is priced at (default {DEFAULT_TOKENS_PER_STEP}: an 8k prefill)")
+    t.add_argument("--time-budgets", type=ev._csv_list, default=list(DEFAULT_TIME_BUDGETS),
+                   help=f"lowest KL within each: 0.5x (of NCCL bf16's time), 300us, 1.2ms (default {','.join(DEFAULT_TIME_BUDGETS)})")
+    t.add_argument("--kl-budgets", type=ev._csv_list, default=[str(k) for k in DEFAULT_KL_BUDGETS],
+                   help=f"fastest within each KL (default {','.join(map(str, DEFAULT_KL_BUDGETS))})")
+    t.add_argument("--run-as", choices=RUN_AS, default=None,
+                   help="how compressed sites run: fused (symmetric-memory kernels; default on nvlink) or nccl (the NCCL path)")
+    t.add_argument("--kernel-table", type=ev._csv_list, default=None, metavar="F1,F2",
+                   help="kernel tables (benchmarks/codec_gpu.py JSONL; default: the newest committed for --gpu)")
+    t.add_argument("--link-table", type=ev._csv_list, default=None, metavar="F1,F2", help="link tables (default: the committed ones)")
+    t.add_argument("--extrapolate-world", action="store_true",
+                   help="price a TP degree with no NCCL measurement from the nearest smaller one (bus bytes; says so)")
+    t.add_argument("--project", default=None, metavar="MODEL",
+                   help="also give each policy's modelled all-reduce time and TTFT share on a larger model: Llama-3-70B, "
+                        "Llama-3-8B, Llama-3-405B or NAME:hidden=H,layers=L (the KL stays the tuned model's)")
+    t.add_argument("--reprice", default=None, metavar="TUNE_DIR",
+                   help="measure nothing: re-front a finished tune's front.json against modelled time (with --gpu/--link)")
     return parser
+
+
+def time_plan_from_args(args) -> "TimePlan | None":
+    if args.gpu is None:
+        if args.link is not None or args.reprice is not None or args.project is not None:
+            raise ValueError("--link, --project and --reprice price time: give --gpu (e.g. --gpu H200 --link nvlink)")
+        return None
+    if args.link is None:
+        raise ValueError("--gpu needs --link (nvlink, or host)")
+    return check_time_plan(TimePlan(args.gpu, args.link, args.tokens_per_step, args.run_as, tuple(args.time_budgets),
+                                    tuple(args.kl_budgets), tuple(args.kernel_table) if args.kernel_table else None,
+                                    tuple(args.link_table) if args.link_table else None, args.extrapolate_world, args.project))
 
 
 def main_tune(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
@@ -633,14 +827,225 @@ def main_tune(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
         print(f"[qformats] writing to {out}/ (if stopped, the same command with --out {out} resumes)", file=sys.stderr)
 
     try:
+        time_plan = time_plan_from_args(args)
+        if args.reprice:
+            res = reprice(args.reprice, time_plan, tp=args.tp if any(a == "--tp" or a.startswith("--tp=") for a in (argv or sys.argv)) else None, out=out)
+            print(format_reprice(res))
+            print(f"written to {out.resolve()}/ (reprice.json, reprice.md)")
+            return 0
         doc = run_tune(args.model, args.text, tp=args.tp, algorithm=args.algorithm, candidates=args.candidates,
                        second_formats=args.second_formats, layer_bounds=args.layer_groups, tokens=args.tokens,
                        window=args.window, budgets=args.budgets, confirm_tokens=args.confirm_tokens,
                        confirm_budgets=args.confirm_budgets, confirm_tp=args.confirm_tp, out=out, device=args.device,
-                       threads=args.threads, progress=not args.no_progress, command=command, on_start=announce)
+                       threads=args.threads, progress=not args.no_progress, command=command, on_start=announce,
+                       time_plan=time_plan)
     except (AssetError, ValueError) as e:
         print(f"qformats tune: {e}", file=sys.stderr)
         return 2
     print(format_front(doc))
     print(f"results written to {out.resolve()}/ ({FRONT_JSON}, {FRONT_MD}, {FRONT_PNG}, {POLICY_DIR}/)")
     return 0
+
+
+# --------------------------------------------------------------------------- re-fronting a finished tune against modelled time
+
+
+def _parse_group(label: str, num_layers: int) -> SiteGroup:
+    kind, _, rng = label.partition(" L")
+    a, _, b = rng.partition("-")
+    return SiteGroup(kind, int(a), (int(b) if b else int(a)) + 1)
+
+
+def reprice(folder, time_plan: TimePlan, *, tp: int | None = None, shape: str | None = None,
+            out=None) -> dict:
+    """Re-front a finished ``qformats tune`` (its ``front.json``) against modelled time, without
+    measuring any KL again: the groups' measured marginal KLs (sensitivity stage) give the
+    additive front over (modelled all-reduce time per forward, predicted KL), every group may
+    stay plain; the budget picks are reported with their predicted KL, and with the measured
+    joint / confirmed KL (and interval) where the tune measured that very assignment. Every
+    joint and confirmed policy of the tune is priced too (or says why it cannot be).
+
+    ``tp``: the TP degree to price (default: the tune's; another one reuses the tune's KLs,
+    measured at its TP, and says so). ``shape``: the tuned model's shape (:class:`tp.comm.cost.
+    ModelShape` syntax) when its name is not a known one. Writes ``reprice.json`` and
+    ``reprice.md`` to ``out`` when given; returns the document."""
+    from ..comm import cost
+
+    folder = Path(folder)
+    doc = json.loads((folder / FRONT_JSON).read_text())
+    run = doc["run"]
+    time_plan = check_time_plan(time_plan)
+    model = time_plan.model()
+    tp = tp or run["tp"]
+    algorithm = run["algorithm"]
+    comm_alg = time_plan.comm_algorithm(algorithm, model.link)
+    if shape is None:
+        known = {"smollm2": "SmolLM2-135M"}
+        key = next((k for k in known if str(run["model"]).lower().startswith(k)), None)
+        if key is None:
+            raise ValueError(f"{folder}: model {run['model']!r} has no known shape: pass shape='NAME:hidden=H,layers=L'")
+        shape = known[key]
+    mshape = cost.ModelShape.parse(shape)
+    sites = mshape.sites
+    groups = [_parse_group(g, mshape.layers) for g in doc["groups"]]
+    cands = tuple(ev._resolve_formats(doc["candidates"]))
+    if algorithm == "two_shot":
+        seconds = tuple((n, None) if n == SAME else (n, ev._resolve_formats([n])[0][1]) for n in doc["second_formats"])
+    else:
+        seconds = ((SAME, None),)
+    T = time_plan.tokens_per_step
+    times, missing = group_times(groups, sites, cands + ((PLAIN, None),), seconds, model, T, tp, comm_alg)
+    if PLAIN in missing:
+        raise ValueError(missing[PLAIN])
+    kept = [(n, f) for n, f in cands if n not in missing] + [(PLAIN, None)]
+    seconds = usable_seconds(seconds, missing)
+    kl_of = {(d["second"], d["group"], d["format"]): d["kl"] for d in doc["sensitivity"]}
+    width = mshape.hidden
+    total_width = float(len(sites) * width)
+
+    def gbits(g, f, second):
+        return sum(wire_bits(f, second if f is not None else None, algorithm, width) * width
+                   for s in sites if s.kind == g.kind and g.start <= s.layer < g.stop) / total_width
+
+    predicted = []
+    for sname, second in seconds:
+        options = [[(times[(sname, g.label, n)], kl_of[(sname, g.label, n)] if f is not None else 0.0, (n, f))
+                    for n, f in kept] for g in groups]
+        predicted += [(t, k, (sname, ch)) for t, k, ch in additive_front(options)]
+    predicted = _prune(predicted)
+    nccl_us = nccl_forward_us(model, sites, T, tp)
+
+    def assignment(ch):
+        return {g.label: n for g, (n, _) in zip(groups, ch)}
+
+    measured = {}
+    for j in doc["joint"]:
+        measured.setdefault((j["second"], json.dumps(j["assignment"], sort_keys=True)), {})["joint"] = j
+    for c in doc["confirmed"]:
+        if c["tp"] == run["tp"]:
+            measured.setdefault((c["second"], json.dumps(c["assignment"], sort_keys=True)), {})["confirmed"] = c
+    picks = []
+    for kind, label, (t, k, (sname, ch)) in pick_budgets(predicted, nccl_us, time_plan, lambda p: p[0], lambda p: p[1]):
+        a = assignment(ch)
+        m = measured.get((sname, json.dumps(a, sort_keys=True)), {})
+        picks.append({"budget": budget_name(kind, label), "modelled_us": t, "modelled_ratio": t / nccl_us,
+                      "bits": sum(gbits(g, f, dict(seconds)[sname]) for g, (_, f) in zip(groups, ch)),
+                      "predicted_kl": k, "second": sname, "assignment": a,
+                      "joint_kl": m.get("joint", {}).get("kl"), "confirmed_kl": m.get("confirmed", {}).get("kl"),
+                      "confirmed_kl_ci": m.get("confirmed", {}).get("kl_ci"),
+                      "confirmed_name": m.get("confirmed", {}).get("name")})
+    if time_plan.project:
+        by_name = dict(kept)
+        for k in picks:
+            choice = tuple(by_name[k["assignment"][g.label]] for g in groups)
+            pol = _assemble(groups, choice, algorithm, dict(seconds)[k["second"]])
+            k["projection"] = project(pol, time_plan.project, model, T, tp, comm_alg, mshape.layers)
+    met = {p["budget"] for p in picks}
+    unmet = [b for b in [budget_name("time", lbl) for lbl, _, _ in time_plan.time_budgets]
+             + [budget_name("kl", f"{k:g}") for k in time_plan.kl_budgets] if b not in met]
+    priced = []
+    for stage, recs in (("confirmed", [c for c in doc["confirmed"] if c["tp"] == run["tp"]]), ("joint", doc["joint"])):
+        for rec in recs:
+            pol = CommPolicy.from_dict(rec["policy"]) if "policy" in rec else CommPolicy.load(folder / rec["policy_file"])
+            try:
+                r = cost.policy_time(model, pol, sites, T, tp, algorithm=comm_alg)
+                priced.append({"stage": stage, "name": rec["name"], "bits": rec.get("bits", rec.get("bits_per_value")),
+                               "kl": rec["kl"], "kl_ci": rec.get("kl_ci"), "modelled_us": r["us"], "modelled_ratio": r["ratio"]})
+            except cost.CostTableError as e:
+                priced.append({"stage": stage, "name": rec["name"], "bits": rec.get("bits", rec.get("bits_per_value")),
+                               "kl": rec["kl"], "kl_ci": rec.get("kl_ci"), "modelled_us": None, "why": str(e).split(" (formats there")[0]})
+    res = {"source": str(folder.name), "tuned": {k: run[k] for k in ("model", "tp", "algorithm", "tokens", "confirm_tokens", "command")},
+           "plan": time_plan.describe(model, algorithm, tp), "nccl_us": nccl_us, "left_out": missing, "shape": dataclasses.asdict(mshape),
+           "kl_note": (f"KLs measured at TP={run['tp']}; priced at TP={tp}" if tp != run["tp"] else f"KLs measured at TP={tp}"),
+           "picks": picks, "unmet": unmet, "priced": priced,
+           "predicted_front": [{"us": t, "kl": k, "second": s, "assignment": assignment(ch)} for t, k, (s, ch) in predicted]}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "reprice.json").write_text(json.dumps(res) + "\n")
+        (out / "reprice.md").write_text(format_reprice(res))
+    return res
+
+
+def format_reprice(res: dict) -> str:
+    p, t = res["plan"], res["tuned"]
+    lines = [f"# Re-fronted against modelled time: {res['source']} ({t['algorithm']}, tuned at TP={t['tp']})", "",
+             f"Times are **modelled** (tp.comm.cost), not measured: {p['device']} over {p['link']}, TP={p['tp']}, "
+             f"{p['tokens_per_step']} tokens per forward, compressed sites as {p['comm_algorithm']}; NCCL bf16 on every "
+             f"site {_us(res['nccl_us'])} us; kernel tables {', '.join(p['kernel_tables'])}; link tables "
+             f"{', '.join(p['link_tables'])}" + ("; world size EXTRAPOLATED" if p.get("extrapolate_world") else "") + ". "
+             f"{res['kl_note']}; predicted KL = sum of the groups' measured marginal KLs ({t['tokens']} tokens), "
+             f"not measured jointly unless a joint/confirmed KL is given.", ""]
+    if res["left_out"]:
+        lines += ["Candidates left out (no kernel time in the table): " + ", ".join(res["left_out"]) + ".", ""]
+    lines += ["| budget | modelled us (x NCCL) | bits | predicted KL | measured KL (joint; confirmed [95% CI]) | assignment |",
+              "|---|---:|---:|---:|---|---|"]
+    for k in res["picks"]:
+        meas = "-"
+        if k["joint_kl"] is not None or k["confirmed_kl"] is not None:
+            meas = f"{_kl(k['joint_kl'])}; " + (f"{_kl(k['confirmed_kl'])} {_ci(k['confirmed_kl_ci'], '.3g')}" if k["confirmed_kl"] is not None else "-")
+        lines.append(f"| {k['budget']} | {_us(k['modelled_us'])} ({k['modelled_ratio']:.2f}x) | {k['bits']:.3f} | "
+                     f"{_kl(k['predicted_kl'])} | {meas} | {_assignment_text(k['assignment'])} |")
+    if res["unmet"]:
+        lines += ["", "No assignment of these candidates meets: " + "; ".join(res["unmet"]) + "."]
+    proj = [k for k in res["picks"] if k.get("projection")]
+    if proj:
+        p0 = proj[0]["projection"]
+        lines += ["", f"Projected onto {p0['model']} (hidden {p0['hidden']}, {p0['layers']} layers, TP={p0['tp']}, "
+                      f"{p0['tokens_per_step']} tokens; layers mapped onto the tuned model's; the KL is the tuned model's, "
+                      f"not measured on {p0['model']}):", "",
+                  "| budget (on the tuned model) | modelled all-reduce ms (x NCCL) | NCCL ms | compute ms | comm share of TTFT (NCCL's) |",
+                  "|---|---:|---:|---:|---|"]
+        for k in proj:
+            q = k["projection"]
+            share = f"{q['comm_share']:.1%} ({q['nccl_comm_share']:.1%})" if q.get("compute_ms") is not None else "unknown"
+            comp = f"{q['compute_ms']:.0f}" if q.get("compute_ms") is not None else "-"
+            lines.append(f"| {k['budget']} | {q['modelled_us'] / 1e3:.2f} ({q['ratio']:.2f}x) | {q['nccl_us'] / 1e3:.2f} | {comp} | {share} |")
+        lines += ["", f"Compute: {p0['compute_source']}."]
+    lines += ["", "The tune's own policies at their modelled time:", "",
+              "| stage | policy | bits | KL [95% CI] | modelled us (x NCCL) |", "|---|---|---:|---|---|"]
+    for r in res["priced"]:
+        tm = f"{_us(r['modelled_us'])} ({r['modelled_ratio']:.2f}x)" if r["modelled_us"] is not None else f"not priced: {r['why']}"
+        lines.append(f"| {r['stage']} | {r['name']} | {r['bits']:.3f} | {_kl(r['kl'])} {_ci(r.get('kl_ci'), '.3g')} | {tm} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_time(doc: dict, path: Path) -> None:
+    """Two panels: KL against modelled all-reduce time per forward (left), against bits (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r, tm = doc["run"], doc["time"]
+    p = tm["plan"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
+    floor = 1e-5  # plain (bf16) points have KL 0 (or rounding noise): drawn at this floor
+    pf = doc["predicted_front"]
+    js = doc["joint"]
+    for ax, key, jkey, label in ((axes[0], "x", "modelled_us", "MODELLED all-reduce time per forward, us"),
+                                 (axes[1], "bits", "bits", "mean wire bits per value sent")):
+        if key == "x":
+            ax.step([q["us"] for q in pf], [max(q["kl"], floor) for q in pf], where="post", color="grey", lw=1, ls="--",
+                    label=f"predicted front (modelled time, sum of marginal KLs, {r['tokens']} tokens)")
+            ax.axvline(tm["nccl_us"], color="k", lw=0.8, ls=":", label=f"NCCL bf16, modelled ({tm['nccl_us']:.0f} us)")
+        ax.plot([j[jkey] for j in js], [max(j["kl"], floor) for j in js], "o", mfc="none", color="tab:blue",
+                label=f"chosen policies, KL measured jointly ({r['tokens']} tokens)")
+        cs = sorted((c for c in doc["confirmed"] if c["tp"] == r["tp"]), key=lambda c: c[jkey if jkey != "bits" else "bits_per_value"])
+        if cs:
+            xs = [c["modelled_us"] if key == "x" else c["bits_per_value"] for c in cs]
+            ys = [max(c["kl"], floor) for c in cs]
+            ci = [[max(v, floor) for v in (c["kl_ci"] or (c["kl"], c["kl"]))] for c in cs]
+            err = [[max(0.0, y - lo) for (lo, _), y in zip(ci, ys)], [max(0.0, hi - y) for (_, hi), y in zip(ci, ys)]]
+            ax.errorbar(xs, ys, yerr=err, fmt="s", ms=5, capsize=3, color="tab:red",
+                        label=f"confirmed ({r['confirm_tokens']} tokens, {r['confidence']:.0%} CI)")
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"mean KL, nats/token (< {floor:g} drawn at {floor:g})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{r['model'][:80]}\nqformats tune, TP={r['tp']} {r['algorithm']}; times MODELLED for {p['device']} "
+                 f"{p['link']}, {p['tokens_per_step']} tokens per step ({p['comm_algorithm']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

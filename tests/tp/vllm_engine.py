@@ -72,7 +72,7 @@ def main():
         res["counters"] = llm.collective_rpc("qformats_counters")
         res["captured"] = llm.collective_rpc("qformats_captured")
     torch.save(res, a.out)
-    print(f"engine start {t_start:.1f} s, generate {t_gen:.1f} s", flush=True)
+    print(f"engine start {t_start:.1f} s, generate {res['generate_s']:.1f} s", flush=True)
     llm.llm_engine.engine_core.shutdown()  # the engine core and its workers (os._exit alone orphans them)
     sys.stdout.flush()
     os._exit(0)  # everything is written; the rest of vLLM's teardown can linger

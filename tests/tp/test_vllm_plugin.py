@@ -177,3 +177,43 @@ def test_the_op_is_captured_in_a_cuda_graph_on_one_gpu():
         assert torch.equal(y, tp.emulate_all_reduce([x.cpu()], FP4).cuda())
     finally:
         del vp._SITES[name]
+
+
+FUSED_ALLOC = """
+import types, torch, torch.distributed as dist
+import tp
+from tp import vllm_plugin as vp
+from tp.comm import collectives
+dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0))
+g = types.SimpleNamespace(device_group=dist.group.WORLD, world_size=1)
+vc = types.SimpleNamespace(scheduler_config=types.SimpleNamespace(max_num_batched_tokens=512))
+policy = tp.CommPolicy("mxfp4", "fused", rules=(tp.Rule("mxfp8_e4m3", kind="mlp"),))
+ar = vp._fused_for(g, vc, 1024, policy)
+assert vp._fused_for(g, vc, 1024, policy) is ar  # one per TP group, shared by the layers
+assert collectives.fused_for(dist.group.WORLD) is ar  # what tp.all_reduce(..., "fused") finds
+print("FUSED OK", ar.capacity, flush=True)
+ar.close()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_policy_allocates_one_symmetric_buffer_per_group_on_one_gpu():
+    """What one GPU allows of ``algorithm="fused"``: the plugin's allocation (a one-rank NCCL
+    group; the fused kernels themselves need 2+ GPUs). In a process of its own, with a timeout:
+    a program that used symmetric memory can hang in destroy_process_group."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    try:
+        p = subprocess.run([sys.executable, "-c", FUSED_ALLOC], cwd=root, env=env, capture_output=True, text=True,
+                           timeout=300)
+        out, err = p.stdout, p.stderr
+    except subprocess.TimeoutExpired as e:  # a hang at teardown after the check still counts
+        out, err = (v.decode() if isinstance(v, bytes) else (v or "") for v in (e.stdout, e.stderr))
+    assert "FUSED OK" in out, out[-2000:] + err[-4000:]

@@ -70,7 +70,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .comm.collectives import all_reduce, resolve_format, wire_bytes
+from .comm.collectives import all_reduce, resolve_format, second_hop, wire_bytes
 from .comm.policy import CommPolicy, Site
 
 __all__ = [
@@ -351,8 +351,8 @@ def _build_site(prefix: str, layer_tp_size: int, hidden: int, dtype) -> Optional
         if key not in _probed:
             probe_formats(policy, hidden, codec, device, dtype)
             _probed.add(key)
-    try:
-        second = policy.second_for(fmt)
+    try:  # two_shot's second hop, checked at this TP size ("fused" at TP <= 3 is the one-shot gather)
+        second = second_hop(fmt, policy.second_fmt, policy.algorithm, g.world_size)
         if second is not None and second != fmt:
             resolve_format(second).layout((1, hidden))
     except ValueError as e:

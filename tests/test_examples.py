@@ -27,10 +27,12 @@ EXPECT = {
     "fused_all_reduce.py": "fused mxfp4 all-reduce at TP=2",
     "dtensor_mlp.py": "True",
     "hf_tp.py": "tensor([",
+    "vllm_offline.py": "all-reduces compressed",
 }
 NEEDS_GPUS = {"fused_all_reduce.py": 2}
 TORCHRUN = {"dtensor_mlp.py": 2, "hf_tp.py": 2}  # CPU ranks under torchrun (gloo)
-ARGS = {"hf_tp.py": ["tiny-llama"]}  # made by README's `python -c ...` line before it runs
+ARGS = {"hf_tp.py": ["tiny-llama"], "vllm_offline.py": ["tiny-llama"]}
+NEEDS_MODULE = {"vllm_offline.py": "vllm"}  # run by README's test command in its vLLM venv  # made by README's `python -c ...` line before it runs
 
 
 def _env(cpu_ranks: bool = False) -> dict:
@@ -92,6 +94,8 @@ def test_example_runs(script, tmp_path):
     gpus = NEEDS_GPUS.get(name, 0)
     if gpus and torch.cuda.device_count() < gpus:
         pytest.skip(f"needs {gpus} CUDA GPUs")
+    if name in NEEDS_MODULE:
+        pytest.importorskip(NEEDS_MODULE[name])
     ranks = gpus or TORCHRUN.get(name, 0)
     cmd = (_torchrun(ranks) if ranks else [sys.executable]) + [str(script)] + ARGS.get(name, [])
     if name in ARGS:

@@ -580,6 +580,9 @@ def _decode_rows(bufs: torch.Tensor, f: Format, shape: tuple, plan: _Plan) -> tu
             else:
                 vals = _code_values(sec["code"], plan, _F32).view(n, lay.rows, lay.nblocks, lay.block)
                 y = saturate(vals.mul_(scale), scale, bound)
+                nan_scale = torch.isnan(scale)
+                if bool(nan_scale.any()):  # the reference's float64 product keeps a NaN scale's bits,
+                    y = torch.where(nan_scale, scale * 1.0, y)  # quieted, also over a NaN element (fp32 mul_ keeps the element's)
         y = y.view(n, lay.rows, lay.padded)
         if plan.rotation:
             y = rotate(y, plan.rotation, inverse=True)

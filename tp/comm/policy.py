@@ -150,8 +150,8 @@ def _modules(v) -> tuple:
     if not isinstance(v, (list, tuple)):
         raise PolicyError(f"modules must be a list of glob patterns, got {v!r} ({type(v).__name__})")
     for i, m in enumerate(v):
-        if not isinstance(m, str) or not m:
-            raise PolicyError(f"modules[{i}] must be a non-empty glob pattern string, got {m!r}")
+        if not isinstance(m, str):  # ("" is a pattern too: it names the root module)
+            raise PolicyError(f"modules[{i}] must be a glob pattern string, got {m!r}")
     return tuple(v)
 
 

@@ -165,7 +165,7 @@ BAD_DOCS = {
     # a string where a list of globs belongs: it used to become one glob per character, "*" among them
     "modules a string": (dict(rule={"modules": "*.o_proj"}),
                          r"rule 0: modules must be a list of glob patterns, got the string"),
-    "modules of numbers": (dict(rule={"modules": [3]}), r"rule 0: modules\[0\] must be a non-empty glob"),
+    "modules of numbers": (dict(rule={"modules": [3]}), r"rule 0: modules\[0\] must be a glob pattern string"),
     "modules an object": (dict(rule={"modules": {"a": 1}}), r"rule 0: modules must be a list"),
     "all_gather a string": (dict(all_gather="false"), r"all_gather must be true or false, got 'false'"),
     "all_gather a number": (dict(all_gather=1), r"all_gather must be true or false, got 1"),

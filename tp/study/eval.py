@@ -71,6 +71,8 @@ import torch
 from ..comm.policy import CommPolicy
 from .hf import Policy, emulate_tp, format_label
 from .names import BASELINE, OUTLIER_FORMAT, OUTLIER_FORMATS, OUTLIER_PREFIX, calibrated_rest, suggest
+from .stats import (BOOTSTRAP_RESAMPLES, CONFIDENCE, FEW_WINDOWS, MIN_WINDOWS_FOR_CI, TARGETS_PCT, WindowScore,
+                    bootstrap_ci, compare_logits, metrics, pareto_front, total, verdict)
 
 __all__ = [
     "DEFAULT_FORMATS",
@@ -122,11 +124,6 @@ DEFAULT_CALIB_TOKENS = 1024
 # unclipped max range gave +145% perplexity (gather) and clip 1.5/2/2.5/3/4 gave
 # +74/+43/+28/+40/+50%; 2.5 is also ACIQ's MSE-optimal clip for 4-bit Gaussian data.
 DEFAULT_CALIB_CLIP = 2.5
-# The papers' quality targets (perplexity change in %): reference lines and verdicts.
-TARGETS_PCT = (1.0, 3.0)
-CONFIDENCE = 0.95
-BOOTSTRAP_RESAMPLES = 2000
-BOOTSTRAP_SEED = 0
 # Baseline logits kept in memory (fp32) while the configurations run over a group of windows;
 # a longer run works through the text in groups of this size (the baseline is then recomputed
 # per group, not per configuration).
@@ -143,127 +140,6 @@ _RESUME_RTOL = 1e-6
 
 
 # --------------------------------------------------------------------------- scoring
-
-
-@dataclasses.dataclass
-class WindowScore:
-    """Sums over scored positions (add them across windows, then :func:`metrics`)."""
-
-    nll: float = 0.0  # sum of -log p(target)
-    kl: float = 0.0  # sum of KL(p_base || p) in nats
-    agree: int = 0  # positions whose argmax equals the baseline's argmax
-    tokens: int = 0
-
-    def __iadd__(self, other: "WindowScore") -> "WindowScore":
-        self.nll += other.nll
-        self.kl += other.kl
-        self.agree += other.agree
-        self.tokens += other.tokens
-        return self
-
-
-def compare_logits(base_logp: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> WindowScore:
-    """Score one window. ``base_logp``: [N, V] log-softmax of the baseline at
-    the N scored positions; ``logits``: [N, V] of the configuration under test
-    at the same positions; ``targets``: [N] next tokens. Sums in float64."""
-    if base_logp.shape != logits.shape or logits.shape[0] != targets.shape[0]:
-        raise ValueError(f"shape mismatch: base {tuple(base_logp.shape)}, logits {tuple(logits.shape)}, targets {tuple(targets.shape)}")
-    logp = torch.log_softmax(logits.double(), dim=-1)
-    base = base_logp.double()
-    nll = -logp.gather(-1, targets[:, None].long()).sum()
-    kl = (base.exp() * (base - logp)).sum()
-    agree = (base.argmax(-1) == logp.argmax(-1)).sum()
-    return WindowScore(float(nll), float(kl), int(agree), int(targets.numel()))
-
-
-def _total(scores: Iterable[WindowScore]) -> WindowScore:
-    acc = WindowScore()
-    for s in scores:
-        acc += s
-    return acc
-
-
-def metrics(score: WindowScore, baseline: WindowScore) -> dict:
-    """Perplexity, its change vs. the baseline in %, mean KL and top-1 agreement."""
-    if score.tokens == 0 or score.tokens != baseline.tokens:
-        raise ValueError(f"scored {score.tokens} tokens vs. baseline {baseline.tokens}")
-    ppl = math.exp(score.nll / score.tokens) if math.isfinite(score.nll) else float("nan")
-    base = math.exp(baseline.nll / baseline.tokens)
-    return {
-        "perplexity": ppl,
-        "baseline_perplexity": base,
-        "ppl_change_pct": 100.0 * (ppl / base - 1.0),
-        "kl": score.kl / score.tokens,
-        "top1_agreement": score.agree / score.tokens,
-        "tokens": score.tokens,
-    }
-
-
-def bootstrap_ci(baseline: Sequence[WindowScore], scores: Sequence[WindowScore], level: float = CONFIDENCE,
-                 resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict | None:
-    """Paired percentile-bootstrap intervals over windows for the perplexity
-    change (%), the mean KL and the top-1 agreement:
-    ``{"ppl_change_pct": (lo, hi), "kl": (lo, hi), "top1_agreement": (lo, hi)}``.
-
-    ``baseline[i]`` and ``scores[i]`` are the same window. Each resample draws
-    windows with replacement and recomputes both statistics exactly as
-    :func:`metrics` does on the drawn windows. ``None`` with fewer than 2
-    windows. Deterministic for a given ``seed``; costs O(resamples x windows)."""
-    import numpy as np
-
-    if len(baseline) != len(scores):
-        raise ValueError(f"{len(scores)} windows scored vs. {len(baseline)} for the baseline")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    n = len(scores)
-    if n < 2:
-        return None
-    nb = np.array([s.nll for s in baseline], dtype=np.float64)
-    nc = np.array([s.nll for s in scores], dtype=np.float64)
-    kl = np.array([s.kl for s in scores], dtype=np.float64)
-    agree = np.array([s.agree for s in scores], dtype=np.float64)
-    tok = np.array([s.tokens for s in scores], dtype=np.float64)
-    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    t = tok[idx].sum(1)
-    with np.errstate(over="ignore", invalid="ignore"):
-        ppl = 100.0 * np.expm1((nc[idx].sum(1) - nb[idx].sum(1)) / t)
-        klm = kl[idx].sum(1) / t
-        top1 = agree[idx].sum(1) / t
-    q = ((1 - level) / 2, 1 - (1 - level) / 2)
-
-    def interval(v):
-        if not np.all(np.isfinite(v)):
-            return (float("nan"), float("nan"))
-        lo, hi = np.quantile(v, q)
-        return (float(lo), float(hi))
-
-    return {"ppl_change_pct": interval(ppl), "kl": interval(klm), "top1_agreement": interval(top1)}
-
-
-def verdict(ci: Sequence[float] | None, targets: Sequence[float] = TARGETS_PCT) -> str:
-    """Where a perplexity-change interval lies against both targets, always naming both:
-    "within 1%" (the interval lies below the small target, hence below both), "within 3%, not 1%",
-    "within 3%, unresolved vs 1%", "over 1%, unresolved vs 3%", "over 3%" (hence over both), or
-    "unresolved vs 1% and 3%" (the interval straddles both); "-" without an interval."""
-    if ci is None or not all(math.isfinite(v) for v in ci):
-        return "-"
-    lo, hi = ci
-    small, large = (f"{t:g}%" for t in targets)
-    if hi < targets[0]:
-        return f"within {small}"
-    if lo >= targets[1]:
-        return f"over {large}"
-    if hi < targets[1]:
-        return f"within {large}, not {small}" if lo >= targets[0] else f"within {large}, unresolved vs {small}"
-    if lo >= targets[0]:
-        return f"over {small}, unresolved vs {large}"
-    return f"unresolved vs {small} and {large}"
-
-
-# Below this many windows a 95% percentile bootstrap over windows is too coarse to trust (its
-# tails are a handful of resamples' extremes): the table says so and the verdicts are marked.
-MIN_WINDOWS_FOR_CI = 16
-FEW_WINDOWS = "few windows"
 
 
 # --------------------------------------------------------------------------- windows
@@ -820,7 +696,7 @@ def _sweep(plan: _Plan, model, emu, windows, scored, configs, progress: _Progres
 
 def _baseline_record(progress: _Progress, n: int, common: dict) -> dict:
     base = progress.windows(_BASELINE_KEY, n)
-    m = metrics(_total(base), _total(base))
+    m = metrics(total(base), total(base))
     m.update(kl=0.0, top1_agreement=1.0)  # the baseline against itself, exactly
     return {"name": BASELINE, "format": BASELINE, "tp": 1, "algorithm": "none", "baseline": True,
             "description": BASELINE_DESCRIPTION,
@@ -846,7 +722,7 @@ def _config_record(c: _Config, plan: _Plan, emu, progress: _Progress, n: int, co
         # what `qformats formats` lists (rows of 4096, whole blocks); calibrated formats are per site
         "nominal_bits_per_value": None if c.calibrated or c.from_policy else c.policy.fmt.bits_per_value,
         "compression_ratio": 16.0 / bits,
-        **metrics(_total(mine), _total(base)),
+        **metrics(total(mine), total(base)),
         "ppl_change_ci": list(ci["ppl_change_pct"]) if ci else None,
         "kl_ci": list(ci["kl"]) if ci else None,
         "top1_ci": list(ci["top1_agreement"]) if ci else None,
@@ -1194,15 +1070,6 @@ def head_split_notes(records: Iterable[dict]) -> list[str]:
                               "Real TP frameworks need the heads to divide (transformers, vLLM): take this degree as "
                               "a stress test of the codec, not a deployable split.")
     return [notes[t] for t in sorted(notes)]
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points (bits, loss) that no other point beats on both (<= on both, < on
-    one), sorted by bits: the cheapest loss at each wire size."""
-    finite = [i for i, (x, y) in enumerate(points) if math.isfinite(x) and math.isfinite(y)]
-    front = [i for i in finite if not any(
-        points[j][0] <= points[i][0] and points[j][1] <= points[i][1] and points[j] != points[i] for j in finite)]
-    return sorted(front, key=lambda i: points[i])
 
 
 def _label_offsets(rs, xs, ys):

@@ -57,6 +57,7 @@ from .costs import (DEFAULT_KL_BUDGETS, DEFAULT_TIME_BUDGETS, DEFAULT_TOKENS_PER
                     _file_tag, _project_layer, budget_name, check_time_plan, group_times, nccl_forward_us, parse_time_budget,
                     pick_budgets, project, read_tuned_for, usable_seconds, write_policy)
 from .hf import PLAIN_BITS, find_sites, format_label, wire_bits
+from .stats import BOOTSTRAP_RESAMPLES, CONFIDENCE, WindowScore, kl_ratio_ci, pareto_front  # noqa: F401
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -464,7 +465,7 @@ def run_tune(
             joint[-1].update(modelled_us=us, modelled_ratio=us / nccl_us,
                              budgets=[budget_name(*t) for t in tags[(sname, choice)]])
     xkey = "bits" if timing is None else "modelled_us"
-    front_idx = ev.pareto_front([(j[xkey], j["kl"]) for j in joint])
+    front_idx = pareto_front([(j[xkey], j["kl"]) for j in joint])
     for i, j in enumerate(joint):
         j["on_front"] = i in front_idx
     stamp["joint"] = round(time.time() - t0, 1)
@@ -506,7 +507,7 @@ def run_tune(
                               **({k: j[k] for k in ("modelled_us", "modelled_ratio")} if timing else {}),
                               **({"budgets": j["confirmed_as"]} if timing else {})})
         at_tp = [c for c in confirmed if c["tp"] == plan.tp]
-        front_c = {at_tp[i]["name"] for i in ev.pareto_front([(c["bits_per_value"] if timing is None else c["modelled_us"],
+        front_c = {at_tp[i]["name"] for i in pareto_front([(c["bits_per_value"] if timing is None else c["modelled_us"],
                                                               c["kl"]) for c in at_tp])}
         for c in confirmed:
             c["on_front"] = c["name"] in front_c
@@ -539,7 +540,7 @@ def run_tune(
                 "tp": plan.tp, "algorithm": plan.algorithm, "tokens": plan.tokens, "window": plan.window,
                 "confirm_tokens": plan.confirm_tokens, "confirm_tp": list(plan.confirm_tps),
                 "budgets": list(plan.budgets), "confirm_budgets": list(plan.confirm_budgets),
-                "confidence": ev.CONFIDENCE, "bootstrap_resamples": ev.BOOTSTRAP_RESAMPLES},
+                "confidence": CONFIDENCE, "bootstrap_resamples": BOOTSTRAP_RESAMPLES},
         "groups": [g.label for g in groups],
         "candidates": [n for n, _ in plan.candidates],
         "second_formats": [n for n, _ in plan.seconds] if plan.algorithm == "two_shot" else None,
@@ -575,28 +576,12 @@ def window_scores(folder: str | os.PathLike, name: str, tp: int) -> list:
             d = json.loads(line)
             key = json.loads(d["key"]) if d["key"] != ev._BASELINE_KEY else None
             if key is not None and key[0] == name and key[2] == tp:
-                scores[d["window"]] = ev.WindowScore(d["nll"], d["kl"], d["agree"], d["tokens"])
+                scores[d["window"]] = WindowScore(d["nll"], d["kl"], d["agree"], d["tokens"])
     if not scores:
         raise ValueError(f"{path}: no configuration {name!r} at TP={tp}")
     if sorted(scores) != list(range(len(scores))):
         raise ValueError(f"{path}: {name!r} at TP={tp} is missing windows (an unfinished run)")
     return [scores[i] for i in range(len(scores))]
-
-
-def kl_ratio_ci(a: Sequence, b: Sequence, level: float = ev.CONFIDENCE, resamples: int = ev.BOOTSTRAP_RESAMPLES,
-                seed: int = ev.BOOTSTRAP_SEED) -> dict:
-    """Mean KL of ``a`` over that of ``b`` (window scores of the same windows, e.g. two_shot vs
-    gather, TP=2 vs TP=8) with a paired percentile-bootstrap interval over windows, resampled as
-    :func:`tp.study.eval.bootstrap_ci` does: ``{"ratio": r, "ci": (lo, hi)}``."""
-    import numpy as np
-
-    if len(a) != len(b) or len(a) < 2 or any(x.tokens != y.tokens for x, y in zip(a, b)):
-        raise ValueError(f"need the same >= 2 windows on both sides, got {len(a)} and {len(b)}")
-    ka, kb = (np.array([s.kl for s in v], dtype=np.float64) for v in (a, b))
-    idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
-    ratios = ka[idx].sum(1) / kb[idx].sum(1)
-    lo, hi = np.quantile(ratios, ((1 - level) / 2, 1 - (1 - level) / 2))
-    return {"ratio": float(ka.sum() / kb.sum()), "ci": (float(lo), float(hi))}
 
 
 # --------------------------------------------------------------------------- outputs

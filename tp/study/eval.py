@@ -73,6 +73,7 @@ from .hf import Policy, emulate_tp, format_label
 from .names import BASELINE, OUTLIER_FORMAT, OUTLIER_FORMATS, OUTLIER_PREFIX, calibrated_rest, suggest
 from .stats import (BOOTSTRAP_RESAMPLES, CONFIDENCE, FEW_WINDOWS, MIN_WINDOWS_FOR_CI, TARGETS_PCT, WindowScore,
                     bootstrap_ci, compare_logits, metrics, pareto_front, total, verdict)
+from .windows import bos_id, make_windows
 
 __all__ = [
     "DEFAULT_FORMATS",
@@ -137,67 +138,6 @@ _BASELINE_KEY = "baseline"
 # A resumed run recomputes the baseline of each group of windows it still needs; it must
 # reproduce the stopped run's scores (same model, text, software) to this relative tolerance.
 _RESUME_RTOL = 1e-6
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-# --------------------------------------------------------------------------- windows
-
-
-def _bos_id(tokenizer) -> int | None:
-    bos = getattr(tokenizer, "bos_token_id", None)
-    return int(bos) if bos is not None else None
-
-
-def make_windows(tokenizer, text: str, n_windows: int, window: int) -> tuple[list[torch.Tensor], int]:
-    """``n_windows`` windows of ``window`` text tokens each, starting at
-    paragraph (else line) boundaries spread evenly over ``text``, never
-    overlapping, each prefixed with the tokenizer's BOS when it has one.
-    Returns (list of LongTensor [1, L], scored tokens per window). Only the
-    needed stretches of text are tokenized (cheap even on a long text)."""
-    if n_windows < 1 or window < 2:
-        raise ValueError(f"need at least 1 window of at least 2 tokens, got {n_windows} x {window}")
-    bos = _bos_id(tokenizer)
-    n = len(text)
-    starts = []
-    for k in range(n_windows):
-        pos = k * n // n_windows
-        if k:
-            for sep in ("\n\n", "\n"):
-                cut = text.find(sep, pos)
-                if cut != -1:
-                    pos = cut + len(sep)
-                    break
-        while pos < n and text[pos].isspace():
-            pos += 1
-        starts.append(pos)
-    out, prev_end = [], 0
-    for k, start in enumerate(starts):
-        if start < prev_end:
-            raise ValueError(
-                f"the text is too short for {n_windows} windows of {window} tokens "
-                f"({n} characters); pass fewer --tokens or a longer --text"
-            )
-        span = window * 8
-        while True:
-            enc = tokenizer(text[start:start + span], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-            ids = enc["input_ids"]
-            if len(ids) > window or start + span >= n:
-                break
-            span *= 2
-        if len(ids) < window:
-            raise ValueError(
-                f"window {k} starting at character {start} has only {len(ids)} of {window} tokens left; "
-                "pass fewer --tokens or a smaller --window, or a longer --text"
-            )
-        prev_end = start + enc["offset_mapping"][window - 1][1]
-        ids = ids[:window]
-        if bos is not None:
-            ids = [bos] + ids
-        out.append(torch.tensor([ids], dtype=torch.long))
-    scored = window if bos is not None else window - 1
-    return out, scored
 
 
 # --------------------------------------------------------------------------- arguments
@@ -465,7 +405,7 @@ def _check_model(plan: _Plan, model, tokenizer, emu) -> None:
     """The checks that need the model (before any forward pass)."""
     cfg = model.config
     maxpos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    bos = _bos_id(tokenizer)
+    bos = bos_id(tokenizer)
     if maxpos and plan.window + (bos is not None) > maxpos:
         raise ValueError(f"--window {plan.window} (+BOS) exceeds the model's {maxpos} positions")
     widths = sorted({s.out_features for s in emu.sites})
@@ -930,7 +870,7 @@ def _run(plan: _Plan, model, tokenizer, emu, textdata, model_desc, out, show_pro
         if note not in _SAID:  # once per process (qformats tune runs several evals)
             _SAID.add(note)
             print(f"[qformats] {note}", file=sys.stderr)
-    bos = _bos_id(tokenizer)
+    bos = bos_id(tokenizer)
     n_windows = math.ceil(plan.tokens / (plan.window if bos is not None else plan.window - 1))
     windows, scored = make_windows(tokenizer, textdata.eval_text, n_windows, plan.window)
     common = {"model": model_desc, "text": textdata.source, "window": plan.window, "windows": n_windows,

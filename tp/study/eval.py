@@ -54,13 +54,11 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import functools
 import datetime as _dt
 import json
 import math
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -73,6 +71,8 @@ from .hf import Policy, emulate_tp, format_label
 from .names import BASELINE, OUTLIER_FORMAT, OUTLIER_FORMATS, OUTLIER_PREFIX, calibrated_rest, suggest
 from .stats import (BOOTSTRAP_RESAMPLES, CONFIDENCE, FEW_WINDOWS, MIN_WINDOWS_FOR_CI, TARGETS_PCT, WindowScore,
                     bootstrap_ci, compare_logits, metrics, pareto_front, total, verdict)
+from .store import (BASELINE_KEY, PROGRESS_FILE, RESUME_RTOL, Progress, folder_lock, git_commit, package_version,
+                    source_digest)
 from .windows import bos_id, make_windows
 
 __all__ = [
@@ -133,11 +133,6 @@ BASELINE_LOGITS_BYTES = 1 << 30
 # OpenMP threads on cores that other work keeps busy they stall (measured on 2 shared cores:
 # 2 threads 5-12x slower than 1), and on idle cores they gain little. --threads overrides.
 CPU_THREADS = 1
-PROGRESS_FILE = "progress.jsonl"
-_BASELINE_KEY = "baseline"
-# A resumed run recomputes the baseline of each group of windows it still needs; it must
-# reproduce the stopped run's scores (same model, text, software) to this relative tolerance.
-_RESUME_RTOL = 1e-6
 
 
 # --------------------------------------------------------------------------- arguments
@@ -436,72 +431,6 @@ def _check_model(plan: _Plan, model, tokenizer, emu) -> None:
     emu.active = False
 
 
-# --------------------------------------------------------------------------- progress (resume)
-
-
-class _Progress:
-    """Per-window scores of one run, appended to ``progress.jsonl`` as they are
-    computed, so that a stopped run resumes where it stopped. The first line
-    is the run's identity; a folder holding another run is refused. Without a
-    path it only keeps the scores in memory."""
-
-    def __init__(self, path: Path | None, identity: dict):
-        self.path, self.identity = path, identity
-        self.scores: dict[str, dict[int, WindowScore]] = {}
-        self.seconds: dict[str, float] = {}
-        self.resumed = 0
-        if path is None:
-            return
-        if path.exists():
-            self._read()
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"run": identity}, sort_keys=True) + "\n")
-
-    def _read(self) -> None:
-        raw = self.path.read_text()
-        if raw and not raw.endswith("\n"):  # a line cut short by a kill: drop it
-            raw = raw[: raw.rfind("\n") + 1]
-            self.path.write_text(raw)
-        lines = raw.splitlines()
-        try:
-            head = json.loads(lines[0])["run"]
-        except (IndexError, ValueError, KeyError, TypeError):
-            raise ValueError(f"{self.path}: not a qformats eval progress file; pass another --out") from None
-        if head != self.identity:
-            diff = ", ".join(f"{k}: {head.get(k)!r} there, {self.identity.get(k)!r} now"
-                             for k in sorted(set(head) | set(self.identity)) if head.get(k) != self.identity.get(k))
-            raise ValueError(f"{self.path.parent} holds a run with other settings ({diff}); pass another --out to start afresh")
-        for no, ln in enumerate(lines[1:], start=2):
-            try:
-                d = json.loads(ln)
-                score = WindowScore(d["nll"], d["kl"], d["agree"], d["tokens"])
-                key, window, seconds = d["key"], d["window"], float(d["seconds"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{self.path}, line {no}: not a progress line ({type(e).__name__}: {e}): "
-                                 f"{ln[:80]!r}; delete that line to resume, or pass another --out") from None
-            self.scores.setdefault(key, {})[window] = score
-            self.seconds[key] = self.seconds.get(key, 0.0) + seconds
-            self.resumed += 1
-
-    def get(self, key: str, window: int) -> WindowScore | None:
-        return self.scores.get(key, {}).get(window)
-
-    def complete(self, key: str, n: int) -> bool:
-        return len(self.scores.get(key, ())) == n
-
-    def add(self, key: str, window: int, score: WindowScore, seconds: float) -> None:
-        self.scores.setdefault(key, {})[window] = score
-        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
-        if self.path is not None:
-            line = {"key": key, "window": window, **dataclasses.asdict(score), "seconds": round(seconds, 3)}
-            with open(self.path, "a") as f:
-                f.write(json.dumps(line) + "\n")
-
-    def windows(self, key: str, n: int) -> list[WindowScore]:
-        return [self.scores[key][i] for i in range(n)]
-
-
 # --------------------------------------------------------------------------- the job
 
 
@@ -578,7 +507,7 @@ def _calibrate(plan: _Plan, model, emu, tokenizer, textdata, configs, bar) -> tu
     return out, done
 
 
-def _sweep(plan: _Plan, model, emu, windows, scored, configs, progress: _Progress, bar, on_done) -> None:
+def _sweep(plan: _Plan, model, emu, windows, scored, configs, progress: Progress, bar, on_done) -> None:
     """Score the baseline and every configuration on every window, skipping what ``progress``
     holds; windows in groups whose baseline logits fit BASELINE_LOGITS_BYTES. ``on_done(config)``
     runs when a configuration's last window is scored."""
@@ -592,11 +521,11 @@ def _sweep(plan: _Plan, model, emu, windows, scored, configs, progress: _Progres
         logits = _forward_logits(model, windows[i].to(plan.device), scored)
         targets = windows[i][0, -scored:].to(plan.device)
         s = compare_logits(torch.log_softmax(logits.double(), -1), logits, targets)
-        old = progress.get(_BASELINE_KEY, i)
+        old = progress.get(BASELINE_KEY, i)
         if old is None:
-            progress.add(_BASELINE_KEY, i, s, time.perf_counter() - t0)
+            progress.add(BASELINE_KEY, i, s, time.perf_counter() - t0)
             bar.update()
-        elif not math.isclose(old.nll, s.nll, rel_tol=_RESUME_RTOL):
+        elif not math.isclose(old.nll, s.nll, rel_tol=RESUME_RTOL):
             raise ValueError(
                 f"resuming: the baseline of window {i} scores nll {s.nll!r} now, {old.nll!r} in the stopped "
                 "run; the model, text or software changed. Pass another --out to start afresh."
@@ -604,13 +533,13 @@ def _sweep(plan: _Plan, model, emu, windows, scored, configs, progress: _Progres
         return logits, targets
 
     emu.active = False
-    if progress.get(_BASELINE_KEY, 0) is not None:  # resuming: one forward pass proves it is the same model
+    if progress.get(BASELINE_KEY, 0) is not None:  # resuming: one forward pass proves it is the same model
         with torch.inference_mode():
             baseline(0)
     for g0 in range(0, n, group):
         idx = range(g0, min(n, g0 + group))
         todo = [c for c in configs if any(progress.get(c.key, i) is None for i in idx)]
-        if not todo and all(progress.get(_BASELINE_KEY, i) is not None for i in idx):
+        if not todo and all(progress.get(BASELINE_KEY, i) is not None for i in idx):
             continue
         with torch.inference_mode():
             emu.active = False
@@ -634,23 +563,23 @@ def _sweep(plan: _Plan, model, emu, windows, scored, configs, progress: _Progres
             del base
 
 
-def _baseline_record(progress: _Progress, n: int, common: dict) -> dict:
-    base = progress.windows(_BASELINE_KEY, n)
+def _baseline_record(progress: Progress, n: int, common: dict) -> dict:
+    base = progress.windows(BASELINE_KEY, n)
     m = metrics(total(base), total(base))
     m.update(kl=0.0, top1_agreement=1.0)  # the baseline against itself, exactly
     return {"name": BASELINE, "format": BASELINE, "tp": 1, "algorithm": "none", "baseline": True,
             "description": BASELINE_DESCRIPTION,
             "bits_per_value": 16.0, "nominal_bits_per_value": 16.0, "compression_ratio": 1.0, **m,
             "ppl_change_ci": None, "kl_ci": None, "top1_ci": None, "verdict": "-", "policy": Policy(None).to_dict(),
-            "heads_per_rank": None, "seconds": round(progress.seconds.get(_BASELINE_KEY, 0.0), 3), **common}
+            "heads_per_rank": None, "seconds": round(progress.seconds.get(BASELINE_KEY, 0.0), 3), **common}
 
 
-def _config_record(c: _Config, plan: _Plan, emu, progress: _Progress, n: int, common: dict, calibrations: dict) -> dict:
+def _config_record(c: _Config, plan: _Plan, emu, progress: Progress, n: int, common: dict, calibrations: dict) -> dict:
     emu.configure(c.tp, c.policy, c.algorithm, plan.uneven)
     bits = emu.bits_per_value()
     attn = [s for name, s in emu.shards().items() if emu.wrappers[name].site.kind == "attn"]
     emu.active = False
-    base, mine = progress.windows(_BASELINE_KEY, n), progress.windows(c.key, n)
+    base, mine = progress.windows(BASELINE_KEY, n), progress.windows(c.key, n)
     ci = bootstrap_ci(base, mine)
     rec = {
         "name": c.name,
@@ -683,72 +612,6 @@ def _config_record(c: _Config, plan: _Plan, emu, progress: _Progress, n: int, co
         if c.outlier_rest is None:  # what the static scales were made of (dynamic ones ignore it)
             rec["calibration"].update(scale_from=cal.scale_from, elem=cal.elem, clip_rms=cal.clip)
     return rec
-
-
-def _git_commit() -> str | None:
-    """The commit of the source tree this package runs from (with "-dirty" when edited), if any."""
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-@contextlib.contextmanager
-def _folder_lock(out):
-    """Hold ``out``'s lock file for the run: a second eval on the same folder is refused at once
-    (two would append to one progress file and replace each other's results)."""
-    if out is None or (Path(out).exists() and not Path(out).is_dir()):
-        yield  # no folder (or a file: _run says so)
-        return
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no lock
-        yield
-        return
-    Path(out).mkdir(parents=True, exist_ok=True)
-    with open(Path(out) / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ValueError(f"--out {out}: another qformats eval is writing to this folder now; wait for it "
-                             f"to finish (then run again to add to it) or pass another --out") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-@functools.lru_cache(maxsize=1)
-def source_digest() -> str:
-    """sha256 (first 16 hex digits) of the qformats, lowering and tp sources that compute an
-    eval's scores: results of different code never share a folder (resuming is refused)."""
-    import hashlib
-
-    import lowering
-    import qformats
-
-    h = hashlib.sha256()
-    tp_dir = Path(__file__).resolve().parents[1]  # tp/ (this file is tp/study/eval.py)
-    for pkg in (Path(qformats.__file__).parent, Path(lowering.__file__).parent, tp_dir):
-        for f in sorted(pkg.rglob("*.py")):
-            h.update(f"{pkg.name}/{f.relative_to(pkg).as_posix()}\0".encode())
-            h.update(f.read_bytes())
-    return "sha256:" + h.hexdigest()[:16]
-
-
-def _package_version() -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version("qformats")
-    except metadata.PackageNotFoundError:  # run from a source tree without `pip install`
-        return None
 
 
 def run_eval(
@@ -829,7 +692,7 @@ def run_eval(
     model.to(plan.device).eval()
     emu = emulate_tp(model)
     try:
-        with _cpu_threads(plan) as nthreads, _fast_codec(), _folder_lock(out):
+        with _cpu_threads(plan) as nthreads, _fast_codec(), folder_lock(out):
             return _run(plan, model, tokenizer, emu, textdata, model_desc, out, progress, nthreads, command, t_start,
                         label)
     finally:
@@ -880,25 +743,25 @@ def _run(plan: _Plan, model, tokenizer, emu, textdata, model_desc, out, show_pro
     out = Path(out) if out is not None else None
     if out is not None and out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file, not a folder")
-    progress = _Progress(out / PROGRESS_FILE if out is not None else None, identity)
+    progress = Progress(out / PROGRESS_FILE if out is not None else None, identity)
     configs = plan.configs()
 
     from tqdm.auto import tqdm
 
     calib_runs = len({c.tp for c in configs if c.calibrated}) * math.ceil(plan.calib_tokens / plan.window)
-    total = calib_runs + sum(n_windows - len(progress.scores.get(k, ())) for k in [_BASELINE_KEY] + [c.key for c in configs])
+    total = calib_runs + sum(n_windows - len(progress.scores.get(k, ())) for k in [BASELINE_KEY] + [c.key for c in configs])
     bar = tqdm(total=total, desc=label, unit="fwd", file=sys.stderr, disable=not show_progress, dynamic_ncols=True)
     if progress.resumed and show_progress:
         bar.write(f"[qformats] resuming {out}: {progress.resumed} window scores already done", file=sys.stderr)
 
     configs, calibrations = _calibrate(plan, model, emu, tokenizer, textdata, configs, bar)
-    run = {"command": command, "version": _package_version(), "commit": _git_commit(),
+    run = {"command": command, "version": package_version(), "commit": git_commit(),
            "started": _dt.datetime.fromtimestamp(t_start).isoformat(timespec="seconds"), "threads": nthreads, "confidence": CONFIDENCE, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
            "targets_pct": list(TARGETS_PCT), **identity}
     finished: dict[str, dict] = {}
 
     def records() -> list[dict]:
-        recs = [_baseline_record(progress, n_windows, common)] if progress.complete(_BASELINE_KEY, n_windows) else []
+        recs = [_baseline_record(progress, n_windows, common)] if progress.complete(BASELINE_KEY, n_windows) else []
         return recs + [finished[c.key] for c in configs if c.key in finished]
 
     def on_done(c: _Config) -> None:

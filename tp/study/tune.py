@@ -57,7 +57,8 @@ from .costs import (DEFAULT_KL_BUDGETS, DEFAULT_TIME_BUDGETS, DEFAULT_TOKENS_PER
                     _file_tag, _project_layer, budget_name, check_time_plan, group_times, nccl_forward_us, parse_time_budget,
                     pick_budgets, project, read_tuned_for, usable_seconds, write_policy)
 from .hf import PLAIN_BITS, find_sites, format_label, wire_bits
-from .stats import BOOTSTRAP_RESAMPLES, CONFIDENCE, WindowScore, kl_ratio_ci, pareto_front  # noqa: F401
+from .store import git_commit, package_version, window_scores  # noqa: F401
+from .stats import BOOTSTRAP_RESAMPLES, CONFIDENCE, kl_ratio_ci, pareto_front  # noqa: F401
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -532,7 +533,7 @@ def run_tune(
     import transformers
 
     doc = {
-        "run": {"command": command, "version": ev._package_version(), "commit": ev._git_commit(),
+        "run": {"command": command, "version": package_version(), "commit": git_commit(),
                 "started": _dt.datetime.fromtimestamp(t_start).isoformat(timespec="seconds"),
                 "seconds_total": round(time.time() - t_start, 1), "seconds": stamp,
                 "torch": torch.__version__, "transformers": transformers.__version__,
@@ -563,25 +564,6 @@ def run_tune(
 
 
 # --------------------------------------------------------------------------- paired comparisons
-
-
-def window_scores(folder: str | os.PathLike, name: str, tp: int) -> list:
-    """The per-window scores (:class:`tp.study.eval.WindowScore`, in window order) of the
-    configuration ``name`` at ``tp`` in an eval (or tune stage) folder's progress file."""
-    path = Path(folder) / ev.PROGRESS_FILE
-    scores = {}
-    with open(path) as f:
-        next(f)  # the run's identity
-        for line in f:
-            d = json.loads(line)
-            key = json.loads(d["key"]) if d["key"] != ev._BASELINE_KEY else None
-            if key is not None and key[0] == name and key[2] == tp:
-                scores[d["window"]] = WindowScore(d["nll"], d["kl"], d["agree"], d["tokens"])
-    if not scores:
-        raise ValueError(f"{path}: no configuration {name!r} at TP={tp}")
-    if sorted(scores) != list(range(len(scores))):
-        raise ValueError(f"{path}: {name!r} at TP={tp} is missing windows (an unfinished run)")
-    return [scores[i] for i in range(len(scores))]
 
 
 # --------------------------------------------------------------------------- outputs

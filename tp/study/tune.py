@@ -58,6 +58,7 @@ from .costs import (DEFAULT_KL_BUDGETS, DEFAULT_TIME_BUDGETS, DEFAULT_TOKENS_PER
                     pick_budgets, project, read_tuned_for, usable_seconds, write_policy)
 from .hf import PLAIN_BITS, find_sites, format_label, wire_bits
 from .store import git_commit, package_version, window_scores  # noqa: F401
+from .report import by_kl
 from .stats import BOOTSTRAP_RESAMPLES, CONFIDENCE, kl_ratio_ci, pareto_front  # noqa: F401
 
 __all__ = [
@@ -552,7 +553,7 @@ def run_tune(
                             for t, k, (s, ch) in predicted],
         "joint": joint,
         "additivity": {"min": min(ratios), "max": max(ratios), "mean": sum(ratios) / len(ratios)} if ratios else None,
-        "confirmed": ev.by_kl(confirmed),
+        "confirmed": by_kl(confirmed),
         "time": timing,
     }
     tmp = out / (FRONT_JSON + ".part")

@@ -69,8 +69,9 @@ from ..comm.policy import CommPolicy
 from .hf import Policy, emulate_tp, format_label
 from .names import BASELINE, OUTLIER_FORMAT, OUTLIER_FORMATS, OUTLIER_PREFIX, calibrated_rest, suggest
 from .report import BASELINE_DESCRIPTION, format_table, head_split_notes, write_outputs
-from .stats import (BOOTSTRAP_RESAMPLES, CONFIDENCE, FEW_WINDOWS, MIN_WINDOWS_FOR_CI, TARGETS_PCT, WindowScore,
-                    bootstrap_ci, compare_logits, metrics, total, verdict)
+# BOOTSTRAP_SEED and PROGRESS_FILE are read here by benchmarks/eval_paired.py
+from .stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, FEW_WINDOWS, MIN_WINDOWS_FOR_CI,  # noqa: F401
+                    TARGETS_PCT, WindowScore, bootstrap_ci, compare_logits, metrics, total, verdict)
 from .store import (BASELINE_KEY, PROGRESS_FILE, RESUME_RTOL, Progress, folder_lock, git_commit, package_version,
                     source_digest)
 from .windows import bos_id, make_windows

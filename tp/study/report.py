@@ -21,7 +21,7 @@ __all__ = [
     "by_kl",
     "format_table",
     "head_split_notes",
-    "plot",
+    "plot_records",
     "write_outputs",
 ]
 
@@ -145,7 +145,7 @@ def _label_offsets(rs, xs, ys):
     return out
 
 
-def plot(records: list[dict], path: Path) -> None:
+def plot_records(records: list[dict], path: Path) -> None:
     """plot.png: perplexity change (symlog) and KL against wire bits, per (TP, algorithm), with intervals."""
     import matplotlib
 
@@ -218,5 +218,5 @@ def write_outputs(records: list[dict], out: str | os.PathLike, run: dict | None 
             w.writerow([json.dumps(r.get(k), sort_keys=True) if isinstance(r.get(k), (dict, list)) else r.get(k) for k in keys])
     os.replace(tmp, out / "results.csv")
     if plot and records:
-        plot(records, out / "plot.png")
+        plot_records(records, out / "plot.png")
     return out

@@ -814,7 +814,7 @@ def test_plot_labels_axis_and_title(tmp_path, monkeypatch):
     for name, bits, d in (("mxfp4", 4.25, 5.0), ("outlier_int4", 4.5, 5.2), ("mxfp8_e4m3", 8.25, 1.0)):
         recs.append({"name": name, "baseline": False, "tp": 8, "algorithm": "gather", "bits_per_value": bits,
                      "ppl_change_pct": d, "ppl_change_ci": [d - 1, d + 1], "kl": d / 100, "kl_ci": [d / 200, d / 50]})
-    report.plot(recs, tmp_path / "plot.png")
+    report.plot_records(recs, tmp_path / "plot.png")
     fig = figs[0]
     left = fig.axes[0]
     assert "symlog" in left.get_ylabel() and "Brown Corpus" in fig._suptitle.get_text()

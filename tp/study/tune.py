@@ -53,13 +53,15 @@ import torch
 
 from ..comm.policy import SITE_KINDS, CommPolicy, Rule
 from . import eval as ev
+from .args import Calibrated, as_list, csv_list, positive_int, resolve_formats, tp_list
 from .costs import (DEFAULT_KL_BUDGETS, DEFAULT_TIME_BUDGETS, DEFAULT_TOKENS_PER_STEP, PLAIN, RUN_AS, TimePlan,  # noqa: F401
                     _file_tag, _project_layer, budget_name, check_time_plan, group_times, nccl_forward_us, parse_time_budget,
                     pick_budgets, project, read_tuned_for, usable_seconds, write_policy)
 from .hf import PLAIN_BITS, find_sites, format_label, wire_bits
-from .store import git_commit, package_version, window_scores  # noqa: F401
+from .names import BASELINE, OUTLIER_FORMAT
 from .report import by_kl
 from .stats import BOOTSTRAP_RESAMPLES, CONFIDENCE, kl_ratio_ci, pareto_front  # noqa: F401
+from .store import git_commit, package_version, window_scores  # noqa: F401
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -198,7 +200,7 @@ class _TunePlan:
 
 
 def _floats(v, what: str) -> tuple:
-    vals = ev._as_list(v, what) if not isinstance(v, (int, float)) else [v]
+    vals = as_list(v, what) if not isinstance(v, (int, float)) else [v]
     out = []
     for x in vals:
         try:
@@ -215,49 +217,49 @@ def _floats(v, what: str) -> tuple:
 
 def _calibrated(f) -> bool:
     """Whether a resolved eval format needs the per-TP outlier calibration (not tunable here)."""
-    return isinstance(f, ev._Calibrated) or f == ev.OUTLIER_FORMAT
+    return isinstance(f, Calibrated) or f == OUTLIER_FORMAT
 
 
 def _validate(tp, algorithm, candidates, second_formats, layer_bounds, tokens, window, budgets, confirm_tokens,
               confirm_budgets, confirm_tp) -> _TunePlan:
     """Check every argument before anything is loaded; ValueError naming the option."""
-    tp = ev._positive_int(tp, "--tp")
+    tp = positive_int(tp, "--tp")
     if algorithm not in ("gather", "two_shot"):
         raise ValueError(f"--algorithm must be gather or two_shot (fused computes one of them: tune that), "
                          f"got {algorithm!r}")
-    cands = tuple(ev._resolve_formats(candidates))
+    cands = tuple(resolve_formats(candidates))
     if not cands:
         raise ValueError("--candidates names no format, e.g. --candidates nvfp4,int8/b32/bf16")
     if any(_calibrated(f) for _, f in cands):
-        raise ValueError(f"--candidates: the outlier formats ({ev.OUTLIER_FORMAT}, ...) are calibrated per TP degree; "
+        raise ValueError(f"--candidates: the outlier formats ({OUTLIER_FORMAT}, ...) are calibrated per TP degree; "
                          "tune over dynamic formats")
     if algorithm == "gather":
         if second_formats:
             raise ValueError("--second-formats applies to two_shot only: gather sends each partial once")
         seconds = ((SAME, None),)
     else:
-        names = ev._as_list(DEFAULT_SECOND_FORMATS if second_formats is None else second_formats, "--second-formats")
+        names = as_list(DEFAULT_SECOND_FORMATS if second_formats is None else second_formats, "--second-formats")
         if not names:
             raise ValueError(f"--second-formats names nothing, e.g. {SAME},int8/b32/bf16")
         same = [n for n in names if str(n).strip().lower() == SAME]
-        rest = tuple(ev._resolve_formats([n for n in names if str(n).strip().lower() != SAME])) if len(same) < len(names) else ()
+        rest = tuple(resolve_formats([n for n in names if str(n).strip().lower() != SAME])) if len(same) < len(names) else ()
         if any(f is None or _calibrated(f) for _, f in rest):
             raise ValueError(f"--second-formats: the reduced sum travels compressed: name formats or {SAME}")
         seconds = ((SAME, None),) * bool(same) + rest
     if layer_bounds is not None:
-        layer_bounds = tuple(ev._as_list(layer_bounds, "--layer-groups"))
+        layer_bounds = tuple(as_list(layer_bounds, "--layer-groups"))
         try:
             layer_bounds = tuple(int(b) for b in layer_bounds)
         except (TypeError, ValueError):
             raise ValueError(f"--layer-groups: expected comma-separated layer indices, got {list(layer_bounds)}") from None
-    ev._positive_int(tokens, "--tokens")
-    if ev._positive_int(window, "--window") < 2:
+    positive_int(tokens, "--tokens")
+    if positive_int(window, "--window") < 2:
         raise ValueError(f"--window must be at least 2 tokens, got {window}")
     if isinstance(confirm_tokens, bool) or not isinstance(confirm_tokens, int) or confirm_tokens < 0:
         raise ValueError(f"--confirm-tokens must be an integer >= 0 (0: no confirmation), got {confirm_tokens!r}")
     budgets = _floats(budgets, "--budgets")
     confirm_budgets = _floats(confirm_budgets, "--confirm-budgets")
-    tps = tuple(ev._positive_int(t, "--confirm-tp: each TP degree") for t in ev._as_list(confirm_tp or [tp], "--confirm-tp"))
+    tps = tuple(positive_int(t, "--confirm-tp: each TP degree") for t in as_list(confirm_tp or [tp], "--confirm-tp"))
     if tp not in tps:
         tps = (tp,) + tps  # the confirmed front is the search degree's
     return _TunePlan(tp, algorithm, cands, seconds, layer_bounds, tokens, window, budgets, confirm_tokens,
@@ -342,7 +344,7 @@ def run_tune(
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file, not a folder")
     common = dict(model=model, tokenizer=tokenizer, text=textdata, device=device, threads=threads,
-                  progress=progress, window=plan.window, model_desc=model_desc, formats=[ev.BASELINE])
+                  progress=progress, window=plan.window, model_desc=model_desc, formats=[BASELINE])
     total_width = float(sum(s.out_features for s in sites))
 
     def group_bits(g: SiteGroup, f, second) -> float:
@@ -728,12 +730,12 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--text", default=None, help="as qformats eval (default: the Brown Corpus)")
     parser.add_argument("--tp", type=int, default=DEFAULT_TP, help=f"TP degree of the search (default {DEFAULT_TP})")
     parser.add_argument("--algorithm", default="gather", help="gather or two_shot (default gather)")
-    parser.add_argument("--candidates", type=ev._csv_list, default=list(DEFAULT_CANDIDATES),
+    parser.add_argument("--candidates", type=csv_list, default=list(DEFAULT_CANDIDATES),
                         help=f"formats a site group may take; bf16 = uncompressed (default: {','.join(DEFAULT_CANDIDATES)})")
-    parser.add_argument("--second-formats", type=ev._csv_list, default=None,
+    parser.add_argument("--second-formats", type=csv_list, default=None,
                         help=f"two_shot: the reduced sum's format choices, {SAME} = the first hop's "
                              f"(default: {','.join(DEFAULT_SECOND_FORMATS)})")
-    parser.add_argument("--layer-groups", type=ev._csv_list, default=None, metavar="B1,B2,...",
+    parser.add_argument("--layer-groups", type=csv_list, default=None, metavar="B1,B2,...",
                         help="layer indices where the groups split (default: 1,3,L-3: layer 0, layers 1-2, the middle, the last 3)")
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"search tokens (default {DEFAULT_TOKENS})")
     parser.add_argument("--window", type=int, default=ev.DEFAULT_WINDOW, help=f"tokens per window (default {ev.DEFAULT_WINDOW})")
@@ -743,7 +745,7 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help=f"tokens of the confirmation (default {DEFAULT_CONFIRM_TOKENS}; 0: none)")
     parser.add_argument("--confirm-budgets", default=",".join(map(str, DEFAULT_CONFIRM_BUDGETS)),
                         help=f"bit budgets whose measured-best front points are confirmed (default {','.join(map(str, DEFAULT_CONFIRM_BUDGETS))})")
-    parser.add_argument("--confirm-tp", type=ev._tp_list, default=None, help="TP degrees of the confirmation (default: --tp)")
+    parser.add_argument("--confirm-tp", type=tp_list, default=None, help="TP degrees of the confirmation (default: --tp)")
     parser.add_argument("--threads", type=int, default=None, help=f"torch CPU threads (default on CPU: {ev.CPU_THREADS})")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", default=None, help="output folder (default: out/tune-<timestamp>); a stopped run there resumes")
@@ -754,15 +756,15 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     t.add_argument("--link", default=None, help="with --gpu: nvlink, or host (the host-memory path, NCCL_P2P_DISABLE=1)")
     t.add_argument("--tokens-per-step", type=int, default=DEFAULT_TOKENS_PER_STEP,
                    help=f"tokens per forward the time is priced at (default {DEFAULT_TOKENS_PER_STEP}: an 8k prefill)")
-    t.add_argument("--time-budgets", type=ev._csv_list, default=list(DEFAULT_TIME_BUDGETS),
+    t.add_argument("--time-budgets", type=csv_list, default=list(DEFAULT_TIME_BUDGETS),
                    help=f"lowest KL within each: 0.5x (of NCCL bf16's time), 300us, 1.2ms (default {','.join(DEFAULT_TIME_BUDGETS)})")
-    t.add_argument("--kl-budgets", type=ev._csv_list, default=[str(k) for k in DEFAULT_KL_BUDGETS],
+    t.add_argument("--kl-budgets", type=csv_list, default=[str(k) for k in DEFAULT_KL_BUDGETS],
                    help=f"fastest within each KL (default {','.join(map(str, DEFAULT_KL_BUDGETS))})")
     t.add_argument("--run-as", choices=RUN_AS, default=None,
                    help="how compressed sites run: fused (symmetric-memory kernels; default on nvlink) or nccl (the NCCL path)")
-    t.add_argument("--kernel-table", type=ev._csv_list, default=None, metavar="F1,F2",
+    t.add_argument("--kernel-table", type=csv_list, default=None, metavar="F1,F2",
                    help="kernel tables (benchmarks/codec_gpu.py JSONL; default: the newest committed for --gpu)")
-    t.add_argument("--link-table", type=ev._csv_list, default=None, metavar="F1,F2", help="link tables (default: the committed ones)")
+    t.add_argument("--link-table", type=csv_list, default=None, metavar="F1,F2", help="link tables (default: the committed ones)")
     t.add_argument("--extrapolate-world", action="store_true",
                    help="price a TP degree with no NCCL measurement from the nearest smaller one (bus bytes; says so)")
     t.add_argument("--project", default=None, metavar="MODEL",
@@ -856,9 +858,9 @@ def reprice(folder, time_plan: TimePlan, *, tp: int | None = None, shape: str | 
     mshape = cost.ModelShape.parse(shape)
     sites = mshape.sites
     groups = [_parse_group(g, mshape.layers) for g in doc["groups"]]
-    cands = tuple(ev._resolve_formats(doc["candidates"]))
+    cands = tuple(resolve_formats(doc["candidates"]))
     if algorithm == "two_shot":
-        seconds = tuple((n, None) if n == SAME else (n, ev._resolve_formats([n])[0][1]) for n in doc["second_formats"])
+        seconds = tuple((n, None) if n == SAME else (n, resolve_formats([n])[0][1]) for n in doc["second_formats"])
     else:
         seconds = ((SAME, None),)
     T = time_plan.tokens_per_step

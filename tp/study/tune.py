@@ -51,7 +51,7 @@ from typing import Sequence
 
 import torch
 
-from ..comm.policy import SITE_KINDS, CommPolicy, Rule
+from ..comm.policy import CommPolicy
 from . import eval as ev
 from .args import Calibrated, as_list, csv_list, positive_int, resolve_formats, tp_list
 from .costs import (DEFAULT_KL_BUDGETS, DEFAULT_TIME_BUDGETS, DEFAULT_TOKENS_PER_STEP, PLAIN, RUN_AS, TimePlan,  # noqa: F401
@@ -60,6 +60,8 @@ from .costs import (DEFAULT_KL_BUDGETS, DEFAULT_TIME_BUDGETS, DEFAULT_TOKENS_PER
 from .hf import PLAIN_BITS, find_sites, format_label, wire_bits
 from .names import BASELINE, OUTLIER_FORMAT
 from .report import by_kl
+from .search import (BITS_EPS, SAME, SiteGroup, additive_front, assemble, default_layer_bounds,  # noqa: F401
+                     describe, make_groups, prune)
 from .stats import BOOTSTRAP_RESAMPLES, CONFIDENCE, kl_ratio_ci, pareto_front  # noqa: F401
 from .store import git_commit, package_version, window_scores  # noqa: F401
 
@@ -91,94 +93,14 @@ DEFAULT_CANDIDATES = (
     "mxfp8_e4m3",
     "int8/b32/bf16",
 )
-SAME = "same"  # a --second-formats entry: the reduced sum travels in the first hop's format
 DEFAULT_SECOND_FORMATS = (SAME, "int5/b32/bf16+h32", "int6/b32/bf16")
 DEFAULT_TP = 8
 DEFAULT_TOKENS = 1024
 DEFAULT_CONFIRM_TOKENS = 16384
 DEFAULT_BUDGETS = (4.25, 4.5, 4.75, 5.0, 5.25, 5.5, 6.0, 6.5, 7.0)
 DEFAULT_CONFIRM_BUDGETS = (4.5, 5.0, 5.5)
-# Bits are sums of exact per-site figures; a budget holds a point that exceeds it by rounding only.
-_BITS_EPS = 1e-9
 FRONT_JSON, FRONT_MD, FRONT_PNG, POLICY_DIR = "front.json", "front.md", "front.png", "policies"
 STAGES = ("sensitivity", "joint", "confirm")
-
-
-# --------------------------------------------------------------------------- the search space
-
-
-@dataclasses.dataclass(frozen=True)
-class SiteGroup:
-    """One site kind over the layers ``start <= layer < stop``: the unit the tuner assigns a format to."""
-
-    kind: str
-    start: int
-    stop: int
-
-    @property
-    def label(self) -> str:
-        last = self.stop - 1
-        return f"{self.kind} L{self.start}" + (f"-{last}" if last != self.start else "")
-
-    def rule(self, fmt) -> Rule:
-        return Rule(fmt, layers=(self.start, self.stop), kind=self.kind, label=self.label)
-
-
-def default_layer_bounds(num_layers: int) -> tuple:
-    """Layer 0 alone, layers 1-2, the middle, the last 3 (the ends of a network are the most
-    sensitive): the boundaries 1, 3, L-3 that fall inside the model."""
-    return tuple(sorted({b for b in (1, 3, num_layers - 3) if 0 < b < num_layers}))
-
-
-def _groups(num_layers: int, bounds: Sequence[int]) -> list[SiteGroup]:
-    edges = [0, *bounds, num_layers]
-    if any(not isinstance(b, int) or isinstance(b, bool) for b in bounds) or any(
-            a >= b for a, b in zip(edges, edges[1:])):
-        raise ValueError(f"--layer-groups: boundaries must be increasing integers strictly between 0 and "
-                         f"{num_layers} (this model's layers), got {list(bounds)}")
-    return [SiteGroup(k, a, b) for a, b in zip(edges, edges[1:]) for k in SITE_KINDS]
-
-
-def additive_front(options: Sequence[Sequence[tuple]]) -> list[tuple]:
-    """The exact Pareto front of choosing one option per group when cost and loss add up.
-
-    ``options[g]``: ``(bits, loss, choice)`` for group g. Returns ``(bits, loss, choices)``
-    (one choice per group), sorted by bits, each strictly better in loss than every cheaper
-    one. Merges one group at a time and prunes to the front (the front of a sum is within the
-    sum of the fronts), so the cost stays small: front size x options per group."""
-    front = [(0.0, 0.0, ())]
-    for g, opts in enumerate(options):
-        if not opts:
-            raise ValueError(f"group {g} has no options")
-        front = _prune([(b + ob, l + ol, ch + (c,)) for b, l, ch in front for ob, ol, c in opts])
-    return front
-
-
-def _prune(points: list[tuple]) -> list[tuple]:
-    out = []
-    for p in sorted(points, key=lambda p: (p[0], p[1])):
-        if not out or p[1] < out[-1][1]:
-            if out and abs(p[0] - out[-1][0]) <= _BITS_EPS:  # same bits, lower loss (float ties)
-                out[-1] = p
-            else:
-                out.append(p)
-    return out
-
-
-def _assemble(groups, choice, algorithm: str, second) -> CommPolicy:
-    """A policy for one format per group: the format covering most groups as the default, rules
-    for the others (the groups partition each kind's layers, so every site is decided)."""
-    counts = {}
-    for f in choice:
-        counts[f] = counts.get(f, 0) + 1
-    default = max(counts, key=lambda f: (counts[f], -choice.index(f)))
-    rules = tuple(g.rule(f) for g, f in zip(groups, choice) if f != default)
-    return CommPolicy(default, algorithm, 0, rules, second)
-
-
-def _describe(groups, choice, names: dict) -> dict:
-    """{group label: the candidate's name as given (a preset name where one was used)}."""
-    return {g.label: names.get(f, format_label(f)) for g, f in zip(groups, choice)}
 
 
 # --------------------------------------------------------------------------- arguments
@@ -339,7 +261,7 @@ def run_tune(
                 except ValueError as e:
                     raise ValueError(f"{what} {n}: {e} (this model's all-reduced rows are {w} wide)") from None
     bounds = plan.layer_bounds if plan.layer_bounds is not None else default_layer_bounds(num_layers)
-    groups = _groups(num_layers, bounds)
+    groups = make_groups(num_layers, bounds)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file, not a folder")
@@ -412,9 +334,9 @@ def run_tune(
             options = [[(group_bits(g, f, second), kl_of[(sname, g.label, fname)], f) for fname, f in plan.candidates]
                        for g in groups]
             predicted += [(b, k, (sname, ch)) for b, k, ch in additive_front(options)]
-        predicted = _prune(predicted)
+        predicted = prune(predicted)
         for b in plan.budgets:
-            fits = [p for p in predicted if p[0] <= b + _BITS_EPS]
+            fits = [p for p in predicted if p[0] <= b + BITS_EPS]
             if fits:
                 best = min(fits, key=lambda p: p[1])
                 chosen.setdefault(best[2], best)
@@ -426,7 +348,7 @@ def run_tune(
             options = [[(times[(sname, g.label, fname)], kl_of[(sname, g.label, fname)] if f is not None else 0.0, f)
                         for fname, f in plan.candidates + ((PLAIN, None),)] for g in groups]
             predicted += [(t, k, (sname, ch)) for t, k, ch in additive_front(options)]
-        predicted = _prune(predicted)
+        predicted = prune(predicted)
         for kind, label, p in pick_budgets(predicted, nccl_us, time_plan, lambda p: p[0], lambda p: p[1]):
             chosen.setdefault(p[2], p)
             tags.setdefault(p[2], []).append((kind, label))
@@ -450,7 +372,7 @@ def run_tune(
             name = f"{plan.algorithm}_tp{plan.tp}_" + "_".join(_file_tag(*t) for t in tags[key])
         name = name if name not in used else f"{name}_{i}"  # two points that round to the same bits
         used.add(name)
-        joint_pols[key] = (name, _assemble(groups, choice, plan.algorithm, seconds[sname]), b, k)
+        joint_pols[key] = (name, assemble(groups, choice, plan.algorithm, seconds[sname]), b, k)
     recs = ev.run_eval(tp=[plan.tp], tokens=plan.tokens, out=out / "joint", command=command,
                        policies=[(n, p) for n, p, _, _ in joint_pols.values()], label="qformats tune 2/3 joint", **common)
     by_name = {r["name"]: r for r in recs if not r.get("baseline")}
@@ -462,7 +384,7 @@ def run_tune(
                                f"predicted {b}: the two bit counts disagree")
         joint.append({"name": name, "bits": r["bits_per_value"], "predicted_kl": k, "kl": r["kl"],
                       "additivity": r["kl"] / k if k > 0 else None, "ppl_change_pct": r["ppl_change_pct"],
-                      "second": sname, "assignment": _describe(groups, choice, names), "policy": pol.to_dict()})
+                      "second": sname, "assignment": describe(groups, choice, names), "policy": pol.to_dict()})
         if timing is not None:
             us = sum(times[(sname, g.label, names.get(f, format_label(f)) if f is not None else PLAIN)]
                      for g, f in zip(groups, choice))
@@ -479,7 +401,7 @@ def run_tune(
     picks = []
     if timing is None:
         for b in plan.confirm_budgets:
-            fits = [j for j in on_front if j["bits"] <= b + _BITS_EPS]
+            fits = [j for j in on_front if j["bits"] <= b + BITS_EPS]
             if fits:
                 best = min(fits, key=lambda j: j["kl"])
                 if best not in picks:
@@ -549,9 +471,9 @@ def run_tune(
         "candidates": [n for n, _ in plan.candidates],
         "second_formats": [n for n, _ in plan.seconds] if plan.algorithm == "two_shot" else None,
         "sensitivity": sensitivity,
-        "predicted_front": [{"bits": b, "kl": k, "second": s, "assignment": _describe(groups, ch, names)}
+        "predicted_front": [{"bits": b, "kl": k, "second": s, "assignment": describe(groups, ch, names)}
                             for b, k, (s, ch) in predicted] if timing is None else
-                           [{"us": t, "bits": choice_bits(s, ch), "kl": k, "second": s, "assignment": _describe(groups, ch, names)}
+                           [{"us": t, "bits": choice_bits(s, ch), "kl": k, "second": s, "assignment": describe(groups, ch, names)}
                             for t, k, (s, ch) in predicted],
         "joint": joint,
         "additivity": {"min": min(ratios), "max": max(ratios), "mean": sum(ratios) / len(ratios)} if ratios else None,
@@ -882,7 +804,7 @@ def reprice(folder, time_plan: TimePlan, *, tp: int | None = None, shape: str | 
         options = [[(times[(sname, g.label, n)], kl_of[(sname, g.label, n)] if f is not None else 0.0, (n, f))
                     for n, f in kept] for g in groups]
         predicted += [(t, k, (sname, ch)) for t, k, ch in additive_front(options)]
-    predicted = _prune(predicted)
+    predicted = prune(predicted)
     nccl_us = nccl_forward_us(model, sites, T, tp)
 
     def assignment(ch):
@@ -908,7 +830,7 @@ def reprice(folder, time_plan: TimePlan, *, tp: int | None = None, shape: str | 
         by_name = dict(kept)
         for k in picks:
             choice = tuple(by_name[k["assignment"][g.label]] for g in groups)
-            pol = _assemble(groups, choice, algorithm, dict(seconds)[k["second"]])
+            pol = assemble(groups, choice, algorithm, dict(seconds)[k["second"]])
             k["projection"] = project(pol, time_plan.project, model, T, tp, comm_alg, mshape.layers)
     met = {p["budget"] for p in picks}
     unmet = [b for b in [budget_name("time", lbl) for lbl, _, _ in time_plan.time_budgets]

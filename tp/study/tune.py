@@ -233,12 +233,83 @@ def run_tune(
     (lowest KL) and each KL budget (fastest) is measured jointly, the measured front's picks under
     the same budgets confirmed; policies are named by their budget and their files record what
     they were tuned for (:func:`read_tuned_for`)."""
-    from . import assets
-
     t_start = time.time()
     plan = _validate(tp, algorithm, candidates, second_formats, layer_bounds, tokens, window, budgets,
                      confirm_tokens, confirm_budgets, confirm_tp)
-    cmodel = None
+    s = _prepare(plan, model, text, tokenizer, out, dict(device=device, threads=threads, progress=progress),
+                 command, on_start, time_plan)
+    stamp = {}
+    t0 = time.time()
+    sensitivity = _sensitivity(s)
+    stamp["sensitivity"] = round(time.time() - t0, 1)
+    predicted, chosen, tags = _predict(s, sensitivity)
+    t0 = time.time()
+    joint = _joint(s, chosen, tags)
+    stamp["joint"] = round(time.time() - t0, 1)
+    picks, on_front = _picks(s, joint)
+    confirmed = []
+    if s.plan.confirm_tokens and picks:
+        t0 = time.time()
+        confirmed = _confirm(s, picks)
+        stamp["confirm"] = round(time.time() - t0, 1)
+    _write_policies(s, picks if s.plan.confirm_tokens else on_front, joint)
+    doc = _document(s, t_start, stamp, sensitivity, predicted, joint, confirmed)
+    tmp = s.out / (FRONT_JSON + ".part")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, s.out / FRONT_JSON)
+    (s.out / FRONT_MD).write_text(format_front(doc))
+    plot_front(doc, s.out / FRONT_PNG)
+    return doc
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+@dataclasses.dataclass
+class _Search:
+    """What every stage of one search reads: the checked plan, the model's sites and groups, the
+    output folder, the arguments each stage's eval takes and, under --gpu/--link, the time model."""
+
+    plan: _TunePlan
+    sites: list
+    groups: list
+    out: Path
+    common: dict  # run_eval's arguments shared by the stages
+    command: str | None
+    model_desc: str
+    textdata: object
+    time_plan: "TimePlan | None" = None
+    cmodel: object = None  # the cost model (--gpu/--link)
+    comm_alg: str | None = None
+    timing: dict | None = None  # front.json's "time" (None: the front is over bits)
+    times: dict | None = None  # {(second, group label, format name): modelled us per forward}
+    nccl_us: float | None = None  # NCCL bf16 on every site, per forward
+    names: dict = dataclasses.field(default_factory=dict)  # {Format or None: the candidate's name as given}
+
+    @property
+    def num_layers(self) -> int:
+        return self.sites[0].num_layers
+
+    def group_bits(self, g: SiteGroup, f, second) -> float:
+        """This group's share of the model's mean wire bits with format ``f`` (second hop ``second``)."""
+        total_width = float(sum(s.out_features for s in self.sites))
+        return sum(wire_bits(f, second if f is not None else None, self.plan.algorithm, s.out_features) * s.out_features
+                   for s in self.sites if s.kind == g.kind and g.start <= s.layer < g.stop) / total_width
+
+    def choice_bits(self, sname, choice) -> float:
+        second = dict(self.plan.seconds)[sname]
+        return sum(self.group_bits(g, f, second) for g, f in zip(self.groups, choice))
+
+    def policy(self, rules, second) -> CommPolicy:
+        return CommPolicy(None, self.plan.algorithm, 0, tuple(rules), second)
+
+
+def _prepare(plan: _TunePlan, model, text, tokenizer, out, run_kw: dict, command, on_start, time_plan) -> _Search:
+    """The time model checked, then (``on_start``) the model and the text loaded, the candidates
+    checked against the model's rows, the groups made and, under --gpu/--link, the groups priced."""
+    from . import assets
+
+    cmodel = comm_alg = None
     if time_plan is not None:
         time_plan = check_time_plan(time_plan)
         cmodel = time_plan.model()  # refuses an unknown device or link before anything is loaded
@@ -266,74 +337,70 @@ def run_tune(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file, not a folder")
-    common = dict(model=model, tokenizer=tokenizer, text=textdata, device=device, threads=threads,
-                  progress=progress, window=plan.window, model_desc=model_desc, formats=[BASELINE])
-    total_width = float(sum(s.out_features for s in sites))
-
-    def group_bits(g: SiteGroup, f, second) -> float:
-        """This group's share of the model's mean wire bits with format ``f`` (second hop ``second``)."""
-        return sum(wire_bits(f, second if f is not None else None, plan.algorithm, s.out_features) * s.out_features
-                   for s in sites if s.kind == g.kind and g.start <= s.layer < g.stop) / total_width
-
-    def policy(rules, second) -> CommPolicy:
-        return CommPolicy(None, plan.algorithm, 0, tuple(rules), second)
-
-    timing = None
+    common = dict(model=model, tokenizer=tokenizer, text=textdata, **run_kw, window=plan.window,
+                  model_desc=model_desc, formats=[BASELINE])
+    s = _Search(plan, sites, groups, out, common, command, model_desc, textdata, time_plan, cmodel, comm_alg)
     if time_plan is not None:
-        T = time_plan.tokens_per_step
-        times, missing = group_times(groups, sites, plan.candidates + ((PLAIN, None),), plan.seconds, cmodel, T,
-                                     plan.tp, comm_alg)
-        if PLAIN in missing:
-            raise ValueError(f"--gpu/--link: {missing[PLAIN]}")
-        kept = tuple((n, f) for n, f in plan.candidates if n not in missing)
-        if not usable_seconds(plan.seconds, missing):
-            raise ValueError("--second-formats: no second-hop choice has kernel times: "
-                             + "; ".join(f"{n}: {why}" for n, why in missing.items()))
-        if not [n for n, f in kept if f is not None]:
-            raise ValueError("--candidates: no candidate has kernel times in the device's table: "
-                             + "; ".join(f"{n}: {why}" for n, why in missing.items()))
-        plan = dataclasses.replace(plan, candidates=kept, seconds=usable_seconds(plan.seconds, missing))
-        nccl_us = nccl_forward_us(cmodel, sites, T, plan.tp)
-        timing = {"plan": time_plan.describe(cmodel, plan.algorithm, plan.tp), "nccl_us": nccl_us,
-                  "left_out": missing, "time_budgets": [lbl for lbl, _, _ in time_plan.time_budgets],
-                  "kl_budgets": list(time_plan.kl_budgets),
-                  "group_times": [{"second": k[0], "group": k[1], "format": k[2], "us": v} for k, v in times.items()]}
+        _price_groups(s)
+    s.names = {f: n for n, f in s.plan.candidates}
+    return s
 
-    stamp = {}
-    names = {f: n for n, f in plan.candidates}
 
-    # 1. sensitivity
-    t0 = time.time()
+def _price_groups(s: _Search) -> None:
+    """--gpu/--link: every (second hop, group, candidate)'s modelled time; candidates without kernel
+    times are left out of the plan (and listed)."""
+    plan, T = s.plan, s.time_plan.tokens_per_step
+    times, missing = group_times(s.groups, s.sites, plan.candidates + ((PLAIN, None),), plan.seconds, s.cmodel, T,
+                                 plan.tp, s.comm_alg)
+    if PLAIN in missing:
+        raise ValueError(f"--gpu/--link: {missing[PLAIN]}")
+    kept = tuple((n, f) for n, f in plan.candidates if n not in missing)
+    if not usable_seconds(plan.seconds, missing):
+        raise ValueError("--second-formats: no second-hop choice has kernel times: "
+                         + "; ".join(f"{n}: {why}" for n, why in missing.items()))
+    if not [n for n, f in kept if f is not None]:
+        raise ValueError("--candidates: no candidate has kernel times in the device's table: "
+                         + "; ".join(f"{n}: {why}" for n, why in missing.items()))
+    s.plan = plan = dataclasses.replace(plan, candidates=kept, seconds=usable_seconds(plan.seconds, missing))
+    s.times, s.nccl_us = times, nccl_forward_us(s.cmodel, s.sites, T, plan.tp)
+    s.timing = {"plan": s.time_plan.describe(s.cmodel, plan.algorithm, plan.tp), "nccl_us": s.nccl_us,
+                "left_out": missing, "time_budgets": [lbl for lbl, _, _ in s.time_plan.time_budgets],
+                "kl_budgets": list(s.time_plan.kl_budgets),
+                "group_times": [{"second": k[0], "group": k[1], "format": k[2], "us": v} for k, v in times.items()]}
+
+
+def _sensitivity(s: _Search) -> list:
+    """Stage 1: for every (second hop, group, candidate), the KL with only that group compressed."""
+    plan = s.plan
     sens_pols = {}
     for sname, second in plan.seconds:
-        for g in groups:
+        for g in s.groups:
             for fname, f in plan.candidates:
                 hop = f"2nd {sname} | " if plan.algorithm == "two_shot" else ""
-                sens_pols[(sname, g, fname)] = (f"{hop}{g.label} {fname}", policy([g.rule(f)], second if f is not None else None))
-    recs = ev.run_eval(tp=[plan.tp], tokens=plan.tokens, out=out / "sensitivity",
-                       policies=list(sens_pols.values()), command=command, label="qformats tune 1/3 sensitivity", **common)
+                sens_pols[(sname, g, fname)] = (f"{hop}{g.label} {fname}", s.policy([g.rule(f)], second if f is not None else None))
+    recs = ev.run_eval(tp=[plan.tp], tokens=plan.tokens, out=s.out / "sensitivity", policies=list(sens_pols.values()),
+                       command=s.command, label="qformats tune 1/3 sensitivity", **s.common)
     by_name = {r["name"]: r for r in recs if not r.get("baseline")}
     sensitivity = []
     for (sname, g, fname), (name, _) in sens_pols.items():
         f = dict(plan.candidates)[fname]
         second = dict(plan.seconds)[sname]
         sensitivity.append({"second": sname, "group": g.label, "format": fname, "kl": by_name[name]["kl"],
-                            "bits_share": group_bits(g, f, second), "name": name})
-    stamp["sensitivity"] = round(time.time() - t0, 1)
+                            "bits_share": s.group_bits(g, f, second), "name": name})
+    return sensitivity
 
-    # 2. the additive model's front, per second-hop choice, merged
+
+def _predict(s: _Search, sensitivity: list) -> tuple:
+    """Stage 2: the additive model's front, per second-hop choice, merged, and its best point under
+    each budget: (predicted front, {(second, choice): point}, {(second, choice): [(kind, budget)]})."""
+    plan = s.plan
     predicted = []
     kl_of = {(d["second"], d["group"], d["format"]): d["kl"] for d in sensitivity}
-    seconds = dict(plan.seconds)
-
-    def choice_bits(sname, choice) -> float:
-        return sum(group_bits(g, f, seconds[sname]) for g, f in zip(groups, choice))
-
     chosen, tags = {}, {}
-    if timing is None:
+    if s.timing is None:
         for sname, second in plan.seconds:
-            options = [[(group_bits(g, f, second), kl_of[(sname, g.label, fname)], f) for fname, f in plan.candidates]
-                       for g in groups]
+            options = [[(s.group_bits(g, f, second), kl_of[(sname, g.label, fname)], f) for fname, f in plan.candidates]
+                       for g in s.groups]
             predicted += [(b, k, (sname, ch)) for b, k, ch in additive_front(options)]
         predicted = prune(predicted)
         for b in plan.budgets:
@@ -346,36 +413,40 @@ def run_tune(
                              f"{predicted[0][0]:.3f} bits per value with these candidates")
     else:
         for sname, second in plan.seconds:
-            options = [[(times[(sname, g.label, fname)], kl_of[(sname, g.label, fname)] if f is not None else 0.0, f)
-                        for fname, f in plan.candidates + ((PLAIN, None),)] for g in groups]
+            options = [[(s.times[(sname, g.label, fname)], kl_of[(sname, g.label, fname)] if f is not None else 0.0, f)
+                        for fname, f in plan.candidates + ((PLAIN, None),)] for g in s.groups]
             predicted += [(t, k, (sname, ch)) for t, k, ch in additive_front(options)]
         predicted = prune(predicted)
-        for kind, label, p in pick_budgets(predicted, nccl_us, time_plan, lambda p: p[0], lambda p: p[1]):
+        for kind, label, p in pick_budgets(predicted, s.nccl_us, s.time_plan, lambda p: p[0], lambda p: p[1]):
             chosen.setdefault(p[2], p)
             tags.setdefault(p[2], []).append((kind, label))
         met = {budget_name(*t) for ts in tags.values() for t in ts}
-        timing["unmet"] = [budget_name(*t) for t in [("time", lbl) for lbl, _, _ in time_plan.time_budgets]
-                           + [("kl", f"{k:g}") for k in time_plan.kl_budgets] if budget_name(*t) not in met]
+        s.timing["unmet"] = [budget_name(*t) for t in [("time", lbl) for lbl, _, _ in s.time_plan.time_budgets]
+                             + [("kl", f"{k:g}") for k in s.time_plan.kl_budgets] if budget_name(*t) not in met]
         if not chosen:
-            raise ValueError(f"no assignment meets any budget (time {timing['time_budgets']} of NCCL's "
-                             f"{nccl_us:.0f} us, KL {timing['kl_budgets']})")
-        names.setdefault(None, PLAIN)
+            raise ValueError(f"no assignment meets any budget (time {s.timing['time_budgets']} of NCCL's "
+                             f"{s.nccl_us:.0f} us, KL {s.timing['kl_budgets']})")
+        s.names.setdefault(None, PLAIN)
+    return predicted, chosen, tags
 
-    # 3. joint measurement of the predicted-best assignments
-    t0 = time.time()
+
+def _joint(s: _Search, chosen: dict, tags: dict) -> list:
+    """Stage 3: each predicted-best assignment assembled into a policy and measured as a whole;
+    the measured front marked (``on_front``)."""
+    plan, seconds = s.plan, dict(s.plan.seconds)
     joint_pols, used = {}, set()
     for i, (key, (x, k, _)) in enumerate(sorted(chosen.items(), key=lambda kv: kv[1][0])):
         sname, choice = key
-        b = choice_bits(sname, choice)
-        if timing is None:
+        b = s.choice_bits(sname, choice)
+        if s.timing is None:
             name = f"{plan.algorithm}_tp{plan.tp}_{b:.2f}b"
         else:
             name = f"{plan.algorithm}_tp{plan.tp}_" + "_".join(_file_tag(*t) for t in tags[key])
         name = name if name not in used else f"{name}_{i}"  # two points that round to the same bits
         used.add(name)
-        joint_pols[key] = (name, assemble(groups, choice, plan.algorithm, seconds[sname]), b, k)
-    recs = ev.run_eval(tp=[plan.tp], tokens=plan.tokens, out=out / "joint", command=command,
-                       policies=[(n, p) for n, p, _, _ in joint_pols.values()], label="qformats tune 2/3 joint", **common)
+        joint_pols[key] = (name, assemble(s.groups, choice, plan.algorithm, seconds[sname]), b, k)
+    recs = ev.run_eval(tp=[plan.tp], tokens=plan.tokens, out=s.out / "joint", command=s.command,
+                       policies=[(n, p) for n, p, _, _ in joint_pols.values()], label="qformats tune 2/3 joint", **s.common)
     by_name = {r["name"]: r for r in recs if not r.get("baseline")}
     joint = []
     for (sname, choice), (name, pol, b, k) in joint_pols.items():
@@ -385,23 +456,25 @@ def run_tune(
                                f"predicted {b}: the two bit counts disagree")
         joint.append({"name": name, "bits": r["bits_per_value"], "predicted_kl": k, "kl": r["kl"],
                       "additivity": r["kl"] / k if k > 0 else None, "ppl_change_pct": r["ppl_change_pct"],
-                      "second": sname, "assignment": describe(groups, choice, names), "policy": pol.to_dict()})
-        if timing is not None:
-            us = sum(times[(sname, g.label, names.get(f, format_label(f)) if f is not None else PLAIN)]
-                     for g, f in zip(groups, choice))
-            joint[-1].update(modelled_us=us, modelled_ratio=us / nccl_us,
+                      "second": sname, "assignment": describe(s.groups, choice, s.names), "policy": pol.to_dict()})
+        if s.timing is not None:
+            us = sum(s.times[(sname, g.label, s.names.get(f, format_label(f)) if f is not None else PLAIN)]
+                     for g, f in zip(s.groups, choice))
+            joint[-1].update(modelled_us=us, modelled_ratio=us / s.nccl_us,
                              budgets=[budget_name(*t) for t in tags[(sname, choice)]])
-    xkey = "bits" if timing is None else "modelled_us"
+    xkey = "bits" if s.timing is None else "modelled_us"
     front_idx = pareto_front([(j[xkey], j["kl"]) for j in joint])
     for i, j in enumerate(joint):
         j["on_front"] = i in front_idx
-    stamp["joint"] = round(time.time() - t0, 1)
+    return joint
 
-    # 4. confirmation of the measured front's best points on more tokens
+
+def _picks(s: _Search, joint: list) -> tuple:
+    """The measured front's best point under each confirmation budget: (picks, the measured front)."""
     on_front = [j for j in joint if j["on_front"]]
     picks = []
-    if timing is None:
-        for b in plan.confirm_budgets:
+    if s.timing is None:
+        for b in s.plan.confirm_budgets:
             fits = [j for j in on_front if j["bits"] <= b + BITS_EPS]
             if fits:
                 best = min(fits, key=lambda j: j["kl"])
@@ -410,60 +483,72 @@ def run_tune(
     else:
         for j in joint:
             j["confirmed_as"] = []
-        for kind, label, j in pick_budgets(on_front, nccl_us, time_plan, lambda j: j["modelled_us"], lambda j: j["kl"]):
+        for kind, label, j in pick_budgets(on_front, s.nccl_us, s.time_plan, lambda j: j["modelled_us"], lambda j: j["kl"]):
             j["confirmed_as"].append(budget_name(kind, label))
             if j not in picks:
                 picks.append(j)
-    confirmed = []
-    if plan.confirm_tokens and picks:
-        t0 = time.time()
-        recs = ev.run_eval(tp=list(plan.confirm_tps), tokens=plan.confirm_tokens, out=out / "confirm", command=command,
-                           policies=[(j["name"], CommPolicy.from_dict(j["policy"])) for j in picks],
-                           label="qformats tune 3/3 confirm", **common)
-        by_name = {j["name"]: j for j in picks}
-        for r in recs:
-            if r.get("baseline"):
-                continue
-            j = by_name[r["name"]]
-            confirmed.append({**{k: r.get(k) for k in ("name", "tp", "algorithm", "bits_per_value", "kl", "kl_ci",
-                                                       "ppl_change_pct", "ppl_change_ci", "perplexity",
-                                                       "baseline_perplexity", "top1_agreement", "top1_ci",
-                                                       "tokens", "windows", "verdict", "seconds")},
-                              "search_kl": j["kl"], "predicted_kl": j["predicted_kl"], "second": j["second"],
-                              "assignment": j["assignment"], "policy_file": f"{POLICY_DIR}/{j['name']}.json",
-                              **({k: j[k] for k in ("modelled_us", "modelled_ratio")} if timing else {}),
-                              **({"budgets": j["confirmed_as"]} if timing else {})})
-        at_tp = [c for c in confirmed if c["tp"] == plan.tp]
-        front_c = {at_tp[i]["name"] for i in pareto_front([(c["bits_per_value"] if timing is None else c["modelled_us"],
-                                                              c["kl"]) for c in at_tp])}
-        for c in confirmed:
-            c["on_front"] = c["name"] in front_c
-        stamp["confirm"] = round(time.time() - t0, 1)
+    return picks, on_front
 
-    # outputs
-    (out / POLICY_DIR).mkdir(parents=True, exist_ok=True)
-    for j in (picks if plan.confirm_tokens else on_front):
+
+def _confirm(s: _Search, picks: list) -> list:
+    """Stage 4: the picks measured again on ``--confirm-tokens`` at each ``--confirm-tp``, with intervals."""
+    plan, timing = s.plan, s.timing
+    recs = ev.run_eval(tp=list(plan.confirm_tps), tokens=plan.confirm_tokens, out=s.out / "confirm", command=s.command,
+                       policies=[(j["name"], CommPolicy.from_dict(j["policy"])) for j in picks],
+                       label="qformats tune 3/3 confirm", **s.common)
+    by_name = {j["name"]: j for j in picks}
+    confirmed = []
+    for r in recs:
+        if r.get("baseline"):
+            continue
+        j = by_name[r["name"]]
+        confirmed.append({**{k: r.get(k) for k in ("name", "tp", "algorithm", "bits_per_value", "kl", "kl_ci",
+                                                   "ppl_change_pct", "ppl_change_ci", "perplexity",
+                                                   "baseline_perplexity", "top1_agreement", "top1_ci",
+                                                   "tokens", "windows", "verdict", "seconds")},
+                          "search_kl": j["kl"], "predicted_kl": j["predicted_kl"], "second": j["second"],
+                          "assignment": j["assignment"], "policy_file": f"{POLICY_DIR}/{j['name']}.json",
+                          **({k: j[k] for k in ("modelled_us", "modelled_ratio")} if timing else {}),
+                          **({"budgets": j["confirmed_as"]} if timing else {})})
+    at_tp = [c for c in confirmed if c["tp"] == plan.tp]
+    front_c = {at_tp[i]["name"] for i in pareto_front([(c["bits_per_value"] if timing is None else c["modelled_us"],
+                                                        c["kl"]) for c in at_tp])}
+    for c in confirmed:
+        c["on_front"] = c["name"] in front_c
+    return confirmed
+
+
+def _write_policies(s: _Search, kept: list, joint: list) -> None:
+    """policies/<name>.json of the kept points (the confirmed picks, else the measured front); under
+    --gpu/--link each records what it was tuned for, and --project prices every joint policy."""
+    (s.out / POLICY_DIR).mkdir(parents=True, exist_ok=True)
+    for j in kept:
         pol = CommPolicy.from_dict(j["policy"])
-        if timing is None:
-            pol.to_file(out / POLICY_DIR / f"{j['name']}.json")
+        if s.timing is None:
+            pol.to_file(s.out / POLICY_DIR / f"{j['name']}.json")
         else:
-            write_policy(pol, out / POLICY_DIR / f"{j['name']}.json",
-                         {**timing["plan"], "modelled_us": j["modelled_us"], "nccl_us": nccl_us,
+            write_policy(pol, s.out / POLICY_DIR / f"{j['name']}.json",
+                         {**s.timing["plan"], "modelled_us": j["modelled_us"], "nccl_us": s.nccl_us,
                           "budgets": j.get("confirmed_as") or j.get("budgets"), "bits": j["bits"], "search_kl": j["kl"]})
-    if timing is not None and time_plan.project:
+    if s.timing is not None and s.time_plan.project:
         for j in joint:
-            j["projection"] = project(CommPolicy.from_dict(j["policy"]), time_plan.project, cmodel, time_plan.tokens_per_step,
-                                      plan.tp, comm_alg, num_layers)
-        timing["project"] = time_plan.project
-    ratios = [j["additivity"] for j in joint if j["additivity"] is not None]
+            j["projection"] = project(CommPolicy.from_dict(j["policy"]), s.time_plan.project, s.cmodel,
+                                      s.time_plan.tokens_per_step, s.plan.tp, s.comm_alg, s.num_layers)
+        s.timing["project"] = s.time_plan.project
+
+
+def _document(s: _Search, t_start: float, stamp: dict, sensitivity, predicted, joint, confirmed) -> dict:
+    """front.json: the settings and every stage's figures."""
     import transformers
 
-    doc = {
-        "run": {"command": command, "version": package_version(), "commit": git_commit(),
+    plan, groups, names = s.plan, s.groups, s.names
+    ratios = [j["additivity"] for j in joint if j["additivity"] is not None]
+    return {
+        "run": {"command": s.command, "version": package_version(), "commit": git_commit(),
                 "started": _dt.datetime.fromtimestamp(t_start).isoformat(timespec="seconds"),
                 "seconds_total": round(time.time() - t_start, 1), "seconds": stamp,
                 "torch": torch.__version__, "transformers": transformers.__version__,
-                "python": platform.python_version(), "model": model_desc, "text": textdata.source,
+                "python": platform.python_version(), "model": s.model_desc, "text": s.textdata.source,
                 "tp": plan.tp, "algorithm": plan.algorithm, "tokens": plan.tokens, "window": plan.window,
                 "confirm_tokens": plan.confirm_tokens, "confirm_tp": list(plan.confirm_tps),
                 "budgets": list(plan.budgets), "confirm_budgets": list(plan.confirm_budgets),
@@ -472,21 +557,16 @@ def run_tune(
         "candidates": [n for n, _ in plan.candidates],
         "second_formats": [n for n, _ in plan.seconds] if plan.algorithm == "two_shot" else None,
         "sensitivity": sensitivity,
-        "predicted_front": [{"bits": b, "kl": k, "second": s, "assignment": describe(groups, ch, names)}
-                            for b, k, (s, ch) in predicted] if timing is None else
-                           [{"us": t, "bits": choice_bits(s, ch), "kl": k, "second": s, "assignment": describe(groups, ch, names)}
-                            for t, k, (s, ch) in predicted],
+        "predicted_front": [{"bits": b, "kl": k, "second": sn, "assignment": describe(groups, ch, names)}
+                            for b, k, (sn, ch) in predicted] if s.timing is None else
+                           [{"us": t, "bits": s.choice_bits(sn, ch), "kl": k, "second": sn,
+                             "assignment": describe(groups, ch, names)}
+                            for t, k, (sn, ch) in predicted],
         "joint": joint,
         "additivity": {"min": min(ratios), "max": max(ratios), "mean": sum(ratios) / len(ratios)} if ratios else None,
         "confirmed": by_kl(confirmed),
-        "time": timing,
+        "time": s.timing,
     }
-    tmp = out / (FRONT_JSON + ".part")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, out / FRONT_JSON)
-    (out / FRONT_MD).write_text(format_front(doc))
-    plot_front(doc, out / FRONT_PNG)
-    return doc
 
 
 # --------------------------------------------------------------------------- CLI

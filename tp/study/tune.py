@@ -55,11 +55,11 @@ from ..comm.policy import CommPolicy
 from . import eval as ev
 from .args import Calibrated, as_list, csv_list, positive_int, resolve_formats, tp_list
 from .costs import (DEFAULT_KL_BUDGETS, DEFAULT_TIME_BUDGETS, DEFAULT_TOKENS_PER_STEP, PLAIN, RUN_AS, TimePlan,  # noqa: F401
-                    _file_tag, _project_layer, budget_name, check_time_plan, group_times, nccl_forward_us, parse_time_budget,
+                    _file_tag, budget_name, check_time_plan, group_times, nccl_forward_us, parse_time_budget,
                     pick_budgets, project, read_tuned_for, usable_seconds, write_policy)
 from .front import (FRONT_JSON, FRONT_MD, FRONT_PNG, POLICY_DIR, format_front, format_reprice, plot_front,
                     reprice)
-from .hf import PLAIN_BITS, find_sites, format_label, wire_bits
+from .hf import find_sites, format_label, wire_bits
 from .names import BASELINE, OUTLIER_FORMAT
 from .report import by_kl
 from .search import (BITS_EPS, SAME, SiteGroup, additive_front, assemble, default_layer_bounds,  # noqa: F401

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ..comm.policy import CommPolicy
+from .args import POLICY_LABEL, positive_int
 from .hf import find_sites
-
-POLICY_LABEL = "policy"  # tp.study.eval's format column of a --policy configuration
 
 
 def _as_list(v, what: str) -> list:
@@ -27,12 +26,6 @@ def _as_list(v, what: str) -> list:
         return list(v)
     except TypeError:
         raise ValueError(f"{what}: expected a list or comma-separated text, got {v!r}") from None
-
-
-def _positive_int(v, what: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{what} must be a positive integer, got {v!r}")
-    return v
 
 
 def _us(v) -> str:
@@ -126,7 +119,7 @@ def check_time_plan(tp_: TimePlan) -> TimePlan:
     cost.link_key(tp_.link)
     if tp_.run_as is not None and tp_.run_as not in RUN_AS:
         raise ValueError(f"--run-as must be one of {', '.join(RUN_AS)}, got {tp_.run_as!r}")
-    _positive_int(tp_.tokens_per_step, "--tokens-per-step")
+    positive_int(tp_.tokens_per_step, "--tokens-per-step")
     tb = tuple(parse_time_budget(b) if not isinstance(b, tuple) else b for b in
                (_as_list(tp_.time_budgets, "--time-budgets") if tp_.time_budgets else ()))
     kb = _kl_budgets(tp_.kl_budgets) if tp_.kl_budgets else ()

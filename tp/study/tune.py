@@ -51,12 +51,21 @@ from typing import Sequence
 
 import torch
 
-from ..comm.policy import SITE_KINDS, CommPolicy, Rule
+from ..comm.policy import CommPolicy
 from . import eval as ev
+from .args import Calibrated, as_list, csv_list, positive_int, resolve_formats, tp_list
 from .costs import (DEFAULT_KL_BUDGETS, DEFAULT_TIME_BUDGETS, DEFAULT_TOKENS_PER_STEP, PLAIN, RUN_AS, TimePlan,  # noqa: F401
-                    _file_tag, _project_layer, budget_name, check_time_plan, group_times, nccl_forward_us, parse_time_budget,
+                    _file_tag, budget_name, check_time_plan, group_times, nccl_forward_us, parse_time_budget,
                     pick_budgets, project, read_tuned_for, usable_seconds, write_policy)
-from .hf import PLAIN_BITS, find_sites, format_label, wire_bits
+from .front import (FRONT_JSON, FRONT_MD, FRONT_PNG, POLICY_DIR, format_front, format_reprice, plot_front,
+                    reprice)
+from .hf import find_sites, format_label, wire_bits
+from .names import BASELINE, OUTLIER_FORMAT
+from .report import by_kl
+from .search import (BITS_EPS, SAME, SiteGroup, additive_front, assemble, default_layer_bounds,  # noqa: F401
+                     describe, make_groups, prune)
+from .stats import BOOTSTRAP_RESAMPLES, CONFIDENCE, kl_ratio_ci, pareto_front  # noqa: F401
+from .store import git_commit, package_version, window_scores  # noqa: F401
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -86,94 +95,13 @@ DEFAULT_CANDIDATES = (
     "mxfp8_e4m3",
     "int8/b32/bf16",
 )
-SAME = "same"  # a --second-formats entry: the reduced sum travels in the first hop's format
 DEFAULT_SECOND_FORMATS = (SAME, "int5/b32/bf16+h32", "int6/b32/bf16")
 DEFAULT_TP = 8
 DEFAULT_TOKENS = 1024
 DEFAULT_CONFIRM_TOKENS = 16384
 DEFAULT_BUDGETS = (4.25, 4.5, 4.75, 5.0, 5.25, 5.5, 6.0, 6.5, 7.0)
 DEFAULT_CONFIRM_BUDGETS = (4.5, 5.0, 5.5)
-# Bits are sums of exact per-site figures; a budget holds a point that exceeds it by rounding only.
-_BITS_EPS = 1e-9
-FRONT_JSON, FRONT_MD, FRONT_PNG, POLICY_DIR = "front.json", "front.md", "front.png", "policies"
 STAGES = ("sensitivity", "joint", "confirm")
-
-
-# --------------------------------------------------------------------------- the search space
-
-
-@dataclasses.dataclass(frozen=True)
-class SiteGroup:
-    """One site kind over the layers ``start <= layer < stop``: the unit the tuner assigns a format to."""
-
-    kind: str
-    start: int
-    stop: int
-
-    @property
-    def label(self) -> str:
-        last = self.stop - 1
-        return f"{self.kind} L{self.start}" + (f"-{last}" if last != self.start else "")
-
-    def rule(self, fmt) -> Rule:
-        return Rule(fmt, layers=(self.start, self.stop), kind=self.kind, label=self.label)
-
-
-def default_layer_bounds(num_layers: int) -> tuple:
-    """Layer 0 alone, layers 1-2, the middle, the last 3 (the ends of a network are the most
-    sensitive): the boundaries 1, 3, L-3 that fall inside the model."""
-    return tuple(sorted({b for b in (1, 3, num_layers - 3) if 0 < b < num_layers}))
-
-
-def _groups(num_layers: int, bounds: Sequence[int]) -> list[SiteGroup]:
-    edges = [0, *bounds, num_layers]
-    if any(not isinstance(b, int) or isinstance(b, bool) for b in bounds) or any(
-            a >= b for a, b in zip(edges, edges[1:])):
-        raise ValueError(f"--layer-groups: boundaries must be increasing integers strictly between 0 and "
-                         f"{num_layers} (this model's layers), got {list(bounds)}")
-    return [SiteGroup(k, a, b) for a, b in zip(edges, edges[1:]) for k in SITE_KINDS]
-
-
-def additive_front(options: Sequence[Sequence[tuple]]) -> list[tuple]:
-    """The exact Pareto front of choosing one option per group when cost and loss add up.
-
-    ``options[g]``: ``(bits, loss, choice)`` for group g. Returns ``(bits, loss, choices)``
-    (one choice per group), sorted by bits, each strictly better in loss than every cheaper
-    one. Merges one group at a time and prunes to the front (the front of a sum is within the
-    sum of the fronts), so the cost stays small: front size x options per group."""
-    front = [(0.0, 0.0, ())]
-    for g, opts in enumerate(options):
-        if not opts:
-            raise ValueError(f"group {g} has no options")
-        front = _prune([(b + ob, l + ol, ch + (c,)) for b, l, ch in front for ob, ol, c in opts])
-    return front
-
-
-def _prune(points: list[tuple]) -> list[tuple]:
-    out = []
-    for p in sorted(points, key=lambda p: (p[0], p[1])):
-        if not out or p[1] < out[-1][1]:
-            if out and abs(p[0] - out[-1][0]) <= _BITS_EPS:  # same bits, lower loss (float ties)
-                out[-1] = p
-            else:
-                out.append(p)
-    return out
-
-
-def _assemble(groups, choice, algorithm: str, second) -> CommPolicy:
-    """A policy for one format per group: the format covering most groups as the default, rules
-    for the others (the groups partition each kind's layers, so every site is decided)."""
-    counts = {}
-    for f in choice:
-        counts[f] = counts.get(f, 0) + 1
-    default = max(counts, key=lambda f: (counts[f], -choice.index(f)))
-    rules = tuple(g.rule(f) for g, f in zip(groups, choice) if f != default)
-    return CommPolicy(default, algorithm, 0, rules, second)
-
-
-def _describe(groups, choice, names: dict) -> dict:
-    """{group label: the candidate's name as given (a preset name where one was used)}."""
-    return {g.label: names.get(f, format_label(f)) for g, f in zip(groups, choice)}
 
 
 # --------------------------------------------------------------------------- arguments
@@ -195,7 +123,7 @@ class _TunePlan:
 
 
 def _floats(v, what: str) -> tuple:
-    vals = ev._as_list(v, what) if not isinstance(v, (int, float)) else [v]
+    vals = as_list(v, what) if not isinstance(v, (int, float)) else [v]
     out = []
     for x in vals:
         try:
@@ -212,49 +140,49 @@ def _floats(v, what: str) -> tuple:
 
 def _calibrated(f) -> bool:
     """Whether a resolved eval format needs the per-TP outlier calibration (not tunable here)."""
-    return isinstance(f, ev._Calibrated) or f == ev.OUTLIER_FORMAT
+    return isinstance(f, Calibrated) or f == OUTLIER_FORMAT
 
 
 def _validate(tp, algorithm, candidates, second_formats, layer_bounds, tokens, window, budgets, confirm_tokens,
               confirm_budgets, confirm_tp) -> _TunePlan:
     """Check every argument before anything is loaded; ValueError naming the option."""
-    tp = ev._positive_int(tp, "--tp")
+    tp = positive_int(tp, "--tp")
     if algorithm not in ("gather", "two_shot"):
         raise ValueError(f"--algorithm must be gather or two_shot (fused computes one of them: tune that), "
                          f"got {algorithm!r}")
-    cands = tuple(ev._resolve_formats(candidates))
+    cands = tuple(resolve_formats(candidates))
     if not cands:
         raise ValueError("--candidates names no format, e.g. --candidates nvfp4,int8/b32/bf16")
     if any(_calibrated(f) for _, f in cands):
-        raise ValueError(f"--candidates: the outlier formats ({ev.OUTLIER_FORMAT}, ...) are calibrated per TP degree; "
+        raise ValueError(f"--candidates: the outlier formats ({OUTLIER_FORMAT}, ...) are calibrated per TP degree; "
                          "tune over dynamic formats")
     if algorithm == "gather":
         if second_formats:
             raise ValueError("--second-formats applies to two_shot only: gather sends each partial once")
         seconds = ((SAME, None),)
     else:
-        names = ev._as_list(DEFAULT_SECOND_FORMATS if second_formats is None else second_formats, "--second-formats")
+        names = as_list(DEFAULT_SECOND_FORMATS if second_formats is None else second_formats, "--second-formats")
         if not names:
             raise ValueError(f"--second-formats names nothing, e.g. {SAME},int8/b32/bf16")
         same = [n for n in names if str(n).strip().lower() == SAME]
-        rest = tuple(ev._resolve_formats([n for n in names if str(n).strip().lower() != SAME])) if len(same) < len(names) else ()
+        rest = tuple(resolve_formats([n for n in names if str(n).strip().lower() != SAME])) if len(same) < len(names) else ()
         if any(f is None or _calibrated(f) for _, f in rest):
             raise ValueError(f"--second-formats: the reduced sum travels compressed: name formats or {SAME}")
         seconds = ((SAME, None),) * bool(same) + rest
     if layer_bounds is not None:
-        layer_bounds = tuple(ev._as_list(layer_bounds, "--layer-groups"))
+        layer_bounds = tuple(as_list(layer_bounds, "--layer-groups"))
         try:
             layer_bounds = tuple(int(b) for b in layer_bounds)
         except (TypeError, ValueError):
             raise ValueError(f"--layer-groups: expected comma-separated layer indices, got {list(layer_bounds)}") from None
-    ev._positive_int(tokens, "--tokens")
-    if ev._positive_int(window, "--window") < 2:
+    positive_int(tokens, "--tokens")
+    if positive_int(window, "--window") < 2:
         raise ValueError(f"--window must be at least 2 tokens, got {window}")
     if isinstance(confirm_tokens, bool) or not isinstance(confirm_tokens, int) or confirm_tokens < 0:
         raise ValueError(f"--confirm-tokens must be an integer >= 0 (0: no confirmation), got {confirm_tokens!r}")
     budgets = _floats(budgets, "--budgets")
     confirm_budgets = _floats(confirm_budgets, "--confirm-budgets")
-    tps = tuple(ev._positive_int(t, "--confirm-tp: each TP degree") for t in ev._as_list(confirm_tp or [tp], "--confirm-tp"))
+    tps = tuple(positive_int(t, "--confirm-tp: each TP degree") for t in as_list(confirm_tp or [tp], "--confirm-tp"))
     if tp not in tps:
         tps = (tp,) + tps  # the confirmed front is the search degree's
     return _TunePlan(tp, algorithm, cands, seconds, layer_bounds, tokens, window, budgets, confirm_tokens,
@@ -305,12 +233,83 @@ def run_tune(
     (lowest KL) and each KL budget (fastest) is measured jointly, the measured front's picks under
     the same budgets confirmed; policies are named by their budget and their files record what
     they were tuned for (:func:`read_tuned_for`)."""
-    from . import assets
-
     t_start = time.time()
     plan = _validate(tp, algorithm, candidates, second_formats, layer_bounds, tokens, window, budgets,
                      confirm_tokens, confirm_budgets, confirm_tp)
-    cmodel = None
+    s = _prepare(plan, model, text, tokenizer, out, dict(device=device, threads=threads, progress=progress),
+                 command, on_start, time_plan)
+    stamp = {}
+    t0 = time.time()
+    sensitivity = _sensitivity(s)
+    stamp["sensitivity"] = round(time.time() - t0, 1)
+    predicted, chosen, tags = _predict(s, sensitivity)
+    t0 = time.time()
+    joint = _joint(s, chosen, tags)
+    stamp["joint"] = round(time.time() - t0, 1)
+    picks, on_front = _picks(s, joint)
+    confirmed = []
+    if s.plan.confirm_tokens and picks:
+        t0 = time.time()
+        confirmed = _confirm(s, picks)
+        stamp["confirm"] = round(time.time() - t0, 1)
+    _write_policies(s, picks if s.plan.confirm_tokens else on_front, joint)
+    doc = _document(s, t_start, stamp, sensitivity, predicted, joint, confirmed)
+    tmp = s.out / (FRONT_JSON + ".part")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, s.out / FRONT_JSON)
+    (s.out / FRONT_MD).write_text(format_front(doc))
+    plot_front(doc, s.out / FRONT_PNG)
+    return doc
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+@dataclasses.dataclass
+class _Search:
+    """What every stage of one search reads: the checked plan, the model's sites and groups, the
+    output folder, the arguments each stage's eval takes and, under --gpu/--link, the time model."""
+
+    plan: _TunePlan
+    sites: list
+    groups: list
+    out: Path
+    common: dict  # run_eval's arguments shared by the stages
+    command: str | None
+    model_desc: str
+    textdata: object
+    time_plan: "TimePlan | None" = None
+    cmodel: object = None  # the cost model (--gpu/--link)
+    comm_alg: str | None = None
+    timing: dict | None = None  # front.json's "time" (None: the front is over bits)
+    times: dict | None = None  # {(second, group label, format name): modelled us per forward}
+    nccl_us: float | None = None  # NCCL bf16 on every site, per forward
+    names: dict = dataclasses.field(default_factory=dict)  # {Format or None: the candidate's name as given}
+
+    @property
+    def num_layers(self) -> int:
+        return self.sites[0].num_layers
+
+    def group_bits(self, g: SiteGroup, f, second) -> float:
+        """This group's share of the model's mean wire bits with format ``f`` (second hop ``second``)."""
+        total_width = float(sum(s.out_features for s in self.sites))
+        return sum(wire_bits(f, second if f is not None else None, self.plan.algorithm, s.out_features) * s.out_features
+                   for s in self.sites if s.kind == g.kind and g.start <= s.layer < g.stop) / total_width
+
+    def choice_bits(self, sname, choice) -> float:
+        second = dict(self.plan.seconds)[sname]
+        return sum(self.group_bits(g, f, second) for g, f in zip(self.groups, choice))
+
+    def policy(self, rules, second) -> CommPolicy:
+        return CommPolicy(None, self.plan.algorithm, 0, tuple(rules), second)
+
+
+def _prepare(plan: _TunePlan, model, text, tokenizer, out, run_kw: dict, command, on_start, time_plan) -> _Search:
+    """The time model checked, then (``on_start``) the model and the text loaded, the candidates
+    checked against the model's rows, the groups made and, under --gpu/--link, the groups priced."""
+    from . import assets
+
+    cmodel = comm_alg = None
     if time_plan is not None:
         time_plan = check_time_plan(time_plan)
         cmodel = time_plan.model()  # refuses an unknown device or link before anything is loaded
@@ -334,82 +333,78 @@ def run_tune(
                 except ValueError as e:
                     raise ValueError(f"{what} {n}: {e} (this model's all-reduced rows are {w} wide)") from None
     bounds = plan.layer_bounds if plan.layer_bounds is not None else default_layer_bounds(num_layers)
-    groups = _groups(num_layers, bounds)
+    groups = make_groups(num_layers, bounds)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file, not a folder")
-    common = dict(model=model, tokenizer=tokenizer, text=textdata, device=device, threads=threads,
-                  progress=progress, window=plan.window, model_desc=model_desc, formats=[ev.BASELINE])
-    total_width = float(sum(s.out_features for s in sites))
-
-    def group_bits(g: SiteGroup, f, second) -> float:
-        """This group's share of the model's mean wire bits with format ``f`` (second hop ``second``)."""
-        return sum(wire_bits(f, second if f is not None else None, plan.algorithm, s.out_features) * s.out_features
-                   for s in sites if s.kind == g.kind and g.start <= s.layer < g.stop) / total_width
-
-    def policy(rules, second) -> CommPolicy:
-        return CommPolicy(None, plan.algorithm, 0, tuple(rules), second)
-
-    timing = None
+    common = dict(model=model, tokenizer=tokenizer, text=textdata, **run_kw, window=plan.window,
+                  model_desc=model_desc, formats=[BASELINE])
+    s = _Search(plan, sites, groups, out, common, command, model_desc, textdata, time_plan, cmodel, comm_alg)
     if time_plan is not None:
-        T = time_plan.tokens_per_step
-        times, missing = group_times(groups, sites, plan.candidates + ((PLAIN, None),), plan.seconds, cmodel, T,
-                                     plan.tp, comm_alg)
-        if PLAIN in missing:
-            raise ValueError(f"--gpu/--link: {missing[PLAIN]}")
-        kept = tuple((n, f) for n, f in plan.candidates if n not in missing)
-        if not usable_seconds(plan.seconds, missing):
-            raise ValueError("--second-formats: no second-hop choice has kernel times: "
-                             + "; ".join(f"{n}: {why}" for n, why in missing.items()))
-        if not [n for n, f in kept if f is not None]:
-            raise ValueError("--candidates: no candidate has kernel times in the device's table: "
-                             + "; ".join(f"{n}: {why}" for n, why in missing.items()))
-        plan = dataclasses.replace(plan, candidates=kept, seconds=usable_seconds(plan.seconds, missing))
-        nccl_us = nccl_forward_us(cmodel, sites, T, plan.tp)
-        timing = {"plan": time_plan.describe(cmodel, plan.algorithm, plan.tp), "nccl_us": nccl_us,
-                  "left_out": missing, "time_budgets": [lbl for lbl, _, _ in time_plan.time_budgets],
-                  "kl_budgets": list(time_plan.kl_budgets),
-                  "group_times": [{"second": k[0], "group": k[1], "format": k[2], "us": v} for k, v in times.items()]}
+        _price_groups(s)
+    s.names = {f: n for n, f in s.plan.candidates}
+    return s
 
-    stamp = {}
-    names = {f: n for n, f in plan.candidates}
 
-    # 1. sensitivity
-    t0 = time.time()
+def _price_groups(s: _Search) -> None:
+    """--gpu/--link: every (second hop, group, candidate)'s modelled time; candidates without kernel
+    times are left out of the plan (and listed)."""
+    plan, T = s.plan, s.time_plan.tokens_per_step
+    times, missing = group_times(s.groups, s.sites, plan.candidates + ((PLAIN, None),), plan.seconds, s.cmodel, T,
+                                 plan.tp, s.comm_alg)
+    if PLAIN in missing:
+        raise ValueError(f"--gpu/--link: {missing[PLAIN]}")
+    kept = tuple((n, f) for n, f in plan.candidates if n not in missing)
+    if not usable_seconds(plan.seconds, missing):
+        raise ValueError("--second-formats: no second-hop choice has kernel times: "
+                         + "; ".join(f"{n}: {why}" for n, why in missing.items()))
+    if not [n for n, f in kept if f is not None]:
+        raise ValueError("--candidates: no candidate has kernel times in the device's table: "
+                         + "; ".join(f"{n}: {why}" for n, why in missing.items()))
+    s.plan = plan = dataclasses.replace(plan, candidates=kept, seconds=usable_seconds(plan.seconds, missing))
+    s.times, s.nccl_us = times, nccl_forward_us(s.cmodel, s.sites, T, plan.tp)
+    s.timing = {"plan": s.time_plan.describe(s.cmodel, plan.algorithm, plan.tp), "nccl_us": s.nccl_us,
+                "left_out": missing, "time_budgets": [lbl for lbl, _, _ in s.time_plan.time_budgets],
+                "kl_budgets": list(s.time_plan.kl_budgets),
+                "group_times": [{"second": k[0], "group": k[1], "format": k[2], "us": v} for k, v in times.items()]}
+
+
+def _sensitivity(s: _Search) -> list:
+    """Stage 1: for every (second hop, group, candidate), the KL with only that group compressed."""
+    plan = s.plan
     sens_pols = {}
     for sname, second in plan.seconds:
-        for g in groups:
+        for g in s.groups:
             for fname, f in plan.candidates:
                 hop = f"2nd {sname} | " if plan.algorithm == "two_shot" else ""
-                sens_pols[(sname, g, fname)] = (f"{hop}{g.label} {fname}", policy([g.rule(f)], second if f is not None else None))
-    recs = ev.run_eval(tp=[plan.tp], tokens=plan.tokens, out=out / "sensitivity",
-                       policies=list(sens_pols.values()), command=command, label="qformats tune 1/3 sensitivity", **common)
+                sens_pols[(sname, g, fname)] = (f"{hop}{g.label} {fname}", s.policy([g.rule(f)], second if f is not None else None))
+    recs = ev.run_eval(tp=[plan.tp], tokens=plan.tokens, out=s.out / "sensitivity", policies=list(sens_pols.values()),
+                       command=s.command, label="qformats tune 1/3 sensitivity", **s.common)
     by_name = {r["name"]: r for r in recs if not r.get("baseline")}
     sensitivity = []
     for (sname, g, fname), (name, _) in sens_pols.items():
         f = dict(plan.candidates)[fname]
         second = dict(plan.seconds)[sname]
         sensitivity.append({"second": sname, "group": g.label, "format": fname, "kl": by_name[name]["kl"],
-                            "bits_share": group_bits(g, f, second), "name": name})
-    stamp["sensitivity"] = round(time.time() - t0, 1)
+                            "bits_share": s.group_bits(g, f, second), "name": name})
+    return sensitivity
 
-    # 2. the additive model's front, per second-hop choice, merged
+
+def _predict(s: _Search, sensitivity: list) -> tuple:
+    """Stage 2: the additive model's front, per second-hop choice, merged, and its best point under
+    each budget: (predicted front, {(second, choice): point}, {(second, choice): [(kind, budget)]})."""
+    plan = s.plan
     predicted = []
     kl_of = {(d["second"], d["group"], d["format"]): d["kl"] for d in sensitivity}
-    seconds = dict(plan.seconds)
-
-    def choice_bits(sname, choice) -> float:
-        return sum(group_bits(g, f, seconds[sname]) for g, f in zip(groups, choice))
-
     chosen, tags = {}, {}
-    if timing is None:
+    if s.timing is None:
         for sname, second in plan.seconds:
-            options = [[(group_bits(g, f, second), kl_of[(sname, g.label, fname)], f) for fname, f in plan.candidates]
-                       for g in groups]
+            options = [[(s.group_bits(g, f, second), kl_of[(sname, g.label, fname)], f) for fname, f in plan.candidates]
+                       for g in s.groups]
             predicted += [(b, k, (sname, ch)) for b, k, ch in additive_front(options)]
-        predicted = _prune(predicted)
+        predicted = prune(predicted)
         for b in plan.budgets:
-            fits = [p for p in predicted if p[0] <= b + _BITS_EPS]
+            fits = [p for p in predicted if p[0] <= b + BITS_EPS]
             if fits:
                 best = min(fits, key=lambda p: p[1])
                 chosen.setdefault(best[2], best)
@@ -418,36 +413,40 @@ def run_tune(
                              f"{predicted[0][0]:.3f} bits per value with these candidates")
     else:
         for sname, second in plan.seconds:
-            options = [[(times[(sname, g.label, fname)], kl_of[(sname, g.label, fname)] if f is not None else 0.0, f)
-                        for fname, f in plan.candidates + ((PLAIN, None),)] for g in groups]
+            options = [[(s.times[(sname, g.label, fname)], kl_of[(sname, g.label, fname)] if f is not None else 0.0, f)
+                        for fname, f in plan.candidates + ((PLAIN, None),)] for g in s.groups]
             predicted += [(t, k, (sname, ch)) for t, k, ch in additive_front(options)]
-        predicted = _prune(predicted)
-        for kind, label, p in pick_budgets(predicted, nccl_us, time_plan, lambda p: p[0], lambda p: p[1]):
+        predicted = prune(predicted)
+        for kind, label, p in pick_budgets(predicted, s.nccl_us, s.time_plan, lambda p: p[0], lambda p: p[1]):
             chosen.setdefault(p[2], p)
             tags.setdefault(p[2], []).append((kind, label))
         met = {budget_name(*t) for ts in tags.values() for t in ts}
-        timing["unmet"] = [budget_name(*t) for t in [("time", lbl) for lbl, _, _ in time_plan.time_budgets]
-                           + [("kl", f"{k:g}") for k in time_plan.kl_budgets] if budget_name(*t) not in met]
+        s.timing["unmet"] = [budget_name(*t) for t in [("time", lbl) for lbl, _, _ in s.time_plan.time_budgets]
+                             + [("kl", f"{k:g}") for k in s.time_plan.kl_budgets] if budget_name(*t) not in met]
         if not chosen:
-            raise ValueError(f"no assignment meets any budget (time {timing['time_budgets']} of NCCL's "
-                             f"{nccl_us:.0f} us, KL {timing['kl_budgets']})")
-        names.setdefault(None, PLAIN)
+            raise ValueError(f"no assignment meets any budget (time {s.timing['time_budgets']} of NCCL's "
+                             f"{s.nccl_us:.0f} us, KL {s.timing['kl_budgets']})")
+        s.names.setdefault(None, PLAIN)
+    return predicted, chosen, tags
 
-    # 3. joint measurement of the predicted-best assignments
-    t0 = time.time()
+
+def _joint(s: _Search, chosen: dict, tags: dict) -> list:
+    """Stage 3: each predicted-best assignment assembled into a policy and measured as a whole;
+    the measured front marked (``on_front``)."""
+    plan, seconds = s.plan, dict(s.plan.seconds)
     joint_pols, used = {}, set()
     for i, (key, (x, k, _)) in enumerate(sorted(chosen.items(), key=lambda kv: kv[1][0])):
         sname, choice = key
-        b = choice_bits(sname, choice)
-        if timing is None:
+        b = s.choice_bits(sname, choice)
+        if s.timing is None:
             name = f"{plan.algorithm}_tp{plan.tp}_{b:.2f}b"
         else:
             name = f"{plan.algorithm}_tp{plan.tp}_" + "_".join(_file_tag(*t) for t in tags[key])
         name = name if name not in used else f"{name}_{i}"  # two points that round to the same bits
         used.add(name)
-        joint_pols[key] = (name, _assemble(groups, choice, plan.algorithm, seconds[sname]), b, k)
-    recs = ev.run_eval(tp=[plan.tp], tokens=plan.tokens, out=out / "joint", command=command,
-                       policies=[(n, p) for n, p, _, _ in joint_pols.values()], label="qformats tune 2/3 joint", **common)
+        joint_pols[key] = (name, assemble(s.groups, choice, plan.algorithm, seconds[sname]), b, k)
+    recs = ev.run_eval(tp=[plan.tp], tokens=plan.tokens, out=s.out / "joint", command=s.command,
+                       policies=[(n, p) for n, p, _, _ in joint_pols.values()], label="qformats tune 2/3 joint", **s.common)
     by_name = {r["name"]: r for r in recs if not r.get("baseline")}
     joint = []
     for (sname, choice), (name, pol, b, k) in joint_pols.items():
@@ -457,24 +456,26 @@ def run_tune(
                                f"predicted {b}: the two bit counts disagree")
         joint.append({"name": name, "bits": r["bits_per_value"], "predicted_kl": k, "kl": r["kl"],
                       "additivity": r["kl"] / k if k > 0 else None, "ppl_change_pct": r["ppl_change_pct"],
-                      "second": sname, "assignment": _describe(groups, choice, names), "policy": pol.to_dict()})
-        if timing is not None:
-            us = sum(times[(sname, g.label, names.get(f, format_label(f)) if f is not None else PLAIN)]
-                     for g, f in zip(groups, choice))
-            joint[-1].update(modelled_us=us, modelled_ratio=us / nccl_us,
+                      "second": sname, "assignment": describe(s.groups, choice, s.names), "policy": pol.to_dict()})
+        if s.timing is not None:
+            us = sum(s.times[(sname, g.label, s.names.get(f, format_label(f)) if f is not None else PLAIN)]
+                     for g, f in zip(s.groups, choice))
+            joint[-1].update(modelled_us=us, modelled_ratio=us / s.nccl_us,
                              budgets=[budget_name(*t) for t in tags[(sname, choice)]])
-    xkey = "bits" if timing is None else "modelled_us"
-    front_idx = ev.pareto_front([(j[xkey], j["kl"]) for j in joint])
+    xkey = "bits" if s.timing is None else "modelled_us"
+    front_idx = pareto_front([(j[xkey], j["kl"]) for j in joint])
     for i, j in enumerate(joint):
         j["on_front"] = i in front_idx
-    stamp["joint"] = round(time.time() - t0, 1)
+    return joint
 
-    # 4. confirmation of the measured front's best points on more tokens
+
+def _picks(s: _Search, joint: list) -> tuple:
+    """The measured front's best point under each confirmation budget: (picks, the measured front)."""
     on_front = [j for j in joint if j["on_front"]]
     picks = []
-    if timing is None:
-        for b in plan.confirm_budgets:
-            fits = [j for j in on_front if j["bits"] <= b + _BITS_EPS]
+    if s.timing is None:
+        for b in s.plan.confirm_budgets:
+            fits = [j for j in on_front if j["bits"] <= b + BITS_EPS]
             if fits:
                 best = min(fits, key=lambda j: j["kl"])
                 if best not in picks:
@@ -482,271 +483,90 @@ def run_tune(
     else:
         for j in joint:
             j["confirmed_as"] = []
-        for kind, label, j in pick_budgets(on_front, nccl_us, time_plan, lambda j: j["modelled_us"], lambda j: j["kl"]):
+        for kind, label, j in pick_budgets(on_front, s.nccl_us, s.time_plan, lambda j: j["modelled_us"], lambda j: j["kl"]):
             j["confirmed_as"].append(budget_name(kind, label))
             if j not in picks:
                 picks.append(j)
-    confirmed = []
-    if plan.confirm_tokens and picks:
-        t0 = time.time()
-        recs = ev.run_eval(tp=list(plan.confirm_tps), tokens=plan.confirm_tokens, out=out / "confirm", command=command,
-                           policies=[(j["name"], CommPolicy.from_dict(j["policy"])) for j in picks],
-                           label="qformats tune 3/3 confirm", **common)
-        by_name = {j["name"]: j for j in picks}
-        for r in recs:
-            if r.get("baseline"):
-                continue
-            j = by_name[r["name"]]
-            confirmed.append({**{k: r.get(k) for k in ("name", "tp", "algorithm", "bits_per_value", "kl", "kl_ci",
-                                                       "ppl_change_pct", "ppl_change_ci", "perplexity",
-                                                       "baseline_perplexity", "top1_agreement", "top1_ci",
-                                                       "tokens", "windows", "verdict", "seconds")},
-                              "search_kl": j["kl"], "predicted_kl": j["predicted_kl"], "second": j["second"],
-                              "assignment": j["assignment"], "policy_file": f"{POLICY_DIR}/{j['name']}.json",
-                              **({k: j[k] for k in ("modelled_us", "modelled_ratio")} if timing else {}),
-                              **({"budgets": j["confirmed_as"]} if timing else {})})
-        at_tp = [c for c in confirmed if c["tp"] == plan.tp]
-        front_c = {at_tp[i]["name"] for i in ev.pareto_front([(c["bits_per_value"] if timing is None else c["modelled_us"],
-                                                              c["kl"]) for c in at_tp])}
-        for c in confirmed:
-            c["on_front"] = c["name"] in front_c
-        stamp["confirm"] = round(time.time() - t0, 1)
+    return picks, on_front
 
-    # outputs
-    (out / POLICY_DIR).mkdir(parents=True, exist_ok=True)
-    for j in (picks if plan.confirm_tokens else on_front):
+
+def _confirm(s: _Search, picks: list) -> list:
+    """Stage 4: the picks measured again on ``--confirm-tokens`` at each ``--confirm-tp``, with intervals."""
+    plan, timing = s.plan, s.timing
+    recs = ev.run_eval(tp=list(plan.confirm_tps), tokens=plan.confirm_tokens, out=s.out / "confirm", command=s.command,
+                       policies=[(j["name"], CommPolicy.from_dict(j["policy"])) for j in picks],
+                       label="qformats tune 3/3 confirm", **s.common)
+    by_name = {j["name"]: j for j in picks}
+    confirmed = []
+    for r in recs:
+        if r.get("baseline"):
+            continue
+        j = by_name[r["name"]]
+        confirmed.append({**{k: r.get(k) for k in ("name", "tp", "algorithm", "bits_per_value", "kl", "kl_ci",
+                                                   "ppl_change_pct", "ppl_change_ci", "perplexity",
+                                                   "baseline_perplexity", "top1_agreement", "top1_ci",
+                                                   "tokens", "windows", "verdict", "seconds")},
+                          "search_kl": j["kl"], "predicted_kl": j["predicted_kl"], "second": j["second"],
+                          "assignment": j["assignment"], "policy_file": f"{POLICY_DIR}/{j['name']}.json",
+                          **({k: j[k] for k in ("modelled_us", "modelled_ratio")} if timing else {}),
+                          **({"budgets": j["confirmed_as"]} if timing else {})})
+    at_tp = [c for c in confirmed if c["tp"] == plan.tp]
+    front_c = {at_tp[i]["name"] for i in pareto_front([(c["bits_per_value"] if timing is None else c["modelled_us"],
+                                                        c["kl"]) for c in at_tp])}
+    for c in confirmed:
+        c["on_front"] = c["name"] in front_c
+    return confirmed
+
+
+def _write_policies(s: _Search, kept: list, joint: list) -> None:
+    """policies/<name>.json of the kept points (the confirmed picks, else the measured front); under
+    --gpu/--link each records what it was tuned for, and --project prices every joint policy."""
+    (s.out / POLICY_DIR).mkdir(parents=True, exist_ok=True)
+    for j in kept:
         pol = CommPolicy.from_dict(j["policy"])
-        if timing is None:
-            pol.to_file(out / POLICY_DIR / f"{j['name']}.json")
+        if s.timing is None:
+            pol.to_file(s.out / POLICY_DIR / f"{j['name']}.json")
         else:
-            write_policy(pol, out / POLICY_DIR / f"{j['name']}.json",
-                         {**timing["plan"], "modelled_us": j["modelled_us"], "nccl_us": nccl_us,
+            write_policy(pol, s.out / POLICY_DIR / f"{j['name']}.json",
+                         {**s.timing["plan"], "modelled_us": j["modelled_us"], "nccl_us": s.nccl_us,
                           "budgets": j.get("confirmed_as") or j.get("budgets"), "bits": j["bits"], "search_kl": j["kl"]})
-    if timing is not None and time_plan.project:
+    if s.timing is not None and s.time_plan.project:
         for j in joint:
-            j["projection"] = project(CommPolicy.from_dict(j["policy"]), time_plan.project, cmodel, time_plan.tokens_per_step,
-                                      plan.tp, comm_alg, num_layers)
-        timing["project"] = time_plan.project
-    ratios = [j["additivity"] for j in joint if j["additivity"] is not None]
+            j["projection"] = project(CommPolicy.from_dict(j["policy"]), s.time_plan.project, s.cmodel,
+                                      s.time_plan.tokens_per_step, s.plan.tp, s.comm_alg, s.num_layers)
+        s.timing["project"] = s.time_plan.project
+
+
+def _document(s: _Search, t_start: float, stamp: dict, sensitivity, predicted, joint, confirmed) -> dict:
+    """front.json: the settings and every stage's figures."""
     import transformers
 
-    doc = {
-        "run": {"command": command, "version": ev._package_version(), "commit": ev._git_commit(),
+    plan, groups, names = s.plan, s.groups, s.names
+    ratios = [j["additivity"] for j in joint if j["additivity"] is not None]
+    return {
+        "run": {"command": s.command, "version": package_version(), "commit": git_commit(),
                 "started": _dt.datetime.fromtimestamp(t_start).isoformat(timespec="seconds"),
                 "seconds_total": round(time.time() - t_start, 1), "seconds": stamp,
                 "torch": torch.__version__, "transformers": transformers.__version__,
-                "python": platform.python_version(), "model": model_desc, "text": textdata.source,
+                "python": platform.python_version(), "model": s.model_desc, "text": s.textdata.source,
                 "tp": plan.tp, "algorithm": plan.algorithm, "tokens": plan.tokens, "window": plan.window,
                 "confirm_tokens": plan.confirm_tokens, "confirm_tp": list(plan.confirm_tps),
                 "budgets": list(plan.budgets), "confirm_budgets": list(plan.confirm_budgets),
-                "confidence": ev.CONFIDENCE, "bootstrap_resamples": ev.BOOTSTRAP_RESAMPLES},
+                "confidence": CONFIDENCE, "bootstrap_resamples": BOOTSTRAP_RESAMPLES},
         "groups": [g.label for g in groups],
         "candidates": [n for n, _ in plan.candidates],
         "second_formats": [n for n, _ in plan.seconds] if plan.algorithm == "two_shot" else None,
         "sensitivity": sensitivity,
-        "predicted_front": [{"bits": b, "kl": k, "second": s, "assignment": _describe(groups, ch, names)}
-                            for b, k, (s, ch) in predicted] if timing is None else
-                           [{"us": t, "bits": choice_bits(s, ch), "kl": k, "second": s, "assignment": _describe(groups, ch, names)}
-                            for t, k, (s, ch) in predicted],
+        "predicted_front": [{"bits": b, "kl": k, "second": sn, "assignment": describe(groups, ch, names)}
+                            for b, k, (sn, ch) in predicted] if s.timing is None else
+                           [{"us": t, "bits": s.choice_bits(sn, ch), "kl": k, "second": sn,
+                             "assignment": describe(groups, ch, names)}
+                            for t, k, (sn, ch) in predicted],
         "joint": joint,
         "additivity": {"min": min(ratios), "max": max(ratios), "mean": sum(ratios) / len(ratios)} if ratios else None,
-        "confirmed": ev.by_kl(confirmed),
-        "time": timing,
+        "confirmed": by_kl(confirmed),
+        "time": s.timing,
     }
-    tmp = out / (FRONT_JSON + ".part")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, out / FRONT_JSON)
-    (out / FRONT_MD).write_text(format_front(doc))
-    _plot(doc, out / FRONT_PNG)
-    return doc
-
-
-# --------------------------------------------------------------------------- paired comparisons
-
-
-def window_scores(folder: str | os.PathLike, name: str, tp: int) -> list:
-    """The per-window scores (:class:`tp.study.eval.WindowScore`, in window order) of the
-    configuration ``name`` at ``tp`` in an eval (or tune stage) folder's progress file."""
-    path = Path(folder) / ev.PROGRESS_FILE
-    scores = {}
-    with open(path) as f:
-        next(f)  # the run's identity
-        for line in f:
-            d = json.loads(line)
-            key = json.loads(d["key"]) if d["key"] != ev._BASELINE_KEY else None
-            if key is not None and key[0] == name and key[2] == tp:
-                scores[d["window"]] = ev.WindowScore(d["nll"], d["kl"], d["agree"], d["tokens"])
-    if not scores:
-        raise ValueError(f"{path}: no configuration {name!r} at TP={tp}")
-    if sorted(scores) != list(range(len(scores))):
-        raise ValueError(f"{path}: {name!r} at TP={tp} is missing windows (an unfinished run)")
-    return [scores[i] for i in range(len(scores))]
-
-
-def kl_ratio_ci(a: Sequence, b: Sequence, level: float = ev.CONFIDENCE, resamples: int = ev.BOOTSTRAP_RESAMPLES,
-                seed: int = ev.BOOTSTRAP_SEED) -> dict:
-    """Mean KL of ``a`` over that of ``b`` (window scores of the same windows, e.g. two_shot vs
-    gather, TP=2 vs TP=8) with a paired percentile-bootstrap interval over windows, resampled as
-    :func:`tp.study.eval.bootstrap_ci` does: ``{"ratio": r, "ci": (lo, hi)}``."""
-    import numpy as np
-
-    if len(a) != len(b) or len(a) < 2 or any(x.tokens != y.tokens for x, y in zip(a, b)):
-        raise ValueError(f"need the same >= 2 windows on both sides, got {len(a)} and {len(b)}")
-    ka, kb = (np.array([s.kl for s in v], dtype=np.float64) for v in (a, b))
-    idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
-    ratios = ka[idx].sum(1) / kb[idx].sum(1)
-    lo, hi = np.quantile(ratios, ((1 - level) / 2, 1 - (1 - level) / 2))
-    return {"ratio": float(ka.sum() / kb.sum()), "ci": (float(lo), float(hi))}
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def _ci(v, fmt: str) -> str:
-    return f"[{format(v[0], fmt)}, {format(v[1], fmt)}]" if v else "-"
-
-
-def _kl(v) -> str:
-    """A KL with 3 significant digits (tiny on fine formats, ~0.1 on 4-bit ones)."""
-    return format(v, ".3g") if v is not None else "-"
-
-
-def _assignment_text(a: dict) -> str:
-    return "; ".join(f"{g}: {f}" for g, f in a.items())
-
-
-def format_front(doc: dict) -> str:
-    """The markdown report: confirmed policies sorted by KL with intervals, the joint search, additivity."""
-    r = doc["run"]
-    lines = [f"# qformats tune: {r['model']}, TP={r['tp']} {r['algorithm']}", "",
-             f"Command: `{r['command']}`  ", f"torch {r['torch']}, transformers {r['transformers']}, Python {r['python']}; "
-             f"text: {r['text']}; search on {r['tokens']} tokens, confirmation on {r['confirm_tokens']} tokens "
-             f"(windows of {r['window']}); {r['confidence']:.0%} paired bootstrap intervals over windows; "
-             f"groups: {', '.join(doc['groups'])}; candidates: {', '.join(doc['candidates'])}"
-             + (f"; second hop: {', '.join(doc['second_formats'])}" if doc["second_formats"] else "") + ".", ""]
-    tm = doc.get("time")
-    if tm:
-        return _format_time_front(doc, lines)
-    if doc["confirmed"]:
-        lines += [f"## Confirmed ({r['confirm_tokens']} tokens), sorted by KL", "",
-                  "| policy | TP | bits | KL [95% CI] | ppl change [95% CI] | top-1 [95% CI] | search KL (predicted) | front | assignment |",
-                  "|---|---:|---:|---|---|---|---|---|---|"]
-        for c in doc["confirmed"]:
-            lines.append(
-                f"| {c['name']} | {c['tp']} | {c['bits_per_value']:.3f} | {_kl(c['kl'])} {_ci(c['kl_ci'], '.3g')} | "
-                f"{c['ppl_change_pct']:+.2f}% {_ci(c['ppl_change_ci'], '+.2f')} | {c['top1_agreement']:.4f} "
-                f"{_ci(c['top1_ci'], '.4f')} | {_kl(c['search_kl'])} ({_kl(c['predicted_kl'])}) | "
-                f"{'yes' if c.get('on_front') else ''} | {_assignment_text(c['assignment'])}"
-                + (f"; 2nd hop {c['second']}" if r["algorithm"] == "two_shot" else "") + " |")
-        lines.append("")
-    lines += [f"## Joint search ({r['tokens']} tokens), sorted by KL", "",
-              "| policy | bits | KL | predicted KL (sum of marginals) | measured / predicted | ppl change | front | assignment |",
-              "|---|---:|---:|---:|---:|---:|---|---|"]
-    for j in sorted(doc["joint"], key=lambda j: j["kl"]):
-        ratio = f"{j['additivity']:.2f}" if j["additivity"] is not None else "-"
-        lines.append(f"| {j['name']} | {j['bits']:.3f} | {_kl(j['kl'])} | {_kl(j['predicted_kl'])} | {ratio} | "
-                     f"{j['ppl_change_pct']:+.2f}% | {'yes' if j['on_front'] else ''} | {_assignment_text(j['assignment'])}"
-                     + (f"; 2nd hop {j['second']}" if r["algorithm"] == "two_shot" else "") + " |")
-    a = doc["additivity"]
-    if a:
-        lines += ["", f"Additivity: the joint KL is {a['min']:.2f}x to {a['max']:.2f}x (mean {a['mean']:.2f}x) the sum "
-                      "of the groups' marginal KLs measured alone."]
-    return "\n".join(lines) + "\n"
-
-
-def _us(v) -> str:
-    return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
-
-
-def _time_header(tm: dict) -> list:
-    p = tm["plan"]
-    out = [f"Time axis: **modelled** (tp.comm.cost, not measured) all-reduce time per forward of {p['tokens_per_step']} "
-           f"tokens on {p['device']} over {p['link']} at TP={p['tp']}, compressed sites run as {p['comm_algorithm']}; "
-           f"NCCL bf16 on every site: {_us(tm['nccl_us'])} us (modelled). Kernel tables: {', '.join(p['kernel_tables'])}; "
-           f"link tables: {', '.join(p['link_tables'])}" + ("; world size EXTRAPOLATED (--extrapolate-world)" if p.get("extrapolate_world") else "") + ".", ""]
-    if tm.get("left_out"):
-        out += ["Left out (no kernel time in the table): " + "; ".join(f"{n}" for n in tm["left_out"]) + ".", ""]
-    if tm.get("unmet"):
-        out += ["No assignment meets: " + "; ".join(tm["unmet"]) + " (predicted front).", ""]
-    return out
-
-
-def _format_time_front(doc: dict, lines: list) -> str:
-    r, tm = doc["run"], doc["time"]
-    lines += _time_header(tm)
-    nccl = tm["nccl_us"]
-    if doc["confirmed"]:
-        lines += [f"## Confirmed ({r['confirm_tokens']} tokens), sorted by KL", "",
-                  "| policy | budget | TP | modelled us (x NCCL) | bits | KL [95% CI] | ppl change [95% CI] | top-1 [95% CI] | front | assignment |",
-                  "|---|---|---:|---:|---:|---|---|---|---|---|"]
-        for c in doc["confirmed"]:
-            lines.append(
-                f"| {c['name']} | {'; '.join(c.get('budgets') or [])} | {c['tp']} | {_us(c['modelled_us'])} ({c['modelled_ratio']:.2f}x) | "
-                f"{c['bits_per_value']:.3f} | {_kl(c['kl'])} {_ci(c['kl_ci'], '.3g')} | {c['ppl_change_pct']:+.2f}% "
-                f"{_ci(c['ppl_change_ci'], '+.2f')} | {c['top1_agreement']:.4f} {_ci(c['top1_ci'], '.4f')} | "
-                f"{'yes' if c.get('on_front') else ''} | {_assignment_text(c['assignment'])}"
-                + (f"; 2nd hop {c['second']}" if r["algorithm"] == "two_shot" else "") + " |")
-        lines.append("")
-    lines += [f"## Joint search ({r['tokens']} tokens), sorted by modelled time", "",
-              "| policy | chosen for | modelled us (x NCCL) | bits | KL | predicted KL | ppl change | front | assignment |",
-              "|---|---|---:|---:|---:|---:|---:|---|---|"]
-    for j in sorted(doc["joint"], key=lambda j: j["modelled_us"]):
-        lines.append(f"| {j['name']} | {'; '.join(j.get('budgets') or [])} | {_us(j['modelled_us'])} ({j['modelled_us'] / nccl:.2f}x) | "
-                     f"{j['bits']:.3f} | {_kl(j['kl'])} | {_kl(j['predicted_kl'])} | {j['ppl_change_pct']:+.2f}% | "
-                     f"{'yes' if j['on_front'] else ''} | {_assignment_text(j['assignment'])}"
-                     + (f"; 2nd hop {j['second']}" if r["algorithm"] == "two_shot" else "") + " |")
-    proj = [j for j in doc["joint"] if j.get("projection")]
-    if proj:
-        p0 = proj[0]["projection"]
-        lines += ["", f"## Projected onto {p0['model']} (hidden {p0['hidden']}, {p0['layers']} layers, TP={p0['tp']}, "
-                      f"{p0['tokens_per_step']} tokens): modelled all-reduce time; the KL was measured on {r['model'].split(' (')[0]}, "
-                      f"not on {p0['model']}", "",
-                  "| policy | modelled all-reduce ms (x NCCL) | NCCL ms | compute ms | comm share of TTFT (NCCL's) |", "|---|---:|---:|---:|---|"]
-        for j in proj:
-            p = j["projection"]
-            share = (f"{p['comm_share']:.1%} ({p['nccl_comm_share']:.1%})" if p.get("compute_ms") is not None else "unknown")
-            comp = f"{p['compute_ms']:.1f}" if p.get("compute_ms") is not None else "-"
-            lines.append(f"| {j['name']} | {p['modelled_us'] / 1e3:.2f} ({p['ratio']:.2f}x) | {p['nccl_us'] / 1e3:.2f} | {comp} | {share} |")
-        lines += ["", f"Compute: {p0['compute_source']}."]
-    a = doc["additivity"]
-    if a:
-        lines += ["", f"Additivity: the joint KL is {a['min']:.2f}x to {a['max']:.2f}x (mean {a['mean']:.2f}x) the sum "
-                      "of the groups' marginal KLs measured alone. Times add exactly (one forward's all-reduces run one after another)."]
-    return "\n".join(lines) + "\n"
-
-
-def _plot(doc: dict, path: Path) -> None:
-    if doc.get("time"):
-        return _plot_time(doc, path)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    r = doc["run"]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    pf = doc["predicted_front"]
-    ax.step([p["bits"] for p in pf], [max(p["kl"], 1e-6) for p in pf], where="post", color="grey", lw=1, ls="--",
-            label=f"predicted front (sum of marginal KLs, {r['tokens']} tokens)")
-    js = doc["joint"]
-    ax.plot([j["bits"] for j in js], [j["kl"] for j in js], "o", mfc="none", color="tab:blue",
-            label=f"assembled policies, measured jointly ({r['tokens']} tokens)")
-    colors = plt.get_cmap("tab10")
-    for i, t in enumerate(sorted({c["tp"] for c in doc["confirmed"]})):
-        cs = sorted((c for c in doc["confirmed"] if c["tp"] == t), key=lambda c: c["bits_per_value"])
-        xs, ys = [c["bits_per_value"] for c in cs], [c["kl"] for c in cs]
-        err = [[y - (c["kl_ci"] or (y, y))[0] for c, y in zip(cs, ys)], [(c["kl_ci"] or (y, y))[1] - y for c, y in zip(cs, ys)]]
-        ax.errorbar(xs, ys, yerr=err, fmt="s-", ms=5, capsize=3, lw=1, color=colors(i + 1),
-                    label=f"confirmed, TP={t} ({r['confirm_tokens']} tokens, {r['confidence']:.0%} CI)")
-    ax.set_yscale("log")
-    ax.set_xlabel("mean wire bits per value sent (this model's rows; two_shot: both hops)")
-    ax.set_ylabel("mean KL(baseline || compressed), nats/token")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(f"{r['model'][:90]}\nqformats tune, TP={r['tp']} {r['algorithm']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -760,12 +580,12 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--text", default=None, help="as qformats eval (default: the Brown Corpus)")
     parser.add_argument("--tp", type=int, default=DEFAULT_TP, help=f"TP degree of the search (default {DEFAULT_TP})")
     parser.add_argument("--algorithm", default="gather", help="gather or two_shot (default gather)")
-    parser.add_argument("--candidates", type=ev._csv_list, default=list(DEFAULT_CANDIDATES),
+    parser.add_argument("--candidates", type=csv_list, default=list(DEFAULT_CANDIDATES),
                         help=f"formats a site group may take; bf16 = uncompressed (default: {','.join(DEFAULT_CANDIDATES)})")
-    parser.add_argument("--second-formats", type=ev._csv_list, default=None,
+    parser.add_argument("--second-formats", type=csv_list, default=None,
                         help=f"two_shot: the reduced sum's format choices, {SAME} = the first hop's "
                              f"(default: {','.join(DEFAULT_SECOND_FORMATS)})")
-    parser.add_argument("--layer-groups", type=ev._csv_list, default=None, metavar="B1,B2,...",
+    parser.add_argument("--layer-groups", type=csv_list, default=None, metavar="B1,B2,...",
                         help="layer indices where the groups split (default: 1,3,L-3: layer 0, layers 1-2, the middle, the last 3)")
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"search tokens (default {DEFAULT_TOKENS})")
     parser.add_argument("--window", type=int, default=ev.DEFAULT_WINDOW, help=f"tokens per window (default {ev.DEFAULT_WINDOW})")
@@ -775,7 +595,7 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help=f"tokens of the confirmation (default {DEFAULT_CONFIRM_TOKENS}; 0: none)")
     parser.add_argument("--confirm-budgets", default=",".join(map(str, DEFAULT_CONFIRM_BUDGETS)),
                         help=f"bit budgets whose measured-best front points are confirmed (default {','.join(map(str, DEFAULT_CONFIRM_BUDGETS))})")
-    parser.add_argument("--confirm-tp", type=ev._tp_list, default=None, help="TP degrees of the confirmation (default: --tp)")
+    parser.add_argument("--confirm-tp", type=tp_list, default=None, help="TP degrees of the confirmation (default: --tp)")
     parser.add_argument("--threads", type=int, default=None, help=f"torch CPU threads (default on CPU: {ev.CPU_THREADS})")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", default=None, help="output folder (default: out/tune-<timestamp>); a stopped run there resumes")
@@ -786,15 +606,15 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     t.add_argument("--link", default=None, help="with --gpu: nvlink, or host (the host-memory path, NCCL_P2P_DISABLE=1)")
     t.add_argument("--tokens-per-step", type=int, default=DEFAULT_TOKENS_PER_STEP,
                    help=f"tokens per forward the time is priced at (default {DEFAULT_TOKENS_PER_STEP}: an 8k prefill)")
-    t.add_argument("--time-budgets", type=ev._csv_list, default=list(DEFAULT_TIME_BUDGETS),
+    t.add_argument("--time-budgets", type=csv_list, default=list(DEFAULT_TIME_BUDGETS),
                    help=f"lowest KL within each: 0.5x (of NCCL bf16's time), 300us, 1.2ms (default {','.join(DEFAULT_TIME_BUDGETS)})")
-    t.add_argument("--kl-budgets", type=ev._csv_list, default=[str(k) for k in DEFAULT_KL_BUDGETS],
+    t.add_argument("--kl-budgets", type=csv_list, default=[str(k) for k in DEFAULT_KL_BUDGETS],
                    help=f"fastest within each KL (default {','.join(map(str, DEFAULT_KL_BUDGETS))})")
     t.add_argument("--run-as", choices=RUN_AS, default=None,
                    help="how compressed sites run: fused (symmetric-memory kernels; default on nvlink) or nccl (the NCCL path)")
-    t.add_argument("--kernel-table", type=ev._csv_list, default=None, metavar="F1,F2",
+    t.add_argument("--kernel-table", type=csv_list, default=None, metavar="F1,F2",
                    help="kernel tables (benchmarks/codec_gpu.py JSONL; default: the newest committed for --gpu)")
-    t.add_argument("--link-table", type=ev._csv_list, default=None, metavar="F1,F2", help="link tables (default: the committed ones)")
+    t.add_argument("--link-table", type=csv_list, default=None, metavar="F1,F2", help="link tables (default: the committed ones)")
     t.add_argument("--extrapolate-world", action="store_true",
                    help="price a TP degree with no NCCL measurement from the nearest smaller one (bus bytes; says so)")
     t.add_argument("--project", default=None, metavar="MODEL",
@@ -845,207 +665,3 @@ def main_tune(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
     print(format_front(doc))
     print(f"results written to {out.resolve()}/ ({FRONT_JSON}, {FRONT_MD}, {FRONT_PNG}, {POLICY_DIR}/)")
     return 0
-
-
-# --------------------------------------------------------------------------- re-fronting a finished tune against modelled time
-
-
-def _parse_group(label: str, num_layers: int) -> SiteGroup:
-    kind, _, rng = label.partition(" L")
-    a, _, b = rng.partition("-")
-    return SiteGroup(kind, int(a), (int(b) if b else int(a)) + 1)
-
-
-def reprice(folder, time_plan: TimePlan, *, tp: int | None = None, shape: str | None = None,
-            out=None) -> dict:
-    """Re-front a finished ``qformats tune`` (its ``front.json``) against modelled time, without
-    measuring any KL again: the groups' measured marginal KLs (sensitivity stage) give the
-    additive front over (modelled all-reduce time per forward, predicted KL), every group may
-    stay plain; the budget picks are reported with their predicted KL, and with the measured
-    joint / confirmed KL (and interval) where the tune measured that very assignment. Every
-    joint and confirmed policy of the tune is priced too (or says why it cannot be).
-
-    ``tp``: the TP degree to price (default: the tune's; another one reuses the tune's KLs,
-    measured at its TP, and says so). ``shape``: the tuned model's shape (:class:`tp.comm.cost.
-    ModelShape` syntax) when its name is not a known one. Writes ``reprice.json`` and
-    ``reprice.md`` to ``out`` when given; returns the document."""
-    from ..comm import cost
-
-    folder = Path(folder)
-    doc = json.loads((folder / FRONT_JSON).read_text())
-    run = doc["run"]
-    time_plan = check_time_plan(time_plan)
-    model = time_plan.model()
-    tp = tp or run["tp"]
-    algorithm = run["algorithm"]
-    comm_alg = time_plan.comm_algorithm(algorithm, model.link)
-    if shape is None:
-        known = {"smollm2": "SmolLM2-135M"}
-        key = next((k for k in known if str(run["model"]).lower().startswith(k)), None)
-        if key is None:
-            raise ValueError(f"{folder}: model {run['model']!r} has no known shape: pass shape='NAME:hidden=H,layers=L'")
-        shape = known[key]
-    mshape = cost.ModelShape.parse(shape)
-    sites = mshape.sites
-    groups = [_parse_group(g, mshape.layers) for g in doc["groups"]]
-    cands = tuple(ev._resolve_formats(doc["candidates"]))
-    if algorithm == "two_shot":
-        seconds = tuple((n, None) if n == SAME else (n, ev._resolve_formats([n])[0][1]) for n in doc["second_formats"])
-    else:
-        seconds = ((SAME, None),)
-    T = time_plan.tokens_per_step
-    times, missing = group_times(groups, sites, cands + ((PLAIN, None),), seconds, model, T, tp, comm_alg)
-    if PLAIN in missing:
-        raise ValueError(missing[PLAIN])
-    kept = [(n, f) for n, f in cands if n not in missing] + [(PLAIN, None)]
-    seconds = usable_seconds(seconds, missing)
-    kl_of = {(d["second"], d["group"], d["format"]): d["kl"] for d in doc["sensitivity"]}
-    width = mshape.hidden
-    total_width = float(len(sites) * width)
-
-    def gbits(g, f, second):
-        return sum(wire_bits(f, second if f is not None else None, algorithm, width) * width
-                   for s in sites if s.kind == g.kind and g.start <= s.layer < g.stop) / total_width
-
-    predicted = []
-    for sname, second in seconds:
-        options = [[(times[(sname, g.label, n)], kl_of[(sname, g.label, n)] if f is not None else 0.0, (n, f))
-                    for n, f in kept] for g in groups]
-        predicted += [(t, k, (sname, ch)) for t, k, ch in additive_front(options)]
-    predicted = _prune(predicted)
-    nccl_us = nccl_forward_us(model, sites, T, tp)
-
-    def assignment(ch):
-        return {g.label: n for g, (n, _) in zip(groups, ch)}
-
-    measured = {}
-    for j in doc["joint"]:
-        measured.setdefault((j["second"], json.dumps(j["assignment"], sort_keys=True)), {})["joint"] = j
-    for c in doc["confirmed"]:
-        if c["tp"] == run["tp"]:
-            measured.setdefault((c["second"], json.dumps(c["assignment"], sort_keys=True)), {})["confirmed"] = c
-    picks = []
-    for kind, label, (t, k, (sname, ch)) in pick_budgets(predicted, nccl_us, time_plan, lambda p: p[0], lambda p: p[1]):
-        a = assignment(ch)
-        m = measured.get((sname, json.dumps(a, sort_keys=True)), {})
-        picks.append({"budget": budget_name(kind, label), "modelled_us": t, "modelled_ratio": t / nccl_us,
-                      "bits": sum(gbits(g, f, dict(seconds)[sname]) for g, (_, f) in zip(groups, ch)),
-                      "predicted_kl": k, "second": sname, "assignment": a,
-                      "joint_kl": m.get("joint", {}).get("kl"), "confirmed_kl": m.get("confirmed", {}).get("kl"),
-                      "confirmed_kl_ci": m.get("confirmed", {}).get("kl_ci"),
-                      "confirmed_name": m.get("confirmed", {}).get("name")})
-    if time_plan.project:
-        by_name = dict(kept)
-        for k in picks:
-            choice = tuple(by_name[k["assignment"][g.label]] for g in groups)
-            pol = _assemble(groups, choice, algorithm, dict(seconds)[k["second"]])
-            k["projection"] = project(pol, time_plan.project, model, T, tp, comm_alg, mshape.layers)
-    met = {p["budget"] for p in picks}
-    unmet = [b for b in [budget_name("time", lbl) for lbl, _, _ in time_plan.time_budgets]
-             + [budget_name("kl", f"{k:g}") for k in time_plan.kl_budgets] if b not in met]
-    priced = []
-    for stage, recs in (("confirmed", [c for c in doc["confirmed"] if c["tp"] == run["tp"]]), ("joint", doc["joint"])):
-        for rec in recs:
-            pol = CommPolicy.from_dict(rec["policy"]) if "policy" in rec else CommPolicy.load(folder / rec["policy_file"])
-            try:
-                r = cost.policy_time(model, pol, sites, T, tp, algorithm=comm_alg)
-                priced.append({"stage": stage, "name": rec["name"], "bits": rec.get("bits", rec.get("bits_per_value")),
-                               "kl": rec["kl"], "kl_ci": rec.get("kl_ci"), "modelled_us": r["us"], "modelled_ratio": r["ratio"]})
-            except cost.CostTableError as e:
-                priced.append({"stage": stage, "name": rec["name"], "bits": rec.get("bits", rec.get("bits_per_value")),
-                               "kl": rec["kl"], "kl_ci": rec.get("kl_ci"), "modelled_us": None, "why": str(e).split(" (formats there")[0]})
-    res = {"source": str(folder.name), "tuned": {k: run[k] for k in ("model", "tp", "algorithm", "tokens", "confirm_tokens", "command")},
-           "plan": time_plan.describe(model, algorithm, tp), "nccl_us": nccl_us, "left_out": missing, "shape": dataclasses.asdict(mshape),
-           "kl_note": (f"KLs measured at TP={run['tp']}; priced at TP={tp}" if tp != run["tp"] else f"KLs measured at TP={tp}"),
-           "picks": picks, "unmet": unmet, "priced": priced,
-           "predicted_front": [{"us": t, "kl": k, "second": s, "assignment": assignment(ch)} for t, k, (s, ch) in predicted]}
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "reprice.json").write_text(json.dumps(res) + "\n")
-        (out / "reprice.md").write_text(format_reprice(res))
-    return res
-
-
-def format_reprice(res: dict) -> str:
-    p, t = res["plan"], res["tuned"]
-    lines = [f"# Re-fronted against modelled time: {res['source']} ({t['algorithm']}, tuned at TP={t['tp']})", "",
-             f"Times are **modelled** (tp.comm.cost), not measured: {p['device']} over {p['link']}, TP={p['tp']}, "
-             f"{p['tokens_per_step']} tokens per forward, compressed sites as {p['comm_algorithm']}; NCCL bf16 on every "
-             f"site {_us(res['nccl_us'])} us; kernel tables {', '.join(p['kernel_tables'])}; link tables "
-             f"{', '.join(p['link_tables'])}" + ("; world size EXTRAPOLATED" if p.get("extrapolate_world") else "") + ". "
-             f"{res['kl_note']}; predicted KL = sum of the groups' measured marginal KLs ({t['tokens']} tokens), "
-             f"not measured jointly unless a joint/confirmed KL is given.", ""]
-    if res["left_out"]:
-        lines += ["Candidates left out (no kernel time in the table): " + ", ".join(res["left_out"]) + ".", ""]
-    lines += ["| budget | modelled us (x NCCL) | bits | predicted KL | measured KL (joint; confirmed [95% CI]) | assignment |",
-              "|---|---:|---:|---:|---|---|"]
-    for k in res["picks"]:
-        meas = "-"
-        if k["joint_kl"] is not None or k["confirmed_kl"] is not None:
-            meas = f"{_kl(k['joint_kl'])}; " + (f"{_kl(k['confirmed_kl'])} {_ci(k['confirmed_kl_ci'], '.3g')}" if k["confirmed_kl"] is not None else "-")
-        lines.append(f"| {k['budget']} | {_us(k['modelled_us'])} ({k['modelled_ratio']:.2f}x) | {k['bits']:.3f} | "
-                     f"{_kl(k['predicted_kl'])} | {meas} | {_assignment_text(k['assignment'])} |")
-    if res["unmet"]:
-        lines += ["", "No assignment of these candidates meets: " + "; ".join(res["unmet"]) + "."]
-    proj = [k for k in res["picks"] if k.get("projection")]
-    if proj:
-        p0 = proj[0]["projection"]
-        lines += ["", f"Projected onto {p0['model']} (hidden {p0['hidden']}, {p0['layers']} layers, TP={p0['tp']}, "
-                      f"{p0['tokens_per_step']} tokens; layers mapped onto the tuned model's; the KL is the tuned model's, "
-                      f"not measured on {p0['model']}):", "",
-                  "| budget (on the tuned model) | modelled all-reduce ms (x NCCL) | NCCL ms | compute ms | comm share of TTFT (NCCL's) |",
-                  "|---|---:|---:|---:|---|"]
-        for k in proj:
-            q = k["projection"]
-            share = f"{q['comm_share']:.1%} ({q['nccl_comm_share']:.1%})" if q.get("compute_ms") is not None else "unknown"
-            comp = f"{q['compute_ms']:.0f}" if q.get("compute_ms") is not None else "-"
-            lines.append(f"| {k['budget']} | {q['modelled_us'] / 1e3:.2f} ({q['ratio']:.2f}x) | {q['nccl_us'] / 1e3:.2f} | {comp} | {share} |")
-        lines += ["", f"Compute: {p0['compute_source']}."]
-    lines += ["", "The tune's own policies at their modelled time:", "",
-              "| stage | policy | bits | KL [95% CI] | modelled us (x NCCL) |", "|---|---|---:|---|---|"]
-    for r in res["priced"]:
-        tm = f"{_us(r['modelled_us'])} ({r['modelled_ratio']:.2f}x)" if r["modelled_us"] is not None else f"not priced: {r['why']}"
-        lines.append(f"| {r['stage']} | {r['name']} | {r['bits']:.3f} | {_kl(r['kl'])} {_ci(r.get('kl_ci'), '.3g')} | {tm} |")
-    return "\n".join(lines) + "\n"
-
-
-def _plot_time(doc: dict, path: Path) -> None:
-    """Two panels: KL against modelled all-reduce time per forward (left), against bits (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    r, tm = doc["run"], doc["time"]
-    p = tm["plan"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
-    floor = 1e-5  # plain (bf16) points have KL 0 (or rounding noise): drawn at this floor
-    pf = doc["predicted_front"]
-    js = doc["joint"]
-    for ax, key, jkey, label in ((axes[0], "x", "modelled_us", "MODELLED all-reduce time per forward, us"),
-                                 (axes[1], "bits", "bits", "mean wire bits per value sent")):
-        if key == "x":
-            ax.step([q["us"] for q in pf], [max(q["kl"], floor) for q in pf], where="post", color="grey", lw=1, ls="--",
-                    label=f"predicted front (modelled time, sum of marginal KLs, {r['tokens']} tokens)")
-            ax.axvline(tm["nccl_us"], color="k", lw=0.8, ls=":", label=f"NCCL bf16, modelled ({tm['nccl_us']:.0f} us)")
-        ax.plot([j[jkey] for j in js], [max(j["kl"], floor) for j in js], "o", mfc="none", color="tab:blue",
-                label=f"chosen policies, KL measured jointly ({r['tokens']} tokens)")
-        cs = sorted((c for c in doc["confirmed"] if c["tp"] == r["tp"]), key=lambda c: c[jkey if jkey != "bits" else "bits_per_value"])
-        if cs:
-            xs = [c["modelled_us"] if key == "x" else c["bits_per_value"] for c in cs]
-            ys = [max(c["kl"], floor) for c in cs]
-            ci = [[max(v, floor) for v in (c["kl_ci"] or (c["kl"], c["kl"]))] for c in cs]
-            err = [[max(0.0, y - lo) for (lo, _), y in zip(ci, ys)], [max(0.0, hi - y) for (_, hi), y in zip(ci, ys)]]
-            ax.errorbar(xs, ys, yerr=err, fmt="s", ms=5, capsize=3, color="tab:red",
-                        label=f"confirmed ({r['confirm_tokens']} tokens, {r['confidence']:.0%} CI)")
-        ax.set_yscale("log")
-        ax.set_xlabel(label)
-        ax.set_ylabel(f"mean KL, nats/token (< {floor:g} drawn at {floor:g})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{r['model'][:80]}\nqformats tune, TP={r['tp']} {r['algorithm']}; times MODELLED for {p['device']} "
-                 f"{p['link']}, {p['tokens_per_step']} tokens per step ({p['comm_algorithm']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)

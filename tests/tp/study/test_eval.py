@@ -518,7 +518,7 @@ def _sum(scores):
 
 
 def test_verdict_and_pareto_front():
-    from tp.study.eval import pareto_front, verdict
+    from tp.study.stats import pareto_front, verdict
 
     assert verdict((0.2, 0.8)) == "within 1%"
     assert verdict((1.2, 2.5)) == "within 3%, not 1%"
@@ -528,7 +528,7 @@ def test_verdict_and_pareto_front():
     assert verdict((0.5, 4.0)) == "unresolved vs 1% and 3%"
     assert verdict((-2.0, -0.5)) == "within 1%"
     # every verdict names both targets (or says it is within/over both), and the legend defines each
-    from tp.study.eval import LEGEND
+    from tp.study.report import LEGEND
 
     legend = LEGEND.format(level=0.95, t0=1, t1=3)
     for ci in [(0.2, 0.8), (1.2, 2.5), (0.5, 2.5), (3.5, 9.0), (1.5, 4.0), (0.5, 4.0)]:
@@ -608,7 +608,7 @@ def test_head_split_and_few_windows_are_said(capsys):
     """Issue 25: an uneven head split is printed before the run and explained under the table;
     fewer than MIN_WINDOWS_FOR_CI windows mark the verdicts and the table."""
     import tp.study.eval as ev
-    from tp.study.eval import FEW_WINDOWS, MIN_WINDOWS_FOR_CI
+    from tp.study.stats import FEW_WINDOWS, MIN_WINDOWS_FOR_CI
 
     ev._SAID.clear()  # the note is printed once per process
     kw = _tiny_run_kwargs()  # 4 heads
@@ -805,7 +805,7 @@ def test_plot_labels_axis_and_title(tmp_path, monkeypatch):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import tp.study.eval as ev
+    from tp.study import report
 
     figs = []
     monkeypatch.setattr(plt, "close", lambda fig: figs.append(fig))
@@ -814,10 +814,10 @@ def test_plot_labels_axis_and_title(tmp_path, monkeypatch):
     for name, bits, d in (("mxfp4", 4.25, 5.0), ("outlier_int4", 4.5, 5.2), ("mxfp8_e4m3", 8.25, 1.0)):
         recs.append({"name": name, "baseline": False, "tp": 8, "algorithm": "gather", "bits_per_value": bits,
                      "ppl_change_pct": d, "ppl_change_ci": [d - 1, d + 1], "kl": d / 100, "kl_ci": [d / 200, d / 50]})
-    ev._plot(recs, tmp_path / "plot.png")
+    report.plot_records(recs, tmp_path / "plot.png")
     fig = figs[0]
     left = fig.axes[0]
     assert "symlog" in left.get_ylabel() and "Brown Corpus" in fig._suptitle.get_text()
-    assert any(t == ev.BASELINE_LABEL for t in left.get_legend_handles_labels()[1])
+    assert any(t == report.BASELINE_LABEL for t in left.get_legend_handles_labels()[1])
     offsets = {a.get_text(): a.xyann for a in left.texts}
     assert offsets["mxfp4"] != offsets["outlier_int4"]

@@ -184,7 +184,7 @@ def test_eval_policy_arguments(tmp_path):
 
 
 def test_paired_kl_ratio_reads_eval_folders(tmp_path):
-    from tp.study.eval import WindowScore
+    from tp.study.stats import WindowScore
     from tp.study.tune import kl_ratio_ci, window_scores
 
     kw = _inputs(layers=2)

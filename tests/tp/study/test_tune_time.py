@@ -131,6 +131,8 @@ def test_policy_file_round_trips_what_it_was_tuned_for(tmp_path):
 def test_time_argument_errors(tables, tmp_path, capsys):
     import argparse
 
+    from tp.study import costs
+
     p = argparse.ArgumentParser()
     tune.add_tune_arguments(p)
     for argv, msg in ((["--gpu", "T1"], "--gpu needs --link"),
@@ -144,8 +146,8 @@ def test_time_argument_errors(tables, tmp_path, capsys):
         assert msg in capsys.readouterr().err
     assert tune.parse_time_budget("0.5x") == ("0.5x", 0.5, None)
     assert tune.parse_time_budget("1.2ms") == ("1.2ms", None, 1200.0)
-    assert tune._project_layer(0, 80, 30) == 0 and tune._project_layer(79, 80, 30) == 29
-    assert tune._project_layer(77, 80, 30) == 27 and 3 <= tune._project_layer(40, 80, 30) <= 26
+    assert costs._project_layer(0, 80, 30) == 0 and costs._project_layer(79, 80, 30) == 29
+    assert costs._project_layer(77, 80, 30) == 27 and 3 <= costs._project_layer(40, 80, 30) <= 26
 
 
 def test_eval_gets_the_modelled_time_of_each_configuration(tables, tmp_path):

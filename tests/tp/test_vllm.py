@@ -203,6 +203,6 @@ def test_a_bad_policy_fails_at_engine_start(tiny):
     p = _run(["-c", BAD, tiny], timeout=300)
     lines = [l for l in p.stdout.splitlines() if l.startswith(("REFUSED:", "STARTED"))]
     assert len(lines) == 2, p.stdout[-2000:] + p.stderr[-3000:]
-    assert "qformats vLLM plugin: additional_config['qformats']: unsupported communication format 'mxfp3_nope'" in lines[0]
+    assert "qformats vLLM plugin: additional_config['qformats']: fmt: unsupported communication format 'mxfp3_nope'" in lines[0]
     assert "qformats vLLM plugin: rule" in lines[1] and "out of range for a 2-layer model" in lines[1]
     assert "Initializing a V1 LLM engine" not in p.stdout + p.stderr  # refused before any engine process

@@ -783,10 +783,11 @@ def _codec_kernel(
     as OUT_KIND floats; with SRC_BUFS and not SUM, program axis 1 picks buffer j, decoded into
     ``out + j * out_chunk`` (an all-gather's decode: two_shot's last step).
 
-    NORM (off by default; with SRC_BUFS, SUM, not QUANT): one program per row (``BPP`` >= the
+    NORM (off by default; with SRC_BUFS, not QUANT): one program per row (``BPP`` >= the
     row's block count, a power of two); the summed (+ residual) row goes to ``deq`` as OUT_KIND
     (the new residual) and its RMSNorm with weight ``x`` (IN_KIND) and ``EPS`` to ``out``
-    (:func:`_rms_epilogue`)."""
+    (:func:`_rms_epilogue`). Without SUM, buffer j = ``program_id(1)`` is decoded alone and its
+    residual, output and new residual are rows ``j * out_chunk`` on (two_shot's last decode)."""
     # MAXV: a bound on |element value| over every code (foreign bytes too: MX ints' -2^(N-1))
     MAXV: tl.constexpr = MAXN * 2.0
     # codes a thread holds in the float tile it quantises (16 bytes of the input): plane bytes
@@ -817,14 +818,21 @@ def _codec_kernel(
             if not QUANT and not HAS_RES:
                 x = _saturating(x, OUT_KIND)
         if HAS_RES:  # (the residual's magnitude is not known per block: saturate per element)
-            x = x + _load_f32(res_ptr, offs, valid, RES_KIND, GPU)
+            if NORM and not SUM:  # buffer j's rows of the residual
+                x = x + _load_f32(res_ptr + tl.program_id(1).to(tl.int64) * out_chunk, offs, valid, RES_KIND, GPU)
+            else:
+                x = x + _load_f32(res_ptr, offs, valid, RES_KIND, GPU)
             if not QUANT:
                 x = _saturating(x, OUT_KIND)
     else:
         x = _load_f32(x_ptr, offs, valid, IN_KIND, GPU)
     if not QUANT:
-        if NORM:
+        if NORM and SUM:
             _rms_epilogue(x, valid, offs, cols, width, x_ptr, out_ptr, deq_ptr, IN_KIND, OUT_KIND, EPS, BPP, BP2, GPU)
+        elif NORM:
+            jo = tl.program_id(1).to(tl.int64) * out_chunk
+            _rms_epilogue(x, valid, offs, cols, width, x_ptr, out_ptr + jo, deq_ptr + jo, IN_KIND, OUT_KIND, EPS, BPP,
+                          BP2, GPU)
         elif SUM:
             _store_f32(out_ptr, offs, x, valid, OUT_KIND, GPU)
         else:
@@ -1105,13 +1113,35 @@ def _next_pow2(n: int) -> int:
 
 def dequantize_rmsnorm(bufs: torch.Tensor, kc: KernelConstants, rows: int, width: int, dtype: torch.dtype,
                        residual: torch.Tensor | None, weight: torch.Tensor, eps: float, *,
-                       out: torch.Tensor | None = None, res_out: torch.Tensor | None = None):
+                       out: torch.Tensor | None = None, res_out: torch.Tensor | None = None, each: bool = False):
     """(RMSNorm of h, h) for h = the fp32 rank-order sum of the decodes of ``bufs`` [N, nbytes]
     (+ ``residual``) as ``dtype`` [rows, width] (saturating), ``weight`` [width] (any float
     dtype), ``eps`` (rounded to fp32): ``lowering.ops.reference_dequant_sum_rmsnorm``. One
-    kernel launch, one program per row (the row's sum of squares is one fixed tree)."""
+    kernel launch, one program per row (the row's sum of squares is one fixed tree).
+
+    ``each``: buffer j alone (N = 1 each) gives rows ``[j*rows, (j+1)*rows)`` of the residual
+    and of both outputs, [N*rows, width] (two_shot's decode of the all-gathered chunks)."""
+    return _rmsnorm_launch(bufs, None, 0, kc, rows, width, dtype, residual, weight, eps, out, res_out, each)
+
+
+def dequantize_peers_rmsnorm(ptrs: torch.Tensor, src_off: int, kc: KernelConstants, rows: int, width: int,
+                             dtype: torch.dtype, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, *,
+                             out: torch.Tensor | None = None, res_out: torch.Tensor | None = None,
+                             summed: bool = True):
+    """:func:`dequantize_rmsnorm` over the wire buffers at addresses ``ptrs[i] + src_off`` (as
+    :func:`dequantize_peers`; ``summed=False`` is ``each``). GPU only (device addresses)."""
+    if src_off % 16:
+        raise ValueError(f"src_off {src_off} must be a multiple of 16 bytes")
+    return _rmsnorm_launch(None, ptrs, src_off, kc, rows, width, dtype, residual, weight, eps, out, res_out,
+                           not summed)
+
+
+def _rmsnorm_launch(bufs, ptrs, src_off, kc, rows, width, dtype, residual, weight, eps, out, res_out, each):
     if width != kc.width:
         raise ValueError(f"constants lowered for width {kc.width}, got rows of {width}")
+    table = ptrs is not None
+    n = ptrs.numel() if table else bufs.shape[0]
+    dev = ptrs.device if table else bufs.device
     lay = kc.layout(rows)
     nblk = lay.nblocks
     bpp = _next_pow2(nblk)
@@ -1121,20 +1151,28 @@ def dequantize_rmsnorm(bufs: torch.Tensor, kc: KernelConstants, rows: int, width
     else:  # (a first choice, not tuned: about 32 fp32 values a thread)
         warps = min(16, max(4, bpp * kc.BP2 // 1024))
         opts = dict(num_warps=warps, enable_fp_fusion=False, enable_reflect_ftz=False)
-    opts["I64"] = max(n_elems, lay.total + bufs.stride(0) * bufs.shape[0]) >= (1 << 31) - (1 << 24)
+    extent = src_off if table else bufs.stride(0) * n
+    orows = n * rows if each else rows
+    opts["I64"] = max(n_elems, lay.total + extent, orows * width if each else 0) >= (1 << 31) - (1 << 24)
     offs = (lay.offsets["scale"][0], lay.offsets["zp"][0], lay.offsets["ts"][0], *kc.plane_offsets(rows))
-    out = _out_values(out, rows, width, dtype, bufs.device)
-    res_out = _out_values(res_out, rows, width, dtype, bufs.device)
+    out = _out_values(out, orows, width, dtype, dev)
+    res_out = _out_values(res_out, orows, width, dtype, dev)
+    if residual is not None:
+        _out_values(residual, orows, width, residual.dtype, dev)  # (shape and contiguity)
     for what, t in (("out", out), ("res_out", res_out), ("weight", weight)):
-        _same_device(what, t, bufs.device)
+        _same_device(what, t, dev)
     eps32 = float(torch.tensor(float(eps), dtype=torch.float32))
     res = _io_view(residual) if residual is not None else out
     o, ro, w = _io_view(out), _io_view(res_out), _io_view(weight)
-    _codec_kernel[(rows,)](
-        w, bufs, bufs.stride(0), bufs, 0, res, o, 0, ro, o, value_table(kc, bufs.device),
+    if table:
+        src, stride, tab, walign = o, 0, ptrs, _walign(kc, *offs[:2], src_off)
+    else:
+        src, stride, tab, walign = bufs, bufs.stride(0), bufs, _walign(kc, *offs[:2], bufs.data_ptr(), bufs.stride(0))
+    _codec_kernel[(rows, n) if each else (rows,)](
+        w, src, stride, tab, src_off, res, o, rows * width, ro, o, value_table(kc, dev),
         rows * nblk, nblk, width, *offs,
-        SRC_BUFS=True, TABLE=False, N_SRC=bufs.shape[0], QUANT=False, SUM=True, PHASE=1, IN_KIND=_IO[weight.dtype],
-        WALIGN=_walign(kc, *offs[:2], bufs.data_ptr(), bufs.stride(0)),
+        SRC_BUFS=True, TABLE=table, N_SRC=n, QUANT=False, SUM=not each, PHASE=1, IN_KIND=_IO[weight.dtype],
+        WALIGN=walign,
         OUT_KIND=_IO[dtype], HAS_RES=residual is not None, RES_KIND=_IO[residual.dtype] if residual is not None else 0,
         WRITE_DEQ=False, DEQ_KIND=0, BPP=bpp, **kc.constexprs(), NORM=True, EPS=eps32, **opts)
     return out, res_out

@@ -157,3 +157,58 @@ def test_emits_finite_values_for_normal_rows():
     y, h = Q.dequant_sum_rmsnorm(bufs, "mxfp8_e4m3", shape, torch.float32, r, w, 1e-6)
     rms = y.float().pow(2).mean(-1).sqrt()
     assert torch.allclose(rms.cpu(), torch.ones(4), atol=1e-3) and math.isfinite(float(h.sum()))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "int5/b32/bf16+h32", "fp6_e2m3/b24/fp16", "nvfp4"])
+def test_each_buffer_alone(fmt):
+    """two_shot's last decode: buffer j alone (N = 1) with rows j of the residual and outputs
+    (``kernels.dequantize_rmsnorm(..., each=True)``) equals the reference per chunk."""
+    from lowering import kernels
+    from lowering.constants import lower
+
+    n, rows, width = 3, 2, 77
+    for dt, with_res in ((torch.bfloat16, True), (torch.float16, False), (torch.float32, True)):
+        g = torch.Generator().manual_seed(n + width)
+        bufs = torch.stack([ops.reference_quantize(adversarial(rows, width, torch.float32, seed=j) if j == 1 else
+                                                   torch.randn(rows, width, generator=g), fmt) for j in range(n)])
+        res = (torch.randn(n * rows, width, generator=g) * 4).to(dt) if with_res else None
+        w = torch.randn(width, generator=g).to(torch.bfloat16)
+        y, h = kernels.dequantize_rmsnorm(bufs.to(DEV), lower(fmt, width, DEV), rows, width, dt,
+                                          None if res is None else res.to(DEV), w.to(DEV), 1e-6, each=True)
+        for j in range(n):
+            r = None if res is None else res[j * rows:(j + 1) * rows]
+            ry, rh = ops.reference_dequant_sum_rmsnorm(bufs[j:j + 1], fmt, [rows, width], dt, r, w, 1e-6)
+            assert same_bits(h[j * rows:(j + 1) * rows].cpu(), rh), j
+            assert same_bits(y[j * rows:(j + 1) * rows].cpu(), ry), j
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (peer addresses are device pointers)")
+@pytest.mark.parametrize("fmt", ["mxfp4", "int4_b32_bf16_h32", "mxfp8_e4m3", "int8/b32/bf16"])
+def test_gpu_peer_address_rmsnorm(fmt):
+    """``dequantize_peers_rmsnorm`` over a table of ordinary device buffers: summed (gather) and
+    buffer by buffer (two_shot) equal the references."""
+    from lowering import kernels
+    from lowering.constants import lower
+
+    rows, width, n, off = 16, 256, 3, 16
+    f = qformats.Format.parse(fmt)
+    kc = lower(f, width, "cuda")
+    nb = f.nbytes((rows, width))
+    slot = -(-(off + nb) // 16) * 16
+    arena = torch.zeros(n, slot, dtype=torch.uint8, device="cuda")
+    for i in range(n):
+        arena[i, off:off + nb] = ops.reference_quantize(adversarial(rows, width, torch.bfloat16, seed=50 + i), fmt).cuda()
+    bufs = arena[:, off:off + nb]
+    ptrs = torch.tensor([arena[i].data_ptr() for i in range(n)], dtype=torch.int64, device="cuda")
+    w = torch.randn(width).to(torch.bfloat16)
+    res = torch.randn(n * rows, width).to(torch.bfloat16)
+    y, h = kernels.dequantize_peers_rmsnorm(ptrs, off, kc, rows, width, torch.bfloat16, res[:rows].cuda(), w.cuda(), 1e-5)
+    ry, rh = ops.reference_dequant_sum_rmsnorm(bufs.cpu(), fmt, [rows, width], torch.bfloat16, res[:rows], w, 1e-5)
+    assert same_bits(h.cpu(), rh) and same_bits(y.cpu(), ry)
+    y, h = kernels.dequantize_peers_rmsnorm(ptrs, off, kc, rows, width, torch.bfloat16, res.cuda(), w.cuda(), 1e-5,
+                                            summed=False)
+    for j in range(n):
+        ry, rh = ops.reference_dequant_sum_rmsnorm(bufs[j:j + 1].cpu(), fmt, [rows, width], torch.bfloat16,
+                                                   res[j * rows:(j + 1) * rows], w, 1e-5)
+        assert same_bits(h[j * rows:(j + 1) * rows].cpu(), rh) and same_bits(y[j * rows:(j + 1) * rows].cpu(), ry)

@@ -10,7 +10,10 @@ the step through four launch constexprs:
   what it wrote), else write the source (plus an optional residual) as floats.
 
 So ``quantize`` is (input, QUANT), ``dequantize`` / ``dequant_sum`` are (buffers, not QUANT) and
-``dequant_sum_requant`` is (buffers, QUANT). Use the launchers here, or better the
+``dequant_sum_requant`` is (buffers, QUANT). A fifth constexpr, ``NORM`` (off by default; off, the
+kernel compiles to exactly the code it compiled to before NORM existed), ends a decode in the
+next layer's residual add and RMSNorm: ``dequant_sum_rmsnorm`` is (buffers, not QUANT, NORM), one
+program per row, the norm defined bit for bit by ``lowering.ops.reference_rms_norm``. Use the launchers here, or better the
 ``torch.ops.qformats`` ops of :mod:`lowering.ops`, which validate inputs and fall back to the
 reference for unsupported formats. Cost on a GPU: one pass over inputs and outputs
 (per-tensor-scale formats such as nvfp4 read their input twice: a first pass finds the

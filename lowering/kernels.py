@@ -10,7 +10,10 @@ the step through four launch constexprs:
   what it wrote), else write the source (plus an optional residual) as floats.
 
 So ``quantize`` is (input, QUANT), ``dequantize`` / ``dequant_sum`` are (buffers, not QUANT) and
-``dequant_sum_requant`` is (buffers, QUANT). Use the launchers here, or better the
+``dequant_sum_requant`` is (buffers, QUANT). A fifth constexpr, ``NORM`` (off by default; off, the
+kernel compiles to exactly the code it compiled to before NORM existed), ends a decode in the
+next layer's residual add and RMSNorm: ``dequant_sum_rmsnorm`` is (buffers, not QUANT, NORM), one
+program per row, the norm defined bit for bit by ``lowering.ops.reference_rms_norm``. Use the launchers here, or better the
 ``torch.ops.qformats`` ops of :mod:`lowering.ops`, which validate inputs and fall back to the
 reference for unsupported formats. Cost on a GPU: one pass over inputs and outputs
 (per-tensor-scale formats such as nvfp4 read their input twice: a first pass finds the
@@ -678,6 +681,81 @@ def _element_codes(v, BITS: tl.constexpr, KIND: tl.constexpr, MBITS: tl.constexp
 
 
 # ------------------------------------------------------------------------------------------
+# the RMSNorm epilogue (NORM): one program per row, a fixed pairwise tree for the sum of squares
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def _row_tile(pid, nblk, width, BPP: tl.constexpr, BS: tl.constexpr, BP2: tl.constexpr, EVEN: tl.constexpr,
+              I64: tl.constexpr):
+    """NORM: the [BPP, BP2] tile of row ``pid``: its ``nblk`` blocks in the first BPP >= nblk
+    block slots (the rest masked), as :func:`_tile` returns them, plus each lane's column."""
+    if I64:
+        row = pid.to(tl.int64)
+    else:
+        row = pid
+    j = tl.arange(0, BPP)
+    blk = row * nblk + j
+    bmask = j < nblk
+    lane = tl.arange(0, BP2)
+    cols = (j * BS)[:, None] + lane[None, :]
+    if EVEN:
+        offs = blk[:, None] * BS + lane[None, :]
+        inb = bmask[:, None] & (lane < BP2)[None, :]
+        valid = inb
+    else:
+        inb = bmask[:, None] & (lane < BS)[None, :]
+        valid = inb & (cols < width)
+        offs = row * width + cols
+    return blk, bmask, inb, valid, offs, cols
+
+
+@triton.jit
+def _as_stored(y, KIND: tl.constexpr, GPU: tl.constexpr):
+    """fp32 ``y`` rounded to KIND (half to even) and widened back: the value :func:`_store_f32`
+    stores (callers saturate first). NaN stays NaN (its payload is not part of the contract)."""
+    if KIND == _F32IO:
+        return y
+    elif KIND == _BF16IO:
+        if GPU:
+            return y.to(tl.bfloat16).to(tl.float32)
+        else:
+            b = y.to(tl.int32, bitcast=True)
+            r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+            r = tl.where((b & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
+            return (r << 16).to(tl.float32, bitcast=True)
+    else:
+        return y.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _tree_sum(v, N: tl.constexpr):
+    """Sum of the N (a power of two) fp32 values of ``v`` [N] as a [1] tensor, by the fixed
+    pairwise tree of ``lowering.ops.tree_sum``: each stage adds adjacent pairs (v[2i] + v[2i+1],
+    one fp32 addition each, so the result does not depend on how Triton reduces a pair)."""
+    for s in tl.static_range(31):
+        if (N >> s) > 1:
+            v = tl.sum(tl.reshape(v, (N >> (s + 1), 2)), axis=1)
+    return v
+
+
+@triton.jit
+def _rms_epilogue(x, valid, offs, cols, width, w_ptr, out_ptr, res_out_ptr, W_KIND: tl.constexpr,
+                  OUT_KIND: tl.constexpr, EPS: tl.constexpr, BPP: tl.constexpr, BP2: tl.constexpr,
+                  GPU: tl.constexpr):
+    """Store the new residual ``x`` (fp32 [BPP, BP2], one whole row, already saturated for
+    OUT_KIND) and its RMSNorm ``(h * (1 / sqrt(ss / width + EPS))) * w`` (h: x as stored; ss:
+    :func:`_tree_sum` of h * h over the tile, zeros in masked lanes; IEEE sqrt and divisions),
+    saturated and rounded to OUT_KIND (``lowering.ops.reference_rms_norm``)."""
+    _store_f32(res_out_ptr, offs, x, valid, OUT_KIND, GPU)
+    h = tl.where(valid, _as_stored(x, OUT_KIND, GPU), 0.0)
+    ss = _tree_sum(tl.reshape(h * h, (BPP * BP2,)), BPP * BP2)
+    var = _div(ss, tl.full((1,), 1.0, tl.float32) * width.to(tl.float32), GPU)
+    r = _div(tl.full((1,), 1.0, tl.float32), tl.sqrt_rn(var + EPS), GPU)
+    w = _load_f32(w_ptr, cols, valid, W_KIND, GPU)
+    y = (h * r[:, None]) * w
+    _store_f32(out_ptr, offs, _saturating(y, OUT_KIND), valid, OUT_KIND, GPU)
+
+
+# ------------------------------------------------------------------------------------------
 # the kernel
 # ------------------------------------------------------------------------------------------
 @triton.jit
@@ -697,7 +775,7 @@ def _codec_kernel(
     S_INV_STEP_HI: tl.constexpr, S_INV_STEP_LO: tl.constexpr,
     BS: tl.constexpr, BP2: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     ROT: tl.constexpr, GPU: tl.constexpr, DECODE: tl.constexpr, FP8_HW: tl.constexpr,
-    FP8: tl.constexpr,
+    FP8: tl.constexpr, NORM: tl.constexpr = False, EPS: tl.constexpr = 0.0,
 ):
     """One codec step over BPP blocks per program (see the module docstring).
 
@@ -706,7 +784,13 @@ def _codec_kernel(
     QUANT: quantise it into ``out`` (PHASE 0 only folds the finite absmax into ``amax_ptr``:
     pass 1 of a per-tensor scale), writing its decode to ``deq`` with WRITE_DEQ. Else store it
     as OUT_KIND floats; with SRC_BUFS and not SUM, program axis 1 picks buffer j, decoded into
-    ``out + j * out_chunk`` (an all-gather's decode: two_shot's last step)."""
+    ``out + j * out_chunk`` (an all-gather's decode: two_shot's last step).
+
+    NORM (off by default; with SRC_BUFS, not QUANT): one program per row (``BPP`` >= the
+    row's block count, a power of two); the summed (+ residual) row goes to ``deq`` as OUT_KIND
+    (the new residual) and its RMSNorm with weight ``x`` (IN_KIND) and ``EPS`` to ``out``
+    (:func:`_rms_epilogue`). Without SUM, buffer j = ``program_id(1)`` is decoded alone and its
+    residual, output and new residual are rows ``j * out_chunk`` on (two_shot's last decode)."""
     # MAXV: a bound on |element value| over every code (foreign bytes too: MX ints' -2^(N-1))
     MAXV: tl.constexpr = MAXN * 2.0
     # codes a thread holds in the float tile it quantises (16 bytes of the input): plane bytes
@@ -717,7 +801,10 @@ def _codec_kernel(
         CW: tl.constexpr = 8
     K: tl.constexpr = (BPP, BITS, SCALE, SB, ZP, TS, S_EBITS, S_MBITS, S_BIAS, S_POLICY, BS, BP2, P0, P1, P2,
                        GSCALE, DECODE, FP8, KIND, EVEN, WALIGN, MAXV, ROT)
-    blk, bmask, inb, valid, offs = _tile(tl.program_id(0), total_blocks, nblk, width, BPP, BS, BP2, EVEN, I64)
+    if NORM:
+        blk, bmask, inb, valid, offs, cols = _row_tile(tl.program_id(0), nblk, width, BPP, BS, BP2, EVEN, I64)
+    else:
+        blk, bmask, inb, valid, offs = _tile(tl.program_id(0), total_blocks, nblk, width, BPP, BS, BP2, EVEN, I64)
     if SRC_BUFS:
         x, bound = _sources(src_ptr, src_stride, ptr_table, src_off, blk, bmask, scale_off, zp_off, ts_off, pl1_off, pl2_off, lut_ptr,
                             K, TABLE, SUM, N_SRC, False)
@@ -734,13 +821,22 @@ def _codec_kernel(
             if not QUANT and not HAS_RES:
                 x = _saturating(x, OUT_KIND)
         if HAS_RES:  # (the residual's magnitude is not known per block: saturate per element)
-            x = x + _load_f32(res_ptr, offs, valid, RES_KIND, GPU)
+            if NORM and not SUM:  # buffer j's rows of the residual
+                x = x + _load_f32(res_ptr + tl.program_id(1).to(tl.int64) * out_chunk, offs, valid, RES_KIND, GPU)
+            else:
+                x = x + _load_f32(res_ptr, offs, valid, RES_KIND, GPU)
             if not QUANT:
                 x = _saturating(x, OUT_KIND)
     else:
         x = _load_f32(x_ptr, offs, valid, IN_KIND, GPU)
     if not QUANT:
-        if SUM:
+        if NORM and SUM:
+            _rms_epilogue(x, valid, offs, cols, width, x_ptr, out_ptr, deq_ptr, IN_KIND, OUT_KIND, EPS, BPP, BP2, GPU)
+        elif NORM:
+            jo = tl.program_id(1).to(tl.int64) * out_chunk
+            _rms_epilogue(x, valid, offs, cols, width, x_ptr, out_ptr + jo, deq_ptr + jo, IN_KIND, OUT_KIND, EPS, BPP,
+                          BP2, GPU)
+        elif SUM:
             _store_f32(out_ptr, offs, x, valid, OUT_KIND, GPU)
         else:
             _store_f32(out_ptr + tl.program_id(1).to(tl.int64) * out_chunk, offs, x, valid, OUT_KIND, GPU)
@@ -1012,3 +1108,74 @@ def dequantize_peers(ptrs: torch.Tensor, src_off: int, kc: KernelConstants, rows
         OUT_KIND=_IO[out.dtype], HAS_RES=False, RES_KIND=0, WRITE_DEQ=False, DEQ_KIND=0, BPP=bpp,
         **kc.constexprs(), **opts)
     return out
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def dequantize_rmsnorm(bufs: torch.Tensor, kc: KernelConstants, rows: int, width: int, dtype: torch.dtype,
+                       residual: torch.Tensor | None, weight: torch.Tensor, eps: float, *,
+                       out: torch.Tensor | None = None, res_out: torch.Tensor | None = None, each: bool = False):
+    """(RMSNorm of h, h) for h = the fp32 rank-order sum of the decodes of ``bufs`` [N, nbytes]
+    (+ ``residual``) as ``dtype`` [rows, width] (saturating), ``weight`` [width] (any float
+    dtype), ``eps`` (rounded to fp32): ``lowering.ops.reference_dequant_sum_rmsnorm``. One
+    kernel launch, one program per row (the row's sum of squares is one fixed tree).
+
+    ``each``: buffer j alone (N = 1 each) gives rows ``[j*rows, (j+1)*rows)`` of the residual
+    and of both outputs, [N*rows, width] (two_shot's decode of the all-gathered chunks)."""
+    return _rmsnorm_launch(bufs, None, 0, kc, rows, width, dtype, residual, weight, eps, out, res_out, each)
+
+
+def dequantize_peers_rmsnorm(ptrs: torch.Tensor, src_off: int, kc: KernelConstants, rows: int, width: int,
+                             dtype: torch.dtype, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, *,
+                             out: torch.Tensor | None = None, res_out: torch.Tensor | None = None,
+                             summed: bool = True):
+    """:func:`dequantize_rmsnorm` over the wire buffers at addresses ``ptrs[i] + src_off`` (as
+    :func:`dequantize_peers`; ``summed=False`` is ``each``). GPU only (device addresses)."""
+    if src_off % 16:
+        raise ValueError(f"src_off {src_off} must be a multiple of 16 bytes")
+    return _rmsnorm_launch(None, ptrs, src_off, kc, rows, width, dtype, residual, weight, eps, out, res_out,
+                           not summed)
+
+
+def _rmsnorm_launch(bufs, ptrs, src_off, kc, rows, width, dtype, residual, weight, eps, out, res_out, each):
+    if width != kc.width:
+        raise ValueError(f"constants lowered for width {kc.width}, got rows of {width}")
+    table = ptrs is not None
+    n = ptrs.numel() if table else bufs.shape[0]
+    dev = ptrs.device if table else bufs.device
+    lay = kc.layout(rows)
+    nblk = lay.nblocks
+    bpp = _next_pow2(nblk)
+    n_elems = rows * lay.padded
+    if is_interpreted():
+        opts = {}
+    else:  # (a first choice, not tuned: about 32 fp32 values a thread)
+        warps = min(16, max(4, bpp * kc.BP2 // 1024))
+        opts = dict(num_warps=warps, enable_fp_fusion=False, enable_reflect_ftz=False)
+    extent = src_off if table else bufs.stride(0) * n
+    orows = n * rows if each else rows
+    opts["I64"] = max(n_elems, lay.total + extent, orows * width if each else 0) >= (1 << 31) - (1 << 24)
+    offs = (lay.offsets["scale"][0], lay.offsets["zp"][0], lay.offsets["ts"][0], *kc.plane_offsets(rows))
+    out = _out_values(out, orows, width, dtype, dev)
+    res_out = _out_values(res_out, orows, width, dtype, dev)
+    if residual is not None:
+        _out_values(residual, orows, width, residual.dtype, dev)  # (shape and contiguity)
+    for what, t in (("out", out), ("res_out", res_out), ("weight", weight)):
+        _same_device(what, t, dev)
+    eps32 = float(torch.tensor(float(eps), dtype=torch.float32))
+    res = _io_view(residual) if residual is not None else out
+    o, ro, w = _io_view(out), _io_view(res_out), _io_view(weight)
+    if table:
+        src, stride, tab, walign = o, 0, ptrs, _walign(kc, *offs[:2], src_off)
+    else:
+        src, stride, tab, walign = bufs, bufs.stride(0), bufs, _walign(kc, *offs[:2], bufs.data_ptr(), bufs.stride(0))
+    _codec_kernel[(rows, n) if each else (rows,)](
+        w, src, stride, tab, src_off, res, o, rows * width, ro, o, value_table(kc, dev),
+        rows * nblk, nblk, width, *offs,
+        SRC_BUFS=True, TABLE=table, N_SRC=n, QUANT=False, SUM=not each, PHASE=1, IN_KIND=_IO[weight.dtype],
+        WALIGN=walign,
+        OUT_KIND=_IO[dtype], HAS_RES=residual is not None, RES_KIND=_IO[residual.dtype] if residual is not None else 0,
+        WRITE_DEQ=False, DEQ_KIND=0, BPP=bpp, **kc.constexprs(), NORM=True, EPS=eps32, **opts)
+    return out, res_out

@@ -12,6 +12,12 @@ tensor shapes, quantised along the last axis):
     in row (= rank) order one fp32 addition at a time, add ``residual`` (cast to fp32) last,
     cast to ``dtype`` (finite values saturate at its max, as every decode's cast does:
     ``qformats.codec.saturating_cast``). One kernel; the gather step of a compressed all-reduce.
+``dequant_sum_rmsnorm(bufs, fmt, shape, dtype, residual, weight, eps) -> (Tensor, Tensor)``
+    ``h = dequant_sum(bufs, fmt, shape, dtype, residual)`` (the new residual) and the RMSNorm
+    of h with ``weight`` [width] and ``eps``, both as ``dtype``: the all-reduce's decode ending in
+    the next layer's residual add and norm, one kernel (one program per row). The norm is
+    defined bit for bit by :func:`reference_rms_norm` (a fixed pairwise tree for the row's sum
+    of squares, laid out as the kernel's tile; ``1 / sqrt`` with IEEE fp32 sqrt and division).
 ``dequant_sum_requant(bufs, fmt, shape, dtype=None) -> (Tensor, Tensor)``
     the fp32 rank-order sum of the decodes, re-quantised: ``quantize(sum, fmt)`` (the sum is
     fp32). With ``dtype``, the second output is ``dequantize`` of that new buffer (the value
@@ -53,6 +59,7 @@ from .constants import lower, unsupported_reason
 __all__ = [
     "quantize", "dequantize", "dequant_sum", "dequant_sum_requant", "path",
     "reference_quantize", "reference_dequantize", "reference_dequant_sum", "reference_dequant_sum_requant",
+    "dequant_sum_rmsnorm", "reference_dequant_sum_rmsnorm", "reference_rms_norm", "tree_sum",
 ]
 
 
@@ -135,6 +142,63 @@ def reference_dequant_sum_requant(bufs: torch.Tensor, fmt, shape: List[int],
     if dtype is None:
         return buf, bufs.new_empty((0,), dtype=torch.float32)
     return buf, reference_dequantize(buf, f, shape, dtype)
+
+
+def tree_sum(v: torch.Tensor) -> torch.Tensor:
+    """Sum over the last axis (a power of two long) by the fixed pairwise tree: each stage
+    adds adjacent pairs, ``v[..., 2i] + v[..., 2i+1]`` (one addition each, in v's dtype)."""
+    n = v.shape[-1]
+    if n & (n - 1):
+        raise ValueError(f"tree_sum needs a power-of-two length, got {n}")
+    while v.shape[-1] > 1:
+        v = v[..., 0::2] + v[..., 1::2]
+    return v[..., 0]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def reference_rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float, block: int) -> torch.Tensor:
+    """RMSNorm of ``h`` (fp32/bf16/fp16, normalised over the last axis) as ``h.dtype``, the
+    definition the fused kernel is held to bit for bit. In fp32, x = h widened:
+
+    * ss: the row's x * x laid out as the kernel's tile of ``block``-sized blocks (the format's
+      ``block_for(width)``): block j of the row in slot j, each block padded with zeros to the
+      next power of two ``BP2``, the row padded with zero blocks to a power-of-two count of
+      slots; then :func:`tree_sum` over that [slots * BP2] vector. (When ``block`` is a power
+      of two dividing the width, the common case, that is the row itself, zero-padded to the
+      next power of two: the same order for every such format.)
+    * r = 1 / sqrt(ss / width + eps): eps rounded to fp32; IEEE fp32 division, sqrt, division
+      (each correctly rounded: numpy in the interpreter, div_rn / sqrt_rn on the GPU).
+    * y = (x * r) * fp32(weight), saturated to h's dtype (``saturating_cast``).
+    """
+    width = h.shape[-1]
+    x = h.reshape(-1, width).to(torch.float32)
+    rows = x.shape[0]
+    nblk = -(-width // block)
+    bp2, slots = _next_pow2(block), _next_pow2(nblk)
+    xp = torch.nn.functional.pad(x, (0, nblk * block - width)).view(rows, nblk, block)
+    tile = x.new_zeros((rows, slots, bp2))
+    tile[:, :nblk, :block] = xp
+    sq = tile * tile
+    ss = tree_sum(sq.reshape(rows, slots * bp2))
+    eps32 = torch.tensor(float(eps), dtype=torch.float32, device=x.device)
+    var = ss / torch.tensor(float(width), dtype=torch.float32, device=x.device)
+    one = torch.ones_like(var)
+    r = one / torch.sqrt(var + eps32)
+    y = (x * r[:, None]) * weight.to(torch.float32).reshape(1, width)
+    return saturating_cast(y, h.dtype).reshape(h.shape)
+
+
+def reference_dequant_sum_rmsnorm(bufs: torch.Tensor, fmt, shape: List[int], dtype: torch.dtype,
+                                  residual: Optional[torch.Tensor], weight: torch.Tensor,
+                                  eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(reference_rms_norm(h), h) for h = reference_dequant_sum(bufs, fmt, shape, dtype, residual)."""
+    f = need_format(fmt)
+    h = reference_dequant_sum(bufs, f, shape, dtype, residual)
+    width = int(shape[-1])
+    return reference_rms_norm(h, weight, eps, f.block_for(width)), h
 
 
 # ------------------------------------------------------------------------------------------
@@ -239,6 +303,47 @@ def _(bufs, fmt, shape, dtype=None):
         return buf, bufs.new_empty((0,), dtype=torch.float32)
     _check_dtype(dtype)
     return buf, bufs.new_empty(list(shape), dtype=dtype)
+
+
+def _check_norm_args(bufs, f, shape, dtype, residual, weight):
+    _check_dtype(dtype)
+    _check_bufs(bufs, f, shape, two_d=True)
+    if residual is not None:
+        if list(residual.shape) != [int(d) for d in shape] or residual.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"residual must have shape {list(shape)} and a float dtype, got "
+                             f"{tuple(residual.shape)} {residual.dtype}")
+        if residual.device != bufs.device:
+            raise ValueError(f"residual is on {residual.device}, buffers on {bufs.device}")
+    if list(weight.shape) != [int(shape[-1])] or weight.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"weight must be a float tensor of shape [{int(shape[-1])}], got "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    if weight.device != bufs.device:
+        raise ValueError(f"weight is on {weight.device}, buffers on {bufs.device}")
+
+
+@torch.library.custom_op("qformats::dequant_sum_rmsnorm", mutates_args=())
+def dequant_sum_rmsnorm(bufs: torch.Tensor, fmt: str, shape: List[int], dtype: torch.dtype,
+                        residual: Optional[torch.Tensor], weight: torch.Tensor,
+                        eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(h) * weight, h) for h = ``dequant_sum(bufs, fmt, shape, dtype, residual)``, both
+    ``dtype`` (:func:`reference_rms_norm` defines the norm bit for bit). Cost on GPU: one read
+    of every buffer, the residual and the weight; two writes."""
+    f = need_format(fmt)
+    _check_norm_args(bufs, f, shape, dtype, residual, weight)
+    if not _kernel_ok(f, bufs.device):
+        return reference_dequant_sum_rmsnorm(bufs, f, shape, dtype, residual, weight, eps)
+    rows, width = _rows_width(shape)
+    res = residual.reshape(rows, width).contiguous() if residual is not None else None
+    y, h = kernels.dequantize_rmsnorm(bufs.contiguous(), lower(f, width, bufs.device), rows, width, dtype, res,
+                                      weight.contiguous(), eps)
+    return y.reshape(shape), h.reshape(shape)
+
+
+@dequant_sum_rmsnorm.register_fake
+def _(bufs, fmt, shape, dtype, residual, weight, eps):
+    f = need_format(fmt)
+    _check_norm_args(bufs, f, shape, dtype, residual, weight)
+    return bufs.new_empty(list(shape), dtype=dtype), bufs.new_empty(list(shape), dtype=dtype)
 
 
 class LoweredCodec:

@@ -32,7 +32,8 @@ from .collectives import (
     wire_algorithm,
 )
 
-__all__ = ["emulate_all_gather", "emulate_all_reduce", "emulate_reduce_scatter", "plain_sum", "predicted_error"]
+__all__ = ["emulate_all_gather", "emulate_all_reduce", "emulate_all_reduce_rmsnorm", "emulate_reduce_scatter",
+           "plain_sum", "predicted_error"]
 
 
 def _check_shards(shards: Sequence[torch.Tensor], fmt) -> list[torch.Tensor]:
@@ -131,6 +132,70 @@ def _compressed_all_reduce(shards, fmt, algorithm: str, codec, world: int, secon
         red = reduce_chunk(codec, bufs, fmt, second, cshape)
         out.append(codec.decode(red, second, cshape))
     return merge_rows(torch.stack(out), pad, x.shape, x.dtype)
+
+
+def emulate_all_reduce_rmsnorm(
+    shards: Sequence[torch.Tensor],
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    fmt=None,
+    algorithm: str = "gather",
+    min_bytes: int = 0,
+    *,
+    second_fmt=None,
+    codec=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normed, h): a compressed all-reduce whose last decode ends in the next layer's residual
+    add and RMSNorm (``torch.ops.qformats.dequant_sum_rmsnorm``), as every rank gets it.
+
+    Compressed: h is the fp32 sum of the last decode (gather: the rank-order sum of the W
+    buffers; two_shot: each chunk's reduced buffer, in ``second_fmt``) plus ``residual``, cast
+    once to the shards' dtype (saturating); ``normed`` is
+    :func:`lowering.ops.reference_rms_norm` of h with the last decode's block size: bit for bit
+    what the fused op computes from those buffers. Not compressed (``fmt=None`` or below
+    ``min_bytes``): h = plain sum + residual in the shards' dtype (the unfused arithmetic) and
+    the norm with the row as one block. Inference only (no gradient).
+    """
+    from lowering.ops import reference_rms_norm
+
+    fmt = resolve_format(fmt)
+    check_algorithm(algorithm)
+    shards = _check_shards(shards, fmt)
+    world = len(shards)
+    second = second_hop(fmt, second_fmt, algorithm, world)
+    if second is not fmt:
+        _check_shards(shards, second)
+    x = shards[0]
+    width = x.shape[-1]
+    if residual.shape != x.shape or tuple(weight.shape) != (width,):
+        raise ValueError(f"residual must have the shards' shape {tuple(x.shape)} and weight [{width}], got "
+                         f"{tuple(residual.shape)} and {tuple(weight.shape)}")
+    algorithm = wire_algorithm(algorithm, world)
+    with torch.no_grad():
+        if not compresses(x, fmt, min_bytes):
+            h = plain_sum(shards) + residual
+            return reference_rms_norm(h, weight, eps, width), h
+        codec = get_codec(codec)
+        mats = [rows_view(s) for s in shards]
+        res = rows_view(residual).to(torch.float32)
+        if algorithm == "gather":
+            bufs = [codec.encode(m, fmt) for m in mats]
+            h = saturating_cast(codec.decode_sum(bufs, fmt, tuple(mats[0].shape)) + res, x.dtype).reshape(x.shape)
+            last = fmt
+        else:
+            split = [split_rows(m, world) for m in mats]
+            pad = split[0][1]
+            rsplit, _ = split_rows(res, world)
+            cshape = tuple(split[0][0].shape[1:])
+            out = []
+            for j in range(world):
+                bufs = [codec.encode(chunks[j], fmt) for chunks, _ in split]
+                red = reduce_chunk(codec, bufs, fmt, second, cshape)
+                out.append(codec.decode(red, second, cshape) + rsplit[j])
+            h = merge_rows(torch.stack(out), pad, x.shape, x.dtype)
+            last = second
+        return reference_rms_norm(h, weight, eps, last.block_for(width)), h
 
 
 def emulate_all_gather(shards: Sequence[torch.Tensor], fmt=None, *, codec=None) -> torch.Tensor:

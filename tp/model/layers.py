@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..comm.collectives import all_gather, all_reduce
-from ..comm.emulate import emulate_all_reduce
+from ..comm.collectives import compresses
+from ..comm.emulate import emulate_all_reduce, emulate_all_reduce_rmsnorm
 from ..comm.policy import CommPolicy, Site
 
 __all__ = [
@@ -249,6 +250,28 @@ class RowParallelLinear(nn.Module):
             y = (all_reduce(p, fmt, ctx.group, pol.algorithm, pol.min_bytes, second_fmt=pol.second_for(fmt))
                  if ctx.world_size > 1 else p)
         return y + self.bias if self.bias is not None else y
+
+    def forward_add_norm(self, x, residual, norm):
+        """(norm(h), h) for h = residual + self(x): the all-reduce's decode fused with the next
+        residual add and RMSNorm (``norm``: a module with ``weight`` and ``eps``) where that is
+        done today: emulated (``ctx.emulate``), a site the policy compresses, no bias. There h is
+        the fp32 sum + residual rounded once and the norm is ``lowering.ops.reference_rms_norm``
+        (:func:`tp.comm.emulate.emulate_all_reduce_rmsnorm`, bit for bit the fused op); elsewhere
+        the unfused composition, bit for bit ``norm(residual + self(x))``."""
+        ctx, pol = self.ctx, self.policy
+        if ctx.emulate and ctx.world_size > 1 and self.bias is None:
+            fmt = pol.format_for(self.call_site)
+            if fmt is not None and compresses(residual, fmt, pol.min_bytes):
+                per = self.in_features // ctx.world_size
+                partials = [F.linear(x[..., r * per:(r + 1) * per], self.weight[:, r * per:(r + 1) * per])
+                            for r in range(ctx.world_size)]
+                if self.observer is not None:
+                    for r, p in enumerate(partials):
+                        self.observer(self.site, r, p)
+                return emulate_all_reduce_rmsnorm(partials, residual, norm.weight, norm.eps, fmt, pol.algorithm,
+                                                  pol.min_bytes, second_fmt=pol.second_for(fmt))
+        h = residual + self(x)
+        return norm(h), h
 
     def extra_repr(self):
         return f"in={self.in_features} (local {self.in_local}), out={self.out_features}, site={self.site!r}"

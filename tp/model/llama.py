@@ -235,6 +235,10 @@ class Attention(nn.Module):
         self.i = i
 
     def forward(self, x, cos, sin, cache: Optional[KVCache]):
+        return self.o_proj(self.heads(x, cos, sin, cache))
+
+    def heads(self, x, cos, sin, cache: Optional[KVCache]):
+        """The attention output before ``o_proj`` (its local heads)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.nh, self.hd).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.nkv, self.hd).transpose(1, 2)
@@ -254,7 +258,7 @@ class Attention(nn.Module):
             s = k.shape[2]
             mask = torch.arange(s, device=x.device)[None, :] <= (past + torch.arange(t, device=x.device))[:, None]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.hd**-0.5)
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.nh * self.hd))
+        return o.transpose(1, 2).reshape(b, t, self.nh * self.hd)
 
 
 class MLP(nn.Module):
@@ -268,7 +272,11 @@ class MLP(nn.Module):
                                            num_layers=cfg.num_hidden_layers, **kw)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(x))
+
+    def act(self, x):
+        """The input of ``down_proj``."""
+        return F.silu(self.gate_proj(x)) * self.up_proj(x)
 
 
 class DecoderLayer(nn.Module):
@@ -282,6 +290,14 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_fused(self, n, h, cos, sin, cache, next_norm):
+        """(next_norm(h'), h') from this layer's normed input ``n`` and residual ``h``: each
+        all-reduce ends in the residual add and the following norm
+        (:meth:`RowParallelLinear.forward_add_norm`)."""
+        n, h = self.self_attn.o_proj.forward_add_norm(self.self_attn.heads(n, cos, sin, cache), h,
+                                                      self.post_attention_layernorm)
+        return self.mlp.down_proj.forward_add_norm(self.mlp.act(n), h, next_norm)
 
 
 class _Backbone(nn.Module):
@@ -301,9 +317,12 @@ class TPLlama(nn.Module):
     """
 
     def __init__(self, cfg: LlamaConfig, ctx: Optional[TPContext] = None, policy: Optional[CommPolicy] = None,
-                 dtype=torch.float32, device=None):
+                 dtype=torch.float32, device=None, fuse_norm: bool = False):
         super().__init__()
         ctx = ctx or TPContext.from_group()
+        # fuse_norm: each row-parallel all-reduce ends in the residual add and the next RMSNorm
+        # (emulated compressed sites: the fused op's arithmetic; elsewhere unchanged bits)
+        self.fuse_norm = fuse_norm
         check_tp_size(cfg, ctx.world_size)
         self.cfg, self.ctx = cfg, ctx
         policy = policy or CommPolicy()
@@ -345,9 +364,17 @@ class TPLlama(nn.Module):
         freqs = pos[:, None] * rope_inv_freq(self.cfg).to(pos.device)[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, cache)
-        logits = self.lm_head(self.model.norm(x))
+        if self.fuse_norm:
+            layers = self.model.layers
+            n = layers[0].input_layernorm(x)
+            for i, layer in enumerate(layers):
+                nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+                n, x = layer.forward_fused(n, x, cos, sin, cache, nxt)
+            logits = self.lm_head(n)
+        else:
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, cache)
+            logits = self.lm_head(self.model.norm(x))
         return logits[..., : self.cfg.vocab_size]
 
 

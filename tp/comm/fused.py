@@ -425,12 +425,16 @@ class FusedAllReduce:
         try:
             if symm_mem.get_signal_pad_size() < pad_need:
                 symm_mem.set_signal_pad_size(pad_need)
-        except Exception:  # older torch: fixed pad size, large enough
+        except AttributeError:  # older torch has no get/set_signal_pad_size: its fixed pad is large enough
             pass
+        except RuntimeError as e:  # torch fixes the size at the first allocation: a smaller pad would overflow
+            raise RuntimeError(f"FusedAllReduce needs a symmetric-memory signal pad of {pad_need} bytes at "
+                               f"{self.world} ranks and torch could not grow it ({e}); create the FusedAllReduce "
+                               f"of the largest group first") from e
         group_name = self.group.group_name
         try:
             symm_mem.enable_symm_mem_for_group(group_name)
-        except Exception:
+        except AttributeError:  # newer torch: removed, every group is enabled
             pass
         self._buf = symm_mem.empty(self.capacity, dtype=torch.uint8, device=self.device)
         self._handle = symm_mem.rendezvous(self._buf, group_name)
@@ -520,9 +524,12 @@ class FusedAllReduce:
         self.close()
 
 
-def shutdown(*objs, timeout_s: float = 30.0) -> None:
-    """Close ``objs`` (FusedAllReduce), barrier, destroy the process group; a watchdog exits the
-    process (code 0, output flushed) if destroy_process_group hangs (seen after symmetric memory)."""
+def shutdown(*objs, timeout_s: float = 30.0, hang_exit_code: int = 124) -> None:
+    """Close ``objs`` (FusedAllReduce), barrier, destroy the process group.
+
+    A watchdog ends the process if destroy_process_group hangs for ``timeout_s`` (seen after
+    symmetric memory): output flushed, a line on stderr, exit code ``hang_exit_code`` (124, as
+    ``timeout`` reports a hang; 0 would pass a hung teardown off as success)."""
     import sys
 
     for o in objs:
@@ -535,8 +542,9 @@ def shutdown(*objs, timeout_s: float = 30.0) -> None:
 
     def _kill():
         sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        print(f"tp.comm.fused.shutdown: destroy_process_group hung for {timeout_s} s; exiting with code "
+              f"{hang_exit_code}", file=sys.stderr, flush=True)
+        os._exit(hang_exit_code)
 
     t = threading.Timer(timeout_s, _kill)
     t.daemon = True

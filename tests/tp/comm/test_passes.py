@@ -181,7 +181,7 @@ def test_policy_errors():
         CollectivePolicy("not-a-format")
     with pytest.raises(ValueError, match="min_bytes"):
         CollectivePolicy(FMT, min_bytes=-1)
-    with pytest.raises(TypeError, match="tuple of glob patterns"):
+    with pytest.raises(TypeError, match="list of glob patterns"):
         CollectivePolicy(FMT, modules="*.down_proj")
     with pytest.raises(TypeError, match="choose must be callable"):
         CollectivePolicy(choose="mxfp4")

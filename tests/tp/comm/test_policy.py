@@ -262,3 +262,26 @@ def test_a_rule_that_matches_no_site_warns():
         warnings.simplefilter("error")  # a policy whose rules all match something: silent
         tp.TPLlama(cfg, tp.TPContext(), CommPolicy(FP4, rules=(Rule(FP8, modules=("*.down_proj",)),)))
         CommPolicy(FP4, rules=(Rule(None),)).warn_unmatched(PATHS, "here")  # a catch-all is no typo
+
+
+def test_decide_answers_format_second_hop_algorithm_and_path():
+    """CommPolicy.decide is the one decision: compress or not (size floor included), format,
+    second hop, algorithm and path (the fused window is applied there too)."""
+    from tp.comm.policy import DEFAULT_FUSED_MIN_BYTES, EAGER_FUSED_MIN_BYTES, Decision, fused_window
+
+    p = CommPolicy("mxfp4", "two_shot", second_fmt="mxfp8_e4m3")
+    d = p.decide("model.layers.0.mlp.down_proj", 1 << 20)
+    assert isinstance(d, Decision) and d.path == "nccl" and d.algorithm == "two_shot" and d.why == ""
+    assert d.fmt == tp.comm.collectives.resolve_format("mxfp4")
+    assert d.second_fmt == tp.comm.collectives.resolve_format("mxfp8_e4m3")
+    fmt, why = p.decide("x", 10)  # unpacks as the pair (format, why)
+    assert fmt is None and why == f"< {tp.DEFAULT_MIN_BYTES} B"
+    assert p.decide("x", 10).path == "plain" and p.decide("x", 10).second_fmt is None
+    f = CommPolicy("mxfp4", "fused")
+    assert f.decide("x", EAGER_FUSED_MIN_BYTES, "cuda").path == "fused"
+    assert f.decide("x", EAGER_FUSED_MIN_BYTES, "cpu").path == "nccl"
+    low = f.decide("x", DEFAULT_FUSED_MIN_BYTES, "cuda")  # eager: under the window, the plain all-reduce
+    assert low.path == "plain" and low.fmt is None and "fused window" in low.why
+    assert fused_window("mxfp4", True) == (DEFAULT_FUSED_MIN_BYTES, None)
+    with pytest.raises(ValueError, match="one-shot gather"):  # fused at W <= 3 has no second hop, even under the floor
+        CommPolicy("mxfp4", "fused", second_fmt="mxfp8_e4m3").decide("x", 10, world=2)

@@ -31,6 +31,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import torch
+
 from qformats import Format
 
 from .collectives import DEFAULT_MIN_BYTES, below_floor, check_algorithm, resolve_format, second_hop
@@ -369,8 +371,6 @@ class CommPolicy:
         if self.algorithm == "fused" and device is not None and getattr(device, "type", device) == "cuda":
             path = "fused"
             if nbytes is not None:
-                import torch
-
                 lo, hi = fused_window(f, torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
                 if below_floor(nbytes, lo) or (hi is not None and nbytes > hi):
                     return Decision(None, f"outside the fused window [{lo}, {hi}] B", None, self.algorithm, "plain")

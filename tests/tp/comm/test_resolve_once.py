@@ -58,6 +58,10 @@ def warm_all_reduce_counts(algorithm: str = "two_shot") -> dict:
     return c
 
 
+def _rank_counts(rank: int, world: int, algorithm: str) -> dict:
+    return warm_all_reduce_counts(algorithm)
+
+
 def emulated_site_counts(codec, algorithm: str, world: int) -> dict:
     fmt = dataclasses.replace(Format.parse("mxfp4"))  # an equal Format value with empty caches
     shards = [torch.randn(6, 256) for _ in range(world)]
@@ -70,6 +74,14 @@ def test_warm_two_shot_all_reduce_converts_the_format_at_most_once():
     assert warm_all_reduce_counts()["str"] <= MAX_STR
 
 
+def test_warm_two_shot_all_reduce_on_two_ranks_converts_the_format_at_most_once():
+    """On gloo ranks the wire headers name the format: that is the one conversion."""
+    from tests.tp.multirank import run_ranks
+
+    for c in run_ranks(_rank_counts, 2, "two_shot"):
+        assert c["str"] <= MAX_STR and c["layout"] == 0, c
+
+
 @pytest.mark.parametrize("codec", [ReferenceCodec(), TorchCodec(), LoweredCodec()], ids=lambda c: c.name)
 @pytest.mark.parametrize("algorithm", ["gather", "two_shot"])
 @pytest.mark.parametrize("world", [2, 4])
@@ -78,7 +90,10 @@ def test_an_emulated_site_computes_at_most_two_layouts(codec, algorithm, world):
 
 
 if __name__ == "__main__":
-    print("warm two_shot all_reduce (LoweredCodec):", warm_all_reduce_counts())
+    print("warm two_shot all_reduce (LoweredCodec), one process:", warm_all_reduce_counts())
+    from tests.tp.multirank import run_ranks
+
+    print("the same on 2 gloo ranks:", run_ranks(_rank_counts, 2, "two_shot"))
     for codec in (ReferenceCodec(), TorchCodec(), LoweredCodec()):
         for algorithm in ("gather", "two_shot"):
             for world in (2, 4):

@@ -54,7 +54,7 @@ from qformats import Format, QTensor, need_format
 from qformats.codec import SUPPORTED_DTYPES, saturating_cast
 
 from . import kernels
-from .constants import lower, unsupported_reason
+from .constants import _lower, unsupported_reason
 
 __all__ = [
     "quantize", "dequantize", "dequant_sum", "dequant_sum_requant", "path",
@@ -100,6 +100,13 @@ def path(fmt, device) -> str:
 
 def _kernel_ok(f: Format, device: torch.device) -> bool:
     return path(f, device) in ("kernel", "interpreter")
+
+
+def _lowered(fmt: str, width: int, device: torch.device):
+    """The kernel constants of the op's format string ``fmt`` (already parsed and checked by the
+    op): keyed on that string, so the op boundary is the format's only string round trip (the
+    public :func:`lowering.constants.lower` takes a Format and would print it again)."""
+    return _lower(fmt.strip(), int(width), device.type == "cuda")
 
 
 def _rows_width(shape: Sequence[int]) -> Tuple[int, int]:
@@ -213,7 +220,7 @@ def quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:
     if not _kernel_ok(f, x.device):
         return reference_quantize(x, f)
     x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
-    buf, _ = kernels.quantize(x2, lower(f, x.shape[-1], x.device))
+    buf, _ = kernels.quantize(x2, _lowered(fmt, x.shape[-1], x.device))
     return buf
 
 
@@ -233,7 +240,7 @@ def dequantize(buf: torch.Tensor, fmt: str, shape: List[int], dtype: torch.dtype
     if not _kernel_ok(f, buf.device):
         return reference_dequantize(buf, f, shape, dtype)
     rows, width = _rows_width(shape)
-    out = kernels.dequantize(buf.reshape(1, -1).contiguous(), lower(f, width, buf.device), rows, width, dtype)
+    out = kernels.dequantize(buf.reshape(1, -1).contiguous(), _lowered(fmt, width, buf.device), rows, width, dtype)
     return out.reshape(shape)
 
 
@@ -263,7 +270,7 @@ def dequant_sum(bufs: torch.Tensor, fmt: str, shape: List[int], dtype: torch.dty
         return reference_dequant_sum(bufs, f, shape, dtype, residual)
     rows, width = _rows_width(shape)
     res = residual.reshape(rows, width).contiguous() if residual is not None else None
-    out = kernels.dequantize(bufs.contiguous(), lower(f, width, bufs.device), rows, width, dtype, res)
+    out = kernels.dequantize(bufs.contiguous(), _lowered(fmt, width, bufs.device), rows, width, dtype, res)
     return out.reshape(shape)
 
 
@@ -287,7 +294,7 @@ def dequant_sum_requant(bufs: torch.Tensor, fmt: str, shape: List[int],
     if not _kernel_ok(f, bufs.device):
         return reference_dequant_sum_requant(bufs, f, shape, dtype)
     rows, width = _rows_width(shape)
-    buf, deq = kernels.quantize(None, lower(f, width, bufs.device), shape=(rows, width), bufs=bufs.contiguous(),
+    buf, deq = kernels.quantize(None, _lowered(fmt, width, bufs.device), shape=(rows, width), bufs=bufs.contiguous(),
                                 deq_dtype=dtype)
     if deq is None:
         return buf, bufs.new_empty((0,), dtype=torch.float32)
@@ -357,16 +364,33 @@ class LoweredCodec:
 
     name = "lowered"
 
+    def __init__(self):
+        self._names: dict = {}  # id(Format) -> (Format, its string): the op boundary's one conversion
+
+    def _name(self, fmt) -> str:
+        """``str(fmt)``, converted once per Format object this codec sees (the collectives resolve a
+        format once and pass that object down, so a warm call converts nothing)."""
+        if isinstance(fmt, str):
+            return fmt
+        hit = self._names.get(id(fmt))
+        if hit is not None and hit[0] is fmt:
+            return hit[1]
+        if len(self._names) >= 256:
+            self._names.clear()
+        name = str(fmt)
+        self._names[id(fmt)] = (fmt, name)  # holds fmt: its id cannot be reused while cached
+        return name
+
     def encode(self, x: torch.Tensor, fmt) -> torch.Tensor:
-        return torch.ops.qformats.quantize(x, str(fmt))
+        return torch.ops.qformats.quantize(x, self._name(fmt))
 
     def decode(self, buf: torch.Tensor, fmt, shape) -> torch.Tensor:
-        return torch.ops.qformats.dequantize(buf, str(fmt), list(shape), torch.float32)
+        return torch.ops.qformats.dequantize(buf, self._name(fmt), list(shape), torch.float32)
 
     def decode_sum(self, bufs, fmt, shape) -> torch.Tensor:
         stacked = bufs if isinstance(bufs, torch.Tensor) else torch.stack(list(bufs))
-        return torch.ops.qformats.dequant_sum(stacked, str(fmt), list(shape), torch.float32, None)
+        return torch.ops.qformats.dequant_sum(stacked, self._name(fmt), list(shape), torch.float32, None)
 
     def reduce_requant(self, bufs, fmt, shape) -> torch.Tensor:
         stacked = bufs if isinstance(bufs, torch.Tensor) else torch.stack(list(bufs))
-        return torch.ops.qformats.dequant_sum_requant(stacked, str(fmt), list(shape), None)[0]
+        return torch.ops.qformats.dequant_sum_requant(stacked, self._name(fmt), list(shape), None)[0]

@@ -2,8 +2,9 @@
 
 The kernel is memory-bound once its per-element work is small; what matters then is enough
 bytes in flight per SM (a few thousand elements per program) without spilling registers.
-``GPU_TILES`` maps the kind of step to (elements per program, warps); it was chosen by the
-sweep in ``benchmarks/codec_sweep.py`` on the device named in ``MEASURED_ON`` (the run is in
+``GPU_TILES`` maps the kind of step to (elements per program, warps); it was chosen by a
+sweep of ``benchmarks/codec_gpu.py --tile elements,warps`` (one run per tile, the command is
+in each result file's first line) on the device named in ``MEASURED_ON`` (the runs are in
 benchmarks/results/). ``QFORMATS_TILE="elements,warps"`` overrides it (for sweeps).
 
 In Triton's CPU interpreter the cost is per program instance, so there the tile is as large

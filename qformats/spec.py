@@ -258,6 +258,9 @@ def scale_element(scale: str) -> Optional[Element]:
     return scale_type(scale).element
 
 
+_LAYOUT_CACHE = 1024  # layouts kept per Format value (Format.layout)
+
+
 @dataclass(frozen=True)
 class Format:
     """A block format. Build it with :meth:`parse` or from :data:`qformats.PRESETS`.
@@ -382,8 +385,24 @@ class Format:
         return self.block if self.block else max(8, -(-q // 8) * 8)
 
     def layout(self, shape: Sequence[int]) -> "Layout":
-        """Byte layout of the wire buffer for a tensor of ``shape`` (quantised along the last dim)."""
+        """Byte layout of the wire buffer for a tensor of ``shape`` (quantised along the last dim).
+
+        Cached on the format (it is frozen): each shape is computed once per Format value, so the
+        layers below an entry point may ask again at the cost of a dict look-up."""
         shape = dims(shape)
+        cache = self._layouts
+        lay = cache.get(shape)
+        if lay is None:
+            if len(cache) >= _LAYOUT_CACHE:  # bounded: eval sees a new row count per batch
+                cache.clear()
+            lay = cache[shape] = self._compute_layout(shape)
+        return lay
+
+    @functools.cached_property
+    def _layouts(self) -> dict:
+        return {}
+
+    def _compute_layout(self, shape: tuple) -> "Layout":
         if len(shape) == 0:
             raise ValueError("a tensor with at least one dimension is expected")
         width = shape[-1]

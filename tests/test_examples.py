@@ -72,6 +72,21 @@ def _norm(line: str) -> str:
     return " ".join(line.split())
 
 
+def test_readme_grammar_is_the_spec_grammar():
+    """The format grammar is stated twice (qformats.spec's docstring, README): the first lines and
+    the options must agree, and every example README gives must parse to the preset it names."""
+    import qformats
+    from qformats import spec
+
+    block = re.search(r"^```\n(ELEMENT / BLOCK / SCALE .*?)```", README, re.S | re.M)[1]
+    head = re.search(r"^\s*(ELEMENT / BLOCK / SCALE .*)$", spec.__doc__, re.M)[1]
+    assert block.splitlines()[0] == head
+    options = re.findall(r"^\s*(\+\w+(?:\{N\}|\[\.\.\.\])?)\s", spec.__doc__, re.M)
+    assert options and all(re.search(rf"^{re.escape(o)}\s", block, re.M) for o in options), options
+    for text, name in re.findall(r"^(\S+)\s+= (\w+)", block, re.M):
+        assert qformats.Format.parse(text) == qformats.Format.parse(name), (text, name)
+
+
 def test_examples_are_known_and_named_in_readme():
     names = {p.name for p in EXAMPLES}
     assert names == set(EXPECT), names ^ set(EXPECT)

@@ -20,7 +20,7 @@ _LAZY = {
                             "get_codec", "reduce_scatter", "set_codec", "wire_bytes"),
     "tp.comm.emulate": ("emulate_all_gather", "emulate_all_reduce", "emulate_reduce_scatter", "plain_sum",
                         "predicted_error"),
-    "tp.comm.policy": ("CollectivePolicy", "CommPolicy", "Rule", "Site"),
+    "tp.comm.policy": ("CollectivePolicy", "CommPolicy", "Decision", "Rule", "Site"),
     "tp.model.layers": ("ColumnParallelLinear", "RowParallelLinear", "ShardSpec", "TPContext",
                         "VocabParallelEmbedding", "shard_specs"),
     "tp.model.llama": ("KVCache", "LlamaConfig", "TPLlama", "generate", "init_random_", "valid_tp_sizes"),

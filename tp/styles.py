@@ -3,8 +3,8 @@
 Use :class:`CompressedRowwiseParallel` where a ``torch.distributed.tensor.parallel`` model
 (torchtitan, gpt-fast-style stacks) says ``RowwiseParallel()``: the weight is sharded the same
 way (``Shard(1)``, bias replicated), but the module's partial output is summed by
-``torch.ops.qformats.all_reduce`` (:func:`tp.all_reduce` as a custom op, registered by
-:mod:`tp.compile`) instead of DTensor's ``Partial -> Replicate`` redistribute::
+``torch.ops.qformats.all_reduce`` (:func:`tp.all_reduce` as a custom op, defined in
+:mod:`tp.comm.ops`) instead of DTensor's ``Partial -> Replicate`` redistribute::
 
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
     from tp.styles import CompressedRowwiseParallel
@@ -53,7 +53,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import RowwiseParallel
 
-from .comm import compile as _registers_ops  # noqa: F401  - defines torch.ops.qformats.all_reduce
+from .comm.collectives import below_floor
+from .comm.ops import ALL_REDUCE
 from .comm.policy import CommPolicy, Site
 
 __all__ = ["CompressedRowwiseParallel", "SiteCall", "bind_sites", "reduce_partial", "style_policy"]
@@ -68,9 +69,9 @@ def reduce_partial(partial: Tensor, fmt: Optional[str], group_name: str, algorit
     ``fmt`` is set and the message is at least ``min_bytes``, else the plain functional
     all-reduce. ``second_fmt``: two_shot's second hop (None: ``fmt``). Traceable (both are graph
     nodes under ``torch.compile``)."""
-    if fmt is None or partial.numel() * partial.element_size() < min_bytes:
+    if fmt is None or below_floor(partial.numel() * partial.element_size(), min_bytes):
         return funcol.wait_tensor(funcol.all_reduce(partial, "sum", group_name))
-    return torch.ops.qformats.all_reduce(partial, fmt, group_name, algorithm, second_fmt)
+    return ALL_REDUCE(partial, fmt, group_name, algorithm, second_fmt)
 
 
 class SiteCall(NamedTuple):
@@ -83,10 +84,12 @@ class SiteCall(NamedTuple):
 
     @staticmethod
     def of(policy: CommPolicy, site: Site) -> "SiteCall":
-        f = policy.format_for(site)
-        second = policy.second_for(f)
+        """The policy's :meth:`~tp.CommPolicy.decide` at ``site`` (the size is not known yet: the
+        call applies ``min_bytes``), as the strings the op takes."""
+        d = policy.decide(site)
+        f, second = d.fmt, d.second_fmt
         return SiteCall(None if f is None else str(f), None if second is None or second == f else str(second),
-                        policy.algorithm, policy.min_bytes)
+                        d.algorithm, policy.min_bytes)
 
 
 def style_policy(fmt, algorithm: Optional[str] = None, min_bytes: Optional[int] = None, second_fmt=None) -> CommPolicy:

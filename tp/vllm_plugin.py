@@ -70,7 +70,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .comm.collectives import all_reduce, resolve_format, second_hop, wire_bytes
+from .comm.collectives import all_reduce, below_floor, resolve_format, wire_bytes
 from .comm.policy import CommPolicy, Site
 
 __all__ = [
@@ -238,7 +238,7 @@ class _Site:
         plain, sent = self.wire(x)
         self.calls += 1
         self.sent_before += plain
-        if x.numel() == 0 or x.numel() * x.element_size() < self.min_bytes:
+        if x.numel() == 0 or below_floor(x.numel() * x.element_size(), self.min_bytes):
             # vLLM's own all-reduce (its communicator reduces in place on CPU: give it a copy)
             y = self.coordinator._all_reduce_out_place(x.clone(memory_format=torch.contiguous_format))
             self.sent_after += plain
@@ -338,7 +338,8 @@ def _build_site(prefix: str, layer_tp_size: int, hidden: int, dtype) -> Optional
         return None
     policy = settings.policy
     n = _num_layers(vc.model_config)
-    fmt, _ = policy.decide(Site.of(prefix, n))
+    call_site = Site.of(prefix, n)
+    fmt = policy.decide(call_site).fmt
     if fmt is None:
         return None
     device = torch.device(getattr(vc.device_config, "device", None) or "cpu")
@@ -352,12 +353,12 @@ def _build_site(prefix: str, layer_tp_size: int, hidden: int, dtype) -> Optional
             probe_formats(policy, hidden, codec, device, dtype)
             _probed.add(key)
     try:  # two_shot's second hop, checked at this TP size ("fused" at TP <= 3 is the one-shot gather)
-        second = second_hop(fmt, policy.second_fmt, policy.algorithm, g.world_size)
+        second = policy.decide(call_site, world=g.world_size).second_fmt
         if second is not None and second != fmt:
-            resolve_format(second).layout((1, hidden))
+            second.layout((1, hidden))
     except ValueError as e:
         raise ValueError(f"{_PREFIX}{prefix}: {e}") from None
-    if policy.algorithm == "fused" and device.type == "cuda":
+    if policy.decide(call_site, device=device).path == "fused":  # the fused algorithm on CUDA
         _fused_for(g, vc, hidden, policy)
     site = _Site(prefix, fmt, second, policy.algorithm, policy.min_bytes, codec, g)
     if not _SITES:

@@ -80,6 +80,7 @@ __all__ = [
     "ReferenceCodec",
     "all_gather",
     "all_reduce",
+    "below_floor",
     "get_codec",
     "merge_rows",
     "reduce_scatter",
@@ -448,10 +449,19 @@ def _encoded(codec, x2: torch.Tensor, fmt: Format, n: Optional[int] = None) -> t
 # ---------------------------------------------------------------------------------------------
 # Public collectives
 # ---------------------------------------------------------------------------------------------
+def below_floor(nbytes: int, min_bytes: int) -> bool:
+    """The size floor, in one place: a message of ``nbytes`` under ``min_bytes`` stays plain.
+
+    :meth:`tp.CommPolicy.decide` applies it with the policy's ``min_bytes`` (every layer, style,
+    the compile pass and the vLLM plugin ask that), :func:`all_reduce` with its own argument, the
+    fused path with its measured window (:func:`tp.comm.policy.fused_window`)."""
+    return nbytes < min_bytes
+
+
 def compresses(x: torch.Tensor, fmt: Optional[Format], min_bytes: int = 0) -> bool:
     """Whether a collective of ``x`` with ``fmt`` is compressed: a format is given and the
-    message (``x.numel() * itemsize``) is at least ``min_bytes``; else it is plain."""
-    return fmt is not None and x.numel() > 0 and x.numel() * x.element_size() >= min_bytes
+    message (``x.numel() * itemsize``) is non-empty and not :func:`below_floor`; else it is plain."""
+    return fmt is not None and x.numel() > 0 and not below_floor(x.numel() * x.element_size(), min_bytes)
 
 
 def all_reduce(

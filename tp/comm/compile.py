@@ -13,7 +13,7 @@ What it does: ``torch.compile(model, fullgraph=True)`` with inductor and the gra
 :mod:`tp.comm.passes`, which replaces every ``_c10d_functional.all_reduce`` + ``wait_tensor``
 that the policy gives a format with ``torch.ops.qformats.all_reduce(x, fmt, group_name,
 algorithm[, second_fmt])`` (and, with ``all_gather=True``, ``all_gather_into_tensor`` with
-``torch.ops.qformats.all_gather``). These custom ops, registered here, run
+``torch.ops.qformats.all_gather``). These custom ops (:mod:`tp.comm.ops`) run
 :func:`tp.all_reduce` / :func:`tp.all_gather` with the installed codec, so the compiled model
 equals the eager model calling the compressed collectives explicitly, bit for bit (same codec,
 same rank-order fp32 sums). The pass is installed as an inductor option of this one compiled
@@ -62,74 +62,16 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
 from .passes import CallSite, CollectivePass, RewriteReport, compile_options, installed
 from .policy import CollectivePolicy, CommPolicy
 
-from .collectives import all_gather, all_reduce, check_algorithm, resolve_format, second_hop, wire_bytes
+from .collectives import wire_bytes
+from .ops import ALL_GATHER, ALL_REDUCE, all_gather_op, all_reduce_op, group_by_name  # noqa: F401 (old home)
 
 __all__ = [
     "CallSite", "CollectivePolicy", "collective_rows", "compile", "compile_pass", "installed", "print_collectives", "report",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# The custom ops the pass inserts
-# ---------------------------------------------------------------------------------------------
-def _group(group_name: str):
-    if not dist.is_initialized():
-        raise RuntimeError(f"qformats.all_reduce: torch.distributed is not initialised (group {group_name!r})")
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    return _resolve_process_group(group_name)
-
-
-# the plain collective is _c10d_functional's: these ops always carry a format
-_NEEDS = "qformats.all_reduce/all_gather"
-
-
-def _all_reduce_args(fmt: str, algorithm: str, second_fmt: Optional[str]) -> tuple:
-    f = resolve_format(fmt, required=_NEEDS)
-    check_algorithm(algorithm)
-    return f, algorithm, second_hop(f, second_fmt, algorithm)
-
-
-@torch.library.custom_op("qformats::all_reduce", mutates_args=())
-def all_reduce_op(x: Tensor, fmt: str, group_name: str, algorithm: str, second_fmt: Optional[str] = None) -> Tensor:
-    """``tp.all_reduce(x, fmt, group, algorithm, second_fmt=...)`` with the group by name: a
-    graph-safe op. ``second_fmt``: two_shot's second hop (None or ``fmt`` itself: the first hop's)."""
-    f, algorithm, second = _all_reduce_args(fmt, algorithm, second_fmt)
-    return all_reduce(x, f, _group(group_name), algorithm, second_fmt=second)
-
-
-@all_reduce_op.register_fake
-def _(x, fmt, group_name, algorithm, second_fmt=None):
-    _all_reduce_args(fmt, algorithm, second_fmt)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _straight_through_backward(ctx, grad):
-    return grad, None, None, None, None  # the plain all-reduce's gradient (tp.comm.collectives, Autograd)
-
-
-all_reduce_op.register_autograd(_straight_through_backward)
-
-
-@torch.library.custom_op("qformats::all_gather", mutates_args=())
-def all_gather_op(x: Tensor, fmt: str, group_size: int, group_name: str) -> Tensor:
-    """``tp.all_gather(x, fmt, group)`` (concatenation along dim 0, rank order) by group name."""
-    group = _group(group_name)
-    if dist.get_world_size(group) != group_size:
-        raise ValueError(f"qformats.all_gather: group {group_name!r} has {dist.get_world_size(group)} ranks, "
-                         f"the graph says {group_size}")
-    return all_gather(x, resolve_format(fmt, required=_NEEDS), group)
-
-
-@all_gather_op.register_fake
-def _(x, fmt, group_size, group_name):
-    resolve_format(fmt, required=_NEEDS)
-    return x.new_empty((group_size * x.shape[0],) + tuple(x.shape[1:]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,10 +82,10 @@ _passes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def compile_pass(policy) -> CollectivePass:
     """The graph pass for ``policy`` (a :class:`tp.CommPolicy` or a policy file's path) with the
-    ops above (for a custom ``torch.compile`` call or :func:`installed`); the policy's format and
-    algorithm are checked here, not at first call."""
+    ops of :mod:`tp.comm.ops` (for a custom ``torch.compile`` call or :func:`installed`); the
+    policy's format and algorithm are checked here, not at first call."""
     policy = CommPolicy.load(policy)
-    return CollectivePass(policy, torch.ops.qformats.all_reduce.default, torch.ops.qformats.all_gather.default)
+    return CollectivePass(policy, ALL_REDUCE, ALL_GATHER)
 
 
 def compile(model, policy: CommPolicy, *, fullgraph: bool = True, cudagraphs: bool = False,
@@ -213,7 +155,7 @@ def _group_size(site: CallSite) -> int:
     if site.group_size:
         return site.group_size
     try:
-        return dist.get_world_size(_group(site.group_name))
+        return dist.get_world_size(group_by_name(site.group_name))
     except Exception:  # noqa: BLE001 - a report must print even after teardown
         return 0
 

@@ -79,7 +79,8 @@ from lowering.constants import KernelConstants, lower, unsupported_reason, value
 from qformats import Format
 
 from . import collectives
-from .collectives import check_tensor, resolve_format, rows_view
+from .collectives import below_floor, check_tensor, resolve_format, rows_view
+from .policy import DEFAULT_FUSED_MIN_BYTES, EAGER_FUSED_MIN_BYTES, FUSED_MAX_BYTES, fused_window  # noqa: F401
 
 __all__ = [
     "ALIGN",
@@ -96,23 +97,8 @@ __all__ = [
     "simulate",
 ]
 
-# When the fused path pays (measured on 2xH200 NVLink by benchmarks/allreduce_gpu.py, see
-# benchmarks/results/allreduce_h200x2_*): the fused pull gather beat NCCL bf16 from 4 MiB inside a
-# CUDA graph, but only from 64 MiB in eager mode (4 Triton launches cost ~150 us of host time per
-# call), and never for uint4/b128/fp16+zp (its quantize kernel is ~2x slower) nor for mxfp8 above
-# 128 MiB. The auto policy (min_bytes=None) takes the plain all-reduce outside this window,
-# so that a call is never slower than NCCL at the measured points. Other world sizes: unmeasured.
-DEFAULT_FUSED_MIN_BYTES = 4 << 20  # inside a CUDA graph
-EAGER_FUSED_MIN_BYTES = 64 << 20  # eager (host launch overhead)
-FUSED_MAX_BYTES = {"fp8_e4m3/b32/e8m0": 128 << 20, "uint4/b128/fp16+zp": 0}
-
-
-def auto_window(fmt, capturing: bool) -> tuple[int, int | None]:
-    """(min bytes, max bytes or None) of the fused path for ``fmt`` under the auto policy."""
-    f = resolve_format(fmt)
-    lo = DEFAULT_FUSED_MIN_BYTES if capturing else EAGER_FUSED_MIN_BYTES
-    return lo, FUSED_MAX_BYTES.get(str(f)) if f is not None else None
-
+# The fused path's measured window (where it pays) is the policy's: tp.comm.policy.fused_window.
+auto_window = fused_window
 
 ALIGN = 256  # byte alignment of every wire-buffer slot inside the symmetric buffer
 SIGNAL_CHANNEL_BASE = 8  # pad channels 8.. are ours (torch's own barrier uses channel 0)
@@ -259,7 +245,7 @@ def plan(shape, dtype: torch.dtype, fmt, world: int, *, capacity: int, min_bytes
     fmt.layout((1, width))  # raises for a static format calibrated for another width
     if numel == 0:
         return other("plain", "empty tensor")
-    if numel * itemsize < min_bytes:
+    if below_floor(numel * itemsize, min_bytes):
         return other("plain", f"{numel * itemsize} bytes < min_bytes {min_bytes}")
     if max_bytes is not None and numel * itemsize > max_bytes:
         return other("plain", f"{numel * itemsize} bytes > {max_bytes}: the fused path does not pay there")
@@ -425,12 +411,16 @@ class FusedAllReduce:
         try:
             if symm_mem.get_signal_pad_size() < pad_need:
                 symm_mem.set_signal_pad_size(pad_need)
-        except Exception:  # older torch: fixed pad size, large enough
+        except AttributeError:  # older torch has no get/set_signal_pad_size: its fixed pad is large enough
             pass
+        except RuntimeError as e:  # torch fixes the size at the first allocation: a smaller pad would overflow
+            raise RuntimeError(f"FusedAllReduce needs a symmetric-memory signal pad of {pad_need} bytes at "
+                               f"{self.world} ranks and torch could not grow it ({e}); create the FusedAllReduce "
+                               f"of the largest group first") from e
         group_name = self.group.group_name
         try:
             symm_mem.enable_symm_mem_for_group(group_name)
-        except Exception:
+        except AttributeError:  # newer torch: removed, every group is enabled
             pass
         self._buf = symm_mem.empty(self.capacity, dtype=torch.uint8, device=self.device)
         self._handle = symm_mem.rendezvous(self._buf, group_name)
@@ -464,7 +454,7 @@ class FusedAllReduce:
             if self.world > 1 and not capturing:  # first sight of this call: do all ranks make it? (docstring)
                 collectives._validate_across_ranks(x, fmt, "all_reduce", "fused", self.group, self.world, second)
             if self.min_bytes is None:
-                lo, hi = auto_window(fmt, capturing)
+                lo, hi = fused_window(fmt, capturing)
             else:
                 lo, hi = self.min_bytes, None
             p = self._plans[key] = plan(x.shape, x.dtype, fmt, self.world, capacity=self.capacity,
@@ -520,9 +510,12 @@ class FusedAllReduce:
         self.close()
 
 
-def shutdown(*objs, timeout_s: float = 30.0) -> None:
-    """Close ``objs`` (FusedAllReduce), barrier, destroy the process group; a watchdog exits the
-    process (code 0, output flushed) if destroy_process_group hangs (seen after symmetric memory)."""
+def shutdown(*objs, timeout_s: float = 30.0, hang_exit_code: int = 124) -> None:
+    """Close ``objs`` (FusedAllReduce), barrier, destroy the process group.
+
+    A watchdog ends the process if destroy_process_group hangs for ``timeout_s`` (seen after
+    symmetric memory): output flushed, a line on stderr, exit code ``hang_exit_code`` (124, as
+    ``timeout`` reports a hang; 0 would pass a hung teardown off as success)."""
     import sys
 
     for o in objs:
@@ -535,8 +528,9 @@ def shutdown(*objs, timeout_s: float = 30.0) -> None:
 
     def _kill():
         sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        print(f"tp.comm.fused.shutdown: destroy_process_group hung for {timeout_s} s; exiting with code "
+              f"{hang_exit_code}", file=sys.stderr, flush=True)
+        os._exit(hang_exit_code)
 
     t = threading.Timer(timeout_s, _kill)
     t.daemon = True

@@ -362,9 +362,10 @@ class CollectivePass(CustomGraphPass):
         waits = _waits(n)
         if waits is None:
             return alone("result not consumed by wait_tensor only")
-        f, why = self.policy.decide(site, before)
+        d = self.policy.decide(site, before)
+        f = d.fmt
         if f is None:
-            return alone(why)
+            return alone(d.why)
         if reduce_op != "sum":
             return alone(f"reduce op {reduce_op}")
         if dtype not in COMPRESSIBLE_DTYPES:
@@ -372,7 +373,7 @@ class CollectivePass(CustomGraphPass):
         if len(shape) == 0:
             return alone("scalar")
         fmt = str(f)
-        second = self.policy.second_for(f) if op == "all_reduce" else f
+        second = d.second_fmt if op == "all_reduce" else f
         try:
             f.layout((1, shape[-1]))
             second.layout((1, shape[-1]))

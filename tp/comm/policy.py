@@ -8,9 +8,17 @@ that matches decides. It round-trips through JSON (:meth:`CommPolicy.to_file`,
 :meth:`CommPolicy.from_file`, :meth:`CommPolicy.from_string`), so an eval or a tuner can write
 one and ``tp.compile`` or the launcher read it back. Deciding costs a scan of the rules.
 
-The older spellings build the same value: :func:`CollectivePolicy` (``tp.compile``'s
-``skip_first``/``skip_last``/``modules``) and ``tp.hf.Policy`` (``sites="attn"``,
-``layer_formats``).
+One decision: :meth:`CommPolicy.decide` (site, size, device) answers compress-or-not, the
+format, the second hop, the algorithm and the path (plain, NCCL or fused); the size floor
+(:func:`tp.comm.collectives.below_floor` of ``min_bytes``) and the fused path's measured window
+(:func:`fused_window`) are applied there. The layers, the styles, the compile pass, the
+emulator of ``tp.hf``, the vLLM plugin and the fused path ask it (or :func:`fused_window`).
+
+One constructor, :class:`CommPolicy`, and one shorthand: a format where a policy is expected
+(``tp.styles.style_policy``: every call compressed, no size floor). The other spellings are
+functions that return a CommPolicy: :func:`CollectivePolicy` (``tp.compile``'s
+``skip_first``/``skip_last``/``modules``), ``tp.hf.Policy`` (``sites="attn"``,
+``layer_formats``) and ``Calibration.policy`` (a calibration's sites).
 """
 from __future__ import annotations
 
@@ -23,12 +31,32 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import torch
+
 from qformats import Format
 
-from .collectives import DEFAULT_MIN_BYTES, check_algorithm, resolve_format, second_hop
+from .collectives import DEFAULT_MIN_BYTES, below_floor, check_algorithm, resolve_format, second_hop
 
-__all__ = ["ATTN_OUTPUTS", "MLP_OUTPUTS", "SITE_KINDS", "CollectivePolicy", "CommPolicy", "PolicyError", "Rule", "Site",
-           "skip_ends"]
+__all__ = ["ATTN_OUTPUTS", "MLP_OUTPUTS", "SITE_KINDS", "CollectivePolicy", "CommPolicy", "Decision", "PolicyError",
+           "Rule", "Site", "fused_window", "skip_ends"]
+
+# When the fused path pays (measured on 2xH200 NVLink by benchmarks/allreduce_gpu.py, see
+# benchmarks/results/allreduce_h200x2_*): the fused pull gather beat NCCL bf16 from 4 MiB inside a
+# CUDA graph, but only from 64 MiB in eager mode (4 Triton launches cost ~150 us of host time per
+# call), and never for uint4/b128/fp16+zp (its quantize kernel is ~2x slower) nor for mxfp8 above
+# 128 MiB. The auto window (a FusedAllReduce with min_bytes=None, and CommPolicy.decide's "fused"
+# path) takes the plain all-reduce outside it, so that a call is never slower than NCCL at the
+# measured points. Other world sizes: unmeasured.
+DEFAULT_FUSED_MIN_BYTES = 4 << 20  # inside a CUDA graph
+EAGER_FUSED_MIN_BYTES = 64 << 20  # eager (host launch overhead)
+FUSED_MAX_BYTES = {"fp8_e4m3/b32/e8m0": 128 << 20, "uint4/b128/fp16+zp": 0}
+
+
+def fused_window(fmt, capturing: bool) -> tuple[int, int | None]:
+    """(min bytes, max bytes or None) in which the fused path pays for ``fmt`` (the auto window)."""
+    f = resolve_format(fmt)
+    lo = DEFAULT_FUSED_MIN_BYTES if capturing else EAGER_FUSED_MIN_BYTES
+    return lo, FUSED_MAX_BYTES.get(str(f)) if f is not None else None
 
 SITE_KINDS = ("attn", "mlp")
 _FILE_KIND = "qformats-tp-policy"
@@ -103,6 +131,28 @@ class Site:
         """The site of a module path: the layer is its first integer component, the kind is read
         off its last names (:data:`ATTN_OUTPUTS`, :data:`MLP_OUTPUTS`)."""
         return Site(module, _layer_of(module), num_layers, _kind_of(module), op)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one collective does, as :meth:`CommPolicy.decide` answers it.
+
+    ``fmt``: the (first-hop) format, None where the call stays plain; ``why``: the reason it stays
+    plain (``""`` when compressed); ``second_fmt``: two_shot's second-hop format (``fmt`` when it
+    has none of its own; None when plain); ``algorithm``: the policy's; ``path``: ``"plain"``
+    (the backend's all-reduce), ``"nccl"`` (the compressed collective over the backend) or
+    ``"fused"`` (the symmetric-memory kernels, inside their measured window on CUDA).
+    Unpacks as the pair ``fmt, why = policy.decide(site)``.
+    """
+
+    fmt: Optional[Format] = None
+    why: str = ""
+    second_fmt: Optional[Format] = None
+    algorithm: str = "gather"
+    path: str = "plain"
+
+    def __iter__(self):
+        return iter((self.fmt, self.why))
 
 
 class PolicyError(ValueError, TypeError):
@@ -294,11 +344,39 @@ class CommPolicy:
             raise TypeError(f"choose must be callable (Site -> format or None), got {type(self.choose).__name__}")
 
     # -- deciding ------------------------------------------------------------------------------
-    def decide(self, site, nbytes: Optional[int] = None) -> tuple:
-        """``(format, "")`` where ``site`` is compressed, ``(None, why)`` where it stays plain.
+    def decide(self, site, nbytes: Optional[int] = None, device=None, world: Optional[int] = None) -> Decision:
+        """The one decision: whether the collective at ``site`` is compressed, with which format and
+        second hop, by which algorithm and path (:class:`Decision`).
 
-        ``site``: a :class:`Site` or a module path; ``nbytes``: the message size when known
-        (else the size floor is left to the collective, which gets ``min_bytes``)."""
+        ``site``: a :class:`Site` or a module path; ``nbytes``: the message size when known (else
+        the size floor is left to the collective, which gets ``min_bytes``); ``device`` (a
+        torch.device or its type), when given, decides the path: ``"fused"`` for the fused
+        algorithm on CUDA inside :func:`fused_window` (outside it: plain, as a ``FusedAllReduce``
+        with ``min_bytes=None`` does), else ``"nccl"``; ``world``, when known,
+        resolves ``"fused"``'s second hop as :func:`tp.comm.collectives.second_hop` does.
+
+        The ladder, in order: ``choose``; all-gathers stay plain unless ``all_gather``; messages
+        under ``min_bytes`` stay plain (:func:`tp.comm.collectives.below_floor`); the first
+        matching rule's format; ``fmt``. Costs a scan of the rules: callers on a hot path keep the
+        answer per site (and size)."""
+        f, why = self._format_at(site, nbytes)
+        if f is None:
+            if world is not None and nbytes is not None and below_floor(nbytes, self.min_bytes):
+                g = self._format_at(site, None)[0]  # under the floor the call is plain, but a second hop
+                if g is not None:  # that cannot apply at this world size is still refused, as tp.all_reduce does
+                    second_hop(g, self.second_fmt, self.algorithm, world)
+            return Decision(None, why, None, self.algorithm, "plain")
+        second = second_hop(f, self.second_fmt, self.algorithm, world)
+        path = "nccl"
+        if self.algorithm == "fused" and device is not None and getattr(device, "type", device) == "cuda":
+            path = "fused"
+            if nbytes is not None:
+                lo, hi = fused_window(f, torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+                if below_floor(nbytes, lo) or (hi is not None and nbytes > hi):
+                    return Decision(None, f"outside the fused window [{lo}, {hi}] B", None, self.algorithm, "plain")
+        return Decision(f, "", second, self.algorithm, path)
+
+    def _format_at(self, site, nbytes: Optional[int]) -> tuple:
         if isinstance(site, str):
             site = Site.of(site)
         if self.choose is not None:
@@ -309,7 +387,7 @@ class CommPolicy:
             return (f, "") if f is not None else (None, "policy.choose")
         if site.op == "all_gather" and not self.all_gather:
             return None, "all_gather off"
-        if nbytes is not None and nbytes < self.min_bytes:
+        if nbytes is not None and below_floor(nbytes, self.min_bytes):
             return None, f"< {self.min_bytes} B"
         for r in self.rules:
             if r.matches(site):
@@ -318,7 +396,7 @@ class CommPolicy:
 
     def format_for(self, site) -> Optional[Format]:
         """The format of the collective at ``site`` (a :class:`Site` or module path); None: plain."""
-        return self.decide(site)[0]
+        return self._format_at(site, None)[0]
 
     def second_for(self, fmt: Optional[Format], algorithm: Optional[str] = None) -> Optional[Format]:
         """The second-hop format of an all-reduce this policy compresses with ``fmt`` under

@@ -172,8 +172,8 @@ class CollectiveCount:
     def _hook(self, mod: RowParallelLinear, _inp, out: torch.Tensor) -> None:
         if not self.enabled or mod.ctx.world_size == 1:  # world 1: nothing is communicated
             return
-        fmt = mod.policy.format_for(mod.call_site)
-        if compresses(out, fmt, mod.policy.min_bytes):  # out has the partial's shape and dtype
+        fmt = mod.decision(out.numel() * out.element_size()).fmt  # out has the partial's shape and dtype
+        if compresses(out, fmt):
             self.compressed += 1
             self.formats.add(str(fmt))
         else:

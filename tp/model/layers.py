@@ -29,9 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..comm.collectives import all_gather, all_reduce
-from ..comm.collectives import compresses
 from ..comm.emulate import emulate_all_reduce, emulate_all_reduce_rmsnorm
-from ..comm.policy import CommPolicy, Site
+from ..comm.policy import CommPolicy, Decision, Site
 
 __all__ = [
     "ColumnParallelLinear",
@@ -225,6 +224,7 @@ class RowParallelLinear(nn.Module):
         self.ctx, self.in_features, self.out_features, self.site = ctx, in_features, out_features, site
         self.call_site = Site.of(site, num_layers)
         self.policy = policy or UNCOMPRESSED
+        self._decisions: dict = {}
         self.observer: Optional[Callable] = None
         if ctx.world_size > 1:
             ctx.split(in_features, f"{site or 'RowParallelLinear'} in_features")
@@ -235,20 +235,35 @@ class RowParallelLinear(nn.Module):
     def shard_specs(self):
         return {"weight": _cut(self.ctx, self.in_features, 1), "bias": None}
 
+    def decision(self, nbytes: int) -> Decision:
+        """The policy's :class:`tp.Decision` for this layer's all-reduce of ``nbytes``, kept per
+        size (a policy assigned later starts a new cache)."""
+        if type(nbytes) is not int:  # a symbolic size (torch.compile, dynamic shapes): no cache key
+            return self.policy.decide(self.call_site, nbytes, world=self.ctx.world_size)
+        cache = self._decisions
+        if cache.get("policy") is not self.policy or len(cache) > 256:
+            cache.clear()
+            cache["policy"] = self.policy
+        d = cache.get(nbytes)
+        if d is None:
+            d = cache[nbytes] = self.policy.decide(self.call_site, nbytes, world=self.ctx.world_size)
+        return d
+
     def forward(self, x):
-        ctx, pol = self.ctx, self.policy
-        fmt = pol.format_for(self.call_site) if ctx.world_size > 1 else None
+        ctx = self.ctx
+        d = None
+        if ctx.world_size > 1:  # the partial is [..., out_features] in x's dtype
+            d = self.decision(math.prod(x.shape[:-1]) * self.out_features * x.element_size())
         if ctx.emulate and ctx.world_size > 1:
             per = self.in_features // ctx.world_size
             bounds = [(r * per, (r + 1) * per) for r in range(ctx.world_size)]
-            y = emulate_row_parallel(x, self.weight, bounds, fmt, pol.algorithm, pol.min_bytes,
-                                     observer=self.observer, site=self.site, second_fmt=pol.second_for(fmt))
+            y = emulate_row_parallel(x, self.weight, bounds, d.fmt, d.algorithm, observer=self.observer,
+                                     site=self.site, second_fmt=d.second_fmt)
         else:
             p = F.linear(x, self.weight)
             if self.observer is not None:
                 self.observer(self.site, ctx.rank, p)
-            y = (all_reduce(p, fmt, ctx.group, pol.algorithm, pol.min_bytes, second_fmt=pol.second_for(fmt))
-                 if ctx.world_size > 1 else p)
+            y = all_reduce(p, d.fmt, ctx.group, d.algorithm, second_fmt=d.second_fmt) if d is not None else p
         return y + self.bias if self.bias is not None else y
 
     def forward_add_norm(self, x, residual, norm):
@@ -260,16 +275,16 @@ class RowParallelLinear(nn.Module):
         the unfused composition, bit for bit ``norm(residual + self(x))``."""
         ctx, pol = self.ctx, self.policy
         if ctx.emulate and ctx.world_size > 1 and self.bias is None:
-            fmt = pol.format_for(self.call_site)
-            if fmt is not None and compresses(residual, fmt, pol.min_bytes):
+            d = self.decision(math.prod(x.shape[:-1]) * self.out_features * x.element_size())
+            if d.fmt is not None and residual.numel() > 0:
                 per = self.in_features // ctx.world_size
                 partials = [F.linear(x[..., r * per:(r + 1) * per], self.weight[:, r * per:(r + 1) * per])
                             for r in range(ctx.world_size)]
                 if self.observer is not None:
                     for r, p in enumerate(partials):
                         self.observer(self.site, r, p)
-                return emulate_all_reduce_rmsnorm(partials, residual, norm.weight, norm.eps, fmt, pol.algorithm,
-                                                  pol.min_bytes, second_fmt=pol.second_for(fmt))
+                return emulate_all_reduce_rmsnorm(partials, residual, norm.weight, norm.eps, d.fmt, d.algorithm,
+                                                  pol.min_bytes, second_fmt=d.second_fmt)
         h = residual + self(x)
         return norm(h), h
 

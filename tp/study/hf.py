@@ -348,8 +348,9 @@ class TPEmulator:
             for n in sizes:
                 bounds.append((start, start + n * site.unit_size))
                 start += n * site.unit_size
-            fmt = policy.format_for(site)
-            plan[site.module] = (tuple(bounds), fmt, policy.second_for(fmt, algorithm))
+            d = policy.decide(site)
+            second = d.second_fmt if algorithm == d.algorithm else policy.second_for(d.fmt, algorithm)
+            plan[site.module] = (tuple(bounds), d.fmt, second)
         for name, (bounds, fmt, second) in plan.items():
             w = self.wrappers[name]
             w.bounds, w.fmt, w.second_fmt, w.algorithm = bounds, fmt, second, algorithm

@@ -33,9 +33,9 @@ def test_first_matching_rule_decides_then_the_default():
     p = CommPolicy(FP4, rules=(Rule(None, layers=(0, 1)), Rule(FP8, layers=(0, 2)), Rule(INT4, kind="mlp")))
     sites = [Site.of(m, LAYERS) for m in PATHS]
     assert _decisions(p, sites) == [None, None, FP8, FP8, FP4, INT4, FP4, INT4]
-    assert p.decide(sites[0]) == (None, "rule")
-    assert p.decide(sites[4], nbytes=10) == (None, f"< {tp.DEFAULT_MIN_BYTES} B")
-    assert CommPolicy().decide(sites[0]) == (None, "no format")
+    assert tuple(p.decide(sites[0])) == (None, "rule")
+    assert tuple(p.decide(sites[4], nbytes=10)) == (None, f"< {tp.DEFAULT_MIN_BYTES} B")
+    assert tuple(CommPolicy().decide(sites[0])) == (None, "no format")
 
 
 def test_negative_layer_ranges_count_from_the_end_and_empty_ranges_are_errors():
@@ -58,8 +58,8 @@ def test_the_old_spellings_are_the_one_policy():
         assert _decisions(p, sites) == [None, None, None, FP4, None, FP4, None, None]
     assert eval_style.min_bytes == 0 and compile_style.algorithm == "gather"
     assert CollectivePolicy("int4_b32") == CommPolicy(INT4) and hash(CollectivePolicy("int4_b32")) == hash(CommPolicy(INT4))
-    assert compile_style.decide(sites[2]) == (None, "module not selected")
-    assert compile_style.decide(sites[1]) == (None, "first/last skipped")
+    assert tuple(compile_style.decide(sites[2])) == (None, "module not selected")
+    assert tuple(compile_style.decide(sites[1])) == (None, "first/last skipped")
 
 
 def test_one_policy_decides_alike_in_the_tp_layers_the_hf_emulation_and_the_compile_pass():
@@ -262,3 +262,26 @@ def test_a_rule_that_matches_no_site_warns():
         warnings.simplefilter("error")  # a policy whose rules all match something: silent
         tp.TPLlama(cfg, tp.TPContext(), CommPolicy(FP4, rules=(Rule(FP8, modules=("*.down_proj",)),)))
         CommPolicy(FP4, rules=(Rule(None),)).warn_unmatched(PATHS, "here")  # a catch-all is no typo
+
+
+def test_decide_answers_format_second_hop_algorithm_and_path():
+    """CommPolicy.decide is the one decision: compress or not (size floor included), format,
+    second hop, algorithm and path (the fused window is applied there too)."""
+    from tp.comm.policy import DEFAULT_FUSED_MIN_BYTES, EAGER_FUSED_MIN_BYTES, Decision, fused_window
+
+    p = CommPolicy("mxfp4", "two_shot", second_fmt="mxfp8_e4m3")
+    d = p.decide("model.layers.0.mlp.down_proj", 1 << 20)
+    assert isinstance(d, Decision) and d.path == "nccl" and d.algorithm == "two_shot" and d.why == ""
+    assert d.fmt == tp.comm.collectives.resolve_format("mxfp4")
+    assert d.second_fmt == tp.comm.collectives.resolve_format("mxfp8_e4m3")
+    fmt, why = p.decide("x", 10)  # unpacks as the pair (format, why)
+    assert fmt is None and why == f"< {tp.DEFAULT_MIN_BYTES} B"
+    assert p.decide("x", 10).path == "plain" and p.decide("x", 10).second_fmt is None
+    f = CommPolicy("mxfp4", "fused")
+    assert f.decide("x", EAGER_FUSED_MIN_BYTES, "cuda").path == "fused"
+    assert f.decide("x", EAGER_FUSED_MIN_BYTES, "cpu").path == "nccl"
+    low = f.decide("x", DEFAULT_FUSED_MIN_BYTES, "cuda")  # eager: under the window, the plain all-reduce
+    assert low.path == "plain" and low.fmt is None and "fused window" in low.why
+    assert fused_window("mxfp4", True) == (DEFAULT_FUSED_MIN_BYTES, None)
+    with pytest.raises(ValueError, match="one-shot gather"):  # fused at W <= 3 has no second hop, even under the floor
+        CommPolicy("mxfp4", "fused", second_fmt="mxfp8_e4m3").decide("x", 10, world=2)

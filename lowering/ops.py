@@ -341,7 +341,7 @@ def dequant_sum_rmsnorm(bufs: torch.Tensor, fmt: str, shape: List[int], dtype: t
         return reference_dequant_sum_rmsnorm(bufs, f, shape, dtype, residual, weight, eps)
     rows, width = _rows_width(shape)
     res = residual.reshape(rows, width).contiguous() if residual is not None else None
-    y, h = kernels.dequantize_rmsnorm(bufs.contiguous(), lower(f, width, bufs.device), rows, width, dtype, res,
+    y, h = kernels.dequantize_rmsnorm(bufs.contiguous(), _lowered(fmt, width, bufs.device), rows, width, dtype, res,
                                       weight.contiguous(), eps)
     return y.reshape(shape), h.reshape(shape)
 

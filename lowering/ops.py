@@ -193,7 +193,10 @@ def reference_rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float, block:
     eps32 = torch.tensor(float(eps), dtype=torch.float32, device=x.device)
     var = ss / torch.tensor(float(width), dtype=torch.float32, device=x.device)
     one = torch.ones_like(var)
-    r = one / torch.sqrt(var + eps32)
+    # sqrt through fp64: torch's vectorised fp32 sqrt on CPU (AVX-512, torch 2.13) is not always
+    # correctly rounded (1 ulp off for ~0.6% of inputs); fp64 sqrt rounded to fp32 is (double
+    # rounding is innocuous for sqrt), the kernel's sqrt_rn / numpy's fp32 sqrt
+    r = one / torch.sqrt((var + eps32).double()).float()
     y = (x * r[:, None]) * weight.to(torch.float32).reshape(1, width)
     return saturating_cast(y, h.dtype).reshape(h.shape)
 

@@ -17,8 +17,10 @@ import importlib as _importlib
 
 _LAZY = {
     "tp.comm.collectives": ("ALGORITHMS", "DEFAULT_MIN_BYTES", "Codec", "ReferenceCodec", "all_gather", "all_reduce",
+                            "all_reduce_rmsnorm",
                             "get_codec", "reduce_scatter", "set_codec", "wire_bytes"),
-    "tp.comm.emulate": ("emulate_all_gather", "emulate_all_reduce", "emulate_reduce_scatter", "plain_sum",
+    "tp.comm.emulate": ("emulate_all_gather", "emulate_all_reduce", "emulate_all_reduce_rmsnorm", "emulate_reduce_scatter",
+                        "plain_sum",
                         "predicted_error"),
     "tp.comm.policy": ("CollectivePolicy", "CommPolicy", "Decision", "Rule", "Site"),
     "tp.model.layers": ("ColumnParallelLinear", "RowParallelLinear", "ShardSpec", "TPContext",

@@ -80,6 +80,7 @@ __all__ = [
     "ReferenceCodec",
     "all_gather",
     "all_reduce",
+    "all_reduce_rmsnorm",
     "below_floor",
     "get_codec",
     "merge_rows",
@@ -507,40 +508,125 @@ def all_reduce(
     still applies (the result is quantise-dequantise), matching the emulator. Differentiable
     straight through (module docstring, Autograd).
     """
+    fmt, world, second = _begin_all_reduce(x, fmt, group, algorithm, second_fmt, validate, "all_reduce")
+    if not compresses(x, fmt, min_bytes):
+        return _plain_all_reduce(x, world, group)
+    if algorithm == "fused" and x.is_cuda and world > 1:
+        with torch.no_grad():
+            return straight_through(fused_for(group)(x, fmt, second_fmt=second), x)
+    codec = get_codec(codec)
+    with torch.no_grad():
+        bufs, last, shape, pad = _compressed_exchange(x, fmt, group, wire_algorithm(algorithm, world), codec, world,
+                                                      validate, second)
+        if pad is None:  # gather: the rank-order fp32 sum of the W buffers
+            y = saturating_cast(codec.decode_sum(bufs, last, shape), x.dtype).reshape(x.shape)
+        else:  # two_shot: the W reduced chunks
+            y = merge_rows(torch.stack([codec.decode(b, last, shape) for b in bufs]), pad, x.shape, x.dtype)
+    return straight_through(y, x)
+
+
+def all_reduce_rmsnorm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    fmt=None,
+    group=None,
+    algorithm: str = "gather",
+    min_bytes: int = 0,
+    *,
+    second_fmt=None,
+    codec=None,
+    validate: Optional[bool] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normed, h): :func:`all_reduce` of ``x`` whose last decode ends in the next layer's
+    residual add and RMSNorm, h = sum + ``residual`` and normed = RMSNorm(h) * ``weight``.
+
+    Same arguments, checks, wire protocol and error handling as :func:`all_reduce` (the headers
+    are those of the all-reduce: the norm is a local epilogue); ``residual`` has x's shape,
+    ``weight`` is [x.shape[-1]]. Both results are bitwise identical on every rank and equal to
+    :func:`tp.comm.emulate.emulate_all_reduce_rmsnorm` of the ranks' ``x``:
+
+    * gather: the gathered buffers go through ``torch.ops.qformats.dequant_sum_rmsnorm`` (the
+      fused decode-sum + residual + norm; one kernel on GPU).
+    * two_shot: each reduced chunk (in the second-hop format) is decoded with the epilogue on
+      its own (the op with N = 1 and that chunk's residual rows), padding rows cut.
+    * plain (``fmt=None`` or below ``min_bytes``): the unfused composition, h = the backend's
+      all-reduce + residual in x's dtype, normed = :func:`lowering.ops.reference_rms_norm` with
+      the row as one block (equal to the emulator where the backend's sum is, module docstring).
+
+    ``algorithm="fused"`` runs the NCCL-path algorithm with the same bits (:func:`wire_algorithm`;
+    the symmetric-memory path does not take the epilogue yet). The ``codec`` carries the first
+    hops; the last decode is the op's. Inference only: raises when an input requires grad.
+    """
+    from lowering.ops import reference_rms_norm  # lowering imports Triton: only when called
+
+    if not isinstance(residual, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("residual and weight must be torch.Tensors")
+    width = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else None
+    if isinstance(x, torch.Tensor) and (residual.shape != x.shape or width is None
+                                        or tuple(weight.shape) != (width,)):
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)} and weight [{width}], got "
+                         f"{tuple(residual.shape)} and {tuple(weight.shape)}")
+    for t, what in ((x, "x"), (residual, "residual"), (weight, "weight")):
+        _no_grad_needed(t, f"all_reduce_rmsnorm ({what})")
+    fmt, world, second = _begin_all_reduce(x, fmt, group, algorithm, second_fmt, validate, "all_reduce_rmsnorm")
+    with torch.no_grad():
+        if not compresses(x, fmt, min_bytes):
+            h = _plain_all_reduce(x, world, group) + residual
+            return reference_rms_norm(h, weight, eps, width), h
+        bufs, last, shape, pad = _compressed_exchange(x, fmt, group, wire_algorithm(algorithm, world),
+                                                      get_codec(codec), world, validate, second)
+        norm = torch.ops.qformats.dequant_sum_rmsnorm
+        res = rows_view(residual)
+        if pad is None:  # gather
+            y, h = norm(torch.stack(bufs), str(last), list(shape), x.dtype, res, weight, float(eps))
+            return y.reshape(x.shape), h.reshape(x.shape)
+        rchunks, _ = split_rows(res, world)
+        ys, hs = zip(*[norm(b[None], str(last), list(shape), x.dtype, rchunks[j], weight, float(eps))
+                       for j, b in enumerate(bufs)])
+        rows = res.shape[0]
+        return torch.cat(ys)[:rows].reshape(x.shape), torch.cat(hs)[:rows].reshape(x.shape)
+
+
+def _begin_all_reduce(x, fmt, group, algorithm: str, second_fmt, validate, op: str):
+    """The checks every all-reduce makes before its first message (module docstring, Errors):
+    returns (format, world size, second-hop format); with ``validate`` the per-call signature."""
     fmt = resolve_format(fmt)
     check_algorithm(algorithm)
     check_tensor(x, fmt)
-    world, rank = _world_and_rank(group)
+    world, _ = _world_and_rank(group)
     second = second_hop(fmt, second_fmt, algorithm, world)
     if second is not fmt:
         check_tensor(x, second)
     if world > 1 and _want_validate(validate):
-        _validate_across_ranks(x, fmt, "all_reduce", algorithm, group, world, second)
-    if not compresses(x, fmt, min_bytes):
-        y = x.clone(memory_format=torch.contiguous_format)  # collectives need contiguous memory
-        if world > 1:
-            dist.all_reduce(y, group=group)
-        return y
-    if algorithm == "fused" and x.is_cuda and world > 1:
-        with torch.no_grad():
-            return straight_through(fused_for(group)(x, fmt, second_fmt=second), x)
-    with torch.no_grad():
-        y = _compressed_all_reduce(x, fmt, group, wire_algorithm(algorithm, world), get_codec(codec), world, validate,
-                                   second)
-    return straight_through(y, x)
+        _validate_across_ranks(x, fmt, op, algorithm, group, world, second)
+    return fmt, world, second
 
 
-def _compressed_all_reduce(x, fmt: Format, group, algorithm: str, codec, world: int, validate,
-                           second: Optional[Format] = None) -> torch.Tensor:
+def _plain_all_reduce(x: torch.Tensor, world: int, group) -> torch.Tensor:
+    y = x.clone(memory_format=torch.contiguous_format)  # collectives need contiguous memory
+    if world > 1:
+        dist.all_reduce(y, group=group)
+    return y
+
+
+def _compressed_exchange(x, fmt: Format, group, algorithm: str, codec, world: int, validate,
+                         second: Optional[Format] = None):
+    """The data movement of a compressed all-reduce, up to its last decode, which the caller does.
+
+    Returns (bufs, fmt, shape, pad): gather: the W encodings of the whole [R, H] x in rank
+    order, ``pad`` None; two_shot: the W reduced chunks of shape [c, H] (chunk j reduced by
+    rank j, in the second-hop format) and the padding rows to cut after merging them."""
     second = fmt if second is None else second
     x2 = rows_view(x)
     if algorithm == "gather":
+        shape = tuple(x2.shape)
         if world == 1:
-            return saturating_cast(codec.decode(_encoded(codec, x2, fmt), fmt, tuple(x2.shape)), x.dtype).reshape(x.shape)
-        n = fmt.nbytes(tuple(x2.shape))
+            return [_encoded(codec, x2, fmt)], fmt, shape, None
+        n = fmt.nbytes(shape)
         ex = _exchange("gather", fmt, x, n, group, world, validate)
-        bufs = _gather_bufs(_payload(ex, n, x.device, lambda: _encoded(codec, x2, fmt)), world, group, ex)
-        return saturating_cast(codec.decode_sum(bufs, fmt, tuple(x2.shape)), x.dtype).reshape(x.shape)
+        return _gather_bufs(_payload(ex, n, x.device, lambda: _encoded(codec, x2, fmt)), world, group, ex), fmt, shape, None
     # two_shot
     chunks, pad = split_rows(x2, world)
     cshape = tuple(chunks.shape[1:])
@@ -563,8 +649,7 @@ def _compressed_all_reduce(x, fmt: Format, group, algorithm: str, codec, world: 
             ex.fail(e)
             red = torch.zeros(second.nbytes(cshape), dtype=torch.uint8, device=x.device)
     bufs = _gather_bufs(red, world, group, ex, "/reduced") if world > 1 else [red]
-    out = torch.stack([codec.decode(b, second, cshape) for b in bufs])
-    return merge_rows(out, pad, x.shape, x.dtype)
+    return bufs, second, cshape, pad
 
 
 def _check_buf(buf, fmt, shape, codec):

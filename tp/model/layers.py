@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..comm.collectives import all_gather, all_reduce
+from ..comm.collectives import all_gather, all_reduce, all_reduce_rmsnorm
 from ..comm.emulate import emulate_all_reduce, emulate_all_reduce_rmsnorm
 from ..comm.policy import CommPolicy, Decision, Site
 
@@ -268,23 +268,33 @@ class RowParallelLinear(nn.Module):
 
     def forward_add_norm(self, x, residual, norm):
         """(norm(h), h) for h = residual + self(x): the all-reduce's decode fused with the next
-        residual add and RMSNorm (``norm``: a module with ``weight`` and ``eps``) where that is
-        done today: emulated (``ctx.emulate``), a site the policy compresses, no bias. There h is
-        the fp32 sum + residual rounded once and the norm is ``lowering.ops.reference_rms_norm``
-        (:func:`tp.comm.emulate.emulate_all_reduce_rmsnorm`, bit for bit the fused op); elsewhere
-        the unfused composition, bit for bit ``norm(residual + self(x))``."""
+        residual add and RMSNorm (``norm``: a module with ``weight`` and ``eps``) at a site the
+        policy compresses, without bias, on more than one rank: emulated
+        (:func:`tp.comm.emulate.emulate_all_reduce_rmsnorm`) or on real ranks
+        (:func:`tp.comm.collectives.all_reduce_rmsnorm`, bit for bit the emulated result; the
+        NCCL-path algorithm also for ``"fused"``, which has the same bits). There h is the fp32
+        sum + residual rounded once and the norm is ``lowering.ops.reference_rms_norm`` (the fused
+        op); inference only (computed without autograd). Elsewhere the unfused composition, bit
+        for bit ``norm(residual + self(x))``."""
         ctx, pol = self.ctx, self.policy
-        if ctx.emulate and ctx.world_size > 1 and self.bias is None:
+        if ctx.world_size > 1 and self.bias is None:
             d = self.decision(math.prod(x.shape[:-1]) * self.out_features * x.element_size())
             if d.fmt is not None and residual.numel() > 0:
-                per = self.in_features // ctx.world_size
-                partials = [F.linear(x[..., r * per:(r + 1) * per], self.weight[:, r * per:(r + 1) * per])
-                            for r in range(ctx.world_size)]
-                if self.observer is not None:
-                    for r, p in enumerate(partials):
-                        self.observer(self.site, r, p)
-                return emulate_all_reduce_rmsnorm(partials, residual, norm.weight, norm.eps, d.fmt, d.algorithm,
-                                                  pol.min_bytes, second_fmt=d.second_fmt)
+                with torch.no_grad():
+                    if ctx.emulate:
+                        per = self.in_features // ctx.world_size
+                        partials = [F.linear(x[..., r * per:(r + 1) * per], self.weight[:, r * per:(r + 1) * per])
+                                    for r in range(ctx.world_size)]
+                        if self.observer is not None:
+                            for r, p in enumerate(partials):
+                                self.observer(self.site, r, p)
+                        return emulate_all_reduce_rmsnorm(partials, residual, norm.weight, norm.eps, d.fmt,
+                                                          d.algorithm, pol.min_bytes, second_fmt=d.second_fmt)
+                    p = F.linear(x, self.weight)
+                    if self.observer is not None:
+                        self.observer(self.site, ctx.rank, p)
+                    return all_reduce_rmsnorm(p, residual, norm.weight, norm.eps, d.fmt, ctx.group, d.algorithm,
+                                              pol.min_bytes, second_fmt=d.second_fmt)
         h = residual + self(x)
         return norm(h), h
 

@@ -321,7 +321,8 @@ class TPLlama(nn.Module):
         super().__init__()
         ctx = ctx or TPContext.from_group()
         # fuse_norm: each row-parallel all-reduce ends in the residual add and the next RMSNorm
-        # (emulated compressed sites: the fused op's arithmetic; elsewhere unchanged bits)
+        # (compressed sites, emulated or on real ranks: the fused op's arithmetic, bitwise the same;
+        # elsewhere unchanged bits)
         self.fuse_norm = fuse_norm
         check_tp_size(cfg, ctx.world_size)
         self.cfg, self.ctx = cfg, ctx

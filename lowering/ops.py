@@ -255,6 +255,17 @@ def _(buf, fmt, shape, dtype):
     return buf.new_empty(list(shape), dtype=dtype)
 
 
+def _check_residual(residual: Optional[torch.Tensor], shape, bufs: torch.Tensor) -> None:
+    """A residual added to a decode: ``shape``, a float dtype, on the buffers' device (or None)."""
+    if residual is None:
+        return
+    if list(residual.shape) != [int(d) for d in shape] or residual.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"residual must have shape {list(shape)} and a float dtype, got "
+                         f"{tuple(residual.shape)} {residual.dtype}")
+    if residual.device != bufs.device:
+        raise ValueError(f"residual is on {residual.device}, buffers on {bufs.device}")
+
+
 @torch.library.custom_op("qformats::dequant_sum", mutates_args=())
 def dequant_sum(bufs: torch.Tensor, fmt: str, shape: List[int], dtype: torch.dtype,
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -263,12 +274,7 @@ def dequant_sum(bufs: torch.Tensor, fmt: str, shape: List[int], dtype: torch.dty
     f = need_format(fmt)
     _check_dtype(dtype)
     _check_bufs(bufs, f, shape, two_d=True)
-    if residual is not None:
-        if list(residual.shape) != [int(d) for d in shape] or residual.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"residual must have shape {list(shape)} and a float dtype, got "
-                             f"{tuple(residual.shape)} {residual.dtype}")
-        if residual.device != bufs.device:
-            raise ValueError(f"residual is on {residual.device}, buffers on {bufs.device}")
+    _check_residual(residual, shape, bufs)
     if not _kernel_ok(f, bufs.device):
         return reference_dequant_sum(bufs, f, shape, dtype, residual)
     rows, width = _rows_width(shape)
@@ -318,12 +324,7 @@ def _(bufs, fmt, shape, dtype=None):
 def _check_norm_args(bufs, f, shape, dtype, residual, weight):
     _check_dtype(dtype)
     _check_bufs(bufs, f, shape, two_d=True)
-    if residual is not None:
-        if list(residual.shape) != [int(d) for d in shape] or residual.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"residual must have shape {list(shape)} and a float dtype, got "
-                             f"{tuple(residual.shape)} {residual.dtype}")
-        if residual.device != bufs.device:
-            raise ValueError(f"residual is on {residual.device}, buffers on {bufs.device}")
+    _check_residual(residual, shape, bufs)
     if list(weight.shape) != [int(shape[-1])] or weight.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"weight must be a float tensor of shape [{int(shape[-1])}], got "
                          f"{tuple(weight.shape)} {weight.dtype}")

@@ -83,6 +83,19 @@ def plain_sum(shards: Sequence[torch.Tensor]) -> torch.Tensor:
     return acc.to(shards[0].dtype)
 
 
+def _checked_call(shards, fmt, algorithm: str, second_fmt):
+    """(format, checked shards, world size, second-hop format) of an emulated all-reduce: the
+    checks :func:`tp.comm.collectives.all_reduce` makes, for both emulators."""
+    fmt = resolve_format(fmt)
+    check_algorithm(algorithm)
+    shards = _check_shards(shards, fmt)
+    world = len(shards)
+    second = second_hop(fmt, second_fmt, algorithm, world)
+    if second is not fmt:
+        _check_shards(shards, second)
+    return fmt, shards, world, second
+
+
 def emulate_all_reduce(
     shards: Sequence[torch.Tensor],
     fmt=None,
@@ -99,13 +112,7 @@ def emulate_all_reduce(
     for ``fmt=None`` (or below ``min_bytes``) it is :func:`plain_sum`. Differentiable
     straight through, like the distributed one: every shard gets the output's gradient.
     """
-    fmt = resolve_format(fmt)
-    check_algorithm(algorithm)
-    shards = _check_shards(shards, fmt)
-    world = len(shards)
-    second = second_hop(fmt, second_fmt, algorithm, world)
-    if second is not fmt:
-        _check_shards(shards, second)
+    fmt, shards, world, second = _checked_call(shards, fmt, algorithm, second_fmt)
     x = shards[0]
     algorithm = wire_algorithm(algorithm, world)  # "fused" computes gather / two_shot's bits
     if not compresses(x, fmt, min_bytes):
@@ -159,13 +166,7 @@ def emulate_all_reduce_rmsnorm(
     """
     from lowering.ops import reference_rms_norm
 
-    fmt = resolve_format(fmt)
-    check_algorithm(algorithm)
-    shards = _check_shards(shards, fmt)
-    world = len(shards)
-    second = second_hop(fmt, second_fmt, algorithm, world)
-    if second is not fmt:
-        _check_shards(shards, second)
+    fmt, shards, world, second = _checked_call(shards, fmt, algorithm, second_fmt)
     x = shards[0]
     width = x.shape[-1]
     if residual.shape != x.shape or tuple(weight.shape) != (width,):

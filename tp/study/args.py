@@ -356,3 +356,19 @@ def tp_list(s: str) -> list[int]:
         return [int(x) for x in csv_list(s)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 2,4,8, got {s!r}") from None
+
+
+def positive_floats(vals, what: str, noun: str) -> list:
+    """Each of ``vals`` as a finite float > 0, in order; a clear ValueError naming ``what`` (the
+    option) and ``noun`` (what its values are) for anything else."""
+    out = []
+    for x in vals:
+        try:
+            f = float(x)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}: {x!r} is not a number") from None
+        if not (math.isfinite(f) and f > 0):
+            raise ValueError(f"{what}: {noun} must be positive, got {x!r}")
+        out.append(f)
+    return out
+

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..comm.policy import CommPolicy
-from .args import POLICY_LABEL, positive_int
+from .args import POLICY_LABEL, positive_floats, positive_int
 from .hf import find_sites
 
 
@@ -100,16 +100,8 @@ def parse_time_budget(v) -> tuple:
 
 
 def _kl_budgets(v) -> tuple:
-    out = []
-    for x in _as_list(v, "--kl-budgets") if not isinstance(v, (int, float)) else [v]:
-        try:
-            f = float(x)
-        except (TypeError, ValueError):
-            raise ValueError(f"--kl-budgets: {x!r} is not a number") from None
-        if not (math.isfinite(f) and f > 0):
-            raise ValueError(f"--kl-budgets: KL budgets must be positive, got {x!r}")
-        out.append(f)
-    return tuple(sorted(set(out)))
+    vals = _as_list(v, "--kl-budgets") if not isinstance(v, (int, float)) else [v]
+    return tuple(sorted(set(positive_floats(vals, "--kl-budgets", "KL budgets"))))
 
 
 def check_time_plan(tp_: TimePlan) -> TimePlan:

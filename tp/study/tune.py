@@ -53,7 +53,7 @@ import torch
 
 from ..comm.policy import CommPolicy
 from . import eval as ev
-from .args import Calibrated, as_list, csv_list, positive_int, resolve_formats, tp_list
+from .args import Calibrated, as_list, csv_list, positive_floats, positive_int, resolve_formats, tp_list
 from .costs import (DEFAULT_KL_BUDGETS, DEFAULT_TIME_BUDGETS, DEFAULT_TOKENS_PER_STEP, PLAIN, RUN_AS, TimePlan,  # noqa: F401
                     _file_tag, budget_name, check_time_plan, group_times, nccl_forward_us, parse_time_budget,
                     pick_budgets, project, read_tuned_for, usable_seconds, write_policy)
@@ -124,15 +124,7 @@ class _TunePlan:
 
 def _floats(v, what: str) -> tuple:
     vals = as_list(v, what) if not isinstance(v, (int, float)) else [v]
-    out = []
-    for x in vals:
-        try:
-            f = float(x)
-        except (TypeError, ValueError):
-            raise ValueError(f"{what}: {x!r} is not a number") from None
-        if not (math.isfinite(f) and f > 0):
-            raise ValueError(f"{what}: bit budgets must be positive, got {x!r}")
-        out.append(f)
+    out = positive_floats(vals, what, "bit budgets")
     if not out:
         raise ValueError(f"{what}: give at least one bit budget, e.g. 4.5,5")
     return tuple(sorted(set(out)))

@@ -148,7 +148,7 @@ def p2p_gather(x, fmt):
 
 def breakdown(ar, args, dev, emit):
     """Time each kernel of the fused pull gather alone (graph replay), next to an HBM copy."""
-    from lowering import kernels as K
+    from lowering import launch as K
     from lowering.constants import lower
 
     tokens = int(args.breakdown_mib * (1 << 20)) // (2 * HIDDEN)

@@ -45,7 +45,8 @@ from triton.testing import do_bench_cudagraph
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import qformats  # noqa: E402
-from lowering import kernels as K  # noqa: E402
+from lowering import launch as K  # noqa: E402
+from lowering import kernels as KJ  # noqa: E402  (jit helpers for the division check)
 from lowering import torch_codec  # noqa: E402
 from qformats.codec import saturating_cast  # noqa: E402
 from lowering.constants import lower  # noqa: E402
@@ -161,7 +162,7 @@ def _div_check_kernel(s_ptr, x_ptr, n_x, bad_ptr, BLOCK: tl.constexpr):
         offs = start + tl.arange(0, BLOCK)
         m = offs < n_x
         x = tl.load(x_ptr + offs, mask=m, other=1.0)
-        q = K._signed_like(K._exact_quotient(x[None, :], sv, True), x[None, :])
+        q = KJ._signed_like(KJ._exact_quotient(x[None, :], sv, True), x[None, :])
         want = tl.math.div_rn(x[None, :], sv[:, None])
         # the kernels' domain: quotients that can matter, [2^-22, 2^24] (below half the finest
         # element step 2^-19 everything rounds to a zero with x's sign; above every max normal

@@ -13,7 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from lowering import kernels as K  # noqa: E402
+from lowering import launch as K  # noqa: E402
 from lowering.constants import lower  # noqa: E402
 import qformats  # noqa: E402
 

@@ -7,7 +7,7 @@ interpreter). For each format and bf16 hidden states of ``--sizes`` MiB ([rows, 
 times, with ``triton.testing.do_bench_cudagraph`` (kernel time in CUDA graphs, no host
 launch cost), for N = ``--ns`` buffers:
 
-* ``fused``: ``lowering.kernels.dequantize_rmsnorm`` (one kernel: dequant-sum of N + residual
+* ``fused``: ``lowering.launch.dequantize_rmsnorm`` (one kernel: dequant-sum of N + residual
   add + RMSNorm, writing the normed output and the new residual; preallocated outputs), and
   the same through ``torch.ops.qformats.dequant_sum_rmsnorm`` (``via=op``);
 * ``baseline``: ``dequant_sum`` of N with the residual (today's kernel) followed by
@@ -49,7 +49,7 @@ from triton.testing import do_bench_cudagraph
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import qformats  # noqa: E402
-from lowering import kernels as K  # noqa: E402
+from lowering import launch as K  # noqa: E402
 from lowering import ops, torch_codec  # noqa: E402
 from lowering.constants import lower  # noqa: E402
 from qformats.codec import saturating_cast  # noqa: E402

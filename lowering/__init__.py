@@ -5,8 +5,9 @@ dequant_sum_requant}`` (see :mod:`lowering.ops`). :mod:`lowering.codec` is the c
 collectives (the protocol and the reference codec) beside its fast implementations
 (:class:`LoweredCodec` in :mod:`lowering.ops`, ``TorchCodec`` in :mod:`lowering.torch_codec`).
 :mod:`lowering.constants` is the one place a Format becomes kernel constants;
-:mod:`lowering.kernels` holds the generic kernels; :mod:`lowering.tuning` their launch
-configurations.
+:mod:`lowering.kernels` holds the one generic kernel (its exact arithmetic in
+:mod:`lowering.kernel_math`, its tiles and wire sections in :mod:`lowering.kernel_wire`);
+:mod:`lowering.launch` its launchers and their tile table.
 """
 from . import ops  # noqa: F401  (registers the custom ops)
 from .codec import Codec, ReferenceCodec

@@ -1,8 +1,9 @@
 """The one place a :class:`qformats.Format` becomes kernel constants.
 
 :func:`lower` turns (format, row width, device) into a frozen :class:`KernelConstants`
-whose fields are exactly the ``tl.constexpr`` parameters of the generic kernels in
-:mod:`lowering.kernels`. Nothing else in ``lowering`` looks at a Format's element type,
+whose :attr:`~KernelConstants.F` (a :class:`KernelFormat`) is the one format argument of the
+generic kernel in :mod:`lowering.kernels`, read there by name; the other fields serve the host
+side (layouts, plane offsets, TorchCodec). Nothing else in ``lowering`` looks at a Format's element type,
 scale type or packing: a new preset needs no kernel change, only (at most) a new value here.
 
 Formats the kernels do not implement raise :class:`Unsupported` with the reason; the ops
@@ -14,10 +15,10 @@ Cost: a few microseconds per call (cached per format string, width and device ki
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -60,13 +61,56 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+class KernelFormat(NamedTuple):
+    """The format's constants as the kernels read them: one ``tl.constexpr`` argument ``F`` of
+    :func:`lowering.kernels._codec_kernel`, read by name (``F.BITS``) there and in every helper
+    it passes ``F`` to. Built only by :attr:`KernelConstants.F` (the fields are documented
+    there); a new constant is one field here and one value in :func:`lower`."""
+
+    KIND: int
+    BITS: int
+    MBITS: int
+    EMIN: int
+    EMAX: int
+    GSCALE: float
+    MAXMAG: int
+    SAT: float
+    MAXN: float
+    MAXV: float
+    SCALE: int
+    SB: int
+    ZP: bool
+    TS: bool
+    MAXN_TS: float
+    S_EBITS: int
+    S_MBITS: int
+    S_BIAS: int
+    S_EMIN: int
+    S_POLICY: int
+    S_MAXMAG: int
+    SNAN: int
+    S_INV_STEP_HI: float
+    S_INV_STEP_LO: float
+    BS: int
+    BP2: int
+    P0: int
+    P1: int
+    P2: int
+    EVEN: bool
+    ROT: int
+    GPU: bool
+    DECODE: int
+    FP8_HW: bool
+    FP8: int
+
+
 @dataclass(frozen=True)
 class KernelConstants:
-    """Every constexpr the generic quantize/dequantize kernels take, derived from one Format.
+    """A format lowered for rows of one width on one device kind: the kernels' format argument
+    :attr:`F` and the host-side facts, all derived from one Format.
 
-    Element: ``KIND`` (float/int/uint), ``BITS``, ``EBITS``, ``MBITS``, ``BIAS``, ``EMIN``
-    (smallest normal exponent), ``EMAX``, ``POLICY`` (NaN/Inf handling), ``GE`` (grid exponent
-    of int/uint elements) and ``GSCALE`` = 2^-GE, ``MAXMAG`` (largest finite magnitude code, or max integer code),
+    Element: ``KIND`` (float/int/uint), ``BITS``, ``MBITS``, ``EMIN`` (smallest normal
+    exponent), ``EMAX``, ``GE`` (grid exponent of int/uint elements) and ``GSCALE`` = 2^-GE, ``MAXMAG`` (largest finite magnitude code, or max integer code),
     ``SAT`` (a power of two above max normal: inputs are clamped to it before rounding),
     ``MAXN`` (max normal, an exact fp32). Scale: ``SCALE`` kind, ``SB`` bytes per scale,
     ``ZP``, ``TS`` (per-tensor fp32 scale), ``MAXN_TS`` (fp32(max_normal * e4m3's max normal)), the scale
@@ -91,12 +135,9 @@ class KernelConstants:
     width: int
     KIND: int
     BITS: int
-    EBITS: int
     MBITS: int
-    BIAS: int
     EMIN: int
     EMAX: int
-    POLICY: int
     GE: int
     GSCALE: float
     MAXMAG: int
@@ -129,13 +170,11 @@ class KernelConstants:
     FP8: int
 
     @functools.cached_property
-    def _kwargs(self) -> dict:
-        # dataclasses.asdict costs ~130 us: computed once per instance (instances are cached)
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("fmt", "width")}
-
-    def constexprs(self) -> dict:
-        """The kernel keyword arguments (everything but ``fmt`` and ``width``); do not mutate."""
-        return self._kwargs
+    def F(self) -> KernelFormat:
+        """The kernels' ``F`` argument (computed once per instance: instances are cached).
+        ``MAXV`` = 2 * ``MAXN`` bounds |element value| over every code, foreign bytes too
+        (an MX int's -2^(N-1))."""
+        return KernelFormat(MAXV=self.MAXN * 2.0, **{k: getattr(self, k) for k in KernelFormat._fields if k != "MAXV"})
 
     @property
     def code_bytes_per_block(self) -> int:
@@ -221,8 +260,7 @@ def _lower(fmt_str: str, width: int, cuda: bool) -> KernelConstants:
         decode = DECODE_TABLE
     return KernelConstants(
         fmt=str(f), width=int(width),
-        KIND=_KINDS[e.kind], BITS=e.bits, EBITS=e.ebits, MBITS=e.mbits, BIAS=e.bias, EMIN=e.emin,
-        EMAX=e.emax, POLICY=_POLICIES[e.policy] if e.kind == "float" else 0, GE=e.grid_exponent, GSCALE=math.ldexp(1.0, -e.grid_exponent),
+        KIND=_KINDS[e.kind], BITS=e.bits, MBITS=e.mbits, EMIN=e.emin, EMAX=e.emax, GE=e.grid_exponent, GSCALE=math.ldexp(1.0, -e.grid_exponent),
         MAXMAG=maxmag, SAT=sat, MAXN=float(maxn32),
         SCALE=_SCALES[f.scale], SB=scale_type(f.scale).nbytes, ZP=f.zero_point, TS=f.tensor_scale,
         MAXN_TS=maxn_ts, SNAN=_scale_nan(_SCALES[f.scale]), **s,

@@ -53,7 +53,7 @@ from qformats.codec import check_input
 from qformats import Format, QTensor, need_format
 from qformats.codec import SUPPORTED_DTYPES, saturating_cast
 
-from . import kernels
+from . import launch
 from .constants import _lower, unsupported_reason
 
 __all__ = [
@@ -95,7 +95,7 @@ def path(fmt, device) -> str:
         return f"reference: {why}"
     if torch.device(device).type == "cuda":
         return "kernel"
-    return "interpreter" if kernels.is_interpreted() else "reference: no GPU and TRITON_INTERPRET unset"
+    return "interpreter" if launch.is_interpreted() else "reference: no GPU and TRITON_INTERPRET unset"
 
 
 def _kernel_ok(f: Format, device: torch.device) -> bool:
@@ -223,7 +223,7 @@ def quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:
     if not _kernel_ok(f, x.device):
         return reference_quantize(x, f)
     x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
-    buf, _ = kernels.quantize(x2, _lowered(fmt, x.shape[-1], x.device))
+    buf, _ = launch.quantize(x2, _lowered(fmt, x.shape[-1], x.device))
     return buf
 
 
@@ -243,7 +243,7 @@ def dequantize(buf: torch.Tensor, fmt: str, shape: List[int], dtype: torch.dtype
     if not _kernel_ok(f, buf.device):
         return reference_dequantize(buf, f, shape, dtype)
     rows, width = _rows_width(shape)
-    out = kernels.dequantize(buf.reshape(1, -1).contiguous(), _lowered(fmt, width, buf.device), rows, width, dtype)
+    out = launch.dequantize(buf.reshape(1, -1).contiguous(), _lowered(fmt, width, buf.device), rows, width, dtype)
     return out.reshape(shape)
 
 
@@ -279,7 +279,7 @@ def dequant_sum(bufs: torch.Tensor, fmt: str, shape: List[int], dtype: torch.dty
         return reference_dequant_sum(bufs, f, shape, dtype, residual)
     rows, width = _rows_width(shape)
     res = residual.reshape(rows, width).contiguous() if residual is not None else None
-    out = kernels.dequantize(bufs.contiguous(), _lowered(fmt, width, bufs.device), rows, width, dtype, res)
+    out = launch.dequantize(bufs.contiguous(), _lowered(fmt, width, bufs.device), rows, width, dtype, res)
     return out.reshape(shape)
 
 
@@ -303,7 +303,7 @@ def dequant_sum_requant(bufs: torch.Tensor, fmt: str, shape: List[int],
     if not _kernel_ok(f, bufs.device):
         return reference_dequant_sum_requant(bufs, f, shape, dtype)
     rows, width = _rows_width(shape)
-    buf, deq = kernels.quantize(None, _lowered(fmt, width, bufs.device), shape=(rows, width), bufs=bufs.contiguous(),
+    buf, deq = launch.quantize(None, _lowered(fmt, width, bufs.device), shape=(rows, width), bufs=bufs.contiguous(),
                                 deq_dtype=dtype)
     if deq is None:
         return buf, bufs.new_empty((0,), dtype=torch.float32)
@@ -345,7 +345,7 @@ def dequant_sum_rmsnorm(bufs: torch.Tensor, fmt: str, shape: List[int], dtype: t
         return reference_dequant_sum_rmsnorm(bufs, f, shape, dtype, residual, weight, eps)
     rows, width = _rows_width(shape)
     res = residual.reshape(rows, width).contiguous() if residual is not None else None
-    y, h = kernels.dequantize_rmsnorm(bufs.contiguous(), _lowered(fmt, width, bufs.device), rows, width, dtype, res,
+    y, h = launch.dequantize_rmsnorm(bufs.contiguous(), _lowered(fmt, width, bufs.device), rows, width, dtype, res,
                                       weight.contiguous(), eps)
     return y.reshape(shape), h.reshape(shape)
 

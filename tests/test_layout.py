@@ -6,7 +6,7 @@ import itertools
 from tests.conftest import ROOT
 
 PACKAGES = ("qformats", "lowering", "tp")
-KNOWN_CIRCLES: set = set()  # (none left: the tile sweep moved out of lowering/tuning into benchmarks/)
+KNOWN_CIRCLES: set = set()  # (none left)
 
 
 def _module(path) -> str:

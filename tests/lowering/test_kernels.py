@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qformats
-from lowering import kernels, ops
+from lowering import launch, ops
 from lowering.constants import Unsupported, lower
 
 PRESETS = sorted(qformats.PRESETS)  # (rotated presets included: the kernels run +h{N})
@@ -71,13 +71,13 @@ def check_roundtrip(x: torch.Tensor, fmt: str, out_dtype=torch.float32) -> None:
     f = qformats.Format.parse(fmt)
     kc = lower(f, x.shape[-1], x.device)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    buf, deq = kernels.quantize(x2, kc, deq_dtype=out_dtype)
+    buf, deq = launch.quantize(x2, kc, deq_dtype=out_dtype)
     ref = ops.reference_quantize(x.cpu(), fmt)
     assert buf.numel() == ref.numel()
     mism = (buf.cpu() != ref).nonzero().flatten()
     assert mism.numel() == 0, f"{fmt} {x.dtype} {tuple(x.shape)}: {mism.numel()} bytes differ, first at {mism[:8].tolist()}"
     rdec = ops.reference_dequantize(ref, fmt, list(x.shape), out_dtype)
-    dec = kernels.dequantize(buf.view(1, -1), kc, x2.shape[0], x2.shape[1], out_dtype).reshape(x.shape)
+    dec = launch.dequantize(buf.view(1, -1), kc, x2.shape[0], x2.shape[1], out_dtype).reshape(x.shape)
     assert same_bits(dec.cpu(), rdec), f"{fmt} decode to {out_dtype} differs"
     assert same_bits(deq.reshape(x.shape).cpu(), rdec), f"{fmt} fused decode-after-encode differs"
 
@@ -136,11 +136,11 @@ def test_fused(fmt):
         f = qformats.Format.parse(fmt)
         kc = lower(f, shape[-1], DEV)
         for r in (None, res):
-            got = kernels.dequantize(bufs, kc, 15, 70, dt, r.reshape(15, 70) if r is not None else None)
+            got = launch.dequantize(bufs, kc, 15, 70, dt, r.reshape(15, 70) if r is not None else None)
             want = ops.reference_dequant_sum(bufs.cpu(), fmt, shape, dt, r.cpu() if r is not None else None)
             assert same_bits(got.reshape(shape).cpu(), want), (fmt, n, r is None)
         proto = torch.empty(15, 70, device=DEV)
-        buf, deq = kernels.quantize(proto, kc, bufs=bufs, deq_dtype=dt)
+        buf, deq = launch.quantize(proto, kc, bufs=bufs, deq_dtype=dt)
         rbuf, rdeq = ops.reference_dequant_sum_requant(bufs.cpu(), fmt, shape, dt)
         assert torch.equal(buf.cpu(), rbuf), (fmt, n)
         assert same_bits(deq.reshape(shape).cpu(), rdeq), (fmt, n)
@@ -222,10 +222,10 @@ def test_gpu_peer_address_decode(fmt):
     bufs = arena[:, off:off + nb]
     ptrs = torch.tensor([arena[i].data_ptr() for i in range(n)], dtype=torch.int64, device="cuda")
     out = torch.empty(rows, width, dtype=torch.bfloat16, device="cuda")
-    kernels.dequantize_peers(ptrs, off, kc, rows, width, out, summed=True)
+    launch.dequantize_peers(ptrs, off, kc, rows, width, out, summed=True)
     assert same_bits(out.cpu(), ops.reference_dequant_sum(bufs.cpu(), fmt, [rows, width], torch.bfloat16))
     each = torch.empty(n * rows, width, dtype=torch.float32, device="cuda")
-    kernels.dequantize_peers(ptrs, off, kc, rows, width, each, summed=False)
+    launch.dequantize_peers(ptrs, off, kc, rows, width, each, summed=False)
     for j in range(n):
         want = ops.reference_dequantize(bufs[j].cpu(), fmt, [rows, width], torch.float32)
         assert same_bits(each[j * rows:(j + 1) * rows].cpu(), want), j
@@ -235,21 +235,21 @@ def test_launchers_check_their_buffers():
     """On the device the suite runs on (CPU tensors cannot feed a compiled GPU launch)."""
     kc = lower("mxfp4", 64, DEV)
     with pytest.raises(ValueError, match="quantize needs x2"):
-        kernels.quantize(None, kc)
+        launch.quantize(None, kc)
     x = torch.randn(2, 64).to(DEV)
     with pytest.raises(ValueError, match="out must be a contiguous 1-D uint8 tensor of 68 bytes"):
-        kernels.quantize(x, kc, out=torch.empty(67, dtype=torch.uint8, device=DEV))
+        launch.quantize(x, kc, out=torch.empty(67, dtype=torch.uint8, device=DEV))
     with pytest.raises(ValueError, match="constants lowered for width 64"):
-        kernels.quantize(torch.randn(2, 32, device=DEV), kc)
+        launch.quantize(torch.randn(2, 32, device=DEV), kc)
     dst = torch.empty(68, dtype=torch.uint8, device=DEV)
-    buf, _ = kernels.quantize(x, kc, out=dst)
+    buf, _ = launch.quantize(x, kc, out=dst)
     assert buf is dst and torch.equal(buf.cpu(), qformats.encode(x.cpu(), "mxfp4").data)
     with pytest.raises(ValueError, match="out must be a contiguous torch.float32 tensor of 2x64"):
-        kernels.dequantize(buf.view(1, -1), kc, 2, 64, torch.float32, out=torch.empty(2, 65, device=DEV))
+        launch.dequantize(buf.view(1, -1), kc, 2, 64, torch.float32, out=torch.empty(2, 65, device=DEV))
     out = torch.empty(2, 64, device=DEV)
-    assert kernels.dequantize(buf.view(1, -1), kc, 2, 64, torch.float32, out=out) is out
+    assert launch.dequantize(buf.view(1, -1), kc, 2, 64, torch.float32, out=out) is out
     with pytest.raises(ValueError, match="src_off 8 must be a multiple of 16"):
-        kernels.dequantize_peers(torch.zeros(2, dtype=torch.int64, device=DEV), 8, kc, 2, 64, out, summed=True)
+        launch.dequantize_peers(torch.zeros(2, dtype=torch.int64, device=DEV), 8, kc, 2, 64, out, summed=True)
 
 
 def corner_rows(dtype: torch.dtype, width: int = 64) -> torch.Tensor:
@@ -281,7 +281,7 @@ def test_issue14_corners(fmt):
         check_roundtrip(x, fmt, dt)  # decoded to its own dtype: the issue's case
         buf = ops.quantize(x, fmt)
         for out in DTYPES:
-            y = kernels.dequantize(buf.view(1, -1), lower(fmt, x.shape[-1], DEV), *x.shape, out)
+            y = launch.dequantize(buf.view(1, -1), lower(fmt, x.shape[-1], DEV), *x.shape, out)
             assert same_bits(y.cpu(), ops.reference_dequantize(buf.cpu(), fmt, list(x.shape), out)), (fmt, dt, out)
             assert torch.isfinite(y).all(), (fmt, dt, out)
 
@@ -304,12 +304,12 @@ def test_foreign_bytes_saturate_finite_products_like_the_reference(fmt):
         bufs[0, b - 2:b] = torch.tensor([0x80, 0x7F], dtype=torch.uint8)  # an Inf (bf16) / NaN (fp32) word
     kc = lower(f, width, DEV)
     for dt in DTYPES:
-        got = kernels.dequantize(bufs[:1].to(DEV), kc, rows, width, dt)
+        got = launch.dequantize(bufs[:1].to(DEV), kc, rows, width, dt)
         want = ops.reference_dequantize(bufs[0], fmt, [rows, width], dt)
         assert same_bits(got.cpu(), want), (fmt, dt)
         if not f.rotation:  # (rotated: the butterfly's sums of saturated products overflow to Inf/NaN)
             assert (want.abs() == torch.finfo(dt).max).any()
-        got = kernels.dequantize(bufs.to(DEV), kc, rows, width, dt)
+        got = launch.dequantize(bufs.to(DEV), kc, rows, width, dt)
         assert same_bits(got.cpu(), ops.reference_dequant_sum(bufs, fmt, [rows, width], dt)), (fmt, dt, "sum")
 
 
@@ -343,7 +343,7 @@ def test_every_foreign_code_and_scale_byte_decodes_alike(fmt):
     kc = lower(f, width, DEV)
     for dt in DTYPES:
         want = ops.reference_dequantize(buf, fmt, [rows, width], dt)
-        got = kernels.dequantize(buf.view(1, -1).to(DEV), kc, rows, width, dt).cpu()
+        got = launch.dequantize(buf.view(1, -1).to(DEV), kc, rows, width, dt).cpu()
         assert same_bits(got, want), (fmt, dt)
         assert same_bits(torch_codec.decode(buf, f, (rows, width), dt), want), (fmt, dt, "TorchCodec")
     if f.elem.kind == "int" and f.scale == "e8m0":
@@ -366,5 +366,5 @@ def test_random_wire_bytes_decode_alike_for_every_preset(fmt):
         zlib.crc32(fmt.encode())), dtype=torch.uint8)
     for dt in DTYPES:
         want = ops.reference_dequantize(buf, str(f), [rows, width], dt)
-        assert same_bits(kernels.dequantize(buf.view(1, -1).to(DEV), kc, rows, width, dt).cpu(), want), (fmt, dt)
+        assert same_bits(launch.dequantize(buf.view(1, -1).to(DEV), kc, rows, width, dt).cpu(), want), (fmt, dt)
         assert same_bits(torch_codec.decode(buf, f, (rows, width), dt), want), (fmt, dt, "TorchCodec")

@@ -162,8 +162,8 @@ def test_emits_finite_values_for_normal_rows():
 @pytest.mark.parametrize("fmt", ["mxfp4", "int5/b32/bf16+h32", "fp6_e2m3/b24/fp16", "nvfp4"])
 def test_each_buffer_alone(fmt):
     """two_shot's last decode: buffer j alone (N = 1) with rows j of the residual and outputs
-    (``kernels.dequantize_rmsnorm(..., each=True)``) equals the reference per chunk."""
-    from lowering import kernels
+    (``launch.dequantize_rmsnorm(..., each=True)``) equals the reference per chunk."""
+    from lowering import launch
     from lowering.constants import lower
 
     n, rows, width = 3, 2, 77
@@ -173,7 +173,7 @@ def test_each_buffer_alone(fmt):
                                                    torch.randn(rows, width, generator=g), fmt) for j in range(n)])
         res = (torch.randn(n * rows, width, generator=g) * 4).to(dt) if with_res else None
         w = torch.randn(width, generator=g).to(torch.bfloat16)
-        y, h = kernels.dequantize_rmsnorm(bufs.to(DEV), lower(fmt, width, DEV), rows, width, dt,
+        y, h = launch.dequantize_rmsnorm(bufs.to(DEV), lower(fmt, width, DEV), rows, width, dt,
                                           None if res is None else res.to(DEV), w.to(DEV), 1e-6, each=True)
         for j in range(n):
             r = None if res is None else res[j * rows:(j + 1) * rows]
@@ -188,7 +188,7 @@ def test_each_buffer_alone(fmt):
 def test_gpu_peer_address_rmsnorm(fmt):
     """``dequantize_peers_rmsnorm`` over a table of ordinary device buffers: summed (gather) and
     buffer by buffer (two_shot) equal the references."""
-    from lowering import kernels
+    from lowering import launch
     from lowering.constants import lower
 
     rows, width, n, off = 16, 256, 3, 16
@@ -203,10 +203,10 @@ def test_gpu_peer_address_rmsnorm(fmt):
     ptrs = torch.tensor([arena[i].data_ptr() for i in range(n)], dtype=torch.int64, device="cuda")
     w = torch.randn(width).to(torch.bfloat16)
     res = torch.randn(n * rows, width).to(torch.bfloat16)
-    y, h = kernels.dequantize_peers_rmsnorm(ptrs, off, kc, rows, width, torch.bfloat16, res[:rows].cuda(), w.cuda(), 1e-5)
+    y, h = launch.dequantize_peers_rmsnorm(ptrs, off, kc, rows, width, torch.bfloat16, res[:rows].cuda(), w.cuda(), 1e-5)
     ry, rh = ops.reference_dequant_sum_rmsnorm(bufs.cpu(), fmt, [rows, width], torch.bfloat16, res[:rows], w, 1e-5)
     assert same_bits(h.cpu(), rh) and same_bits(y.cpu(), ry)
-    y, h = kernels.dequantize_peers_rmsnorm(ptrs, off, kc, rows, width, torch.bfloat16, res.cuda(), w.cuda(), 1e-5,
+    y, h = launch.dequantize_peers_rmsnorm(ptrs, off, kc, rows, width, torch.bfloat16, res.cuda(), w.cuda(), 1e-5,
                                             summed=False)
     for j in range(n):
         ry, rh = ops.reference_dequant_sum_rmsnorm(bufs[j:j + 1].cpu(), fmt, [rows, width], torch.bfloat16,

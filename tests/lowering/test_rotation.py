@@ -10,7 +10,7 @@ import lowering
 import qformats
 from lowering import ops, torch_codec
 from lowering.codec import ReferenceCodec
-from lowering import kernels
+from lowering import launch
 from lowering.constants import lower, unsupported_reason
 from lowering.torch_codec import TorchCodec
 from qformats import Format
@@ -88,7 +88,7 @@ def test_kernels_run_rotation_bitwise_the_reference(f):
               for i, dt in enumerate(DTYPES)]
         bufs = []
         for x, out in zip(xs, DTYPES[1:] + DTYPES[:1]):
-            buf, deq = kernels.quantize(x, kc, deq_dtype=out)
+            buf, deq = launch.quantize(x, kc, deq_dtype=out)
             ref = ops.reference_quantize(x.cpu(), f)
             assert torch.equal(buf.cpu(), ref), (width, x.dtype)
             assert _same(deq.cpu(), ops.reference_dequantize(ref, f, [6, width], out)), (width, x.dtype, out)
@@ -97,10 +97,10 @@ def test_kernels_run_rotation_bitwise_the_reference(f):
         res = torch.randn(6, width).to(DEV)
         for n in (1, 2, 3):
             for dt in DTYPES:
-                got = kernels.dequantize(bufs[:n], kc, 6, width, dt, res if n == 2 else None)
+                got = launch.dequantize(bufs[:n], kc, 6, width, dt, res if n == 2 else None)
                 want = ops.reference_dequant_sum(bufs[:n].cpu(), f, [6, width], dt, res.cpu() if n == 2 else None)
                 assert _same(got.cpu(), want), (width, n, dt)
-            b2, d2 = kernels.quantize(None, kc, shape=(6, width), bufs=bufs[:n], deq_dtype=torch.bfloat16)
+            b2, d2 = launch.quantize(None, kc, shape=(6, width), bufs=bufs[:n], deq_dtype=torch.bfloat16)
             rb, rd = ops.reference_dequant_sum_requant(bufs[:n].cpu(), f, [6, width], torch.bfloat16)
             assert torch.equal(b2.cpu(), rb) and _same(d2.cpu(), rd), (width, n)
 

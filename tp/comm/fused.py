@@ -74,7 +74,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from lowering import kernels as K
+from lowering import launch as K
 from lowering.constants import KernelConstants, lower, unsupported_reason, value_table
 from qformats import Format
 

@@ -5,7 +5,7 @@ bytes in flight per SM (a few thousand elements per program) without spilling re
 ``GPU_TILES`` maps the kind of step to (elements per program, warps); it was chosen by a
 sweep of ``benchmarks/codec_gpu.py --tile elements,warps`` (one run per tile, the command is
 in each result file's first line) on the device named in ``MEASURED_ON`` (the runs are in
-benchmarks/results/). ``QFORMATS_TILE="elements,warps"`` overrides it (for sweeps).
+benchmarks/results/kernels/). ``QFORMATS_TILE="elements,warps"`` overrides it (for sweeps).
 
 In Triton's CPU interpreter the cost is per program instance, so there the tile is as large
 as memory comfortably allows (one program per 64k elements).
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-MEASURED_ON = "NVIDIA H200 (benchmarks/results/codec_h200_sweep_tile_*.jsonl)"
+MEASURED_ON = "NVIDIA H200 (benchmarks/results/kernels/codec_h200_sweep_tile_*.jsonl)"
 # (elements per program, num_warps) per step
 GPU_TILES = {
     "quantize": (4096, 4),

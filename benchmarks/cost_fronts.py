@@ -1,8 +1,8 @@
-"""Issue 22 point 5: the committed TP=8 tunes (benchmarks/results/tune_tp8_cpu/) re-fronted against
+"""Issue 22 point 5: the committed TP=8 tunes (benchmarks/results/tune/tune_tp8_cpu/) re-fronted against
 modelled all-reduce time (tp.comm.cost) on H200, NVLink at TP=2/4/8 and the host-memory path, for
 SmolLM2 at an 8k-token prefill, without measuring any KL again (qformats tune --reprice).
 
-    PYTHONPATH=. python benchmarks/cost_fronts.py benchmarks/results/cost_fronts_h200
+    PYTHONPATH=. python benchmarks/cost_fronts.py benchmarks/results/cost/cost_fronts_h200
 """
 import json
 import sys
@@ -21,7 +21,7 @@ TPS = (2, 4, 8)
 
 
 def main(out: str) -> None:
-    root = Path(__file__).resolve().parent / "results" / "tune_tp8_cpu"
+    root = Path(__file__).resolve().parent / "results" / "tune" / "tune_tp8_cpu"
     out = Path(out)
     summary = []
     for link, run_as in LINKS:
@@ -37,7 +37,7 @@ def main(out: str) -> None:
                                 "picks": res["picks"], "unmet": res["unmet"], "left_out": sorted(res["left_out"])})
                 print(name, "unmet:", res["unmet"])
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    uniform = price_uniform(Path(__file__).resolve().parent / "results")
+    uniform = price_uniform(Path(__file__).resolve().parent / "results" / "quality")
     (out / "uniform.json").write_text(json.dumps(uniform, indent=1) + "\n")
     (out / "README.md").write_text(report(summary, uniform))
 
@@ -78,10 +78,10 @@ def _pick(s, budget):
 
 def report(summary, uniform) -> str:
     lines = ["# Issue 22 point 5: KL against MODELLED all-reduce time, SmolLM2 at an 8k-token prefill, H200", "",
-             "`PYTHONPATH=. python benchmarks/cost_fronts.py benchmarks/results/cost_fronts_h200` (`qformats tune --reprice`",
+             "`PYTHONPATH=. python benchmarks/cost_fronts.py benchmarks/results/cost/cost_fronts_h200` (`qformats tune --reprice`",
              "for each folder). No KL was measured again: each row re-fronts a committed TP=8 tune",
              "(`tune_tp8_cpu/<tune>/front.json`: the groups' marginal KLs on 1024 tokens) against the time of",
-             "tp.comm.cost with the default kernel tables (codec_h200.jsonl + codec_h200_unrolled_recheck.jsonl, the",
+             "tp.comm.cost with the default kernel tables (kernels/codec_h200.jsonl + kernels/codec_h200_unrolled_recheck.jsonl, the",
              "2026-12-01 build). KL = predicted (sum of marginal KLs; the tunes measured additivity at 0.85-1.24x),",
              "at TP=8 (other TPs reuse it). Candidates without kernel rows are left out (per folder in reprice.md).",
              "NCCL at TP=8 (both links) and at TP=4 on the host path is EXTRAPOLATED from the nearest measured TP by bus",

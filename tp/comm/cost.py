@@ -15,14 +15,15 @@ read from committed, measured tables in ``benchmarks/results/`` (nothing is type
   kept only in the toolchain notes), the peer copy bandwidth and the small-message floor, and the
   fused gather's measured time at the table's smallest size (its fixed cost per call).
 
-Which tables: ``benchmarks/results/cost_tables.json`` names the defaults per device and link;
-a ``codec_<device>*.jsonl`` committed after all of them (git history) is put first
-automatically, so a new kernel table needs no code change; ``kernel_tables=`` / ``link_tables=``
-(``--kernel-table`` / ``--link-table``) select others. Earlier files win where two give the same
-row. Every :class:`Estimate` lists the table rows it used (file:line, and the build: the run's
-command, and its git commit where git knows the file) and how it got from them to the size asked
-(``exact`` / ``interpolated`` / ``extrapolated``). A device, link, world size, format or step
-that no table has raises :class:`CostTableError` naming what is missing and what is there.
+Which tables: ``benchmarks/results/cost_tables.json`` names the defaults per device and link (paths
+relative to that folder); a ``codec_<device>*.jsonl`` beside its kernel tables committed after all
+of them (git history) is put first automatically, so a new kernel table needs no code change;
+``kernel_tables=`` / ``link_tables=`` (``--kernel-table`` / ``--link-table``) select others.
+Earlier files win where two give the same row. Every :class:`Estimate` lists the table rows it
+used (file:line, and the build: the run's command, and its git commit where git knows the file)
+and how it got from them to the size asked (``exact`` / ``interpolated`` / ``extrapolated``). A
+device, link, world size, format or step that no table has raises :class:`CostTableError` naming
+what is missing and what is there.
 
 Notation: S = message bytes (bf16 activations, rows x width x 2); B = wire bytes of S in the
 format (``fmt.nbytes``; block padding counted); W = world size; q(S), d(S), ds_n(S), dsr_n(S) =
@@ -168,9 +169,11 @@ def _canon(fmt) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _git_info(path: str) -> tuple:
-    """(commit, unix time) of the last commit touching ``path``, or (None, None) without git."""
+    """(commit, unix time) of the last commit that changed ``path``'s content, or (None, None)
+    without git (renames are followed and not counted: moving a table keeps its build)."""
     try:
-        out = subprocess.run(["git", "log", "-1", "--format=%h %ct", "--", os.path.basename(path)],
+        out = subprocess.run(["git", "log", "-1", "--follow", "--diff-filter=r", "--format=%h %ct", "--",
+                              os.path.basename(path)],
                              cwd=os.path.dirname(path) or ".", capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None, None
@@ -464,7 +467,8 @@ def _table_paths(kind: str, device: str, link: Optional[str], paths) -> list:
         files = [d / n for n in names]
         newest = max((_git_info(str(f))[1] or 0) for f in files)
         extra = []
-        for f in sorted(d.glob(f"codec_{dev.lower()}*.jsonl")):
+        # newer tables are looked for beside the manifest's (its names are relative to the results folder)
+        for f in sorted(f for folder in {f.parent for f in files} for f in folder.glob(f"codec_{dev.lower()}*.jsonl")):
             t = _git_info(str(f))[1]
             if f not in files and t and newest and t > newest and _has_timed_kernels(f):
                 extra.append((t, f))
@@ -829,15 +833,15 @@ def _known_shapes() -> dict:
 
 # The committed multi-GPU runs and the kernel tables of the builds that made them (point 2 of
 # issue 22): the all-reduce sweeps and their breakdown came from one build (2026-11-22, its
-# kernels timed by the breakdown at 128 MiB); the session-2 breakdown from the next build (its own
-# parts). The NCCL path of that build had no wire headers.
+# kernels timed by the breakdown at 128 MiB); the decode-table breakdown from the next build (its own
+# parts). The NCCL path of that build had no wire headers. Paths are relative to the results folder.
 VALIDATION_RUNS = (
-    {"name": "allreduce_h200x2_nvlink", "measured": "allreduce_h200x2_nvlink.jsonl", "link": "nvlink",
-     "kernels": ["fused_breakdown_h200x2.jsonl"], "links": ["allreduce_h200x2_nvlink.jsonl", "links_h200.jsonl"]},
-    {"name": "allreduce_h200x2_nvlink_auto", "measured": "allreduce_h200x2_nvlink_auto.jsonl", "link": "nvlink",
-     "kernels": ["fused_breakdown_h200x2.jsonl"], "links": ["allreduce_h200x2_nvlink_auto.jsonl", "links_h200.jsonl"]},
-    {"name": "allreduce_h200x2_p2p_off", "measured": "allreduce_h200x2_p2p_off.jsonl", "link": "host",
-     "kernels": ["fused_breakdown_h200x2.jsonl"], "links": ["allreduce_h200x2_p2p_off.jsonl", "links_h200.jsonl"]},
+    {"name": "allreduce_h200x2_nvlink", "measured": "allreduce/allreduce_h200x2_nvlink.jsonl", "link": "nvlink",
+     "kernels": ["allreduce/fused_breakdown_h200x2.jsonl"], "links": ["allreduce/allreduce_h200x2_nvlink.jsonl", "cost/links_h200.jsonl"]},
+    {"name": "allreduce_h200x2_nvlink_auto", "measured": "allreduce/allreduce_h200x2_nvlink_auto.jsonl", "link": "nvlink",
+     "kernels": ["allreduce/fused_breakdown_h200x2.jsonl"], "links": ["allreduce/allreduce_h200x2_nvlink_auto.jsonl", "cost/links_h200.jsonl"]},
+    {"name": "allreduce_h200x2_p2p_off", "measured": "allreduce/allreduce_h200x2_p2p_off.jsonl", "link": "host",
+     "kernels": ["allreduce/fused_breakdown_h200x2.jsonl"], "links": ["allreduce/allreduce_h200x2_p2p_off.jsonl", "cost/links_h200.jsonl"]},
 )
 
 
@@ -881,7 +885,8 @@ def validate_runs(runs=VALIDATION_RUNS, mode: str = "graph", algos=("nccl_gather
     return out
 
 
-def validate_breakdowns(files=("fused_breakdown_h200x2.jsonl", "session2_h200x2_breakdown.jsonl")) -> list:
+def validate_breakdowns(files=("allreduce/fused_breakdown_h200x2.jsonl",
+                               "allreduce/fused_breakdown_h200x2_decode_tables.jsonl")) -> list:
     """Each breakdown run's fused_total (eager) against the model from that run's own parts:
     quantise + max(local dequant-sum of 2, peer reads) + 2 x its eager barrier; and its remote
     dequant-sum against max(local, peer reads)."""

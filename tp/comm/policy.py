@@ -41,7 +41,7 @@ __all__ = ["ATTN_OUTPUTS", "MLP_OUTPUTS", "SITE_KINDS", "CollectivePolicy", "Com
            "Rule", "Site", "fused_window", "skip_ends"]
 
 # When the fused path pays (measured on 2xH200 NVLink by benchmarks/allreduce_gpu.py, see
-# benchmarks/results/allreduce_h200x2_*): the fused pull gather beat NCCL bf16 from 4 MiB inside a
+# benchmarks/results/allreduce/allreduce_h200x2_*): the fused pull gather beat NCCL bf16 from 4 MiB inside a
 # CUDA graph, but only from 64 MiB in eager mode (4 Triton launches cost ~150 us of host time per
 # call), and never for uint4/b128/fp16+zp (its quantize kernel is ~2x slower) nor for mxfp8 above
 # 128 MiB. The auto window (a FusedAllReduce with min_bytes=None, and CommPolicy.decide's "fused"

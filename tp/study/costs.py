@@ -226,7 +226,7 @@ def _project_layer(l_new: int, n_new: int, n_old: int) -> int:
 def project(policy: CommPolicy, shape_text: str, model, tokens: int, tp: int, algorithm: str, n_layers_tuned: int) -> dict:
     """The predicted all-reduce time per forward of ``policy`` on a larger model's shape (its layers
     mapped onto the tuned model's by :func:`_project_layer`), and its share of TTFT where a
-    committed TTFT run measured that model's compute (benchmarks/results/ttft_*: the no-communication
+    committed TTFT run measured that model's compute (benchmarks/results/ttft/ttft_*: the no-communication
     prefill per layer, scaled by TP); says that the KL was measured on another model."""
     from ..comm import cost
     from ..comm.policy import Site
@@ -263,7 +263,7 @@ _TTFT_MODELS = {"llama-3-70b": "llama3-70b-slice", "llama-3-8b": "llama3-8b"}
 
 
 def _compute_ms(shape, tokens: int, tp: int, device: str):
-    """(ms of one prefill's compute, source) from benchmarks/results/ttft_<device>x*_nvlink.jsonl's
+    """(ms of one prefill's compute, source) from benchmarks/results/ttft/ttft_<device>x*_nvlink.jsonl's
     ``no_comm`` rows of the same model (per layer, batch 1, interpolated in tokens), times layers,
     times (measured TP / tp): the row- and column-parallel layers split their work by TP."""
     from ..comm import cost
@@ -273,7 +273,7 @@ def _compute_ms(shape, tokens: int, tp: int, device: str):
         return None
     d = cost.results_dir()
     rows = []
-    for f in sorted(d.glob(f"ttft_{device.lower()}x*_nvlink.jsonl")):
+    for f in sorted(d.glob(f"ttft/ttft_{device.lower()}x*_nvlink.jsonl")):
         world = None
         for i, rec in cost._read_jsonl(f):
             if rec.get("kind") == "header":

@@ -166,6 +166,56 @@ def test_newer_committed_kernel_table_needs_no_code_change(tables, monkeypatch):
     assert explicit.time("quantize", "mxfp4", 1, MIB)[0] == 10.0
 
 
+def test_manifest_paths_are_relative_to_the_results_folder(tables, monkeypatch):
+    """Tables in subfolders: the manifest names them relative to the results folder, and a newer
+    codec_<device>*.jsonl is looked for beside its kernel tables (not at the top, nor elsewhere)."""
+    (tables / "kernels").mkdir()
+    (tables / "other").mkdir()
+    (tables / "codec_t1.jsonl").rename(tables / "kernels" / "codec_t1.jsonl")
+    newer = [{"case": "env", "device": "NVIDIA T1", "command": "newer build", "tile": "table"},
+             {"case": "quantize", "fmt": "mxfp4", "mib": 1.0, "n": 1, "via": "kernel", "us": 7.0}]
+    for folder in ("kernels", "other", "."):
+        _write(tables / folder, "codec_t1_new.jsonl", newer)
+    man = json.loads((tables / cost.MANIFEST).read_text())
+    man["kernel"]["T1"] = ["kernels/codec_t1.jsonl"]
+    (tables / cost.MANIFEST).write_text(json.dumps(man))
+    monkeypatch.setattr(cost, "_git_info", lambda p: ("abc", 200 if p.endswith("_new.jsonl") else 100))
+    kt = cost.load_kernel_table("T1")
+    assert [n for n, _ in kt.files] == ["codec_t1_new.jsonl", "codec_t1.jsonl"]
+    assert [p.relative_to(tables).as_posix() for p in cost._table_paths("kernel", "T1", None, None)] == [
+        "kernels/codec_t1_new.jsonl", "kernels/codec_t1.jsonl"]
+    assert cost.load_kernel_table("T1", "kernels/codec_t1.jsonl").time("quantize", "mxfp4", 1, MIB)[0] == 10.0
+
+
+def test_git_info_keeps_a_moved_tables_commit(tmp_path):
+    """Moving a table into another folder keeps the commit and time of its content (its build)."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+
+    def run(*args, date):
+        env = {"GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date, "PATH": os.environ["PATH"]}
+        subprocess.run(git + list(args), cwd=tmp_path, check=True, capture_output=True, env=env)
+
+    run("init", "-q", date="2026-01-01T00:00:00Z")
+    (tmp_path / "codec_t1.jsonl").write_text("{}\n")
+    run("add", ".", date="2026-01-01T00:00:00Z")
+    run("commit", "-q", "-m", "table", date="2026-01-01T00:00:00Z")
+    (tmp_path / "kernels").mkdir()
+    run("mv", "codec_t1.jsonl", "kernels/codec_t1.jsonl", date="2026-02-01T00:00:00Z")
+    run("commit", "-q", "-m", "move", date="2026-02-01T00:00:00Z")
+    cost._git_info.cache_clear()
+    commit, t = cost._git_info(str(tmp_path / "kernels" / "codec_t1.jsonl"))
+    assert t == 1767225600  # 2026-01-01: the content's commit, not the move's
+    first = subprocess.run(["git", "rev-list", "--max-parents=0", "--abbrev-commit", "HEAD"], cwd=tmp_path,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert commit == first
+
+
 # --------------------------------------------------------------------------- point 2, committed files
 
 

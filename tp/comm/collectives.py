@@ -555,9 +555,14 @@ def all_reduce_rmsnorm(
       all-reduce + residual in x's dtype, normed = :func:`lowering.ops.reference_rms_norm` with
       the row as one block (equal to the emulator where the backend's sum is, module docstring).
 
-    ``algorithm="fused"`` runs the NCCL-path algorithm with the same bits (:func:`wire_algorithm`;
-    the symmetric-memory path does not take the epilogue yet). The ``codec`` carries the first
-    hops; the last decode is the op's. Inference only: raises when an input requires grad.
+    ``algorithm="fused"``: on CUDA (world > 1) the registered
+    :class:`tp.comm.fused.FusedAllReduce` of the group (:func:`fused_for`; RuntimeError when
+    there is none; its measured size window picks the plain path where that is faster, as in
+    :func:`all_reduce`), whose last decode kernel takes the epilogue
+    (:meth:`~tp.comm.fused.FusedAllReduce.all_reduce_rmsnorm`: that kernel also reads the
+    residual and writes both outputs, nothing else changes); elsewhere the NCCL-path algorithm
+    with the same bits (:func:`wire_algorithm`). The ``codec`` carries the first hops; the last
+    decode is the op's. Inference only: raises when an input requires grad.
     """
     from lowering.ops import reference_rms_norm  # lowering imports Triton: only when called
 
@@ -575,6 +580,8 @@ def all_reduce_rmsnorm(
         if not compresses(x, fmt, min_bytes):
             h = _plain_all_reduce(x, world, group) + residual
             return reference_rms_norm(h, weight, eps, width), h
+        if algorithm == "fused" and x.is_cuda and world > 1:
+            return fused_for(group).all_reduce_rmsnorm(x, residual, weight, eps, fmt, second_fmt=second)
         bufs, last, shape, pad = _compressed_exchange(x, fmt, group, wire_algorithm(algorithm, world),
                                                       get_codec(codec), world, validate, second)
         norm = torch.ops.qformats.dequant_sum_rmsnorm

@@ -22,6 +22,14 @@ Algorithms (one plan per call, :func:`plan`):
     chunk into its rows of the output (pull), barrier. Result = ``emulate_all_reduce(..,
     "two_shot", second_fmt=...)``.
 
+Epilogue (:meth:`FusedAllReduce.all_reduce_rmsnorm`, what ``tp.all_reduce_rmsnorm(...,
+algorithm="fused")`` runs on CUDA): the last decode -- gather's dequant-sum of the W buffers,
+two_shot's decode of the W reduced chunks -- ends in the next layer's residual add and RMSNorm,
+the same kernel with its NORM constexpr on. Result = ``emulate_all_reduce_rmsnorm(shards,
+residual, weight, eps, fmt, algorithm, second_fmt=...)``. Cost: that kernel also reads the
+residual (and the weight) and writes two [rows, width] outputs (normed, h) instead of one,
+with one program per row; no other kernel, barrier or byte on the wire changes.
+
 Synchronisation: a barrier is one tiny Triton kernel on the signal pads (one program per
 peer: set the peer's flag 0 -> 1 with a system-scope release CAS, wait for one's own flag
 1 -> 0 with an acquire CAS). The flags reset themselves, so no host-side counter or epoch
@@ -285,20 +293,59 @@ def _barrier_kernel(pad_ptrs, rank, CHANNEL: tl.constexpr, WORLD: tl.constexpr):
         pass
 
 
+@dataclass(frozen=True)
+class _Epilogue:
+    """The RMSNorm epilogue of one call's last decode: ``residual`` [rows, width] (contiguous,
+    any float dtype), ``weight`` [width] (contiguous, any float dtype), ``eps`` and ``h``, the
+    [rows, width] output (x's dtype) that receives the new residual."""
+
+    residual: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+    h: torch.Tensor
+
+
+def _norm_inputs(x: torch.Tensor, residual, weight, eps, op: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(residual as a contiguous [rows, width], weight contiguous, eps as a float) of an
+    all-reduce with the RMSNorm epilogue; raises what :func:`tp.comm.collectives.all_reduce_rmsnorm`
+    raises for the same inputs (and a clear error for what the kernel could not take)."""
+    if not isinstance(residual, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("residual and weight must be torch.Tensors")
+    width = x.shape[-1] if x.dim() else None
+    if residual.shape != x.shape or width is None or tuple(weight.shape) != (width,):
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)} and weight [{width}], got "
+                         f"{tuple(residual.shape)} and {tuple(weight.shape)}")
+    for t, what in ((residual, "residual"), (weight, "weight")):
+        if t.dtype not in collectives.SUPPORTED_DTYPES:
+            raise TypeError(f"{what} has dtype {t.dtype}; the epilogue takes float32, bfloat16 or float16")
+        if t.device != x.device:
+            raise ValueError(f"{what} is on {t.device}, x on {x.device}")
+    for t, what in ((x, "x"), (residual, "residual"), (weight, "weight")):
+        collectives._no_grad_needed(t, f"{op} ({what})")
+    return rows_view(residual), weight.detach().contiguous(), float(eps)
+
+
 def _steps(p: Plan, x2: torch.Tensor, kc, bufs: Sequence[torch.Tensor], ptrs: torch.Tensor, rank: int,
-           out: torch.Tensor, kc_second=None):
+           out: torch.Tensor, kc_second=None, epilogue: _Epilogue | None = None):
     """One rank's kernel sequence; yields where a barrier over all ranks must stand.
     ``kc`` / ``kc_second``: the plan's lowered formats, for the device the kernels run on.
 
     ``bufs[j]``: a uint8 tensor over rank j's symmetric buffer (a peer view on GPU);
-    ``ptrs``: int64 tensor of their base addresses on x's device; ``out``: [rows, width]."""
+    ``ptrs``: int64 tensor of their base addresses on x's device; ``out``: [rows, width].
+    ``epilogue``: the RMSNorm epilogue (:class:`_Epilogue`), taken by the last decode (the same
+    kernel with NORM on): ``out`` receives the normed rows and ``epilogue.h`` the new residual."""
     W, R, H = p.world, p.rows, p.width
     mine = bufs[rank]
     if p.algorithm == "gather":
         if p.mode == "pull":
             K.quantize(x2, kc, out=mine[: p.nbytes])
             yield
-            K.dequantize_peers(ptrs, 0, kc, R, H, out, summed=True)
+            if epilogue is None:
+                K.dequantize_peers(ptrs, 0, kc, R, H, out, summed=True)
+            else:
+                e = epilogue
+                K.dequantize_peers_rmsnorm(ptrs, 0, kc, R, H, out.dtype, e.residual, e.weight, e.eps, out=out,
+                                           res_out=e.h, summed=True)
             yield
         else:
             s, e = p.slot_range(rank)
@@ -307,7 +354,11 @@ def _steps(p: Plan, x2: torch.Tensor, kc, bufs: Sequence[torch.Tensor], ptrs: to
                 K.quantize(x2, kc, out=bufs[j][s:e])
             yield
             slots = mine[p.slots_offset: p.slots_offset + W * p.slot].view(W, p.slot)[:, : p.nbytes]
-            K.dequantize(slots, kc, R, H, out.dtype, out=out)
+            if epilogue is None:
+                K.dequantize(slots, kc, R, H, out.dtype, out=out)
+            else:
+                e = epilogue
+                K.dequantize_rmsnorm(slots, kc, R, H, out.dtype, e.residual, e.weight, e.eps, out=out, res_out=e.h)
             yield
         return
     # two_shot
@@ -324,18 +375,30 @@ def _steps(p: Plan, x2: torch.Tensor, kc, bufs: Sequence[torch.Tensor], ptrs: to
     else:  # the fp32 rank-order sum, then its encode in the second-hop format (two kernels)
         K.quantize(K.dequantize(slots, kc, c, H, torch.float32), kc_second, out=red)
     yield
-    K.dequantize_peers(ptrs, p.reduced_offset, kc if kc_second is None else kc_second, c, H, out, summed=False)
+    last = kc if kc_second is None else kc_second
+    if epilogue is None:
+        K.dequantize_peers(ptrs, p.reduced_offset, last, c, H, out, summed=False)
+    else:  # each reduced chunk alone, with its rows of the residual (rows j*c.. of out and h)
+        e = epilogue
+        K.dequantize_peers_rmsnorm(ptrs, p.reduced_offset, last, c, H, out.dtype, e.residual, e.weight, e.eps,
+                                   out=out, res_out=e.h, summed=False)
     yield
 
 
 def simulate(shards: Sequence[torch.Tensor], fmt, *, algorithm: str | None = None, mode: str = "pull",
-             poison: int = 0xA5, second_fmt=None) -> list[torch.Tensor]:
+             poison: int = 0xA5, second_fmt=None, residual: torch.Tensor | None = None,
+             weight: torch.Tensor | None = None, eps: float | None = None) -> list:
     """Run the fused kernel sequence of every rank in one process over W ordinary buffers.
 
     The barriers become lock-step phases (every rank's step k runs before any rank's step
     k + 1). On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1). Returns each
     rank's output; they must all equal ``tp.emulate_all_reduce(shards, fmt, algorithm,
-    second_fmt=second_fmt)``.
+    second_fmt=second_fmt)``. With ``residual`` (x's shape, the same on every rank, as the
+    residual stream of tensor parallelism is), ``weight`` [width] and ``eps``, the last decode
+    takes the RMSNorm epilogue (:meth:`FusedAllReduce.all_reduce_rmsnorm`) and each rank's
+    output is (normed, h), which must equal ``tp.comm.emulate.emulate_all_reduce_rmsnorm(shards,
+    residual, weight, eps, fmt, algorithm, second_fmt=second_fmt)``. Inference only, like the
+    real call: raises when an input requires grad.
     Buffers start filled with ``poison`` so a byte nobody wrote shows up as a wrong result.
     """
     fmt = resolve_format(fmt)
@@ -344,6 +407,15 @@ def simulate(shards: Sequence[torch.Tensor], fmt, *, algorithm: str | None = Non
     x = shards[0]
     for s in shards:
         check_tensor(s, fmt)
+    if residual is None:
+        if weight is not None or eps is not None:
+            raise ValueError("weight and eps are the RMSNorm epilogue's: pass residual too")
+    elif weight is None or eps is None:
+        raise ValueError("the RMSNorm epilogue needs residual, weight and eps together")
+    else:
+        for i, s in enumerate(shards):
+            collectives._no_grad_needed(s, f"comm.fused.simulate (shards[{i}])")
+        residual, weight, eps = _norm_inputs(x, residual, weight, eps, "comm.fused.simulate")
     algorithm = algorithm or default_algorithm(W)
     seconds = [] if second_fmt is None else [second_fmt]
     cap = buffer_bytes(rows_view(x).shape[0], x.shape[-1], [fmt], W, algorithm, mode, seconds)
@@ -356,24 +428,32 @@ def simulate(shards: Sequence[torch.Tensor], fmt, *, algorithm: str | None = Non
     bufs = [torch.full((cap,), poison, dtype=torch.uint8, device=x.device) for _ in range(W)]
     ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device=x.device)
     outs = [torch.empty((p.rows, p.width), dtype=x.dtype, device=x.device) for _ in range(W)]
-    gens = [_steps(p, rows_view(shards[r]), kc, bufs, ptrs, r, outs[r], kc_second) for r in range(W)]
-    alive = True
-    while alive:
-        alive = False
-        for g in gens:
-            try:
-                next(g)
-                alive = True
-            except StopIteration:
-                pass
-    return [o.reshape(x.shape) for o in outs]
+    epilogues = [None] * W
+    if residual is not None:
+        epilogues = [_Epilogue(residual, weight, eps, torch.empty_like(outs[r])) for r in range(W)]
+    with torch.no_grad():
+        gens = [_steps(p, rows_view(shards[r]), kc, bufs, ptrs, r, outs[r], kc_second, epilogues[r])
+                for r in range(W)]
+        alive = True
+        while alive:
+            alive = False
+            for g in gens:
+                try:
+                    next(g)
+                    alive = True
+                except StopIteration:
+                    pass
+    if residual is None:
+        return [o.reshape(x.shape) for o in outs]
+    return [(o.reshape(x.shape), e.h.reshape(x.shape)) for o, e in zip(outs, epilogues)]
 
 
 # ---------------------------------------------------------------------------------------------
 # The runtime object (CUDA, torch.distributed, symmetric memory)
 # ---------------------------------------------------------------------------------------------
 class FusedAllReduce:
-    """Fused compressed all-reduce over one symmetric buffer; ``ar(x, fmt)`` returns the sum.
+    """Fused compressed all-reduce over one symmetric buffer; ``ar(x, fmt)`` returns the sum,
+    ``ar.all_reduce_rmsnorm(x, residual, weight, eps, fmt)`` (normed, h) with the RMSNorm epilogue.
 
     Args:
         group: the TP process group (default: world). Construct on every rank together
@@ -486,11 +566,60 @@ class FusedAllReduce:
         if p.kind == "nccl":
             return collectives.all_reduce(x, fmt, self.group, algorithm=p.algorithm, codec=self.nccl_codec,
                                           second_fmt=second_fmt)
-        x2 = rows_view(x)
+        return self._fused(p, x).reshape(x.shape)
+
+    def all_reduce_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                           fmt=None, *, second_fmt=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed, h): the sum of ``x`` over the group (as ``ar(x, fmt, second_fmt=second_fmt)``)
+        whose last decode ends in the next layer's residual add and RMSNorm: h = sum +
+        ``residual`` (x's shape, any float dtype), normed = RMSNorm(h) * ``weight`` ([width]),
+        both x's dtype. Bitwise identical on all ranks and equal to
+        ``tp.comm.emulate.emulate_all_reduce_rmsnorm(shards, residual, weight, eps, fmt,
+        self.algorithm, min_bytes, second_fmt=second_fmt)``. Use it (or
+        :func:`tp.comm.collectives.all_reduce_rmsnorm` with ``algorithm="fused"``, which calls it
+        on CUDA) where a row-parallel layer's all-reduce is followed by the next norm.
+
+        Fused, the epilogue is the last decode's kernel with NORM on (gather: the dequant-sum of
+        the W peer buffers; two_shot: the decode of the W reduced chunks), in the same kernel
+        sequence, barriers and plan as ``ar(x, fmt)``: the exchange is the same, the norm is
+        local. Its cost, in that kernel: one more read ([rows, width] residual, plus the weight)
+        and one more write (h), and one program per row (the row's sum of squares is one fixed
+        tree) where the plain decode spreads a row over programs of a few blocks, so a message of
+        few rows runs on few programs. Against ``ar`` followed by a separate add + norm pass it
+        saves that pass's read of the sum, the sum's write and a launch.
+        Fallbacks: the plain plan is the plain all-reduce + residual, normed by
+        :func:`lowering.ops.reference_rms_norm` (the unfused composition, as the NCCL path's
+        plain branch); the NCCL plan is :func:`tp.comm.collectives.all_reduce_rmsnorm` with
+        the plan's algorithm. Inference only: raises when an input requires grad."""
+        if self.closed:
+            raise RuntimeError("FusedAllReduce is closed")
+        fmt = resolve_format(fmt)
+        check_tensor(x, fmt)
+        res2, w, eps = _norm_inputs(x, residual, weight, eps, "all_reduce_rmsnorm")
+        p = self.plan(x, fmt, second_fmt)
+        with torch.no_grad():
+            if p.kind == "plain":
+                from lowering.ops import reference_rms_norm
+
+                y = x.clone(memory_format=torch.contiguous_format)
+                dist.all_reduce(y, group=self.group)
+                h = y + residual
+                return reference_rms_norm(h, weight, eps, p.width), h
+            if p.kind == "nccl":
+                return collectives.all_reduce_rmsnorm(x, residual, weight, eps, fmt, self.group, p.algorithm,
+                                                      codec=self.nccl_codec, second_fmt=second_fmt)
+            epilogue = _Epilogue(res2, w, eps, torch.empty((p.rows, p.width), dtype=x.dtype, device=x.device))
+            out = self._fused(p, x, epilogue)
+        return out.reshape(x.shape), epilogue.h.reshape(x.shape)
+
+    def _fused(self, p: Plan, x: torch.Tensor, epilogue: _Epilogue | None = None) -> torch.Tensor:
+        """Run the fused plan ``p`` on this rank (a barrier between its steps); returns the [rows,
+        width] output (the normed rows with ``epilogue``, whose ``h`` receives the new residual)."""
         out = torch.empty((p.rows, p.width), dtype=x.dtype, device=x.device)
-        for k, _ in enumerate(_steps(p, x2, p.kc, self._bufs, self._ptrs, self.rank, out, p.kc_second)):
+        for k, _ in enumerate(_steps(p, rows_view(x), p.kc, self._bufs, self._ptrs, self.rank, out, p.kc_second,
+                                     epilogue)):
             self.barrier(k)
-        return out.reshape(x.shape)
+        return out
 
     def close(self) -> None:
         """Free the symmetric buffer (all ranks together; no call may be in flight)."""

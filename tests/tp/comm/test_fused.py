@@ -2,8 +2,8 @@
 
 Everything but the symmetric-memory barrier runs here: :func:`tp.comm.fused.simulate` runs every
 rank's kernels (on the GPU if there is one, else in Triton's interpreter) over W ordinary poisoned
-buffers in lock-step and must
-equal the emulator bit for bit. The real multi-GPU run is the last test (skipped with <2 GPUs);
+buffers in lock-step and must equal the emulator bit for bit (with the RMSNorm epilogue:
+emulate_all_reduce_rmsnorm). The real multi-GPU run is the last test (skipped with <2 GPUs);
 benchmarks/allreduce_gpu.py repeats it at every benchmarked size.
 """
 import math
@@ -15,6 +15,7 @@ import torch
 import qformats
 import tp
 from tp.comm import collectives, fused as F
+from tp.comm.emulate import emulate_all_reduce_rmsnorm
 
 FORMATS = ["mxfp8_e4m3", "mxfp6_e3m2", "mxfp4", "int4/b32/bf16", "uint4/b128/fp16+zp"]
 # where the simulated kernel sequence runs: the GPU when there is one (kernels compiled for it
@@ -214,6 +215,131 @@ def test_simulate_rejects_non_fused_plans():
         _simulate(_shards(2, (4, 64)), "nvfp4")
 
 
+# --------------------------------------------------------------------------------- the RMSNorm epilogue
+NORM_FORMATS = ["mxfp8_e4m3", "mxfp4", "int8/b32/bf16", "int6/b32/bf16+h32"]
+EPS = 1e-5
+
+
+def _res_weight(shape, dtype, seed=0, res_dtype=None, w_dtype=None):
+    """The residual and the weight, the same on every rank (TP's residual stream is replicated)."""
+    g = torch.Generator().manual_seed(500 + seed)
+    res = (torch.randn(shape, generator=g) * 4).to(res_dtype or dtype)
+    w = (torch.randn(shape[-1], generator=g) + 1).to(w_dtype or dtype)
+    return res, w
+
+
+def _simulate_norm(shards, fmt, res, w, eps=EPS, **kw):
+    return [(y.cpu(), h.cpu()) for y, h in F.simulate([s.to(DEV) for s in shards], fmt, residual=res.to(DEV),
+                                                      weight=w.to(DEV), eps=eps, **kw)]
+
+
+def _assert_norm_equal(outs, ref):
+    ey, eh = ref
+    for r, (y, h) in enumerate(outs):
+        assert y.shape == ey.shape and y.dtype == ey.dtype and h.shape == eh.shape and h.dtype == eh.dtype
+        assert torch.equal(_bits(h), _bits(eh)), f"h: rank {r}"
+        assert torch.equal(_bits(y), _bits(ey)), f"normed: rank {r}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", NORM_FORMATS)
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_simulated_rmsnorm_equals_emulator(world, fmt, dtype):
+    """The last decode with the epilogue (gather's dequant-sum at W <= 3, two_shot's decode of the
+    reduced chunks at W >= 4: the fused default) on every rank equals
+    emulate_all_reduce_rmsnorm(.., "fused") bit for bit, normed and h. Gather takes an odd row
+    count; two_shot fuses only rows divisible by W. Width 96: three 32-blocks, a masked tile slot."""
+    rows = 7 if world <= 3 else 2 * world
+    shape = (rows, 96)
+    shards = _shards(world, shape, dtype=dtype, seed=world, adversarial=world == 2)
+    res, w = _res_weight(shape, dtype, seed=world)
+    ref = emulate_all_reduce_rmsnorm(shards, res, w, EPS, fmt, "fused")
+    _assert_norm_equal(_simulate_norm(shards, fmt, res, w), ref)
+
+
+@pytest.mark.parametrize("world,algorithm,mode,second", [
+    (2, "gather", "push", None), (2, "two_shot", "push", None), (4, "two_shot", "push", "mxfp8_e4m3"),
+    (3, "two_shot", "push", "int8/b32/bf16"),
+])
+def test_simulated_rmsnorm_modes_second_hop_and_mixed_dtypes(world, algorithm, mode, second):
+    """gather push (the local slots' dequant-sum) and two_shot with a second-hop format (the norm's
+    blocks are the second format's), an fp32 residual and weight under bf16 / fp32 shards, a
+    3-D shape; every rank equals the emulator."""
+    fmt = "int4_b32_bf16_h32" if second == "int8/b32/bf16" else "mxfp4"
+    for dtype, shape in ((torch.bfloat16, (2, world, 64)), (torch.float32, (world, 1, 160))):
+        shards = _shards(world, shape, dtype=dtype, seed=20 + world)
+        res, w = _res_weight(shape, dtype, seed=3, res_dtype=torch.float32, w_dtype=torch.float32)
+        ref = emulate_all_reduce_rmsnorm(shards, res, w, 1e-3, fmt, algorithm, second_fmt=second)
+        _assert_norm_equal(_simulate_norm(shards, fmt, res, w, 1e-3, algorithm=algorithm, mode=mode,
+                                          second_fmt=second), ref)
+
+
+def test_simulated_rmsnorm_saturates_and_keeps_special_values():
+    """A residual that overflows the sum (h saturates to the dtype's max, as every decode's cast),
+    infinities and NaN in the shards: still the emulator's bits."""
+    world, shape = 2, (8, 64)
+    shards = _shards(world, shape, dtype=torch.float16, seed=9, adversarial=True)
+    res, w = _res_weight(shape, torch.float16, seed=9)
+    res[4] = 65504.0  # (rows 0-2 hold the shards' special values)
+    res[5, :5] = float("inf")
+    for alg in ("gather", "two_shot"):
+        ref = emulate_all_reduce_rmsnorm(shards, res, w, EPS, "int8/b32/bf16", alg)
+        assert (ref[1][4] == 65504.0).any() and torch.isinf(ref[1][5]).any() and torch.isnan(ref[0]).any()
+        _assert_norm_equal(_simulate_norm(shards, "int8/b32/bf16", res, w, algorithm=alg), ref)
+
+
+def _closed_over_nothing():
+    """A FusedAllReduce without a process group or a symmetric buffer: enough for the argument
+    checks, which all come before the plan."""
+    ar = F.FusedAllReduce.__new__(F.FusedAllReduce)
+    ar.closed = False
+    return ar
+
+
+@pytest.mark.parametrize("case,err,match", [
+    ("residual_shape", ValueError, "residual must have x's shape"),
+    ("weight_length", ValueError, r"weight \[64\]"),
+    ("x_grad", RuntimeError, r"\((x|shards\[0\])\) does not propagate gradients"),
+    ("residual_grad", RuntimeError, r"\(residual\) does not propagate gradients"),
+    ("weight_grad", RuntimeError, r"\(weight\) does not propagate gradients"),
+    ("residual_dtype", TypeError, "residual has dtype torch.int32"),
+    ("weight_missing", ValueError, "residual, weight and eps together"),
+])
+def test_rmsnorm_refusals(case, err, match):
+    """simulate and FusedAllReduce.all_reduce_rmsnorm raise the same clear errors, before any kernel."""
+    shards = _shards(2, (4, 64))
+    res, w = _res_weight((4, 64), torch.bfloat16)
+    kw = dict(residual=res, weight=w, eps=EPS)
+    if case == "residual_shape":
+        kw["residual"] = res[:2]
+    elif case == "weight_length":
+        kw["weight"] = torch.ones(63)
+    elif case == "x_grad":
+        shards = [s.float().requires_grad_() for s in shards]
+        kw["residual"] = res.float()
+    elif case.endswith("_grad"):
+        kw[case[:-5]] = kw[case[:-5]].float().requires_grad_()
+    elif case == "residual_dtype":
+        kw["residual"] = res.to(torch.int32)
+    else:
+        kw["weight"] = None
+    with pytest.raises(err, match=match):
+        F.simulate(shards, "mxfp4", **kw)
+    if case != "weight_missing":  # (a required argument of the method)
+        with pytest.raises(err, match=match):
+            _closed_over_nothing().all_reduce_rmsnorm(shards[0], kw["residual"], kw["weight"], EPS, "mxfp4")
+
+
+def test_simulate_epilogue_arguments_come_together():
+    with pytest.raises(ValueError, match="pass residual too"):
+        F.simulate(_shards(2, (4, 64)), "mxfp4", weight=torch.ones(64), eps=EPS)
+    with torch.no_grad():  # under no_grad an input that requires grad is fine (inference)
+        shards = [s.float().requires_grad_() for s in _shards(2, (4, 64))]
+        res, w = _res_weight((4, 64), torch.float32)
+        ref = emulate_all_reduce_rmsnorm([s.detach() for s in shards], res, w, EPS, "mxfp4", "gather")
+        _assert_norm_equal(_simulate_norm(shards, "mxfp4", res, w, algorithm="gather"), ref)
+
+
 # --------------------------------------------------------------------------------- routing
 def test_wire_algorithm_and_emulated_fused():
     from tp.comm.collectives import wire_algorithm
@@ -301,6 +427,40 @@ def _gpu_worker(rank, world, port, q):
         y = ar2(shards[rank], fmt, second_fmt="mxfp8_e4m3")
         if ar2.plan(shards[rank], fmt, "mxfp8_e4m3").kind != "fused" or not torch.equal(_bits(y), _bits(ref)):
             fails.append((fmt, "two_shot second hop"))
+    # the RMSNorm epilogue in the last decode kernel: eager, in a CUDA graph, and routed from
+    # tp.all_reduce_rmsnorm(..., algorithm="fused")
+    for fmt in ("mxfp4", "int4/b32/bf16", "mxfp8_e4m3"):
+        shards = [s.cuda() for s in _shards(world, (64, 1024), seed=7, adversarial=True)]
+        res, w = (t.cuda() for t in _res_weight((64, 1024), torch.bfloat16, seed=7))
+        cpu = [s.cpu() for s in shards]
+        for alg, mode in (("gather", "pull"), ("gather", "push"), ("two_shot", "push")):
+            ar.algorithm, ar.mode = alg, mode
+            ey, eh = (t.cuda() for t in emulate_all_reduce_rmsnorm(cpu, res.cpu(), w.cpu(), EPS, fmt, alg))
+            y, h = ar.all_reduce_rmsnorm(shards[rank], res, w, EPS, fmt)
+            g = torch.cuda.CUDAGraph()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                ar.all_reduce_rmsnorm(shards[rank], res, w, EPS, fmt)
+            torch.cuda.current_stream().wait_stream(s)
+            with torch.cuda.graph(g):
+                yg, hg = ar.all_reduce_rmsnorm(shards[rank], res, w, EPS, fmt)
+            for _ in range(3):
+                g.replay()
+            torch.cuda.synchronize()
+            if not all(torch.equal(_bits(a), _bits(b)) for a, b in ((y, ey), (h, eh), (yg, ey), (hg, eh))):
+                fails.append((fmt, alg, mode, "rmsnorm"))
+        ar.algorithm, ar.mode = F.default_algorithm(world), "pull"
+        y, h = tp.all_reduce_rmsnorm(shards[rank], res, w, EPS, fmt, algorithm="fused")
+        ey, eh = (t.cuda() for t in emulate_all_reduce_rmsnorm(cpu, res.cpu(), w.cpu(), EPS, fmt, "fused"))
+        if not (torch.equal(_bits(y), _bits(ey)) and torch.equal(_bits(h), _bits(eh))):
+            fails.append((fmt, "tp.all_reduce_rmsnorm fused"))
+        if fmt != "mxfp8_e4m3":
+            ey, eh = (t.cuda() for t in emulate_all_reduce_rmsnorm(cpu, res.cpu(), w.cpu(), EPS, fmt, "two_shot",
+                                                                   second_fmt="mxfp8_e4m3"))
+            y, h = ar2.all_reduce_rmsnorm(shards[rank], res, w, EPS, fmt, second_fmt="mxfp8_e4m3")
+            if not (torch.equal(_bits(y), _bits(ey)) and torch.equal(_bits(h), _bits(eh))):
+                fails.append((fmt, "rmsnorm two_shot second hop"))
     q.put((rank, fails))
     F.shutdown(ar, ar2)
 

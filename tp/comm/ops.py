@@ -46,7 +46,10 @@ def all_reduce_op(x: Tensor, fmt: str, group_name: str, algorithm: str, second_f
     """``tp.all_reduce(x, fmt, group, algorithm, second_fmt=...)`` with the group by name: a
     graph-safe op. ``second_fmt``: two_shot's second hop (None or ``fmt`` itself: the first hop's)."""
     f, algorithm, second = _all_reduce_args(fmt, algorithm, second_fmt)
-    return all_reduce(x, f, group_by_name(group_name), algorithm, second_fmt=second)
+    y = all_reduce(x, f, group_by_name(group_name), algorithm, second_fmt=second)
+    # the fake promises contiguous memory; gather's decode of a width that is not a multiple of
+    # the block returns a view of padded rows (compiled code asserts the strides)
+    return y.contiguous()
 
 
 @all_reduce_op.register_fake

@@ -13,7 +13,10 @@ What it does: ``torch.compile(model, fullgraph=True)`` with inductor and the gra
 :mod:`tp.comm.passes`, which replaces every ``_c10d_functional.all_reduce`` + ``wait_tensor``
 that the policy gives a format with ``torch.ops.qformats.all_reduce(x, fmt, group_name,
 algorithm[, second_fmt])`` (and, with ``all_gather=True``, ``all_gather_into_tensor`` with
-``torch.ops.qformats.all_gather``). These custom ops (:mod:`tp.comm.ops`) run
+``torch.ops.qformats.all_gather``; with ``fuse_norm=True``, an all-reduce followed by the
+residual add and an RMSNorm with ``torch.ops.qformats.all_reduce_rmsnorm``, which equals
+:func:`tp.all_reduce_rmsnorm`, not the model's own norm, bit for bit: see
+:mod:`tp.comm.passes`, Fusing the norm). These custom ops (:mod:`tp.comm.ops`) run
 :func:`tp.all_reduce` / :func:`tp.all_gather` with the installed codec, so the compiled model
 equals the eager model calling the compressed collectives explicitly, bit for bit (same codec,
 same rank-order fp32 sums). The pass is installed as an inductor option of this one compiled
@@ -52,7 +55,8 @@ code is the rewritten one). Pass ``cache=False`` (or use a fresh ``TORCHINDUCTOR
 when you need :func:`report` filled.
 
 Autograd: the compressed ops are straight-through (the gradient of ``tp.all_reduce`` for any
-format is that of the plain all-reduce: each rank's input gets the output's gradient).
+format is that of the plain all-reduce: each rank's input gets the output's gradient), except
+``all_reduce_rmsnorm``, which refuses inputs that require grad: ``fuse_norm`` is for inference.
 """
 from __future__ import annotations
 
@@ -67,6 +71,7 @@ from .passes import CallSite, CollectivePass, RewriteReport, compile_options, in
 from .policy import CollectivePolicy, CommPolicy
 
 from .collectives import wire_bytes
+from .ops import ALL_REDUCE_RMSNORM
 from .ops import ALL_GATHER, ALL_REDUCE, all_gather_op, all_reduce_op, group_by_name  # noqa: F401 (old home)
 
 __all__ = [
@@ -80,16 +85,18 @@ __all__ = [
 _passes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def compile_pass(policy) -> CollectivePass:
+def compile_pass(policy, *, fuse_norm: bool = False) -> CollectivePass:
     """The graph pass for ``policy`` (a :class:`tp.CommPolicy` or a policy file's path) with the
     ops of :mod:`tp.comm.ops` (for a custom ``torch.compile`` call or :func:`installed`); the
-    policy's format and algorithm are checked here, not at first call."""
+    policy's format and algorithm are checked here, not at first call. ``fuse_norm``: see
+    :func:`compile`."""
     policy = CommPolicy.load(policy)
-    return CollectivePass(policy, ALL_REDUCE, ALL_GATHER)
+    return CollectivePass(policy, ALL_REDUCE, ALL_GATHER,
+                          all_reduce_rmsnorm_op=ALL_REDUCE_RMSNORM if fuse_norm else None)
 
 
 def compile(model, policy: CommPolicy, *, fullgraph: bool = True, cudagraphs: bool = False,
-            cache: bool = True, options: Optional[dict] = None, **compile_kwargs):
+            cache: bool = True, fuse_norm: bool = False, options: Optional[dict] = None, **compile_kwargs):
     """``torch.compile(model)`` with its collectives compressed as ``policy`` says.
 
     Args:
@@ -102,6 +109,9 @@ def compile(model, policy: CommPolicy, *, fullgraph: bool = True, cudagraphs: bo
             GPU and NCCL only; see the module docstring).
         cache: False disables the FX graph cache for this model so the pass, and its report,
             run on every compile.
+        fuse_norm: also fold the residual add and RMSNorm that follow a compressed all-reduce
+            into it (``torch.ops.qformats.all_reduce_rmsnorm``; module docstring, Fusing the
+            norm). Inference only; the norm's bits become the fused op's, not the model's.
         options: more inductor options; a ``post_grad_custom_post_pass`` there is chained.
         compile_kwargs: other ``torch.compile`` arguments (``dynamic``, ``backend``...). ``mode``
             cannot be combined with the options this needs: use ``cudagraphs=True`` instead of
@@ -116,7 +126,7 @@ def compile(model, policy: CommPolicy, *, fullgraph: bool = True, cudagraphs: bo
         raise ValueError(f"tp.compile rewrites collectives in an inductor pass; backend="
                          f"{compile_kwargs['backend']!r} would never run it")
     compile_kwargs.pop("backend", None)
-    pass_ = compile_pass(policy)
+    pass_ = compile_pass(policy, fuse_norm=fuse_norm)
     opts = compile_options(pass_, options)
     if cudagraphs:
         opts["triton.cudagraphs"] = True
@@ -161,8 +171,9 @@ def _group_size(site: CallSite) -> int:
 
 
 def collective_rows(rep: RewriteReport) -> list[dict]:
-    """One dict per call site: op, module, shape, dtype, fmt, algorithm, world, message bytes and
-    bytes this rank sends before/after (``tp.wire_bytes``; ring all-reduce for plain)."""
+    """One dict per call site: op, module, shape, dtype, fmt, algorithm, norm (the add + RMSNorm
+    fused in), world, message bytes and bytes this rank sends before/after (``tp.wire_bytes``;
+    ring all-reduce for plain)."""
     rows = []
     for e in rep.entries:
         s, w = e.site, _group_size(e.site)
@@ -174,7 +185,8 @@ def collective_rows(rep: RewriteReport) -> list[dict]:
             plain, sent = (w - 1) * e.bytes_before, (w - 1) * e.bytes_after
         rows.append(dict(graph=e.graph, op=s.op, index=s.index, module=s.module, producer=s.producer,
                          shape=s.shape, dtype=s.dtype,
-                         fmt=e.fmt, second_fmt=e.second_fmt, algorithm=e.algorithm, reason=e.reason, world=w,
+                         fmt=e.fmt, second_fmt=e.second_fmt, algorithm=e.algorithm, norm=e.norm, reason=e.reason,
+                         world=w,
                          message_before=e.bytes_before, message_after=e.bytes_after,
                          sent_before=plain, sent_after=sent))
     return rows
@@ -191,7 +203,8 @@ def print_collectives(compiled, file=None) -> str:
         lines = [head]
         for r in rows:
             hops = r["fmt"] + (f" -> {r['second_fmt']}" if r["second_fmt"] else "") if r["fmt"] else ""
-            fmt = f"{hops} ({r['algorithm']})" if r["fmt"] else f"plain ({r['reason']})"
+            norm = " + rmsnorm" if r["norm"] else ""
+            fmt = f"{hops} ({r['algorithm']}){norm}" if r["fmt"] else f"plain ({r['reason']})"
             where = r["module"] or "(root)"
             if r["producer"] and r["producer"] != r["module"]:
                 where += f" <- {r['producer']}"  # issued in module, input computed by producer
@@ -201,7 +214,8 @@ def print_collectives(compiled, file=None) -> str:
         widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
         out = ["  ".join(c.ljust(wd) for c, wd in zip(l, widths)).rstrip() for l in lines]
         b, a = sum(r["sent_before"] for r in rows), sum(r["sent_after"] for r in rows)
-        out.append(f"{rep.count()} of {len(rows)} collectives rewritten ({rep.formats()}); bytes sent per rank "
+        fused = f", {rep.norms} with the add + RMSNorm fused" if rep.norms else ""
+        out.append(f"{rep.count()} of {len(rows)} collectives rewritten ({rep.formats()}{fused}); bytes sent per rank "
                    f"per forward {b} -> {a}" + (f" ({a / b:.3f}x)" if b else ""))
         text = "\n".join(out)
     print(text, file=file or sys.stdout)

@@ -1,11 +1,12 @@
-"""``torch.ops.qformats.all_reduce`` / ``all_gather``: the compressed collectives as graph-safe
-custom ops, the process group named by its ``group_name``.
+"""``torch.ops.qformats.all_reduce`` / ``all_reduce_rmsnorm`` / ``all_gather``: the compressed
+collectives as graph-safe custom ops, the process group named by its ``group_name``.
 
 Whoever emits them imports them from here: the ``tp.compile`` rewrite pass
 (:mod:`tp.comm.compile`) inserts them into graphs, the DTensor style (:mod:`tp.styles`) and the
 transformers style call :data:`all_reduce_op` in their forward. The format travels as its
 canonical string (the torch op boundary is the format's one string round trip) and is resolved
-once per call here; every call is :func:`tp.all_reduce` / :func:`tp.all_gather` of that format.
+once per call here; every call is :func:`tp.all_reduce` / :func:`tp.all_reduce_rmsnorm` /
+:func:`tp.all_gather` of that format.
 The ops have fake implementations (``torch.compile(fullgraph=True)`` traces one node per
 collective) and allocate nothing a CUDA graph could not replay beyond what the collective does.
 """
@@ -17,9 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .collectives import all_gather, all_reduce, check_algorithm, resolve_format, second_hop
+from .collectives import all_gather, all_reduce, all_reduce_rmsnorm, check_algorithm, resolve_format, second_hop
 
-__all__ = ["ALL_GATHER", "ALL_REDUCE", "all_gather_op", "all_reduce_op", "group_by_name"]
+__all__ = ["ALL_GATHER", "ALL_REDUCE", "ALL_REDUCE_RMSNORM", "all_gather_op", "all_reduce_op", "all_reduce_rmsnorm_op",
+           "group_by_name"]
 
 
 def group_by_name(group_name: str):
@@ -32,7 +34,7 @@ def group_by_name(group_name: str):
 
 
 # the plain collective is _c10d_functional's: these ops always carry a format
-_NEEDS = "qformats.all_reduce/all_gather"
+_NEEDS = "qformats.all_reduce/all_reduce_rmsnorm/all_gather"
 
 
 def _all_reduce_args(fmt: str, algorithm: str, second_fmt: Optional[str]) -> tuple:
@@ -46,7 +48,10 @@ def all_reduce_op(x: Tensor, fmt: str, group_name: str, algorithm: str, second_f
     """``tp.all_reduce(x, fmt, group, algorithm, second_fmt=...)`` with the group by name: a
     graph-safe op. ``second_fmt``: two_shot's second hop (None or ``fmt`` itself: the first hop's)."""
     f, algorithm, second = _all_reduce_args(fmt, algorithm, second_fmt)
-    return all_reduce(x, f, group_by_name(group_name), algorithm, second_fmt=second)
+    y = all_reduce(x, f, group_by_name(group_name), algorithm, second_fmt=second)
+    # the fake promises contiguous memory; gather's decode of a width that is not a multiple of
+    # the block returns a view of padded rows (compiled code asserts the strides)
+    return y.contiguous()
 
 
 @all_reduce_op.register_fake
@@ -60,6 +65,51 @@ def _straight_through_backward(ctx, grad):
 
 
 all_reduce_op.register_autograd(_straight_through_backward)
+
+
+def _norm_args(x: Tensor, residual: Tensor, weight: Tensor) -> None:
+    # the checks tp.all_reduce_rmsnorm makes, also at trace time (the fake sees only shapes)
+    if residual.shape != x.shape or x.dim() == 0 or tuple(weight.shape) != (x.shape[-1],):
+        raise ValueError(f"qformats.all_reduce_rmsnorm: residual must have x's shape {tuple(x.shape)} and weight "
+                         f"[{x.shape[-1] if x.dim() else '?'}], got {tuple(residual.shape)} and {tuple(weight.shape)}")
+
+
+@torch.library.custom_op("qformats::all_reduce_rmsnorm", mutates_args=())
+def all_reduce_rmsnorm_op(x: Tensor, residual: Tensor, weight: Tensor, eps: float, fmt: str, group_name: str,
+                          algorithm: str, second_fmt: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """``tp.all_reduce_rmsnorm(x, residual, weight, eps, fmt, group, algorithm, second_fmt=...)``
+    with the group by name: (normed, h), h = all_reduce(x) + residual, normed = RMSNorm(h) *
+    weight, bitwise :func:`tp.comm.emulate.emulate_all_reduce_rmsnorm`. What the compile pass
+    emits where an all-reduce ends in the residual add and an RMSNorm (``fuse_norm=True``).
+    Inference only: no autograd formula (calling it on an input that requires grad raises)."""
+    f, algorithm, second = _all_reduce_args(fmt, algorithm, second_fmt)
+    _norm_args(x, residual, weight)
+    normed, h = all_reduce_rmsnorm(x, residual, weight, eps, f, group_by_name(group_name), algorithm,
+                                   second_fmt=second)
+    return normed.contiguous(), h.contiguous()  # as the fake promises (no copy where they already are)
+
+
+@all_reduce_rmsnorm_op.register_fake
+def _(x, residual, weight, eps, fmt, group_name, algorithm, second_fmt=None):
+    _all_reduce_args(fmt, algorithm, second_fmt)
+    _norm_args(x, residual, weight)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def _no_gradient(ctx, *grads):
+    raise RuntimeError("qformats.all_reduce_rmsnorm has no gradient")  # unreachable: _refuse_grad raised
+
+
+def _refuse_grad(ctx, inputs, output):
+    # autograd calls this only when grad is enabled and an input requires grad: refuse in the
+    # forward (as tp.all_reduce_rmsnorm does), not at a later backward; the collective has run
+    # by now, on every rank alike, so every rank raises
+    raise RuntimeError("tp.all_reduce_rmsnorm does not propagate gradients and an input requires grad: call it "
+                       "under torch.no_grad() (inference), or compile without fuse_norm for training")
+
+
+all_reduce_rmsnorm_op.register_autograd(_no_gradient, setup_context=_refuse_grad)
 
 
 @torch.library.custom_op("qformats::all_gather", mutates_args=())
@@ -80,4 +130,5 @@ def _(x, fmt, group_size, group_name):
 
 # the overloads a graph holds (what the pass inserts and the styles call)
 ALL_REDUCE = torch.ops.qformats.all_reduce.default
+ALL_REDUCE_RMSNORM = torch.ops.qformats.all_reduce_rmsnorm.default
 ALL_GATHER = torch.ops.qformats.all_gather.default

@@ -14,6 +14,29 @@ names the ops (tests pass stand-ins); ``tp.compile`` passes ``torch.ops.qformats
 the entry point most users want. It lives in ``tp.comm``, not ``lowering``: it has no kernel,
 it rewrites collectives, and ``tp.compile`` is its only user.
 
+Fusing the norm (opt-in: pass ``all_reduce_rmsnorm_op``, which ``tp.compile(..., fuse_norm=True)``
+does): where a compressed all-reduce's waited result has one user, ``h = sum + residual``
+(``aten.add.Tensor``, either operand order, the residual of the sum's shape and dtype), and a
+user of h starts an RMSNorm over h's last dim, all-reduce + wait + add + norm become one
+``op(x, residual, weight, eps, fmt, group_name, algorithm[, second_fmt]) -> (normed, h)``
+(``torch.ops.qformats.all_reduce_rmsnorm``): the add's users get h, the norm's users normed.
+The norm is what ``F.rms_norm`` and the hand-written module (HF's LlamaRMSNorm, with or without
+its ``.float()`` / ``.to(dtype)`` casts) decompose into in the post-grad graph: x = h or h cast to
+fp32; ``x * rsqrt(mean(x.pow(2) or x * x, dim=-1, keepdim=True) + eps)``; an optional cast to
+h's dtype; ``* weight``; an optional cast to h's dtype. Matched strictly, else the all-reduce
+gets the plain rewrite: eps a constant number, weight a [h.shape[-1]] float tensor computed
+before the add, the result in h's shape and dtype, and every intermediate node read only by the
+next (h itself may have other users). The fused op promises ``tp.all_reduce_rmsnorm`` and
+:func:`tp.comm.emulate.emulate_all_reduce_rmsnorm` bit for bit, not the model's own norm: h is
+the fp32 sum plus the residual rounded once, and the norm follows
+:func:`lowering.ops.reference_rms_norm` (fp32, a fixed reduction order) whatever casts the
+module wrote, so the compiled model differs from the eager one in the last bits of every fused
+site; hence opt-in. Inference only (the op has no gradient). The fused call sits where the add
+was (the residual may be computed after the all-reduce), so the collective starts no earlier
+than the add would have run. Cost: a walk along a few users of each candidate; at run time the
+last decode also writes normed (one kernel on GPU) instead of the decode, the add and
+inductor's norm kernel.
+
 Installing: never through a global assignment. :func:`compile_options` returns the
 ``options=`` dict for ``torch.compile`` (the pass applies to that one compiled object);
 :func:`installed` is a context manager that sets ``torch._inductor.config.
@@ -47,6 +70,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import operator
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -73,6 +97,11 @@ _ALL_REDUCE = (_C10D.all_reduce, _C10D.all_reduce.default)
 _ALL_GATHER = (_C10D.all_gather_into_tensor, _C10D.all_gather_into_tensor.default)
 _WAIT = (_C10D.wait_tensor, _C10D.wait_tensor.default)
 COMPRESSIBLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ATEN = torch.ops.aten
+# What an RMSNorm decomposes into in a post-grad graph (module docstring, Fusing the norm)
+_ADD = (_ATEN.add.Tensor, _ATEN.add.Scalar)
+_MUL = (_ATEN.mul.Tensor,)
+_CAST = (torch.ops.prims.convert_element_type.default,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +150,7 @@ class Rewrite:
     bytes_after: int  # its encoding in fmt (== bytes_before when left alone)
     reason: str = ""  # why it was left alone
     second_fmt: Optional[str] = None  # two_shot's second hop when it differs from fmt
+    norm: bool = False  # the residual add and RMSNorm after it were fused in (qformats.all_reduce_rmsnorm)
 
 
 @dataclass
@@ -141,6 +171,12 @@ class RewriteReport:
     def count(self, op: Optional[str] = None) -> int:
         """Number of rewritten call sites (of ``op`` if given)."""
         return sum(1 for e in self.rewritten if op is None or e.site.op == op)
+
+    @property
+    def norms(self) -> int:
+        """Number of rewritten all-reduces whose residual add and RMSNorm were fused in (each
+        one call of ``torch.ops.qformats.all_reduce_rmsnorm``)."""
+        return sum(1 for e in self.rewritten if e.norm)
 
     def formats(self) -> dict:
         """{canonical format: number of call sites rewritten to it}."""
@@ -169,12 +205,14 @@ class RewriteReport:
             where = (s.module or "(root)") + (f" <- {s.producer}" if s.producer and s.producer != s.module else "")
             rows.append((str(e.graph), s.op, str(s.index), where, "x".join(map(str, s.shape)),
                          str(s.dtype).replace("torch.", ""),
-                         f"{e.fmt} ({e.algorithm})" if e.fmt else f"plain ({e.reason})",
+                         (f"{e.fmt} ({e.algorithm})" + (" + rmsnorm" if e.norm else "")) if e.fmt
+                         else f"plain ({e.reason})",
                          str(e.bytes_before), str(e.bytes_after)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         b, a = self.bytes_before, self.bytes_after
-        lines.append(f"{self.count()} of {len(self.entries)} collectives rewritten; message bytes "
+        fused = f" ({self.norms} with the add + RMSNorm fused)" if self.norms else ""
+        lines.append(f"{self.count()} of {len(self.entries)} collectives rewritten{fused}; message bytes "
                      f"{b} -> {a} ({a / b:.3f}x)" if b else "no bytes")
         return "\n".join(lines)
 
@@ -227,6 +265,131 @@ def _waits(node: torch.fx.Node) -> Optional[list]:
     return None
 
 
+def _is(node, targets) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _tensor_val(node):
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _number(a) -> bool:
+    return isinstance(a, (int, float)) and not isinstance(a, bool)
+
+
+def _sole_user(node):
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _plain_add(node) -> bool:
+    # aten.add without alpha (or alpha 1): a + b
+    return (_is(node, _ADD) and len(node.args) == 2
+            and set(node.kwargs) <= {"alpha"} and node.kwargs.get("alpha", 1) == 1)
+
+
+def _other(node, one):
+    # the operand of a binary op that is not ``one`` (None unless ``one`` is exactly one of two)
+    a, b = node.args[:2]
+    if a is one and b is not one:
+        return b
+    if b is one and a is not one:
+        return a
+    return None
+
+
+def _cast_to(node, dtype) -> bool:
+    return _is(node, _CAST) and len(node.args) == 2 and node.args[1] == dtype and not node.kwargs
+
+
+@dataclass(frozen=True)
+class _NormMatch:
+    """An all-reduce's ``wait + residual`` feeding an RMSNorm (:func:`_match_norm`)."""
+
+    add: torch.fx.Node  # h = sum + residual
+    residual: torch.fx.Node
+    weight: torch.fx.Node
+    eps: float
+    out: torch.fx.Node  # normed = RMSNorm(h) * weight, in h's dtype
+    nodes: tuple  # every node the fused op replaces, in graph order (wait first, out last)
+
+
+def _match_norm(wait: torch.fx.Node, order: dict) -> Optional[_NormMatch]:
+    """``wait``'s one user h = wait + residual (same shape and dtype, either order) feeding the
+    decomposition of an RMSNorm over h's last dim with a constant eps and a 1-D weight of that
+    dim, or None (module docstring, Fusing the norm). ``order``: node -> position in the graph
+    (the weight must come before the add, where the fused op goes)."""
+    add = _sole_user(wait)
+    if add is None or not _plain_add(add) or add.target is not _ATEN.add.Tensor:
+        return None
+    residual = _other(add, wait)
+    hv, sv, rv = _tensor_val(add), _tensor_val(wait), _tensor_val(residual)
+    if hv is None or sv is None or rv is None or hv.dim() == 0:
+        return None
+    if not (hv.shape == sv.shape == rv.shape and hv.dtype == sv.dtype == rv.dtype):
+        return None  # a broadcast residual or a type promotion: the fused op's h would differ
+    for start in list(add.users):
+        m = _match_norm_from(add, start, hv, order)
+        if m is not None:
+            return _NormMatch(add, residual, m[0], m[1], m[2], (wait, add) + m[3])
+    return None
+
+
+def _match_norm_from(h, start, hv, order):
+    """(weight, eps, out, nodes) when ``start`` (a user of ``h``) begins an RMSNorm of ``h``:
+    x = h or h widened to fp32; x * rsqrt(mean(x ** 2 (or x * x), last dim, keepdim) + eps); an
+    optional cast to h's dtype; * weight; an optional cast to h's dtype. Every node but the
+    last has exactly the users the pattern gives it (h may have others: they get h)."""
+    x = start if _cast_to(start, torch.float32) and hv.dtype != torch.float32 else h
+    for sq in ([start] if x is h else list(x.users)):
+        if ((_is(sq, (_ATEN.pow.Tensor_Scalar,)) and len(sq.args) == 2 and sq.args[0] is x
+             and _number(sq.args[1]) and sq.args[1] == 2) or (_is(sq, _MUL) and tuple(sq.args) == (x, x))):
+            break
+    else:
+        return None
+    mean = _sole_user(sq)
+    if not _is(mean, (_ATEN.mean.dim,)) or mean.args[0] is not sq or set(mean.kwargs) - {"keepdim"}:
+        return None
+    dims = mean.args[1] if len(mean.args) > 1 else None
+    keepdim = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
+    if not (isinstance(dims, (list, tuple)) and len(dims) == 1 and dims[0] in (-1, hv.dim() - 1)
+            and keepdim is True):
+        return None  # the norm is over another dim (or several)
+    var = _sole_user(mean)
+    if not _plain_add(var) or var.args[0] is not mean or not _number(var.args[1]):
+        return None  # eps must be a constant
+    rs = _sole_user(var)
+    if not _is(rs, (_ATEN.rsqrt.default,)):
+        return None
+    xn = _sole_user(rs)
+    if not _is(xn, _MUL) or _other(xn, rs) is not x:
+        return None
+    if x is not h and set(x.users) != {sq, xn}:
+        return None  # the widened h is read elsewhere
+    nodes = ((x,) if x is not h else ()) + (sq, mean, var, rs, xn)
+    cur, weight = xn, None
+    while True:  # [cast to h's dtype] * weight [cast to h's dtype]; each node before the last has one user
+        nxt = _sole_user(cur)
+        if nxt is None:
+            break
+        if _cast_to(nxt, hv.dtype) and _tensor_val(cur) is not None and _tensor_val(cur).dtype != hv.dtype:
+            cur = nxt
+        elif weight is None and _is(nxt, _MUL) and _other(nxt, cur) is not None:
+            weight, cur = _other(nxt, cur), nxt
+        else:
+            break
+        nodes += (cur,)
+    wv, out = _tensor_val(weight), _tensor_val(cur)
+    if wv is None or out is None or weight not in order or order[weight] >= order[h]:
+        return None  # no weight, or one computed after the add (the fused op goes before it)
+    if tuple(wv.shape) != (hv.shape[-1],) or wv.dtype not in COMPRESSIBLE_DTYPES:
+        return None  # not one weight per feature (a scalar or a broadcast tensor scales otherwise)
+    if out.shape != hv.shape or out.dtype != hv.dtype:
+        return None  # e.g. an fp32 weight times the norm in bf16: the result is fp32
+    return weight, float(var.args[1]), cur, nodes
+
+
 class CollectivePass(CustomGraphPass):
     """The post-grad pass: rewrites collectives into replacement ops as the policy says.
 
@@ -240,13 +403,19 @@ class CollectivePass(CustomGraphPass):
             required only when the policy compresses all-gathers.
         chain: the pass (a CustomGraphPass, a callable, or a list/tuple of them) that was
             installed before; it runs first on every graph. Its uuid joins this one's.
+        all_reduce_rmsnorm_op: ``op(x, residual, weight, eps, fmt, group_name, algorithm[,
+            second_fmt]) -> (normed, h)``, e.g. ``torch.ops.qformats.all_reduce_rmsnorm.default``;
+            when given, a compressed all-reduce that ends in a residual add and an RMSNorm is
+            rewritten, with them, into one call of it (module docstring, Fusing the norm).
+            None (the default): no fusion.
 
     ``report`` accumulates a :class:`Rewrite` per call site of every graph the pass ran on.
     ``attribution`` is the :func:`module_attribution` of the graph being compiled, or None
     (see the module docstring, Caching); set it with :meth:`attributed`.
     """
 
-    def __init__(self, policy: CommPolicy, all_reduce_op, all_gather_op=None, chain=None):
+    def __init__(self, policy: CommPolicy, all_reduce_op, all_gather_op=None, chain=None, *,
+                 all_reduce_rmsnorm_op=None):
         if not isinstance(policy, CommPolicy):
             raise TypeError(f"policy must be a tp.CommPolicy, got {type(policy).__name__}")
         if all_reduce_op is None:
@@ -258,6 +427,8 @@ class CollectivePass(CustomGraphPass):
         self.policy = policy
         self.all_reduce_op = getattr(all_reduce_op, "default", all_reduce_op)
         self.all_gather_op = getattr(all_gather_op, "default", all_gather_op) if all_gather_op is not None else None
+        self.all_reduce_rmsnorm_op = (getattr(all_reduce_rmsnorm_op, "default", all_reduce_rmsnorm_op)
+                                      if all_reduce_rmsnorm_op is not None else None)
         self.chain = chain
         self.report = RewriteReport()
         self.attribution: Optional[str] = None
@@ -287,7 +458,7 @@ class CollectivePass(CustomGraphPass):
         pol = self.policy.fingerprint()
         if pol is None:
             return None
-        parts = [_SOURCE_HASH, pol, str(self.all_reduce_op), str(self.all_gather_op)]
+        parts = [_SOURCE_HASH, pol, str(self.all_reduce_op), str(self.all_gather_op), str(self.all_reduce_rmsnorm_op)]
         if self.policy.reads_modules:
             if self.attribution is None:
                 return None  # decisions read metadata the cache key cannot see: never cache
@@ -308,14 +479,16 @@ class CollectivePass(CustomGraphPass):
         gi = self.report.graphs
         self.report.graphs += 1
         found = {"all_reduce": [], "all_gather": []}
+        order = {}  # the graph's nodes before the rewrite -> position (where a fused norm may go)
         for n in graph.nodes:
+            order[n] = len(order)
             if n.op != "call_function":
                 continue
             if n.target in _ALL_REDUCE:
                 found["all_reduce"].append(n)
             elif n.target in _ALL_GATHER:
                 found["all_gather"].append(n)
-        done = 0
+        done, norms = 0, self.report.norms
         for op, nodes in found.items():
             paths = [(module_path(n), module_path(n.args[0]) if isinstance(n.args[0], torch.fx.Node) else "")
                      for n in nodes]
@@ -327,18 +500,19 @@ class CollectivePass(CustomGraphPass):
             else:  # a graph without layer numbers: positions stand in for layers
                 layers, num_layers = list(range(len(nodes))), len(nodes)
             for i, (n, (path, producer), layer) in enumerate(zip(nodes, paths, layers)):
-                done += self._one(graph, gi, op, i, len(nodes), n, path, producer, layer, num_layers)
+                done += self._one(graph, gi, op, i, len(nodes), n, path, producer, layer, num_layers, order)
         if done:
             graph.lint()
             try:
                 from torch._dynamo.utils import counters
 
                 counters["qformats"]["collectives_rewritten"] += done
+                counters["qformats"]["norms_fused"] += self.report.norms - norms
             except Exception:  # counters are a convenience only
                 pass
         return done
 
-    def _one(self, graph, gi, op, index, count, n, path, producer, layer, num_layers) -> int:
+    def _one(self, graph, gi, op, index, count, n, path, producer, layer, num_layers, order) -> int:
         x = n.args[0]
         val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
         if op == "all_reduce":
@@ -381,6 +555,14 @@ class CollectivePass(CustomGraphPass):
         except ValueError as e:
             raise ValueError(f"{op} #{index} ({site.module or 'unknown module'}, shape {shape}): "
                              f"format {fmt} does not apply: {e}") from None
+        norm = (_match_norm(waits[0], order) if op == "all_reduce" and len(waits) == 1
+                and self.all_reduce_rmsnorm_op is not None else None)
+        if norm is not None:
+            self._fuse_norm(graph, n, norm, (x, norm.residual, norm.weight, norm.eps, fmt, group_name,
+                                             self.policy.algorithm) + (() if second == f else (str(second),)))
+            self.report.entries.append(Rewrite(gi, site, fmt, self.policy.algorithm, before, after,
+                                               second_fmt=None if second == f else str(second), norm=True))
+            return 1
         with graph.inserting_before(n):
             if op == "all_reduce":
                 args = (x, fmt, group_name, self.policy.algorithm)
@@ -398,6 +580,25 @@ class CollectivePass(CustomGraphPass):
         self.report.entries.append(Rewrite(gi, site, fmt, self.policy.algorithm if op == "all_reduce" else None,
                                            before, after, second_fmt=None if second == f else str(second)))
         return 1
+
+    def _fuse_norm(self, graph, n, norm: _NormMatch, args: tuple) -> None:
+        # one call where the add was (x, the residual and the weight all come before it); the
+        # add's users get h, the norm's users normed; the matched nodes go
+        with graph.inserting_before(norm.add):
+            new = graph.call_function(self.all_reduce_rmsnorm_op, args)
+            normed = graph.call_function(operator.getitem, (new, 0))
+            h = graph.call_function(operator.getitem, (new, 1))
+        new.meta["val"] = (norm.out.meta["val"], norm.add.meta["val"])
+        normed.meta["val"], h.meta["val"] = norm.out.meta["val"], norm.add.meta["val"]
+        for node, old in ((new, n), (normed, norm.out), (h, norm.add)):
+            if "nn_module_stack" in old.meta:
+                node.meta["nn_module_stack"] = old.meta["nn_module_stack"]
+        matched = set(norm.nodes)
+        norm.out.replace_all_uses_with(normed)
+        norm.add.replace_all_uses_with(h, delete_user_cb=lambda u: u not in matched)
+        for node in reversed(norm.nodes):
+            graph.erase_node(node)
+        graph.erase_node(n)
 
 
 def _hash_source() -> str:

@@ -22,26 +22,31 @@ from qformats import Format, QTensor
 
 __all__ = ["CODEC_METHODS", "Codec", "ReferenceCodec", "check_codec"]
 
-CODEC_METHODS = ("encode", "decode", "decode_sum", "reduce_requant")
+CODEC_METHODS = ("quantize", "dequantize", "dequant_sum", "dequant_sum_requant")
 
 
 @runtime_checkable
 class Codec(Protocol):
-    """Encode, decode and rank-order reduction of wire buffers: all the arithmetic of a collective."""
+    """Quantize, dequantize and rank-order reduction of wire buffers: all the arithmetic of a collective.
+
+    The methods are named after the ``torch.ops.qformats`` ops they mirror (:mod:`lowering.ops`), with
+    the collectives' narrower signatures: no dtype (every decode here is fp32), ``bufs`` a list of
+    buffers (or the rows of one [N, nbytes] tensor), and ``dequant_sum_requant`` returning only the
+    new buffer."""
 
     name: str
 
-    def encode(self, x: torch.Tensor, fmt: Format) -> torch.Tensor:
+    def quantize(self, x: torch.Tensor, fmt: Format) -> torch.Tensor:
         """Wire buffer of ``x`` (any supported float dtype), uint8 1-D."""
 
-    def decode(self, buf: torch.Tensor, fmt: Format, shape: tuple) -> torch.Tensor:
+    def dequantize(self, buf: torch.Tensor, fmt: Format, shape: tuple) -> torch.Tensor:
         """fp32 values of one wire buffer."""
 
-    def decode_sum(self, bufs: Sequence[torch.Tensor], fmt: Format, shape: tuple) -> torch.Tensor:
+    def dequant_sum(self, bufs: Sequence[torch.Tensor], fmt: Format, shape: tuple) -> torch.Tensor:
         """fp32 sum of the decoded buffers, added in list (= rank) order."""
 
-    def reduce_requant(self, bufs: Sequence[torch.Tensor], fmt: Format, shape: tuple) -> torch.Tensor:
-        """``encode(decode_sum(bufs))``: the middle step of two_shot (one fused kernel on GPU)."""
+    def dequant_sum_requant(self, bufs: Sequence[torch.Tensor], fmt: Format, shape: tuple) -> torch.Tensor:
+        """``quantize(dequant_sum(bufs))``: the middle step of two_shot (one fused kernel on GPU)."""
 
 
 def check_codec(codec) -> None:
@@ -56,17 +61,17 @@ class ReferenceCodec:
 
     name = "reference"
 
-    def encode(self, x: torch.Tensor, fmt: Format) -> torch.Tensor:
+    def quantize(self, x: torch.Tensor, fmt: Format) -> torch.Tensor:
         return qformats.encode(x, fmt).data
 
-    def decode(self, buf: torch.Tensor, fmt: Format, shape: tuple) -> torch.Tensor:
+    def dequantize(self, buf: torch.Tensor, fmt: Format, shape: tuple) -> torch.Tensor:
         return qformats.decode(QTensor.from_buffer(buf, fmt, shape, torch.float32), torch.float32)
 
-    def decode_sum(self, bufs: Sequence[torch.Tensor], fmt: Format, shape: tuple) -> torch.Tensor:
-        acc = self.decode(bufs[0], fmt, shape)
+    def dequant_sum(self, bufs: Sequence[torch.Tensor], fmt: Format, shape: tuple) -> torch.Tensor:
+        acc = self.dequantize(bufs[0], fmt, shape)
         for b in bufs[1:]:
-            acc = acc.add_(self.decode(b, fmt, shape))
+            acc = acc.add_(self.dequantize(b, fmt, shape))
         return acc
 
-    def reduce_requant(self, bufs: Sequence[torch.Tensor], fmt: Format, shape: tuple) -> torch.Tensor:
-        return self.encode(self.decode_sum(bufs, fmt, shape), fmt)
+    def dequant_sum_requant(self, bufs: Sequence[torch.Tensor], fmt: Format, shape: tuple) -> torch.Tensor:
+        return self.quantize(self.dequant_sum(bufs, fmt, shape), fmt)

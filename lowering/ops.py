@@ -361,8 +361,8 @@ class LoweredCodec:
     """:class:`lowering.codec.Codec` backed by these ops.
 
     Install it with ``tp.set_codec(LoweredCodec())``; it is bitwise equal to the
-    reference codec (the tests check the ops; this class only adapts signatures). ``decode_sum``
-    and ``reduce_requant`` take a list of buffers and stack them (one copy) unless they are
+    reference codec (the tests check the ops; this class only adapts signatures). ``dequant_sum``
+    and ``dequant_sum_requant`` take a list of buffers and stack them (one copy) unless they are
     already rows of one [N, nbytes] tensor.
     """
 
@@ -385,16 +385,16 @@ class LoweredCodec:
         self._names[id(fmt)] = (fmt, name)  # holds fmt: its id cannot be reused while cached
         return name
 
-    def encode(self, x: torch.Tensor, fmt) -> torch.Tensor:
+    def quantize(self, x: torch.Tensor, fmt) -> torch.Tensor:
         return torch.ops.qformats.quantize(x, self._name(fmt))
 
-    def decode(self, buf: torch.Tensor, fmt, shape) -> torch.Tensor:
+    def dequantize(self, buf: torch.Tensor, fmt, shape) -> torch.Tensor:
         return torch.ops.qformats.dequantize(buf, self._name(fmt), list(shape), torch.float32)
 
-    def decode_sum(self, bufs, fmt, shape) -> torch.Tensor:
+    def dequant_sum(self, bufs, fmt, shape) -> torch.Tensor:
         stacked = bufs if isinstance(bufs, torch.Tensor) else torch.stack(list(bufs))
         return torch.ops.qformats.dequant_sum(stacked, self._name(fmt), list(shape), torch.float32, None)
 
-    def reduce_requant(self, bufs, fmt, shape) -> torch.Tensor:
+    def dequant_sum_requant(self, bufs, fmt, shape) -> torch.Tensor:
         stacked = bufs if isinstance(bufs, torch.Tensor) else torch.stack(list(bufs))
         return torch.ops.qformats.dequant_sum_requant(stacked, self._name(fmt), list(shape), None)[0]

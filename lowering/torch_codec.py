@@ -3,8 +3,9 @@
 Use it where the reference codec's cost dominates on a CPU: the emulator of compressed
 collectives (:mod:`tp.comm.emulate`; ``qformats eval`` installs it), or any loop of
 ``qformats.encode/decode`` on CPU tensors. Install it with
-``tp.set_codec(TorchCodec())``; :func:`encode` / :func:`decode` are the same
-operations as plain functions. On a GPU use the Triton ops of :mod:`lowering.ops`.
+``tp.set_codec(TorchCodec())``; :func:`quantize` / :func:`dequantize` are the same
+operations as plain functions (named, and with the dtype argument, as the ops of
+:mod:`lowering.ops`). On a GPU use the Triton ops of :mod:`lowering.ops`.
 
 Cost: whole-tensor torch ops on fp32/int32, no Python loop over blocks or elements. An encode
 is ~10-15 elementwise passes over the tensor plus ~50-100 small per-block ops, a decode 3-5
@@ -72,7 +73,7 @@ from qformats.spec import dims, replace, scale_element
 from .constants import (KIND_FLOAT, SCALE_BF16, SCALE_E4M3, SCALE_E8M0, SCALE_FP16, SCALE_FP32,
                         KernelConstants, Unsupported, lower)
 
-__all__ = ["TorchCodec", "decode", "encode", "fallback_reason"]
+__all__ = ["TorchCodec", "dequantize", "fallback_reason", "quantize"]
 
 # Multi-byte words (scales, packed code groups) are read and written through native views.
 assert sys.byteorder == "little", "lowering.torch_codec assumes a little-endian host"
@@ -489,13 +490,13 @@ def _static_codes(xq: torch.Tensor, plan: _Plan) -> torch.Tensor:
     return codes
 
 
-def encode(x: torch.Tensor, fmt) -> torch.Tensor:
+def quantize(x: torch.Tensor, fmt) -> torch.Tensor:
     """Wire buffer (uint8, 1-D) of ``x`` (fp32/bf16/fp16, any leading shape), byte for byte
     ``qformats.encode(x, fmt).data``."""
     f = need_format(fmt)
     check_input(x)
     if x.device.type != "cpu":  # the reference computes on the CPU too
-        return encode(x.detach().cpu(), f).to(x.device)
+        return quantize(x.detach().cpu(), f).to(x.device)
     lay = f.layout(x.shape)
     plan = _plan(f, lay.width)
     if plan is None:
@@ -622,7 +623,7 @@ def _decode_many_bounded(bufs: torch.Tensor, f: Format, shape: tuple) -> tuple[t
     return _decode_rows(bufs, f, shape, plan)
 
 
-def decode(buf: torch.Tensor, fmt, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(buf: torch.Tensor, fmt, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Values of one wire buffer as ``dtype``, bitwise ``qformats.decode`` of it (NaN payloads and
     signed zeros included)."""
     f = need_format(fmt)
@@ -631,7 +632,7 @@ def decode(buf: torch.Tensor, fmt, shape, dtype: torch.dtype = torch.float32) ->
         raise TypeError(f"cannot decode to {dtype}: use one of float32, bfloat16, float16")
     _check_buffer(buf, f, shape)
     if buf.device.type != "cpu":
-        return decode(buf.cpu(), f, shape, dtype).to(buf.device)
+        return dequantize(buf.cpu(), f, shape, dtype).to(buf.device)
     y, bound = _decode_many_bounded(buf.reshape(1, -1), f, shape)
     if dtype != _F32 and bound <= torch.finfo(dtype).max:
         return y[0].to(dtype)  # nothing overflows: the reference's saturating cast is this plain cast
@@ -641,18 +642,18 @@ def decode(buf: torch.Tensor, fmt, shape, dtype: torch.dtype = torch.float32) ->
 class TorchCodec:
     """:class:`lowering.codec.Codec` on whole-tensor CPU torch ops,
     bitwise equal to the reference (module docstring). Install it with
-    ``tp.set_codec(TorchCodec())``. ``decode_sum`` decodes all buffers in one pass,
+    ``tp.set_codec(TorchCodec())``. ``dequant_sum`` decodes all buffers in one pass,
     then adds them in list (= rank) order, one fp32 addition at a time."""
 
     name = "torch"
 
-    def encode(self, x: torch.Tensor, fmt) -> torch.Tensor:
-        return encode(x, fmt)
+    def quantize(self, x: torch.Tensor, fmt) -> torch.Tensor:
+        return quantize(x, fmt)
 
-    def decode(self, buf: torch.Tensor, fmt, shape) -> torch.Tensor:
-        return decode(buf, fmt, shape)
+    def dequantize(self, buf: torch.Tensor, fmt, shape) -> torch.Tensor:
+        return dequantize(buf, fmt, shape)
 
-    def decode_sum(self, bufs: Sequence[torch.Tensor], fmt, shape) -> torch.Tensor:
+    def dequant_sum(self, bufs: Sequence[torch.Tensor], fmt, shape) -> torch.Tensor:
         f = need_format(fmt)
         shape = dims(shape)
         stacked = bufs if isinstance(bufs, torch.Tensor) else torch.stack([b.reshape(-1) for b in bufs])
@@ -665,5 +666,5 @@ class TorchCodec:
             acc.add_(y)
         return acc.to(dev)
 
-    def reduce_requant(self, bufs: Sequence[torch.Tensor], fmt, shape) -> torch.Tensor:
-        return self.encode(self.decode_sum(bufs, fmt, shape), fmt)
+    def dequant_sum_requant(self, bufs: Sequence[torch.Tensor], fmt, shape) -> torch.Tensor:
+        return self.quantize(self.dequant_sum(bufs, fmt, shape), fmt)

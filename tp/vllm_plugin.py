@@ -160,8 +160,8 @@ def probe_formats(policy: CommPolicy, hidden: int, codec, device, dtype=torch.fl
     for f in policy.formats():
         try:
             f.layout((1, hidden))
-            buf = codec.encode(x, f)
-            y = codec.decode(buf, f, (4, hidden))
+            buf = codec.quantize(x, f)
+            y = codec.dequantize(buf, f, (4, hidden))
             if tuple(y.shape) != (4, hidden):
                 raise RuntimeError(f"decoded shape {tuple(y.shape)}")
         except Exception as e:  # noqa: BLE001 - any failure here is a format this engine cannot serve

@@ -10,17 +10,24 @@ addition at a time (never a tree or a Kahan sum).
 
 Shapes passed in are 2-D ``(rows, H)``; formats are resolved ``qformats.Format`` values (the
 caller resolves once); buffers are 1-D uint8 of ``fmt.nbytes(shape)``.
+
+The ``reference_*`` functions are the one adapter of the reference codec to the ops' signatures
+(``torch.ops.qformats.*``, :mod:`lowering.ops`): :class:`ReferenceCodec` is built on them, the
+ops fall back to them and the tests hold the kernels to them. Pure torch, CPU (CUDA tensors are
+copied there and back by the reference codec); reference speed.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
 
 import qformats
-from qformats import Format, QTensor
+from qformats import Format, QTensor, need_format
+from qformats.codec import saturating_cast
 
-__all__ = ["CODEC_METHODS", "Codec", "ReferenceCodec", "check_codec"]
+__all__ = ["CODEC_METHODS", "Codec", "ReferenceCodec", "check_codec", "reference_dequant_sum",
+           "reference_dequant_sum_requant", "reference_dequantize", "reference_quantize"]
 
 CODEC_METHODS = ("quantize", "dequantize", "dequant_sum", "dequant_sum_requant")
 
@@ -56,22 +63,71 @@ def check_codec(codec) -> None:
             raise TypeError(f"a codec needs a callable .{m}(); {type(codec).__name__} has none")
 
 
+# ------------------------------------------------------------------------------------------
+# the reference codec with the ops' signatures (oracle and fallback)
+# ------------------------------------------------------------------------------------------
+def reference_quantize(x: torch.Tensor, fmt) -> torch.Tensor:
+    """``qformats.encode(x, fmt).data``: the op ``quantize``'s definition."""
+    f = need_format(fmt)
+    return qformats.encode(x, f).data
+
+
+def reference_dequantize(buf: torch.Tensor, fmt, shape: List[int], dtype: torch.dtype) -> torch.Tensor:
+    """``qformats.decode`` of one wire buffer as ``dtype``: the op ``dequantize``'s definition."""
+    f = need_format(fmt)
+    return qformats.decode(QTensor.from_buffer(buf, f, shape, dtype), dtype)
+
+
+def _rank_order_sum(dequantize: Callable[[torch.Tensor], torch.Tensor], bufs) -> torch.Tensor:
+    """The fp32 ``dequantize(b)`` of every buffer of ``bufs`` (a list, or the rows of an
+    [N, nbytes] tensor) added in list (= rank) order, one fp32 addition at a time."""
+    acc = dequantize(bufs[0])
+    for b in bufs[1:]:
+        acc = acc + dequantize(b)
+    return acc
+
+
+def _reference_sum(bufs, f: Format, shape) -> torch.Tensor:
+    return _rank_order_sum(lambda b: reference_dequantize(b, f, shape, torch.float32), bufs)
+
+
+def reference_dequant_sum(bufs, fmt, shape: List[int], dtype: torch.dtype,
+                          residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The rank-order fp32 sum of the decodes (+ ``residual`` cast to fp32, added last), as
+    ``dtype`` (saturating): the op ``dequant_sum``'s definition."""
+    f = need_format(fmt)
+    acc = _reference_sum(bufs, f, shape)
+    if residual is not None:
+        acc = acc + residual.to(torch.float32)
+    return saturating_cast(acc, dtype)
+
+
+def reference_dequant_sum_requant(bufs: torch.Tensor, fmt, shape: List[int],
+                                  dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(quantize of the fp32 rank-order sum, its decode as ``dtype`` or an empty tensor): the op
+    ``dequant_sum_requant``'s definition."""
+    f = need_format(fmt)
+    buf = reference_quantize(_reference_sum(bufs, f, shape), f)
+    if dtype is None:
+        return buf, bufs.new_empty((0,), dtype=torch.float32)
+    return buf, reference_dequantize(buf, f, shape, dtype)
+
+
 class ReferenceCodec:
-    """:class:`Codec` on the reference codec: the oracle the others are held to."""
+    """:class:`Codec` on the reference codec: the oracle the others are held to. The sums go
+    through ``self.dequantize`` and ``self.quantize``, so a subclass that changes those two
+    changes every operation (the tests' instrumented codecs do)."""
 
     name = "reference"
 
     def quantize(self, x: torch.Tensor, fmt: Format) -> torch.Tensor:
-        return qformats.encode(x, fmt).data
+        return reference_quantize(x, fmt)
 
     def dequantize(self, buf: torch.Tensor, fmt: Format, shape: tuple) -> torch.Tensor:
-        return qformats.decode(QTensor.from_buffer(buf, fmt, shape, torch.float32), torch.float32)
+        return reference_dequantize(buf, fmt, shape, torch.float32)
 
     def dequant_sum(self, bufs: Sequence[torch.Tensor], fmt: Format, shape: tuple) -> torch.Tensor:
-        acc = self.dequantize(bufs[0], fmt, shape)
-        for b in bufs[1:]:
-            acc = acc.add_(self.dequantize(b, fmt, shape))
-        return acc
+        return _rank_order_sum(lambda b: self.dequantize(b, fmt, shape), bufs)
 
     def dequant_sum_requant(self, bufs: Sequence[torch.Tensor], fmt: Format, shape: tuple) -> torch.Tensor:
         return self.quantize(self.dequant_sum(bufs, fmt, shape), fmt)

@@ -64,12 +64,12 @@ from typing import Optional, Sequence
 
 import torch
 
-import qformats
-from qformats import Format, QTensor, grid, need_format, packing
+from qformats import Format, grid, need_format, packing
 from qformats.codec import (FP32_MAX, FP32_MIN_SUBNORMAL, SUPPORTED_DTYPES, check_input, rotate, saturate_fp32,
                             saturating_cast)
 from qformats.spec import dims, replace, scale_element
 
+from .codec import reference_dequantize, reference_quantize
 from .constants import (KIND_FLOAT, SCALE_BF16, SCALE_E4M3, SCALE_E8M0, SCALE_FP16, SCALE_FP32,
                         KernelConstants, Unsupported, lower)
 
@@ -500,7 +500,7 @@ def quantize(x: torch.Tensor, fmt) -> torch.Tensor:
     lay = f.layout(x.shape)
     plan = _plan(f, lay.width)
     if plan is None:
-        return qformats.encode(x, f).data
+        return reference_quantize(x, f)
     x2 = x.detach().reshape(lay.rows, lay.width).to(_F32)
     xq = x2.index_select(1, plan.keep) if plan.keep is not None else x2
     if lay.padded > lay.qwidth:  # zero-pad the last block (one copy)
@@ -619,7 +619,7 @@ def _decode_many_bounded(bufs: torch.Tensor, f: Format, shape: tuple) -> tuple[t
     """:func:`_decode_many` and a bound on the finite magnitudes (inf: not known)."""
     plan = _plan(f, shape[-1])
     if plan is None:
-        return torch.stack([qformats.decode(QTensor.from_buffer(b, f, shape, _F32), _F32) for b in bufs]), math.inf
+        return torch.stack([reference_dequantize(b, f, shape, _F32) for b in bufs]), math.inf
     return _decode_rows(bufs, f, shape, plan)
 
 

@@ -51,7 +51,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from qformats import Format, need_format
-from qformats.codec import SUPPORTED_DTYPES, check_input, saturating_cast
+from qformats.codec import check_input, saturating_cast
+from qformats.numeric import SUPPORTED_DTYPES
 
 from . import kernels
 from .codec import reference_dequant_sum, reference_dequant_sum_requant, reference_dequantize, reference_quantize

@@ -65,8 +65,9 @@ from typing import Optional, Sequence
 import torch
 
 from qformats import Format, grid, need_format, packing
-from qformats.codec import (FP32_MAX, FP32_MIN_SUBNORMAL, SUPPORTED_DTYPES, check_input, rotate, saturate_fp32,
-                            saturating_cast)
+from qformats.codec import check_input, rotate, saturate_fp32, saturating_cast
+from qformats.numeric import (FP32_ABS_MASK, FP32_BIAS, FP32_EMAX, FP32_EMIN, FP32_EXP_MASK, FP32_MAX, FP32_MBITS,
+                              FP32_MIN_SUBNORMAL, FP32_RNE_MAGIC, FP32_TINY, SUPPORTED_DTYPES)
 from qformats.spec import dims, replace, scale_element
 
 from .codec import reference_dequantize, reference_quantize
@@ -79,10 +80,6 @@ __all__ = ["TorchCodec", "dequantize", "fallback_reason", "quantize"]
 assert sys.byteorder == "little", "lowering.torch_codec assumes a little-endian host"
 
 _F32, _F64, _I32 = torch.float32, torch.float64, torch.int32
-_INF_BITS = 0x7F800000  # |x| bits at or above this are Inf/NaN
-_EXP_BITS = 0x7F800000
-_RNE_MAGIC = 12582912.0  # 1.5 * 2^23: x + magic rounds x half to even onto the integers (|x| < 2^22)
-_FP32_TINY = 2.0**-126
 
 
 # ------------------------------------------------------------------------------------------
@@ -148,7 +145,7 @@ def _element_tables(elem, marker_nan: bool = True) -> tuple:
         # the table holds the reference's code of that value (saturated where it is past max).
         m = elem.mbits
         keys = torch.arange(1 << (9 + m), dtype=torch.int64)
-        vals = (keys << (23 - m)).to(_I32).view(_F32).to(_F64)  # to(int32) wraps: sign bit
+        vals = (keys << (FP32_MBITS - m)).to(_I32).view(_F32).to(_F64)  # to(int32) wraps: sign bit
         ok = torch.isfinite(vals)
         codes = grid.to_codes(grid.round_to_grid(torch.where(ok, vals, 0.0), elem), elem)
         rounded = torch.where(ok, codes, 0).to(torch.uint8)
@@ -175,7 +172,7 @@ def _plan(f: Format, width: int) -> Optional[_Plan]:
         kc = lower(_quantised_format(f), q, "cpu")
     except (Unsupported, ValueError):  # see fallback_reason; width errors were raised above
         return None
-    assert kc.S_EMIN >= -126 and kc.S_EMIN - kc.S_MBITS >= -149, "scale grids finer than fp32's are not handled"
+    assert kc.S_EMIN >= FP32_EMIN and kc.S_EMIN - kc.S_MBITS >= FP32_EMIN - FP32_MBITS, "scale grids finer than fp32's are not handled"
     keep = outl = st = None
     if f.outliers:
         mask = torch.ones(width, dtype=torch.bool)
@@ -201,7 +198,7 @@ def _plan(f: Format, width: int) -> Optional[_Plan]:
 # ------------------------------------------------------------------------------------------
 def _pow2(e: torch.Tensor) -> torch.Tensor:
     """2^e as fp32 for integer e in the normal range [-126, 127], built from the bits."""
-    return ((e.to(_I32) + 127) << 23).view(_F32)
+    return ((e.to(_I32) + FP32_BIAS) << FP32_MBITS).view(_F32)
 
 
 def _times_pow2(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -209,7 +206,7 @@ def _times_pow2(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     axis. Exact unless the product is an fp32 subnormal (then below 2^-126, far under half of
     any element step: it rounds to the same signed zero). Exponents past the normal range
     (only at the ends of the E8M0 range) are applied as a second exact factor."""
-    k1 = k.clamp(-126, 127)
+    k1 = k.clamp(FP32_EMIN, FP32_EMAX)
     y = t * _pow2(k1).unsqueeze(-1)
     if not torch.equal(k1, k):
         y.mul_(_pow2(k - k1).unsqueeze(-1))
@@ -223,13 +220,13 @@ def _round_onto_scale_grid(val: torch.Tensor, larger: torch.Tensor, kc: KernelCo
     The grid step is never finer than the value's fp32 ulp (S_EMIN - S_MBITS >= -149 for every
     scale type, checked in :func:`_plan`), so rounding only ever drops low bits. Per-block
     tensors only: ~20 small ops."""
-    bits = val.view(_I32) & 0x7FFFFFFF
-    field = bits >> 23
+    bits = val.view(_I32) & FP32_ABS_MASK
+    field = bits >> FP32_MBITS
     mant = bits & 0x7FFFFF
     sig = torch.where(field > 0, mant | 0x800000, mant)  # value = sig * 2^(max(field, 1) - 150)
     # exponent of the grid binade: fp32 subnormals (field 0) lie below every scale type's
     # smallest normal binade (S_EMIN >= -126), so the exponent field suffices
-    top = (field - 127).clamp_(min=kc.S_EMIN)
+    top = (field - FP32_BIAS).clamp_(min=kc.S_EMIN)
     drop = (top - kc.S_MBITS - field.clamp(min=1) + 150).clamp_(0, 31)  # low bits below the grid step
     n = sig >> drop
     n += (larger & ((sig - (n << drop)) > 0)).to(_I32)
@@ -319,13 +316,13 @@ def _float_codes(a: torch.Tensor, sign_of: torch.Tensor, plan: _Plan, saturate: 
     # m = 1.5 * 2^(g + 23), 2^g the grid step of |a|'s binade (the first normal binade's below
     # it): |a| < 2^(g + 22), so a + m lies in m's binade, whose ulp is 2^g: the add rounds a half
     # to even onto the grid (m / 2^g is even), and subtracting m again is exact.
-    magic = (a.view(_I32) & _EXP_BITS).clamp_(min=(kc.EMIN + 127) << 23)
-    magic += ((23 - kc.MBITS) << 23) | 0x400000
+    magic = (a.view(_I32) & FP32_EXP_MASK).clamp_(min=(kc.EMIN + FP32_BIAS) << FP32_MBITS)
+    magic += ((FP32_MBITS - kc.MBITS) << FP32_MBITS) | 0x400000
     a += magic.view(_F32)
     a -= magic.view(_F32)
     a.copysign_(sign_of)  # a rounded to zero is +0 after the add: give it back its sign
     # the code of a grid value is a look-up on its sign, exponent and top M mantissa bits
-    key = a.view(_I32).bitwise_right_shift_(23 - kc.MBITS).bitwise_and_((1 << (9 + kc.MBITS)) - 1)
+    key = a.view(_I32).bitwise_right_shift_(FP32_MBITS - kc.MBITS).bitwise_and_((1 << (9 + kc.MBITS)) - 1)
     return plan.rounded_codes.index_select(0, key.reshape(-1)).view(key.shape)
 
 
@@ -334,7 +331,7 @@ def _int_codes(v: torch.Tensor, plan: _Plan) -> torch.Tensor:
     values ``v`` (fp32 in units of the grid step; used up). NaN-free input."""
     kc = plan.kc
     v.clamp_(-float(kc.MAXMAG), float(kc.MAXMAG))  # saturate first: rounding keeps integers
-    v += _RNE_MAGIC  # round half to even; the low bits of the sum are the integer's
+    v += FP32_RNE_MAGIC  # round half to even; the low bits of the sum are the integer's
     return v.view(_I32).to(torch.uint8).bitwise_and_((1 << kc.BITS) - 1)  # to(uint8) keeps the low byte
 
 
@@ -393,7 +390,7 @@ def _block_sections(blocks: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:
         bad = ~(torch.isfinite(mn) & torch.isfinite(mx))
         anybad = bool(bad.any())
         if anybad:  # the reference's min and max are over the finite values
-            blocks = blocks.masked_fill((bits & 0x7FFFFFFF) >= _INF_BITS, 0.0)
+            blocks = blocks.masked_fill((bits & FP32_ABS_MASK) >= FP32_EXP_MASK, 0.0)
             mn, mx = blocks.amin(-1).masked_fill_(bad, 0.0), blocks.amax(-1).masked_fill_(bad, 0.0)
         mn, mx = mn + 0.0, mx + 0.0  # a zero min/max is +0 (the reference's rule)
         zcode, zero = _signed_code(mn, mn < 0, plan)  # rounded down
@@ -419,12 +416,12 @@ def _block_sections(blocks: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:
 
     # block absmax as an integer max over |x|'s bits (the same order as the floats, and faster
     # than a float max over short rows); NaN/Inf bits lie above every finite value's
-    mag = bits & 0x7FFFFFFF
+    mag = bits & FP32_ABS_MASK
     amax = mag.amax(-1)
-    bad = amax >= _INF_BITS  # blocks holding NaN/Inf
+    bad = amax >= FP32_EXP_MASK  # blocks holding NaN/Inf
     anybad = bool(bad.any())
     if anybad:  # the reference's absmax is over the finite values
-        nonfinite = mag >= _INF_BITS
+        nonfinite = mag >= FP32_EXP_MASK
         blocks = blocks.masked_fill(nonfinite, 0.0)
         amax = mag.masked_fill_(nonfinite, 0).amax(-1)
     amax = amax.view(_F32)
@@ -434,7 +431,7 @@ def _block_sections(blocks: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:
         # s = floor(log2 amax) - emax, clamped to [-127, 127] (-127 for an all-zero block): the
         # exponent field gives floor(log2 amax) for normal amax; a zero or fp32-subnormal amax
         # (field 0) is below 2^-126, where s clamps to -127 whatever its log2 (emax >= 0)
-        s = ((amax.view(_I32) >> 23) - (127 + kc.EMAX)).clamp_(-127, 127)
+        s = ((amax.view(_I32) >> FP32_MBITS) - (FP32_BIAS + kc.EMAX)).clamp_(-127, 127)
         if float_elem:
             codes = _float_codes(_times_pow2(blocks, -s), blocks, plan, saturate=False)
         else:
@@ -444,7 +441,7 @@ def _block_sections(blocks: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:
         ts = None
         if kc.TS:
             tamax = amax.max() if amax.numel() else amax.new_zeros(())  # (every feature an outlier)
-            ts = torch.clamp(tamax / plan.maxn_ts, min=_FP32_TINY)
+            ts = torch.clamp(tamax / plan.maxn_ts, min=FP32_TINY)
             den = plan.maxn * ts
         else:
             den = plan.maxn
@@ -453,7 +450,7 @@ def _block_sections(blocks: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:
             scode, stored = raw.view(_I32), raw
         else:
             scode, stored = _signed_code(raw, raw >= 0, plan)  # rounded up
-        tiny = (raw < _FP32_TINY) & (amax > 0)
+        tiny = (raw < FP32_TINY) & (amax > 0)
         if bool(tiny.any()):  # quotients below fp32's normal range: rounded up exactly instead
             scode = torch.where(tiny, _tiny_scale_codes(amax, den, tiny, kc), scode)
             stored = scode.view(_F32) if kc.SCALE == SCALE_FP32 else _scale_values(scode, plan)

@@ -68,6 +68,7 @@ import qformats
 from lowering.codec import Codec, ReferenceCodec, check_codec
 from qformats import Format
 from qformats.codec import saturating_cast
+from qformats.numeric import DTYPE_CODES, SUPPORTED_DTYPES
 
 from . import wirecheck
 from .wirecheck import HEADER_BYTES, SECOND_HOP, Signature
@@ -100,7 +101,6 @@ __all__ = [
 DEFAULT_MIN_BYTES = 64 * 1024
 
 ALGORITHMS = ("gather", "two_shot", "fused")
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _VALIDATE_ENV = "TP_VALIDATE_COLLECTIVES"
 
 # torch >= 2.12 deprecates all_gather_into_tensor in favour of all_gather_single, which the
@@ -261,9 +261,6 @@ def _group_ranks(group) -> str:
         return "(unknown)"
 
 
-_DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
-
-
 def _validate_across_ranks(x: torch.Tensor, fmt: Optional[Format], op: str, algorithm: str, group, world: int,
                            second: Optional[Format] = None):
     """One small all-gather of (op, algorithm, format(s), dtype, shape); every rank raises on a mismatch."""
@@ -295,7 +292,7 @@ def _signature_words(op: str, algorithm: str, fmt_name: str, dtype: torch.dtype,
         zlib.crc32(op.encode()),
         zlib.crc32(algorithm.encode()),
         zlib.crc32(fmt_name.encode()),
-        _DTYPE_CODES.get(dtype, zlib.crc32(str(dtype).encode())),
+        DTYPE_CODES.get(dtype, zlib.crc32(str(dtype).encode())),
         len(shape),
         zlib.crc32(repr(shape).encode()),
     ] + (list(shape) + [0] * 8)[:8] + [int.from_bytes(digest[i:i + 8], "little", signed=True) for i in (0, 8)]

@@ -15,6 +15,73 @@ The ``reference_*`` functions are the one adapter of the reference codec to the 
 (``torch.ops.qformats.*``, :mod:`lowering.ops`): :class:`ReferenceCodec` is built on them, the
 ops fall back to them and the tests hold the kernels to them. Pure torch, CPU (CUDA tensors are
 copied there and back by the reference codec); reference speed.
+
+The shared bit recipes
+----------------------
+Three arithmetics implement one definition: the reference codec (``qformats.codec``: float64
+where it matters; it *is* the definition), :class:`lowering.torch_codec.TorchCodec` (whole-tensor
+fp32/int32 torch ops, 15-27x the reference on CPU) and the Triton kernel (``lowering.kernels``,
+one tile of blocks per program). They share these recipes; a change to one is a change in all
+three places (the tests compare bits, but only on the inputs they draw). Names are functions of
+``qformats.codec`` / ``lowering.torch_codec`` / ``lowering.kernels`` unless qualified; fp32
+constants (``FP32_TINY``, ``FP32_RNE_MAGIC``, ...) are ``qformats.numeric``'s.
+
+round half to even onto a float element's grid, then its code
+    reference   ``grid.round_to_grid`` (float64), ``grid.to_codes``
+    TorchCodec  ``_float_codes``: add and subtract 1.5 * 2^(g + 23), 2^g the grid step read off
+                the exponent bits; the code by a table look-up on the top bits (``_element_tables``)
+    kernel      ``_element_codes``: the same add and subtract, the code by one shift (fp8 on a
+                GPU: the hardware's ``cvt.rn.satfinite``)
+round half to even to an integer (int / uint elements)
+    reference   ``grid.round_to_grid``, ``grid.to_codes``
+    TorchCodec  ``_int_codes``: clamp, + ``FP32_RNE_MAGIC``; the sum's low bits are the code
+    kernel      ``_element_codes`` (integer branch): clamp, + 1.5 * 2^23
+e8m0 scale: s = floor(log2 amax) - emax, clamped to [-127, 127]; byte s + 127, NaN block 0xFF
+    reference   ``_encode_blocks`` (``grid._floor_log2`` of the float64 absmax)
+    TorchCodec  ``_block_sections`` (the exponent field of the integer max over ``|x|``'s bits)
+    kernel      ``_codec_kernel``, E8M0 branch (``_flog2``)
+absmax scale (fp32 / bf16 / fp16 / e4m3): fp32(amax / max_normal) rounded up onto the scale
+type; quotients below ``FP32_TINY`` rounded up exactly (at least one step)
+    reference   ``_absmax_scale``, ``_round_scale``
+    TorchCodec  ``_block_sections``, ``_signed_code`` / ``_round_onto_scale_grid``,
+                ``_tiny_scale_codes``
+    kernel      ``_codec_kernel`` absmax branch, ``_round_mag_int`` (``S_INV_STEP_*`` for tiny)
++ts per-tensor scale: tamax / (max_normal * 448), at least ``FP32_TINY``
+    reference   ``_encode_blocks``
+    TorchCodec  ``_block_sections`` (``maxn_ts``)
+    kernel      ``_codec_kernel`` (``TS``; ``kernels.quantize`` finds the absmax in a first pass)
++zp zero point: block min rounded down, (max - zero) / max_code rounded up, halved on overflow
+    reference   ``_encode_blocks`` (zero-point branch)
+    TorchCodec  ``_block_sections`` (``kc.ZP`` branch)
+    kernel      ``_codec_kernel`` (``ZP`` branch)
+static per-feature scales
+    reference   ``_encode_static``; TorchCodec ``_static_codes``; kernel: not lowered
+stored scale words (e4m3 codes, bf16/fp16/fp32 bits, canonical NaN) and their values
+    reference   ``_store_scale``, ``_load_scale``
+    TorchCodec  ``_signed_code``, ``_word_bytes`` / ``_words``, ``_scale_values``,
+                ``_load_scales``, ``_e8m0_values``, ``_e4m3_values``
+    kernel      ``_round_mag_int``, ``_store_word`` / ``_load_word``, ``_scale_value``
+code packing: 1/2/4/8-bit codes dense, 3/5/6/7-bit codes as bit planes (``packing.planes``)
+    reference   ``packing.pack``, ``packing.unpack``
+    TorchCodec  ``_pack``, ``_code_values``
+    kernel      ``_store_codes`` / ``_store_plane``, ``_load_codes`` / ``_load_plane``
+                (``KernelConstants.plane_offsets``)
+element decode: code value * scale (+ zero point), one rounding, finite products saturating
+    reference   ``grid.from_codes``, ``decode``, ``saturate_fp32``
+    TorchCodec  ``_code_values`` (``grid.code_table``), ``_decode_rows``, ``_saturate_overflow``
+    kernel      ``_element_values`` (``lowering.constants.value_table``), ``_scaled``
++h{N} Hadamard rotation: butterfly stages s = 0 .. k-1 in that order, then one 2^-c multiply
+    reference   ``rotate`` (its docstring is the definition)
+    TorchCodec  ``qformats.codec.rotate`` itself
+    kernel      ``_rotate``, ``_butterfly``
+rank-order sum: fp32 decodes added in list order, one addition at a time
+    reference   ``_rank_order_sum`` (this module)
+    TorchCodec  ``TorchCodec.dequant_sum``
+    kernel      ``_sources`` (``SRC_BUFS``)
+cast to bf16 / fp16: round half to even, finite values saturating at the dtype's max
+    reference   ``saturating_cast``
+    TorchCodec  ``dequantize`` (a plain cast where the per-block bound allows), ``saturating_cast``
+    kernel      ``_saturating``, ``_store_f32``
 """
 from __future__ import annotations
 

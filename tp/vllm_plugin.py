@@ -60,7 +60,6 @@ yet (no multi-GPU machine with vLLM was available): see README.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -70,7 +69,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .comm.collectives import all_reduce, below_floor, resolve_format, wire_bytes
+from .comm.collectives import all_reduce, below_floor, wire_bytes
 from .comm.policy import CommPolicy, Site
 
 __all__ = [

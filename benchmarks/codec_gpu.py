@@ -125,9 +125,9 @@ def check_format(fmt: str, mib: float) -> dict:
                     ("adversarial", adversarial(rows, WIDTH, torch.bfloat16, seed=5)),
                     ("adversarial_fp32", adversarial(max(1, rows // 4), WIDTH, torch.float32, seed=6))):
         buf, deq = K.quantize(x.cuda(), kc, deq_dtype=torch.bfloat16)
-        ref = torch_codec.encode(x, fmt)
+        ref = torch_codec.quantize(x, fmt)
         ok_q = torch.equal(buf.cpu(), ref)
-        rdec = torch_codec.decode(ref, fmt, tuple(x.shape), torch.bfloat16)
+        rdec = torch_codec.dequantize(ref, fmt, tuple(x.shape), torch.bfloat16)
         dec = K.dequantize(buf.view(1, -1), kc, x.shape[0], WIDTH, torch.bfloat16)
         out[name] = dict(quantize=ok_q, dequantize=same_bits(dec.cpu(), rdec), fused_deq=same_bits(deq.cpu(), rdec))
     # dequant-sum / requant of N buffers (smaller: the oracle sums on the CPU)
@@ -135,18 +135,18 @@ def check_format(fmt: str, mib: float) -> dict:
     for n in (2, 4, 8):
         xs = [(torch.randn(r2, WIDTH) * (i + 1)).to(torch.bfloat16) for i in range(n)]
         xs[0][0, :64] = adversarial(1, 64, torch.bfloat16, seed=n)[0]
-        bufs = torch.stack([torch_codec.encode(x, fmt) for x in xs])
-        acc = torch_codec.decode(bufs[0], fmt, (r2, WIDTH), torch.float32)
+        bufs = torch.stack([torch_codec.quantize(x, fmt) for x in xs])
+        acc = torch_codec.dequantize(bufs[0], fmt, (r2, WIDTH), torch.float32)
         for i in range(1, n):
-            acc = acc + torch_codec.decode(bufs[i], fmt, (r2, WIDTH), torch.float32)
+            acc = acc + torch_codec.dequantize(bufs[i], fmt, (r2, WIDTH), torch.float32)
         gb = bufs.cuda()
         got = K.dequantize(gb, kc, r2, WIDTH, torch.bfloat16)
         rq, rdq = K.quantize(None, kc, shape=(r2, WIDTH), bufs=gb, deq_dtype=torch.bfloat16)
-        want_q = torch_codec.encode(acc, fmt)
+        want_q = torch_codec.quantize(acc, fmt)
         # the reference's final cast saturates finite values at bf16's max (qformats.codec.saturating_cast)
         out[f"sum{n}"] = dict(dequant_sum=same_bits(got.cpu(), saturating_cast(acc, torch.bfloat16)),
                               requant=torch.equal(rq.cpu(), want_q),
-                              requant_deq=same_bits(rdq.cpu(), torch_codec.decode(want_q, fmt, (r2, WIDTH),
+                              requant_deq=same_bits(rdq.cpu(), torch_codec.dequantize(want_q, fmt, (r2, WIDTH),
                                                                                    torch.bfloat16)))
     ok = all(all(v.values()) for v in out.values())
     return record(case="exactness", fmt=fmt, mib=mib, ok=ok, detail=out)
@@ -284,13 +284,13 @@ def peers(mib: float, copy_gbs: float):
         record(case="peer", impl="torchao triton_to_mxfp8_dim0", mib=mib, error=f"{type(e).__name__}: {e}"[:300])
     for fmt in ("mxfp8_e4m3", "mxfp4"):
         try:
-            fn = torch.compile(lambda t: torch_codec.encode(t, fmt))
+            fn = torch.compile(lambda t: torch_codec.quantize(t, fmt))
             us = bench(lambda: fn(x))
             moved = xin + qformats.Format.parse(fmt).nbytes(x.shape)
-            record(case="peer", impl=f"torch.compile(TorchCodec.encode) {fmt}", mib=mib, us=us, bytes=moved,
+            record(case="peer", impl=f"torch.compile(TorchCodec.quantize) {fmt}", mib=mib, us=us, bytes=moved,
                    frac_copy=moved / us / 1e3 / copy_gbs)
         except Exception as e:  # noqa: BLE001
-            record(case="peer", impl=f"torch.compile(TorchCodec.encode) {fmt}", mib=mib,
+            record(case="peer", impl=f"torch.compile(TorchCodec.quantize) {fmt}", mib=mib,
                    error=f"{type(e).__name__}: {e}"[:300])
 
 

@@ -107,9 +107,9 @@ def _tests_kernels():
 # exactness
 # ------------------------------------------------------------------------------------------
 def _oracle(bufs_cpu, fmt, rows, res, w):
-    acc = torch_codec.decode(bufs_cpu[0], fmt, (rows, WIDTH), torch.float32)
+    acc = torch_codec.dequantize(bufs_cpu[0], fmt, (rows, WIDTH), torch.float32)
     for i in range(1, bufs_cpu.shape[0]):
-        acc = acc + torch_codec.decode(bufs_cpu[i], fmt, (rows, WIDTH), torch.float32)
+        acc = acc + torch_codec.dequantize(bufs_cpu[i], fmt, (rows, WIDTH), torch.float32)
     h = saturating_cast(acc + res.to(torch.float32), res.dtype)
     return ops.reference_rms_norm(h, w, EPS, qformats.Format.parse(fmt).block_for(WIDTH)), h
 
@@ -126,7 +126,7 @@ def check_format(fmt: str, mib: float) -> dict:
                 xs = [(torch.randn(rows, WIDTH, generator=g) * (i + 1)).to(torch.bfloat16) for i in range(n)]
             else:
                 xs = [tk.adversarial(rows, WIDTH, torch.bfloat16, seed=10 * n + i) for i in range(n)]
-            bufs = torch.stack([torch_codec.encode(x, fmt) for x in xs])
+            bufs = torch.stack([torch_codec.quantize(x, fmt) for x in xs])
             if name == "foreign":
                 bufs = torch.randint(0, 256, tuple(bufs.shape), generator=g, dtype=torch.uint8)
             res = (torch.randn(rows, WIDTH, generator=g) * 4).to(torch.bfloat16)

@@ -2,7 +2,8 @@
 
 Importing this package registers ``torch.ops.qformats.{quantize, dequantize, dequant_sum,
 dequant_sum_requant}`` (see :mod:`lowering.ops`). :mod:`lowering.codec` is the codec seam of the
-collectives (the protocol and the reference codec) beside its fast implementations
+collectives (the protocol, the reference codec and its ``reference_*`` functions, the one
+adapter of ``qformats.encode``/``decode`` to the ops' signatures) beside its fast implementations
 (:class:`LoweredCodec` in :mod:`lowering.ops`, ``TorchCodec`` in :mod:`lowering.torch_codec`).
 :mod:`lowering.constants` is the one place a Format becomes kernel constants;
 :mod:`lowering.kernels` holds the one generic kernel (its exact arithmetic in

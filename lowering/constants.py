@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from qformats import Format, as_format
+from qformats.numeric import FP32_EMIN, FP32_MBITS
 from qformats.packing import planes
 from qformats.spec import SCALES, scale_element, scale_type
 
@@ -242,7 +243,7 @@ def _lower(fmt_str: str, width: int, cuda: bool) -> KernelConstants:
     if f.scale in ("e8m0", "static"):
         inv_step = 0
     else:  # -log2 of the scale grid's smallest step (fp32: its smallest subnormal, 2^-149)
-        inv_step = 149 if s_el is None else s_el.mbits - s_el.emin
+        inv_step = FP32_MBITS - FP32_EMIN if s_el is None else s_el.mbits - s_el.emin
     s["S_INV_STEP_HI"] = math.ldexp(1.0, inv_step - inv_step // 2)
     s["S_INV_STEP_LO"] = math.ldexp(1.0, inv_step // 2)
     maxn32 = np.float32(e.max_normal)

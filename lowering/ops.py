@@ -33,13 +33,15 @@ reference codec on any device: an explicit fallback, same bytes, reference speed
 :func:`path` says which path a call takes.
 
 Signed zeros and zero points: for ``+zp`` formats a block's min/max that is a zero is taken
-as +0 (the kernels' rule; the reference codec's ``amin``/``amax`` pick a signed zero by
-position, so the reference functions here first map -0 inputs to +0 for those formats,
-which changes nothing else about the result).
+as +0 (the kernels' rule, and the reference codec's: its ``amin``/``amax`` would pick a signed
+zero by position, so it adds +0 to both).
 
 Every op has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces it
 as one node. ``reference_*`` functions are the pure-torch compositions of qformats calls
-with the same signatures: the oracle in tests and the fallback here.
+with the same signatures: the oracle in tests and the fallback here. The four of the codec
+(``reference_quantize``, ``reference_dequantize``, ``reference_dequant_sum``,
+``reference_dequant_sum_requant``) live in :mod:`lowering.codec`, the one adapter of the
+reference codec, and are re-exported here; the RMSNorm ones are this module's.
 """
 from __future__ import annotations
 
@@ -48,12 +50,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-import qformats
-from qformats.codec import check_input
-from qformats import Format, QTensor, need_format
-from qformats.codec import SUPPORTED_DTYPES, saturating_cast
+from qformats import Format, need_format
+from qformats.codec import check_input, saturating_cast
+from qformats.numeric import SUPPORTED_DTYPES
 
 from . import launch
+from .codec import reference_dequant_sum, reference_dequant_sum_requant, reference_dequantize, reference_quantize
 from .constants import _lower, unsupported_reason
 
 __all__ = [
@@ -114,43 +116,8 @@ def _rows_width(shape: Sequence[int]) -> Tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------
-# references: compositions of qformats calls (oracle and fallback)
+# the RMSNorm epilogue's reference (the codec's own references: lowering.codec)
 # ------------------------------------------------------------------------------------------
-def reference_quantize(x: torch.Tensor, fmt) -> torch.Tensor:
-    f = need_format(fmt)
-    return qformats.encode(x, f).data
-
-
-def reference_dequantize(buf: torch.Tensor, fmt, shape: List[int], dtype: torch.dtype) -> torch.Tensor:
-    f = need_format(fmt)
-    return qformats.decode(QTensor.from_buffer(buf, f, shape, dtype), dtype)
-
-
-def _ref_sum(bufs: torch.Tensor, f: Format, shape: List[int]) -> torch.Tensor:
-    acc = reference_dequantize(bufs[0], f, shape, torch.float32)
-    for i in range(1, bufs.shape[0]):
-        acc = acc + reference_dequantize(bufs[i], f, shape, torch.float32)
-    return acc
-
-
-def reference_dequant_sum(bufs: torch.Tensor, fmt, shape: List[int], dtype: torch.dtype,
-                          residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    f = need_format(fmt)
-    acc = _ref_sum(bufs, f, shape)
-    if residual is not None:
-        acc = acc + residual.to(torch.float32)
-    return saturating_cast(acc, dtype)
-
-
-def reference_dequant_sum_requant(bufs: torch.Tensor, fmt, shape: List[int],
-                                  dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    f = need_format(fmt)
-    buf = reference_quantize(_ref_sum(bufs, f, shape), f)
-    if dtype is None:
-        return buf, bufs.new_empty((0,), dtype=torch.float32)
-    return buf, reference_dequantize(buf, f, shape, dtype)
-
-
 def tree_sum(v: torch.Tensor) -> torch.Tensor:
     """Sum over the last axis (a power of two long) by the fixed pairwise tree: each stage
     adds adjacent pairs, ``v[..., 2i] + v[..., 2i+1]`` (one addition each, in v's dtype)."""
@@ -361,8 +328,8 @@ class LoweredCodec:
     """:class:`lowering.codec.Codec` backed by these ops.
 
     Install it with ``tp.set_codec(LoweredCodec())``; it is bitwise equal to the
-    reference codec (the tests check the ops; this class only adapts signatures). ``decode_sum``
-    and ``reduce_requant`` take a list of buffers and stack them (one copy) unless they are
+    reference codec (the tests check the ops; this class only adapts signatures). ``dequant_sum``
+    and ``dequant_sum_requant`` take a list of buffers and stack them (one copy) unless they are
     already rows of one [N, nbytes] tensor.
     """
 
@@ -385,16 +352,16 @@ class LoweredCodec:
         self._names[id(fmt)] = (fmt, name)  # holds fmt: its id cannot be reused while cached
         return name
 
-    def encode(self, x: torch.Tensor, fmt) -> torch.Tensor:
+    def quantize(self, x: torch.Tensor, fmt) -> torch.Tensor:
         return torch.ops.qformats.quantize(x, self._name(fmt))
 
-    def decode(self, buf: torch.Tensor, fmt, shape) -> torch.Tensor:
+    def dequantize(self, buf: torch.Tensor, fmt, shape) -> torch.Tensor:
         return torch.ops.qformats.dequantize(buf, self._name(fmt), list(shape), torch.float32)
 
-    def decode_sum(self, bufs, fmt, shape) -> torch.Tensor:
+    def dequant_sum(self, bufs, fmt, shape) -> torch.Tensor:
         stacked = bufs if isinstance(bufs, torch.Tensor) else torch.stack(list(bufs))
         return torch.ops.qformats.dequant_sum(stacked, self._name(fmt), list(shape), torch.float32, None)
 
-    def reduce_requant(self, bufs, fmt, shape) -> torch.Tensor:
+    def dequant_sum_requant(self, bufs, fmt, shape) -> torch.Tensor:
         stacked = bufs if isinstance(bufs, torch.Tensor) else torch.stack(list(bufs))
         return torch.ops.qformats.dequant_sum_requant(stacked, self._name(fmt), list(shape), None)[0]

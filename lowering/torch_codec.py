@@ -3,8 +3,9 @@
 Use it where the reference codec's cost dominates on a CPU: the emulator of compressed
 collectives (:mod:`tp.comm.emulate`; ``qformats eval`` installs it), or any loop of
 ``qformats.encode/decode`` on CPU tensors. Install it with
-``tp.set_codec(TorchCodec())``; :func:`encode` / :func:`decode` are the same
-operations as plain functions. On a GPU use the Triton ops of :mod:`lowering.ops`.
+``tp.set_codec(TorchCodec())``; :func:`quantize` / :func:`dequantize` are the same
+operations as plain functions (named, and with the dtype argument, as the ops of
+:mod:`lowering.ops`). On a GPU use the Triton ops of :mod:`lowering.ops`.
 
 Cost: whole-tensor torch ops on fp32/int32, no Python loop over blocks or elements. An encode
 is ~10-15 elementwise passes over the tensor plus ~50-100 small per-block ops, a decode 3-5
@@ -63,25 +64,22 @@ from typing import Optional, Sequence
 
 import torch
 
-import qformats
-from qformats import Format, QTensor, grid, need_format, packing
-from qformats.codec import (FP32_MAX, FP32_MIN_SUBNORMAL, SUPPORTED_DTYPES, check_input, rotate, saturate_fp32,
-                            saturating_cast)
+from qformats import Format, grid, need_format, packing
+from qformats.codec import check_input, rotate, saturate_fp32, saturating_cast
+from qformats.numeric import (FP32_ABS_MASK, FP32_BIAS, FP32_EMAX, FP32_EMIN, FP32_EXP_MASK, FP32_MAX, FP32_MBITS,
+                              FP32_MIN_SUBNORMAL, FP32_RNE_MAGIC, FP32_TINY, SUPPORTED_DTYPES)
 from qformats.spec import dims, replace, scale_element
 
+from .codec import reference_dequantize, reference_quantize
 from .constants import (KIND_FLOAT, SCALE_BF16, SCALE_E4M3, SCALE_E8M0, SCALE_FP16, SCALE_FP32,
                         KernelConstants, Unsupported, lower)
 
-__all__ = ["TorchCodec", "decode", "encode", "fallback_reason"]
+__all__ = ["TorchCodec", "dequantize", "fallback_reason", "quantize"]
 
 # Multi-byte words (scales, packed code groups) are read and written through native views.
 assert sys.byteorder == "little", "lowering.torch_codec assumes a little-endian host"
 
 _F32, _F64, _I32 = torch.float32, torch.float64, torch.int32
-_INF_BITS = 0x7F800000  # |x| bits at or above this are Inf/NaN
-_EXP_BITS = 0x7F800000
-_RNE_MAGIC = 12582912.0  # 1.5 * 2^23: x + magic rounds x half to even onto the integers (|x| < 2^22)
-_FP32_TINY = 2.0**-126
 
 
 # ------------------------------------------------------------------------------------------
@@ -147,7 +145,7 @@ def _element_tables(elem, marker_nan: bool = True) -> tuple:
         # the table holds the reference's code of that value (saturated where it is past max).
         m = elem.mbits
         keys = torch.arange(1 << (9 + m), dtype=torch.int64)
-        vals = (keys << (23 - m)).to(_I32).view(_F32).to(_F64)  # to(int32) wraps: sign bit
+        vals = (keys << (FP32_MBITS - m)).to(_I32).view(_F32).to(_F64)  # to(int32) wraps: sign bit
         ok = torch.isfinite(vals)
         codes = grid.to_codes(grid.round_to_grid(torch.where(ok, vals, 0.0), elem), elem)
         rounded = torch.where(ok, codes, 0).to(torch.uint8)
@@ -174,7 +172,7 @@ def _plan(f: Format, width: int) -> Optional[_Plan]:
         kc = lower(_quantised_format(f), q, "cpu")
     except (Unsupported, ValueError):  # see fallback_reason; width errors were raised above
         return None
-    assert kc.S_EMIN >= -126 and kc.S_EMIN - kc.S_MBITS >= -149, "scale grids finer than fp32's are not handled"
+    assert kc.S_EMIN >= FP32_EMIN and kc.S_EMIN - kc.S_MBITS >= FP32_EMIN - FP32_MBITS, "scale grids finer than fp32's are not handled"
     keep = outl = st = None
     if f.outliers:
         mask = torch.ones(width, dtype=torch.bool)
@@ -200,7 +198,7 @@ def _plan(f: Format, width: int) -> Optional[_Plan]:
 # ------------------------------------------------------------------------------------------
 def _pow2(e: torch.Tensor) -> torch.Tensor:
     """2^e as fp32 for integer e in the normal range [-126, 127], built from the bits."""
-    return ((e.to(_I32) + 127) << 23).view(_F32)
+    return ((e.to(_I32) + FP32_BIAS) << FP32_MBITS).view(_F32)
 
 
 def _times_pow2(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -208,7 +206,7 @@ def _times_pow2(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     axis. Exact unless the product is an fp32 subnormal (then below 2^-126, far under half of
     any element step: it rounds to the same signed zero). Exponents past the normal range
     (only at the ends of the E8M0 range) are applied as a second exact factor."""
-    k1 = k.clamp(-126, 127)
+    k1 = k.clamp(FP32_EMIN, FP32_EMAX)
     y = t * _pow2(k1).unsqueeze(-1)
     if not torch.equal(k1, k):
         y.mul_(_pow2(k - k1).unsqueeze(-1))
@@ -222,13 +220,13 @@ def _round_onto_scale_grid(val: torch.Tensor, larger: torch.Tensor, kc: KernelCo
     The grid step is never finer than the value's fp32 ulp (S_EMIN - S_MBITS >= -149 for every
     scale type, checked in :func:`_plan`), so rounding only ever drops low bits. Per-block
     tensors only: ~20 small ops."""
-    bits = val.view(_I32) & 0x7FFFFFFF
-    field = bits >> 23
+    bits = val.view(_I32) & FP32_ABS_MASK
+    field = bits >> FP32_MBITS
     mant = bits & 0x7FFFFF
     sig = torch.where(field > 0, mant | 0x800000, mant)  # value = sig * 2^(max(field, 1) - 150)
     # exponent of the grid binade: fp32 subnormals (field 0) lie below every scale type's
     # smallest normal binade (S_EMIN >= -126), so the exponent field suffices
-    top = (field - 127).clamp_(min=kc.S_EMIN)
+    top = (field - FP32_BIAS).clamp_(min=kc.S_EMIN)
     drop = (top - kc.S_MBITS - field.clamp(min=1) + 150).clamp_(0, 31)  # low bits below the grid step
     n = sig >> drop
     n += (larger & ((sig - (n << drop)) > 0)).to(_I32)
@@ -318,13 +316,13 @@ def _float_codes(a: torch.Tensor, sign_of: torch.Tensor, plan: _Plan, saturate: 
     # m = 1.5 * 2^(g + 23), 2^g the grid step of |a|'s binade (the first normal binade's below
     # it): |a| < 2^(g + 22), so a + m lies in m's binade, whose ulp is 2^g: the add rounds a half
     # to even onto the grid (m / 2^g is even), and subtracting m again is exact.
-    magic = (a.view(_I32) & _EXP_BITS).clamp_(min=(kc.EMIN + 127) << 23)
-    magic += ((23 - kc.MBITS) << 23) | 0x400000
+    magic = (a.view(_I32) & FP32_EXP_MASK).clamp_(min=(kc.EMIN + FP32_BIAS) << FP32_MBITS)
+    magic += ((FP32_MBITS - kc.MBITS) << FP32_MBITS) | 0x400000
     a += magic.view(_F32)
     a -= magic.view(_F32)
     a.copysign_(sign_of)  # a rounded to zero is +0 after the add: give it back its sign
     # the code of a grid value is a look-up on its sign, exponent and top M mantissa bits
-    key = a.view(_I32).bitwise_right_shift_(23 - kc.MBITS).bitwise_and_((1 << (9 + kc.MBITS)) - 1)
+    key = a.view(_I32).bitwise_right_shift_(FP32_MBITS - kc.MBITS).bitwise_and_((1 << (9 + kc.MBITS)) - 1)
     return plan.rounded_codes.index_select(0, key.reshape(-1)).view(key.shape)
 
 
@@ -333,7 +331,7 @@ def _int_codes(v: torch.Tensor, plan: _Plan) -> torch.Tensor:
     values ``v`` (fp32 in units of the grid step; used up). NaN-free input."""
     kc = plan.kc
     v.clamp_(-float(kc.MAXMAG), float(kc.MAXMAG))  # saturate first: rounding keeps integers
-    v += _RNE_MAGIC  # round half to even; the low bits of the sum are the integer's
+    v += FP32_RNE_MAGIC  # round half to even; the low bits of the sum are the integer's
     return v.view(_I32).to(torch.uint8).bitwise_and_((1 << kc.BITS) - 1)  # to(uint8) keeps the low byte
 
 
@@ -392,7 +390,7 @@ def _block_sections(blocks: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:
         bad = ~(torch.isfinite(mn) & torch.isfinite(mx))
         anybad = bool(bad.any())
         if anybad:  # the reference's min and max are over the finite values
-            blocks = blocks.masked_fill((bits & 0x7FFFFFFF) >= _INF_BITS, 0.0)
+            blocks = blocks.masked_fill((bits & FP32_ABS_MASK) >= FP32_EXP_MASK, 0.0)
             mn, mx = blocks.amin(-1).masked_fill_(bad, 0.0), blocks.amax(-1).masked_fill_(bad, 0.0)
         mn, mx = mn + 0.0, mx + 0.0  # a zero min/max is +0 (the reference's rule)
         zcode, zero = _signed_code(mn, mn < 0, plan)  # rounded down
@@ -418,12 +416,12 @@ def _block_sections(blocks: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:
 
     # block absmax as an integer max over |x|'s bits (the same order as the floats, and faster
     # than a float max over short rows); NaN/Inf bits lie above every finite value's
-    mag = bits & 0x7FFFFFFF
+    mag = bits & FP32_ABS_MASK
     amax = mag.amax(-1)
-    bad = amax >= _INF_BITS  # blocks holding NaN/Inf
+    bad = amax >= FP32_EXP_MASK  # blocks holding NaN/Inf
     anybad = bool(bad.any())
     if anybad:  # the reference's absmax is over the finite values
-        nonfinite = mag >= _INF_BITS
+        nonfinite = mag >= FP32_EXP_MASK
         blocks = blocks.masked_fill(nonfinite, 0.0)
         amax = mag.masked_fill_(nonfinite, 0).amax(-1)
     amax = amax.view(_F32)
@@ -433,7 +431,7 @@ def _block_sections(blocks: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:
         # s = floor(log2 amax) - emax, clamped to [-127, 127] (-127 for an all-zero block): the
         # exponent field gives floor(log2 amax) for normal amax; a zero or fp32-subnormal amax
         # (field 0) is below 2^-126, where s clamps to -127 whatever its log2 (emax >= 0)
-        s = ((amax.view(_I32) >> 23) - (127 + kc.EMAX)).clamp_(-127, 127)
+        s = ((amax.view(_I32) >> FP32_MBITS) - (FP32_BIAS + kc.EMAX)).clamp_(-127, 127)
         if float_elem:
             codes = _float_codes(_times_pow2(blocks, -s), blocks, plan, saturate=False)
         else:
@@ -443,7 +441,7 @@ def _block_sections(blocks: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:
         ts = None
         if kc.TS:
             tamax = amax.max() if amax.numel() else amax.new_zeros(())  # (every feature an outlier)
-            ts = torch.clamp(tamax / plan.maxn_ts, min=_FP32_TINY)
+            ts = torch.clamp(tamax / plan.maxn_ts, min=FP32_TINY)
             den = plan.maxn * ts
         else:
             den = plan.maxn
@@ -452,7 +450,7 @@ def _block_sections(blocks: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:
             scode, stored = raw.view(_I32), raw
         else:
             scode, stored = _signed_code(raw, raw >= 0, plan)  # rounded up
-        tiny = (raw < _FP32_TINY) & (amax > 0)
+        tiny = (raw < FP32_TINY) & (amax > 0)
         if bool(tiny.any()):  # quotients below fp32's normal range: rounded up exactly instead
             scode = torch.where(tiny, _tiny_scale_codes(amax, den, tiny, kc), scode)
             stored = scode.view(_F32) if kc.SCALE == SCALE_FP32 else _scale_values(scode, plan)
@@ -489,17 +487,17 @@ def _static_codes(xq: torch.Tensor, plan: _Plan) -> torch.Tensor:
     return codes
 
 
-def encode(x: torch.Tensor, fmt) -> torch.Tensor:
+def quantize(x: torch.Tensor, fmt) -> torch.Tensor:
     """Wire buffer (uint8, 1-D) of ``x`` (fp32/bf16/fp16, any leading shape), byte for byte
     ``qformats.encode(x, fmt).data``."""
     f = need_format(fmt)
     check_input(x)
     if x.device.type != "cpu":  # the reference computes on the CPU too
-        return encode(x.detach().cpu(), f).to(x.device)
+        return quantize(x.detach().cpu(), f).to(x.device)
     lay = f.layout(x.shape)
     plan = _plan(f, lay.width)
     if plan is None:
-        return qformats.encode(x, f).data
+        return reference_quantize(x, f)
     x2 = x.detach().reshape(lay.rows, lay.width).to(_F32)
     xq = x2.index_select(1, plan.keep) if plan.keep is not None else x2
     if lay.padded > lay.qwidth:  # zero-pad the last block (one copy)
@@ -618,11 +616,11 @@ def _decode_many_bounded(bufs: torch.Tensor, f: Format, shape: tuple) -> tuple[t
     """:func:`_decode_many` and a bound on the finite magnitudes (inf: not known)."""
     plan = _plan(f, shape[-1])
     if plan is None:
-        return torch.stack([qformats.decode(QTensor.from_buffer(b, f, shape, _F32), _F32) for b in bufs]), math.inf
+        return torch.stack([reference_dequantize(b, f, shape, _F32) for b in bufs]), math.inf
     return _decode_rows(bufs, f, shape, plan)
 
 
-def decode(buf: torch.Tensor, fmt, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(buf: torch.Tensor, fmt, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Values of one wire buffer as ``dtype``, bitwise ``qformats.decode`` of it (NaN payloads and
     signed zeros included)."""
     f = need_format(fmt)
@@ -631,7 +629,7 @@ def decode(buf: torch.Tensor, fmt, shape, dtype: torch.dtype = torch.float32) ->
         raise TypeError(f"cannot decode to {dtype}: use one of float32, bfloat16, float16")
     _check_buffer(buf, f, shape)
     if buf.device.type != "cpu":
-        return decode(buf.cpu(), f, shape, dtype).to(buf.device)
+        return dequantize(buf.cpu(), f, shape, dtype).to(buf.device)
     y, bound = _decode_many_bounded(buf.reshape(1, -1), f, shape)
     if dtype != _F32 and bound <= torch.finfo(dtype).max:
         return y[0].to(dtype)  # nothing overflows: the reference's saturating cast is this plain cast
@@ -641,18 +639,18 @@ def decode(buf: torch.Tensor, fmt, shape, dtype: torch.dtype = torch.float32) ->
 class TorchCodec:
     """:class:`lowering.codec.Codec` on whole-tensor CPU torch ops,
     bitwise equal to the reference (module docstring). Install it with
-    ``tp.set_codec(TorchCodec())``. ``decode_sum`` decodes all buffers in one pass,
+    ``tp.set_codec(TorchCodec())``. ``dequant_sum`` decodes all buffers in one pass,
     then adds them in list (= rank) order, one fp32 addition at a time."""
 
     name = "torch"
 
-    def encode(self, x: torch.Tensor, fmt) -> torch.Tensor:
-        return encode(x, fmt)
+    def quantize(self, x: torch.Tensor, fmt) -> torch.Tensor:
+        return quantize(x, fmt)
 
-    def decode(self, buf: torch.Tensor, fmt, shape) -> torch.Tensor:
-        return decode(buf, fmt, shape)
+    def dequantize(self, buf: torch.Tensor, fmt, shape) -> torch.Tensor:
+        return dequantize(buf, fmt, shape)
 
-    def decode_sum(self, bufs: Sequence[torch.Tensor], fmt, shape) -> torch.Tensor:
+    def dequant_sum(self, bufs: Sequence[torch.Tensor], fmt, shape) -> torch.Tensor:
         f = need_format(fmt)
         shape = dims(shape)
         stacked = bufs if isinstance(bufs, torch.Tensor) else torch.stack([b.reshape(-1) for b in bufs])
@@ -665,5 +663,5 @@ class TorchCodec:
             acc.add_(y)
         return acc.to(dev)
 
-    def reduce_requant(self, bufs: Sequence[torch.Tensor], fmt, shape) -> torch.Tensor:
-        return self.encode(self.decode_sum(bufs, fmt, shape), fmt)
+    def dequant_sum_requant(self, bufs: Sequence[torch.Tensor], fmt, shape) -> torch.Tensor:
+        return self.quantize(self.dequant_sum(bufs, fmt, shape), fmt)

@@ -20,14 +20,10 @@ import math
 
 import torch
 
+from .numeric import DTYPE_ROUNDING, FP32_MAX, FP32_MIN_SUBNORMAL, FP32_TINY
 from .spec import Format, as_format, scale_element
 
-_FP32_MAX = float(torch.finfo(torch.float32).max)
-_FP32_STEP = 2.0**-149  # fp32's smallest subnormal
 _ROUNDING = 2.0**-20  # relative slack for the codec's fp32 roundings (a few times 2^-24), rounded up
-# rounding of the decoded fp32 value to the output dtype: (relative half ulp, absolute half of
-# the smallest subnormal); fp32's own rounding is already in the format's terms
-_DTYPE_ROUNDING = {torch.float32: (0.0, 0.0), torch.bfloat16: (2.0**-8, 2.0**-134), torch.float16: (2.0**-11, 2.0**-25)}
 
 
 def _block_amax(x: torch.Tensor, fmt: Format) -> torch.Tensor:
@@ -54,7 +50,7 @@ def scale_step(fmt: Format) -> float:
     if fmt.scale in ("e8m0", "static"):
         return 0.0
     sel = scale_element(fmt.scale)
-    return sel.min_subnormal if sel else _FP32_STEP
+    return sel.min_subnormal if sel else FP32_MIN_SUBNORMAL
 
 
 def abs_floor(fmt: Format, scale_step_value: float | None = None) -> float:
@@ -69,25 +65,25 @@ def abs_floor(fmt: Format, scale_step_value: float | None = None) -> float:
         return math.ldexp(e.min_subnormal, -127) / 2
     step = scale_step(fmt) if scale_step_value is None else scale_step_value
     if fmt.zero_point:  # half a code step of the scale, plus the zero point's own rounding
-        return step * (1 + _ROUNDING) + 2 * _FP32_STEP
-    return step * (_top_step(fmt) / 2 + 2.0**-24 * e.max_normal) + _FP32_STEP * (1 + e.max_normal)
+        return step * (1 + _ROUNDING) + 2 * FP32_MIN_SUBNORMAL
+    return step * (_top_step(fmt) / 2 + 2.0**-24 * e.max_normal) + FP32_MIN_SUBNORMAL * (1 + e.max_normal)
 
 
 def max_amax(fmt: Format) -> float:
     """Largest block amax for which ``error_bound`` holds (the scale type's range)."""
     e = fmt.elem
     if fmt.scale == "e8m0":
-        return min(_FP32_MAX, math.ldexp(1.0, 127 + e.emax + 1))
+        return min(FP32_MAX, math.ldexp(1.0, 127 + e.emax + 1))
     if fmt.scale == "static":
-        return _FP32_MAX  # static formats bound elements by their calibrated range instead
+        return FP32_MAX  # static formats bound elements by their calibrated range instead
     sel = scale_element(fmt.scale)
-    smax = sel.max_normal if sel else _FP32_MAX
+    smax = sel.max_normal if sel else FP32_MAX
     if fmt.zero_point:  # the zero point (>= -amax) and the scale (<= 2 amax / max_code) must fit
         slack = 1 + math.ldexp(1.0, -sel.mbits)
         return smax * min(1.0, e.max_code / (2 * slack * slack) * (1 - _ROUNDING))
     if fmt.tensor_scale:
-        return _FP32_MAX
-    return min(_FP32_MAX, smax * e.max_normal)
+        return FP32_MAX
+    return min(FP32_MAX, smax * e.max_normal)
 
 
 def error_bound(x: torch.Tensor, fmt, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -113,7 +109,7 @@ def error_bound(x: torch.Tensor, fmt, dtype: torch.dtype | None = None) -> torch
     e = fmt.elem
     if fmt.scale == "static":
         s = torch.tensor(fmt.static_scales, dtype=torch.float32).to(torch.float64)
-        qb = (fmt.relative_error_bound * (1 + _ROUNDING) + _ROUNDING) * s * e.max_normal + 2 * _FP32_STEP
+        qb = (fmt.relative_error_bound * (1 + _ROUNDING) + _ROUNDING) * s * e.max_normal + 2 * FP32_MIN_SUBNORMAL
         out[:, keep] = qb.expand_as(amax)
         size = (s * e.max_normal).expand_as(amax)
     else:
@@ -121,14 +117,14 @@ def error_bound(x: torch.Tensor, fmt, dtype: torch.dtype | None = None) -> torch
         if fmt.tensor_scale:  # block scales are e4m3 values times the tensor scale (an fp32 product)
             tamax = amax.max().item() if amax.numel() else 0.0
             e4m3 = scale_element("e4m3")
-            ts = max(tamax / (e.max_normal * e4m3.max_normal) * (1 + _ROUNDING), 2.0**-126)
-            step = step * ts * (1 + _ROUNDING) + _FP32_STEP
+            ts = max(tamax / (e.max_normal * e4m3.max_normal) * (1 + _ROUNDING), FP32_TINY)
+            step = step * ts * (1 + _ROUNDING) + FP32_MIN_SUBNORMAL
         extra = 0.0 if fmt.scale == "e8m0" else (2 * _ROUNDING if fmt.zero_point else _ROUNDING)
         out[:, keep] = (fmt.relative_error_bound * (1 + _ROUNDING) + extra) * amax + abs_floor(fmt, step)
         size = amax
     out[:, ~keep] = x2[:, ~keep].abs() * 2.0**-8 + 2.0**-134  # bf16: half an ulp (2^-8 relative; 2^-134 subnormal)
     size_all = x2.abs()
     size_all[:, keep] = size
-    rel, absolute = _DTYPE_ROUNDING[dtype]
+    rel, absolute = DTYPE_ROUNDING[dtype]
     out = out + rel * (size_all + out) + absolute  # |decoded| <= |x| + error, then its rounding to dtype
     return out.reshape(x.shape)

@@ -62,14 +62,11 @@ from dataclasses import dataclass
 import torch
 
 from . import grid, packing
+from .numeric import FP32_MAX, FP32_MIN_SUBNORMAL, FP32_TINY, INT_VIEW, SUPPORTED_DTYPES
 from .spec import Format, dims, need_format, scale_element, scale_type
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _F32 = torch.float32
 _F64 = torch.float64
-FP32_MAX = torch.finfo(torch.float32).max
-FP32_TINY = 2.0**-126  # smallest normal fp32: absmax quotients below it take the exact path
-FP32_MIN_SUBNORMAL = 2.0**-149
 
 
 @dataclass(frozen=True)
@@ -211,11 +208,8 @@ def encode(x: torch.Tensor, fmt) -> QTensor:
     return QTensor(data, fmt, tuple(x.shape), x.dtype)
 
 
-_INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
 def _with_canonical_nan(t: torch.Tensor, bits: int) -> torch.Tensor:
-    iv = _INT_VIEW[t.dtype]
+    iv = INT_VIEW[t.dtype]
     nan = torch.tensor(bits, dtype=torch.int64).to(iv)  # wraps to the signed pattern
     return torch.where(torch.isnan(t), nan, t.view(iv)).view(t.dtype)
 

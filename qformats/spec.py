@@ -188,10 +188,6 @@ class Element:
             return math.ldexp(1.0, self.emin - self.mbits)
         return math.ldexp(1.0, self.grid_exponent)
 
-    @property
-    def has_nan(self) -> bool:
-        return self.kind == "float" and self.policy in ("ieee", "fn")
-
     def __str__(self) -> str:
         if self.kind == "float":
             name = f"fp{self.bits}_e{self.ebits}m{self.mbits}"

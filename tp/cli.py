@@ -40,8 +40,6 @@ tokens of confirmation) take about 38 minutes; a small search,
       --confirm-budgets 5 --confirm-tokens 2048
 takes a few minutes (README gives measured times)."""
 
-COMMANDS = ("formats", "inspect", "eval", "tune")
-
 
 def _command(argv) -> str | None:
     """The subcommand named on the command line (the first word that is not an option)."""

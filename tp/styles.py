@@ -45,7 +45,6 @@ from __future__ import annotations
 import types
 from typing import NamedTuple, Optional
 
-import torch
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor, nn

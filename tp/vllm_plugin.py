@@ -60,7 +60,6 @@ yet (no multi-GPU machine with vLLM was available): see README.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -70,7 +69,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .comm.collectives import all_reduce, below_floor, resolve_format, wire_bytes
+from .comm.collectives import all_reduce, below_floor, wire_bytes
 from .comm.policy import CommPolicy, Site
 
 __all__ = [
@@ -160,8 +159,8 @@ def probe_formats(policy: CommPolicy, hidden: int, codec, device, dtype=torch.fl
     for f in policy.formats():
         try:
             f.layout((1, hidden))
-            buf = codec.encode(x, f)
-            y = codec.decode(buf, f, (4, hidden))
+            buf = codec.quantize(x, f)
+            y = codec.dequantize(buf, f, (4, hidden))
             if tuple(y.shape) != (4, hidden):
                 raise RuntimeError(f"decoded shape {tuple(y.shape)}")
         except Exception as e:  # noqa: BLE001 - any failure here is a format this engine cannot serve

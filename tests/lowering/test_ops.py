@@ -116,9 +116,9 @@ def test_lowered_codec_matches_reference_seam():
     codec = lowering.LoweredCodec()
     x = _x((6, 64), torch.float32)
     f = qformats.Format.parse("nvfp4")
-    bufs = [codec.encode(x * (i + 1), f) for i in range(3)]
+    bufs = [codec.quantize(x * (i + 1), f) for i in range(3)]
     assert torch.equal(bufs[0].cpu(), qformats.encode(x.cpu(), f).data)
-    s = codec.decode_sum(bufs, f, (6, 64))
+    s = codec.dequant_sum(bufs, f, (6, 64))
     assert torch.equal(s.cpu(), ops.reference_dequant_sum(torch.stack(bufs).cpu(), "nvfp4", [6, 64], torch.float32))
-    assert torch.equal(codec.reduce_requant(bufs, f, (6, 64)).cpu(),
+    assert torch.equal(codec.dequant_sum_requant(bufs, f, (6, 64)).cpu(),
                        ops.reference_dequant_sum_requant(torch.stack(bufs).cpu(), "nvfp4", [6, 64])[0])

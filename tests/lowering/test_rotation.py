@@ -49,17 +49,17 @@ def test_random_shapes_and_outliers(f, rows, width, dtype, seed, nonfinite, outl
 
 
 @pytest.mark.parametrize("f", ROTATED[:3] + ROTATED[4:5] + ROTATED[7:8], ids=_id)
-def test_decode_sum_and_reduce_requant_equal_the_reference_codec(f):
+def test_dequant_sum_and_dequant_sum_requant_equal_the_reference_codec(f):
     ref, fast = ReferenceCodec(), TorchCodec()
     shape = (5, 200)
-    bufs = [ref.encode(adversarial(f, *shape, torch.float32, 40 + i, nonfinite=i == 1), f) for i in range(4)]
+    bufs = [ref.quantize(adversarial(f, *shape, torch.float32, 40 + i, nonfinite=i == 1), f) for i in range(4)]
     for n in (1, 2, 4):
-        want = ref.decode_sum(bufs[:n], f, shape)
-        assert torch.equal(_bits(fast.decode_sum(bufs[:n], f, shape)), _bits(want))
-        assert torch.equal(fast.reduce_requant(bufs[:n], f, shape), ref.reduce_requant(bufs[:n], f, shape))
+        want = ref.dequant_sum(bufs[:n], f, shape)
+        assert torch.equal(_bits(fast.dequant_sum(bufs[:n], f, shape)), _bits(want))
+        assert torch.equal(fast.dequant_sum_requant(bufs[:n], f, shape), ref.dequant_sum_requant(bufs[:n], f, shape))
     g = torch.Generator().manual_seed(1)  # arbitrary wire bytes too (NaN payloads through the butterfly)
     buf = torch.randint(0, 256, (f.nbytes(shape),), generator=g, dtype=torch.uint8)
-    assert torch.equal(_bits(torch_codec.decode(buf, f, shape)), _bits(ref.decode(buf, f, shape)))
+    assert torch.equal(_bits(torch_codec.dequantize(buf, f, shape)), _bits(ref.dequantize(buf, f, shape)))
 
 
 def test_torch_codec_runs_its_fast_path_for_rotated_formats():

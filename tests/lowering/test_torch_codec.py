@@ -130,14 +130,14 @@ def _ref_decode(buf, f, shape, dtype=torch.float32):
 def _check(x: torch.Tensor, f: Format) -> None:
     before = x.clone()
     ref = qformats.encode(x, f).data
-    got = torch_codec.encode(x, f)
+    got = torch_codec.quantize(x, f)
     assert torch.equal(_bits(x), _bits(before)), "encode changed its input"
     assert got.dtype == torch.uint8 and got.dim() == 1 and got.numel() == ref.numel()
     diff = (got != ref).nonzero().flatten()
     assert diff.numel() == 0, f"{f} {x.dtype} {tuple(x.shape)}: {diff.numel()} bytes differ, first at {diff[:8].tolist()}"
     for dt in DTYPES:
         want = _ref_decode(ref, f, x.shape, dt)
-        dec = torch_codec.decode(got, f, x.shape, dt)
+        dec = torch_codec.dequantize(got, f, x.shape, dt)
         assert dec.dtype == dt and dec.shape == x.shape
         assert torch.equal(_bits(dec), _bits(want)), f"{f} decode to {dt} differs"
 
@@ -163,11 +163,11 @@ def test_decode_of_arbitrary_bytes(f):
         g = torch.Generator().manual_seed(seed)
         buf = torch.randint(0, 256, (f.nbytes((5, width)),), generator=g, dtype=torch.uint8)
         want = _ref_decode(buf, f, (5, width))
-        assert torch.equal(_bits(torch_codec.decode(buf, f, (5, width))), _bits(want))
-    # several buffers decoded in one pass (decode_sum) keep each one's NaN payloads
+        assert torch.equal(_bits(torch_codec.dequantize(buf, f, (5, width))), _bits(want))
+    # several buffers decoded in one pass (dequant_sum) keep each one's NaN payloads
     bufs = [torch.randint(0, 256, (f.nbytes((5, width)),), generator=g, dtype=torch.uint8) for _ in range(3)]
-    want = ReferenceCodec().decode_sum(bufs, f, (5, width))
-    assert torch.equal(_bits(TorchCodec().decode_sum(bufs, f, (5, width))), _bits(want))
+    want = ReferenceCodec().dequant_sum(bufs, f, (5, width))
+    assert torch.equal(_bits(TorchCodec().dequant_sum(bufs, f, (5, width))), _bits(want))
 
 
 def test_large_tensors_and_leading_dims():
@@ -181,18 +181,18 @@ def test_large_tensors_and_leading_dims():
 @pytest.mark.parametrize("f", [qformats.PRESETS[n] for n in ("mxfp4", "nvfp4", "flash_int4", "flash_int6", "mxint8",
                                                              "mxfp6_e3m2", "fp3_b64")] + OUTLIER_FORMATS[:2] + [OUTLIER_FORMATS[3]],
                          ids=_id)
-def test_decode_sum_and_reduce_requant_equal_the_reference_codec(f):
+def test_dequant_sum_and_dequant_sum_requant_equal_the_reference_codec(f):
     """Rank-order sums of 1..4 buffers and their re-quantisation, from a list or one stacked tensor."""
     ref, fast = ReferenceCodec(), TorchCodec()
     shape = (7, f.features or 200)
     xs = [adversarial(f, *shape, torch.float32, 10 + i, nonfinite=i == 2) for i in range(4)]
-    bufs = [ref.encode(x, f) for x in xs]
+    bufs = [ref.quantize(x, f) for x in xs]
     for n in range(1, 5):
-        want = ref.decode_sum(bufs[:n], f, shape)
-        assert torch.equal(_bits(fast.decode_sum(bufs[:n], f, shape)), _bits(want))
-        assert torch.equal(_bits(fast.decode_sum(torch.stack(bufs[:n]), f, shape)), _bits(want))
-        assert torch.equal(fast.reduce_requant(bufs[:n], f, shape), ref.reduce_requant(bufs[:n], f, shape))
-    assert torch.equal(_bits(fast.decode(bufs[0], f, shape)), _bits(ref.decode(bufs[0], f, shape)))
+        want = ref.dequant_sum(bufs[:n], f, shape)
+        assert torch.equal(_bits(fast.dequant_sum(bufs[:n], f, shape)), _bits(want))
+        assert torch.equal(_bits(fast.dequant_sum(torch.stack(bufs[:n]), f, shape)), _bits(want))
+        assert torch.equal(fast.dequant_sum_requant(bufs[:n], f, shape), ref.dequant_sum_requant(bufs[:n], f, shape))
+    assert torch.equal(_bits(fast.dequantize(bufs[0], f, shape)), _bits(ref.dequantize(bufs[0], f, shape)))
 
 
 @pytest.mark.parametrize("algorithm", ["gather", "two_shot"])
@@ -212,27 +212,27 @@ def test_unlowered_elements_fall_back_to_the_reference_explicitly():
     assert torch_codec.fallback_reason(OUTLIER_FORMATS[0]) is None  # outliers and static scales run fast
     x = adversarial(f, 3, 70, torch.float32, 0, nonfinite=True)
     _check(x, f)
-    buf = torch_codec.encode(x, f)
-    assert torch.equal(_bits(TorchCodec().decode_sum([buf, buf], f, x.shape)), _bits(ReferenceCodec().decode_sum([buf, buf], f, x.shape)))
+    buf = torch_codec.quantize(x, f)
+    assert torch.equal(_bits(TorchCodec().dequant_sum([buf, buf], f, x.shape)), _bits(ReferenceCodec().dequant_sum([buf, buf], f, x.shape)))
 
 
 def test_errors_match_the_reference():
     x = torch.randn(2, 64)
     with pytest.raises(ValueError, match="required"):
-        torch_codec.encode(x, None)
+        torch_codec.quantize(x, None)
     with pytest.raises(TypeError, match="not supported"):
-        torch_codec.encode(x.to(torch.int32), "mxfp4")
+        torch_codec.quantize(x.to(torch.int32), "mxfp4")
     with pytest.raises(ValueError, match="bytes"):
-        torch_codec.decode(torch.zeros(3, dtype=torch.uint8), "mxfp4", (2, 64))
+        torch_codec.dequantize(torch.zeros(3, dtype=torch.uint8), "mxfp4", (2, 64))
     with pytest.raises(ValueError, match="uint8"):
-        torch_codec.decode(torch.zeros(68, dtype=torch.int8), "mxfp4", (2, 64))
+        torch_codec.dequantize(torch.zeros(68, dtype=torch.int8), "mxfp4", (2, 64))
     with pytest.raises(TypeError, match="decode to"):
-        torch_codec.decode(torch_codec.encode(x, "mxfp4"), "mxfp4", (2, 64), torch.int32)
+        torch_codec.dequantize(torch_codec.quantize(x, "mxfp4"), "mxfp4", (2, 64), torch.int32)
     for f in OUTLIER_FORMATS[:2]:  # a static format refuses rows of another width, as the reference does
         with pytest.raises(ValueError) as want:
             qformats.encode(x, f)
         with pytest.raises(ValueError) as got:
-            torch_codec.encode(x, f)
+            torch_codec.quantize(x, f)
         assert str(got.value) == str(want.value)
 
 
@@ -243,8 +243,8 @@ def test_the_eval_runs_on_this_codec_and_restores_the_previous_one(monkeypatch):
     from tp.study.eval import run_eval
 
     calls = []
-    encode = TorchCodec.encode
-    monkeypatch.setattr(TorchCodec, "encode", lambda self, x, fmt: calls.append(fmt) or encode(self, x, fmt))
+    quantize = TorchCodec.quantize
+    monkeypatch.setattr(TorchCodec, "quantize", lambda self, x, fmt: calls.append(fmt) or quantize(self, x, fmt))
     mine = ReferenceCodec()
     old = set_codec(mine)
     try:
@@ -256,9 +256,9 @@ def test_the_eval_runs_on_this_codec_and_restores_the_previous_one(monkeypatch):
         class Custom(ReferenceCodec):
             used = 0
 
-            def encode(self, x, fmt):
+            def quantize(self, x, fmt):
                 Custom.used += 1
-                return super().encode(x, fmt)
+                return super().quantize(x, fmt)
 
         calls.clear()
         set_codec(Custom())
@@ -299,7 +299,7 @@ def test_issue_corners_decode_finite_and_bitwise(fmt, value, dtype):
     x = torch.full((2, 32), value, dtype=dtype)
     x[1, ::2] *= -0.5
     _check(x, f)
-    assert torch.isfinite(torch_codec.decode(torch_codec.encode(x, f), f, x.shape, dtype)).all()
+    assert torch.isfinite(torch_codec.dequantize(torch_codec.quantize(x, f), f, x.shape, dtype)).all()
 
 
 def test_zero_point_difference_past_fp32_max():
@@ -309,7 +309,7 @@ def test_zero_point_difference_past_fp32_max():
     x[2] = torch.linspace(-3.3e38, 3.3e38, 32, dtype=torch.float64).float()
     f = Format.parse("uint8/b32/bf16+zp")
     _check(x, f)
-    assert torch.isfinite(torch_codec.decode(torch_codec.encode(x, f), f, x.shape)).all()
+    assert torch.isfinite(torch_codec.dequantize(torch_codec.quantize(x, f), f, x.shape)).all()
 
 
 def test_every_feature_an_outlier_with_a_tensor_scale():
@@ -339,5 +339,5 @@ def test_decode_saturates_finite_products_and_keeps_inf_codes(fmt):
             buf[b - len(inf):b] = torch.tensor(inf, dtype=torch.uint8)
     for dt in DTYPES:
         want = _ref_decode(buf, f, shape, dt)
-        assert torch.equal(_bits(torch_codec.decode(buf, f, shape, dt)), _bits(want))
+        assert torch.equal(_bits(torch_codec.dequantize(buf, f, shape, dt)), _bits(want))
         assert (want.abs() == torch.finfo(dt).max).any(), "nothing saturated: the test lost its point"

@@ -87,10 +87,10 @@ def test_probe_names_the_format_a_codec_cannot_run():
     class Broken(tp.ReferenceCodec):
         name = "broken"
 
-        def encode(self, x, fmt):
+        def quantize(self, x, fmt):
             if fmt == FP4:
                 raise NotImplementedError("no fp4 kernel")
-            return super().encode(x, fmt)
+            return super().quantize(x, fmt)
 
     vp.probe_formats(tp.CommPolicy(FP8), 64, Broken(), "cpu")
     with pytest.raises(ValueError, match=r"format fp4_e2m1/b32/e8m0 cannot run with the broken codec .*no fp4 kernel"):

@@ -68,6 +68,7 @@ import qformats
 from lowering.codec import Codec, ReferenceCodec, check_codec
 from qformats import Format
 from qformats.codec import saturating_cast
+from qformats.numeric import DTYPE_CODES, SUPPORTED_DTYPES
 
 from . import wirecheck
 from .wirecheck import HEADER_BYTES, SECOND_HOP, Signature
@@ -100,7 +101,6 @@ __all__ = [
 DEFAULT_MIN_BYTES = 64 * 1024
 
 ALGORITHMS = ("gather", "two_shot", "fused")
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _VALIDATE_ENV = "TP_VALIDATE_COLLECTIVES"
 
 # torch >= 2.12 deprecates all_gather_into_tensor in favour of all_gather_single, which the
@@ -188,8 +188,8 @@ def reduce_chunk(codec, bufs, fmt: Format, second: Format, shape: tuple) -> torc
     """two_shot's middle step: decode and fp32-sum ``bufs`` (``fmt``) in rank order, encode the
     sum in ``second``. One fused codec call when the hops share a format."""
     if second == fmt:
-        return codec.reduce_requant(bufs, fmt, shape)
-    return codec.encode(codec.decode_sum(bufs, fmt, shape), second)
+        return codec.dequant_sum_requant(bufs, fmt, shape)
+    return codec.quantize(codec.dequant_sum(bufs, fmt, shape), second)
 
 
 def wire_format(fmt: Format, second: Optional[Format]) -> str:
@@ -261,9 +261,6 @@ def _group_ranks(group) -> str:
         return "(unknown)"
 
 
-_DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
-
-
 def _validate_across_ranks(x: torch.Tensor, fmt: Optional[Format], op: str, algorithm: str, group, world: int,
                            second: Optional[Format] = None):
     """One small all-gather of (op, algorithm, format(s), dtype, shape); every rank raises on a mismatch."""
@@ -295,7 +292,7 @@ def _signature_words(op: str, algorithm: str, fmt_name: str, dtype: torch.dtype,
         zlib.crc32(op.encode()),
         zlib.crc32(algorithm.encode()),
         zlib.crc32(fmt_name.encode()),
-        _DTYPE_CODES.get(dtype, zlib.crc32(str(dtype).encode())),
+        DTYPE_CODES.get(dtype, zlib.crc32(str(dtype).encode())),
         len(shape),
         zlib.crc32(repr(shape).encode()),
     ] + (list(shape) + [0] * 8)[:8] + [int.from_bytes(digest[i:i + 8], "little", signed=True) for i in (0, 8)]
@@ -436,8 +433,8 @@ def _exchange_chunks(chunks: torch.Tensor, fmt: Format, codec, world: int, group
 
 
 def _encoded(codec, x2: torch.Tensor, fmt: Format, n: Optional[int] = None) -> torch.Tensor:
-    """codec.encode with a size check: a wrong-sized buffer would desynchronise the collective."""
-    buf = codec.encode(x2, fmt)
+    """codec.quantize with a size check: a wrong-sized buffer would desynchronise the collective."""
+    buf = codec.quantize(x2, fmt)
     n = fmt.nbytes(tuple(x2.shape)) if n is None else n
     if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() != n:
         raise RuntimeError(
@@ -519,9 +516,9 @@ def all_reduce(
         bufs, last, shape, pad = _compressed_exchange(x, fmt, group, wire_algorithm(algorithm, world), codec, world,
                                                       validate, second)
         if pad is None:  # gather: the rank-order fp32 sum of the W buffers
-            y = saturating_cast(codec.decode_sum(bufs, last, shape), x.dtype).reshape(x.shape)
+            y = saturating_cast(codec.dequant_sum(bufs, last, shape), x.dtype).reshape(x.shape)
         else:  # two_shot: the W reduced chunks
-            y = merge_rows(torch.stack([codec.decode(b, last, shape) for b in bufs]), pad, x.shape, x.dtype)
+            y = merge_rows(torch.stack([codec.dequantize(b, last, shape) for b in bufs]), pad, x.shape, x.dtype)
     return straight_through(y, x)
 
 
@@ -663,7 +660,7 @@ def _check_buf(buf, fmt, shape, codec):
     n = fmt.nbytes(shape)
     if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() != n:
         raise RuntimeError(
-            f"codec {getattr(codec, 'name', type(codec).__name__)}.reduce_requant returned {buf.dtype} "
+            f"codec {getattr(codec, 'name', type(codec).__name__)}.dequant_sum_requant returned {buf.dtype} "
             f"{tuple(buf.shape)} for {fmt} of shape {shape}; expected uint8 ({n},)"
         )
 
@@ -709,7 +706,7 @@ def all_gather(
         bufs = _gather_bufs(_payload(ex, n, x.device, lambda: _encoded(codec, x2, fmt)), world, group, ex)
     else:
         bufs = [_encoded(codec, x2, fmt)]
-    return torch.cat([saturating_cast(codec.decode(b, fmt, shape), x.dtype).reshape(x.shape) for b in bufs])
+    return torch.cat([saturating_cast(codec.dequantize(b, fmt, shape), x.dtype).reshape(x.shape) for b in bufs])
 
 
 def reduce_scatter(
@@ -749,7 +746,7 @@ def reduce_scatter(
     else:
         ex = _exchange("reduce_scatter", fmt, x, fmt.nbytes(cshape), group, world, validate)
         mine = _exchange_chunks(chunks, fmt, codec, world, group, ex)
-    return saturating_cast(codec.decode_sum(mine, fmt, cshape), x.dtype).reshape(out_shape)
+    return saturating_cast(codec.dequant_sum(mine, fmt, cshape), x.dtype).reshape(out_shape)
 
 
 @dataclass(frozen=True)

@@ -127,17 +127,17 @@ def _compressed_all_reduce(shards, fmt, algorithm: str, codec, world: int, secon
     mats = [rows_view(s) for s in shards]
     if algorithm == "gather":
         shape = tuple(mats[0].shape)
-        bufs = [codec.encode(m, fmt) for m in mats]
-        return saturating_cast(codec.decode_sum(bufs, fmt, shape), x.dtype).reshape(x.shape)
+        bufs = [codec.quantize(m, fmt) for m in mats]
+        return saturating_cast(codec.dequant_sum(bufs, fmt, shape), x.dtype).reshape(x.shape)
     # two_shot: chunk j of every rank -> rank j reduces and re-encodes -> everyone decodes
     split = [split_rows(m, world) for m in mats]
     pad = split[0][1]
     cshape = tuple(split[0][0].shape[1:])
     out = []
     for j in range(world):
-        bufs = [codec.encode(chunks[j], fmt) for chunks, _ in split]
+        bufs = [codec.quantize(chunks[j], fmt) for chunks, _ in split]
         red = reduce_chunk(codec, bufs, fmt, second, cshape)
-        out.append(codec.decode(red, second, cshape))
+        out.append(codec.dequantize(red, second, cshape))
     return merge_rows(torch.stack(out), pad, x.shape, x.dtype)
 
 
@@ -181,8 +181,8 @@ def emulate_all_reduce_rmsnorm(
         mats = [rows_view(s) for s in shards]
         res = rows_view(residual).to(torch.float32)
         if algorithm == "gather":
-            bufs = [codec.encode(m, fmt) for m in mats]
-            h = saturating_cast(codec.decode_sum(bufs, fmt, tuple(mats[0].shape)) + res, x.dtype).reshape(x.shape)
+            bufs = [codec.quantize(m, fmt) for m in mats]
+            h = saturating_cast(codec.dequant_sum(bufs, fmt, tuple(mats[0].shape)) + res, x.dtype).reshape(x.shape)
             last = fmt
         else:
             split = [split_rows(m, world) for m in mats]
@@ -191,9 +191,9 @@ def emulate_all_reduce_rmsnorm(
             cshape = tuple(split[0][0].shape[1:])
             out = []
             for j in range(world):
-                bufs = [codec.encode(chunks[j], fmt) for chunks, _ in split]
+                bufs = [codec.quantize(chunks[j], fmt) for chunks, _ in split]
                 red = reduce_chunk(codec, bufs, fmt, second, cshape)
-                out.append(codec.decode(red, second, cshape) + rsplit[j])
+                out.append(codec.dequantize(red, second, cshape) + rsplit[j])
             h = merge_rows(torch.stack(out), pad, x.shape, x.dtype)
             last = second
         return reference_rms_norm(h, weight, eps, last.block_for(width)), h
@@ -212,7 +212,7 @@ def emulate_all_gather(shards: Sequence[torch.Tensor], fmt=None, *, codec=None) 
     out = []
     for s in shards:
         m = rows_view(s)
-        out.append(saturating_cast(codec.decode(codec.encode(m, fmt), fmt, tuple(m.shape)), s.dtype).reshape(s.shape))
+        out.append(saturating_cast(codec.dequantize(codec.quantize(m, fmt), fmt, tuple(m.shape)), s.dtype).reshape(s.shape))
     return torch.cat(out)
 
 
@@ -239,8 +239,8 @@ def emulate_reduce_scatter(shards: Sequence[torch.Tensor], fmt=None, *, codec=No
     cshape = tuple(chunked[0].shape[1:])
     res = []
     for j in range(world):
-        bufs = [codec.encode(c[j], fmt) for c in chunked]
-        res.append(saturating_cast(codec.decode_sum(bufs, fmt, cshape), x.dtype).reshape(out_shape))
+        bufs = [codec.quantize(c[j], fmt) for c in chunked]
+        res.append(saturating_cast(codec.dequant_sum(bufs, fmt, cshape), x.dtype).reshape(out_shape))
     return res
 
 

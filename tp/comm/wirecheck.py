@@ -71,6 +71,7 @@ import torch
 import torch.distributed as dist
 
 import qformats
+from qformats.numeric import DTYPE_CODES
 
 __all__ = ["HEADER_BYTES", "SECOND_HOP", "DamagedHeader", "Exchange", "PeerFailed", "Signature", "WireError", "begin",
            "checks", "reset", "signature_digest"]
@@ -88,8 +89,7 @@ DATA, CHECK, ERROR = 1, 2, 3
 # one code per message kind on the wire: two_shot's second exchange has its own
 _OPS = {"gather": 1, "two_shot": 2, "two_shot/reduced": 3, "all_gather": 4, "reduce_scatter": 5}
 _OP_NAMES = {v: k for k, v in _OPS.items()}
-_DTYPES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
-_DTYPE_NAMES = {v: str(k).replace("torch.", "") for k, v in _DTYPES.items()}
+_DTYPE_NAMES = {v: str(k).replace("torch.", "") for k, v in DTYPE_CODES.items()}
 _PREDICTIONS = 256  # remembered successor signatures per group (oldest forgotten first)
 _U32 = 0xFFFFFFFF
 
@@ -174,7 +174,7 @@ class Signature(NamedTuple):
             digest = signature_digest(self.op + phase, self.fmt, str(self.dtype), tuple(int(d) for d in self.shape),
                                       int(self.slot))
             head = _HEADS[key] = _LAYOUT.pack(
-                _MAGIC, kind, _OPS[self.op + phase], _DTYPES.get(self.dtype, 255), min(len(self.shape), 255),
+                _MAGIC, kind, _OPS[self.op + phase], DTYPE_CODES.get(self.dtype, 255), min(len(self.shape), 255),
                 _crc(self.fmt), _crc(repr(tuple(self.shape))), rows & _U32, width & _U32, self.slot & _U32, digest)
             if len(_HEADS) > _CACHED_HEADERS:
                 _HEADS.clear()

@@ -42,12 +42,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from qformats.numeric import DTYPE_BY_NAME
+
 from ..comm.collectives import ALGORITHMS, DEFAULT_MIN_BYTES, compresses
 from ..comm.policy import CommPolicy
 from .layers import RowParallelLinear, TPContext
 from .llama import PRESET_CONFIGS, LlamaConfig, TPLlama, generate, init_random_
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a CommPolicy JSON file (tp.CommPolicy.to_file); replaces --fmt/--algorithm/--min-bytes")
     p.add_argument("--calibration", default=None, help="JSON from tp.model.calibrate: outlier formats per layer (static or dynamic scales for the rest)")
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--dtype", choices=sorted(DTYPE_BY_NAME), default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--emulate", type=int, default=0, metavar="N", help="one process emulating N ranks")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed one")
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
 
 def _run(args, use_cuda: bool) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if use_cuda else torch.float32)
+    dtype = DTYPE_BY_NAME[args.dtype] if args.dtype else (torch.bfloat16 if use_cuda else torch.float32)
     ctx = TPContext.emulated(args.emulate) if args.emulate else TPContext.from_group()
     # CommPolicy.load: a missing or malformed file is a ValueError naming the file (no traceback)
     policy = CommPolicy.load(args.policy) if args.policy else CommPolicy(args.fmt, args.algorithm, args.min_bytes)

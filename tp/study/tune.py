@@ -100,7 +100,6 @@ DEFAULT_TOKENS = 1024
 DEFAULT_CONFIRM_TOKENS = 16384
 DEFAULT_BUDGETS = (4.25, 4.5, 4.75, 5.0, 5.25, 5.5, 6.0, 6.5, 7.0)
 DEFAULT_CONFIRM_BUDGETS = (4.5, 5.0, 5.5)
-STAGES = ("sensitivity", "joint", "confirm")
 
 
 # --------------------------------------------------------------------------- arguments

@@ -124,12 +124,12 @@ def test_all_gather_and_reduce_scatter(world):
 
 
 class CountingCodec(tp.ReferenceCodec):
-    """The reference arithmetic plus a visible change (decode adds 1), to prove the seam is used."""
+    """The reference arithmetic plus a visible change (dequantize adds 1), to prove the seam is used."""
 
     name = "counting"
 
-    def decode(self, buf, fmt, shape):
-        return super().decode(buf, fmt, shape) + 1.0
+    def dequantize(self, buf, fmt, shape):
+        return super().dequantize(buf, fmt, shape) + 1.0
 
 
 def _codec_case(rank, world, algorithm):
@@ -147,8 +147,8 @@ def test_codec_seam_is_the_only_arithmetic(algorithm):
 
 
 def test_set_codec_rejects_incomplete_objects():
-    with pytest.raises(TypeError, match="decode_sum"):
-        tp.set_codec(type("Half", (), {"encode": lambda *a: None, "decode": lambda *a: None})())
+    with pytest.raises(TypeError, match="dequant_sum"):
+        tp.set_codec(type("Half", (), {"quantize": lambda *a: None, "dequantize": lambda *a: None})())
     old = tp.set_codec(CountingCodec())
     try:
         assert isinstance(tp.get_codec(), CountingCodec)
@@ -158,8 +158,8 @@ def test_set_codec_rejects_incomplete_objects():
 
 # ---- bad input: every rank raises the same clear error, nobody hangs ---------------------------
 class ShortCodec(tp.ReferenceCodec):
-    def encode(self, x, fmt):
-        return super().encode(x, fmt)[:-1]
+    def quantize(self, x, fmt):
+        return super().quantize(x, fmt)[:-1]
 
 
 def _bad_inputs(rank, world, case):
@@ -523,14 +523,14 @@ class _FaultyCodec:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def reduce_requant(self, *a, **k):
+    def dequant_sum_requant(self, *a, **k):
         raise RuntimeError("boom: a codec failure on this rank only")
 
 
 class _FaultyEncoder(_FaultyCodec):
-    """The reference codec, except that encode raises (before this rank's first message)."""
+    """The reference codec, except that quantize raises (before this rank's first message)."""
 
-    def encode(self, *a, **k):
+    def quantize(self, *a, **k):
         raise RuntimeError("boom: an encode failure on this rank only")
 
 

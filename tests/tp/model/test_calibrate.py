@@ -193,9 +193,9 @@ def test_dynamic_variants_encode_the_same_in_the_reference_and_torch_codec():
             x[:, f.outliers[0]] = 3e4  # a real outlier: kept in bf16, not quantised with its block
             _check(x, f)
         ref, fast = ReferenceCodec(), TorchCodec()
-        bufs = [ref.encode(adversarial(f, 4, 576, torch.float32, 30 + r, r == 1), f) for r in range(3)]
-        assert torch.equal(_bits(fast.decode_sum(bufs, f, (4, 576))), _bits(ref.decode_sum(bufs, f, (4, 576))))
-        assert torch.equal(fast.reduce_requant(bufs, f, (4, 576)), ref.reduce_requant(bufs, f, (4, 576)))
+        bufs = [ref.quantize(adversarial(f, 4, 576, torch.float32, 30 + r, r == 1), f) for r in range(3)]
+        assert torch.equal(_bits(fast.dequant_sum(bufs, f, (4, 576))), _bits(ref.dequant_sum(bufs, f, (4, 576))))
+        assert torch.equal(fast.dequant_sum_requant(bufs, f, (4, 576)), ref.dequant_sum_requant(bufs, f, (4, 576)))
 
 
 def test_with_rest_round_trips_and_refuses_what_cannot_carry_outliers(tmp_path):

@@ -23,7 +23,8 @@ where it matters; it *is* the definition), :class:`lowering.torch_codec.TorchCod
 fp32/int32 torch ops, 15-27x the reference on CPU) and the Triton kernel (``lowering.kernels``,
 one tile of blocks per program). They share these recipes; a change to one is a change in all
 three places (the tests compare bits, but only on the inputs they draw). Names are functions of
-``qformats.codec`` / ``lowering.torch_codec`` / ``lowering.kernels`` unless qualified; fp32
+``qformats.codec`` / ``lowering.torch_codec`` / the kernel modules (``lowering.kernels`` and the
+``kernel_math`` / ``kernel_wire`` helpers it imports) unless qualified; fp32
 constants (``FP32_TINY``, ``FP32_RNE_MAGIC``, ...) are ``qformats.numeric``'s.
 
 round half to even onto a float element's grid, then its code
@@ -39,21 +40,21 @@ round half to even to an integer (int / uint elements)
 e8m0 scale: s = floor(log2 amax) - emax, clamped to [-127, 127]; byte s + 127, NaN block 0xFF
     reference   ``_encode_blocks`` (``grid._floor_log2`` of the float64 absmax)
     TorchCodec  ``_block_sections`` (the exponent field of the integer max over ``|x|``'s bits)
-    kernel      ``_codec_kernel``, E8M0 branch (``_flog2``)
+    kernel      ``_encode_e8m0`` (``_flog2``)
 absmax scale (fp32 / bf16 / fp16 / e4m3): fp32(amax / max_normal) rounded up onto the scale
 type; quotients below ``FP32_TINY`` rounded up exactly (at least one step)
     reference   ``_absmax_scale``, ``_round_scale``
     TorchCodec  ``_block_sections``, ``_signed_code`` / ``_round_onto_scale_grid``,
                 ``_tiny_scale_codes``
-    kernel      ``_codec_kernel`` absmax branch, ``_round_mag_int`` (``S_INV_STEP_*`` for tiny)
+    kernel      ``_encode_absmax``, ``_round_mag_int`` (``S_INV_STEP_*`` for tiny)
 +ts per-tensor scale: tamax / (max_normal * 448), at least ``FP32_TINY``
     reference   ``_encode_blocks``
     TorchCodec  ``_block_sections`` (``maxn_ts``)
-    kernel      ``_codec_kernel`` (``TS``; ``kernels.quantize`` finds the absmax in a first pass)
+    kernel      ``_encode_absmax`` (``F.TS``; ``launch.quantize`` finds the absmax in a first pass)
 +zp zero point: block min rounded down, (max - zero) / max_code rounded up, halved on overflow
     reference   ``_encode_blocks`` (zero-point branch)
     TorchCodec  ``_block_sections`` (``kc.ZP`` branch)
-    kernel      ``_codec_kernel`` (``ZP`` branch)
+    kernel      ``_encode_zero_point``
 static per-feature scales
     reference   ``_encode_static``; TorchCodec ``_static_codes``; kernel: not lowered
 stored scale words (e4m3 codes, bf16/fp16/fp32 bits, canonical NaN) and their values

@@ -12,6 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from qformats import numeric
+
 from . import constants as C
 
 # in/out element kinds of the float side (bf16 travels as int16 bits in the interpreter, whose
@@ -141,7 +143,9 @@ def _load_f32(ptr, offs, mask, KIND: tl.constexpr, GPU: tl.constexpr):
         return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
-_FP32_MAX = tl.constexpr(3.4028234663852886e38)
+_FP32_MAX = tl.constexpr(numeric.FP32_MAX)
+_FP32_TINY = tl.constexpr(numeric.FP32_TINY)  # fp32's smallest normal
+_RNE_MAGIC = tl.constexpr(numeric.FP32_RNE_MAGIC)  # 1.5 * 2^23 (qformats.numeric)
 _BF16_MAX = tl.constexpr(3.3895313892515355e38)
 _FP16_MAX = tl.constexpr(65504.0)
 # a block whose bound on |decoded value| reaches this fraction of a dtype's max may overflow it

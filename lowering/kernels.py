@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from .kernel_math import (_BF16_MAX, _BF16IO, _BF16S, _DEC_FP8, _DEC_INT, _E8M0, _F32IO, _FLOAT, _FP8_E5M2, _FP16_MAX,
-                          _FP32_MAX, _FP32S, _INT, _RISK, _any, _clamp_finite, _div, _flog2, _load_f32, _neg_if,
+                          _FP32_MAX, _FP32_TINY, _FP32S, _INT, _RISK, _RNE_MAGIC, _any, _clamp_finite, _div, _flog2, _load_f32, _neg_if,
                           _out_max, _pow2, _rotate, _round_mag_int, _saturate, _scale_value, _store_f32)
 from .kernel_wire import _load_codes, _load_word, _row_tile, _store_codes, _store_word, _tile
 
@@ -256,7 +256,7 @@ def _element_codes(v, F: tl.constexpr):
         # clamp, then round half to even with the 1.5 * 2^23 magic number: the low bits of the
         # sum are the code (the magic's low 23 bits are 0x400000, whose low BITS bits are 0)
         y = tl.minimum(tl.maximum(v * F.GSCALE, -F.MAXMAG * 1.0), F.MAXMAG * 1.0)
-        return (y + 12582912.0).to(tl.int32, bitcast=True) & ((1 << F.BITS) - 1)
+        return (y + _RNE_MAGIC).to(tl.int32, bitcast=True) & ((1 << F.BITS) - 1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -333,7 +333,7 @@ def _encode_absmax(x, amax_b, bad, blk, bmask, amax_ptr, out_ptr, ts_off, F: tl.
     amax_f = amax_b.to(tl.float32, bitcast=True)
     if F.TS:
         tam = tl.load(amax_ptr).to(tl.float32, bitcast=True)
-        ts = tl.maximum(_div(tam, F.MAXN_TS, F.GPU), 1.1754943508222875e-38)
+        ts = tl.maximum(_div(tam, F.MAXN_TS, F.GPU), _FP32_TINY)
         den = F.MAXN * ts
     else:
         den = F.MAXN + tl.zeros_like(amax_f)
@@ -345,7 +345,7 @@ def _encode_absmax(x, amax_b, bad, blk, bmask, amax_ptr, out_ptr, ts_off, F: tl.
     # a quotient below fp32's normal range (rounded to fp32's subnormal grid, or to 0):
     # the exact ceiling in scale steps 2^-P instead, at least one:
     # ceil(fp32(amax * 2^P / den)), 2^P = S_INV_STEP_HI * S_INV_STEP_LO (both exact)
-    tiny = (raw < 1.1754943508222875e-38) & (amax_b > 0)
+    tiny = (raw < _FP32_TINY) & (amax_b > 0)
     w = _div(tl.where(tiny, amax_f, 0.0) * F.S_INV_STEP_HI * F.S_INV_STEP_LO, den, F.GPU)
     nt = w.to(tl.int32)  # truncation: 0 <= w < 2^23 + 1
     nt = tl.maximum(nt + tl.where(nt.to(tl.float32) < w, 1, 0), 1)

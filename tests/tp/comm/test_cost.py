@@ -5,7 +5,7 @@ import json
 import pytest
 
 import qformats
-from tp.comm import cost
+from tp.comm import cost, cost_tables
 
 MIB = 1 << 20
 
@@ -155,7 +155,7 @@ def test_newer_committed_kernel_table_needs_no_code_change(tables, monkeypatch):
         {"case": "quantize", "fmt": "mxfp4", "mib": 1.0, "n": 1, "via": "kernel", "us": 7.0},
         {"case": "quantize", "fmt": "int9_from_the_future", "mib": 1.0, "n": 1, "via": "kernel", "us": 7.0}])
     times = {"codec_t1.jsonl": 100, "codec_t1_new.jsonl": 200}
-    monkeypatch.setattr(cost, "_git_info", lambda p: ("abc", times.get(p.rsplit("/", 1)[-1])))
+    monkeypatch.setattr(cost_tables, "_git_info", lambda p: ("abc", times.get(p.rsplit("/", 1)[-1])))
     kt = cost.load_kernel_table("T1")
     assert [n for n, _ in kt.files] == ["codec_t1_new.jsonl", "codec_t1.jsonl"]
     assert kt.time("quantize", "mxfp4", 1, MIB)[0] == 7.0  # the newer build wins ...
@@ -179,10 +179,10 @@ def test_manifest_paths_are_relative_to_the_results_folder(tables, monkeypatch):
     man = json.loads((tables / cost.MANIFEST).read_text())
     man["kernel"]["T1"] = ["kernels/codec_t1.jsonl"]
     (tables / cost.MANIFEST).write_text(json.dumps(man))
-    monkeypatch.setattr(cost, "_git_info", lambda p: ("abc", 200 if p.endswith("_new.jsonl") else 100))
+    monkeypatch.setattr(cost_tables, "_git_info", lambda p: ("abc", 200 if p.endswith("_new.jsonl") else 100))
     kt = cost.load_kernel_table("T1")
     assert [n for n, _ in kt.files] == ["codec_t1_new.jsonl", "codec_t1.jsonl"]
-    assert [p.relative_to(tables).as_posix() for p in cost._table_paths("kernel", "T1", None, None)] == [
+    assert [p.relative_to(tables).as_posix() for p in cost_tables._table_paths("kernel", "T1", None, None)] == [
         "kernels/codec_t1_new.jsonl", "kernels/codec_t1.jsonl"]
     assert cost.load_kernel_table("T1", "kernels/codec_t1.jsonl").time("quantize", "mxfp4", 1, MIB)[0] == 10.0
 
@@ -208,8 +208,8 @@ def test_git_info_keeps_a_moved_tables_commit(tmp_path):
     (tmp_path / "kernels").mkdir()
     run("mv", "codec_t1.jsonl", "kernels/codec_t1.jsonl", date="2026-02-01T00:00:00Z")
     run("commit", "-q", "-m", "move", date="2026-02-01T00:00:00Z")
-    cost._git_info.cache_clear()
-    commit, t = cost._git_info(str(tmp_path / "kernels" / "codec_t1.jsonl"))
+    cost_tables._git_info.cache_clear()
+    commit, t = cost_tables._git_info(str(tmp_path / "kernels" / "codec_t1.jsonl"))
     assert t == 1767225600  # 2026-01-01: the content's commit, not the move's
     first = subprocess.run(["git", "rev-list", "--max-parents=0", "--abbrev-commit", "HEAD"], cwd=tmp_path,
                            capture_output=True, text=True, check=True).stdout.strip()

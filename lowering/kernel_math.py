@@ -212,15 +212,18 @@ def _butterfly(x, BPP: tl.constexpr, BP2: tl.constexpr, H: tl.constexpr):
     """One stage: lanes i and i + H of every run of 2H (bit log2(H) of i clear) become
     (v[i] + v[i + H], v[i] - v[i + H]), one fp32 addition each (as the reference's stage).
 
-    Written as two integer reductions over the pair axis (picking each member's bits: the other
-    one is 0), so the tile keeps its register layout whatever it is: where a pair
-    lives in one thread this folds to plain adds, where it spans two lanes it becomes warp
-    shuffles; no shared-memory round trip (a permute/join of the pair axis would force one)."""
+    Each member needs its partner's value: one integer reduction over the pair axis gives the
+    sum of both bit patterns (int32, wrapping), and that sum minus a member's own bits is its
+    partner's, exactly. Then lane i adds its partner, lane i + H adds its partner to its own
+    negation (x - y is x + (-y) in IEEE arithmetic, signed zeros included). Where a pair lives
+    in one thread the compiler folds this to one add or subtract per element; where it spans
+    two lanes it is one warp shuffle per element; the tile keeps its register layout (no
+    shared-memory round trip, which a permute/join of the pair axis would force)."""
     v = tl.reshape(x.to(tl.int32, bitcast=True), (BPP * BP2 // (2 * H), 2, H))
     hi = (tl.arange(0, 2) == 1)[None, :, None]
-    a = tl.sum(tl.where(hi, 0, v), axis=1).to(tl.float32, bitcast=True)
-    b = tl.sum(tl.where(hi, v, 0), axis=1).to(tl.float32, bitcast=True)
-    return tl.reshape(tl.where(hi, (a - b)[:, None, :], (a + b)[:, None, :]), (BPP, BP2))
+    partner = (tl.sum(v, axis=1)[:, None, :] - v).to(tl.float32, bitcast=True)
+    own = (v ^ tl.where(hi, -2147483648, 0)).to(tl.float32, bitcast=True)  # -v[i + H] by its sign bit
+    return tl.reshape(partner + own, (BPP, BP2))
 
 
 @triton.jit

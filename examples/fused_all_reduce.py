@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import tp
-from tp.comm.collectives import wire_algorithm
+from tp.comm.call import wire_algorithm
 
 if __name__ == "__main__":
     if "RANK" not in os.environ or torch.cuda.device_count() < 2:

@@ -58,3 +58,12 @@ def test_no_two_files_import_each_other():
     imp = _imports()
     pairs = {frozenset({a, b}) for a, b in itertools.combinations(imp, 2) if b in imp[a] and a in imp[b]}
     assert pairs <= KNOWN_CIRCLES, sorted(map(sorted, pairs - KNOWN_CIRCLES))
+
+
+MAX_LINES = 700  # issue 26's bound: a module longer than this holds more than one idea
+
+
+def test_no_module_is_over_the_line_bound():
+    long = {str(p.relative_to(ROOT)): n for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split them along their seams): {long}"

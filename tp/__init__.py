@@ -16,7 +16,8 @@ checkpoint loading, outlier calibration after Dong et al., the launcher
 import importlib as _importlib
 
 _LAZY = {
-    "tp.comm.collectives": ("ALGORITHMS", "DEFAULT_MIN_BYTES", "Codec", "ReferenceCodec", "all_gather", "all_reduce",
+    "tp.comm.call": ("ALGORITHMS",),
+    "tp.comm.collectives": ("DEFAULT_MIN_BYTES", "Codec", "ReferenceCodec", "all_gather", "all_reduce",
                             "all_reduce_rmsnorm",
                             "get_codec", "reduce_scatter", "set_codec", "wire_bytes"),
     "tp.comm.emulate": ("emulate_all_gather", "emulate_all_reduce", "emulate_all_reduce_rmsnorm", "emulate_reduce_scatter",

@@ -75,7 +75,7 @@ def _rank_logits(rank, world, path, fmt, algorithm, tokens, uneven):
 
 
 def _check(res, fmt):
-    name = f"qformats_rowwise:{tp.comm.collectives.resolve_format(fmt)}"
+    name = f"qformats_rowwise:{tp.comm.call.resolve_format(fmt)}"
     plan = res[0]["plan"]
     assert [k for k, v in plan.items() if v.startswith(name)] == \
         ["model.layers.*.self_attn.o_proj", "model.layers.*.mlp.down_proj"], plan
@@ -121,7 +121,7 @@ def _rank_policy_logits(rank, world, path, policy_file):
 def test_policy_file_plan_equals_emulator_of_the_policy(tiny_llama, tmp_path):
     POLICY.to_file(tmp_path / "policy.json")
     res = run_ranks(_rank_policy_logits, 2, tiny_llama, str(tmp_path / "policy.json"), timeout=TIMEOUT)
-    f, fine = (str(tp.comm.collectives.resolve_format(x)) for x in (FMT, "mxfp8_e4m3"))
+    f, fine = (str(tp.comm.call.resolve_format(x)) for x in (FMT, "mxfp8_e4m3"))
     assert res[0]["calls"] == {"model.layers.0.self_attn.o_proj": f, "model.layers.0.mlp.down_proj": f,
                                "model.layers.1.self_attn.o_proj": f, "model.layers.1.mlp.down_proj": fine}
     assert torch.equal(res[0]["logits"], res[1]["logits"]), "ranks disagree"

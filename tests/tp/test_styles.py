@@ -226,7 +226,7 @@ def test_policy_style_decides_per_layer_after_bind_sites(tmp_path):
     """A CommPolicy with a layer rule and a second hop: each w2 gets its layer's format once
     bind_sites ran (before: a clear error), eager and compiled == tp.all_reduce by hand."""
     res = run_ranks(_rank_policy_style, 2, str(tmp_path), timeout=TIMEOUT)
-    f1, f2, sec = (str(tp.comm.collectives.resolve_format(f)) for f in (FMT, FMT2, SECOND))
+    f1, f2, sec = (str(tp.comm.call.resolve_format(f)) for f in (FMT, FMT2, SECOND))
     for rank, r in enumerate(res):
         assert "bind_sites" in r["unbound"], r["unbound"]
         assert r["calls"] == {"layers.0.w2": SiteCall(f1, sec, "two_shot", 0),

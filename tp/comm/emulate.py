@@ -6,7 +6,7 @@ the same arithmetic as all ranks together minus the redundancy: a gather all-red
 the W buffers once, not W times; two_shot reduces each chunk once.
 
 It calls the very same codec methods (:class:`lowering.codec.Codec`) and row bookkeeping
-(:func:`tp.comm.collectives.split_rows` / :func:`merge_rows`) as the distributed path, in the same
+(:func:`tp.comm.call.split_rows` / :func:`merge_rows`) as the distributed path, in the same
 order, so the two cannot drift apart: only the data movement is replaced by list indexing.
 """
 from __future__ import annotations
@@ -17,20 +17,9 @@ import torch
 
 from qformats.codec import saturating_cast
 
-from .collectives import (
-    check_algorithm,
-    check_tensor,
-    compresses,
-    get_codec,
-    merge_rows,
-    reduce_chunk,
-    resolve_format,
-    rows_view,
-    second_hop,
-    split_rows,
-    straight_through,
-    wire_algorithm,
-)
+from .call import (check_algorithm, check_tensor, merge_rows, reduce_chunk, resolve_format, rows_view, second_hop,
+                   split_rows, wire_algorithm)
+from .collectives import compresses, get_codec, straight_through
 
 __all__ = ["emulate_all_gather", "emulate_all_reduce", "emulate_all_reduce_rmsnorm", "emulate_reduce_scatter",
            "plain_sum", "predicted_error"]

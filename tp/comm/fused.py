@@ -87,7 +87,8 @@ from lowering.constants import KernelConstants, lower, unsupported_reason, value
 from qformats import Format
 
 from . import collectives
-from .collectives import below_floor, check_tensor, resolve_format, rows_view
+from .call import check_tensor, resolve_format, rows_view, second_hop, wire_algorithm
+from .collectives import below_floor
 from .policy import DEFAULT_FUSED_MIN_BYTES, EAGER_FUSED_MIN_BYTES, FUSED_MAX_BYTES, fused_window  # noqa: F401
 
 __all__ = [
@@ -134,8 +135,8 @@ def _not_fused(fmt: Format) -> str | None:
 def default_algorithm(world: int) -> str:
     """One-shot gather for W <= 3 (one quantisation, each rank reads W-1 peer buffers),
     two-shot for W >= 4 (each rank receives ~2 (W-1)/W of one buffer); the same choice as
-    :func:`tp.comm.collectives.wire_algorithm`, whose NCCL-path result the fused one equals."""
-    return collectives.wire_algorithm("fused", world)
+    :func:`tp.comm.call.wire_algorithm`, whose NCCL-path result the fused one equals."""
+    return wire_algorithm("fused", world)
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,7 @@ def plan(shape, dtype: torch.dtype, fmt, world: int, *, capacity: int, min_bytes
         raise ValueError(f"unknown gather mode {mode!r}: valid are pull, push")
     if algorithm == "two_shot":
         mode = "push"
-    second = collectives.second_hop(fmt, second_fmt, algorithm)
+    second = second_hop(fmt, second_fmt, algorithm)
     second = None if second is fmt else second
     shape = tuple(int(d) for d in shape)
     numel = math.prod(shape)
@@ -522,7 +523,7 @@ class FusedAllReduce:
     def plan(self, x: torch.Tensor, fmt, second_fmt=None) -> Plan:
         """The (cached) plan of ``ar(x, fmt, second_fmt=second_fmt)``."""
         fmt = resolve_format(fmt)
-        second = collectives.second_hop(fmt, second_fmt, self.algorithm)  # ValueError for gather
+        second = second_hop(fmt, second_fmt, self.algorithm)  # ValueError for gather
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         key = (tuple(x.shape), x.dtype, str(fmt), str(second), self.algorithm, self.mode, x.device.type,
                self.min_bytes, capturing)

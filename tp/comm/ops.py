@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .collectives import all_gather, all_reduce, all_reduce_rmsnorm, check_algorithm, resolve_format, second_hop
+from .call import check_algorithm, resolve_format, second_hop
+from .collectives import all_gather, all_reduce, all_reduce_rmsnorm
 
 __all__ = ["ALL_GATHER", "ALL_REDUCE", "ALL_REDUCE_RMSNORM", "all_gather_op", "all_reduce_op", "all_reduce_rmsnorm_op",
            "group_by_name"]

@@ -35,7 +35,8 @@ import torch
 
 from qformats import Format
 
-from .collectives import DEFAULT_MIN_BYTES, below_floor, check_algorithm, resolve_format, second_hop
+from .call import check_algorithm, resolve_format, second_hop
+from .collectives import DEFAULT_MIN_BYTES, below_floor
 
 __all__ = ["ATTN_OUTPUTS", "MLP_OUTPUTS", "SITE_KINDS", "CollectivePolicy", "CommPolicy", "Decision", "PolicyError",
            "Rule", "Site", "fused_window", "skip_ends"]
@@ -353,7 +354,7 @@ class CommPolicy:
         torch.device or its type), when given, decides the path: ``"fused"`` for the fused
         algorithm on CUDA inside :func:`fused_window` (outside it: plain, as a ``FusedAllReduce``
         with ``min_bytes=None`` does), else ``"nccl"``; ``world``, when known,
-        resolves ``"fused"``'s second hop as :func:`tp.comm.collectives.second_hop` does.
+        resolves ``"fused"``'s second hop as :func:`tp.comm.call.second_hop` does.
 
         The ladder, in order: ``choose``; all-gathers stay plain unless ``all_gather``; messages
         under ``min_bytes`` stay plain (:func:`tp.comm.collectives.below_floor`); the first

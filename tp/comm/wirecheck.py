@@ -130,7 +130,7 @@ def _crc(s: str) -> int:
 
 # Canonical format strings every rank can print from a crc (so every rank's message is the same).
 _FORMAT_NAMES = {_crc(str(f)): str(f) for f in qformats.PRESETS.values()}
-SECOND_HOP = "->"  # two_shot with another second-hop format: "first->second" (collectives.wire_format)
+SECOND_HOP = "->"  # two_shot with another second-hop format: "first->second" (call.wire_format)
 
 
 def _format_name(crc: int) -> str:

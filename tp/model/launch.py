@@ -44,7 +44,8 @@ import torch.distributed as dist
 
 from qformats.numeric import DTYPE_BY_NAME
 
-from ..comm.collectives import ALGORITHMS, DEFAULT_MIN_BYTES, compresses
+from ..comm.call import ALGORITHMS
+from ..comm.collectives import DEFAULT_MIN_BYTES, compresses
 from ..comm.policy import CommPolicy
 from .layers import RowParallelLinear, TPContext
 from .llama import PRESET_CONFIGS, LlamaConfig, TPLlama, generate, init_random_

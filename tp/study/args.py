@@ -254,7 +254,7 @@ def positive_int(v, what: str) -> int:
 def validate(formats, tp, algorithms, tokens, window, skip_first, skip_last, sites, layer_formats,
               calib_tokens, uneven, calib_clip, device, threads, policies=()) -> Plan:
     """Check every argument (no model, no text needed); raise ValueError naming the option."""
-    from ..comm.collectives import ALGORITHMS
+    from ..comm.call import ALGORITHMS
 
     pols = resolve_policies(policies)
     if formats is None:  # the default sweep, or only the policies when some are given

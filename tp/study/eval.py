@@ -157,7 +157,7 @@ def _fast_codec():
 def _calibrate(plan: Plan, model, emu, tokenizer, textdata, configs, bar) -> tuple[list[Config], dict]:
     """Dong et al.'s calibration per TP degree on the calibration text; returns the configurations
     with their calibrated policies and {(tp, algorithm): (Calibration, seconds)}."""
-    from ..comm.collectives import wire_algorithm
+    from ..comm.call import wire_algorithm
     from ..model.calibrate import Calibrator
 
     tps = sorted({c.tp for c in configs if c.calibrated})  # finished ones too: their records describe it

@@ -44,7 +44,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..comm.collectives import check_algorithm
+from ..comm.call import check_algorithm
 from ..comm.policy import ATTN_OUTPUTS, MLP_OUTPUTS, SITE_KINDS, CommPolicy, Rule, Site, skip_ends
 from ..model.layers import emulate_row_parallel
 

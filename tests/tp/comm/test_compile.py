@@ -150,7 +150,7 @@ def test_compiled_equals_eager_compressed_and_chains_existing_pass(tmp_path):
         for got, want in zip(r["got"], r["want"]):
             assert torch.equal(got, want), f"rank {rank}: compiled != eager compressed"
         assert not torch.equal(r["got"][0], r["plain"][0]), "the compressed result equals the plain one"
-        assert r["count"] == 3 and r["formats"] == {str(tp.comm.collectives.resolve_format(FMT)): 3}
+        assert r["count"] == 3 and r["formats"] == {str(tp.comm.call.resolve_format(FMT)): 3}
         assert r["alone"] == [("head", "< 65536 B")], r["alone"]
         # the pass installed before ours ran (once, on the graph with all 4 all-reduces) and is still installed
         assert r["calls"] == 1 and r["seen"] == [4], (r["calls"], r["seen"])

@@ -342,7 +342,7 @@ def test_simulate_epilogue_arguments_come_together():
 
 # --------------------------------------------------------------------------------- routing
 def test_wire_algorithm_and_emulated_fused():
-    from tp.comm.collectives import wire_algorithm
+    from tp.comm.call import wire_algorithm
 
     assert [wire_algorithm("fused", w) for w in (1, 2, 3, 4, 8)] == ["gather"] * 3 + ["two_shot"] * 2
     assert wire_algorithm("two_shot", 2) == "two_shot" and F.default_algorithm(4) == "two_shot"

@@ -272,8 +272,8 @@ def test_decide_answers_format_second_hop_algorithm_and_path():
     p = CommPolicy("mxfp4", "two_shot", second_fmt="mxfp8_e4m3")
     d = p.decide("model.layers.0.mlp.down_proj", 1 << 20)
     assert isinstance(d, Decision) and d.path == "nccl" and d.algorithm == "two_shot" and d.why == ""
-    assert d.fmt == tp.comm.collectives.resolve_format("mxfp4")
-    assert d.second_fmt == tp.comm.collectives.resolve_format("mxfp8_e4m3")
+    assert d.fmt == tp.comm.call.resolve_format("mxfp4")
+    assert d.second_fmt == tp.comm.call.resolve_format("mxfp8_e4m3")
     fmt, why = p.decide("x", 10)  # unpacks as the pair (format, why)
     assert fmt is None and why == f"< {tp.DEFAULT_MIN_BYTES} B"
     assert p.decide("x", 10).path == "plain" and p.decide("x", 10).second_fmt is None

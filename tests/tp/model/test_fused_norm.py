@@ -10,7 +10,7 @@ import tp.model.layers as layers
 from lowering import ops
 from lowering.ops import LoweredCodec
 from tests.lowering.test_kernels import same_bits
-from tp.comm.collectives import rows_view, split_rows
+from tp.comm.call import rows_view, split_rows
 from tp.comm.emulate import emulate_all_reduce_rmsnorm
 
 Q = torch.ops.qformats

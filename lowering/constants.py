@@ -63,10 +63,35 @@ def _next_pow2(n: int) -> int:
 
 
 class KernelFormat(NamedTuple):
-    """The format's constants as the kernels read them: one ``tl.constexpr`` argument ``F`` of
+    """The format's constants as the kernel reads them: one ``tl.constexpr`` argument ``F`` of
     :func:`lowering.kernels._codec_kernel`, read by name (``F.BITS``) there and in every helper
-    it passes ``F`` to. Built only by :attr:`KernelConstants.F` (the fields are documented
-    there); a new constant is one field here and one value in :func:`lower`."""
+    it passes ``F`` to; the host reads the same fields through :class:`KernelConstants`
+    (``kc.BITS``). Built only by :func:`lower`: a new constant is one field here and one value
+    there.
+
+    Element: ``KIND`` (float/int/uint), ``BITS``, ``MBITS``, ``EMIN`` (smallest normal
+    exponent), ``EMAX``, ``GSCALE`` = 2^-GE (GE: the grid exponent of int/uint elements),
+    ``MAXMAG`` (largest finite magnitude code, or max integer code), ``SAT`` (a power of two
+    above max normal: inputs are clamped to it before rounding), ``MAXN`` (max normal, an exact
+    fp32), ``MAXV`` = 2 * ``MAXN`` (a bound on |element value| over every code, foreign bytes
+    too: an MX int's -2^(N-1)). Scale: ``SCALE`` kind, ``SB`` bytes per scale, ``ZP``, ``TS``
+    (per-tensor fp32 scale), ``MAXN_TS`` (fp32(max_normal * e4m3's max normal)), the scale
+    type's own grid ``S_*`` (absmax scales are rounded onto it), ``SNAN`` (its NaN code),
+    ``S_INV_STEP_HI * S_INV_STEP_LO`` = 1 / the grid's smallest step (fp32: 2^149), as two exact
+    fp32 powers of two (block maxima whose quotient is below 2^-126 are scaled by both).
+    Block and packing: ``BS`` (block size for this row width), ``BP2`` (BS rounded up to a
+    power of two: kernel tiles), ``P0``, ``P1``, ``P2``: the widths of the code's bit planes
+    (``qformats.packing.planes``, low bits first; 0 for none), each packed densely, planes
+    one after the other (their byte offsets: :meth:`KernelConstants.plane_offsets`).
+    ``EVEN``: the blocks tile the rows exactly and ``BS`` is a power of two (contiguous tiles).
+    ``ROT``: k = log2 N of the ``+h{N}`` rotation (0: none; N >= 2): the kernel applies
+    ``qformats.codec.rotate``'s k butterfly stages to each run of N features of a block (the
+    wire layout is the unrotated format's).
+    ``GPU``: compiled for the GPU (exact division by ``div_rn`` / Markstein steps, hardware
+    casts), else the CPU interpreter (numpy's IEEE division; its narrow float casts are not
+    trusted). ``DECODE``: how codes decode (``DECODE_*``); ``FP8_HW`` / ``FP8``: the element is
+    a hardware fp8 type (GPU only) and which.
+    """
 
     KIND: int
     BITS: int
@@ -107,75 +132,21 @@ class KernelFormat(NamedTuple):
 
 @dataclass(frozen=True)
 class KernelConstants:
-    """A format lowered for rows of one width on one device kind: the kernels' format argument
-    :attr:`F` and the host-side facts, all derived from one Format.
-
-    Element: ``KIND`` (float/int/uint), ``BITS``, ``MBITS``, ``EMIN`` (smallest normal
-    exponent), ``EMAX``, ``GE`` (grid exponent of int/uint elements) and ``GSCALE`` = 2^-GE, ``MAXMAG`` (largest finite magnitude code, or max integer code),
-    ``SAT`` (a power of two above max normal: inputs are clamped to it before rounding),
-    ``MAXN`` (max normal, an exact fp32). Scale: ``SCALE`` kind, ``SB`` bytes per scale,
-    ``ZP``, ``TS`` (per-tensor fp32 scale), ``MAXN_TS`` (fp32(max_normal * e4m3's max normal)), the scale
-    type's own grid ``S_*`` (absmax scales are rounded onto it), ``SNAN`` (its NaN code),
-    ``S_INV_STEP_HI * S_INV_STEP_LO`` = 1 / the grid's smallest step (fp32: 2^149), as two exact
-    fp32 powers of two (block maxima whose quotient is below 2^-126 are scaled by both).
-    Block and packing: ``BS`` (block size for this row width), ``BP2`` (BS rounded up to a
-    power of two: kernel tiles), ``P0``, ``P1``, ``P2``: the widths of the code's bit planes
-    (``qformats.packing.planes``, low bits first; 0 for none), each packed densely, planes
-    one after the other (their byte offsets: :meth:`plane_offsets`).
-    ``EVEN``: the blocks tile the rows exactly and ``BS`` is a power of two (contiguous tiles).
-    ``ROT``: k = log2 N of the ``+h{N}`` rotation (0: none; N >= 2): the kernels apply
-    ``qformats.codec.rotate``'s k butterfly stages to each run of N features of a block (the
-    wire layout is the unrotated format's).
-    ``GPU``: compiled for the GPU (exact division by ``div_rn`` / Markstein steps, hardware
-    casts), else the CPU interpreter (numpy's IEEE division; its narrow float casts are not
-    trusted). ``DECODE``: how codes decode (``DECODE_*``); ``FP8_HW`` / ``FP8``: the element is
-    a hardware fp8 type (GPU only) and which.
-    """
+    """A format lowered for rows of one width on one device kind: the kernel's format argument
+    :attr:`F` (whose fields read through: ``kc.BITS`` is ``kc.F.BITS``) and the host-side facts
+    (``fmt``, ``width``, ``GE``: the grid exponent TorchCodec scales integers by), all derived
+    from one Format by :func:`lower`."""
 
     fmt: str
     width: int
-    KIND: int
-    BITS: int
-    MBITS: int
-    EMIN: int
-    EMAX: int
     GE: int
-    GSCALE: float
-    MAXMAG: int
-    SAT: float
-    MAXN: float
-    SCALE: int
-    SB: int
-    ZP: bool
-    TS: bool
-    MAXN_TS: float
-    S_EBITS: int
-    S_MBITS: int
-    S_BIAS: int
-    S_EMIN: int
-    S_POLICY: int
-    S_MAXMAG: int
-    SNAN: int
-    S_INV_STEP_HI: float
-    S_INV_STEP_LO: float
-    BS: int
-    BP2: int
-    P0: int
-    P1: int
-    P2: int
-    EVEN: bool
-    ROT: int
-    GPU: bool
-    DECODE: int
-    FP8_HW: bool
-    FP8: int
+    F: KernelFormat
 
-    @functools.cached_property
-    def F(self) -> KernelFormat:
-        """The kernels' ``F`` argument (computed once per instance: instances are cached).
-        ``MAXV`` = 2 * ``MAXN`` bounds |element value| over every code, foreign bytes too
-        (an MX int's -2^(N-1))."""
-        return KernelFormat(MAXV=self.MAXN * 2.0, **{k: getattr(self, k) for k in KernelFormat._fields if k != "MAXV"})
+    def __getattr__(self, name: str):
+        # only for names that are not attributes: the format's constants, read through F
+        if name in KernelFormat._fields:
+            return getattr(self.F, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     @property
     def code_bytes_per_block(self) -> int:
@@ -259,16 +230,17 @@ def _lower(fmt_str: str, width: int, cuda: bool) -> KernelConstants:
         decode = DECODE_INT
     else:
         decode = DECODE_TABLE
-    return KernelConstants(
-        fmt=str(f), width=int(width),
-        KIND=_KINDS[e.kind], BITS=e.bits, MBITS=e.mbits, EMIN=e.emin, EMAX=e.emax, GE=e.grid_exponent, GSCALE=math.ldexp(1.0, -e.grid_exponent),
-        MAXMAG=maxmag, SAT=sat, MAXN=float(maxn32),
-        SCALE=_SCALES[f.scale], SB=scale_type(f.scale).nbytes, ZP=f.zero_point, TS=f.tensor_scale,
-        MAXN_TS=maxn_ts, SNAN=_scale_nan(_SCALES[f.scale]), **s,
+    F = KernelFormat(
+        KIND=_KINDS[e.kind], BITS=e.bits, MBITS=e.mbits, EMIN=e.emin, EMAX=e.emax,
+        GSCALE=math.ldexp(1.0, -e.grid_exponent), MAXMAG=maxmag, SAT=sat, MAXN=float(maxn32),
+        MAXV=float(maxn32) * 2.0, SCALE=_SCALES[f.scale], SB=scale_type(f.scale).nbytes, ZP=f.zero_point,
+        TS=f.tensor_scale, MAXN_TS=maxn_ts, SNAN=_scale_nan(_SCALES[f.scale]), **s,
         BS=bs, BP2=_next_pow2(bs), P0=pw[0], P1=pw[1], P2=pw[2],
-        EVEN=(width % bs == 0 and bs == _next_pow2(bs)), ROT=f.rotation.bit_length() - 1 if f.rotation else 0, GPU=bool(cuda), DECODE=decode,
-        FP8_HW=bool(cuda) and fp8 is not None, FP8=fp8 if fp8 is not None else FP8_E4M3,
+        EVEN=(width % bs == 0 and bs == _next_pow2(bs)), ROT=f.rotation.bit_length() - 1 if f.rotation else 0,
+        GPU=bool(cuda), DECODE=decode, FP8_HW=bool(cuda) and fp8 is not None,
+        FP8=fp8 if fp8 is not None else FP8_E4M3,
     )
+    return KernelConstants(fmt=str(f), width=int(width), GE=e.grid_exponent, F=F)
 
 
 @functools.lru_cache(maxsize=256)

@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from qformats import Format, need_format
@@ -157,8 +158,10 @@ def reference_rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float, block:
     tile[:, :nblk, :block] = xp
     sq = tile * tile
     ss = tree_sum(sq.reshape(rows, slots * bp2))
-    eps32 = torch.tensor(float(eps), dtype=torch.float32, device=x.device)
-    var = ss / torch.tensor(float(width), dtype=torch.float32, device=x.device)
+    # Python scalars, not new device tensors (no host-to-device copy: CUDA-graph capturable);
+    # each is an exact fp32 value, so the fp32 ops see exactly it
+    eps32 = float(np.float32(eps))
+    var = ss / float(width)
     one = torch.ones_like(var)
     # sqrt through fp64: torch's vectorised fp32 sqrt on CPU (AVX-512, torch 2.13) is not always
     # correctly rounded (1 ulp off for ~0.6% of inputs); fp64 sqrt rounded to fp32 is (double

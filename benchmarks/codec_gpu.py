@@ -31,16 +31,13 @@ if __name__ == "__main__":  # before any import or file: it times CUDA kernels, 
 
 import argparse
 import json
-import math
 import os
-import platform
 import sys
 import time
 
 import torch
 import triton
 import triton.language as tl
-from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -50,6 +47,8 @@ from lowering import kernels as KJ  # noqa: E402  (jit helpers for the division 
 from lowering import torch_codec  # noqa: E402
 from qformats.codec import saturating_cast  # noqa: E402
 from lowering.constants import lower  # noqa: E402
+from gpu_bench import (RECORDS, WIDTH, bench, copy_rate, env, open_sink, record, rows_for,  # noqa: E402
+                       tests_kernels)
 
 # the formats that keep model quality (rotated INT4-8, the tuned policies' picks), the fast ones, and
 # the unrotated 5/6/8-bit formats (issue: quality-safe formats at HBM speed)
@@ -58,62 +57,19 @@ FORMATS = ["mxfp8_e4m3", "mxfp4", "mxfp4_h32", "nvfp4",
            "int5/b32/bf16+h32", "int4/b32/bf16+h32", "mxfp6_e3m2",
            "int4/b64/e4m3+h64", "int5/b64/e4m3+h64", "int6/b64/bf16+h64", "int5/b32/e4m3+h32", "int4/b32/e4m3+h32",
            "int5/b64/bf16+h64"]
-WIDTH = 8192
-RECORDS: list = []
-_SINK = []  # the open output file: every record is written as soon as it exists
-
-
-def env() -> dict:
-    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(), command=" ".join(sys.argv))
-
-
-def record(**kw):
-    RECORDS.append(kw)
-    if _SINK:
-        _SINK[0].write(json.dumps(kw) + "\n")
-        _SINK[0].flush()
-    return kw
-
-
-def bench(fn, reps=int(os.environ.get("QF_BENCH_REP_MS", "100"))) -> float:
-    """Median kernel time in microseconds, CUDA-graph replays."""
-    fn()
-    torch.cuda.synchronize()
-    return do_bench_cudagraph(fn, rep=reps, return_mode="median") * 1e3
-
-
-def rows_for(mib: float) -> int:
-    return max(1, int(mib * (1 << 20)) // 2 // WIDTH)
-
-
-def copy_rate(mib: float) -> float:
-    x = torch.randn(rows_for(mib), WIDTH, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    us = bench(lambda: y.copy_(x))
-    gbs = 2 * x.numel() * 2 / us / 1e3
-    record(case="copy", mib=mib, us=us, gbs=gbs)
-    return gbs
 
 
 # ------------------------------------------------------------------------------------------
 # exactness
 # ------------------------------------------------------------------------------------------
-def _tests_kernels():
-    """The kernel tests' input generator and bit comparison (one definition of each)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "lowering"))
-    import test_kernels
-
-    return test_kernels
-
 
 def adversarial(rows, width, dtype, seed):
-    return _tests_kernels().adversarial(rows, width, dtype, seed)
+    return tests_kernels().adversarial(rows, width, dtype, seed)
 
 
 def same_bits(a, b) -> bool:
     """Equal shape/dtype, NaN at the same places, identical bits elsewhere."""
-    return _tests_kernels().same_bits(a, b)
+    return tests_kernels().same_bits(a, b)
 
 
 def check_format(fmt: str, mib: float) -> dict:
@@ -321,7 +277,7 @@ def main():
     ap.add_argument("--division-only", action="store_true")
     ap.add_argument("--tile", default="", help="elements,warps override (QFORMATS_TILE) for a sweep")
     a = ap.parse_args()
-    _SINK.append(open(a.out, "w"))
+    open_sink(a.out)
     if a.tile:
         os.environ["QFORMATS_TILE"] = a.tile
         K._plan.cache_clear()
@@ -377,7 +333,7 @@ def tp2_compute(recs, copy_gbs: float):
 
 
 def table(recs):
-    print(f"copy: " + ", ".join(f"{r['mib']:g} MiB {r['gbs']:.0f} GB/s" for r in recs if r["case"] == "copy"))
+    print("copy: " + ", ".join(f"{r['mib']:g} MiB {r['gbs']:.0f} GB/s" for r in recs if r["case"] == "copy"))
     for r in recs:
         if r["case"] in ("division", "exactness") and (r["case"] == "division" or not r["ok"]):
             print(json.dumps(r))

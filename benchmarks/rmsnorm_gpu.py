@@ -35,16 +35,12 @@ if __name__ == "__main__":  # before any import or file: it times CUDA kernels, 
         raise SystemExit("benchmarks/rmsnorm_gpu.py needs a CUDA GPU (none here); nothing was written")
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-import triton
-from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -52,55 +48,14 @@ import qformats  # noqa: E402
 from lowering import launch as K  # noqa: E402
 from lowering import ops, torch_codec  # noqa: E402
 from lowering.constants import lower  # noqa: E402
+from gpu_bench import (RECORDS, WIDTH, bench, copy_rate, env, open_sink, record, rows_for,  # noqa: E402
+                       tests_kernels)
 from qformats.codec import saturating_cast  # noqa: E402
 
 # issue 27's formats: MXFP8, MXFP4, int8 with bf16 scales, and the quality-safe rotated ones
 FORMATS = ["mxfp8_e4m3", "mxfp4", "int8/b32/bf16", "mxfp4_h32", "int8/b32/bf16+h32", "int6/b32/bf16+h32",
            "int5/b32/bf16+h32", "int4/b32/bf16+h32", "nvfp4"]
-WIDTH = 8192
 EPS = 1e-5
-RECORDS: list = []
-_SINK = []
-
-
-def env() -> dict:
-    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(), command=" ".join(sys.argv))
-
-
-def record(**kw):
-    RECORDS.append(kw)
-    if _SINK:
-        _SINK[0].write(json.dumps(kw) + "\n")
-        _SINK[0].flush()
-    return kw
-
-
-def bench(fn, reps=int(os.environ.get("QF_BENCH_REP_MS", "100"))) -> float:
-    """Median kernel time in microseconds, CUDA-graph replays."""
-    fn()
-    torch.cuda.synchronize()
-    return do_bench_cudagraph(fn, rep=reps, return_mode="median") * 1e3
-
-
-def rows_for(mib: float) -> int:
-    return max(1, int(mib * (1 << 20)) // 2 // WIDTH)
-
-
-def copy_rate(mib: float) -> float:
-    x = torch.randn(rows_for(mib), WIDTH, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    us = bench(lambda: y.copy_(x))
-    gbs = 2 * x.numel() * 2 / us / 1e3
-    record(case="copy", mib=mib, us=us, gbs=gbs)
-    return gbs
-
-
-def _tests_kernels():
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "lowering"))
-    import test_kernels
-
-    return test_kernels
 
 
 # ------------------------------------------------------------------------------------------
@@ -115,7 +70,7 @@ def _oracle(bufs_cpu, fmt, rows, res, w):
 
 
 def check_format(fmt: str, mib: float) -> dict:
-    tk = _tests_kernels()
+    tk = tests_kernels()
     rows = max(1, rows_for(mib) // 8)
     kc = lower(fmt, WIDTH, "cuda")
     out = {}
@@ -210,7 +165,7 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--check-only", action="store_true")
     a = ap.parse_args()
-    _SINK.append(open(a.out, "w"))
+    open_sink(a.out)
     record(case="env", **env())
     fmts = [f for f in a.formats.split(",") if f]
     sizes = [float(s) for s in a.sizes.split(",")]

@@ -176,7 +176,8 @@ def dequantize(bufs: torch.Tensor, kc: KernelConstants, rows: int, width: int, d
 def dequantize_peers(ptrs: torch.Tensor, src_off: int, kc: KernelConstants, rows: int, width: int,
                      out: torch.Tensor, *, summed: bool) -> torch.Tensor:
     """Decode the wire buffers at addresses ``ptrs[i] + src_off`` (int64 tensor of N base
-    addresses on the GPU, e.g. symmetric-memory peer buffers; bases and ``src_off`` 16-byte
+    addresses on the launch device, e.g. symmetric-memory peer buffers; host addresses in the
+    interpreter; bases and ``src_off`` 16-byte
     aligned). ``summed``: their fp32 rank-order sum into ``out`` [rows, width]; else buffer j
     decoded into rows ``[j*rows, (j+1)*rows)`` of ``out`` [N*rows, width]. One kernel launch."""
     if src_off % 16:
@@ -222,7 +223,7 @@ def dequantize_peers_rmsnorm(ptrs: torch.Tensor, src_off: int, kc: KernelConstan
                              out: torch.Tensor | None = None, res_out: torch.Tensor | None = None,
                              summed: bool = True):
     """:func:`dequantize_rmsnorm` over the wire buffers at addresses ``ptrs[i] + src_off`` (as
-    :func:`dequantize_peers`; ``summed=False`` is ``each``). GPU only (device addresses)."""
+    :func:`dequantize_peers`; ``summed=False`` is ``each``)."""
     if src_off % 16:
         raise ValueError(f"src_off {src_off} must be a multiple of 16 bytes")
     return _rmsnorm_launch(None, ptrs, src_off, kc, rows, width, dtype, residual, weight, eps, out, res_out,

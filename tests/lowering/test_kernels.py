@@ -204,27 +204,31 @@ def test_gpu_large(fmt):
         check_roundtrip(adversarial(512, 2000, dt, seed=99 + i, device="cuda"), fmt, torch.bfloat16)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (peer addresses are device pointers)")
-@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp4_h32", "int4_b32_bf16_h32", "mxfp8_e4m3", "flash_int4", "int8/b32/bf16"])
-def test_gpu_peer_address_decode(fmt):
-    """``dequantize_peers`` (tp.fused's decode of symmetric-memory peers) reads its buffers by
-    address: over a table of ordinary device buffers it equals the reference, summed (the
-    gather's last step) and buffer by buffer (two_shot's all-gather decode), rotation included."""
-    rows, width, n, off = 48, 256, 3, 16
-    f = qformats.Format.parse(fmt)
-    kc = lower(f, width, "cuda")
-    nb = f.nbytes((rows, width))
+def peer_arena(fmt, rows: int, width: int, n: int, off: int):
+    """(bufs [n, nbytes], ptrs): n reference-encoded adversarial buffers at byte ``off`` of
+    16-byte-aligned slots of one arena on DEV, and the int64 table of the slots' addresses (what
+    tp.fused's decode reads symmetric-memory peers through; in the interpreter, host addresses)."""
+    nb = qformats.as_format(fmt).nbytes((rows, width))
     slot = -(-(off + nb) // 16) * 16
-    arena = torch.zeros(n, slot, dtype=torch.uint8, device="cuda")
+    arena = torch.zeros(n, slot, dtype=torch.uint8, device=DEV)
     for i in range(n):
-        arena[i, off:off + nb] = ops.reference_quantize(adversarial(rows, width, torch.bfloat16, seed=50 + i), fmt).cuda()
-    bufs = arena[:, off:off + nb]
-    ptrs = torch.tensor([arena[i].data_ptr() for i in range(n)], dtype=torch.int64, device="cuda")
-    out = torch.empty(rows, width, dtype=torch.bfloat16, device="cuda")
+        arena[i, off:off + nb] = ops.reference_quantize(adversarial(rows, width, torch.bfloat16, seed=50 + i), fmt).to(DEV)
+    ptrs = torch.tensor([arena[i].data_ptr() for i in range(n)], dtype=torch.int64, device=DEV)
+    return arena[:, off:off + nb], ptrs
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp4_h32", "int4_b32_bf16_h32", "mxfp8_e4m3", "flash_int4", "int8/b32/bf16"])
+def test_peer_address_decode(fmt):
+    """``dequantize_peers`` (tp.fused's decode of symmetric-memory peers) reads its buffers by
+    address: over a table of ordinary buffers it equals the reference, summed (the gather's last
+    step) and buffer by buffer (two_shot's all-gather decode), rotation included."""
+    rows, width, n, off = 48, 256, 3, 16
+    kc = lower(fmt, width, DEV)
+    bufs, ptrs = peer_arena(fmt, rows, width, n, off)
+    out = torch.empty(rows, width, dtype=torch.bfloat16, device=DEV)
     launch.dequantize_peers(ptrs, off, kc, rows, width, out, summed=True)
     assert same_bits(out.cpu(), ops.reference_dequant_sum(bufs.cpu(), fmt, [rows, width], torch.bfloat16))
-    each = torch.empty(n * rows, width, dtype=torch.float32, device="cuda")
+    each = torch.empty(n * rows, width, dtype=torch.float32, device=DEV)
     launch.dequantize_peers(ptrs, off, kc, rows, width, each, summed=False)
     for j in range(n):
         want = ops.reference_dequantize(bufs[j].cpu(), fmt, [rows, width], torch.float32)

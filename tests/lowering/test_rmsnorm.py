@@ -11,7 +11,7 @@ import torch
 
 import qformats
 from lowering import ops
-from tests.lowering.test_kernels import adversarial, same_bits
+from tests.lowering.test_kernels import adversarial, peer_arena, same_bits
 
 Q = torch.ops.qformats
 PRESETS = sorted(qformats.PRESETS)
@@ -182,31 +182,22 @@ def test_each_buffer_alone(fmt):
             assert same_bits(y[j * rows:(j + 1) * rows].cpu(), ry), j
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (peer addresses are device pointers)")
 @pytest.mark.parametrize("fmt", ["mxfp4", "int4_b32_bf16_h32", "mxfp8_e4m3", "int8/b32/bf16"])
-def test_gpu_peer_address_rmsnorm(fmt):
-    """``dequantize_peers_rmsnorm`` over a table of ordinary device buffers: summed (gather) and
+def test_peer_address_rmsnorm(fmt):
+    """``dequantize_peers_rmsnorm`` over a table of ordinary buffers: summed (gather) and
     buffer by buffer (two_shot) equal the references."""
     from lowering import launch
     from lowering.constants import lower
 
     rows, width, n, off = 16, 256, 3, 16
-    f = qformats.Format.parse(fmt)
-    kc = lower(f, width, "cuda")
-    nb = f.nbytes((rows, width))
-    slot = -(-(off + nb) // 16) * 16
-    arena = torch.zeros(n, slot, dtype=torch.uint8, device="cuda")
-    for i in range(n):
-        arena[i, off:off + nb] = ops.reference_quantize(adversarial(rows, width, torch.bfloat16, seed=50 + i), fmt).cuda()
-    bufs = arena[:, off:off + nb]
-    ptrs = torch.tensor([arena[i].data_ptr() for i in range(n)], dtype=torch.int64, device="cuda")
+    kc = lower(fmt, width, DEV)
+    bufs, ptrs = peer_arena(fmt, rows, width, n, off)
     w = torch.randn(width).to(torch.bfloat16)
     res = torch.randn(n * rows, width).to(torch.bfloat16)
-    y, h = launch.dequantize_peers_rmsnorm(ptrs, off, kc, rows, width, torch.bfloat16, res[:rows].cuda(), w.cuda(), 1e-5)
+    y, h = launch.dequantize_peers_rmsnorm(ptrs, off, kc, rows, width, torch.bfloat16, res[:rows].to(DEV), w.to(DEV), 1e-5)
     ry, rh = ops.reference_dequant_sum_rmsnorm(bufs.cpu(), fmt, [rows, width], torch.bfloat16, res[:rows], w, 1e-5)
     assert same_bits(h.cpu(), rh) and same_bits(y.cpu(), ry)
-    y, h = launch.dequantize_peers_rmsnorm(ptrs, off, kc, rows, width, torch.bfloat16, res.cuda(), w.cuda(), 1e-5,
+    y, h = launch.dequantize_peers_rmsnorm(ptrs, off, kc, rows, width, torch.bfloat16, res.to(DEV), w.to(DEV), 1e-5,
                                             summed=False)
     for j in range(n):
         ry, rh = ops.reference_dequant_sum_rmsnorm(bufs[j:j + 1].cpu(), fmt, [rows, width], torch.bfloat16,

@@ -177,8 +177,7 @@ def dequantize_peers(ptrs: torch.Tensor, src_off: int, kc: KernelConstants, rows
                      out: torch.Tensor, *, summed: bool) -> torch.Tensor:
     """Decode the wire buffers at addresses ``ptrs[i] + src_off`` (int64 tensor of N base
     addresses on the launch device, e.g. symmetric-memory peer buffers; host addresses in the
-    interpreter; bases and ``src_off`` 16-byte
-    aligned). ``summed``: their fp32 rank-order sum into ``out`` [rows, width]; else buffer j
+    interpreter; bases and ``src_off`` 16-byte aligned). ``summed``: their fp32 rank-order sum into ``out`` [rows, width]; else buffer j
     decoded into rows ``[j*rows, (j+1)*rows)`` of ``out`` [N*rows, width]. One kernel launch."""
     if src_off % 16:
         raise ValueError(f"src_off {src_off} must be a multiple of 16 bytes")

@@ -43,6 +43,17 @@ def _assignment_text(a: dict) -> str:
     return "; ".join(f"{g}: {f}" for g, f in a.items())
 
 
+def _quality_cells(c: dict) -> str:
+    """A confirmed policy's KL, perplexity change and top-1 agreement cells, each with its interval."""
+    return (f"{_kl(c['kl'])} {_ci(c['kl_ci'], '.3g')} | {c['ppl_change_pct']:+.2f}% {_ci(c['ppl_change_ci'], '+.2f')} | "
+            f"{c['top1_agreement']:.4f} {_ci(c['top1_ci'], '.4f')}")
+
+
+def _assignment_cell(p: dict, run: dict) -> str:
+    """A policy's assignment, with two_shot's second hop."""
+    return _assignment_text(p["assignment"]) + (f"; 2nd hop {p['second']}" if run["algorithm"] == "two_shot" else "")
+
+
 def format_front(doc: dict) -> str:
     """The markdown report: confirmed policies sorted by KL with intervals, the joint search, additivity."""
     r = doc["run"]
@@ -60,12 +71,9 @@ def format_front(doc: dict) -> str:
                   "| policy | TP | bits | KL [95% CI] | ppl change [95% CI] | top-1 [95% CI] | search KL (predicted) | front | assignment |",
                   "|---|---:|---:|---|---|---|---|---|---|"]
         for c in doc["confirmed"]:
-            lines.append(
-                f"| {c['name']} | {c['tp']} | {c['bits_per_value']:.3f} | {_kl(c['kl'])} {_ci(c['kl_ci'], '.3g')} | "
-                f"{c['ppl_change_pct']:+.2f}% {_ci(c['ppl_change_ci'], '+.2f')} | {c['top1_agreement']:.4f} "
-                f"{_ci(c['top1_ci'], '.4f')} | {_kl(c['search_kl'])} ({_kl(c['predicted_kl'])}) | "
-                f"{'yes' if c.get('on_front') else ''} | {_assignment_text(c['assignment'])}"
-                + (f"; 2nd hop {c['second']}" if r["algorithm"] == "two_shot" else "") + " |")
+            lines.append(f"| {c['name']} | {c['tp']} | {c['bits_per_value']:.3f} | {_quality_cells(c)} | "
+                         f"{_kl(c['search_kl'])} ({_kl(c['predicted_kl'])}) | {'yes' if c.get('on_front') else ''} | "
+                         f"{_assignment_cell(c, r)} |")
         lines.append("")
     lines += [f"## Joint search ({r['tokens']} tokens), sorted by KL", "",
               "| policy | bits | KL | predicted KL (sum of marginals) | measured / predicted | ppl change | front | assignment |",
@@ -73,8 +81,7 @@ def format_front(doc: dict) -> str:
     for j in sorted(doc["joint"], key=lambda j: j["kl"]):
         ratio = f"{j['additivity']:.2f}" if j["additivity"] is not None else "-"
         lines.append(f"| {j['name']} | {j['bits']:.3f} | {_kl(j['kl'])} | {_kl(j['predicted_kl'])} | {ratio} | "
-                     f"{j['ppl_change_pct']:+.2f}% | {'yes' if j['on_front'] else ''} | {_assignment_text(j['assignment'])}"
-                     + (f"; 2nd hop {j['second']}" if r["algorithm"] == "two_shot" else "") + " |")
+                     f"{j['ppl_change_pct']:+.2f}% | {'yes' if j['on_front'] else ''} | {_assignment_cell(j, r)} |")
     a = doc["additivity"]
     if a:
         lines += ["", f"Additivity: the joint KL is {a['min']:.2f}x to {a['max']:.2f}x (mean {a['mean']:.2f}x) the sum "
@@ -108,12 +115,9 @@ def _format_time_front(doc: dict, lines: list) -> str:
                   "| policy | budget | TP | modelled us (x NCCL) | bits | KL [95% CI] | ppl change [95% CI] | top-1 [95% CI] | front | assignment |",
                   "|---|---|---:|---:|---:|---|---|---|---|---|"]
         for c in doc["confirmed"]:
-            lines.append(
-                f"| {c['name']} | {'; '.join(c.get('budgets') or [])} | {c['tp']} | {_us(c['modelled_us'])} ({c['modelled_ratio']:.2f}x) | "
-                f"{c['bits_per_value']:.3f} | {_kl(c['kl'])} {_ci(c['kl_ci'], '.3g')} | {c['ppl_change_pct']:+.2f}% "
-                f"{_ci(c['ppl_change_ci'], '+.2f')} | {c['top1_agreement']:.4f} {_ci(c['top1_ci'], '.4f')} | "
-                f"{'yes' if c.get('on_front') else ''} | {_assignment_text(c['assignment'])}"
-                + (f"; 2nd hop {c['second']}" if r["algorithm"] == "two_shot" else "") + " |")
+            lines.append(f"| {c['name']} | {'; '.join(c.get('budgets') or [])} | {c['tp']} | {_us(c['modelled_us'])} "
+                         f"({c['modelled_ratio']:.2f}x) | {c['bits_per_value']:.3f} | {_quality_cells(c)} | "
+                         f"{'yes' if c.get('on_front') else ''} | {_assignment_cell(c, r)} |")
         lines.append("")
     lines += [f"## Joint search ({r['tokens']} tokens), sorted by modelled time", "",
               "| policy | chosen for | modelled us (x NCCL) | bits | KL | predicted KL | ppl change | front | assignment |",
@@ -121,8 +125,7 @@ def _format_time_front(doc: dict, lines: list) -> str:
     for j in sorted(doc["joint"], key=lambda j: j["modelled_us"]):
         lines.append(f"| {j['name']} | {'; '.join(j.get('budgets') or [])} | {_us(j['modelled_us'])} ({j['modelled_us'] / nccl:.2f}x) | "
                      f"{j['bits']:.3f} | {_kl(j['kl'])} | {_kl(j['predicted_kl'])} | {j['ppl_change_pct']:+.2f}% | "
-                     f"{'yes' if j['on_front'] else ''} | {_assignment_text(j['assignment'])}"
-                     + (f"; 2nd hop {j['second']}" if r["algorithm"] == "two_shot" else "") + " |")
+                     f"{'yes' if j['on_front'] else ''} | {_assignment_cell(j, r)} |")
     proj = [j for j in doc["joint"] if j.get("projection")]
     if proj:
         p0 = proj[0]["projection"]

@@ -90,6 +90,10 @@ def test_an_emulated_site_computes_at_most_two_layouts(codec, algorithm, world):
 
 
 if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the checkout: tests.tp.multirank
     print("warm two_shot all_reduce (LoweredCodec), one process:", warm_all_reduce_counts())
     from tests.tp.multirank import run_ranks
 

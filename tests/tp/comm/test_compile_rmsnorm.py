@@ -214,3 +214,20 @@ def test_op_refuses_grad_and_checks_shapes():
     with pytest.raises(ValueError, match="no second hop"):  # the fake checks too: at trace time
         torch.ops.qformats.all_reduce_rmsnorm(torch.ones(2, 32), torch.ones(2, 32), torch.ones(32), EPS, "mxfp4", "0",
                                               "gather", "mxfp8_e4m3")
+
+
+def _padded_width(rank, world):
+    """The all-reduce op at a width that is no multiple of the block (mxfp8: 32; 99 features):
+    eager its result must be contiguous, as its fake says, and a compiled call must run."""
+    group = dist.group.WORLD.group_name
+    x = torch.randn(6, 99)
+    y = torch.ops.qformats.all_reduce(x, "mxfp8_e4m3", group, "gather")
+    f = torch.compile(lambda t: torch.ops.qformats.all_reduce(t, "mxfp8_e4m3", group, "gather") * 2, fullgraph=True)
+    return y.is_contiguous(), y.stride(), torch.equal(f(x), y * 2)
+
+
+def test_the_all_reduce_op_is_contiguous_where_the_rows_pad():
+    """The op's fake promises contiguous memory; gather at a width the blocks pad returned a
+    padded view, and compiled code failed its stride assertion (fixed in the op)."""
+    contiguous, stride, compiled_ok = run_ranks(_padded_width, 1, timeout=TIMEOUT)[0]
+    assert contiguous and stride == (99, 1) and compiled_ok

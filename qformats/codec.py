@@ -122,7 +122,8 @@ def saturating_cast(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return out
     inf = torch.isinf(out)
     if y.device.type != "cpu" or bool(inf.any()):  # (no data-dependent branch, so no sync, off the CPU)
-        m = torch.tensor(torch.finfo(dtype).max, dtype=dtype, device=y.device)
+        # (a fill, not a tensor copied from the host: capturable in a CUDA graph)
+        m = torch.full_like(out, torch.finfo(dtype).max)
         out = torch.where(inf & torch.isfinite(y), torch.copysign(m, out), out)
     return out
 

@@ -24,6 +24,7 @@ fixed thread count keeps CPU matmuls reproducible.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing as mp
 import multiprocessing.connection as mpc
@@ -108,10 +109,32 @@ def _child(rank, world, store_dir, fn, args, kwargs, conn, done, timeout):
         os._exit(0)
 
 
+@contextlib.contextmanager
+def _hidden_gpus(hide: bool):
+    """``CUDA_VISIBLE_DEVICES=""`` in this process while a spawned child copies its environment."""
+    if not hide:
+        yield
+        return
+    old = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = old
+
+
 def run_ranks(fn, world: int, *args, timeout: float = 60.0, expect_errors: bool = False,
-              method: str | None = None, **kwargs) -> list:
+              method: str | None = None, cpu_only: bool = False, **kwargs) -> list:
     """Run ``fn(rank, world, *args, **kwargs)`` on ``world`` gloo ranks; return the results in rank order.
-    ``method``: how ranks start (default :func:`start_method`)."""
+    ``method``: how ranks start (default :func:`start_method`). ``cpu_only``: the ranks see no GPU
+    (``CUDA_VISIBLE_DEVICES=""``), for code that moves a model to whatever accelerator it finds
+    (transformers' TP binds rank r to GPU ``LOCAL_RANK``); they start by spawn, so the setting is in
+    their environment before anything asks CUDA."""
+    if cpu_only:
+        method = "spawn"
     method = method or start_method()
     if method != "fork" and getattr(fn, "__qualname__", "").count("<"):
         raise TypeError(f"run_ranks: {fn.__qualname__} is a lambda or a local function; ranks started by "
@@ -126,7 +149,8 @@ def run_ranks(fn, world: int, *args, timeout: float = 60.0, expect_errors: bool 
                 p = ctx.Process(
                     target=_child, args=(r, world, store_dir, fn, args, kwargs, send, done, timeout), daemon=True
                 )
-                p.start()
+                with _hidden_gpus(cpu_only):
+                    p.start()
                 send.close()
                 procs.append(p)
                 conns[recv] = r

@@ -91,7 +91,7 @@ def _check(res, fmt):
 
 @pytest.mark.parametrize("algorithm", ["gather", "two_shot"])
 def test_tiny_llama_tp2_equals_emulator(tiny_llama, algorithm):
-    res = run_ranks(_rank_logits, 2, tiny_llama, FMT, algorithm, 12, "error", timeout=TIMEOUT)
+    res = run_ranks(_rank_logits, 2, tiny_llama, FMT, algorithm, 12, "error", timeout=TIMEOUT, cpu_only=True)
     _check(res, FMT)
 
 
@@ -120,7 +120,8 @@ def _rank_policy_logits(rank, world, path, policy_file):
 
 def test_policy_file_plan_equals_emulator_of_the_policy(tiny_llama, tmp_path):
     POLICY.to_file(tmp_path / "policy.json")
-    res = run_ranks(_rank_policy_logits, 2, tiny_llama, str(tmp_path / "policy.json"), timeout=TIMEOUT)
+    res = run_ranks(_rank_policy_logits, 2, tiny_llama, str(tmp_path / "policy.json"), timeout=TIMEOUT,
+                    cpu_only=True)
     f, fine = (str(tp.comm.call.resolve_format(x)) for x in (FMT, "mxfp8_e4m3"))
     assert res[0]["calls"] == {"model.layers.0.self_attn.o_proj": f, "model.layers.0.mlp.down_proj": f,
                                "model.layers.1.self_attn.o_proj": f, "model.layers.1.mlp.down_proj": fine}
@@ -137,7 +138,7 @@ def test_smollm2_tp3_equals_emulator():
     needs_registry(MODEL_WHEEL)
     load_model()  # converts the PyPI GGUF once into the cached fp32 folder
     path = next((cache_dir() / "models").glob("smollm2-135m-instruct-fp32-v*"))
-    res = run_ranks(_rank_logits, 3, str(path), "mxfp4", "gather", 64, "error", timeout=TIMEOUT)
+    res = run_ranks(_rank_logits, 3, str(path), "mxfp4", "gather", 64, "error", timeout=TIMEOUT, cpu_only=True)
     _check(res, "mxfp4")
 
 

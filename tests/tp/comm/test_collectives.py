@@ -651,3 +651,19 @@ def test_a_rank_outside_the_subgroup_gets_a_clear_error():
     want = tp.emulate_all_reduce([_shard(r, (4, 64), torch.float32) for r in range(2)], "mxfp4")
     assert torch.equal(res[0], want) and torch.equal(res[1], want)
     assert isinstance(res[2], str) and "not a member of the process group" in res[2] and "[0, 1]" in res[2], res[2]
+
+
+def _gpu_view(rank, world):
+    import os
+
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.is_available()
+
+
+def test_cpu_only_ranks_see_no_gpu():
+    """``run_ranks(cpu_only=True)``: ranks for code that binds whatever accelerator it finds
+    (transformers' TP on a GPU machine) start with no GPU visible; the parent's setting is kept."""
+    import os
+
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    assert run_ranks(_gpu_view, 2, cpu_only=True, timeout=120) == [("", False), ("", False)]
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == before

@@ -20,7 +20,7 @@ from qformats.numeric import SUPPORTED_DTYPES
 
 from .wirecheck import SECOND_HOP
 
-__all__ = ["ALGORITHMS", "check_algorithm", "check_tensor", "merge_rows", "reduce_chunk", "resolve_format", "rows_view",
+__all__ = ["ALGORITHMS", "check_algorithm", "check_norm_inputs", "check_tensor", "merge_rows", "reduce_chunk", "resolve_format", "rows_view",
            "second_hop", "split_rows", "wire_algorithm", "wire_format"]
 
 ALGORITHMS = ("gather", "two_shot", "fused")
@@ -107,6 +107,20 @@ def check_tensor(x: torch.Tensor, fmt: Optional[Format], what: str = "x") -> Non
         if x.dim() == 0:
             raise ValueError(f"{what} is a scalar; compressed collectives quantise along the last dimension")
         fmt.layout((1, x.shape[-1]))  # raises for a static format calibrated for another width
+
+
+def check_norm_inputs(x: torch.Tensor, residual, weight, what: str = "") -> None:
+    """Raise TypeError/ValueError unless ``residual`` (x's shape) and ``weight`` ([x.shape[-1]])
+    can take the RMSNorm epilogue of an all-reduce of ``x``: the one check of
+    :func:`tp.comm.collectives.all_reduce_rmsnorm`, the fused path's and the op's (its fake too:
+    shapes only). ``what``: a prefix for the message (who is checking)."""
+    if not isinstance(residual, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{what}residual and weight must be torch.Tensors")
+    width = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else None
+    if isinstance(x, torch.Tensor) and (residual.shape != x.shape or width is None
+                                        or tuple(weight.shape) != (width,)):
+        raise ValueError(f"{what}residual must have x's shape {tuple(x.shape)} and weight [{width}], got "
+                         f"{tuple(residual.shape)} and {tuple(weight.shape)}")
 
 
 def rows_view(x: torch.Tensor) -> torch.Tensor:

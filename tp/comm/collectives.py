@@ -70,7 +70,7 @@ from qformats.codec import saturating_cast
 from qformats.numeric import DTYPE_CODES, SUPPORTED_DTYPES
 
 from . import wirecheck
-from .call import (ALGORITHMS, check_algorithm, check_tensor, merge_rows, reduce_chunk, resolve_format, rows_view,
+from .call import (check_algorithm, check_norm_inputs, check_tensor, merge_rows, reduce_chunk, resolve_format, rows_view,
                    second_hop, split_rows, wire_algorithm, wire_format)
 from .wirecheck import HEADER_BYTES, Signature
 
@@ -444,13 +444,8 @@ def all_reduce_rmsnorm(
     """
     from lowering.ops import reference_rms_norm  # lowering imports Triton: only when called
 
-    if not isinstance(residual, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise TypeError("residual and weight must be torch.Tensors")
+    check_norm_inputs(x, residual, weight)
     width = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else None
-    if isinstance(x, torch.Tensor) and (residual.shape != x.shape or width is None
-                                        or tuple(weight.shape) != (width,)):
-        raise ValueError(f"residual must have x's shape {tuple(x.shape)} and weight [{width}], got "
-                         f"{tuple(residual.shape)} and {tuple(weight.shape)}")
     for t, what in ((x, "x"), (residual, "residual"), (weight, "weight")):
         _no_grad_needed(t, f"all_reduce_rmsnorm ({what})")
     fmt, world, second = _begin_all_reduce(x, fmt, group, algorithm, second_fmt, validate, "all_reduce_rmsnorm")

@@ -87,7 +87,7 @@ from lowering.constants import KernelConstants, lower, unsupported_reason, value
 from qformats import Format
 
 from . import collectives
-from .call import check_tensor, resolve_format, rows_view, second_hop, wire_algorithm
+from .call import check_norm_inputs, check_tensor, resolve_format, rows_view, second_hop, wire_algorithm
 from .collectives import below_floor
 from .policy import DEFAULT_FUSED_MIN_BYTES, EAGER_FUSED_MIN_BYTES, FUSED_MAX_BYTES, fused_window  # noqa: F401
 
@@ -310,12 +310,7 @@ def _norm_inputs(x: torch.Tensor, residual, weight, eps, op: str) -> tuple[torch
     """(residual as a contiguous [rows, width], weight contiguous, eps as a float) of an
     all-reduce with the RMSNorm epilogue; raises what :func:`tp.comm.collectives.all_reduce_rmsnorm`
     raises for the same inputs (and a clear error for what the kernel could not take)."""
-    if not isinstance(residual, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise TypeError("residual and weight must be torch.Tensors")
-    width = x.shape[-1] if x.dim() else None
-    if residual.shape != x.shape or width is None or tuple(weight.shape) != (width,):
-        raise ValueError(f"residual must have x's shape {tuple(x.shape)} and weight [{width}], got "
-                         f"{tuple(residual.shape)} and {tuple(weight.shape)}")
+    check_norm_inputs(x, residual, weight)
     for t, what in ((residual, "residual"), (weight, "weight")):
         if t.dtype not in collectives.SUPPORTED_DTYPES:
             raise TypeError(f"{what} has dtype {t.dtype}; the epilogue takes float32, bfloat16 or float16")

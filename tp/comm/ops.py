@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .call import check_algorithm, resolve_format, second_hop
+from .call import check_algorithm, check_norm_inputs, resolve_format, second_hop
 from .collectives import all_gather, all_reduce, all_reduce_rmsnorm
 
 __all__ = ["ALL_GATHER", "ALL_REDUCE", "ALL_REDUCE_RMSNORM", "all_gather_op", "all_reduce_op", "all_reduce_rmsnorm_op",
@@ -70,9 +70,7 @@ all_reduce_op.register_autograd(_straight_through_backward)
 
 def _norm_args(x: Tensor, residual: Tensor, weight: Tensor) -> None:
     # the checks tp.all_reduce_rmsnorm makes, also at trace time (the fake sees only shapes)
-    if residual.shape != x.shape or x.dim() == 0 or tuple(weight.shape) != (x.shape[-1],):
-        raise ValueError(f"qformats.all_reduce_rmsnorm: residual must have x's shape {tuple(x.shape)} and weight "
-                         f"[{x.shape[-1] if x.dim() else '?'}], got {tuple(residual.shape)} and {tuple(weight.shape)}")
+    check_norm_inputs(x, residual, weight, "qformats.all_reduce_rmsnorm: ")
 
 
 @torch.library.custom_op("qformats::all_reduce_rmsnorm", mutates_args=())

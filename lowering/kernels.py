@@ -41,11 +41,13 @@ How exactness is kept (the reference computes in float64 where it matters; here 
   the significand is rounded half to even in integers (the subnormal binade by adding a magic
   power of two); saturation is a ``min`` on the code. Integer elements: ``v * 2^-GE`` rounded
   with the ``1.5 * 2^23`` magic number.
-* Absmax scales: ``x / scale`` must be the IEEE fp32 quotient. The interpreter divides with
-  numpy; the GPU uses the block's correctly rounded reciprocal and two Markstein corrections
-  with fused multiply-adds (correctly rounded for every fp32 pair without over/underflow; the
-  block's operands are pre-scaled by a power of two to stay in range), which the GPU tests check
-  against ``div_rn`` on every bf16 pair and on random fp32 pairs.
+* Absmax scales: ``x / scale`` is defined as x times the block's correctly rounded reciprocal
+  (``qformats.codec.times_reciprocal``, wire version 3): one IEEE division per block
+  (``div_rn``; numpy's in the interpreter) and one multiply per element (a second, by a power
+  of two, brings extreme scales into range). Zero-point scales still divide exactly: the GPU
+  uses the block's reciprocal and two Markstein corrections with fused multiply-adds
+  (correctly rounded for every fp32 pair without over/underflow), which the GPU benchmark
+  checks against ``div_rn`` on every bf16 pair and on random fp32 pairs.
 * GPU launches pass ``enable_fp_fusion=False`` (so ``acc + a*b`` is not contracted into an
   FMA that rounds once instead of twice) and ``enable_reflect_ftz=False``.
 """
@@ -227,6 +229,20 @@ def _exact_quotient(x, s, GPU: tl.constexpr):
 
 
 @triton.jit
+def _times_reciprocal(x, s, GPU: tl.constexpr):
+    """fp32((x f) * fp32(1 / (s f))) for a tile x [BPP, BP2] and per-block s > 0 [BPP]
+    (``qformats.codec.times_reciprocal``, f = 2^64 below 2^-64, 2^-64 from 2^64 up, else 1):
+    one IEEE division per block and one multiply per element (two in a tile that holds an
+    extreme scale: x f is x where f = 1, so the usual tile skips it)."""
+    f = tl.where(s < 5.421010862427522e-20, 1.8446744073709552e19, tl.where(s >= 1.8446744073709552e19,
+                                                                            5.421010862427522e-20, 1.0))
+    r = _div(tl.full(s.shape, 1.0, tl.float32), s * f, GPU)
+    if _any(f != 1.0):
+        x = x * f[:, None]
+    return x * r[:, None]
+
+
+@triton.jit
 def _element_codes(v, F: tl.constexpr):
     """Element codes (int32, low BITS bits) of finite fp32 values already divided by their
     block's scale: round half to even onto the grid, saturate at max normal."""
@@ -270,12 +286,17 @@ def _encode_e8m0(x, amax_b, bad, F: tl.constexpr):
     amax) - emax of the element), clamped to E8M0's range; NaN code 255 for a bad block. Its
     scale and zero slots hold the exponent s: 2^s is formed where a decode needs it (forming it
     here would change the compiled schedule of the quantize-with-decode step)."""
-    s = tl.where(amax_b > 0, _flog2(amax_b) - F.EMAX, -127)
-    s = tl.minimum(tl.maximum(s, -127), 127)
+    # the biased exponent is clamped in int32 before it is truncated to its byte: with the bias
+    # added after the clamp, LLVM narrowed the adds to 16-bit pairs and ptxas (CUDA 12.8)
+    # miscompiled one of them (a scale byte without its bias on an H100; int5/b64 3 x 2 case
+    # of tests/lowering/test_kernels.py)
+    e = tl.where(amax_b > 0, _flog2(amax_b) - F.EMAX + 127, 0)
+    e = tl.minimum(tl.maximum(e, 0), 254)
+    s = e - 127
     # one multiply by 2^-s (2^-127 is an exact subnormal): exact unless the product is an
     # fp32 subnormal, which rounds to the same signed zero on any element grid
     v = x * _pow2(-s)[:, None]
-    scode = tl.where(bad, 255, s + 127)
+    scode = tl.where(bad, 255, e)
     return v, scode, scode, s, s
 
 
@@ -328,8 +349,8 @@ def _encode_zero_point(x, inb, amax_b, bad, F: tl.constexpr):
 @triton.jit
 def _encode_absmax(x, amax_b, bad, blk, bmask, amax_ptr, out_ptr, ts_off, F: tl.constexpr):
     """Absmax scales (fp32, bf16, fp16, e4m3; +ts: times the per-tensor fp32 scale, which the
-    first program stores): amax / max normal rounded up onto the scale type's grid, the exact
-    IEEE quotient x / scale (:func:`_exact_quotient`)."""
+    first program stores): amax / max normal rounded up onto the scale type's grid, x times the
+    block's rounded reciprocal (:func:`_times_reciprocal`)."""
     amax_f = amax_b.to(tl.float32, bitcast=True)
     if F.TS:
         tam = tl.load(amax_ptr).to(tl.float32, bitcast=True)
@@ -357,8 +378,8 @@ def _encode_absmax(x, amax_b, bad, blk, bmask, amax_ptr, out_ptr, ts_off, F: tl.
         _store_word(out_ptr, ts_off, tl.zeros_like(blk), bmask & (blk == 0), tsw, 4, False)
     else:
         scale = stored
-    # a zero scale means an all-zero block: x / 1 keeps each zero's sign
-    v = _signed_like(_exact_quotient(x, tl.where(scale > 0, scale, 1.0), F.GPU), x)
+    # a zero scale means an all-zero block: a reciprocal of 1 / inf = 0 keeps each zero's sign
+    v = _times_reciprocal(x, tl.where(scale > 0, scale, float("inf")), F.GPU)
     scode = tl.where(bad, F.SNAN, scode)
     return v, scode, scode, scale, scale
 

@@ -28,7 +28,8 @@ docstring gives the reasoning), with the constants of :func:`lowering.constants.
   mantissa bits; the table is the reference's own ``grid.to_codes`` of every such value, so
   saturation and the NaN/Inf policies come out as the reference's. Integer elements round
   with the ``1.5 * 2^23`` add, whose low bits are the two's complement code.
-* Absmax scales: ``amax / max_normal`` and ``x / scale`` are IEEE fp32 divisions; the scale
+* Absmax scales: ``amax / max_normal`` is an IEEE fp32 division, ``x / scale`` the reference's
+  own :func:`qformats.codec.times_reciprocal` (one rounded reciprocal per block); the scale
   is rounded onto its type's grid in integers from the bits (the kernels' ``_round_mag_int``);
   quotients below 2^-126 take the reference's exact ceiling instead (:func:`_tiny_scale_codes`).
   Zero points whose ``max - zero`` overflows fp32 halve both terms, as the reference does.
@@ -65,7 +66,7 @@ from typing import Optional, Sequence
 import torch
 
 from qformats import Format, grid, need_format, packing
-from qformats.codec import check_input, rotate, saturate_fp32, saturating_cast
+from qformats.codec import check_input, rotate, saturate_fp32, saturating_cast, times_reciprocal
 from qformats.numeric import (FP32_ABS_MASK, FP32_BIAS, FP32_EMAX, FP32_EMIN, FP32_EXP_MASK, FP32_MAX, FP32_MBITS,
                               FP32_MIN_SUBNORMAL, FP32_RNE_MAGIC, FP32_TINY, SUPPORTED_DTYPES)
 from qformats.spec import dims, replace, scale_element
@@ -455,12 +456,11 @@ def _block_sections(blocks: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:
             scode = torch.where(tiny, _tiny_scale_codes(amax, den, tiny, kc), scode)
             stored = scode.view(_F32) if kc.SCALE == SCALE_FP32 else _scale_values(scode, plan)
         scale = stored * ts if kc.TS else stored
-        # scale 0 (an all-zero block, or an underflowed amax / max_normal): x / inf is x's signed zero
-        div = torch.where(scale > 0, scale, torch.inf).unsqueeze(-1)
+        # scale 0 (an all-zero block): a reciprocal of 1 / inf = 0 gives x's signed zero
+        v = times_reciprocal(blocks, torch.where(scale > 0, scale, torch.inf).unsqueeze(-1))
         if float_elem:
-            codes = _float_codes(blocks / div, blocks, plan, saturate=True)
+            codes = _float_codes(v, blocks, plan, saturate=True)
         else:
-            v = blocks / div
             if kc.GSCALE != 1.0:
                 v *= kc.GSCALE
             codes = _int_codes(v, plan)

@@ -13,7 +13,7 @@ import torch
 __all__ = [
     "DTYPE_BY_NAME", "DTYPE_CODES", "DTYPE_NAMES", "DTYPE_ROUNDING", "FP32_ABS_MASK", "FP32_BIAS",
     "FP32_EMAX", "FP32_EMIN", "FP32_EXP_MASK", "FP32_MAX", "FP32_MBITS", "FP32_MIN_SUBNORMAL",
-    "FP32_RNE_MAGIC", "FP32_TINY", "INT_VIEW", "SUPPORTED_DTYPES",
+    "FP32_RNE_MAGIC", "FP32_TINY", "INT_VIEW", "RECIPROCAL_SHIFT", "SUPPORTED_DTYPES",
 ]
 
 # ---- fp32 -----------------------------------------------------------------------------------
@@ -29,6 +29,9 @@ FP32_ABS_MASK = 0x7FFFFFFF  # every bit but the sign: |x| as an integer (orders 
 # 1.5 * 2^23: for |v| < 2^22, fp32(v + magic) rounds v half to even onto the integers, and the low
 # bits of the sum's bit pattern are that integer in two's complement (the "magic add")
 FP32_RNE_MAGIC = 1.5 * 2.0**FP32_MBITS
+# absmax scales outside [2^-64, 2^64) are moved into it by 2^+-64 before their reciprocal is taken
+# (qformats.codec.times_reciprocal): there the scale and its reciprocal are both normal fp32
+RECIPROCAL_SHIFT = 64
 
 # ---- the float dtypes ------------------------------------------------------------------------
 # What every codec quantises from and decodes to (byte width: ``dtype.itemsize``).

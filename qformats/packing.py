@@ -17,7 +17,8 @@ import math
 
 import torch
 
-WIRE_VERSION = 2  # 2: bit planes for 3/5/6/7-bit codes (1: dense LSB-first groups)
+WIRE_VERSION = 3  # 3: absmax elements are x times the block's rounded reciprocal (2: x / scale);
+# 2: bit planes for 3/5/6/7-bit codes (1: dense LSB-first groups)
 
 
 def planes(bits: int) -> tuple[tuple[int, int], ...]:

@@ -208,3 +208,25 @@ def test_the_smallest_input_gets_the_smallest_scale_not_zero(fmt):
     a, b = lay.offsets["scale"]
     words = q.data[a:b].reshape(lay.nblocks, -1).tolist()
     assert all(int.from_bytes(bytes(w), "little") == 1 for w in words), words  # the type's smallest step
+
+
+def test_absmax_elements_are_x_times_the_rounded_reciprocal():
+    """Wire version 3: an absmax block's elements are x times fp32(1 / scale), not x / scale.
+    Block max 20193/8192 gives int8/b32/bf16 (max normal 127/64) the scale 159/128, exact in
+    bf16; x = 0.06793212890625 is 3.5 steps of scale/64, a tie that x / scale rounds to the even
+    code 4, but x * fp32(1 / scale) lies just below it: code 3."""
+    from qformats.codec import times_reciprocal
+
+    scale = 159 / 128
+    x = torch.zeros(1, 32)
+    x[0, 0], x[0, 1] = 20193 / 8192, 0.06793212890625
+    out = qformats.quantize_dequantize(x, "int8/b32/bf16")
+    assert out[0, 0].item() == 127 * scale / 64
+    assert out[0, 1].item() == 3 * scale / 64  # x / scale would give code 4
+    q = times_reciprocal(torch.tensor([0.06793212890625, -0.0, 0.0]), torch.tensor(scale))
+    assert q[0].item() * 64 < 3.5 == 0.06793212890625 / scale * 64
+    assert torch.equal(torch.signbit(q[1:]), torch.tensor([True, False]))
+    # extreme scales: brought into range by 2^+-64 before the reciprocal (a plain 1 / 2^-140 is inf)
+    tiny, huge = torch.tensor(2.0**-140), torch.tensor(2.0**120)
+    assert times_reciprocal(torch.tensor([2.0**-138]), tiny).item() == 4.0
+    assert times_reciprocal(torch.tensor([2.0**122]), huge).item() == 4.0

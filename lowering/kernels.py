@@ -229,23 +229,28 @@ def _exact_quotient(x, s, GPU: tl.constexpr):
 
 
 @triton.jit
-def _times_reciprocal(x, s, GPU: tl.constexpr):
-    """fp32((x f) * fp32(1 / (s f))) for a tile x [BPP, BP2] and per-block s > 0 [BPP]
-    (``qformats.codec.times_reciprocal``, f = 2^64 below 2^-64, 2^-64 from 2^64 up, else 1):
-    one IEEE division per block and one multiply per element (two in a tile that holds an
-    extreme scale: x f is x where f = 1, so the usual tile skips it)."""
+def _times_reciprocal(x, s, K: tl.constexpr, GPU: tl.constexpr):
+    """fp32((x f) * fp32(1 / (s f))) times K (a power of two) for a tile x [BPP, BP2] and per-block
+    s > 0 [BPP] (``qformats.codec.times_reciprocal``, f = 2^64 below 2^-64, 2^-64 from 2^64 up,
+    else 1): one IEEE division per block and one multiply per element (two in a tile that holds
+    an extreme scale: x f is x where f = 1, so the usual tile skips it). K goes into the
+    reciprocal: x (r K) is (x r) K exactly unless x r is an fp32 subnormal, which every element
+    grid rounds to a zero code either way."""
     f = tl.where(s < 5.421010862427522e-20, 1.8446744073709552e19, tl.where(s >= 1.8446744073709552e19,
                                                                             5.421010862427522e-20, 1.0))
     r = _div(tl.full(s.shape, 1.0, tl.float32), s * f, GPU)
+    if K != 1.0:
+        r = r * K
     if _any(f != 1.0):
         x = x * f[:, None]
     return x * r[:, None]
 
 
 @triton.jit
-def _element_codes(v, F: tl.constexpr):
+def _element_codes(v, F: tl.constexpr, G: tl.constexpr):
     """Element codes (int32, low BITS bits) of finite fp32 values already divided by their
-    block's scale: round half to even onto the grid, saturate at max normal."""
+    block's scale (integer grids: and times G, 2^-GE or 1 where the caller folded it in): round
+    half to even onto the grid, saturate at max normal."""
     if F.FP8_HW:  # cvt.rn.satfinite: RNE, saturating at max normal; signed zeros kept
         if F.FP8 == _FP8_E5M2:
             c = v.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True).to(tl.int32)
@@ -271,7 +276,9 @@ def _element_codes(v, F: tl.constexpr):
     else:  # integer grids (MX int, uint with a zero point): code * 2^GE, two's complement
         # clamp, then round half to even with the 1.5 * 2^23 magic number: the low bits of the
         # sum are the code (the magic's low 23 bits are 0x400000, whose low BITS bits are 0)
-        y = tl.minimum(tl.maximum(v * F.GSCALE, -F.MAXMAG * 1.0), F.MAXMAG * 1.0)
+        if G != 1.0:
+            v = v * G
+        y = tl.minimum(tl.maximum(v, -F.MAXMAG * 1.0), F.MAXMAG * 1.0)
         return (y + _RNE_MAGIC).to(tl.int32, bitcast=True) & ((1 << F.BITS) - 1)
 
 
@@ -379,7 +386,10 @@ def _encode_absmax(x, amax_b, bad, blk, bmask, amax_ptr, out_ptr, ts_off, F: tl.
     else:
         scale = stored
     # a zero scale means an all-zero block: a reciprocal of 1 / inf = 0 keeps each zero's sign
-    v = _times_reciprocal(x, tl.where(scale > 0, scale, float("inf")), F.GPU)
+    if F.KIND == _FLOAT:
+        v = _times_reciprocal(x, tl.where(scale > 0, scale, float("inf")), 1.0, F.GPU)
+    else:  # integer grids: v in grid steps (2^-GE folded into the reciprocal)
+        v = _times_reciprocal(x, tl.where(scale > 0, scale, float("inf")), F.GSCALE, F.GPU)
     scode = tl.where(bad, F.SNAN, scode)
     return v, scode, scode, scale, scale
 
@@ -527,11 +537,14 @@ def _codec_kernel(
             amax_b = tl.where(bad, 0, top)
             if F.SCALE == _E8M0:
                 v, scode, zcode, scale, zero = _encode_e8m0(x, amax_b, bad, F)
+                G: tl.constexpr = F.GSCALE
             elif F.ZP:
                 v, scode, zcode, scale, zero = _encode_zero_point(x, inb, amax_b, bad, F)
-            else:
+                G: tl.constexpr = F.GSCALE
+            else:  # (an integer grid's 2^-GE is in the blocks' reciprocals already)
                 v, scode, zcode, scale, zero = _encode_absmax(x, amax_b, bad, blk, bmask, amax_ptr, out_ptr, ts_off, F)
-            code = _element_codes(v, F)
+                G: tl.constexpr = 1.0
+            code = _element_codes(v, F, G)
             if F.ZP:  # a scale <= 0 (a constant block, or one below -max whose zero point
                 # saturated above it) has the reference's codes 0, like a NaN/Inf block
                 keep = tl.where(bad | ~(scale > 0), 0, -1)

@@ -9,7 +9,8 @@ exponent: subnormal inputs, and scales in their type's subnormal range, included
 
 How the bound is made (absmax scales; zero points and static scales alike): an element's
 error is at most half its grid step times the block scale, plus the fp32 roundings of the
-codec (``x / scale``, the decode product, the scale quotient: each relative 2^-24, or
+codec (``x / scale`` as x times the rounded reciprocal: two, the decode product, the scale
+quotient: each relative 2^-24, or
 absolute 2^-150 for an fp32 subnormal), plus the saturation that a scale rounded a hair below
 amax / max_normal causes. The scale itself is at most amax / max_normal rounded up onto its
 type, i.e. at most (1 + 2^-Ms) times that quotient *plus* the type's smallest step (in the

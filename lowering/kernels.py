@@ -374,10 +374,11 @@ def _encode_absmax(x, amax_b, bad, blk, bmask, amax_ptr, out_ptr, ts_off, F: tl.
     # the exact ceiling in scale steps 2^-P instead, at least one:
     # ceil(fp32(amax * 2^P / den)), 2^P = S_INV_STEP_HI * S_INV_STEP_LO (both exact)
     tiny = (raw < _FP32_TINY) & (amax_b > 0)
-    w = _div(tl.where(tiny, amax_f, 0.0) * F.S_INV_STEP_HI * F.S_INV_STEP_LO, den, F.GPU)
-    nt = w.to(tl.int32)  # truncation: 0 <= w < 2^23 + 1
-    nt = tl.maximum(nt + tl.where(nt.to(tl.float32) < w, 1, 0), 1)
-    scode = tl.where(tiny, nt, scode)
+    if _any(tiny):  # (rare: a tile without such a block skips a division per block)
+        w = _div(tl.where(tiny, amax_f, 0.0) * F.S_INV_STEP_HI * F.S_INV_STEP_LO, den, F.GPU)
+        nt = w.to(tl.int32)  # truncation: 0 <= w < 2^23 + 1
+        nt = tl.maximum(nt + tl.where(nt.to(tl.float32) < w, 1, 0), 1)
+        scode = tl.where(tiny, nt, scode)
     stored = _scale_value(scode, F)
     if F.TS:
         scale = stored * ts

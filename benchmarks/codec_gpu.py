@@ -18,7 +18,9 @@ For each format and bf16 input of ``--sizes`` MiB ([rows, 8192]) it times, with
 and in the same run checks bit-exactness of every kernel at ``--check-mib`` on random and
 adversarial inputs against the reference (through ``lowering.torch_codec``, which the CPU
 tests hold bitwise equal to ``qformats``; the oracle runs on the CPU), plus the GPU division
-used for absmax scales against ``div_rn`` on every (bf16, bf16) pair and on random fp32 pairs.
+of zero-point scales against ``div_rn`` on every (bf16, bf16) pair and on random fp32 pairs
+(absmax scales multiply by the block's rounded reciprocal since wire version 3: the exactness
+checks cover them).
 Writes one JSON record per measurement and prints a table.
 """
 from __future__ import annotations

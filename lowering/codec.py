@@ -47,6 +47,10 @@ type; quotients below ``FP32_TINY`` rounded up exactly (at least one step)
     TorchCodec  ``_block_sections``, ``_signed_code`` / ``_round_onto_scale_grid``,
                 ``_tiny_scale_codes``
     kernel      ``_encode_absmax``, ``_round_mag_int`` (``S_INV_STEP_*`` for tiny)
+absmax elements: x times the block's rounded reciprocal, (x f) * fp32(1 / (scale f)) (wire version 3)
+    reference   ``times_reciprocal`` (its docstring is the definition)
+    TorchCodec  ``qformats.codec.times_reciprocal`` itself
+    kernel      ``_times_reciprocal`` (an int grid's 2^-GE folded into the reciprocal)
 +ts per-tensor scale: tamax / (max_normal * 448), at least ``FP32_TINY``
     reference   ``_encode_blocks``
     TorchCodec  ``_block_sections`` (``maxn_ts``)

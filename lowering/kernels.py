@@ -294,9 +294,9 @@ def _encode_e8m0(x, amax_b, bad, F: tl.constexpr):
     scale and zero slots hold the exponent s: 2^s is formed where a decode needs it (forming it
     here would change the compiled schedule of the quantize-with-decode step)."""
     # the biased exponent is clamped in int32 before it is truncated to its byte: with the bias
-    # added after the clamp, LLVM narrowed the adds to 16-bit pairs and ptxas (CUDA 12.8)
-    # miscompiled one of them (a scale byte without its bias on an H100; int5/b64 3 x 2 case
-    # of tests/lowering/test_kernels.py)
+    # added after the clamp, LLVM narrowed the adds to 16-bit pairs, and on an H100 one scale
+    # byte came out without its bias (most likely ptxas of CUDA 12.8; the int5/b64 3 x 2 case of
+    # tests/lowering/test_kernels.py; benchmarks/results/reliability/README.md)
     e = tl.where(amax_b > 0, _flog2(amax_b) - F.EMAX + 127, 0)
     e = tl.minimum(tl.maximum(e, 0), 254)
     s = e - 127

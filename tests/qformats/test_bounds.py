@@ -230,3 +230,23 @@ def test_absmax_elements_are_x_times_the_rounded_reciprocal():
     tiny, huge = torch.tensor(2.0**-140), torch.tensor(2.0**120)
     assert times_reciprocal(torch.tensor([2.0**-138]), tiny).item() == 4.0
     assert times_reciprocal(torch.tensor([2.0**122]), huge).item() == 4.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(xb=st.integers(0, 0x7F7FFFFF), sb=st.integers(1, 0x7F7FFFFF), neg=st.booleans())
+def test_times_reciprocal_is_within_two_roundings_of_the_quotient(xb, sb, neg):
+    """The promise behind wire version 3, over the whole fp32 range (subnormal and huge scales
+    included): x times the block's reciprocal is finite where x / scale is, keeps x's sign (zeros
+    too), and lies within 2^-23 relative of the exact quotient where that is a normal fp32
+    (two roundings of 2^-24 each); the pre-scaling by 2^+-64 is what keeps extreme scales in."""
+    from qformats.codec import times_reciprocal
+
+    x = torch.tensor([xb], dtype=torch.int32).view(torch.float32) * (-1.0 if neg else 1.0)
+    s = torch.tensor([sb], dtype=torch.int32).view(torch.float32)
+    q = times_reciprocal(x, s)
+    exact = x.double() / s.double()
+    assert torch.signbit(q).item() == torch.signbit(x).item()
+    if abs(exact.item()) <= 3.0e38:
+        assert torch.isfinite(q).item()
+    if 2.0**-126 <= abs(exact.item()) <= 3.0e38:
+        assert abs(q.double().item() - exact.item()) <= 2.0**-23 * abs(exact.item())

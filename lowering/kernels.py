@@ -229,19 +229,20 @@ def _exact_quotient(x, s, GPU: tl.constexpr):
 
 
 @triton.jit
-def _times_reciprocal(x, s, K: tl.constexpr, GPU: tl.constexpr):
+def _times_reciprocal(x, s, K: tl.constexpr, rare, GPU: tl.constexpr):
     """fp32((x f) * fp32(1 / (s f))) times K (a power of two) for a tile x [BPP, BP2] and per-block
     s > 0 [BPP] (``qformats.codec.times_reciprocal``, f = 2^64 below 2^-64, 2^-64 from 2^64 up,
-    else 1): one IEEE division per block and one multiply per element (two in a tile that holds
-    an extreme scale: x f is x where f = 1, so the usual tile skips it). K goes into the
-    reciprocal: x (r K) is (x r) K exactly unless x r is an fp32 subnormal, which every element
-    grid rounds to a zero code either way."""
+    else 1): one IEEE division per block and one multiply per element, two where the tile flag
+    ``rare`` is set (the caller's promise: where it is not, every f is 1, or the block is all
+    zeros with an infinite s, whose x r is x's signed zero anyway). K goes into the reciprocal:
+    x (r K) is (x r) K exactly unless x r is an fp32 subnormal, which every element grid rounds
+    to a zero code either way."""
     f = tl.where(s < 5.421010862427522e-20, 1.8446744073709552e19, tl.where(s >= 1.8446744073709552e19,
                                                                             5.421010862427522e-20, 1.0))
     r = _div(tl.full(s.shape, 1.0, tl.float32), s * f, GPU)
     if K != 1.0:
         r = r * K
-    if _any(f != 1.0):
+    if rare:
         x = x * f[:, None]
     return x * r[:, None]
 
@@ -370,11 +371,19 @@ def _encode_absmax(x, amax_b, bad, blk, bmask, amax_ptr, out_ptr, ts_off, F: tl.
         scode = raw.to(tl.int32, bitcast=True)
     else:
         scode = _round_mag_int(raw.to(tl.int32, bitcast=True), raw >= 0.0, F)
+    # one tile-wide flag (one cross-warp reduction) for both rare paths: a non-zero block whose
+    # quotient lies outside [2^-60, 2^60), or a tensor scale outside [2^-55, 2^55). Where it is
+    # clear, no quotient is below fp32's normal range and every scale (the quotient rounded up
+    # onto its type, at most 2^61; with +ts an e4m3 value in [2^-9, 448] times ts) lies in
+    # [2^-64, 2^64), so no block needs the pre-scaling of _times_reciprocal
+    rare = _any((amax_b > 0) & ((raw < 8.673617379884035e-19) | (raw >= 1.152921504606847e18)))
+    if F.TS:
+        rare = rare | (ts < 2.7755575615628914e-17) | (ts >= 3.602879701896397e16)
     # a quotient below fp32's normal range (rounded to fp32's subnormal grid, or to 0):
     # the exact ceiling in scale steps 2^-P instead, at least one:
     # ceil(fp32(amax * 2^P / den)), 2^P = S_INV_STEP_HI * S_INV_STEP_LO (both exact)
     tiny = (raw < _FP32_TINY) & (amax_b > 0)
-    if _any(tiny):  # (rare: a tile without such a block skips a division per block)
+    if rare:
         w = _div(tl.where(tiny, amax_f, 0.0) * F.S_INV_STEP_HI * F.S_INV_STEP_LO, den, F.GPU)
         nt = w.to(tl.int32)  # truncation: 0 <= w < 2^23 + 1
         nt = tl.maximum(nt + tl.where(nt.to(tl.float32) < w, 1, 0), 1)
@@ -388,9 +397,9 @@ def _encode_absmax(x, amax_b, bad, blk, bmask, amax_ptr, out_ptr, ts_off, F: tl.
         scale = stored
     # a zero scale means an all-zero block: a reciprocal of 1 / inf = 0 keeps each zero's sign
     if F.KIND == _FLOAT:
-        v = _times_reciprocal(x, tl.where(scale > 0, scale, float("inf")), 1.0, F.GPU)
+        v = _times_reciprocal(x, tl.where(scale > 0, scale, float("inf")), 1.0, rare, F.GPU)
     else:  # integer grids: v in grid steps (2^-GE folded into the reciprocal)
-        v = _times_reciprocal(x, tl.where(scale > 0, scale, float("inf")), F.GSCALE, F.GPU)
+        v = _times_reciprocal(x, tl.where(scale > 0, scale, float("inf")), F.GSCALE, rare, F.GPU)
     scode = tl.where(bad, F.SNAN, scode)
     return v, scode, scode, scale, scale
 

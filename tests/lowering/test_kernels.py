@@ -121,6 +121,21 @@ def test_e8m0_scales_of_a_short_row_tile_with_its_decode(fmt):
     check_roundtrip(adversarial(3, 2, torch.float32, seed=0, device=DEV), fmt, torch.bfloat16)
 
 
+@pytest.mark.parametrize("fmt", ["nvfp4", "int8/b32/bf16", "int5/b32/bf16+h32", "int4/b32/fp32", "fp8_e4m3/b32/fp32"])
+def test_absmax_tiles_with_and_without_extreme_scales(fmt):
+    """The absmax quantizer's one tile flag: tiles of ordinary magnitude skip the exact ceiling of
+    below-normal quotients and the 2^+-64 pre-scaling of the reciprocal; tiles whose blocks (or,
+    with +ts, whose tensor scale) lie far out take them. Whole tensors at 2^e for e across fp32's
+    range, alone and with one row of ordinary magnitude beside them."""
+    for e in (-140, -100, -62, -58, 0, 58, 62, 100):
+        for mix in (False, True):
+            g = torch.Generator().manual_seed(e + 200)
+            x = torch.randn(4, 96, generator=g) * 2.0**e
+            if mix:
+                x[1] *= 2.0 ** (-e)
+            check_roundtrip(x.to(DEV), fmt, torch.float32)
+
+
 @pytest.mark.parametrize("fmt", ["int4/row/fp32", "fp6_e2m3/b24/fp16", "int8/row/e8m0",
                                  "fp4_e2m1/b16/bf16", "uint6/b40/bf16+zp", "fp5_e3m1ieee/b8/e4m3+ts",
                                  "int2/b64/e4m3", "fp8_e5m2/b128/fp32", "uint4/b32/fp16+zp+h8",

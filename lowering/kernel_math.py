@@ -146,6 +146,16 @@ def _load_f32(ptr, offs, mask, KIND: tl.constexpr, GPU: tl.constexpr):
 _FP32_MAX = tl.constexpr(numeric.FP32_MAX)
 _FP32_TINY = tl.constexpr(numeric.FP32_TINY)  # fp32's smallest normal
 _RNE_MAGIC = tl.constexpr(numeric.FP32_RNE_MAGIC)  # 1.5 * 2^23 (qformats.numeric)
+# qformats.codec.times_reciprocal's range for scales, [2^-S, 2^S) (S = numeric.RECIPROCAL_SHIFT),
+# and the absmax quantizer's tile flag (kernels._encode_absmax): quotients amax / den outside
+# [2^-(S-4), 2^(S-4)) (their scales, at most 2^(S-3), may leave the range) or, with +ts, tensor
+# scales outside [2^-(S-9), 2^(S-9)) (times an e4m3 value in [2^-9, 448])
+_RECIP_LO = tl.constexpr(2.0**-numeric.RECIPROCAL_SHIFT)
+_RECIP_HI = tl.constexpr(2.0**numeric.RECIPROCAL_SHIFT)
+_RARE_QUOTIENT_LO = tl.constexpr(2.0 ** -(numeric.RECIPROCAL_SHIFT - 4))
+_RARE_QUOTIENT_HI = tl.constexpr(2.0 ** (numeric.RECIPROCAL_SHIFT - 4))
+_RARE_TS_LO = tl.constexpr(2.0 ** -(numeric.RECIPROCAL_SHIFT - 9))
+_RARE_TS_HI = tl.constexpr(2.0 ** (numeric.RECIPROCAL_SHIFT - 9))
 _BF16_MAX = tl.constexpr(3.3895313892515355e38)
 _FP16_MAX = tl.constexpr(65504.0)
 # a block whose bound on |decoded value| reaches this fraction of a dtype's max may overflow it

@@ -57,7 +57,8 @@ import triton
 import triton.language as tl
 
 from .kernel_math import (_BF16_MAX, _BF16IO, _BF16S, _DEC_FP8, _DEC_INT, _E8M0, _F32IO, _FLOAT, _FP8_E5M2, _FP16_MAX,
-                          _FP32_MAX, _FP32_TINY, _FP32S, _INT, _RISK, _RNE_MAGIC, _any, _clamp_finite, _div, _flog2, _load_f32, _neg_if,
+                          _FP32_MAX, _FP32_TINY, _FP32S, _INT, _RARE_QUOTIENT_HI, _RARE_QUOTIENT_LO, _RARE_TS_HI,
+                          _RARE_TS_LO, _RECIP_HI, _RECIP_LO, _RISK, _RNE_MAGIC, _any, _clamp_finite, _div, _flog2, _load_f32, _neg_if,
                           _out_max, _pow2, _rotate, _round_mag_int, _saturate, _scale_value, _store_f32)
 from .kernel_wire import _load_codes, _load_word, _row_tile, _store_codes, _store_word, _tile
 
@@ -237,8 +238,7 @@ def _times_reciprocal(x, s, K: tl.constexpr, rare, GPU: tl.constexpr):
     zeros with an infinite s, whose x r is x's signed zero anyway). K goes into the reciprocal:
     x (r K) is (x r) K exactly unless x r is an fp32 subnormal, which every element grid rounds
     to a zero code either way."""
-    f = tl.where(s < 5.421010862427522e-20, 1.8446744073709552e19, tl.where(s >= 1.8446744073709552e19,
-                                                                            5.421010862427522e-20, 1.0))
+    f = tl.where(s < _RECIP_LO, _RECIP_HI, tl.where(s >= _RECIP_HI, _RECIP_LO, 1.0))
     r = _div(tl.full(s.shape, 1.0, tl.float32), s * f, GPU)
     if K != 1.0:
         r = r * K
@@ -248,10 +248,10 @@ def _times_reciprocal(x, s, K: tl.constexpr, rare, GPU: tl.constexpr):
 
 
 @triton.jit
-def _element_codes(v, F: tl.constexpr, G: tl.constexpr):
+def _element_codes(v, F: tl.constexpr):
     """Element codes (int32, low BITS bits) of finite fp32 values already divided by their
-    block's scale (integer grids: and times G, 2^-GE or 1 where the caller folded it in): round
-    half to even onto the grid, saturate at max normal."""
+    block's scale (integer grids: in grid steps, i.e. also times 2^-GE, which each encoder
+    applies): round half to even onto the grid, saturate at max normal."""
     if F.FP8_HW:  # cvt.rn.satfinite: RNE, saturating at max normal; signed zeros kept
         if F.FP8 == _FP8_E5M2:
             c = v.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True).to(tl.int32)
@@ -277,8 +277,6 @@ def _element_codes(v, F: tl.constexpr, G: tl.constexpr):
     else:  # integer grids (MX int, uint with a zero point): code * 2^GE, two's complement
         # clamp, then round half to even with the 1.5 * 2^23 magic number: the low bits of the
         # sum are the code (the magic's low 23 bits are 0x400000, whose low BITS bits are 0)
-        if G != 1.0:
-            v = v * G
         y = tl.minimum(tl.maximum(v, -F.MAXMAG * 1.0), F.MAXMAG * 1.0)
         return (y + _RNE_MAGIC).to(tl.int32, bitcast=True) & ((1 << F.BITS) - 1)
 
@@ -304,6 +302,8 @@ def _encode_e8m0(x, amax_b, bad, F: tl.constexpr):
     # one multiply by 2^-s (2^-127 is an exact subnormal): exact unless the product is an
     # fp32 subnormal, which rounds to the same signed zero on any element grid
     v = x * _pow2(-s)[:, None]
+    if F.GSCALE != 1.0:  # integer grids: into grid steps (a second exact power-of-two product)
+        v = v * F.GSCALE
     scode = tl.where(bad, 255, e)
     return v, scode, scode, s, s
 
@@ -348,6 +348,8 @@ def _encode_zero_point(x, inb, amax_b, bad, F: tl.constexpr):
         xz = x * h[:, None] - (zero * h)[:, None]
     else:
         xz = x - zero[:, None]
+    # (v is in grid steps: zero-point elements are uint, whose grid exponent is 0)
+    tl.static_assert(F.GSCALE == 1.0, "zero points take uint elements (grid step 1)")
     v = _signed_like(_exact_quotient(xz, tl.where(scale > 0, scale * h, 1.0), F.GPU), xz)
     zcode = tl.where(bad, F.SNAN, zcode)
     scode = tl.where(bad, F.SNAN, scode)
@@ -372,18 +374,19 @@ def _encode_absmax(x, amax_b, bad, blk, bmask, amax_ptr, out_ptr, ts_off, F: tl.
     else:
         scode = _round_mag_int(raw.to(tl.int32, bitcast=True), raw >= 0.0, F)
     # one tile-wide flag (one cross-warp reduction) for both rare paths: a non-zero block whose
-    # quotient lies outside [2^-60, 2^60), or a tensor scale outside [2^-55, 2^55). Where it is
+    # quotient lies outside [2^-60, 2^60), or a tensor scale outside [2^-55, 2^55) (kernel_math's
+    # _RARE_*, from qformats.numeric.RECIPROCAL_SHIFT = 64). Where it is
     # clear, no quotient is below fp32's normal range and every scale (the quotient rounded up
     # onto its type, at most 2^61; with +ts an e4m3 value in [2^-9, 448] times ts) lies in
     # [2^-64, 2^64), so no block needs the pre-scaling of _times_reciprocal
-    rare = _any((amax_b > 0) & ((raw < 8.673617379884035e-19) | (raw >= 1.152921504606847e18)))
+    rare = _any((amax_b > 0) & ((raw < _RARE_QUOTIENT_LO) | (raw >= _RARE_QUOTIENT_HI)))
     if F.TS:
-        rare = rare | (ts < 2.7755575615628914e-17) | (ts >= 3.602879701896397e16)
-    # a quotient below fp32's normal range (rounded to fp32's subnormal grid, or to 0):
-    # the exact ceiling in scale steps 2^-P instead, at least one:
-    # ceil(fp32(amax * 2^P / den)), 2^P = S_INV_STEP_HI * S_INV_STEP_LO (both exact)
-    tiny = (raw < _FP32_TINY) & (amax_b > 0)
+        rare = rare | (ts < _RARE_TS_LO) | (ts >= _RARE_TS_HI)
     if rare:
+        # a quotient below fp32's normal range (rounded to fp32's subnormal grid, or to 0):
+        # the exact ceiling in scale steps 2^-P instead, at least one:
+        # ceil(fp32(amax * 2^P / den)), 2^P = S_INV_STEP_HI * S_INV_STEP_LO (both exact)
+        tiny = (raw < _FP32_TINY) & (amax_b > 0)
         w = _div(tl.where(tiny, amax_f, 0.0) * F.S_INV_STEP_HI * F.S_INV_STEP_LO, den, F.GPU)
         nt = w.to(tl.int32)  # truncation: 0 <= w < 2^23 + 1
         nt = tl.maximum(nt + tl.where(nt.to(tl.float32) < w, 1, 0), 1)
@@ -396,10 +399,8 @@ def _encode_absmax(x, amax_b, bad, blk, bmask, amax_ptr, out_ptr, ts_off, F: tl.
     else:
         scale = stored
     # a zero scale means an all-zero block: a reciprocal of 1 / inf = 0 keeps each zero's sign
-    if F.KIND == _FLOAT:
-        v = _times_reciprocal(x, tl.where(scale > 0, scale, float("inf")), 1.0, rare, F.GPU)
-    else:  # integer grids: v in grid steps (2^-GE folded into the reciprocal)
-        v = _times_reciprocal(x, tl.where(scale > 0, scale, float("inf")), F.GSCALE, rare, F.GPU)
+    # integer grids: v in grid steps, 2^-GE folded into the reciprocal (GSCALE is 1 for floats)
+    v = _times_reciprocal(x, tl.where(scale > 0, scale, float("inf")), F.GSCALE, rare, F.GPU)
     scode = tl.where(bad, F.SNAN, scode)
     return v, scode, scode, scale, scale
 
@@ -547,14 +548,11 @@ def _codec_kernel(
             amax_b = tl.where(bad, 0, top)
             if F.SCALE == _E8M0:
                 v, scode, zcode, scale, zero = _encode_e8m0(x, amax_b, bad, F)
-                G: tl.constexpr = F.GSCALE
             elif F.ZP:
                 v, scode, zcode, scale, zero = _encode_zero_point(x, inb, amax_b, bad, F)
-                G: tl.constexpr = F.GSCALE
-            else:  # (an integer grid's 2^-GE is in the blocks' reciprocals already)
+            else:
                 v, scode, zcode, scale, zero = _encode_absmax(x, amax_b, bad, blk, bmask, amax_ptr, out_ptr, ts_off, F)
-                G: tl.constexpr = 1.0
-            code = _element_codes(v, F, G)
+            code = _element_codes(v, F)
             if F.ZP:  # a scale <= 0 (a constant block, or one below -max whose zero point
                 # saturated above it) has the reference's codes 0, like a NaN/Inf block
                 keep = tl.where(bad | ~(scale > 0), 0, -1)

@@ -321,8 +321,8 @@ def _encode_blocks(blocks: torch.Tensor, fmt: Format):
             den = maxn
         stored = _absmax_scale(amax, den, fmt.scale)
         scale = stored * ts if fmt.tensor_scale else stored
-        v = torch.where(scale > 0, times_reciprocal(clean, torch.where(scale > 0, scale, 1.0)), 0.0).to(_F64)
-        v = torch.where(scale > 0, v, torch.copysign(torch.zeros_like(v), clean.to(_F64)))
+        # scale 0 (an all-zero block): a reciprocal of 1 / inf = 0 gives each x's signed zero
+        v = times_reciprocal(clean, torch.where(scale > 0, scale, torch.inf)).to(_F64)
         scale_bytes = _store_scale(torch.where(bad, torch.nan, stored), fmt.scale)
     q = grid.round_to_grid(v, elem)
     codes = torch.where(bad, 0, grid.to_codes(q, elem))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .kernel_math import _load_f32
+
 # ------------------------------------------------------------------------------------------
 # the tile a program owns
 # ------------------------------------------------------------------------------------------
@@ -40,6 +42,75 @@ def _tile(pid, total_blocks, nblk, width, BPP: tl.constexpr, BS: tl.constexpr, B
         valid = inb & ((col[:, None] + lane[None, :]) < width)
         offs = (row * width + col)[:, None] + lane[None, :]
     return blk, bmask, inb, valid, offs
+
+
+@triton.jit
+def _whole_rows(parts, NS: tl.constexpr, BPP: tl.constexpr, CW: tl.constexpr):
+    """One [BPP, NS * CW] tensor from NS tiles [BPP, CW] (part c: lanes c * CW ..), each thread
+    holding whole rows: ``tl.join`` puts its new axis inside a thread, so joining the parts
+    pairwise and reordering the axes moves no data (a reshape or permute of a loaded tile
+    would keep its threads-across-lanes layout)."""
+    for lvl in tl.static_range(5):
+        if (NS >> lvl) > 1:
+            nxt = ()
+            for i in tl.static_range(NS >> (lvl + 1)):
+                nxt = nxt + (tl.join(parts[2 * i], parts[2 * i + 1]),)
+            parts = nxt
+    x = parts[0]  # [BPP, CW, 2, .., 2]: axis 2 + k is bit k of the part number
+    if NS == 2:
+        x = tl.permute(x, (0, 2, 1))
+    elif NS == 4:
+        x = tl.permute(x, (0, 3, 2, 1))
+    elif NS == 8:
+        x = tl.permute(x, (0, 4, 3, 2, 1))
+    elif NS == 16:
+        x = tl.permute(x, (0, 5, 4, 3, 2, 1))
+    else:
+        tl.static_assert(NS == 1, "at most 16 parts")
+    return tl.reshape(x, (BPP, NS * CW))
+
+
+@triton.jit
+def _tile_rows(ptr, pid, total_blocks, nblk, width, KIND: tl.constexpr, GPU: tl.constexpr, BPP: tl.constexpr,
+               BS: tl.constexpr, BP2: tl.constexpr, CW: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr):
+    """:func:`_tile`'s tile with each block's BP2 lanes in one thread, and its values (fp32, 0
+    in masked lanes) loaded from ``ptr`` (KIND): BP2 / CW loads of CW contiguous lanes (16
+    bytes) per thread. Use it where whole blocks in a thread pay (a quantiser: the rotation,
+    the absmax and the per-block scale stay in the thread); neighbouring threads' loads are
+    BS elements apart, so each load instruction reads half of each sector it touches and the
+    next one the rest (from L1)."""
+    if I64:
+        blk = pid.to(tl.int64) * BPP + tl.arange(0, BPP)
+    else:
+        blk = pid * BPP + tl.arange(0, BPP)
+    bmask = blk < total_blocks
+    NS: tl.constexpr = BP2 // CW
+    if not EVEN:
+        row = blk // nblk
+        col = (blk - row * nblk) * BS
+    xs = ()
+    lanes = ()
+    for c in tl.static_range(NS):
+        lane = c * CW + tl.arange(0, CW)
+        if EVEN:
+            offs = blk[:, None] * BS + lane[None, :]
+            valid = bmask[:, None] & (lane >= 0)[None, :]
+        else:
+            offs = (row * width + col)[:, None] + lane[None, :]
+            valid = bmask[:, None] & (lane < BS)[None, :] & ((col[:, None] + lane[None, :]) < width)
+        xs = xs + (_load_f32(ptr, offs, valid, KIND, GPU),)
+        lanes = lanes + (tl.zeros((BPP, CW), tl.int32) + lane[None, :],)
+    x = _whole_rows(xs, NS, BPP, CW)
+    lane = _whole_rows(lanes, NS, BPP, CW)
+    if EVEN:
+        offs = blk[:, None] * BS + lane
+        inb = bmask[:, None] & (lane >= 0)
+        valid = inb
+    else:
+        offs = (row * width + col)[:, None] + lane
+        inb = bmask[:, None] & (lane < BS)
+        valid = inb & ((col[:, None] + lane) < width)
+    return blk, bmask, inb, valid, offs, x
 
 
 @triton.jit
@@ -126,6 +197,33 @@ def _load_codes(buf_ptr, pl1_off, pl2_off, blk, bmask, F: tl.constexpr, BPP: tl.
 
 
 @triton.jit
+def _store_row_pieces(ptr, b, blk, bmask, BPP: tl.constexpr, NG: tl.constexpr):
+    """Store rows ``b`` [BPP, NG] (uint8, NG = 32 or 64, each row inside one thread) at
+    ``ptr + blk * NG`` as 16-byte pieces: a store of the whole row would spread it over
+    threads (through shared memory); ``tl.split`` of an axis inside a thread moves nothing."""
+    p = tl.permute(tl.reshape(b, (BPP, NG // 32, 2, 16)), (0, 1, 3, 2))
+    lo, hi = tl.split(p)  # [BPP, NG // 32, 16]: pieces 2k and 2k + 1
+    k = tl.arange(0, 16)
+    for j in tl.static_range(NG // 32):
+        for h in tl.static_range(2):
+            if h == 0:
+                piece = lo
+            else:
+                piece = hi
+            if NG == 32:
+                v = tl.reshape(piece, (BPP, 16))
+            else:
+                v = tl.reshape(tl.permute(piece, (0, 2, 1)), (BPP, 16, NG // 32))
+                v0, v1 = tl.split(v)
+                if j == 0:
+                    v = v0
+                else:
+                    v = v1
+            tl.store(ptr + (blk * NG + (2 * j + h) * 16)[:, None] + k[None, :], v,
+                     mask=bmask[:, None] & (k >= 0)[None, :])
+
+
+@triton.jit
 def _store_plane(ptr, code, keep, blk, bmask, BPP: tl.constexpr, BS: tl.constexpr, BP2: tl.constexpr,
                  P: tl.constexpr, OFF: tl.constexpr, MASK: tl.constexpr, EVEN: tl.constexpr, CW: tl.constexpr):
     """Pack bits [OFF, OFF + P) of codes [BPP, BP2] 8 / P to a byte into one plane (MASK: other
@@ -153,6 +251,8 @@ def _store_plane(ptr, code, keep, blk, bmask, BPP: tl.constexpr, BS: tl.constexp
     if EVEN and P < 8 and CB >= 1 and CB < NG:
         offs, m = _plane_bytes(blk, bmask, BPP, NG, CB)
         tl.store(ptr + offs, tl.reshape(b, (BPP * NG // CB, CB)), mask=m)
+    elif EVEN and CW == BP2 and (NG == 32 or NG == 64):  # a thread holds whole rows: store 16-byte pieces
+        _store_row_pieces(ptr, b, blk, bmask, BPP, NG)
     else:
         tl.store(ptr + (blk * (BS // G))[:, None] + grp[None, :], b, mask=_code_mask(bmask, grp, G, BS, EVEN))
 

@@ -24,7 +24,10 @@ Why it is fast (the kernel is memory-bound only if it spends few instructions pe
 when the blocks tile the rows exactly (``width % BS == 0``, power-of-two ``BS``: the common
 case) a program owns ``BPP`` consecutive blocks, i.e. one contiguous span of the tensor and of
 the code section, so loads and stores are 16-byte vectors with no per-element index or mask
-arithmetic. Per block: one integer max gives the absmax and flags NaN/Inf. Per element the
+arithmetic. A quantiser of an input tile (blocks of at most 16 such vectors) holds each block
+in one thread (:func:`lowering.kernel_wire._tile_rows`): the rotation's stages, the absmax and
+the per-block scale arithmetic stay inside the thread (no shuffles, one thread per block
+instead of four), and a block's code bytes leave in 16-byte stores. Per block: one integer max gives the absmax and flags NaN/Inf. Per element the
 work is a multiply by the scale, the rounding onto the element grid and a shift into the
 packed word; 8-bit floats use the GPU's round-to-nearest-even, saturating fp8 conversions
 (proved equal to the generic path on the GPU by the tests), decode is a table load (codes of
@@ -60,7 +63,7 @@ from .kernel_math import (_BF16_MAX, _BF16IO, _BF16S, _DEC_FP8, _DEC_INT, _E8M0,
                           _FP32_MAX, _FP32_TINY, _FP32S, _INT, _RARE_QUOTIENT_HI, _RARE_QUOTIENT_LO, _RARE_TS_HI,
                           _RARE_TS_LO, _RECIP_HI, _RECIP_LO, _RISK, _RNE_MAGIC, _any, _clamp_finite, _div, _flog2, _load_f32, _neg_if,
                           _out_max, _pow2, _rotate, _round_mag_int, _saturate, _scale_value, _store_f32)
-from .kernel_wire import _load_codes, _load_word, _row_tile, _store_codes, _store_word, _tile
+from .kernel_wire import _load_codes, _load_word, _row_tile, _store_codes, _store_word, _tile, _tile_rows
 
 
 # ------------------------------------------------------------------------------------------
@@ -492,7 +495,12 @@ def _codec_kernel(
         CW: tl.constexpr = 4 if IN_KIND == _F32IO else 8
     else:
         CW: tl.constexpr = 8
-    if NORM:
+    # a quantiser of an input tile holds whole blocks in a thread (see _tile_rows)
+    OWN: tl.constexpr = QUANT and not SRC_BUFS and BP2 // CW <= 16
+    if OWN:
+        blk, bmask, inb, valid, offs, x = _tile_rows(x_ptr, tl.program_id(0), total_blocks, nblk, width, IN_KIND, GPU,
+                                                     BPP, BS, BP2, CW, F.EVEN, I64)
+    elif NORM:
         blk, bmask, inb, valid, offs, cols = _row_tile(tl.program_id(0), nblk, width, BPP, BS, BP2, F.EVEN, I64)
     else:
         blk, bmask, inb, valid, offs = _tile(tl.program_id(0), total_blocks, nblk, width, BPP, BS, BP2, F.EVEN, I64)
@@ -518,7 +526,7 @@ def _codec_kernel(
                 x = x + _load_f32(res_ptr, offs, valid, RES_KIND, GPU)
             if not QUANT:
                 x = _saturating(x, OUT_KIND)
-    else:
+    elif not OWN:
         x = _load_f32(x_ptr, offs, valid, IN_KIND, GPU)
     if not QUANT:
         if NORM and SUM:
@@ -558,7 +566,7 @@ def _codec_kernel(
                 keep = tl.where(bad | ~(scale > 0), 0, -1)
             else:
                 keep = tl.where(bad, 0, -1)
-            _store_codes(out_ptr, pl1_off, pl2_off, code, keep, blk, bmask, F, BPP, CW)
+            _store_codes(out_ptr, pl1_off, pl2_off, code, keep, blk, bmask, F, BPP, BP2 if OWN else CW)
             _store_word(out_ptr, scale_off, blk, bmask, scode, F.SB, WALIGN)
             if F.ZP:
                 _store_word(out_ptr, zp_off, blk, bmask, zcode, F.SB, WALIGN)

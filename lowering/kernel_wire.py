@@ -165,7 +165,7 @@ def _plane_bytes(blk, bmask, BPP: tl.constexpr, NB: tl.constexpr, CB: tl.constex
 
 @triton.jit
 def _load_plane(ptr, blk, bmask, BPP: tl.constexpr, BS: tl.constexpr, BP2: tl.constexpr, P: tl.constexpr,
-                EVEN: tl.constexpr):
+                EVEN: tl.constexpr, ROWS: tl.constexpr):
     """The P-bit slices [BPP, BP2] (int32) of blocks ``blk`` from a plane of P-bit codes packed
     8 / P to a byte (P a power of two): one contiguous byte row per block (a decode keeps the
     layout these whole-row loads give: few threads per block, so the rotation's stages and
@@ -173,6 +173,13 @@ def _load_plane(ptr, blk, bmask, BPP: tl.constexpr, BS: tl.constexpr, BP2: tl.co
     G: tl.constexpr = 8 // P
     NG: tl.constexpr = BP2 // G
     grp = tl.arange(0, NG)
+    if ROWS and EVEN and G == 1 and (NG == 32 or NG == 64):  # 16-byte pieces joined: whole rows in a thread
+        k = tl.arange(0, 16)
+        pieces = ()
+        for j in tl.static_range(NG // 16):
+            pieces = pieces + (tl.load(ptr + (blk * BS + j * 16)[:, None] + k[None, :],
+                                       mask=bmask[:, None] & (k >= 0)[None, :], other=0).to(tl.int32),)
+        return _whole_rows(pieces, NG // 16, BPP, 16)
     raw = tl.load(ptr + (blk * (BS // G))[:, None] + grp[None, :], mask=_code_mask(bmask, grp, G, BS, EVEN),
                   other=0).to(tl.int32)
     if G == 1:
@@ -188,11 +195,14 @@ def _load_plane(ptr, blk, bmask, BPP: tl.constexpr, BS: tl.constexpr, BP2: tl.co
 def _load_codes(buf_ptr, pl1_off, pl2_off, blk, bmask, F: tl.constexpr, BPP: tl.constexpr):
     """Element codes [BPP, BP2] (int32) of blocks ``blk``: their bit planes (widths F.P0, F.P1,
     F.P2, low bits first; ``qformats.packing``) at byte offsets 0, ``pl1_off``, ``pl2_off``."""
-    c = _load_plane(buf_ptr, blk, bmask, BPP, F.BS, F.BP2, F.P0, F.EVEN)
+    # 8-bit codes of a whole row per thread, unless the hardware fp8 decode takes them (it
+    # compiles to fewer instructions in the two-threads-per-row layout of a plain load)
+    ROWS: tl.constexpr = not F.FP8_HW
+    c = _load_plane(buf_ptr, blk, bmask, BPP, F.BS, F.BP2, F.P0, F.EVEN, ROWS)
     if F.P1 > 0:
-        c = c | (_load_plane(buf_ptr + pl1_off, blk, bmask, BPP, F.BS, F.BP2, F.P1, F.EVEN) << F.P0)
+        c = c | (_load_plane(buf_ptr + pl1_off, blk, bmask, BPP, F.BS, F.BP2, F.P1, F.EVEN, ROWS) << F.P0)
     if F.P2 > 0:
-        c = c | (_load_plane(buf_ptr + pl2_off, blk, bmask, BPP, F.BS, F.BP2, F.P2, F.EVEN) << (F.P0 + F.P1))
+        c = c | (_load_plane(buf_ptr + pl2_off, blk, bmask, BPP, F.BS, F.BP2, F.P2, F.EVEN, ROWS) << (F.P0 + F.P1))
     return c
 
 

@@ -497,6 +497,8 @@ def _codec_kernel(
         CW: tl.constexpr = 8
     # a quantiser of an input tile holds whole blocks in a thread (see _tile_rows)
     OWN: tl.constexpr = QUANT and not SRC_BUFS and BP2 // CW <= 16
+    # whole blocks in a thread also where a requant's codes were loaded (kernel_wire._load_codes)
+    ROW_CODES: tl.constexpr = OWN or (SRC_BUFS and not F.FP8_HW)
     if OWN:
         blk, bmask, inb, valid, offs, x = _tile_rows(x_ptr, tl.program_id(0), total_blocks, nblk, width, IN_KIND, GPU,
                                                      BPP, BS, BP2, CW, F.EVEN, I64)
@@ -566,7 +568,7 @@ def _codec_kernel(
                 keep = tl.where(bad | ~(scale > 0), 0, -1)
             else:
                 keep = tl.where(bad, 0, -1)
-            _store_codes(out_ptr, pl1_off, pl2_off, code, keep, blk, bmask, F, BPP, BP2 if OWN else CW)
+            _store_codes(out_ptr, pl1_off, pl2_off, code, keep, blk, bmask, F, BPP, BP2 if ROW_CODES else CW)
             _store_word(out_ptr, scale_off, blk, bmask, scode, F.SB, WALIGN)
             if F.ZP:
                 _store_word(out_ptr, zp_off, blk, bmask, zcode, F.SB, WALIGN)

@@ -250,7 +250,7 @@ def _store_plane(ptr, code, keep, blk, bmask, BPP: tl.constexpr, BS: tl.constexp
         c = c & ((1 << P) - 1)
     if G == 1:
         b = c
-    elif G == 2:
+    elif G == 2 and CW != BP2:
         lo, hi = tl.split(tl.reshape(c, (BPP, NG, 2)))
         b = lo | (hi << P)
     else:

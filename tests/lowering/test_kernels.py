@@ -147,6 +147,26 @@ def test_non_preset_formats(fmt):
         check_roundtrip(adversarial(6, 133, dt, seed=7 + i, device=DEV), fmt)
 
 
+@pytest.mark.parametrize("fmt", ["int8/b64/bf16+h64", "fp8_e4m3/b64/e8m0", "int5/b32/bf16+h32", "int6/b128/bf16",
+                                 "uint8/b64/fp16+zp"])
+def test_whole_blocks_in_a_thread(fmt):
+    """The paths where a thread holds whole blocks (kernel_wire._tile_rows, _row_parts' inverse
+    _whole_rows, 16-byte pieces of 8-bit code rows of 32 and 64 bytes): quantize from bf16, fp16
+    and fp32 (2 to 32 pieces a block), decode, and a requant of 2 whose codes are stored from
+    whole rows, on rows that are whole blocks and on rows with a partial block."""
+    for width in (256, 200):
+        for i, dt in enumerate(DTYPES):
+            check_roundtrip(adversarial(8, width, dt, seed=41 + i, device=DEV), fmt, out_dtype=DTYPES[(i + 1) % 3])
+        shape = [8, width]
+        bufs = torch.stack([ops.reference_quantize(adversarial(8, width, torch.float32, seed=s), fmt)
+                            for s in (5, 6)]).to(DEV)
+        kc = lower(qformats.Format.parse(fmt), width, DEV)
+        buf, deq = launch.quantize(None, kc, shape=(8, width), bufs=bufs, deq_dtype=torch.bfloat16)
+        rbuf, rdeq = ops.reference_dequant_sum_requant(bufs.cpu(), fmt, shape, torch.bfloat16)
+        assert torch.equal(buf.cpu(), rbuf), (fmt, width)
+        assert same_bits(deq.cpu(), rdeq), (fmt, width)
+
+
 @pytest.mark.parametrize("fmt", ["mxfp4", "mxfp6_e3m2", "nvfp4", "flash_int4", "int4_b64", "mxfp8_e5m2", "mxfp4_h32",
                                  "uint4/b32/bf16+zp+h16"])
 def test_fused(fmt):

@@ -5,9 +5,9 @@ shared-memory accesses and warp shuffles.
     python benchmarks/sass_report.py [--formats mxfp4,int5/b32/bf16+h32] [--steps q_bf16,ds2_res] \
         [--arch 90] [--out report.md] [--hashes hashes.txt]
 
-Use it to find a kernel's limiter before spending device time (instructions per element: a
-program of the GPU tile table's 4096 elements runs on 128 threads, so SASS / 32 is a static
-count per element; the quantizers are straight-line code, the decoders carry a rarely taken
+Use it to find a kernel's limiter before spending device time (instructions per element: SASS
+divided by the elements each thread of the launch handles, e.g. 32 for the tile table's 4096
+elements on 128 threads; a static count per element; the quantizers are straight-line code, the decoders carry a rarely taken
 saturating path, so theirs overstates), and to prove a refactor changed no instruction:
 ``--hashes`` writes one hash of each launch's instruction text (addresses stripped), and two
 builds with equal files compile to identical code. Cost: about a second per launch (Triton and
@@ -97,6 +97,14 @@ def _sass(kernel) -> dict:
                 hash=hashlib.sha1("\n".join(ins).encode()).hexdigest()[:12])
 
 
+def _elements_per_thread(kernel) -> float:
+    """Elements a thread of this compiled launch handles: BPP blocks of BP2 lanes per program
+    over its num_warps * 32 threads (read from the launch, so QFORMATS_TILE overrides count)."""
+    names = kernel.src.fn.arg_names
+    const = {names[k[0]]: v for k, v in kernel.src.constants.items()}
+    return const["BPP"] * const["F"].BP2 / (32 * kernel.metadata.num_warps)
+
+
 def _launches(kc, width: int):
     """(step name, call) of every launch shape the collectives use, on CPU stand-in tensors."""
     from lowering import launch as L
@@ -147,7 +155,6 @@ def main(argv=None) -> int:
     rows, hashes = [], []
     for fmt in a.formats.split(","):
         kc = lower(fmt, WIDTH, "cuda")
-        per_thread = launch.GPU_TILES["quantize"][0] // (32 * launch.GPU_TILES["quantize"][1])
         for step, call in _launches(kc, WIDTH):
             if step not in steps:
                 continue
@@ -155,6 +162,7 @@ def main(argv=None) -> int:
             call()
             for i, k in enumerate(compiled):
                 r = _sass(k)
+                per_thread = _elements_per_thread(k)
                 rows.append(f"| {fmt} | {step}#{i} | {r['sass']} | {r['sass'] / per_thread:.1f} | {r['regs']} | "
                             f"{r['bar']} | {r['smem']} | {r['shfl']} |")
                 hashes.append(f"{fmt} {step}#{i} {r['sass']} {r['hash']}")

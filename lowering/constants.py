@@ -128,6 +128,7 @@ class KernelFormat(NamedTuple):
     DECODE: int
     FP8_HW: bool
     FP8: int
+    CODE_ROWS: bool
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ def _lower(fmt_str: str, width: int, cuda: bool) -> KernelConstants:
         BS=bs, BP2=_next_pow2(bs), P0=pw[0], P1=pw[1], P2=pw[2],
         EVEN=(width % bs == 0 and bs == _next_pow2(bs)), ROT=f.rotation.bit_length() - 1 if f.rotation else 0,
         GPU=bool(cuda), DECODE=decode, FP8_HW=bool(cuda) and fp8 is not None,
-        FP8=fp8 if fp8 is not None else FP8_E4M3,
+        FP8=fp8 if fp8 is not None else FP8_E4M3, CODE_ROWS=decode != DECODE_FP8,
     )
     return KernelConstants(fmt=str(f), width=int(width), GE=e.grid_exponent, F=F)
 

@@ -18,6 +18,19 @@ from .kernel_math import _load_f32
 # the tile a program owns
 # ------------------------------------------------------------------------------------------
 @triton.jit
+def _lanes(blk, bmask, nblk, width, lane, BS: tl.constexpr, EVEN: tl.constexpr):
+    """(lanes holding a block's elements, lanes holding real features, element offsets) of
+    blocks ``blk`` [BPP] at lanes ``lane`` ([1, n] or [BPP, n], within a block)."""
+    inb = bmask[:, None] & (lane < BS)
+    if EVEN:
+        return inb, inb, blk[:, None] * BS + lane
+    else:
+        row = blk // nblk
+        col = (blk - row * nblk) * BS
+        return inb, inb & ((col[:, None] + lane) < width), (row * width + col)[:, None] + lane
+
+
+@triton.jit
 def _tile(pid, total_blocks, nblk, width, BPP: tl.constexpr, BS: tl.constexpr, BP2: tl.constexpr,
           EVEN: tl.constexpr, I64: tl.constexpr):
     """The [BPP, BP2] tile of blocks program ``pid`` owns: block ids [BPP], their mask, the
@@ -30,17 +43,7 @@ def _tile(pid, total_blocks, nblk, width, BPP: tl.constexpr, BS: tl.constexpr, B
     else:
         blk = pid * BPP + tl.arange(0, BPP)
     bmask = blk < total_blocks
-    lane = tl.arange(0, BP2)
-    if EVEN:
-        offs = blk[:, None] * BS + lane[None, :]
-        inb = bmask[:, None] & (lane < BP2)[None, :]
-        valid = inb
-    else:
-        row = blk // nblk
-        col = (blk - row * nblk) * BS
-        inb = bmask[:, None] & (lane < BS)[None, :]
-        valid = inb & ((col[:, None] + lane[None, :]) < width)
-        offs = (row * width + col)[:, None] + lane[None, :]
+    inb, valid, offs = _lanes(blk, bmask, nblk, width, tl.arange(0, BP2)[None, :], BS, EVEN)
     return blk, bmask, inb, valid, offs
 
 
@@ -85,31 +88,15 @@ def _tile_rows(ptr, pid, total_blocks, nblk, width, KIND: tl.constexpr, GPU: tl.
         blk = pid * BPP + tl.arange(0, BPP)
     bmask = blk < total_blocks
     NS: tl.constexpr = BP2 // CW
-    if not EVEN:
-        row = blk // nblk
-        col = (blk - row * nblk) * BS
     xs = ()
     lanes = ()
     for c in tl.static_range(NS):
-        lane = c * CW + tl.arange(0, CW)
-        if EVEN:
-            offs = blk[:, None] * BS + lane[None, :]
-            valid = bmask[:, None] & (lane >= 0)[None, :]
-        else:
-            offs = (row * width + col)[:, None] + lane[None, :]
-            valid = bmask[:, None] & (lane < BS)[None, :] & ((col[:, None] + lane[None, :]) < width)
+        lane = c * CW + tl.arange(0, CW)[None, :]
+        _, valid, offs = _lanes(blk, bmask, nblk, width, lane, BS, EVEN)
         xs = xs + (_load_f32(ptr, offs, valid, KIND, GPU),)
-        lanes = lanes + (tl.zeros((BPP, CW), tl.int32) + lane[None, :],)
+        lanes = lanes + (tl.zeros((BPP, CW), tl.int32) + lane,)
     x = _whole_rows(xs, NS, BPP, CW)
-    lane = _whole_rows(lanes, NS, BPP, CW)
-    if EVEN:
-        offs = blk[:, None] * BS + lane
-        inb = bmask[:, None] & (lane >= 0)
-        valid = inb
-    else:
-        offs = (row * width + col)[:, None] + lane
-        inb = bmask[:, None] & (lane < BS)
-        valid = inb & ((col[:, None] + lane) < width)
+    inb, valid, offs = _lanes(blk, bmask, nblk, width, _whole_rows(lanes, NS, BPP, CW), BS, EVEN)
     return blk, bmask, inb, valid, offs, x
 
 
@@ -195,14 +182,12 @@ def _load_plane(ptr, blk, bmask, BPP: tl.constexpr, BS: tl.constexpr, BP2: tl.co
 def _load_codes(buf_ptr, pl1_off, pl2_off, blk, bmask, F: tl.constexpr, BPP: tl.constexpr):
     """Element codes [BPP, BP2] (int32) of blocks ``blk``: their bit planes (widths F.P0, F.P1,
     F.P2, low bits first; ``qformats.packing``) at byte offsets 0, ``pl1_off``, ``pl2_off``."""
-    # 8-bit codes of a whole row per thread, unless the hardware fp8 decode takes them (it
-    # compiles to fewer instructions in the two-threads-per-row layout of a plain load)
-    ROWS: tl.constexpr = not F.FP8_HW
-    c = _load_plane(buf_ptr, blk, bmask, BPP, F.BS, F.BP2, F.P0, F.EVEN, ROWS)
+    c = _load_plane(buf_ptr, blk, bmask, BPP, F.BS, F.BP2, F.P0, F.EVEN, F.CODE_ROWS)
     if F.P1 > 0:
-        c = c | (_load_plane(buf_ptr + pl1_off, blk, bmask, BPP, F.BS, F.BP2, F.P1, F.EVEN, ROWS) << F.P0)
+        c = c | (_load_plane(buf_ptr + pl1_off, blk, bmask, BPP, F.BS, F.BP2, F.P1, F.EVEN, F.CODE_ROWS) << F.P0)
     if F.P2 > 0:
-        c = c | (_load_plane(buf_ptr + pl2_off, blk, bmask, BPP, F.BS, F.BP2, F.P2, F.EVEN, ROWS) << (F.P0 + F.P1))
+        c = c | (_load_plane(buf_ptr + pl2_off, blk, bmask, BPP, F.BS, F.BP2, F.P2, F.EVEN, F.CODE_ROWS)
+                 << (F.P0 + F.P1))
     return c
 
 
@@ -250,7 +235,8 @@ def _store_plane(ptr, code, keep, blk, bmask, BPP: tl.constexpr, BS: tl.constexp
         c = c & ((1 << P) - 1)
     if G == 1:
         b = c
-    elif G == 2 and CW != BP2:
+    elif G == 2 and CW != BP2:  # (from whole rows the sum below: a split there made the compiler
+        # compute the codes a second time in another register order)
         lo, hi = tl.split(tl.reshape(c, (BPP, NG, 2)))
         b = lo | (hi << P)
     else:

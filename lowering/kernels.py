@@ -27,8 +27,8 @@ the code section, so loads and stores are 16-byte vectors with no per-element in
 arithmetic. A quantiser of an input tile (blocks of at most 16 such vectors) holds each block
 in one thread (:func:`lowering.kernel_wire._tile_rows`): the rotation's stages, the absmax and
 the per-block scale arithmetic stay inside the thread (no shuffles, one thread per block
-instead of four), and a block's code bytes leave in 16-byte stores. Per block: one integer max gives the absmax and flags NaN/Inf. Per element the
-work is a multiply by the scale, the rounding onto the element grid and a shift into the
+instead of four), and a block's code bytes leave in 16-byte stores. Per block: one integer
+max gives the absmax and flags NaN/Inf. Per element the work is a multiply by the scale, the rounding onto the element grid and a shift into the
 packed word; 8-bit floats use the GPU's round-to-nearest-even, saturating fp8 conversions
 (proved equal to the generic path on the GPU by the tests), decode is a table load (codes of
 at most 6 bits: one or two L1 lines) or the hardware fp8 conversion, and bf16/fp16 outputs
@@ -497,8 +497,8 @@ def _codec_kernel(
         CW: tl.constexpr = 8
     # a quantiser of an input tile holds whole blocks in a thread (see _tile_rows)
     OWN: tl.constexpr = QUANT and not SRC_BUFS and BP2 // CW <= 16
-    # whole blocks in a thread also where a requant's codes were loaded (kernel_wire._load_codes)
-    ROW_CODES: tl.constexpr = OWN or (SRC_BUFS and not F.FP8_HW)
+    # whole blocks in a thread also where a requant loaded its codes so (F.CODE_ROWS)
+    ROW_CODES: tl.constexpr = OWN or (SRC_BUFS and F.CODE_ROWS)
     if OWN:
         blk, bmask, inb, valid, offs, x = _tile_rows(x_ptr, tl.program_id(0), total_blocks, nblk, width, IN_KIND, GPU,
                                                      BPP, BS, BP2, CW, F.EVEN, I64)
